@@ -1,0 +1,37 @@
+"""``python -m fairseq_clustered.info``: versions and which kernels are available."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def report() -> str:
+    import torch
+
+    from .ops import cuda_backend
+
+    lines = [
+        f"python            {platform.python_version()} ({sys.executable})",
+        f"torch             {torch.__version__}",
+        f"torch CUDA        {torch.version.cuda or 'none (CPU build)'}",
+        f"CUDA device       {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
+        f"fairseq           {_version('fairseq-fixed') if _version('fairseq-fixed') != 'not installed' else _version('fairseq')}",
+        f"fairseq-clustered {_version('fairseq-clustered')}",
+        "kernels:",
+    ]
+    for name, where in cuda_backend.status().items():
+        lines.append(f"  {name:34s} {where}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

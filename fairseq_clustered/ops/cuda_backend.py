@@ -1,0 +1,56 @@
+"""Loading the compiled CUDA kernels and registering them on the custom ops.
+
+``load()`` imports ``fairseq_clustered._C`` once. If it is missing (a CPU-only
+install) or fails to import, the reference implementation serves every device
+and :func:`status` says why; the error is kept, not swallowed, so
+``python -m fairseq_clustered.info`` can print it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Dict, Optional
+
+import torch
+
+_loaded: Optional[bool] = None
+_reason: str = "not loaded yet"
+
+# Names of the kernels the extension provides, for status reporting.
+KERNELS = (
+    "hash_codes",
+    "lloyd_kmeans",
+    "clustered_attention_fwd",
+    "clustered_attention_bwd",
+    "improved_clustered_attention_fwd",
+    "improved_clustered_attention_bwd",
+)
+
+
+def load() -> bool:
+    """Import the extension and register its CUDA kernels (idempotent).
+
+    Returns True when the CUDA kernels are registered.
+    """
+    global _loaded, _reason
+    if _loaded is not None:
+        return _loaded
+    if torch.version.cuda is None:
+        _loaded, _reason = False, f"torch {torch.__version__} is a CPU build"
+        return _loaded
+    try:
+        extension = importlib.import_module("fairseq_clustered._C")
+    except ImportError as error:
+        _loaded, _reason = False, f"the extension fairseq_clustered._C is not available: {error}"
+        return _loaded
+    from . import cuda_kernels  # registers the kernels; errors here are real bugs and propagate
+
+    cuda_kernels.register(extension)
+    _loaded, _reason = True, "loaded"
+    return _loaded
+
+
+def status() -> Dict[str, str]:
+    """Kernel name -> "cuda" or the reason only the reference is available."""
+    load()
+    return {name: ("cuda" if _loaded else f"reference only ({_reason})") for name in KERNELS}

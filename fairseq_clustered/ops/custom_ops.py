@@ -1,0 +1,218 @@
+"""The ``fairseq_clustered::*`` custom ops: schemas, reference kernels, fake kernels, autograd.
+
+Each op is declared once with :func:`torch.library.custom_op`; its default
+implementation is the pure-PyTorch reference (:mod:`.reference`), which serves the
+CPU and any device without a compiled kernel. The CUDA extension, when it loads,
+registers faster implementations of the same ops for the ``cuda`` device (see
+:mod:`.cuda_backend`). Arguments are validated by the public functions in
+:mod:`fairseq_clustered.ops`; these ops assume valid input.
+
+Ops (shapes as in :mod:`.reference`):
+
+* ``hash_codes(x, planes, offsets) -> codes``
+* ``lloyd_kmeans(codes, query_padding_mask, C, iterations, bits) -> (assignments, centroid_codes)``
+* ``clustered_attention_fwd(q, k, v, assignments, key_padding_mask, keep, C, scale, p) -> (out, lse)``
+* ``clustered_attention_bwd(dout, q, k, v, assignments, key_padding_mask, keep, lse, C, scale, p) -> (dq, dk, dv)``
+* ``improved_clustered_attention_fwd(..., C, topk, scale, p) -> (out, lse, top_index)``
+* ``improved_clustered_attention_bwd(dout, ..., lse, top_index, C, scale, p) -> (dq, dk, dv)``
+
+The ``*_fwd`` ops are differentiable with respect to q, k and v through the
+matching ``*_bwd`` op; clusters, top-key indices and dropout masks are constants.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+LIBRARY = "fairseq_clustered"
+
+
+# ------------------------------------------------------------------------ hashing
+
+
+@torch.library.custom_op(f"{LIBRARY}::hash_codes", mutates_args=())
+def hash_codes(x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
+    return reference.hash_codes_ref(x, planes, offsets)
+
+
+@hash_codes.register_fake
+def _(x, planes, offsets):
+    return x.new_empty(x.shape[:-1], dtype=torch.int64)
+
+
+# --------------------------------------------------------------------- clustering
+
+
+@torch.library.custom_op(f"{LIBRARY}::lloyd_kmeans", mutates_args=())
+def lloyd_kmeans(
+    codes: Tensor, query_padding_mask: Optional[Tensor], num_clusters: int, iterations: int, bits: int
+) -> Tuple[Tensor, Tensor]:
+    return reference.lloyd_kmeans_ref(codes, query_padding_mask, num_clusters, iterations, bits)
+
+
+@lloyd_kmeans.register_fake
+def _(codes, query_padding_mask, num_clusters, iterations, bits):
+    batch, heads, _ = codes.shape
+    return torch.empty_like(codes), codes.new_empty(batch, heads, num_clusters)
+
+
+# ------------------------------------------------------------- clustered attention
+
+
+@torch.library.custom_op(f"{LIBRARY}::clustered_attention_fwd", mutates_args=())
+def clustered_attention_fwd(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    assignments: Tensor,
+    key_padding_mask: Optional[Tensor],
+    keep: Optional[Tensor],
+    num_clusters: int,
+    scale: float,
+    dropout_p: float,
+) -> Tuple[Tensor, Tensor]:
+    return reference.clustered_attention_fwd_ref(
+        query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p
+    )
+
+
+@clustered_attention_fwd.register_fake
+def _(query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p):
+    batch, heads, length, _ = query.shape
+    out = query.new_empty(batch, heads, length, value.shape[-1])
+    lse = query.new_empty(batch, heads, num_clusters, dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op(f"{LIBRARY}::clustered_attention_bwd", mutates_args=())
+def clustered_attention_bwd(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    assignments: Tensor,
+    key_padding_mask: Optional[Tensor],
+    keep: Optional[Tensor],
+    lse: Tensor,
+    num_clusters: int,
+    scale: float,
+    dropout_p: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return reference.clustered_attention_bwd_ref(
+        grad_out, query, key, value, assignments, key_padding_mask, keep, lse, num_clusters, scale, dropout_p
+    )
+
+
+@clustered_attention_bwd.register_fake
+def _(grad_out, query, key, value, *args):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_clustered(ctx, inputs, output):
+    query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p = inputs
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, lse)
+    ctx.hyper = (num_clusters, scale, dropout_p)
+
+
+def _backward_clustered(ctx, grad_out, grad_lse):
+    query, key, value, assignments, key_padding_mask, keep, lse = ctx.saved_tensors
+    dq, dk, dv = clustered_attention_bwd(
+        grad_out.contiguous(), query, key, value, assignments, key_padding_mask, keep, lse, *ctx.hyper
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+clustered_attention_fwd.register_autograd(_backward_clustered, setup_context=_setup_clustered)
+
+
+# ---------------------------------------------------- improved clustered attention
+
+
+@torch.library.custom_op(f"{LIBRARY}::improved_clustered_attention_fwd", mutates_args=())
+def improved_clustered_attention_fwd(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    assignments: Tensor,
+    key_padding_mask: Optional[Tensor],
+    keep: Optional[Tensor],
+    num_clusters: int,
+    topk: int,
+    scale: float,
+    dropout_p: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return reference.improved_clustered_attention_fwd_ref(
+        query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p
+    )
+
+
+@improved_clustered_attention_fwd.register_fake
+def _(query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p):
+    batch, heads, length, _ = query.shape
+    out = query.new_empty(batch, heads, length, value.shape[-1])
+    lse = query.new_empty(batch, heads, num_clusters, dtype=torch.float32)
+    top_index = query.new_empty(batch, heads, num_clusters, min(topk, key.shape[2]), dtype=torch.int64)
+    return out, lse, top_index
+
+
+@torch.library.custom_op(f"{LIBRARY}::improved_clustered_attention_bwd", mutates_args=())
+def improved_clustered_attention_bwd(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    assignments: Tensor,
+    key_padding_mask: Optional[Tensor],
+    keep: Optional[Tensor],
+    lse: Tensor,
+    top_index: Tensor,
+    num_clusters: int,
+    scale: float,
+    dropout_p: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return reference.improved_clustered_attention_bwd_ref(
+        grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
+        num_clusters, scale, dropout_p,
+    )
+
+
+@improved_clustered_attention_bwd.register_fake
+def _(grad_out, query, key, value, *args):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_improved(ctx, inputs, output):
+    query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p = inputs
+    _, lse, top_index = output
+    ctx.mark_non_differentiable(lse, top_index)
+    ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, lse, top_index)
+    ctx.hyper = (num_clusters, scale, dropout_p)
+
+
+def _backward_improved(ctx, grad_out, grad_lse, grad_top_index):
+    query, key, value, assignments, key_padding_mask, keep, lse, top_index = ctx.saved_tensors
+    dq, dk, dv = improved_clustered_attention_bwd(
+        grad_out.contiguous(), query, key, value, assignments, key_padding_mask, keep, lse, top_index,
+        *ctx.hyper,
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+improved_clustered_attention_fwd.register_autograd(_backward_improved, setup_context=_setup_improved)
+
+
+ALL_OPS = (
+    hash_codes,
+    lloyd_kmeans,
+    clustered_attention_fwd,
+    clustered_attention_bwd,
+    improved_clustered_attention_fwd,
+    improved_clustered_attention_bwd,
+)

@@ -1,0 +1,105 @@
+"""Argument checks for the public ops: one place, clear ``ValueError``s.
+
+Every message names the argument, what was given and what is allowed, so that a
+bad configuration fails before any kernel runs (never as a CUDA illegal memory
+access deep inside a launch).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+MAX_HASH_BITS = 63
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_int_range(name: str, value, low: int, high: Optional[int] = None) -> None:
+    """``low <= value (<= high)`` for a Python int (bool is refused)."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def check_probability(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+
+
+def check_clustering_args(num_clusters, iterations, bits) -> None:
+    check_int_range("num_clusters", num_clusters, 1)
+    check_int_range("iterations", iterations, 0)
+    check_int_range("bits", bits, 1, MAX_HASH_BITS)
+
+
+def _check_tensor(name: str, tensor, ndim: int, layout: str) -> None:
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {layout}, got {type(tensor).__name__}")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(tensor.shape)}")
+
+
+def check_padding_mask(name: str, mask: Optional[Tensor], batch: int, length: int, device) -> None:
+    """A padding mask is ``(batch, length)`` bool on the attention's device (True = padded)."""
+    if mask is None:
+        return
+    _check_tensor(name, mask, 2, f"(batch={batch}, length={length})")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(
+            f"{name} must have shape (batch={batch}, length={length}), got {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor (True = padded), got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the attention inputs are on {device}")
+
+
+def check_attention_inputs(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Optional[Tensor],
+    query_padding_mask: Optional[Tensor],
+) -> None:
+    """query ``(B, H, N, D)``, key ``(B, H, S, D)``, value ``(B, H, S, Dv)``: same dtype
+    and device; masks ``(B, S)`` and ``(B, N)`` bool."""
+    _check_tensor("query", query, 4, "(batch, heads, queries, dim)")
+    _check_tensor("key", key, 4, "(batch, heads, keys, dim)")
+    _check_tensor("value", value, 4, "(batch, heads, keys, value_dim)")
+    if query.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"query must be float16, bfloat16, float32 or float64, got {query.dtype}")
+    for name, tensor in (("key", key), ("value", value)):
+        if tensor.dtype != query.dtype:
+            raise ValueError(f"{name} has dtype {tensor.dtype} but query has {query.dtype}; they must match")
+        if tensor.device != query.device:
+            raise ValueError(f"{name} is on {tensor.device} but query is on {query.device}; they must match")
+    batch, heads, length, dim = query.shape
+    if key.shape[:2] != (batch, heads) or value.shape[:2] != (batch, heads):
+        raise ValueError(
+            "query, key and value must agree on (batch, heads): got "
+            f"{tuple(query.shape[:2])}, {tuple(key.shape[:2])}, {tuple(value.shape[:2])}"
+        )
+    if key.shape[3] != dim:
+        raise ValueError(f"key dim {key.shape[3]} must equal query dim {dim}")
+    if value.shape[2] != key.shape[2]:
+        raise ValueError(f"value has {value.shape[2]} positions but key has {key.shape[2]}; they must match")
+    if length < 1 or key.shape[2] < 1:
+        raise ValueError(f"query and key need at least one position, got {length} and {key.shape[2]}")
+    check_padding_mask("key_padding_mask", key_padding_mask, batch, key.shape[2], query.device)
+    check_padding_mask("query_padding_mask", query_padding_mask, batch, length, query.device)
+
+
+def check_planes(planes: Tensor, bits: int, dim: int, offsets: Optional[Tensor]) -> None:
+    _check_tensor("planes", planes, 2, f"(bits={bits}, dim={dim})")
+    if tuple(planes.shape) != (bits, dim):
+        raise ValueError(f"planes must have shape (bits={bits}, dim={dim}), got {tuple(planes.shape)}")
+    if not planes.is_floating_point():
+        raise ValueError(f"planes must be floating point, got {planes.dtype}")
+    if offsets is not None:
+        _check_tensor("offsets", offsets, 1, f"(bits={bits},)")
+        if offsets.shape[0] != bits:
+            raise ValueError(f"offsets must have shape (bits={bits},), got {tuple(offsets.shape)}")
