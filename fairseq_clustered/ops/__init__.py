@@ -237,3 +237,4 @@ def improved_clustered_attention(
         query, key, value, clusters, key_padding_mask, keep, num_clusters, topk, scale, float(dropout_p)
     )
     return out
+from .causal import causal_clustered_attention, causal_key_clusters  # noqa: E402  (leak-free causal variant)

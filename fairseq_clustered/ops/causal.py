@@ -1,0 +1,519 @@
+"""Leak-free causal clustered attention, for language models and decoder self-attention.
+
+The paper's clustered attention groups *queries*; a centroid then mixes queries from
+later positions, so in a causal stack output ``i`` would depend on the future
+(DESIGN.md section 2). This variant never clusters queries. It clusters *keys* of the
+distant past only, with clusters that every reader may see:
+
+* The sequence is cut into chunks of ``W = window`` positions; chunk ``t`` holds the
+  positions ``[t W, (t + 1) W)``.
+* A query of chunk ``t`` attends **exactly** to the keys of chunk ``t - 1`` and, causally,
+  of chunk ``t`` (so it always sees at least its last ``W`` positions exactly).
+* The older past, chunks ``0 .. t - 2``, is seen through ``C`` **key-cluster summaries**:
+  for cluster ``j``, the count ``n_j``, the mean key ``kbar_j`` and the mean value
+  ``vbar_j`` of its member keys in chunks ``0 .. t - 2``. The summary enters the *same*
+  softmax as the exact keys with the logit ``scale q . kbar_j + log n_j``, which stands
+  for the cluster's total mass ``sum_l exp(scale q . k_l) ~ n_j exp(scale q . kbar_j)``,
+  and contributes ``vbar_j`` weighted by it.
+* Summaries are prefix sums over chunks of per-chunk cluster sums, so the cost is
+  ``O(N (2 W + C) D)``: linear in ``N`` for a fixed window and number of clusters.
+
+Which cluster a key joins (``clusters``, constant for autograd): its keys are hashed
+with random hyperplanes and a codebook of ``C`` Hamming centroids is fitted with Lloyd's
+k-means (the shared :func:`~fairseq_clustered.ops.reference.lloyd_kmeans_ref`) on the
+keys of the first ``2 W`` positions only; every key then joins its nearest centroid.
+
+Why it cannot leak: a query at position ``i`` of chunk ``t >= 2`` (``i >= 2 W``) reads
+(a) keys and values at positions ``<= i`` exactly, (b) summaries of positions
+``< (t - 1) W <= i``, whose cluster ids depend on the key itself and on the codebook,
+fitted from positions ``< 2 W <= i``. Queries of chunks 0 and 1 read no summary at all.
+Nothing at a position ``> i`` enters out_i, and since the cluster ids are constants, no
+gradient path leads there either. ``tests/test_causal.py`` checks both bit for bit.
+
+With ``window >= N`` (or ``N <= 2 window``) no summary is used and the result is exact
+causal attention.
+
+Shapes follow :mod:`fairseq_clustered.ops`: ``(B, H, N, D)`` tensors, ``(B, N)`` bool
+padding masks with True at padded keys (left or right padding; padded keys are never
+attended and join no cluster). A query that sees no valid key gets zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import custom_ops, reference
+from .validation import (
+    check_attention_inputs,
+    check_clustering_args,
+    check_int_range,
+    check_planes,
+    check_probability,
+)
+
+__all__ = [
+    "causal_clustered_attention",
+    "causal_key_clusters",
+    "causal_clustered_attention_fwd_ref",
+    "causal_clustered_attention_bwd_ref",
+    "causal_key_clusters_ref",
+    "causal_logit_columns",
+    "DEFAULT_WINDOW",
+]
+
+LIBRARY = custom_ops.LIBRARY
+DEFAULT_WINDOW = 128
+DEFAULT_NUM_CLUSTERS = 100
+DEFAULT_ITERATIONS = 10
+DEFAULT_BITS = 63
+
+
+def causal_logit_columns(window: int, num_clusters: int) -> int:
+    """Softmax width of every query: ``2 W`` exact keys plus ``C`` summaries."""
+    return 2 * window + num_clusters
+
+
+# =============================================================== key clustering
+
+
+def causal_key_clusters_ref(
+    codes: Tensor, key_padding_mask: Optional[Tensor], window: int, num_clusters: int,
+    iterations: int, bits: int,
+) -> Tensor:
+    """Cluster ids of the keys, from a codebook fitted on the first ``2 W`` positions.
+
+    Args:
+        codes: ``(B, H, N)`` int64 hash codes of the keys.
+        key_padding_mask: ``(B, N)`` bool, True = padded key, or None.
+        window: ``W``. num_clusters: ``C``. iterations: Lloyd iterations. bits: code width.
+
+    Returns:
+        ``(B, H, N)`` int64 cluster ids in ``[0, C)``, -1 for padded keys. The id of key
+        ``l`` depends only on ``codes[..., l]`` and on the keys at positions ``< 2 W``.
+    """
+    fit_length = min(2 * window, codes.shape[2])
+    fit_mask = None if key_padding_mask is None else key_padding_mask[:, :fit_length]
+    _, codebook = reference.lloyd_kmeans_ref(
+        codes[:, :, :fit_length], fit_mask, num_clusters, iterations, bits
+    )
+    clusters = reference.hamming_distance_ref(codes, codebook, bits).argmin(-1)  # ties: lowest id
+    if key_padding_mask is not None:
+        clusters = clusters.masked_fill(key_padding_mask[:, None, :], -1)
+    return clusters
+
+
+# ======================================================= attention: reference
+
+
+def _pad_to_chunks(x: Tensor, num_chunks: int, window: int, value=0) -> Tensor:
+    """Pad dim 2 of ``(B, H, N, ...)`` (or dim 1 of a ``(B, N)`` mask) to ``T W`` and
+    split it into ``(T, W)``."""
+    dim = 2 if x.dim() >= 3 else 1
+    missing = num_chunks * window - x.shape[dim]
+    if missing:
+        pad_shape = list(x.shape)
+        pad_shape[dim] = missing
+        x = torch.cat([x, x.new_full(pad_shape, value)], dim=dim)
+    return x.reshape(*x.shape[:dim], num_chunks, window, *x.shape[dim + 1:])
+
+
+def _with_previous_chunk(chunks: Tensor, fill) -> Tensor:
+    """``(B, H, T, W, E)`` (or ``(B, T, W)``) -> chunk ``t - 1`` and chunk ``t`` side by
+    side, ``(B, H, T, 2W, E)``; chunk ``-1`` is ``fill``."""
+    time_dim = 2 if chunks.dim() == 5 else 1
+    first = chunks.narrow(time_dim, 0, 1)
+    previous = torch.cat([torch.full_like(first, fill), chunks.narrow(time_dim, 0, chunks.shape[time_dim] - 1)],
+                         dim=time_dim)
+    return torch.cat([previous, chunks], dim=time_dim + 1)
+
+
+def _chunk_cluster_sums(keys: Tensor, values: Tensor, clusters: Tensor, num_clusters: int):
+    """Per chunk and cluster: member count ``(B, H, T, C)``, key sum ``(B, H, T, C, D)``
+    and value sum ``(B, H, T, C, Dv)``; also the one-hot membership ``(B, H, T, W, C)``."""
+    members = (clusters.unsqueeze(-1) == torch.arange(num_clusters, device=clusters.device)).to(keys.dtype)
+    members_t = members.transpose(-1, -2)
+    return members.sum(3), torch.matmul(members_t, keys), torch.matmul(members_t, values), members
+
+
+def _older_past(per_chunk: Tensor) -> Tensor:
+    """Prefix sums over chunks ``0 .. t - 2`` for every chunk ``t`` (zeros for ``t < 2``).
+
+    ``per_chunk`` is ``(B, H, T, ...)``; the result has the same shape.
+    """
+    prefix = torch.cumsum(per_chunk, dim=2)
+    zeros = torch.zeros_like(prefix.narrow(2, 0, min(2, prefix.shape[2])))
+    return torch.cat([zeros, prefix], dim=2).narrow(2, 0, per_chunk.shape[2])
+
+
+def _older_past_adjoint(grad: Tensor) -> Tensor:
+    """Adjoint of :func:`_older_past`: ``out[c] = sum_{t >= c + 2} grad[t]``."""
+    suffix = torch.flip(torch.cumsum(torch.flip(grad, [2]), dim=2), [2])  # sum_{t >= c}
+    zeros = torch.zeros_like(suffix.narrow(2, 0, min(2, suffix.shape[2])))
+    return torch.cat([suffix, zeros], dim=2).narrow(2, 2, grad.shape[2])
+
+
+class _CausalForward:
+    """Everything the forward computes, in the compute dtype, shared with the backward.
+
+    Shapes (``T`` chunks of ``W``, ``Np = T W``): ``q (B,H,T,W,D)``,
+    ``window_keys (B,H,T,2W,D)``, ``window_values (B,H,T,2W,Dv)``,
+    ``counts (B,H,T,C)``, ``mean_keys (B,H,T,C,D)``, ``mean_values (B,H,T,C,Dv)``
+    (summaries of chunks ``0..t-2``), ``members (B,H,T,W,C)``, ``logits (B,H,T,W,2W+C)``.
+    """
+
+    def __init__(self, query, key, value, clusters, key_padding_mask, window, num_clusters, scale):
+        dtype = reference._compute_dtype(query.dtype)
+        batch, heads, length, _ = query.shape
+        self.length, self.window, self.scale = length, window, scale
+        self.num_chunks = num_chunks = -(-length // window)
+        self.q = _pad_to_chunks(query.to(dtype), num_chunks, window)
+        keys = _pad_to_chunks(key.to(dtype), num_chunks, window)
+        values = _pad_to_chunks(value.to(dtype), num_chunks, window)
+        valid = torch.ones(batch, length, dtype=torch.bool, device=query.device)
+        if key_padding_mask is not None:
+            valid = ~key_padding_mask
+            clusters = clusters.masked_fill(key_padding_mask[:, None, :], -1)  # padded keys join no summary
+        self.clusters = _pad_to_chunks(clusters, num_chunks, window, value=-1)  # (B, H, T, W)
+        valid = _pad_to_chunks(valid, num_chunks, window, value=False)  # (B, T, W)
+
+        self.window_keys = _with_previous_chunk(keys, 0.0)
+        self.window_values = _with_previous_chunk(values, 0.0)
+        # Query r of a chunk sees all W keys of the previous chunk and keys 0..r of its own.
+        rows = torch.arange(window, device=query.device)
+        causal = torch.cat([torch.ones(window, window, dtype=torch.bool, device=query.device),
+                            rows[None, :] <= rows[:, None]], dim=1)  # (W, 2W)
+        window_valid = _with_previous_chunk(valid, False)  # (B, T, 2W)
+        self.window_allowed = causal[None, None, None] & window_valid[:, None, :, None, :]  # (B,1,T,W,2W)
+
+        counts, key_sums, value_sums, self.members = _chunk_cluster_sums(keys, values, self.clusters, num_clusters)
+        self.counts = _older_past(counts)
+        self.divisor = self.counts.clamp(min=1).unsqueeze(-1)
+        self.mean_keys = _older_past(key_sums) / self.divisor
+        self.mean_values = _older_past(value_sums) / self.divisor
+
+        exact_logits = torch.matmul(self.q, self.window_keys.transpose(-1, -2)) * scale
+        exact_logits = exact_logits.masked_fill(~self.window_allowed, float("-inf"))
+        summary_logits = torch.matmul(self.q, self.mean_keys.transpose(-1, -2)) * scale
+        # log(0) = -inf removes empty clusters (and every summary of chunks 0 and 1).
+        summary_logits = summary_logits + torch.log(self.counts).unsqueeze(3)
+        self.logits = torch.cat([exact_logits, summary_logits], dim=-1)
+
+    def all_values(self) -> Tensor:
+        """Values of the ``2W + C`` softmax columns, ``(B, H, T, 2W + C, Dv)``."""
+        return torch.cat([self.window_values, self.mean_values], dim=3)
+
+    def unchunk(self, x: Tensor) -> Tensor:
+        """``(B, H, T, W, ...)`` -> ``(B, H, N, ...)`` without the padded tail."""
+        return x.reshape(*x.shape[:2], -1, *x.shape[4:])[:, :, : self.length]
+
+
+def _dropout_multipliers(keep: Optional[Tensor], dropout_p: float, f: _CausalForward, dtype) -> Optional[Tensor]:
+    """``keep (B, H, N, 2W + C)`` -> ``(B, H, T, W, 2W + C)`` multipliers ``1/(1-p)`` or 0."""
+    if keep is None:
+        return None
+    return _pad_to_chunks(keep.to(dtype) / (1.0 - dropout_p), f.num_chunks, f.window)
+
+
+def causal_clustered_attention_fwd_ref(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    clusters: Tensor,
+    key_padding_mask: Optional[Tensor],
+    keep: Optional[Tensor],
+    window: int,
+    num_clusters: int,
+    scale: float,
+    dropout_p: float,
+) -> Tuple[Tensor, Tensor]:
+    """Causal clustered attention with given key clusters (see the module docstring).
+
+    Args:
+        query, key: ``(B, H, N, D)``. value: ``(B, H, N, Dv)``.
+        clusters: ``(B, H, N)`` int64 key cluster ids in ``[0, C)``, -1 = no cluster.
+        key_padding_mask: ``(B, N)`` bool (True = padded) or None.
+        keep: ``(B, H, N, 2W + C)`` bool dropout keep-mask over the softmax columns
+            (``2W`` window keys, then ``C`` summaries) or None.
+        window: ``W >= 1``. num_clusters: ``C``. scale: logit scale.
+        dropout_p: drop probability behind ``keep``.
+
+    Returns:
+        ``out (B, H, N, Dv)`` in the query dtype and ``lse (B, H, N)`` float32, the
+        log-sum-exp of each query's logits (``+inf`` where it sees no valid key).
+    """
+    dtype = reference._compute_dtype(query.dtype)
+    f = _CausalForward(query, key, value, clusters, key_padding_mask, window, num_clusters, scale)
+    lse = reference._log_sum_exp(f.logits)  # (B, H, T, W)
+    weights = torch.exp(f.logits - lse.unsqueeze(-1))
+    drop = _dropout_multipliers(keep, dropout_p, f, dtype)
+    if drop is not None:
+        weights = weights * drop
+    out = torch.matmul(weights, f.all_values())
+    return f.unchunk(out).to(query.dtype), f.unchunk(lse).to(torch.float32)
+
+
+def causal_clustered_attention_bwd_ref(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    clusters: Tensor,
+    key_padding_mask: Optional[Tensor],
+    keep: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    window: int,
+    num_clusters: int,
+    scale: float,
+    dropout_p: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`causal_clustered_attention_fwd_ref` w.r.t. query, key, value.
+
+    Cluster ids are constants. With probabilities ``P``, dropout multipliers ``M``,
+    columns' keys ``K`` and values ``V`` (window keys, then summary means):
+    ``dP = (dout V^T) M``, ``dL = P (dP - rowsum(dout * out))``, ``dq = scale dL K``;
+    window columns scatter ``scale dL^T q`` and ``(P M)^T dout`` back to chunks ``t - 1``
+    and ``t``; summary columns give ``d kbar``, ``d vbar``, which flow through the mean
+    (``/ n_j``) and the prefix sum over chunks back to every member key and value.
+
+    Returns:
+        ``dq (B, H, N, D)``, ``dk (B, H, N, D)``, ``dv (B, H, N, Dv)`` in the input dtypes.
+    """
+    dtype = reference._compute_dtype(query.dtype)
+    f = _CausalForward(query, key, value, clusters, key_padding_mask, window, num_clusters, scale)
+    chunks, w = f.num_chunks, f.window
+    g = _pad_to_chunks(grad_out.to(dtype), chunks, w)
+    o = _pad_to_chunks(out.to(dtype), chunks, w)
+    lse_chunks = _pad_to_chunks(lse.to(dtype), chunks, w, value=float("inf"))
+    probs = torch.exp(f.logits - lse_chunks.unsqueeze(-1))
+    drop = _dropout_multipliers(keep, dropout_p, f, dtype)
+    weights = probs if drop is None else probs * drop
+
+    grad_probs = torch.matmul(g, f.all_values().transpose(-1, -2))
+    if drop is not None:
+        grad_probs = grad_probs * drop
+    # rowsum(P * dP) = dout . out, with or without dropout.
+    grad_logits = probs * (grad_probs - (g * o).sum(-1, keepdim=True)) * scale
+    grad_exact, grad_summary = grad_logits.split([2 * w, num_clusters], dim=-1)
+    weights_exact, weights_summary = weights.split([2 * w, num_clusters], dim=-1)
+
+    dq = torch.matmul(grad_exact, f.window_keys) + torch.matmul(grad_summary, f.mean_keys)
+
+    def fold_window(grad_window: Tensor) -> Tensor:
+        """``(B, H, T, 2W, E)`` -> ``(B, H, T, W, E)``: column block 0 of chunk ``t + 1``
+        plus column block 1 of chunk ``t``."""
+        previous, current = grad_window.split([w, w], dim=3)
+        shifted = torch.cat([previous.narrow(2, 1, chunks - 1), torch.zeros_like(previous.narrow(2, 0, 1))], dim=2)
+        return current + shifted
+
+    dk = fold_window(torch.matmul(grad_exact.transpose(-1, -2), f.q))
+    dv = fold_window(torch.matmul(weights_exact.transpose(-1, -2), g))
+
+    # Summaries: kbar = older_past(key sums) / n, and likewise for values.
+    grad_key_sums = _older_past_adjoint(torch.matmul(grad_summary.transpose(-1, -2), f.q) / f.divisor)
+    grad_value_sums = _older_past_adjoint(torch.matmul(weights_summary.transpose(-1, -2), g) / f.divisor)
+    dk = dk + torch.matmul(f.members, grad_key_sums)
+    dv = dv + torch.matmul(f.members, grad_value_sums)
+    return (f.unchunk(dq).to(query.dtype), f.unchunk(dk).to(key.dtype), f.unchunk(dv).to(value.dtype))
+
+
+# ================================================================ custom ops
+
+
+@torch.library.custom_op(f"{LIBRARY}::causal_key_clusters", mutates_args=())
+def causal_key_clusters_op(
+    codes: Tensor, key_padding_mask: Optional[Tensor], window: int, num_clusters: int, iterations: int, bits: int
+) -> Tensor:
+    return causal_key_clusters_ref(codes, key_padding_mask, window, num_clusters, iterations, bits)
+
+
+@causal_key_clusters_op.register_fake
+def _(codes, key_padding_mask, window, num_clusters, iterations, bits):
+    return torch.empty_like(codes)
+
+
+@torch.library.custom_op(f"{LIBRARY}::causal_clustered_attention_fwd", mutates_args=())
+def causal_clustered_attention_fwd(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    clusters: Tensor,
+    key_padding_mask: Optional[Tensor],
+    keep: Optional[Tensor],
+    window: int,
+    num_clusters: int,
+    scale: float,
+    dropout_p: float,
+) -> Tuple[Tensor, Tensor]:
+    return causal_clustered_attention_fwd_ref(
+        query, key, value, clusters, key_padding_mask, keep, window, num_clusters, scale, dropout_p
+    )
+
+
+@causal_clustered_attention_fwd.register_fake
+def _(query, key, value, clusters, key_padding_mask, keep, window, num_clusters, scale, dropout_p):
+    batch, heads, length, _ = query.shape
+    out = query.new_empty(batch, heads, length, value.shape[-1])
+    return out, query.new_empty(batch, heads, length, dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{LIBRARY}::causal_clustered_attention_bwd", mutates_args=())
+def causal_clustered_attention_bwd(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    clusters: Tensor,
+    key_padding_mask: Optional[Tensor],
+    keep: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    window: int,
+    num_clusters: int,
+    scale: float,
+    dropout_p: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return causal_clustered_attention_bwd_ref(
+        grad_out, query, key, value, clusters, key_padding_mask, keep, out, lse, window, num_clusters,
+        scale, dropout_p,
+    )
+
+
+@causal_clustered_attention_bwd.register_fake
+def _(grad_out, query, key, value, *args):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_causal(ctx, inputs, output):
+    query, key, value, clusters, key_padding_mask, keep, window, num_clusters, scale, dropout_p = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(query, key, value, clusters, key_padding_mask, keep, out, lse)
+    ctx.hyper = (window, num_clusters, scale, dropout_p)
+
+
+def _backward_causal(ctx, grad_out, grad_lse):
+    query, key, value, clusters, key_padding_mask, keep, out, lse = ctx.saved_tensors
+    dq, dk, dv = causal_clustered_attention_bwd(
+        grad_out.contiguous(), query, key, value, clusters, key_padding_mask, keep, out, lse, *ctx.hyper
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+causal_clustered_attention_fwd.register_autograd(_backward_causal, setup_context=_setup_causal)
+
+CAUSAL_OPS = (causal_key_clusters_op, causal_clustered_attention_fwd, causal_clustered_attention_bwd)
+
+
+# ============================================================ public function
+
+
+def causal_key_clusters(
+    key: Tensor,
+    key_padding_mask: Optional[Tensor] = None,
+    *,
+    window: int = DEFAULT_WINDOW,
+    num_clusters: int = DEFAULT_NUM_CLUSTERS,
+    iterations: int = DEFAULT_ITERATIONS,
+    bits: int = DEFAULT_BITS,
+    planes: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Leak-free cluster ids of the keys ``(B, H, N, D)`` -> ``(B, H, N)`` int64.
+
+    Keys are hashed with ``planes (bits, D)`` (or planes drawn from ``generator``); a
+    codebook of ``num_clusters`` Hamming centroids is fitted with ``iterations`` Lloyd
+    iterations on the valid keys of the first ``2 window`` positions; every valid key
+    joins its nearest centroid, padded keys get -1.
+    """
+    from . import hash_queries, _resolve_planes  # the package imports this module last
+
+    check_int_range("window", window, 1)
+    check_clustering_args(num_clusters, iterations, bits)
+    codes = hash_queries(key, _resolve_planes(key, bits, planes, generator))
+    return causal_key_clusters_op(codes, key_padding_mask, window, num_clusters, iterations, bits)
+
+
+def causal_clustered_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Optional[Tensor] = None,
+    *,
+    window: int = DEFAULT_WINDOW,
+    num_clusters: int = DEFAULT_NUM_CLUSTERS,
+    iterations: int = DEFAULT_ITERATIONS,
+    bits: int = DEFAULT_BITS,
+    planes: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    clusters: Optional[Tensor] = None,
+) -> Tensor:
+    """Leak-free causal clustered attention (self-attention: queries and keys share positions).
+
+    Query ``i`` in chunk ``t = i // window`` attends exactly to positions
+    ``[(t - 1) window, i]`` and, in the same softmax, to ``num_clusters`` summaries
+    (mean key with logit offset ``log count``, mean value) of the key clusters of
+    positions ``< (t - 1) window``. Cost ``O(N (2 window + C) D)``. Exact causal
+    attention when ``N <= 2 window``.
+
+    Args:
+        query, key: ``(B, H, N, D)``. value: ``(B, H, N, Dv)``; float16, bfloat16,
+            float32 or float64, on one device.
+        key_padding_mask: ``(B, N)`` bool, True = padded key (never attended), or None.
+        window: chunk size ``W >= 1``. num_clusters: ``C >= 1`` key clusters.
+        iterations: Lloyd iterations ``>= 0`` of the codebook fit. bits: hash bits 1..63.
+        planes: ``(bits, D)`` hash hyperplanes, or ``generator`` to draw them (needed only
+            when ``N > 2 window`` and ``clusters`` is not given).
+        scale: logit scale, default ``1/sqrt(D)``.
+        dropout_p: dropout on the attention weights (window keys and summaries); needs
+            ``generator``.
+        clusters: precomputed ``(B, H, N)`` int64 key cluster ids (see
+            :func:`causal_key_clusters`); they must be leak-free for the result to be.
+
+    Returns:
+        ``(B, H, N, Dv)`` in the query dtype; zeros for a query that sees no valid key.
+    """
+    check_attention_inputs(query, key, value, key_padding_mask, None)
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(
+            f"causal attention is self-attention: query has {query.shape[2]} positions but key has "
+            f"{key.shape[2]}; they must match"
+        )
+    check_int_range("window", window, 1)
+    check_clustering_args(num_clusters, iterations, bits)
+    check_probability("dropout_p", dropout_p)
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
+        raise ValueError(f"scale must be a positive float or None (1/sqrt(dim)), got {scale!r}")
+    batch, heads, length, _ = query.shape
+    if clusters is None:
+        if length > 2 * window:
+            clusters = causal_key_clusters(
+                key, key_padding_mask, window=window, num_clusters=num_clusters, iterations=iterations,
+                bits=bits, planes=planes, generator=generator,
+            )
+        else:  # no query reads a summary: nothing to cluster
+            clusters = torch.full((batch, heads, length), -1, dtype=torch.int64, device=query.device)
+    elif not isinstance(clusters, Tensor) or tuple(clusters.shape) != (batch, heads, length) \
+            or clusters.dtype != torch.int64 or clusters.device != query.device:
+        raise ValueError(
+            f"clusters must be an int64 tensor of shape {(batch, heads, length)} (batch, heads, keys) on "
+            f"{query.device} with ids in [0, num_clusters) and -1 for no cluster, got "
+            f"{getattr(clusters, 'shape', clusters)}"
+        )
+    keep = None
+    if dropout_p > 0.0:
+        if generator is None:
+            raise ValueError("dropout_p > 0 needs generator= (a torch.Generator) to draw the dropout mask")
+        shape = (batch, heads, length, causal_logit_columns(window, num_clusters))
+        keep = (torch.rand(shape, generator=generator, device=generator.device) >= dropout_p).to(query.device)
+    out, _ = causal_clustered_attention_fwd(
+        query, key, value, clusters, key_padding_mask, keep, window, num_clusters, float(scale), float(dropout_p)
+    )
+    return out
