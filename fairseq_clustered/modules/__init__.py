@@ -1,0 +1,31 @@
+"""fairseq modules: clustered multi-head attention and the encoder layers built on it."""
+
+from .clustered_multihead_attention import ClusteredMultiheadAttention
+from .config import (
+    ATTENTION_VARIANTS,
+    LEAK_MESSAGE,
+    ClusteredAttentionConfig,
+    ClusteredAttentionSettings,
+    add_clustered_attention_args,
+    set_clustered_attention_defaults,
+)
+from .transformer_layer import (
+    ClusteredTransformerEncoder,
+    ClusteredTransformerEncoderBase,
+    ClusteredTransformerEncoderLayerBase,
+    build_clustered_encoder_layer,
+)
+
+__all__ = [
+    "ATTENTION_VARIANTS",
+    "LEAK_MESSAGE",
+    "ClusteredAttentionConfig",
+    "ClusteredAttentionSettings",
+    "ClusteredMultiheadAttention",
+    "ClusteredTransformerEncoder",
+    "ClusteredTransformerEncoderBase",
+    "ClusteredTransformerEncoderLayerBase",
+    "add_clustered_attention_args",
+    "build_clustered_encoder_layer",
+    "set_clustered_attention_defaults",
+]
