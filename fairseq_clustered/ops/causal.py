@@ -207,7 +207,7 @@ class _CausalForward:
 
     def unchunk(self, x: Tensor) -> Tensor:
         """``(B, H, T, W, ...)`` -> ``(B, H, N, ...)`` without the padded tail."""
-        return x.reshape(*x.shape[:2], -1, *x.shape[4:])[:, :, : self.length]
+        return x.reshape(*x.shape[:2], -1, *x.shape[4:])[:, :, : self.length].contiguous()
 
 
 def _dropout_multipliers(keep: Optional[Tensor], dropout_p: float, f: _CausalForward, dtype) -> Optional[Tensor]:
