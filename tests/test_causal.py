@@ -323,3 +323,103 @@ def test_bad_shapes():
         causal_clustered_attention(q, k, v, torch.zeros(1, 39, dtype=torch.bool), window=64)
     with pytest.raises(ValueError, match="query must have shape"):
         causal_clustered_attention(q[0], k, v, window=64)
+
+
+# ------------------------------------------------------------------ fairseq module and model
+
+
+def build_tiny_lm(extra_args=()):
+    """A 2-layer clustered_transformer_lm over a 30-symbol dictionary, in eval mode."""
+    pytest.importorskip("fairseq")
+    from types import SimpleNamespace
+
+    from fairseq import options
+    from fairseq.data import Dictionary
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from fairseq_clustered.models.clustered_lm import ClusteredTransformerLanguageModel
+
+    dictionary = Dictionary()
+    for index in range(26):
+        dictionary.add_symbol(chr(ord("a") + index))
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        "unused-data", "--task", "language_modeling", "--arch", "clustered_transformer_lm",
+        "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+        "--decoder-attention-heads", "4", "--tokens-per-sample", "128", "--clustered-window", "8",
+        "--clustered-num-clusters", "5", "--clustered-bits", "16", "--seed", "2", *extra_args,
+    ])
+    task = SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary)
+    torch.manual_seed(0)  # parameter initialisation only (fairseq initialises from the global RNG)
+    model_cfg = convert_namespace_to_omegaconf(args).model  # as fairseq-train passes it
+    return ClusteredTransformerLanguageModel.build_model(model_cfg, task).eval(), dictionary
+
+
+def test_model_uses_causal_clustered_attention_and_no_future_mask():
+    model, _ = build_tiny_lm()
+    attentions = model.decoder.self_attentions()
+    assert [attn.attention for attn in attentions] == ["causal_clustered", "causal_clustered"]
+    assert model.decoder.buffered_future_mask(torch.zeros(100, 1, 32)) is None
+    full, _ = build_tiny_lm(["--clustered-layers", "1"])
+    assert [attn.attention for attn in full.decoder.self_attentions()] == ["full", "causal_clustered"]
+    assert full.decoder.buffered_future_mask(torch.zeros(100, 1, 32)).shape == (100, 100)
+
+
+def test_model_does_not_leak():
+    """The whole decoder (embeddings, layer norms, FFNs, 2 layers): logits at positions <= i
+    are bit-identical when the tokens after i change; the gradient of the logits at i
+    reaches no later token embedding."""
+    model, dictionary = build_tiny_lm(["--clustered-layers", "all"])
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(dictionary.nspecial, len(dictionary), (2, 100), generator=gen)
+    logits = model(tokens)[0]
+    for position in (3, 20, 57):
+        changed = tokens.clone()
+        changed[:, position + 1:] = torch.randint(dictionary.nspecial, len(dictionary),
+                                                  changed[:, position + 1:].shape, generator=gen)
+        assert torch.equal(model(changed)[0][:, : position + 1], logits[:, : position + 1])
+    # Gradient: feed the token embeddings as a leaf tensor (a forward hook replaces them).
+    embedded = model.decoder.embed_tokens(tokens).detach().requires_grad_()
+    handle = model.decoder.embed_tokens.register_forward_hook(lambda module, inputs, output: embedded)
+    model(tokens)[0][:, 40].sum().backward()
+    handle.remove()
+    assert embedded.grad[:, 41:].abs().sum() == 0 and embedded.grad[:, :41].abs().sum() > 0
+
+
+def test_module_is_exact_when_the_window_covers_the_sequence():
+    pytest.importorskip("fairseq")
+    from fairseq.modules import MultiheadAttention
+
+    from fairseq_clustered.modules.causal_attention import CausalClusteredMultiheadAttention
+
+    torch.manual_seed(0)
+    exact = MultiheadAttention(32, 4, self_attention=True)
+    clustered = CausalClusteredMultiheadAttention(32, 4, self_attention=True, window=16, num_clusters=3)
+    clustered.load_state_dict(exact.state_dict())
+    x = torch.randn(30, 2, 32)
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[1, 25:] = True  # right padding
+    future = torch.triu(torch.full((30, 30), float("-inf")), 1)
+    expected, _ = exact(x, x, x, key_padding_mask=mask, attn_mask=future)
+    out, weights = clustered(x, x, x, key_padding_mask=mask, attn_mask=future)
+    assert weights is None
+    torch.testing.assert_close(out[:, 0], expected[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:25, 1], expected[:25, 1], atol=1e-5, rtol=1e-5)
+    # Incremental decoding: exact attention over the cache, step by step.
+    state = {}
+    steps = [clustered(x[t:t + 1], x[t:t + 1], x[t:t + 1], incremental_state=state)[0] for t in range(30)]
+    torch.testing.assert_close(torch.cat(steps)[:, 0], expected[:, 0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="causal future mask"):
+        clustered(x, x, x, attn_mask=torch.zeros(30, 30))
+
+
+def test_module_refuses_non_causal_sites():
+    pytest.importorskip("fairseq")
+    from fairseq_clustered.modules.causal_attention import CausalClusteredMultiheadAttention
+
+    with pytest.raises(ValueError, match="causal \\*self\\*-attention"):
+        CausalClusteredMultiheadAttention(32, 4, encoder_decoder_attention=True)
+    with pytest.raises(ValueError, match="window must be an integer >= 1"):
+        CausalClusteredMultiheadAttention(32, 4, self_attention=True, window=0)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        CausalClusteredMultiheadAttention(32, 4, self_attention=True, attention="clustered")
