@@ -14,6 +14,7 @@ from .transformer_layer import (
     ClusteredTransformerEncoderBase,
     ClusteredTransformerEncoderLayerBase,
     build_clustered_encoder_layer,
+    describe_encoder_attention,
 )
 
 __all__ = [
@@ -27,5 +28,6 @@ __all__ = [
     "ClusteredTransformerEncoderLayerBase",
     "add_clustered_attention_args",
     "build_clustered_encoder_layer",
+    "describe_encoder_attention",
     "set_clustered_attention_defaults",
 ]

@@ -123,6 +123,7 @@ class ClusteredMultiheadAttention(MultiheadAttention):
         self.min_length = min_length
         self.causal = causal
         self.layer_index = layer_index
+        self.seed = seed
         self.plane_seed = (seed * _LAYER_SEED_STRIDE + layer_index) % (2**63)
         # Plain attributes, not buffers: never saved in (or required by) a state_dict.
         self._training_generators: Dict[torch.device, torch.Generator] = {}

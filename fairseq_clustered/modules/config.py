@@ -7,8 +7,6 @@ declares them once (name, default, help); :class:`ClusteredAttentionSettings` is
 validated, immutable form that the encoder layers and attention modules receive.
 """
 
-from __future__ import annotations
-
 import argparse
 from dataclasses import dataclass, field, fields
 from typing import Optional, Tuple
@@ -71,8 +69,7 @@ class ClusteredAttentionConfig(FairseqDataclass):
 
 def add_clustered_attention_args(parser: argparse.ArgumentParser) -> None:
     """Add the ``--clustered-*`` flags without defaults, so architecture functions fill them."""
-    group = parser.add_argument_group("clustered attention")
-    gen_parser_from_dataclass(group, ClusteredAttentionConfig(), delete_default=True)
+    gen_parser_from_dataclass(parser, ClusteredAttentionConfig(), delete_default=True)
 
 
 def _getattr(args, name, default):

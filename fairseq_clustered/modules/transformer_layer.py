@@ -8,6 +8,7 @@ so checkpoints move between these and fairseq's own classes unchanged.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from fairseq.distributed import fsdp_wrap
@@ -17,6 +18,23 @@ from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 
 from .clustered_multihead_attention import ClusteredMultiheadAttention
 from .config import ClusteredAttentionSettings
+
+logger = logging.getLogger(__name__)
+
+
+def describe_encoder_attention(layers) -> str:
+    """One line naming each encoder layer's attention, e.g.
+    ``encoder self-attention: layer 0 clustered, layer 1 full (C=100, iterations=10, ...)``."""
+    # Found by type, not by attribute, so that checkpoint/FSDP wrappers do not hide them.
+    attentions = [m for m in layers.modules() if isinstance(m, ClusteredMultiheadAttention)]
+    parts = [f"layer {index} {attn.attention}" for index, attn in enumerate(attentions)]
+    clustered = [attn for attn in attentions if attn.attention != "full"]
+    text = "encoder self-attention: " + ", ".join(parts)
+    if clustered:
+        attn = clustered[0]
+        text += (f" (C={attn.num_clusters}, iterations={attn.iterations}, bits={attn.bits}, "
+                 f"topk={attn.topk}, exact below length {attn.min_length}, seed={attn.seed})")
+    return text
 
 
 class ClusteredTransformerEncoderLayerBase(TransformerEncoderLayerBase):
@@ -77,6 +95,7 @@ class ClusteredTransformerEncoderBase(TransformerEncoderBase):
         self.attention_settings = settings or ClusteredAttentionSettings.from_args(cfg)
         self._layers_built = 0  # the parent builds layers in order; this is the next index
         super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
+        logger.info(describe_encoder_attention(self.layers))
 
     def build_encoder_layer(self, cfg):
         layer_index = self._layers_built
