@@ -345,7 +345,8 @@ def build_tiny_lm(extra_args=()):
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [
         "unused-data", "--task", "language_modeling", "--arch", "clustered_transformer_lm",
-        "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+        "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-input-dim", "32",
+        "--decoder-output-dim", "32", "--decoder-ffn-embed-dim", "64",
         "--decoder-attention-heads", "4", "--tokens-per-sample", "128", "--clustered-window", "8",
         "--clustered-num-clusters", "5", "--clustered-bits", "16", "--seed", "2", *extra_args,
     ])

@@ -63,7 +63,7 @@ def test_train_and_eval_lm(tmp_path):
     train_log = run([
         fairseq_command("fairseq-train"), "bin", "--user-dir", user_dir, "--task", "language_modeling",
         "--arch", "clustered_transformer_lm", "--decoder-layers", "2", "--decoder-embed-dim", "32",
-        "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2", "--tokens-per-sample", "64",
+        "--decoder-input-dim", "32", "--decoder-output-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2", "--tokens-per-sample", "64",
         "--sample-break-mode", "none", "--clustered-window", "8", "--clustered-num-clusters", "4",
         "--clustered-bits", "16", "--clustered-iterations", "3", "--max-tokens", "512", "--max-update", "8",
         "--optimizer", "adam", "--lr", "3e-3", "--save-dir", "checkpoints", "--no-epoch-checkpoints",

