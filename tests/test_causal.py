@@ -424,3 +424,35 @@ def test_module_refuses_non_causal_sites():
         CausalClusteredMultiheadAttention(32, 4, self_attention=True, window=0)
     with pytest.raises(ValueError, match="attention must be one of"):
         CausalClusteredMultiheadAttention(32, 4, self_attention=True, attention="clustered")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tensor_core_path_error_is_that_of_half_precision_attention(dtype):
+    """The CUDA path's products in half precision (run here on the CPU): its error against the
+    fp32 reference stays within a small multiple of plain PyTorch attention's in that dtype."""
+    n, window, num_clusters = 150, 16, 6
+    q, k, v = random_inputs(2, 2, n, 32, seed=11)
+    grad_out = torch.randn(2, 2, n, 32, generator=torch.Generator().manual_seed(3))
+    clusters = causal_key_clusters(k, window=window, num_clusters=num_clusters, generator=torch.Generator().manual_seed(0))
+    args = (clusters, None, None, window, num_clusters, 32 ** -0.5, 0.0)
+    out32, lse32 = causal_ops.causal_clustered_attention_fwd_ref(q, k, v, *args)
+    grads32 = causal_ops.causal_clustered_attention_bwd_ref(grad_out, q, k, v, clusters, None, None, out32, lse32,
+                                                           window, num_clusters, 32 ** -0.5, 0.0)
+    half = [x.to(dtype) for x in (q, k, v)]
+    out, lse = causal_ops.causal_clustered_attention_fwd_ref(*half, *args, matmul_dtype=dtype)
+    grads = causal_ops.causal_clustered_attention_bwd_ref(grad_out.to(dtype), *half, clusters, None, None, out, lse,
+                                                         window, num_clusters, 32 ** -0.5, 0.0, matmul_dtype=dtype)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+
+    def half_precision_error(x32, x):
+        return ((x.float() - x32).norm() / x32.norm()).item()
+
+    exact = exact_causal(q, k, v)
+    baseline = half_precision_error(exact, exact_causal(*half))
+    assert half_precision_error(out32, out) < 3 * baseline
+    half_inputs = [x.detach().requires_grad_() for x in half]
+    exact_causal(*half_inputs).backward(grad_out.to(dtype))
+    full_inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+    exact_causal(*full_inputs).backward(grad_out)
+    for g32, g, x32, x in zip(grads32, grads, full_inputs, half_inputs):
+        assert half_precision_error(g32, g) < 3 * half_precision_error(x32.grad, x.grad)

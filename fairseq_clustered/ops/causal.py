@@ -132,10 +132,17 @@ def _with_previous_chunk(chunks: Tensor, fill) -> Tensor:
 
 def _chunk_cluster_sums(keys: Tensor, values: Tensor, clusters: Tensor, num_clusters: int):
     """Per chunk and cluster: member count ``(B, H, T, C)``, key sum ``(B, H, T, C, D)``
-    and value sum ``(B, H, T, C, Dv)``; also the one-hot membership ``(B, H, T, W, C)``."""
+    and value sum ``(B, H, T, C, Dv)`` (in the dtype of ``keys``)."""
     members = (clusters.unsqueeze(-1) == torch.arange(num_clusters, device=clusters.device)).to(keys.dtype)
-    members_t = members.transpose(-1, -2)
-    return members.sum(3), torch.matmul(members_t, keys), torch.matmul(members_t, values), members
+    members_t = members.transpose(-1, -2)  # (B, H, T, C, W)
+    return members.sum(3), torch.matmul(members_t, keys), torch.matmul(members_t, values)
+
+
+def _gather_clusters(per_cluster: Tensor, clusters: Tensor) -> Tensor:
+    """``(B, H, T, C, E)`` per chunk and cluster -> ``(B, H, T, W, E)`` per key by its cluster
+    (zeros for keys of no cluster): the adjoint of the member sums."""
+    index = clusters.clamp(min=0).unsqueeze(-1).expand(*clusters.shape, per_cluster.shape[-1])
+    return per_cluster.gather(3, index) * (clusters >= 0).unsqueeze(-1).to(per_cluster.dtype)
 
 
 def _older_past(per_chunk: Tensor) -> Tensor:
@@ -156,22 +163,28 @@ def _older_past_adjoint(grad: Tensor) -> Tensor:
 
 
 class _CausalForward:
-    """Everything the forward computes, in the compute dtype, shared with the backward.
+    """Everything the forward computes, shared with the backward.
 
-    Shapes (``T`` chunks of ``W``, ``Np = T W``): ``q (B,H,T,W,D)``,
-    ``window_keys (B,H,T,2W,D)``, ``window_values (B,H,T,2W,Dv)``,
-    ``counts (B,H,T,C)``, ``mean_keys (B,H,T,C,D)``, ``mean_values (B,H,T,C,Dv)``
-    (summaries of chunks ``0..t-2``), ``members (B,H,T,W,C)``, ``logits (B,H,T,W,2W+C)``.
+    Two dtypes: ``acc`` (float32, or float64 for float64 inputs) for logits, softmax and
+    the cluster sums; ``mm`` for the large matrix products, ``acc`` in the reference and
+    the input's half precision on the tensor-core path (:func:`_tensor_core_dtype`).
+
+    Shapes (``T`` chunks of ``W``): ``q (B,H,T,W,D)``, ``window_keys (B,H,T,2W,D)``,
+    ``window_values (B,H,T,2W,Dv)`` (``mm``); ``counts (B,H,T,C)``, ``mean_keys (B,H,T,C,D)``,
+    ``mean_values (B,H,T,C,Dv)`` (summaries of chunks ``0..t-2``) and
+    ``logits (B,H,T,W,2W+C)`` (``acc``); ``clusters (B,H,T,W)``.
     """
 
-    def __init__(self, query, key, value, clusters, key_padding_mask, window, num_clusters, scale):
-        dtype = reference._compute_dtype(query.dtype)
+    def __init__(self, query, key, value, clusters, key_padding_mask, window, num_clusters, scale,
+                 matmul_dtype=None):
+        self.acc = acc = reference._compute_dtype(query.dtype)
+        self.mm = mm = acc if matmul_dtype is None else matmul_dtype
         batch, heads, length, _ = query.shape
         self.length, self.window, self.scale = length, window, scale
         self.num_chunks = num_chunks = -(-length // window)
-        self.q = _pad_to_chunks(query.to(dtype), num_chunks, window)
-        keys = _pad_to_chunks(key.to(dtype), num_chunks, window)
-        values = _pad_to_chunks(value.to(dtype), num_chunks, window)
+        self.q = _pad_to_chunks(query.to(mm), num_chunks, window)
+        keys = _pad_to_chunks(key, num_chunks, window)
+        values = _pad_to_chunks(value, num_chunks, window)
         valid = torch.ones(batch, length, dtype=torch.bool, device=query.device)
         if key_padding_mask is not None:
             valid = ~key_padding_mask
@@ -179,8 +192,8 @@ class _CausalForward:
         self.clusters = _pad_to_chunks(clusters, num_chunks, window, value=-1)  # (B, H, T, W)
         valid = _pad_to_chunks(valid, num_chunks, window, value=False)  # (B, T, W)
 
-        self.window_keys = _with_previous_chunk(keys, 0.0)
-        self.window_values = _with_previous_chunk(values, 0.0)
+        self.window_keys = _with_previous_chunk(keys.to(mm), 0.0)
+        self.window_values = _with_previous_chunk(values.to(mm), 0.0)
         # Query r of a chunk sees all W keys of the previous chunk and keys 0..r of its own.
         rows = torch.arange(window, device=query.device)
         causal = torch.cat([torch.ones(window, window, dtype=torch.bool, device=query.device),
@@ -188,33 +201,40 @@ class _CausalForward:
         window_valid = _with_previous_chunk(valid, False)  # (B, T, 2W)
         self.window_allowed = causal[None, None, None] & window_valid[:, None, :, None, :]  # (B,1,T,W,2W)
 
-        counts, key_sums, value_sums, self.members = _chunk_cluster_sums(keys, values, self.clusters, num_clusters)
+        counts, key_sums, value_sums = _chunk_cluster_sums(keys.to(acc), values.to(acc), self.clusters,
+                                                           num_clusters)
         self.counts = _older_past(counts)
         self.divisor = self.counts.clamp(min=1).unsqueeze(-1)
         self.mean_keys = _older_past(key_sums) / self.divisor
         self.mean_values = _older_past(value_sums) / self.divisor
 
-        exact_logits = torch.matmul(self.q, self.window_keys.transpose(-1, -2)) * scale
+        exact_logits = torch.matmul(self.q, self.window_keys.transpose(-1, -2)).to(acc) * scale
         exact_logits = exact_logits.masked_fill(~self.window_allowed, float("-inf"))
-        summary_logits = torch.matmul(self.q, self.mean_keys.transpose(-1, -2)) * scale
+        summary_logits = torch.matmul(self.q, self.mean_keys.to(mm).transpose(-1, -2)).to(acc) * scale
         # log(0) = -inf removes empty clusters (and every summary of chunks 0 and 1).
         summary_logits = summary_logits + torch.log(self.counts).unsqueeze(3)
         self.logits = torch.cat([exact_logits, summary_logits], dim=-1)
 
     def all_values(self) -> Tensor:
-        """Values of the ``2W + C`` softmax columns, ``(B, H, T, 2W + C, Dv)``."""
-        return torch.cat([self.window_values, self.mean_values], dim=3)
+        """Values of the ``2W + C`` softmax columns, ``(B, H, T, 2W + C, Dv)`` in ``mm``."""
+        return torch.cat([self.window_values, self.mean_values.to(self.mm)], dim=3)
 
     def unchunk(self, x: Tensor) -> Tensor:
         """``(B, H, T, W, ...)`` -> ``(B, H, N, ...)`` without the padded tail."""
         return x.reshape(*x.shape[:2], -1, *x.shape[4:])[:, :, : self.length].contiguous()
 
 
-def _dropout_multipliers(keep: Optional[Tensor], dropout_p: float, f: _CausalForward, dtype) -> Optional[Tensor]:
+def _dropout_multipliers(keep: Optional[Tensor], dropout_p: float, f: _CausalForward) -> Optional[Tensor]:
     """``keep (B, H, N, 2W + C)`` -> ``(B, H, T, W, 2W + C)`` multipliers ``1/(1-p)`` or 0."""
     if keep is None:
         return None
-    return _pad_to_chunks(keep.to(dtype) / (1.0 - dropout_p), f.num_chunks, f.window)
+    return _pad_to_chunks(keep.to(f.acc) / (1.0 - dropout_p), f.num_chunks, f.window)
+
+
+def _tensor_core_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
+    """Matrix-product dtype of the CUDA path: the input's own half precision (fp32
+    accumulation inside the products, fp32 softmax outside), else the reference's."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
 
 
 def causal_clustered_attention_fwd_ref(
@@ -228,6 +248,7 @@ def causal_clustered_attention_fwd_ref(
     num_clusters: int,
     scale: float,
     dropout_p: float,
+    matmul_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Causal clustered attention with given key clusters (see the module docstring).
 
@@ -239,19 +260,21 @@ def causal_clustered_attention_fwd_ref(
             (``2W`` window keys, then ``C`` summaries) or None.
         window: ``W >= 1``. num_clusters: ``C``. scale: logit scale.
         dropout_p: drop probability behind ``keep``.
+        matmul_dtype: dtype of the large matrix products (None: float32 / float64, the
+            reference; the CUDA path passes bfloat16 / float16 for half-precision inputs).
 
     Returns:
         ``out (B, H, N, Dv)`` in the query dtype and ``lse (B, H, N)`` float32, the
         log-sum-exp of each query's logits (``+inf`` where it sees no valid key).
     """
-    dtype = reference._compute_dtype(query.dtype)
-    f = _CausalForward(query, key, value, clusters, key_padding_mask, window, num_clusters, scale)
+    f = _CausalForward(query, key, value, clusters, key_padding_mask, window, num_clusters, scale,
+                       matmul_dtype)
     lse = reference._log_sum_exp(f.logits)  # (B, H, T, W)
     weights = torch.exp(f.logits - lse.unsqueeze(-1))
-    drop = _dropout_multipliers(keep, dropout_p, f, dtype)
+    drop = _dropout_multipliers(keep, dropout_p, f)
     if drop is not None:
         weights = weights * drop
-    out = torch.matmul(weights, f.all_values())
+    out = torch.matmul(weights.to(f.mm), f.all_values())
     return f.unchunk(out).to(query.dtype), f.unchunk(lse).to(torch.float32)
 
 
@@ -269,6 +292,7 @@ def causal_clustered_attention_bwd_ref(
     num_clusters: int,
     scale: float,
     dropout_p: float,
+    matmul_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`causal_clustered_attention_fwd_ref` w.r.t. query, key, value.
 
@@ -282,41 +306,45 @@ def causal_clustered_attention_bwd_ref(
     Returns:
         ``dq (B, H, N, D)``, ``dk (B, H, N, D)``, ``dv (B, H, N, Dv)`` in the input dtypes.
     """
-    dtype = reference._compute_dtype(query.dtype)
-    f = _CausalForward(query, key, value, clusters, key_padding_mask, window, num_clusters, scale)
-    chunks, w = f.num_chunks, f.window
-    g = _pad_to_chunks(grad_out.to(dtype), chunks, w)
-    o = _pad_to_chunks(out.to(dtype), chunks, w)
-    lse_chunks = _pad_to_chunks(lse.to(dtype), chunks, w, value=float("inf"))
+    f = _CausalForward(query, key, value, clusters, key_padding_mask, window, num_clusters, scale,
+                       matmul_dtype)
+    acc, mm, chunks, w = f.acc, f.mm, f.num_chunks, f.window
+    g = _pad_to_chunks(grad_out.to(mm), chunks, w)
+    o = _pad_to_chunks(out, chunks, w)
+    lse_chunks = _pad_to_chunks(lse.to(acc), chunks, w, value=float("inf"))
     probs = torch.exp(f.logits - lse_chunks.unsqueeze(-1))
-    drop = _dropout_multipliers(keep, dropout_p, f, dtype)
+    drop = _dropout_multipliers(keep, dropout_p, f)
     weights = probs if drop is None else probs * drop
 
-    grad_probs = torch.matmul(g, f.all_values().transpose(-1, -2))
+    grad_probs = torch.matmul(g, f.all_values().transpose(-1, -2)).to(acc)
     if drop is not None:
         grad_probs = grad_probs * drop
     # rowsum(P * dP) = dout . out, with or without dropout.
-    grad_logits = probs * (grad_probs - (g * o).sum(-1, keepdim=True)) * scale
+    row_dot = (g.to(acc) * o.to(acc)).sum(-1, keepdim=True)
+    grad_logits = (probs * (grad_probs - row_dot) * scale).to(mm)
+    weights = weights.to(mm)
     grad_exact, grad_summary = grad_logits.split([2 * w, num_clusters], dim=-1)
     weights_exact, weights_summary = weights.split([2 * w, num_clusters], dim=-1)
 
-    dq = torch.matmul(grad_exact, f.window_keys) + torch.matmul(grad_summary, f.mean_keys)
+    dq = torch.matmul(grad_exact, f.window_keys).to(acc) \
+        + torch.matmul(grad_summary, f.mean_keys.to(mm)).to(acc)
 
     def fold_window(grad_window: Tensor) -> Tensor:
         """``(B, H, T, 2W, E)`` -> ``(B, H, T, W, E)``: column block 0 of chunk ``t + 1``
         plus column block 1 of chunk ``t``."""
-        previous, current = grad_window.split([w, w], dim=3)
+        previous, current = grad_window.to(acc).split([w, w], dim=3)
         shifted = torch.cat([previous.narrow(2, 1, chunks - 1), torch.zeros_like(previous.narrow(2, 0, 1))], dim=2)
         return current + shifted
 
     dk = fold_window(torch.matmul(grad_exact.transpose(-1, -2), f.q))
     dv = fold_window(torch.matmul(weights_exact.transpose(-1, -2), g))
 
-    # Summaries: kbar = older_past(key sums) / n, and likewise for values.
-    grad_key_sums = _older_past_adjoint(torch.matmul(grad_summary.transpose(-1, -2), f.q) / f.divisor)
-    grad_value_sums = _older_past_adjoint(torch.matmul(weights_summary.transpose(-1, -2), g) / f.divisor)
-    dk = dk + torch.matmul(f.members, grad_key_sums)
-    dv = dv + torch.matmul(f.members, grad_value_sums)
+    # Summaries: kbar = older_past(key sums) / n, and likewise for values; each member key
+    # and value receives its cluster's gradient of the sums.
+    grad_mean_keys = torch.matmul(grad_summary.transpose(-1, -2), f.q).to(acc)
+    grad_mean_values = torch.matmul(weights_summary.transpose(-1, -2), g).to(acc)
+    dk = dk + _gather_clusters(_older_past_adjoint(grad_mean_keys / f.divisor), f.clusters)
+    dv = dv + _gather_clusters(_older_past_adjoint(grad_mean_values / f.divisor), f.clusters)
     return (f.unchunk(dq).to(query.dtype), f.unchunk(dk).to(key.dtype), f.unchunk(dv).to(value.dtype))
 
 
@@ -404,6 +432,25 @@ def _backward_causal(ctx, grad_out, grad_lse):
 
 
 causal_clustered_attention_fwd.register_autograd(_backward_causal, setup_context=_setup_causal)
+
+# On CUDA, half-precision inputs take their large products on tensor cores (fp32
+# accumulation, fp32 softmax and cluster sums); float32 / float64 stay the reference.
+@causal_clustered_attention_fwd.register_kernel("cuda")
+def _(query, key, value, clusters, key_padding_mask, keep, window, num_clusters, scale, dropout_p):
+    return causal_clustered_attention_fwd_ref(
+        query, key, value, clusters, key_padding_mask, keep, window, num_clusters, scale, dropout_p,
+        matmul_dtype=_tensor_core_dtype(query.dtype),
+    )
+
+
+@causal_clustered_attention_bwd.register_kernel("cuda")
+def _(grad_out, query, key, value, clusters, key_padding_mask, keep, out, lse, window, num_clusters, scale,
+      dropout_p):
+    return causal_clustered_attention_bwd_ref(
+        grad_out, query, key, value, clusters, key_padding_mask, keep, out, lse, window, num_clusters, scale,
+        dropout_p, matmul_dtype=_tensor_core_dtype(query.dtype),
+    )
+
 
 CAUSAL_OPS = (causal_key_clusters_op, causal_clustered_attention_fwd, causal_clustered_attention_bwd)
 
