@@ -1,0 +1,249 @@
+"""Benchmark clustered attention against PyTorch's exact attention.
+
+Configuration of DESIGN.md section 5: B=4, H=8, D=64, bf16, C=100 clusters, 10 Lloyd
+iterations, 63 hash bits, top-k 32, N = 1k .. 64k (self-attention, no padding).
+For each N it times, in one process on the same inputs, forward and forward+backward:
+
+* ``sdpa``: ``scaled_dot_product_attention`` with PyTorch's default backend choice
+  (the baseline every ratio is relative to), and ``flash``: the flash backend;
+* ``clustered`` and ``improved``: the public functions of ``fairseq_clustered.ops``
+  (hashing and clustering included);
+* ``reference``: the pure-PyTorch reference (small N only).
+
+Times are medians of CUDA-event-timed runs after warm-up; ``peak`` is the peak
+memory allocated during one forward+backward, inputs included. Writes a CSV and a
+log-log PNG (time and memory against N). ``--device cpu`` runs a small CPU version.
+
+    python benchmarks/bench_attention.py                 # GPU, bf16, N = 1k..64k
+    python benchmarks/bench_attention.py --device cpu    # CPU, small N
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fairseq_clustered.ops import clustered_attention, improved_clustered_attention, reference  # noqa: E402
+
+# Fast-transformers' fp32 clustered attention, forward+backward ms on an H100 with this
+# configuration (issue 4), for comparison.
+FAST_TRANSFORMERS_MS = {1024: 5.5, 4096: 8.6, 8192: 10.1, 16384: 17.2}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="bfloat16 (GPU default), float16 or float32 (CPU default)")
+    p.add_argument("--lengths", default=None, help="comma-separated N (default 1k..64k on GPU, 256..2048 on CPU)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--clusters", type=int, default=100)
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--bits", type=int, default=63)
+    p.add_argument("--topk", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
+    p.add_argument("--max-reference-n", type=int, default=None, help="largest N for the reference")
+    p.add_argument("--methods", default="sdpa,flash,clustered,improved,reference")
+    p.add_argument("--out", default="bench_attention", help="prefix of the CSV and PNG files")
+    return p.parse_args()
+
+
+def timer(device, fn, repeats, warmup=2):
+    """Median milliseconds of ``fn()`` over ``repeats`` runs (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def make_methods(args, planes):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def flash(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def clustered(q, k, v):
+        return clustered_attention(q, k, v, num_clusters=args.clusters, iterations=args.iterations,
+                                   bits=args.bits, planes=planes)
+
+    def improved(q, k, v):
+        return improved_clustered_attention(q, k, v, num_clusters=args.clusters, iterations=args.iterations,
+                                            bits=args.bits, topk=args.topk, planes=planes)
+
+    class Reference(torch.autograd.Function):
+        """The pure-PyTorch reference end to end (hash, Lloyd, clustered attention)."""
+
+        @staticmethod
+        def forward(ctx, q, k, v):
+            codes = reference.hash_codes_ref(q, planes, torch.zeros(args.bits, device=q.device))
+            a, _ = reference.lloyd_kmeans_ref(codes, None, args.clusters, args.iterations, args.bits)
+            out, lse = reference.clustered_attention_fwd_ref(q, k, v, a, None, None, args.clusters,
+                                                             q.shape[-1] ** -0.5, 0.0)
+            ctx.save_for_backward(q, k, v, a, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            q, k, v, a, lse = ctx.saved_tensors
+            return reference.clustered_attention_bwd_ref(g, q, k, v, a, None, None, lse, args.clusters,
+                                                         q.shape[-1] ** -0.5, 0.0)
+
+    methods = {"sdpa": sdpa, "flash": flash, "clustered": clustered, "improved": improved,
+               "reference": Reference.apply}
+    if args.device != "cuda":
+        methods.pop("flash")
+    return {name: fn for name, fn in methods.items() if name in args.methods.split(",")}
+
+
+def measure(args, name, fn, q, k, v, repeats):
+    grad = torch.randn_like(q)
+
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v)
+
+    def fwd_bwd():
+        for t in (q, k, v):
+            t.grad = None
+        fn(q, k, v).backward(grad)
+
+    row = {}
+    try:
+        row["fwd_ms"] = timer(args.device, fwd, repeats)
+        row["fwdbwd_ms"] = timer(args.device, fwd_bwd, repeats)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    except torch.cuda.OutOfMemoryError:
+        row = {"fwd_ms": math.nan, "fwdbwd_ms": math.nan, "peak_mb": math.nan, "note": "OOM"}
+    finally:
+        for t in (q, k, v):
+            t.grad = None
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    args = parse_args()
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    gpu = args.device == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    lengths = ([int(n) for n in args.lengths.split(",")] if args.lengths
+               else ([1024, 2048, 4096, 8192, 16384, 32768, 65536] if gpu else [256, 512, 1024, 2048]))
+    batch = args.batch or (4 if gpu else 2)
+    heads = args.heads or (8 if gpu else 4)
+    max_ref = args.max_reference_n or (4096 if gpu else 2048)
+    if gpu:
+        from fairseq_clustered.ops import cuda_backend
+        print("kernels:", cuda_backend.status())
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"B={batch} H={heads} D={args.dim} {str(dtype).replace('torch.', '')} C={args.clusters} "
+          f"I={args.iterations} bits={args.bits} k={args.topk}")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    planes = torch.randn(args.bits, args.dim, generator=gen).to(args.device)
+    methods = make_methods(args, planes)
+    results = []
+    for n in lengths:
+        shape = (batch, heads, n, args.dim)
+        q, k, v = (torch.randn(shape, generator=gen).to(args.device, dtype).requires_grad_(True) for _ in range(3))
+        io_mb = 8 * q.numel() * q.element_size() / 2**20  # q, k, v, out and their gradients
+        repeats = args.repeats or (max(5, min(30, int(30 * 4096 / n))) if gpu else 3)
+        base = {}
+        for name, fn in methods.items():
+            if name == "reference" and n > max_ref:
+                continue
+            row = {"n": n, "method": name, **measure(args, name, fn, q, k, v, repeats if name != "reference" else 3)}
+            row["io_mb"] = io_mb
+            if name == "sdpa":
+                base = row
+            if base:
+                row["fwd_ratio"] = row["fwd_ms"] / base["fwd_ms"]
+                row["fwdbwd_ratio"] = row["fwdbwd_ms"] / base["fwdbwd_ms"]
+            if name == "clustered" and n in FAST_TRANSFORMERS_MS:
+                row["vs_fast_transformers"] = FAST_TRANSFORMERS_MS[n] / row["fwdbwd_ms"]
+            results.append(row)
+            print(f"  N={n:6d} {name:10s} fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwdbwd_ms']:9.3f} ms"
+                  f"  peak {row.get('peak_mb', math.nan):9.1f} MB", flush=True)
+        del q, k, v
+
+    write_outputs(args, results)
+    print_table(results)
+
+
+def write_outputs(args, results):
+    keys = ["n", "method", "fwd_ms", "fwd_ratio", "fwdbwd_ms", "fwdbwd_ratio", "peak_mb", "io_mb",
+            "vs_fast_transformers", "note"]
+    with open(args.out + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        for row in results:
+            writer.writerow(row)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name in dict.fromkeys(r["method"] for r in results):
+        rows = [r for r in results if r["method"] == name]
+        ns = [r["n"] for r in rows]
+        axes[0].loglog(ns, [r["fwd_ms"] for r in rows], "o-", label=name)
+        axes[1].loglog(ns, [r["fwdbwd_ms"] for r in rows], "o-", label=name)
+        if "peak_mb" in rows[0]:
+            axes[2].loglog(ns, [r.get("peak_mb", math.nan) for r in rows], "o-", label=name)
+    for ax, title in zip(axes, ["forward (ms)", "forward+backward (ms)", "peak memory (MB)"]):
+        ax.set_xlabel("N")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out + ".png", dpi=110)
+    print(f"wrote {args.out}.csv and {args.out}.png")
+
+
+def print_table(results):
+    print("\n   N method      fwd ms  ratio  fwd+bwd ms  ratio   peak MB  peak/io")
+    for r in results:
+        ratio = lambda key: f"{r[key]:6.3f}" if key in r and not math.isnan(r[key]) else "     -"
+        peak = r.get("peak_mb", math.nan)
+        print(f"{r['n']:6d} {r['method']:10s} {r['fwd_ms']:8.3f} {ratio('fwd_ratio')} {r['fwdbwd_ms']:10.3f} "
+              f"{ratio('fwdbwd_ratio')} {peak:9.1f} {peak / r['io_mb']:7.2f}"
+              + (f"  {r['vs_fast_transformers']:.0f}x faster than fast-transformers"
+                 if "vs_fast_transformers" in r else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,496 @@
+// Per-cluster reductions, broadcasts and the per-query exact top-key products of
+// improved clustered attention (forward and backward).
+//
+// Queries are visited in cluster order (a stable sort of the assignments, done by
+// the caller), so the members of a cluster are contiguous: segment sums are
+// deterministic (fixed summation order, no float atomics), and consecutive warps of
+// the improved kernels read the same cluster's top keys from L1/L2.
+#include "common.cuh"
+
+namespace fcl {
+namespace {
+
+constexpr int SEG_THREADS = 128;
+
+// out[bh, c, :] = sum (or mean) over the members of cluster c of x[bh, order[p], :].
+// Thread groups of `width` threads stride over the members; the groups' partial sums
+// are combined in a fixed order.
+template <typename scalar_t>
+__global__ void segment_sum_kernel(Rows<const scalar_t> x, int width, const int64_t* __restrict__ order,
+                                   const int64_t* __restrict__ seg_start, int length, int clusters, bool mean,
+                                   float* __restrict__ out) {
+  __shared__ float partial[SEG_THREADS];
+  const int64_t bh = blockIdx.y;
+  const int c = blockIdx.x;
+  const int64_t start = seg_start[bh * (clusters + 1) + c];
+  const int64_t stop = seg_start[bh * (clusters + 1) + c + 1];
+  const int groups = SEG_THREADS / width;
+  const int g = threadIdx.x / width, e = threadIdx.x % width;
+  float acc = 0.f;
+  if (g < groups) {
+    for (int64_t p = start + g; p < stop; p += groups) acc += to_float(x.row(bh, order[bh * length + p])[e]);
+  }
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.x < width) {
+    float total = 0.f;
+    for (int k = 0; k < groups; ++k) total += partial[k * width + threadIdx.x];
+    if (mean && stop > start) total /= static_cast<float>(stop - start);
+    out[(bh * clusters + c) * width + threadIdx.x] = total;
+  }
+}
+
+// out[b, h, n, :] = src[bh, assignment, :] (zeros for padded queries).
+template <typename scalar_t>
+__global__ void broadcast_kernel(const float* __restrict__ src, const int64_t* __restrict__ assignments,
+                                 int64_t rows, int length, int clusters, int width, scalar_t* __restrict__ out) {
+  const int64_t total = rows * length * width;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t q = idx / width;
+    const int e = static_cast<int>(idx - q * width);
+    const int64_t bh = q / length;
+    const int64_t a = assignments[q];
+    out[idx] = from_float<scalar_t>(a < 0 ? 0.f : src[(bh * clusters + a) * width + e]);
+  }
+}
+
+struct TopKeys {
+  const int64_t* index;   // (rows, C, K) top keys of each centroid
+  const bool* key_mask;   // (B, S) True = padded key, or nullptr
+  const float* drop;      // (rows, C, K) dropout multipliers of the top entries, or nullptr
+  int heads, keys, topk, clusters;
+  __device__ __forceinline__ int64_t key(int64_t bh, int j, int t) const {
+    return index[(bh * clusters + j) * topk + t];
+  }
+  __device__ __forceinline__ bool valid(int64_t bh, int64_t key_idx) const {
+    return key_mask == nullptr || !key_mask[(bh / heads) * keys + key_idx];
+  }
+  __device__ __forceinline__ float drop_mult(int64_t bh, int j, int t) const {
+    return drop == nullptr ? 1.f : drop[(bh * clusters + j) * topk + t];
+  }
+};
+
+// Lane `lane` of the warp gets the scaled logit s q . k_t for key t = t0 + lane of the
+// cluster's top list (-inf where t >= K or the key is padded). Each lane holds VPL
+// consecutive dims of q.
+template <int VPL, typename scalar_t>
+__device__ __forceinline__ float block_logits(const Rows<const scalar_t>& k, const TopKeys& top, int64_t bh, int j,
+                                              int t0, const float (&q)[VPL], float scale, int lane) {
+  float part[32];
+#pragma unroll
+  for (int tt = 0; tt < 32; ++tt) {
+    part[tt] = 0.f;
+    const int t = t0 + tt;
+    if (t < top.topk) {
+      float kv[VPL];
+      load_vec<VPL>(k.row(bh, top.key(bh, j, t)) + lane * VPL, kv);
+#pragma unroll
+      for (int e = 0; e < VPL; ++e) part[tt] = fmaf(q[e], kv[e], part[tt]);
+    }
+  }
+  float logit = warp_transpose_sum(part, lane) * scale;
+  const int t = t0 + lane;
+  if (t >= top.topk || !top.valid(bh, top.key(bh, j, t))) logit = -INFINITY;
+  return logit;
+}
+
+// Lane gets g . v_t for key t = t0 + lane (0 beyond K).
+template <int VPL, typename scalar_t>
+__device__ __forceinline__ float block_dots(const Rows<const scalar_t>& v, const TopKeys& top, int64_t bh, int j,
+                                            int t0, const float (&g)[VPL], int lane) {
+  float part[32];
+#pragma unroll
+  for (int tt = 0; tt < 32; ++tt) {
+    part[tt] = 0.f;
+    const int t = t0 + tt;
+    if (t < top.topk) {
+      float vv[VPL];
+      load_vec<VPL>(v.row(bh, top.key(bh, j, t)) + lane * VPL, vv);
+#pragma unroll
+      for (int e = 0; e < VPL; ++e) part[tt] = fmaf(g[e], vv[e], part[tt]);
+    }
+  }
+  return warp_transpose_sum(part, lane);
+}
+
+// Softmax statistics (running max m, sum l) of a query's logits over its top keys.
+template <int VPL, typename scalar_t>
+__device__ __forceinline__ void softmax_stats(const Rows<const scalar_t>& k, const TopKeys& top, int64_t bh, int j,
+                                              const float (&q)[VPL], float scale, int lane, float& m, float& l,
+                                              float& first_logit) {
+  m = -INFINITY;
+  l = 0.f;
+  for (int t0 = 0; t0 < top.topk; t0 += 32) {
+    const float logit = block_logits<VPL>(k, top, bh, j, t0, q, scale, lane);
+    if (t0 == 0) first_logit = logit;
+    const float m_new = fmaxf(m, warp_max(logit));
+    if (m_new == -INFINITY) continue;
+    const float p = logit == -INFINITY ? 0.f : __expf(logit - m_new);
+    l = l * (m == -INFINITY ? 0.f : __expf(m - m_new)) + warp_sum(p);
+    m = m_new;
+  }
+}
+
+// MODE 0: out_i = mass_j * exact_i + rest_j. MODE 1: gm_i = grad_out_i . exact_i.
+// exact_i = sum_t softmax_t(s q_i . k_t) drop_t v_t over the top keys of i's cluster.
+template <int MODE, int VPL, typename scalar_t>
+__global__ void improved_exact_fwd_kernel(Rows<const scalar_t> q, Rows<const scalar_t> k, Rows<const scalar_t> v,
+                                          Rows<const scalar_t> grad_out, const int64_t* __restrict__ assignments,
+                                          const int64_t* __restrict__ order, TopKeys top,
+                                          const float* __restrict__ mass, const float* __restrict__ rest,
+                                          int length, float scale, scalar_t* __restrict__ out,
+                                          float* __restrict__ gm) {
+  constexpr int D = 32 * VPL;
+  const int lane = threadIdx.x & 31;
+  const int p = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (p >= length) return;
+  const int64_t bh = blockIdx.y;
+  const int64_t i = order[bh * length + p];
+  const int64_t j64 = assignments[bh * length + i];
+  if (j64 < 0) {  // padded query
+    if (MODE == 0) {
+      float zero[VPL];
+#pragma unroll
+      for (int e = 0; e < VPL; ++e) zero[e] = 0.f;
+      store_vec<VPL>(out + (bh * length + i) * D + lane * VPL, zero);
+    } else if (lane == 0) {
+      gm[bh * length + i] = 0.f;
+    }
+    return;
+  }
+  const int j = static_cast<int>(j64);
+  float qv[VPL];
+  load_vec<VPL>(q.row(bh, i) + lane * VPL, qv);
+  float m, l, first;
+  softmax_stats<VPL>(k, top, bh, j, qv, scale, lane, m, l, first);
+  float acc[VPL];
+#pragma unroll
+  for (int e = 0; e < VPL; ++e) acc[e] = 0.f;
+  if (l > 0.f) {
+    const float inv_l = 1.f / l;
+    for (int t0 = 0; t0 < top.topk; t0 += 32) {
+      const float logit = t0 == 0 ? first : block_logits<VPL>(k, top, bh, j, t0, qv, scale, lane);
+      const int t_own = t0 + lane;
+      float w = logit == -INFINITY ? 0.f : __expf(logit - m) * inv_l;
+      if (t_own < top.topk) w *= top.drop_mult(bh, j, t_own);
+      const int count = min(32, top.topk - t0);
+      for (int tt = 0; tt < count; ++tt) {
+        const float wt = __shfl_sync(FULL_MASK, w, tt);
+        if (wt == 0.f) continue;  // uniform across the warp
+        float vv[VPL];
+        load_vec<VPL>(v.row(bh, top.key(bh, j, t0 + tt)) + lane * VPL, vv);
+#pragma unroll
+        for (int e = 0; e < VPL; ++e) acc[e] = fmaf(wt, vv[e], acc[e]);
+      }
+    }
+  }
+  if (MODE == 0) {
+    const float mj = mass[bh * top.clusters + j];
+    const float* rj = rest + (bh * top.clusters + j) * D + lane * VPL;
+    float o[VPL];
+#pragma unroll
+    for (int e = 0; e < VPL; ++e) o[e] = fmaf(mj, acc[e], rj[e]);
+    store_vec<VPL>(out + (bh * length + i) * D + lane * VPL, o);
+  } else {
+    float g[VPL];
+    load_vec<VPL>(grad_out.row(bh, i) + lane * VPL, g);
+    float dot = 0.f;
+#pragma unroll
+    for (int e = 0; e < VPL; ++e) dot = fmaf(g[e], acc[e], dot);
+    dot = warp_sum(dot);
+    if (lane == 0) gm[bh * length + i] = dot;
+  }
+}
+
+// Backward of the exact top-key part. Each warp walks `per_warp` consecutive sorted
+// positions. dq_i = sum_t glog_t k_t + dq_bar_j is written directly (one writer per
+// query); the contributions to dk / dv of the cluster's top keys are summed per
+// cluster run in shared memory (AGG, K <= 32) and added to the fp32 buffers with one
+// atomic per element per run, or added per query (K > 32).
+template <bool AGG, int VPL, typename scalar_t>
+__global__ void improved_exact_bwd_kernel(Rows<const scalar_t> grad_out, Rows<const scalar_t> q,
+                                          Rows<const scalar_t> k, Rows<const scalar_t> v,
+                                          const int64_t* __restrict__ assignments, const int64_t* __restrict__ order,
+                                          TopKeys top, const float* __restrict__ mass,
+                                          const float* __restrict__ dq_bar, int length, int per_warp, float scale,
+                                          scalar_t* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv) {
+  constexpr int D = 32 * VPL;
+  extern __shared__ float smem_bwd[];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x / 32;
+  float* wk = smem_bwd + warp * (2 * 32 * D);  // (32, D) sum of glog_t q_i over the run
+  float* wv = wk + 32 * D;                      // (32, D) sum of w_t grad_exact_i over the run
+  const int64_t bh = blockIdx.y;
+  const int p0 = (blockIdx.x * (blockDim.x / 32) + warp) * per_warp;
+  const int p1 = min(p0 + per_warp, length);
+  if (AGG) {
+    for (int idx = lane; idx < 64 * D; idx += 32) wk[idx] = 0.f;
+  }
+  __syncwarp();
+  int run_cluster = -1;
+
+  auto flush = [&](int jc) {
+    __syncwarp();
+    const int count = min(32, top.topk);
+    for (int t = 0; t < count; ++t) {
+      const int64_t key = top.key(bh, jc, t);
+      if (!top.valid(bh, key)) continue;  // weights of padded keys are zero
+      float* dkr = dk + (bh * top.keys + key) * D + lane * VPL;
+      float* dvr = dv + (bh * top.keys + key) * D + lane * VPL;
+#pragma unroll
+      for (int e = 0; e < VPL; ++e) {
+        atomicAdd(dkr + e, wk[t * D + lane * VPL + e]);
+        atomicAdd(dvr + e, wv[t * D + lane * VPL + e]);
+        wk[t * D + lane * VPL + e] = 0.f;
+        wv[t * D + lane * VPL + e] = 0.f;
+      }
+    }
+    __syncwarp();
+  };
+
+  for (int p = p0; p < p1; ++p) {
+    const int64_t i = order[bh * length + p];
+    const int64_t j64 = assignments[bh * length + i];
+    if (j64 < 0) {
+      float zero[VPL];
+#pragma unroll
+      for (int e = 0; e < VPL; ++e) zero[e] = 0.f;
+      store_vec<VPL>(dq + (bh * length + i) * D + lane * VPL, zero);
+      continue;
+    }
+    const int j = static_cast<int>(j64);
+    if (AGG && run_cluster != j) {
+      if (run_cluster >= 0) flush(run_cluster);
+      run_cluster = j;
+    }
+    float qv[VPL], ge[VPL], dqv[VPL];
+    load_vec<VPL>(q.row(bh, i) + lane * VPL, qv);
+    load_vec<VPL>(grad_out.row(bh, i) + lane * VPL, ge);
+    const float mj = mass[bh * top.clusters + j];
+#pragma unroll
+    for (int e = 0; e < VPL; ++e) { ge[e] *= mj; dqv[e] = dq_bar[(bh * top.clusters + j) * D + lane * VPL + e]; }
+    float m, l, first;
+    softmax_stats<VPL>(k, top, bh, j, qv, scale, lane, m, l, first);
+    if (l > 0.f) {
+      const float inv_l = 1.f / l;
+      // delta = sum_t p_t gtp_t with gtp_t = (grad_exact . v_t) drop_t
+      float delta = 0.f, first_dot = 0.f;
+      for (int t0 = 0; t0 < top.topk; t0 += 32) {
+        const float logit = t0 == 0 ? first : block_logits<VPL>(k, top, bh, j, t0, qv, scale, lane);
+        const float dotv = block_dots<VPL>(v, top, bh, j, t0, ge, lane);
+        if (t0 == 0) first_dot = dotv;
+        const int t_own = t0 + lane;
+        const float prob = logit == -INFINITY ? 0.f : __expf(logit - m) * inv_l;
+        const float drop = t_own < top.topk ? top.drop_mult(bh, j, t_own) : 0.f;
+        delta += warp_sum(prob * dotv * drop);
+      }
+      for (int t0 = 0; t0 < top.topk; t0 += 32) {
+        const float logit = t0 == 0 ? first : block_logits<VPL>(k, top, bh, j, t0, qv, scale, lane);
+        const float dotv = t0 == 0 ? first_dot : block_dots<VPL>(v, top, bh, j, t0, ge, lane);
+        const int t_own = t0 + lane;
+        const float prob = logit == -INFINITY ? 0.f : __expf(logit - m) * inv_l;
+        const float drop = t_own < top.topk ? top.drop_mult(bh, j, t_own) : 0.f;
+        const float glog_own = prob * (dotv * drop - delta) * scale;
+        const float w_own = prob * drop;
+        const int count = min(32, top.topk - t0);
+        for (int tt = 0; tt < count; ++tt) {
+          const float glog = __shfl_sync(FULL_MASK, glog_own, tt);
+          const float w = __shfl_sync(FULL_MASK, w_own, tt);
+          const int64_t key = top.key(bh, j, t0 + tt);
+          float kv[VPL];
+          load_vec<VPL>(k.row(bh, key) + lane * VPL, kv);
+#pragma unroll
+          for (int e = 0; e < VPL; ++e) dqv[e] = fmaf(glog, kv[e], dqv[e]);
+          if (AGG) {
+            float* wkr = wk + tt * D + lane * VPL;
+            float* wvr = wv + tt * D + lane * VPL;
+#pragma unroll
+            for (int e = 0; e < VPL; ++e) { wkr[e] = fmaf(glog, qv[e], wkr[e]); wvr[e] = fmaf(w, ge[e], wvr[e]); }
+          } else if (w != 0.f || glog != 0.f) {
+            float* dkr = dk + (bh * top.keys + key) * D + lane * VPL;
+            float* dvr = dv + (bh * top.keys + key) * D + lane * VPL;
+#pragma unroll
+            for (int e = 0; e < VPL; ++e) { atomicAdd(dkr + e, glog * qv[e]); atomicAdd(dvr + e, w * ge[e]); }
+          }
+        }
+      }
+    }
+    store_vec<VPL>(dq + (bh * length + i) * D + lane * VPL, dqv);
+  }
+  if (AGG && run_cluster >= 0) flush(run_cluster);
+}
+
+void check_rows(const at::Tensor& t, const char* name, int64_t B, int64_t H, int64_t L, int64_t E) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == H && t.size(2) == L && t.size(3) == E, name,
+              " must have shape (", B, ", ", H, ", ", L, ", ", E, "), got ", t.sizes());
+}
+
+at::Tensor last_contig(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+}  // namespace
+
+// Sum (mean if `mean`) of x's rows over each cluster's members, fp32 (B*H, C, E).
+at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, const at::Tensor& seg_start, bool mean) {
+  FCL_CHECK_CUDA(x_in, "segment_sum: x");
+  TORCH_CHECK(x_in.dim() == 4, "segment_sum: x must be (B, H, N, E), got ", x_in.sizes());
+  const int64_t B = x_in.size(0), H = x_in.size(1), N = x_in.size(2), E = x_in.size(3);
+  TORCH_CHECK(E >= 1 && E <= SEG_THREADS, "segment_sum: width must be in 1..", SEG_THREADS, ", got ", E);
+  TORCH_CHECK(order.is_contiguous() && order.scalar_type() == at::kLong && order.numel() == B * H * N,
+              "segment_sum: order must be a contiguous int64 (B*H, N) permutation");
+  TORCH_CHECK(seg_start.is_contiguous() && seg_start.scalar_type() == at::kLong && seg_start.dim() == 2 &&
+                  seg_start.size(0) == B * H,
+              "segment_sum: seg_start must be a contiguous int64 (B*H, C+1), got ", seg_start.sizes());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = last_contig(x_in);
+  const int64_t C = seg_start.size(1) - 1;
+  at::Tensor out = at::empty({B * H, C, E}, x.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  TORCH_CHECK(B * H <= 65535, "segment_sum: batch * heads must be <= 65535");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FCL_DISPATCH_FLOAT(x.scalar_type(), "segment_sum", [&] {
+    segment_sum_kernel<scalar_t><<<dim3(static_cast<unsigned>(C), static_cast<unsigned>(B * H)), SEG_THREADS, 0, stream>>>(
+        make_rows<const scalar_t>(x), static_cast<int>(E), order.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(),
+        static_cast<int>(N), static_cast<int>(C), mean, out.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// (B, H, N, E) in `dtype`: row assignments[b, h, n] of src (B*H, C, E) fp32; zeros for -1.
+at::Tensor broadcast_cuda(const at::Tensor& src, const at::Tensor& assignments, at::ScalarType dtype) {
+  FCL_CHECK_CUDA(src, "broadcast: src");
+  TORCH_CHECK(src.dim() == 3 && src.scalar_type() == at::kFloat && src.is_contiguous(),
+              "broadcast: src must be a contiguous fp32 (B*H, C, E), got ", src.sizes(), " ", src.scalar_type());
+  TORCH_CHECK(assignments.dim() == 3 && assignments.scalar_type() == at::kLong &&
+                  assignments.size(0) * assignments.size(1) == src.size(0),
+              "broadcast: assignments must be int64 (B, H, N) with B*H = ", src.size(0), ", got ", assignments.sizes());
+  const c10::cuda::CUDAGuard guard(src.device());
+  const at::Tensor a = assignments.contiguous();
+  const int64_t rows = src.size(0), C = src.size(1), E = src.size(2), N = a.size(2);
+  at::Tensor out = at::empty({a.size(0), a.size(1), N, E}, src.options().dtype(dtype));
+  if (out.numel() == 0) return out;
+  const int64_t total = out.numel();
+  const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 32LL * num_sms()));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FCL_DISPATCH_FLOAT(dtype, "broadcast", [&] {
+    broadcast_kernel<scalar_t><<<blocks, 256, 0, stream>>>(src.data_ptr<float>(), a.data_ptr<int64_t>(), rows,
+                                                           static_cast<int>(N), static_cast<int>(C),
+                                                           static_cast<int>(E), out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+namespace {
+TopKeys make_top(const at::Tensor& top_index, const c10::optional<at::Tensor>& key_mask,
+                 const c10::optional<at::Tensor>& drop_top, int64_t H, int64_t S) {
+  TORCH_CHECK(top_index.dim() == 3 && top_index.is_contiguous() && top_index.scalar_type() == at::kLong,
+              "improved: top_index must be a contiguous int64 (B*H, C, K), got ", top_index.sizes());
+  TopKeys top{top_index.data_ptr<int64_t>(), nullptr, nullptr, static_cast<int>(H), static_cast<int>(S),
+              static_cast<int>(top_index.size(2)), static_cast<int>(top_index.size(1))};
+  if (key_mask.has_value()) {
+    TORCH_CHECK(key_mask->is_contiguous() && key_mask->scalar_type() == at::kBool && key_mask->size(1) == S,
+                "improved: key_padding_mask must be a contiguous bool (B, S=", S, ")");
+    top.key_mask = key_mask->data_ptr<bool>();
+  }
+  if (drop_top.has_value()) {
+    TORCH_CHECK(drop_top->is_contiguous() && drop_top->scalar_type() == at::kFloat &&
+                    drop_top->sizes() == top_index.sizes(),
+                "improved: drop_top must be a contiguous fp32 tensor shaped like top_index");
+    top.drop = drop_top->data_ptr<float>();
+  }
+  return top;
+}
+}  // namespace
+
+// mode 0: out (B, H, N, D) = mass * exact + rest. mode 1: gm (B*H, N) fp32 = grad_out . exact.
+at::Tensor improved_exact_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                   const c10::optional<at::Tensor>& grad_out_in, const at::Tensor& assignments,
+                                   const at::Tensor& order, const at::Tensor& top_index,
+                                   const c10::optional<at::Tensor>& key_mask, const c10::optional<at::Tensor>& drop_top,
+                                   const at::Tensor& mass, const at::Tensor& rest, double scale) {
+  const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3), S = k_in.size(2);
+  check_rows(q_in, "improved_exact_fwd: query", B, H, N, D);
+  check_rows(k_in, "improved_exact_fwd: key", B, H, S, D);
+  check_rows(v_in, "improved_exact_fwd: value (value dim must equal the head dim)", B, H, S, D);
+  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
+              "improved_exact_fwd: query, key and value must share a dtype");
+  TORCH_CHECK(assignments.is_contiguous() && order.is_contiguous(), "improved_exact_fwd: assignments/order must be contiguous");
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = last_contig(q_in), k = last_contig(k_in), v = last_contig(v_in);
+  const bool grad_mode = grad_out_in.has_value();
+  at::Tensor g = grad_mode ? last_contig(*grad_out_in) : q;
+  if (grad_mode) check_rows(g, "improved_exact_fwd: grad_out", B, H, N, D);
+  TopKeys top = make_top(top_index, key_mask, drop_top, H, S);
+  TORCH_CHECK(mass.is_contiguous() && rest.is_contiguous() && mass.scalar_type() == at::kFloat &&
+                  rest.scalar_type() == at::kFloat,
+              "improved_exact_fwd: mass and rest must be contiguous fp32");
+  at::Tensor out = grad_mode ? at::empty({B * H, N}, q.options().dtype(at::kFloat)) : at::empty({B, H, N, D}, q.options());
+  if (B * H * N == 0) return out;
+  TORCH_CHECK(B * H <= 65535, "improved_exact_fwd: batch * heads must be <= 65535");
+  constexpr int warps = 4;
+  const dim3 grid(static_cast<unsigned>((N + warps - 1) / warps), static_cast<unsigned>(B * H));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FCL_DISPATCH_FLOAT(q.scalar_type(), "improved_exact_fwd", [&] {
+    FCL_DISPATCH_DIM(D, "improved_exact_fwd", [&] {
+      auto kernel = grad_mode ? improved_exact_fwd_kernel<1, VPL, scalar_t> : improved_exact_fwd_kernel<0, VPL, scalar_t>;
+      kernel<<<grid, warps * 32, 0, stream>>>(
+          make_rows<const scalar_t>(q), make_rows<const scalar_t>(k), make_rows<const scalar_t>(v),
+          make_rows<const scalar_t>(g), assignments.data_ptr<int64_t>(), order.data_ptr<int64_t>(), top,
+          mass.data_ptr<float>(), rest.data_ptr<float>(), static_cast<int>(N), static_cast<float>(scale),
+          grad_mode ? nullptr : out.data_ptr<scalar_t>(), grad_mode ? out.data_ptr<float>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+// Returns dq (B, H, N, D); adds the top-key contributions into dk32 / dv32 (B*H, S, D) fp32.
+at::Tensor improved_exact_bwd_cuda(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                                   const at::Tensor& v_in, const at::Tensor& assignments, const at::Tensor& order,
+                                   const at::Tensor& top_index, const c10::optional<at::Tensor>& key_mask,
+                                   const c10::optional<at::Tensor>& drop_top, const at::Tensor& mass,
+                                   const at::Tensor& dq_bar, double scale, at::Tensor dk32, at::Tensor dv32) {
+  const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3), S = k_in.size(2);
+  check_rows(q_in, "improved_exact_bwd: query", B, H, N, D);
+  check_rows(grad_out_in, "improved_exact_bwd: grad_out", B, H, N, D);
+  check_rows(k_in, "improved_exact_bwd: key", B, H, S, D);
+  check_rows(v_in, "improved_exact_bwd: value", B, H, S, D);
+  TORCH_CHECK(dk32.is_contiguous() && dv32.is_contiguous() && dk32.scalar_type() == at::kFloat &&
+                  dv32.scalar_type() == at::kFloat && dk32.numel() == B * H * S * D && dv32.numel() == B * H * S * D,
+              "improved_exact_bwd: dk32 / dv32 must be contiguous fp32 (B*H, S, D)");
+  TORCH_CHECK(dq_bar.is_contiguous() && dq_bar.scalar_type() == at::kFloat, "improved_exact_bwd: dq_bar must be contiguous fp32");
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = last_contig(q_in), k = last_contig(k_in), v = last_contig(v_in), g = last_contig(grad_out_in);
+  TopKeys top = make_top(top_index, key_mask, drop_top, H, S);
+  at::Tensor dq = at::empty({B, H, N, D}, q.options());
+  if (B * H * N == 0) return dq;
+  TORCH_CHECK(B * H <= 65535, "improved_exact_bwd: batch * heads must be <= 65535");
+  const bool agg = top.topk <= 32;
+  constexpr int warps = 4;
+  // About 32 resident warps per SM in total; fewer, longer runs mean fewer flushes.
+  const int64_t target_warps = 32LL * num_sms();
+  int per_warp = static_cast<int>((B * H * N + target_warps - 1) / target_warps);
+  per_warp = std::max(8, std::min(per_warp, 1024));
+  const int64_t warps_per_row = (N + per_warp - 1) / per_warp;
+  const dim3 grid(static_cast<unsigned>((warps_per_row + warps - 1) / warps), static_cast<unsigned>(B * H));
+  const size_t smem = agg ? static_cast<size_t>(warps) * 2 * 32 * D * sizeof(float) : 0;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FCL_DISPATCH_FLOAT(q.scalar_type(), "improved_exact_bwd", [&] {
+    FCL_DISPATCH_DIM(D, "improved_exact_bwd", [&] {
+      auto kernel = agg ? improved_exact_bwd_kernel<true, VPL, scalar_t> : improved_exact_bwd_kernel<false, VPL, scalar_t>;
+      ensure_smem(kernel, smem);
+      kernel<<<grid, warps * 32, smem, stream>>>(
+          make_rows<const scalar_t>(g), make_rows<const scalar_t>(q), make_rows<const scalar_t>(k),
+          make_rows<const scalar_t>(v), assignments.data_ptr<int64_t>(), order.data_ptr<int64_t>(), top,
+          mass.data_ptr<float>(), dq_bar.data_ptr<float>(), static_cast<int>(N), per_warp, static_cast<float>(scale),
+          dq.data_ptr<scalar_t>(), dk32.data_ptr<float>(), dv32.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return dq;
+}
+
+}  // namespace fcl

@@ -1,0 +1,34 @@
+// Python bindings of the fairseq-clustered CUDA kernels. The Python side
+// (fairseq_clustered/ops/cuda_kernels.py) composes them with torch ops and registers
+// the result as the CUDA implementation of the fairseq_clustered::* custom ops.
+#include <torch/extension.h>
+
+#include <tuple>
+
+namespace fcl {
+at::Tensor hash_codes_cuda(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& offsets);
+std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes, const c10::optional<at::Tensor>& mask,
+                                                     int64_t num_clusters, int64_t iterations, int64_t bits);
+at::Tensor segment_sum_cuda(const at::Tensor& x, const at::Tensor& order, const at::Tensor& seg_start, bool mean);
+at::Tensor broadcast_cuda(const at::Tensor& src, const at::Tensor& assignments, at::ScalarType dtype);
+at::Tensor improved_exact_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const c10::optional<at::Tensor>& grad_out, const at::Tensor& assignments,
+                                   const at::Tensor& order, const at::Tensor& top_index,
+                                   const c10::optional<at::Tensor>& key_mask, const c10::optional<at::Tensor>& drop_top,
+                                   const at::Tensor& mass, const at::Tensor& rest, double scale);
+at::Tensor improved_exact_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, const at::Tensor& assignments, const at::Tensor& order,
+                                   const at::Tensor& top_index, const c10::optional<at::Tensor>& key_mask,
+                                   const c10::optional<at::Tensor>& drop_top, const at::Tensor& mass,
+                                   const at::Tensor& dq_bar, double scale, at::Tensor dk32, at::Tensor dv32);
+}  // namespace fcl
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fairseq-clustered CUDA kernels (see fairseq_clustered/ops/cuda_kernels.py)";
+  m.def("hash_codes", &fcl::hash_codes_cuda, "packed hyperplane hash codes (B, H, N) int64");
+  m.def("lloyd_kmeans", &fcl::lloyd_kmeans_cuda, "Lloyd k-means in Hamming space -> (assignments, centroids)");
+  m.def("segment_sum", &fcl::segment_sum_cuda, "per-cluster sum / mean of rows, fp32 (B*H, C, E)");
+  m.def("broadcast", &fcl::broadcast_cuda, "per-cluster rows to their members (B, H, N, E)");
+  m.def("improved_exact_fwd", &fcl::improved_exact_fwd_cuda, "exact top-key part of improved clustered attention");
+  m.def("improved_exact_bwd", &fcl::improved_exact_bwd_cuda, "backward of the exact top-key part");
+}

@@ -1,0 +1,160 @@
+// Shared helpers of the fairseq-clustered CUDA kernels: dtype conversion, warp
+// reductions, strided row addressing and host-side checks.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <mutex>
+#include <set>
+#include <utility>
+
+namespace fcl {
+
+constexpr unsigned FULL_MASK = 0xffffffffu;
+
+// fp32 <-> storage type. All arithmetic happens in fp32.
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(at::Half x) { return __half2float(static_cast<__half>(x)); }
+__device__ __forceinline__ float to_float(at::BFloat16 x) {
+  return __bfloat162float(static_cast<__nv_bfloat16>(x));
+}
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ at::Half from_float<at::Half>(float x) { return at::Half(__float2half_rn(x)); }
+template <>
+__device__ __forceinline__ at::BFloat16 from_float<at::BFloat16>(float x) {
+  return at::BFloat16(__float2bfloat16_rn(x));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(FULL_MASK, v, off);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, off));
+  return v;
+}
+
+// Reduce 32 per-lane partial sums part[0..31] across the warp so that lane t ends
+// with the full sum of part[t] over all lanes: 31 shuffles instead of 32 x 5. At
+// each step a lane keeps the half of its remaining values selected by its lane bit
+// and receives the partner's copy of that half. (Steps are templates so that every
+// index is a compile-time constant and `part` stays in registers.)
+template <int OFF>
+__device__ __forceinline__ void transpose_step(float (&part)[32], int lane) {
+  const bool upper = (lane & OFF) != 0;
+#pragma unroll
+  for (int i = 0; i < OFF; ++i) {
+    const float send = upper ? part[i] : part[i + OFF];
+    const float keep = upper ? part[i + OFF] : part[i];
+    part[i] = keep + __shfl_xor_sync(FULL_MASK, send, OFF);
+  }
+}
+__device__ __forceinline__ float warp_transpose_sum(float (&part)[32], int lane) {
+  transpose_step<16>(part, lane);
+  transpose_step<8>(part, lane);
+  transpose_step<4>(part, lane);
+  transpose_step<2>(part, lane);
+  transpose_step<1>(part, lane);
+  return part[0];
+}
+
+// A (B, H, L, E) tensor addressed through its strides; the last dim must be contiguous.
+template <typename T>
+struct Rows {
+  T* ptr;
+  int64_t sb, sh, sl;
+  int heads;
+  __device__ __forceinline__ T* row(int64_t bh, int64_t l) const {
+    const int64_t b = bh / heads, h = bh - b * heads;
+    return ptr + b * sb + h * sh + l * sl;
+  }
+};
+
+template <typename T>
+Rows<T> make_rows(const at::Tensor& t) {
+  return Rows<T>{reinterpret_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2),
+                 static_cast<int>(t.size(1))};
+}
+
+// Load / store VPL consecutive elements of one row into fp32 registers.
+template <int VPL, typename T>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[VPL]) {
+#pragma unroll
+  for (int e = 0; e < VPL; ++e) out[e] = to_float(p[e]);
+}
+template <int VPL, typename T>
+__device__ __forceinline__ void store_vec(T* p, const float (&in)[VPL]) {
+#pragma unroll
+  for (int e = 0; e < VPL; ++e) p[e] = from_float<T>(in[e]);
+}
+
+// Multiprocessor count of the current device (queried once per device).
+inline int num_sms() {
+  static int cached[64] = {0};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 64 && cached[dev] > 0) return cached[dev];
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  if (dev < 64) cached[dev] = sms;
+  return sms;
+}
+
+// Raise a kernel's dynamic shared-memory limit when a launch needs more than 48 KB.
+// Each (kernel, device) is raised once, to the device's opt-in maximum, on its first
+// use (before any CUDA graph capture in practice).
+inline void ensure_smem_impl(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex lock;
+  static std::set<std::pair<const void*, int>> raised;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> guard(lock);
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK(bytes <= static_cast<size_t>(limit), "kernel needs ", bytes,
+              " bytes of shared memory, the device allows ", limit);
+  if (raised.count({kernel, dev})) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+  raised.insert({kernel, dev});
+}
+template <typename Kernel>
+void ensure_smem(Kernel kernel, size_t bytes) {
+  ensure_smem_impl(reinterpret_cast<const void*>(kernel), bytes);
+}
+
+}  // namespace fcl
+
+#define FCL_CHECK_CUDA(t, name) TORCH_CHECK((t).is_cuda(), name " must be a CUDA tensor, got ", (t).device())
+#define FCL_CHECK_LAST_CONTIG(t, name) \
+  TORCH_CHECK((t).stride(-1) == 1, name " must be contiguous in its last dim, got strides ", (t).strides())
+
+// fp32 / fp16 / bf16 dispatch (fp64 stays on the reference, which gradcheck uses).
+#define FCL_DISPATCH_FLOAT(TYPE, NAME, ...)                          \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                     \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+// Head dims with a compiled kernel (values per lane = dim / 32).
+#define FCL_DISPATCH_DIM(DIM, NAME, ...)                                            \
+  [&] {                                                                             \
+    switch (DIM) {                                                                  \
+      case 32: { constexpr int VPL = 1; return __VA_ARGS__(); }                     \
+      case 64: { constexpr int VPL = 2; return __VA_ARGS__(); }                     \
+      case 128: { constexpr int VPL = 4; return __VA_ARGS__(); }                    \
+      default: TORCH_CHECK(false, NAME ": head dim must be 32, 64 or 128, got ", DIM); \
+    }                                                                               \
+  }()

@@ -1,0 +1,378 @@
+"""CUDA implementations of the ``fairseq_clustered::*`` custom ops.
+
+:func:`register` is called by :mod:`.cuda_backend` once ``fairseq_clustered._C``
+has loaded. Each op's CUDA implementation composes the compiled kernels (hashing,
+Lloyd's k-means, per-cluster sums, broadcasts, the per-query exact top-key products
+of the improved variant) with torch ops where those are the fast choice: the
+centroid attention of C centroids against all S keys is small dense work done by
+PyTorch's flash-attention kernel (bf16/fp16, no key padding, no dropout) or by fp32
+cuBLAS products in chunks of (batch x head) rows that bound the scratch memory.
+
+Nothing here synchronises with the host, so a forward + backward can be captured
+in a CUDA graph. Configurations without a kernel (fp64, head dims other than 32,
+64 and 128 for the improved variant, more than 6144 clusters) run the reference on
+the GPU, with one warning per reason.
+
+Layout conventions: ``rows = B * H``; ``order (rows, N)`` is a stable sort of the
+assignments (padded queries first) and ``seg_start (rows, C + 1)`` the first sorted
+position of each cluster, so cluster ``c``'s members are
+``order[r, seg_start[r, c]:seg_start[r, c + 1]]``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import custom_ops, reference
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+IMPROVED_HEAD_DIMS = (32, 64, 128)
+MAX_CLUSTER_WIDTH = 128  # segment sums: one thread per feature
+MAX_KERNEL_CLUSTERS = 6144  # Lloyd keeps the centroids in shared memory
+MAX_HASH_DIM = 800
+# Scratch budget of one chunk of the dense (rows, C, S) fp32 matrices.
+DENSE_CHUNK_BYTES = 128 * 2**20
+
+_warned = set()
+
+
+def _fallback(op: str, reason: str) -> None:
+    """Warn once per (op, reason) that the reference serves this call."""
+    if (op, reason) not in _warned:
+        _warned.add((op, reason))
+        warnings.warn(
+            f"fairseq_clustered: {op} runs the reference implementation on the GPU ({reason}); "
+            "results are the same, only slower",
+            stacklevel=3,
+        )
+
+
+def _segments(assignments: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``order (rows, N)``, ``seg_start (rows, C+1)`` and ``counts (rows, C)`` fp32."""
+    batch, heads, length = assignments.shape
+    flat = assignments.reshape(batch * heads, length)
+    sorted_ids, order = torch.sort(flat, dim=1, stable=True)
+    bounds = torch.arange(num_clusters + 1, device=flat.device).expand(batch * heads, -1).contiguous()
+    seg_start = torch.searchsorted(sorted_ids.contiguous(), bounds)
+    counts = (seg_start[:, 1:] - seg_start[:, :-1]).to(torch.float32)
+    return order.contiguous(), seg_start.contiguous(), counts
+
+
+def _row_chunks(rows: int, num_clusters: int, keys: int):
+    per_row = max(1, num_clusters * keys * 4)
+    step = max(1, min(rows, DENSE_CHUNK_BYTES // per_row))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+class CudaOps:
+    """The op implementations over a compiled extension ``ext`` (``fairseq_clustered._C``).
+
+    ``use_flash`` lets the tests run the dense fp32 path where flash would be taken.
+    """
+
+    def __init__(self, ext, use_flash: bool = True):
+        self.ext = ext
+        self.use_flash = use_flash
+
+    # ------------------------------------------------------------------ clustering
+
+    def hash_codes(self, x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
+        if x.dtype not in KERNEL_DTYPES:
+            _fallback("hash_codes", f"dtype {x.dtype} has no kernel")
+            return reference.hash_codes_ref(x, planes, offsets)
+        if x.shape[-1] > MAX_HASH_DIM:
+            _fallback("hash_codes", f"dim {x.shape[-1]} > {MAX_HASH_DIM}")
+            return reference.hash_codes_ref(x, planes, offsets)
+        return self.ext.hash_codes(x, planes, offsets)
+
+    def lloyd_kmeans(self, codes, query_padding_mask, num_clusters, iterations, bits):
+        if num_clusters > MAX_KERNEL_CLUSTERS:
+            _fallback("lloyd_kmeans", f"num_clusters {num_clusters} > {MAX_KERNEL_CLUSTERS}")
+            return reference.lloyd_kmeans_ref(codes, query_padding_mask, num_clusters, iterations, bits)
+        return tuple(self.ext.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits))
+
+    # ------------------------------------------------------------------ shared
+
+    def _why_not(self, query: Tensor, value: Tensor, improved: bool) -> Optional[str]:
+        if query.dtype not in KERNEL_DTYPES:
+            return f"dtype {query.dtype} has no kernel"
+        dim, value_dim = query.shape[-1], value.shape[-1]
+        if improved and (dim != value_dim or dim not in IMPROVED_HEAD_DIMS):
+            return f"head dims (query {dim}, value {value_dim}) are not equal and in {IMPROVED_HEAD_DIMS}"
+        if max(dim, value_dim) > MAX_CLUSTER_WIDTH:
+            return f"head dims (query {dim}, value {value_dim}) exceed {MAX_CLUSTER_WIDTH}"
+        return None
+
+    def _flash_ok(self, query, value, key_padding_mask, keep) -> bool:
+        return (
+            self.use_flash
+            and query.is_cuda
+            and query.dtype in (torch.float16, torch.bfloat16)
+            and key_padding_mask is None
+            and keep is None
+            and query.shape[-1] == value.shape[-1]
+            and query.shape[-1] % 8 == 0
+        )
+
+    def _centroids(self, query, order, seg_start) -> Tensor:
+        """Mean member query of every cluster, fp32 ``(rows, C, D)`` (zeros when empty)."""
+        return self.ext.segment_sum(query, order, seg_start, True)
+
+    @staticmethod
+    def _dense_inputs(key, value, key_padding_mask, keep, num_clusters, dropout_p):
+        batch, heads, keys, dim = key.shape
+        rows = batch * heads
+        k_rows = key.reshape(rows, keys, dim)
+        v_rows = value.reshape(rows, keys, value.shape[-1])
+        mask_rows = None
+        if key_padding_mask is not None:
+            mask_rows = key_padding_mask.to(torch.bool).repeat_interleave(heads, dim=0)  # (rows, S)
+        drop_rows = None
+        if keep is not None:
+            drop_rows = keep.reshape(rows, num_clusters, keys)
+        scale_drop = 1.0 / (1.0 - dropout_p) if keep is not None else 1.0
+        return k_rows, v_rows, mask_rows, drop_rows, scale_drop
+
+    @staticmethod
+    def _chunk_probs(qbar, k_chunk, mask_chunk, scale, lse=None):
+        """fp32 logits and probabilities of one row chunk; lse (+inf for empty rows)."""
+        logits = torch.bmm(qbar, k_chunk.transpose(1, 2)) * scale
+        if mask_chunk is not None:
+            logits.masked_fill_(mask_chunk[:, None, :], float("-inf"))
+        if lse is None:
+            lse = torch.logsumexp(logits, dim=-1)
+            lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+        probs = torch.exp(logits - lse.unsqueeze(-1))
+        return logits, probs, lse
+
+    # ------------------------------------------------------------ clustered
+
+    def clustered_fwd(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p):
+        why = self._why_not(query, value, improved=False)
+        if why is not None:
+            _fallback("clustered_attention_fwd", why)
+            return reference.clustered_attention_fwd_ref(
+                query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p)
+        batch, heads, length, dim = query.shape
+        rows, value_dim = batch * heads, value.shape[-1]
+        assignments = assignments.contiguous()
+        order, seg_start, _ = _segments(assignments, num_clusters)
+        qbar = self._centroids(query, order, seg_start)
+        if self._flash_ok(query, value, key_padding_mask, keep):
+            out_c, lse = self._flash_fwd(qbar, key, value, scale, batch, heads)[:2]
+            centroid_values = out_c.reshape(rows, num_clusters, value_dim).float()
+        else:
+            centroid_values, lse = self._dense_clustered_fwd(
+                qbar, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p)
+        out = self.ext.broadcast(centroid_values.contiguous(), assignments, query.dtype)
+        return out, lse.reshape(batch, heads, num_clusters).float().contiguous()
+
+    def _flash_fwd(self, qbar, key, value, scale, batch, heads):
+        qb = qbar.reshape(batch, heads, qbar.shape[1], qbar.shape[2]).to(key.dtype)
+        key = key if key.stride(-1) == 1 else key.contiguous()
+        value = value if value.stride(-1) == 1 else value.contiguous()
+        res = torch.ops.aten._scaled_dot_product_flash_attention(qb, key, value, 0.0, False, False, scale=scale)
+        out, lse = res[0], res[1][..., : qbar.shape[1]]
+        return out, lse, res, qb, key, value
+
+    def _dense_clustered_fwd(self, qbar, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p):
+        k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
+            key, value, key_padding_mask, keep, num_clusters, dropout_p)
+        rows, keys = k_rows.shape[:2]
+        centroid_values = qbar.new_empty(rows, num_clusters, v_rows.shape[-1])
+        lse = qbar.new_empty(rows, num_clusters)
+        for r0, r1 in _row_chunks(rows, num_clusters, keys):
+            mask_c = None if mask_rows is None else mask_rows[r0:r1]
+            _, probs, lse_c = self._chunk_probs(qbar[r0:r1], k_rows[r0:r1].float(), mask_c, scale)
+            if drop_rows is not None:
+                probs = probs * drop_rows[r0:r1] * scale_drop
+            centroid_values[r0:r1] = torch.bmm(probs, v_rows[r0:r1].float())
+            lse[r0:r1] = lse_c
+        return centroid_values, lse
+
+    def clustered_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, num_clusters,
+                      scale, dropout_p):
+        why = self._why_not(query, value, improved=False)
+        if why is not None:
+            _fallback("clustered_attention_bwd", why)
+            return reference.clustered_attention_bwd_ref(
+                grad_out, query, key, value, assignments, key_padding_mask, keep, lse, num_clusters, scale, dropout_p)
+        batch, heads, length, dim = query.shape
+        rows, value_dim = batch * heads, value.shape[-1]
+        assignments = assignments.contiguous()
+        order, seg_start, counts = _segments(assignments, num_clusters)
+        qbar = self._centroids(query, order, seg_start)
+        grad_centroid_values = self.ext.segment_sum(grad_out, order, seg_start, False)  # (rows, C, Dv)
+        if self._flash_ok(query, value, key_padding_mask, keep):
+            out_c, lse_c, res, qb, k_c, v_c = self._flash_fwd(qbar, key, value, scale, batch, heads)
+            grad_c = grad_centroid_values.reshape(batch, heads, num_clusters, value_dim).to(query.dtype)
+            dqb, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                grad_c, qb, k_c, v_c, out_c, res[1], res[2], res[3], res[4], res[5], 0.0, False, res[6], res[7],
+                scale=scale)
+            grad_centroids = dqb.reshape(rows, num_clusters, dim).float()
+        else:
+            grad_centroids, dk, dv = self._dense_clustered_bwd(
+                grad_centroid_values, qbar, key, value, key_padding_mask, keep, lse, num_clusters, scale, dropout_p)
+            dk = dk.reshape(key.shape).to(key.dtype)
+            dv = dv.reshape(value.shape).to(value.dtype)
+        grad_centroids = grad_centroids / counts.clamp(min=1).unsqueeze(-1)
+        dq = self.ext.broadcast(grad_centroids.contiguous(), assignments, query.dtype)
+        return dq, dk, dv
+
+    def _dense_clustered_bwd(self, grad_cv, qbar, key, value, key_padding_mask, keep, lse, num_clusters, scale,
+                             dropout_p):
+        k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
+            key, value, key_padding_mask, keep, num_clusters, dropout_p)
+        rows, keys = k_rows.shape[:2]
+        lse_rows = lse.reshape(rows, num_clusters).float()
+        grad_centroids = qbar.new_empty(qbar.shape)
+        dk = qbar.new_empty(rows, keys, k_rows.shape[-1])
+        dv = qbar.new_empty(rows, keys, v_rows.shape[-1])
+        for r0, r1 in _row_chunks(rows, num_clusters, keys):
+            k_c, v_c = k_rows[r0:r1].float(), v_rows[r0:r1].float()
+            mask_c = None if mask_rows is None else mask_rows[r0:r1]
+            _, probs, _ = self._chunk_probs(qbar[r0:r1], k_c, mask_c, scale, lse_rows[r0:r1])
+            g = grad_cv[r0:r1]
+            weights = probs
+            grad_weights = torch.bmm(g, v_c.transpose(1, 2))
+            if drop_rows is not None:
+                drop = drop_rows[r0:r1] * scale_drop
+                weights = probs * drop
+                grad_weights = grad_weights * drop
+            dv[r0:r1] = torch.bmm(weights.transpose(1, 2), g)
+            grad_logits = probs * (grad_weights - (probs * grad_weights).sum(-1, keepdim=True)) * scale
+            dk[r0:r1] = torch.bmm(grad_logits.transpose(1, 2), qbar[r0:r1])
+            grad_centroids[r0:r1] = torch.bmm(grad_logits, k_c)
+        return grad_centroids, dk, dv
+
+    # ---------------------------------------------------- improved clustered
+
+    def improved_fwd(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale,
+                     dropout_p):
+        why = self._why_not(query, value, improved=True)
+        if why is not None:
+            _fallback("improved_clustered_attention_fwd", why)
+            return reference.improved_clustered_attention_fwd_ref(
+                query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p)
+        batch, heads, length, dim = query.shape
+        keys = key.shape[2]
+        top_k = min(topk, keys)
+        assignments = assignments.contiguous()
+        order, seg_start, _ = _segments(assignments, num_clusters)
+        qbar = self._centroids(query, order, seg_start)
+        k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
+            key, value, key_padding_mask, keep, num_clusters, dropout_p)
+        rows = batch * heads
+        lse = qbar.new_empty(rows, num_clusters)
+        mass = qbar.new_empty(rows, num_clusters)
+        rest = qbar.new_empty(rows, num_clusters, dim)
+        top_index = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=query.device)
+        drop_top = None if drop_rows is None else qbar.new_empty(rows, num_clusters, top_k)
+        for r0, r1 in _row_chunks(rows, num_clusters, keys):
+            mask_c = None if mask_rows is None else mask_rows[r0:r1]
+            logits, probs, lse_c = self._chunk_probs(qbar[r0:r1], k_rows[r0:r1].float(), mask_c, scale)
+            top = torch.topk(logits, top_k, dim=-1).indices
+            top_probs = probs.gather(-1, top)
+            if mask_c is not None:
+                top_probs = top_probs * (~mask_c[:, None, :].expand(-1, num_clusters, -1)).gather(-1, top)
+            rest_weights = probs.scatter(-1, top, 0.0)
+            if drop_rows is not None:
+                drop = drop_rows[r0:r1] * scale_drop
+                rest_weights = rest_weights * drop
+                drop_top[r0:r1] = drop.gather(-1, top)
+            rest[r0:r1] = torch.bmm(rest_weights, v_rows[r0:r1].float())
+            mass[r0:r1] = top_probs.sum(-1)
+            lse[r0:r1] = lse_c
+            top_index[r0:r1] = top
+        mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
+        out = self.ext.improved_exact_fwd(query, key, value, None, assignments, order, top_index, mask, drop_top,
+                                          mass, rest, scale)
+        return (out, lse.reshape(batch, heads, num_clusters),
+                top_index.reshape(batch, heads, num_clusters, top_k))
+
+    def improved_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
+                     num_clusters, scale, dropout_p):
+        why = self._why_not(query, value, improved=True)
+        if why is not None:
+            _fallback("improved_clustered_attention_bwd", why)
+            return reference.improved_clustered_attention_bwd_ref(
+                grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, num_clusters,
+                scale, dropout_p)
+        batch, heads, length, dim = query.shape
+        keys = key.shape[2]
+        rows = batch * heads
+        top_k = top_index.shape[-1]
+        assignments = assignments.contiguous()
+        order, seg_start, counts = _segments(assignments, num_clusters)
+        qbar = self._centroids(query, order, seg_start)
+        k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
+            key, value, key_padding_mask, keep, num_clusters, dropout_p)
+        top = top_index.reshape(rows, num_clusters, top_k).contiguous()
+        lse_rows = lse.reshape(rows, num_clusters).float()
+        mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
+
+        # Mass on the top keys, from the top logits alone.
+        top_keys = k_rows.gather(1, top.reshape(rows, -1, 1).expand(-1, -1, dim))
+        top_keys = top_keys.reshape(rows, num_clusters, top_k, dim).float()
+        top_logits = torch.einsum("rcd,rckd->rck", qbar, top_keys) * scale
+        top_valid = None
+        if mask_rows is not None:
+            top_valid = (~mask_rows).gather(1, top.reshape(rows, -1)).reshape(rows, num_clusters, top_k)
+            top_logits = top_logits.masked_fill(~top_valid, float("-inf"))
+        mass = torch.exp(top_logits - lse_rows.unsqueeze(-1)).sum(-1)
+        drop_top = None
+        if drop_rows is not None:
+            drop_top = (drop_rows.gather(-1, top).float() * scale_drop).contiguous()
+
+        grad_rest = self.ext.segment_sum(grad_out, order, seg_start, False)  # (rows, C, D)
+        gm = self.ext.improved_exact_fwd(query, key, value, grad_out, assignments, order, top, mask, drop_top,
+                                         mass, grad_rest, scale)  # (rows, N): grad_out_i . exact_i
+        grad_mass = self.ext.segment_sum(gm.reshape(batch, heads, length, 1), order, seg_start, False)
+        grad_mass = grad_mass.reshape(rows, num_clusters, 1)
+        if top_valid is not None:
+            grad_mass_top = grad_mass.expand(-1, -1, top_k) * top_valid
+        else:
+            grad_mass_top = grad_mass.expand(-1, -1, top_k)
+
+        dk32 = qbar.new_empty(rows, keys, dim)
+        dv32 = qbar.new_empty(rows, keys, dim)
+        dq_bar = qbar.new_empty(qbar.shape)
+        for r0, r1 in _row_chunks(rows, num_clusters, keys):
+            k_c, v_c = k_rows[r0:r1].float(), v_rows[r0:r1].float()
+            mask_c = None if mask_rows is None else mask_rows[r0:r1]
+            _, probs, _ = self._chunk_probs(qbar[r0:r1], k_c, mask_c, scale, lse_rows[r0:r1])
+            top_c = top[r0:r1]
+            g = grad_rest[r0:r1]
+            rest_weights = probs.scatter(-1, top_c, 0.0)
+            grad_probs = torch.bmm(g, v_c.transpose(1, 2)).scatter_(-1, top_c, 0.0)
+            if drop_rows is not None:
+                drop = drop_rows[r0:r1] * scale_drop
+                rest_weights = rest_weights * drop
+                grad_probs = grad_probs * drop
+            dv32[r0:r1] = torch.bmm(rest_weights.transpose(1, 2), g)
+            grad_probs.scatter_add_(-1, top_c, grad_mass_top[r0:r1])
+            grad_logits = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True)) * scale
+            dk32[r0:r1] = torch.bmm(grad_logits.transpose(1, 2), qbar[r0:r1])
+            dq_bar[r0:r1] = torch.bmm(grad_logits, k_c)
+        dq_bar = (dq_bar / counts.clamp(min=1).unsqueeze(-1)).contiguous()
+        dq = self.ext.improved_exact_bwd(grad_out, query, key, value, assignments, order, top, mask, drop_top,
+                                         mass.contiguous(), dq_bar, scale, dk32, dv32)
+        return dq, dk32.reshape(key.shape).to(key.dtype), dv32.reshape(value.shape).to(value.dtype)
+
+
+def register(extension) -> CudaOps:
+    """Register the CUDA implementations of every ``fairseq_clustered::*`` op."""
+    ops = CudaOps(extension)
+    custom_ops.hash_codes.register_kernel("cuda")(ops.hash_codes)
+    custom_ops.lloyd_kmeans.register_kernel("cuda")(ops.lloyd_kmeans)
+    custom_ops.clustered_attention_fwd.register_kernel("cuda")(ops.clustered_fwd)
+    custom_ops.clustered_attention_bwd.register_kernel("cuda")(ops.clustered_bwd)
+    custom_ops.improved_clustered_attention_fwd.register_kernel("cuda")(ops.improved_fwd)
+    custom_ops.improved_clustered_attention_bwd.register_kernel("cuda")(ops.improved_bwd)
+    return ops

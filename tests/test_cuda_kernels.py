@@ -1,0 +1,447 @@
+"""Tests of the CUDA implementations of the fairseq_clustered ops.
+
+Two layers:
+
+* CPU: the composition in ``fairseq_clustered/ops/cuda_kernels.py`` (sorting into
+  clusters, the dense centroid attention, the improved variant's mass / remainder /
+  backward algebra) runs over ``EmulatedExtension``, a plain-PyTorch stand-in for
+  each compiled kernel, and is compared with the reference. This runs everywhere.
+* GPU (skipped without CUDA and the compiled extension): the real kernels against
+  the reference in float64, with flash-attention's rule: the kernel's error is at
+  most twice the error of the reference run in the same low precision (plus a tiny
+  floor), over odd sizes, padding and non-contiguous inputs; clustering equal to the
+  reference given the same hashes; determinism; edge cases; opcheck;
+  ``torch.compile(fullgraph=True)``; CUDA graph capture and replay.
+
+``FCL_SANITIZE=1`` shrinks the GPU sizes (for compute-sanitizer runs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fairseq_clustered.ops import custom_ops, reference
+from fairseq_clustered.ops.cuda_kernels import CudaOps, _segments
+
+SANITIZE = os.environ.get("FCL_SANITIZE") == "1"
+
+
+# ----------------------------------------------------------------- emulation
+
+
+class EmulatedExtension:
+    """Plain-PyTorch versions of the functions of ``fairseq_clustered._C`` (same contracts)."""
+
+    @staticmethod
+    def hash_codes(x, planes, offsets):
+        return reference.hash_codes_ref(x, planes, offsets)
+
+    @staticmethod
+    def lloyd_kmeans(codes, mask, num_clusters, iterations, bits):
+        return reference.lloyd_kmeans_ref(codes, mask, num_clusters, iterations, bits)
+
+    @staticmethod
+    def segment_sum(x, order, seg_start, mean):
+        batch, heads, length, width = x.shape
+        rows = x.reshape(batch * heads, length, width).float()
+        clusters = seg_start.shape[1] - 1
+        out = torch.zeros(batch * heads, clusters, width)
+        for r in range(batch * heads):
+            for c in range(clusters):
+                idx = order[r, seg_start[r, c]:seg_start[r, c + 1]]
+                if len(idx):
+                    out[r, c] = rows[r, idx].sum(0) / (len(idx) if mean else 1)
+        return out
+
+    @staticmethod
+    def broadcast(src, assignments, dtype):
+        batch, heads, length = assignments.shape
+        rows = src.shape[0]
+        index = assignments.reshape(rows, length).clamp(min=0)
+        out = src.gather(1, index.unsqueeze(-1).expand(-1, -1, src.shape[-1]))
+        out = out * (assignments.reshape(rows, length, 1) >= 0)
+        return out.reshape(batch, heads, length, -1).to(dtype)
+
+    @staticmethod
+    def _exact(q, k, v, assignments, top_index, key_mask, drop_top, scale):
+        """Per-query exact part (rows, N, D) in fp32, differentiable w.r.t. q, k, v."""
+        batch, heads, length, dim = q.shape
+        rows = batch * heads
+        a = assignments.reshape(rows, length).clamp(min=0)
+        top = top_index.gather(1, a.unsqueeze(-1).expand(-1, -1, top_index.shape[-1]))  # (rows, N, K)
+        k_rows = k.reshape(rows, -1, dim)
+        v_rows = v.reshape(rows, -1, dim)
+        flat = top.reshape(rows, -1, 1).expand(-1, -1, dim)
+        keys = k_rows.gather(1, flat).reshape(rows, length, -1, dim)
+        values = v_rows.gather(1, flat).reshape(rows, length, -1, dim)
+        logits = torch.einsum("rnd,rnkd->rnk", q.reshape(rows, length, dim), keys) * scale
+        if key_mask is not None:
+            valid = (~key_mask).repeat_interleave(heads, 0).gather(1, top.reshape(rows, -1)).reshape(top.shape)
+            logits = logits.masked_fill(~valid, float("-inf"))
+        probs = torch.softmax(logits, -1).nan_to_num(0.0)
+        if drop_top is not None:
+            probs = probs * drop_top.gather(1, a.unsqueeze(-1).expand(-1, -1, top.shape[-1]))
+        exact = torch.einsum("rnk,rnkd->rnd", probs, values)
+        return exact * (assignments.reshape(rows, length, 1) >= 0)
+
+    def improved_exact_fwd(self, q, k, v, grad_out, assignments, order, top_index, key_mask, drop_top, mass, rest,
+                           scale):
+        rows, length = q.shape[0] * q.shape[1], q.shape[2]
+        exact = self._exact(q.float(), k.float(), v.float(), assignments, top_index, key_mask, drop_top, scale)
+        if grad_out is not None:
+            return (grad_out.reshape(rows, length, -1).float() * exact).sum(-1)
+        a = assignments.reshape(rows, length).clamp(min=0)
+        out = mass.gather(1, a).unsqueeze(-1) * exact + rest.gather(1, a.unsqueeze(-1).expand(-1, -1, rest.shape[-1]))
+        out = out * (assignments.reshape(rows, length, 1) >= 0)
+        return out.reshape(q.shape).to(q.dtype)
+
+    def improved_exact_bwd(self, grad_out, q, k, v, assignments, order, top_index, key_mask, drop_top, mass, dq_bar,
+                           scale, dk32, dv32):
+        rows, length = q.shape[0] * q.shape[1], q.shape[2]
+        qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+        exact = self._exact(qf, kf, vf, assignments, top_index, key_mask, drop_top, scale)
+        a = assignments.reshape(rows, length).clamp(min=0)
+        weight = mass.gather(1, a).unsqueeze(-1) * grad_out.reshape(rows, length, -1).float()
+        dq, dk, dv = torch.autograd.grad((exact * weight).sum(), (qf, kf, vf))
+        dk32 += dk.reshape(dk32.shape)
+        dv32 += dv.reshape(dv32.shape)
+        dq_centroid = self.broadcast(dq_bar, assignments, torch.float32)
+        return (dq + dq_centroid).to(q.dtype)
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def make_inputs(batch, heads, length, keys, dim, dtype, device, clusters, pad=True, noncontig=True, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(n):
+        if noncontig:  # (B, N, H, D) memory viewed as (B, H, N, D), like fairseq's T x B x C reshapes
+            return torch.randn(batch, n, heads, dim, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+        return torch.randn(batch, heads, n, dim, generator=g).to(device=device, dtype=dtype)
+
+    q, k, v = rand(length), rand(keys), rand(keys)
+    qmask = kmask = None
+    if pad:
+        qmask = torch.zeros(batch, length, dtype=torch.bool)
+        kmask = torch.zeros(batch, keys, dtype=torch.bool)
+        qmask[-1, length - length // 3:] = True
+        kmask[-1, keys - keys // 4:] = True
+        qmask, kmask = qmask.to(device), kmask.to(device)
+    codes = reference.hash_codes_ref(q, torch.randn(16, dim, generator=g).to(device), torch.zeros(16, device=device))
+    assignments, _ = reference.lloyd_kmeans_ref(codes, qmask, clusters, 3, 16)
+    return q, k, v, qmask, kmask, assignments
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# --------------------------------------------------------- CPU: composition
+
+
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_composition_matches_reference_cpu(pad, dropout):
+    """cuda_kernels' dense path + emulated kernels == reference (fp64, so exact up to rounding)."""
+    torch.manual_seed(0)
+    ops = CudaOps(EmulatedExtension(), use_flash=False)
+    q, k, v, qmask, kmask, a = make_inputs(2, 2, 13, 11, 32, torch.float64, "cpu", clusters=4, pad=pad)
+    ops_kernel_dtypes = (torch.float64,)
+    import fairseq_clustered.ops.cuda_kernels as ck
+    old = ck.KERNEL_DTYPES
+    ck.KERNEL_DTYPES = old + ops_kernel_dtypes  # the emulation computes in fp32/fp64 alike
+    try:
+        keep = (torch.rand(2, 2, 4, 11) >= dropout) if dropout > 0 else None
+        scale = 32 ** -0.5
+        out, lse = ops.clustered_fwd(q, k, v, a, kmask, keep, 4, scale, dropout)
+        ref_out, ref_lse = reference.clustered_attention_fwd_ref(q, k, v, a, kmask, keep, 4, scale, dropout)
+        assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
+        g = torch.randn_like(out)
+        grads = ops.clustered_bwd(g, q, k, v, a, kmask, keep, ref_lse, 4, scale, dropout)
+        ref_grads = reference.clustered_attention_bwd_ref(g, q, k, v, a, kmask, keep, ref_lse, 4, scale, dropout)
+        for x, y in zip(grads, ref_grads):
+            assert max_err(x, y) < 1e-5
+
+        for topk in (3, 40):
+            out, lse, top = ops.improved_fwd(q, k, v, a, kmask, keep, 4, topk, scale, dropout)
+            ref_out, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(
+                q, k, v, a, kmask, keep, 4, topk, scale, dropout)
+            assert torch.equal(top.sort(-1).values, ref_top.sort(-1).values)
+            assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
+            grads = ops.improved_bwd(g, q, k, v, a, kmask, keep, ref_lse, ref_top, 4, scale, dropout)
+            ref_grads = reference.improved_clustered_attention_bwd_ref(
+                g, q, k, v, a, kmask, keep, ref_lse, ref_top, 4, scale, dropout)
+            for x, y in zip(grads, ref_grads):
+                assert max_err(x, y) < 1e-5
+    finally:
+        ck.KERNEL_DTYPES = old
+
+
+def test_segments_cpu():
+    a = torch.tensor([[[2, -1, 0, 2, 0, 1]]])
+    order, seg_start, counts = _segments(a, 4)
+    assert order.tolist() == [[1, 2, 4, 5, 0, 3]]
+    assert seg_start.tolist() == [[1, 3, 4, 6, 6]]
+    assert counts.tolist() == [[2.0, 1.0, 2.0, 0.0]]
+
+
+# ------------------------------------------------------------------ GPU
+
+
+def _extension_loaded():
+    if not torch.cuda.is_available():
+        return False
+    from fairseq_clustered.ops import cuda_backend
+    return cuda_backend.load()
+
+
+needs_gpu = pytest.mark.skipif(not _extension_loaded(), reason="needs a CUDA GPU and the compiled fairseq_clustered._C")
+
+SIZES = [(97, 32), (1025, 64), (4099, 128)] if not SANITIZE else [(97, 32), (133, 64)]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _lowp(fn, *args):
+    """Run a reference function in the inputs' own precision (no upcast), as flash-attention's tests do."""
+    old = reference._compute_dtype
+    reference._compute_dtype = lambda dtype: dtype
+    try:
+        return fn(*args)
+    finally:
+        reference._compute_dtype = old
+
+
+def _check(name, got, oracle, lowp, floor=1e-6):
+    err, base = max_err(got, oracle), max_err(lowp, oracle)
+    bound = 2 * base + floor * (1 + oracle.double().abs().max().item())
+    assert err <= bound, f"{name}: error {err:.3g} > 2 x reference low-precision error {base:.3g} (+floor)"
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length,dim", SIZES)
+@pytest.mark.parametrize("pad", [False, True])
+def test_clustered_gpu(dtype, length, dim, pad):
+    C = 25
+    q, k, v, qmask, kmask, a = make_inputs(2, 3, length, length + 7, dim, dtype, "cuda", C, pad=pad)
+    scale = dim ** -0.5
+    d64 = [t.double() for t in (q, k, v)]
+    out, lse = custom_ops.clustered_attention_fwd(q, k, v, a, kmask, None, C, scale, 0.0)
+    ref_out, ref_lse = reference.clustered_attention_fwd_ref(*d64, a, kmask, None, C, scale, 0.0)
+    low_out, _ = _lowp(reference.clustered_attention_fwd_ref, q, k, v, a, kmask, None, C, scale, 0.0)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    _check("out", out, ref_out, low_out)
+    assert max_err(lse, ref_lse) < 2e-2 if dtype != torch.float32 else 1e-4
+    g = torch.randn_like(out)
+    grads = custom_ops.clustered_attention_bwd(g, q, k, v, a, kmask, None, ref_lse.float(), C, scale, 0.0)
+    ref_grads = reference.clustered_attention_bwd_ref(g.double(), *d64, a, kmask, None, ref_lse, C, scale, 0.0)
+    low_grads = _lowp(reference.clustered_attention_bwd_ref, g, q, k, v, a, kmask, None, ref_lse.to(dtype), C,
+                      scale, 0.0)
+    for n, x, y, z in zip("qkv", grads, ref_grads, low_grads):
+        _check(f"d{n}", x, y, z)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length,dim", SIZES)
+@pytest.mark.parametrize("pad", [False, True])
+def test_improved_gpu(dtype, length, dim, pad):
+    C, topk = 25, 32
+    q, k, v, qmask, kmask, a = make_inputs(2, 3, length, length + 7, dim, dtype, "cuda", C, pad=pad)
+    scale = dim ** -0.5
+    d64 = [t.double() for t in (q, k, v)]
+    out, lse, top = custom_ops.improved_clustered_attention_fwd(q, k, v, a, kmask, None, C, topk, scale, 0.0)
+    ref_out, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(*d64, a, kmask, None, C, topk,
+                                                                               scale, 0.0)
+    low_out, _, _ = _lowp(reference.improved_clustered_attention_fwd_ref, q, k, v, a, kmask, None, C, topk, scale,
+                          0.0)
+    assert torch.isfinite(out).all()
+    # Same top keys as the fp64 oracle (as sets; fp32 logits, so no near-tie flips expected at these sizes).
+    same = (top.sort(-1).values == ref_top.sort(-1).values).all(-1).float().mean().item()
+    assert same > 0.99, f"top-key sets agree on only {same:.3f} of the centroids"
+    _check("out", out, ref_out, low_out)
+    g = torch.randn_like(out)
+    grads = custom_ops.improved_clustered_attention_bwd(g, q, k, v, a, kmask, None, ref_lse.float(), ref_top, C,
+                                                        scale, 0.0)
+    ref_grads = reference.improved_clustered_attention_bwd_ref(g.double(), *d64, a, kmask, None, ref_lse, ref_top,
+                                                               C, scale, 0.0)
+    low_grads = _lowp(reference.improved_clustered_attention_bwd_ref, g, q, k, v, a, kmask, None,
+                      ref_lse.to(dtype), ref_top, C, scale, 0.0)
+    for n, x, y, z in zip("qkv", grads, ref_grads, low_grads):
+        _check(f"d{n}", x, y, z)
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", ["clustered", "improved"])
+def test_dropout_gpu(variant):
+    """Dropout keep-masks (fp32 against fp64)."""
+    C, p = 8, 0.3
+    q, k, v, qmask, kmask, a = make_inputs(2, 2, 61, 67, 64, torch.float32, "cuda", C)
+    keep = torch.rand(2, 2, C, 67, device="cuda") >= p
+    d64 = [t.double() for t in (q, k, v)]
+    g = torch.randn(2, 2, 61, 64, device="cuda")
+    if variant == "clustered":
+        out, lse = custom_ops.clustered_attention_fwd(q, k, v, a, kmask, keep, C, 0.125, p)
+        ref_out, ref_lse = reference.clustered_attention_fwd_ref(*d64, a, kmask, keep, C, 0.125, p)
+        grads = custom_ops.clustered_attention_bwd(g, q, k, v, a, kmask, keep, lse, C, 0.125, p)
+        ref_grads = reference.clustered_attention_bwd_ref(g.double(), *d64, a, kmask, keep, ref_lse, C, 0.125, p)
+    else:
+        out, lse, top = custom_ops.improved_clustered_attention_fwd(q, k, v, a, kmask, keep, C, 16, 0.125, p)
+        ref_out, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(*d64, a, kmask, keep, C, 16,
+                                                                                   0.125, p)
+        grads = custom_ops.improved_clustered_attention_bwd(g, q, k, v, a, kmask, keep, lse, ref_top, C, 0.125, p)
+        ref_grads = reference.improved_clustered_attention_bwd_ref(g.double(), *d64, a, kmask, keep, ref_lse,
+                                                                   ref_top, C, 0.125, p)
+    assert max_err(out, ref_out) < 1e-4
+    for x, y in zip(grads, ref_grads):
+        assert max_err(x, y) < 1e-4
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hash_gpu(dtype):
+    length = 97 if SANITIZE else 1025
+    q, *_ = make_inputs(2, 3, length, 5, 64, dtype, "cuda", 4, pad=False)
+    planes = torch.randn(63, 64, device="cuda")
+    offsets = torch.randn(63, device="cuda") * 0.1
+    codes = custom_ops.hash_codes(q, planes, offsets)
+    ref = reference.hash_codes_ref(q, planes, offsets)
+    # Bits may differ only where the projection is within rounding of the threshold.
+    proj = q.double() @ planes.double().t() - offsets.double()
+    diff = ((codes ^ ref).unsqueeze(-1) >> torch.arange(63, device="cuda")) & 1
+    assert (proj.abs()[diff.bool()] < 1e-4).all()
+    assert (diff.sum() <= codes.numel() * 63 * 1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("length,clusters,pad", [(97, 10, True), (1025, 100, False), (4099, 100, True),
+                                                 (50, 64, True), (300, 600, False)])
+def test_lloyd_gpu(length, clusters, pad):
+    """Same assignments and centroids as the reference, given the same hashes; deterministic."""
+    if SANITIZE:
+        length = min(length, 300)
+    g = torch.Generator().manual_seed(length)
+    codes = torch.randint(0, 2**62, (2, 3, length), generator=g).cuda()
+    mask = None
+    if pad:
+        mask = torch.zeros(2, length, dtype=torch.bool, device="cuda")
+        mask[1, length // 2:] = True
+    a, c = custom_ops.lloyd_kmeans(codes, mask, clusters, 10, 63)
+    ra, rc = reference.lloyd_kmeans_ref(codes, mask, clusters, 10, 63)
+    assert torch.equal(a, ra) and torch.equal(c, rc)
+    a2, c2 = custom_ops.lloyd_kmeans(codes, mask, clusters, 10, 63)
+    assert torch.equal(a, a2) and torch.equal(c, c2)
+    # Realistic codes: hashes of clustered-ish data, fewer bits.
+    x = torch.randn(2, 3, length, 32, generator=g).cuda()
+    codes = reference.hash_codes_ref(x, torch.randn(31, 32, generator=g).cuda(), torch.zeros(31, device="cuda"))
+    a, c = custom_ops.lloyd_kmeans(codes, mask, clusters, 10, 31)
+    ra, rc = reference.lloyd_kmeans_ref(codes, mask, clusters, 10, 31)
+    assert torch.equal(a, ra) and torch.equal(c, rc)
+
+
+@needs_gpu
+def test_edge_cases_gpu():
+    """All-padded rows finite, C larger than N, topk larger than S (exact), bit-identical reruns."""
+    from fairseq_clustered.ops import clustered_attention, improved_clustered_attention
+    from fairseq_clustered.ops.reference import exact_attention_ref
+    q, k, v, qmask, kmask, _ = make_inputs(2, 2, 97, 97, 64, torch.bfloat16, "cuda", 4)
+    kmask[0] = True  # batch 0 sees no key at all
+    qmask[0] = True
+    planes = torch.randn(63, 64, device="cuda")
+    for fn in (clustered_attention, improved_clustered_attention):
+        out = fn(q, k, v, kmask, qmask, planes=planes)
+        assert torch.isfinite(out).all() and (out[0] == 0).all()
+    # C > N: exact attention; topk > S: exact attention.
+    q, k, v, qmask, kmask, _ = make_inputs(2, 2, 97, 89, 64, torch.float32, "cuda", 4)
+    exact = exact_attention_ref(q, k, v, kmask)
+    valid = ~qmask[:, None, :, None]
+    out = clustered_attention(q, k, v, kmask, qmask, num_clusters=200, planes=planes)
+    assert max_err(out * valid, exact * valid) < 1e-4
+    out = improved_clustered_attention(q, k, v, kmask, qmask, num_clusters=5, topk=1000, planes=planes)
+    assert max_err(out * valid, exact * valid) < 1e-4
+    # Determinism: forward bit-identical.
+    for fn in (clustered_attention, improved_clustered_attention):
+        a = fn(q, k, v, kmask, qmask, num_clusters=7, planes=planes)
+        b = fn(q, k, v, kmask, qmask, num_clusters=7, planes=planes)
+        assert torch.equal(a, b)
+
+
+def _op_args(dtype=torch.bfloat16):
+    q, k, v, qmask, kmask, a = make_inputs(2, 2, 65, 70, 64, dtype, "cuda", 6)
+    return q, k, v, qmask, kmask, a
+
+
+@needs_gpu
+@pytest.mark.parametrize("mask", [False, True])
+def test_opcheck_gpu(mask):
+    q, k, v, qmask, kmask, a = _op_args()
+    kmask = kmask if mask else None
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    planes = torch.randn(63, 64, device="cuda")
+    torch.library.opcheck(custom_ops.hash_codes, (q.detach(), planes, torch.zeros(63, device="cuda")))
+    codes = custom_ops.hash_codes(q.detach(), planes, torch.zeros(63, device="cuda"))
+    torch.library.opcheck(custom_ops.lloyd_kmeans, (codes, qmask, 6, 10, 63))
+    torch.library.opcheck(custom_ops.clustered_attention_fwd, (q, k, v, a, kmask, None, 6, 0.125, 0.0))
+    torch.library.opcheck(custom_ops.improved_clustered_attention_fwd, (q, k, v, a, kmask, None, 6, 8, 0.125, 0.0))
+
+
+@needs_gpu
+def test_compile_fullgraph_gpu():
+    from fairseq_clustered.ops import clustered_attention, improved_clustered_attention
+    q, k, v, qmask, kmask, _ = _op_args()
+    planes = torch.randn(63, 64, device="cuda")
+
+    def f(q, k, v):
+        return (clustered_attention(q, k, v, kmask, qmask, num_clusters=6, planes=planes)
+                + improved_clustered_attention(q, k, v, kmask, qmask, num_clusters=6, topk=8, planes=planes))
+
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True)(q, k, v)
+    assert torch.equal(eager, compiled)
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", ["clustered", "improved"])
+@pytest.mark.parametrize("mask", [False, True])
+def test_cuda_graph_gpu(variant, mask):
+    """A forward + backward (clustering included) captured in a CUDA graph replays to the eager result."""
+    from fairseq_clustered.ops import clustered_attention, improved_clustered_attention
+    q, k, v, qmask, kmask, _ = _op_args()
+    if not mask:
+        qmask = kmask = None
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    planes = torch.randn(63, 64, device="cuda")
+    grad = torch.randn(q.shape, device="cuda", dtype=q.dtype)
+    fn = clustered_attention if variant == "clustered" else improved_clustered_attention
+
+    def step():
+        out = fn(q, k, v, kmask, qmask, num_clusters=6, planes=planes)
+        out.backward(grad)
+        return out
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            for t in (q, k, v):
+                t.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    eager = [step().detach().clone()]
+    eager_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    for t in (q, k, v):
+        t.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager[0])
+    for t, e in zip((q, k, v), eager_grads):
+        assert max_err(t.grad, e) <= 1e-2 * (1 + e.double().abs().max().item())
