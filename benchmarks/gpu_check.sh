@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One GPU call for the CUDA kernels: build the extension, report which kernels
+# loaded, run the kernel tests, compute-sanitizer (memcheck + racecheck) over the
+# kernel tests at small sizes, and the attention benchmark.
+#
+#   bash benchmarks/gpu_check.sh                         # everything
+#   STAGES=build,test bash benchmarks/gpu_check.sh       # a subset
+#   BENCH_ARGS="--lengths 1024,4096" bash benchmarks/gpu_check.sh
+#
+# Logs, CSV and PNG go to $OUT (default /tmp/fcl_gpu_check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fcl_gpu_check}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+STAGES=${STAGES:-build,test,sanitize,bench}
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+status=0
+
+if has build; then
+  echo "== build"
+  start=$(date +%s)
+  if ! FAIRSEQ_CLUSTERED_CUDA=1 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+    grep -E "error|Error" "$OUT/build.log" | head -30; tail -20 "$OUT/build.log"; exit 1
+  fi
+  grep -E "warning" "$OUT/build.log" | grep -v -E "AutogradState|Wc\+\+20|3306" | head -10
+  echo "built in $(( $(date +%s) - start )) s"
+  $PY -m fairseq_clustered.info 2>&1 | tail -9
+fi
+
+if has test; then
+  echo "== tests"
+  $PY -m pytest -q --tb=short --maxfail=10 -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tee "$OUT/test.log" | tail -40
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if has sanitize; then
+  # Small sizes (FCL_SANITIZE=1); opcheck / compile / graphs are left out (no new kernels there).
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer $tool"
+    FCL_SANITIZE=1 timeout 240 compute-sanitizer --tool $tool --print-limit 20 \
+      $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py \
+      -k "gpu and not opcheck and not compile and not graph and not float16 and not float32" \
+      >"$OUT/sanitize_$tool.log" 2>&1
+    rc=$?
+    grep -E "ERROR SUMMARY|passed|failed|error" "$OUT/sanitize_$tool.log" | tail -5
+    [ $rc -eq 0 ] || { status=1; echo "$tool exit $rc"; }
+  done
+fi
+
+if has bench; then
+  echo "== benchmark"
+  $PY benchmarks/bench_attention.py --out "$OUT/bench_attention" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^  N=" | tail -60
+fi
+exit $status
