@@ -29,7 +29,7 @@ DEVICES = [
 
 def random_inputs(batch, heads, n, d, seed=0, dtype=torch.float32, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, heads, n, d, generator=gen, dtype=dtype).to(device) for _ in range(3)]
+    return [torch.randn(batch, heads, n, d, generator=gen).to(device, dtype) for _ in range(3)]
 
 
 def padding_mask(kind, batch, n, seed=0):
@@ -144,7 +144,7 @@ def change_future(tensors, mask, position, seed):
     changed = []
     for x in tensors:
         y = x.detach().clone()
-        fresh = torch.randn(y[:, :, position + 1:].shape, generator=gen, dtype=y.dtype).to(y.device) * 3
+        fresh = torch.randn(y[:, :, position + 1:].shape, generator=gen).to(y.device, y.dtype) * 3
         y[:, :, position + 1:] = fresh
         changed.append(y)
     new_mask = None
@@ -170,10 +170,12 @@ def leaks(attention, q, k, v, mask, position, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,window,num_clusters", [(37, 4, 3), (96, 8, 5), (161, 16, 12)])
 @pytest.mark.parametrize("pad", ["none", "right", "left"])
-def test_no_leak(device, n, window, num_clusters, pad):
-    q, k, v = random_inputs(2, 2, n, 16, seed=n, device=device)
+def test_no_leak(device, dtype, n, window, num_clusters, pad):
+    """On CUDA, bfloat16 takes the tensor-core path; float32 (and the CPU) the reference."""
+    q, k, v = random_inputs(2, 2, n, 16, seed=n, device=device, dtype=dtype)
     mask = padding_mask(pad, 2, n, seed=n)
     mask = None if mask is None else mask.to(device)
     gen = torch.Generator().manual_seed(n)
@@ -183,6 +185,43 @@ def test_no_leak(device, n, window, num_clusters, pad):
     attention = lambda a, b, c, m: run_causal(a, b, c, m, window, num_clusters, seed=7)  # noqa: E731
     for position in positions:
         assert not leaks(attention, q, k, v, mask, position, seed=position), f"leak at position {position}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_matches_the_cpu_reference(dtype):
+    """Forward and gradients on CUDA against the fp32 CPU reference: float32 to 1e-4, half
+    precision (tensor-core path) within 3x the error of half-precision SDPA."""
+    n, window, num_clusters = 300, 32, 10
+    q, k, v = random_inputs(2, 4, n, 64, seed=5)
+    grad_out = torch.randn(2, 4, n, 64, generator=torch.Generator().manual_seed(6))
+    mask = padding_mask("right", 2, n, seed=3)
+    clusters = causal_key_clusters(k, mask, window=window, num_clusters=num_clusters,
+                                   generator=torch.Generator().manual_seed(0))
+
+    def run(tensors, device, run_dtype, attention=None):
+        inputs = [x.to(device, run_dtype).requires_grad_() for x in tensors]
+        if attention is None:
+            out = causal_clustered_attention(*inputs, mask.to(device), window=window, num_clusters=num_clusters,
+                                             clusters=clusters.to(device))
+        else:
+            out = attention(*inputs, mask.to(device))
+        out.backward(grad_out.to(device, run_dtype))
+        return [x.float().cpu() for x in (out, *[i.grad for i in inputs])]
+
+    def relative(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    expected = run((q, k, v), "cpu", torch.float32)
+    got = run((q, k, v), "cuda", dtype)
+    if dtype == torch.float32:
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        return
+    sdpa32 = run((q, k, v), "cpu", torch.float32, exact_causal)
+    sdpa_half = run((q, k, v), "cuda", dtype, exact_causal)
+    for a, b, a_sdpa, b_sdpa in zip(got, expected, sdpa_half, sdpa32):
+        assert relative(a, b) < 3 * relative(a_sdpa, b_sdpa) + 1e-3
 
 
 def test_leak_test_catches_query_clustering():
