@@ -200,7 +200,7 @@ def test_cuda_matches_the_cpu_reference(dtype):
                                    generator=torch.Generator().manual_seed(0))
 
     def run(tensors, device, run_dtype, attention=None):
-        inputs = [x.to(device, run_dtype).requires_grad_() for x in tensors]
+        inputs = [x.detach().clone().to(device, run_dtype).requires_grad_() for x in tensors]
         if attention is None:
             out = causal_clustered_attention(*inputs, mask.to(device), window=window, num_clusters=num_clusters,
                                              clusters=clusters.to(device))
