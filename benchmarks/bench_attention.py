@@ -56,6 +56,9 @@ def parse_args():
     p.add_argument("--max-reference-n", type=int, default=None, help="largest N for the reference")
     p.add_argument("--methods", default="sdpa,flash,clustered,improved,reference")
     p.add_argument("--out", default="bench_attention", help="prefix of the CSV and PNG files")
+    p.add_argument("--graph", action="store_true",
+                   help="also time forward+backward captured in a CUDA graph (GPU time without launch overhead)")
+    p.add_argument("--profile", default="", help="comma-separated N: print the top CUDA kernels per method")
     return p.parse_args()
 
 
@@ -77,6 +80,36 @@ def timer(device, fn, repeats, warmup=2):
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def graph_time(fn, repeats):
+    """Median ms of replaying ``fn`` captured in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timer("cuda", graph.replay, repeats)
+
+
+def profile(name, fn):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events) / 3 / 1e3
+    print(f"  profile {name}: GPU {total:.3f} ms per fwd+bwd, {sum(e.count for e in events) // 3} kernels")
+    for e in events[:10]:
+        print(f"    {e.self_device_time_total / 3 / 1e3:8.3f} ms {e.count // 3:4d}x  {e.key[:90]}")
 
 
 def make_methods(args, planes):
@@ -138,6 +171,10 @@ def measure(args, name, fn, q, k, v, repeats):
     try:
         row["fwd_ms"] = timer(args.device, fwd, repeats)
         row["fwdbwd_ms"] = timer(args.device, fwd_bwd, repeats)
+        if args.graph and args.device == "cuda" and name in ("clustered", "improved"):
+            row["graph_ms"] = graph_time(fwd_bwd, repeats)
+        if str(q.shape[2]) in args.profile.split(",") and name != "reference":
+            profile(name, fwd_bwd)
         if args.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -202,7 +239,7 @@ def main():
 
 
 def write_outputs(args, results):
-    keys = ["n", "method", "fwd_ms", "fwd_ratio", "fwdbwd_ms", "fwdbwd_ratio", "peak_mb", "io_mb",
+    keys = ["n", "method", "fwd_ms", "fwd_ratio", "fwdbwd_ms", "fwdbwd_ratio", "graph_ms", "peak_mb", "io_mb",
             "vs_fast_transformers", "note"]
     with open(args.out + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -241,6 +278,7 @@ def print_table(results):
         peak = r.get("peak_mb", math.nan)
         print(f"{r['n']:6d} {r['method']:10s} {r['fwd_ms']:8.3f} {ratio('fwd_ratio')} {r['fwdbwd_ms']:10.3f} "
               f"{ratio('fwdbwd_ratio')} {peak:9.1f} {peak / r['io_mb']:7.2f}"
+              + (f"  graph {r['graph_ms']:.3f} ms" if "graph_ms" in r else "")
               + (f"  {r['vs_fast_transformers']:.0f}x faster than fast-transformers"
                  if "vs_fast_transformers" in r else ""))
 

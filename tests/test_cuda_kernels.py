@@ -181,6 +181,57 @@ def test_composition_matches_reference_cpu(pad, dropout):
         ck.KERNEL_DTYPES = old
 
 
+class MathAttentionOps(CudaOps):
+    """CudaOps whose flash calls are replaced by exact math attention (fp64 on the CPU)."""
+
+    def _flash_ok(self, query, value, key_padding_mask, keep):
+        return key_padding_mask is None and keep is None and query.shape[-1] == value.shape[-1]
+
+    @staticmethod
+    def _attn_fwd(q, k, v, scale):
+        q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+        logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+        out = torch.matmul(torch.softmax(logits, -1), v)
+        return out.detach(), torch.logsumexp(logits, -1).detach(), (q, k, v, out)
+
+    @staticmethod
+    def _attn_bwd(grad_out, ctx):
+        q, k, v, out = ctx
+        return torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype), retain_graph=True)
+
+
+@pytest.mark.parametrize("topk", [3, 40])
+def test_flash_path_algebra_cpu(topk):
+    """The flash-based improved path (remainder from V_bar, sparse + lse-term backward) == reference."""
+    import fairseq_clustered.ops.cuda_kernels as ck
+    ops = MathAttentionOps(EmulatedExtension())
+    q, k, v, _, _, a = make_inputs(2, 2, 13, 11, 32, torch.float64, "cpu", clusters=4, pad=False)
+    old = ck.KERNEL_DTYPES
+    ck.KERNEL_DTYPES = old + (torch.float64,)
+    try:
+        scale = 32 ** -0.5
+        out, lse, top = ops.improved_fwd(q, k, v, a, None, None, 4, topk, scale, 0.0)
+        ref_out, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(q, k, v, a, None, None, 4, topk,
+                                                                                   scale, 0.0)
+        assert torch.equal(top.sort(-1).values, ref_top.sort(-1).values)
+        assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
+        g = torch.randn_like(out)
+        grads = ops.improved_bwd(g, q, k, v, a, None, None, ref_lse, ref_top, 4, scale, 0.0)
+        ref_grads = reference.improved_clustered_attention_bwd_ref(g, q, k, v, a, None, None, ref_lse, ref_top, 4,
+                                                                   scale, 0.0)
+        for name, x, y in zip("qkv", grads, ref_grads):
+            assert max_err(x, y) < 1e-5, name
+        out, lse = ops.clustered_fwd(q, k, v, a, None, None, 4, scale, 0.0)
+        ref_out, ref_lse = reference.clustered_attention_fwd_ref(q, k, v, a, None, None, 4, scale, 0.0)
+        assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
+        grads = ops.clustered_bwd(g, q, k, v, a, None, None, ref_lse, 4, scale, 0.0)
+        ref_grads = reference.clustered_attention_bwd_ref(g, q, k, v, a, None, None, ref_lse, 4, scale, 0.0)
+        for name, x, y in zip("qkv", grads, ref_grads):
+            assert max_err(x, y) < 1e-5, name
+    finally:
+        ck.KERNEL_DTYPES = old
+
+
 def test_segments_cpu():
     a = torch.tensor([[[2, -1, 0, 2, 0, 1]]])
     order, seg_start, counts = _segments(a, 4)
@@ -431,6 +482,8 @@ def test_cuda_graph_gpu(variant, mask):
                 t.grad = None
             step()
     torch.cuda.current_stream().wait_stream(stream)
+    for t in (q, k, v):
+        t.grad = None
     eager = [step().detach().clone()]
     eager_grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):

@@ -165,7 +165,7 @@ class CudaOps:
         order, seg_start, _ = _segments(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
         if self._flash_ok(query, value, key_padding_mask, keep):
-            out_c, lse = self._flash_fwd(qbar, key, value, scale, batch, heads)[:2]
+            out_c, lse, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
             centroid_values = out_c.reshape(rows, num_clusters, value_dim).float()
         else:
             centroid_values, lse = self._dense_clustered_fwd(
@@ -174,12 +174,26 @@ class CudaOps:
         return out, lse.reshape(batch, heads, num_clusters).float().contiguous()
 
     def _flash_fwd(self, qbar, key, value, scale, batch, heads):
+        """Centroid attention through flash: ``(out (B, H, C, Dv), lse (B, H, C), ctx for _flash_bwd)``."""
         qb = qbar.reshape(batch, heads, qbar.shape[1], qbar.shape[2]).to(key.dtype)
-        key = key if key.stride(-1) == 1 else key.contiguous()
-        value = value if value.stride(-1) == 1 else value.contiguous()
-        res = torch.ops.aten._scaled_dot_product_flash_attention(qb, key, value, 0.0, False, False, scale=scale)
-        out, lse = res[0], res[1][..., : qbar.shape[1]]
-        return out, lse, res, qb, key, value
+        out, lse, ctx = self._attn_fwd(qb, key, value, scale)
+        return out, lse, ctx
+
+    @staticmethod
+    def _attn_fwd(q, k, v, scale):
+        """Exact attention of ``q (B, H, C, D)`` over ``k, v``; returns out, lse (fp32) and a backward context."""
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+        return res[0], res[1][..., : q.shape[2]], (q, k, v, scale, res)
+
+    @staticmethod
+    def _attn_bwd(grad_out, ctx):
+        """Gradients (dq, dk, dv) of :meth:`_attn_fwd` for ``grad_out`` (same dtype as q)."""
+        q, k, v, scale, res = ctx
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad_out.contiguous(), q, k, v, res[0], res[1], res[2], res[3], res[4], res[5], 0.0, False, res[6],
+            res[7], scale=scale)
 
     def _dense_clustered_fwd(self, qbar, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p):
         k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
@@ -210,11 +224,9 @@ class CudaOps:
         qbar = self._centroids(query, order, seg_start)
         grad_centroid_values = self.ext.segment_sum(grad_out, order, seg_start, False)  # (rows, C, Dv)
         if self._flash_ok(query, value, key_padding_mask, keep):
-            out_c, lse_c, res, qb, k_c, v_c = self._flash_fwd(qbar, key, value, scale, batch, heads)
+            _, _, ctx = self._flash_fwd(qbar, key, value, scale, batch, heads)
             grad_c = grad_centroid_values.reshape(batch, heads, num_clusters, value_dim).to(query.dtype)
-            dqb, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                grad_c, qb, k_c, v_c, out_c, res[1], res[2], res[3], res[4], res[5], 0.0, False, res[6], res[7],
-                scale=scale)
+            dqb, dk, dv = self._attn_bwd(grad_c, ctx)
             grad_centroids = dqb.reshape(rows, num_clusters, dim).float()
         else:
             grad_centroids, dk, dv = self._dense_clustered_bwd(
@@ -266,6 +278,8 @@ class CudaOps:
         assignments = assignments.contiguous()
         order, seg_start, _ = _segments(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
+        if self._flash_ok(query, value, key_padding_mask, keep):
+            return self._improved_fwd_flash(query, key, value, assignments, order, qbar, num_clusters, top_k, scale)
         k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
             key, value, key_padding_mask, keep, num_clusters, dropout_p)
         rows = batch * heads
@@ -311,6 +325,9 @@ class CudaOps:
         assignments = assignments.contiguous()
         order, seg_start, counts = _segments(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
+        if self._flash_ok(query, value, key_padding_mask, keep):
+            return self._improved_bwd_flash(grad_out, query, key, value, assignments, order, seg_start, counts, qbar,
+                                            lse, top_index, num_clusters, scale)
         k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
             key, value, key_padding_mask, keep, num_clusters, dropout_p)
         top = top_index.reshape(rows, num_clusters, top_k).contiguous()
@@ -363,6 +380,92 @@ class CudaOps:
         dq_bar = (dq_bar / counts.clamp(min=1).unsqueeze(-1)).contiguous()
         dq = self.ext.improved_exact_bwd(grad_out, query, key, value, assignments, order, top, mask, drop_top,
                                          mass.contiguous(), dq_bar, scale, dk32, dv32)
+        return dq, dk32.reshape(key.shape).to(key.dtype), dv32.reshape(value.shape).to(value.dtype)
+
+    # Without key padding and dropout the improved variant needs no (C, S) matrix in
+    # the backward and only fp32 logits (for the top-k selection and lse) in the
+    # forward: with V_bar = A V from flash attention, the remainder is
+    # R_j = V_bar_j - sum_{t in T_j} A_jt v_t, and the backward splits into flash's
+    # backward for V_bar, a sparse part on the C x K top entries, and a dense
+    # correction -c_j A_jl from the top entries' dependence on lse_j, whose products
+    # A K and A^T X come from one more flash forward / backward over (Qbar, K, K).
+
+    @staticmethod
+    def _top_rows(rows_tensor, top):
+        """Gather ``rows_tensor (rows, S, E)`` at ``top (rows, C, K)`` -> fp32 ``(rows, C, K, E)``."""
+        rows, clusters, top_k = top.shape
+        width = rows_tensor.shape[-1]
+        flat = top.reshape(rows, clusters * top_k, 1).expand(-1, -1, width)
+        return rows_tensor.gather(1, flat).reshape(rows, clusters, top_k, width).float()
+
+    def _improved_fwd_flash(self, query, key, value, assignments, order, qbar, num_clusters, top_k, scale):
+        batch, heads, length, dim = query.shape
+        rows, keys = batch * heads, key.shape[2]
+        k_rows = key.reshape(rows, keys, dim)
+        v_rows = value.reshape(rows, keys, dim)
+        lse = qbar.new_empty(rows, num_clusters)
+        top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=query.device)
+        for r0, r1 in _row_chunks(rows, num_clusters, keys):
+            logits = torch.bmm(qbar[r0:r1], k_rows[r0:r1].float().transpose(1, 2)).mul_(scale)
+            lse[r0:r1] = torch.logsumexp(logits, dim=-1)
+            top[r0:r1] = torch.topk(logits, top_k, dim=-1).indices
+        out_c, _, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
+        centroid_values = out_c.reshape(rows, num_clusters, dim).float()
+        top_probs = torch.exp(torch.einsum("rcd,rckd->rck", qbar, self._top_rows(k_rows, top)) * scale
+                              - lse.unsqueeze(-1))
+        mass = top_probs.sum(-1)
+        rest = centroid_values - torch.einsum("rck,rckd->rcd", top_probs, self._top_rows(v_rows, top))
+        out = self.ext.improved_exact_fwd(query, key, value, None, assignments, order, top, None, None,
+                                          mass.contiguous(), rest.contiguous(), scale)
+        return out, lse.reshape(batch, heads, num_clusters), top.reshape(batch, heads, num_clusters, top_k)
+
+    def _improved_bwd_flash(self, grad_out, query, key, value, assignments, order, seg_start, counts, qbar, lse,
+                            top_index, num_clusters, scale):
+        batch, heads, length, dim = query.shape
+        rows, keys = batch * heads, key.shape[2]
+        top_k = top_index.shape[-1]
+        k_rows = key.reshape(rows, keys, dim)
+        v_rows = value.reshape(rows, keys, dim)
+        top = top_index.reshape(rows, num_clusters, top_k).contiguous()
+        lse_rows = lse.reshape(rows, num_clusters).float()
+        top_keys, top_values = self._top_rows(k_rows, top), self._top_rows(v_rows, top)
+        top_probs = torch.exp(torch.einsum("rcd,rckd->rck", qbar, top_keys) * scale - lse_rows.unsqueeze(-1))
+        mass = top_probs.sum(-1).contiguous()
+
+        grad_rest = self.ext.segment_sum(grad_out, order, seg_start, False)  # G_j (rows, C, D)
+        gm = self.ext.improved_exact_fwd(query, key, value, grad_out, assignments, order, top, None, None,
+                                         mass, grad_rest, scale)  # grad_out_i . exact_i
+        grad_mass = self.ext.segment_sum(gm.reshape(batch, heads, length, 1), order, seg_start, False)
+
+        # V_bar part: flash backward with dO = G.
+        _, _, ctx = self._flash_fwd(qbar, key, value, scale, batch, heads)
+        qb = ctx[0]
+        dqb, dk, dv = self._attn_bwd(grad_rest.reshape(batch, heads, num_clusters, dim).to(query.dtype), ctx)
+        grad_centroids = dqb.reshape(rows, num_clusters, dim).float()
+        dk32 = dk.reshape(rows, keys, dim).float()
+        dv32 = dv.reshape(rows, keys, dim).float()
+
+        # Top entries: f = sum_j gm_j m_j - G_j . sum_t A_jt v_t, so df/dA_jt = a_jt.
+        a = grad_mass - torch.einsum("rcd,rckd->rck", grad_rest, top_values)
+        w = a * top_probs  # gradient of the top logits (before the lse term), / scale
+        c = w.sum(-1)  # the lse term: dlogit_jl -= c_j A_jl for every key l
+        flat = top.reshape(rows, num_clusters * top_k, 1).expand(-1, -1, dim)
+        dv32.scatter_add_(1, flat, (-top_probs.unsqueeze(-1) * grad_rest.unsqueeze(2)).reshape(rows, -1, dim))
+        dk32.scatter_add_(1, flat, (scale * w.unsqueeze(-1) * qbar.unsqueeze(2)).reshape(rows, -1, dim))
+        grad_centroids = grad_centroids + scale * torch.einsum("rck,rckd->rcd", w, top_keys)
+
+        # Dense lse term through a flash pass over (Qbar, K, K): A K and A^T X with X = -scale c Qbar.
+        k_out, _, k_ctx = self._attn_fwd(qb, key, key, scale)
+        grad_centroids = grad_centroids - scale * c.unsqueeze(-1) * k_out.reshape(rows, num_clusters, dim).float()
+        x = (-scale * c.unsqueeze(-1) * qbar).reshape(batch, heads, num_clusters, dim).to(query.dtype)
+        _, _, dk_lse = self._attn_bwd(x, k_ctx)
+        dk32 = (dk32 + dk_lse.reshape(rows, keys, dim).float()).contiguous()
+        dv32 = dv32.contiguous()
+
+        dq_bar = (grad_centroids / counts.clamp(min=1).unsqueeze(-1)).contiguous()
+        # The kernel adds the exact top-key parts into dk32 / dv32 in place.
+        dq = self.ext.improved_exact_bwd(grad_out, query, key, value, assignments, order, top, None, None, mass,
+                                         dq_bar, scale, dk32, dv32)
         return dq, dk32.reshape(key.shape).to(key.dtype), dv32.reshape(value.shape).to(value.dtype)
 
 
