@@ -495,3 +495,14 @@ def test_tensor_core_path_error_is_that_of_half_precision_attention(dtype):
     exact_causal(*full_inputs).backward(grad_out)
     for g32, g, x32, x in zip(grads32, grads, full_inputs, half_inputs):
         assert half_precision_error(g32, g) < 3 * half_precision_error(x32.grad, x.grad)
+
+
+def test_key_clusters_op_matches_its_reference():
+    """The op fits the codebook through the lloyd_kmeans op (a CUDA kernel where built);
+    it must agree with the pure reference."""
+    gen = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 2**20, (2, 3, 90), generator=gen)
+    mask = padding_mask("left", 2, 90, seed=6)
+    for window, num_clusters in ((8, 5), (50, 7), (100, 3)):
+        expected = causal_ops.causal_key_clusters_ref(codes, mask, window, num_clusters, 4, 20)
+        assert torch.equal(causal_ops.causal_key_clusters_op(codes, mask, window, num_clusters, 4, 20), expected)

@@ -79,6 +79,23 @@ def causal_logit_columns(window: int, num_clusters: int) -> int:
 # =============================================================== key clustering
 
 
+def _codebook_fit_range(window: int, length: int) -> int:
+    """Number of leading positions the key codebook is fitted on: ``min(2 W, N)``, the
+    positions every query that reads a summary (``i >= 2 W``) may see."""
+    return min(2 * window, length)
+
+
+def _assign_to_codebook(codes: Tensor, codebook: Tensor, key_padding_mask: Optional[Tensor], bits: int) -> Tensor:
+    """Nearest codebook entry (Hamming; ties: lowest id) of every key, -1 for padded keys.
+
+    ``codes (B, H, N)``, ``codebook (B, H, C)`` int64 -> ``(B, H, N)`` int64.
+    """
+    clusters = reference.hamming_distance_ref(codes, codebook, bits).argmin(-1)
+    if key_padding_mask is not None:
+        clusters = clusters.masked_fill(key_padding_mask[:, None, :], -1)
+    return clusters
+
+
 def causal_key_clusters_ref(
     codes: Tensor, key_padding_mask: Optional[Tensor], window: int, num_clusters: int,
     iterations: int, bits: int,
@@ -94,15 +111,10 @@ def causal_key_clusters_ref(
         ``(B, H, N)`` int64 cluster ids in ``[0, C)``, -1 for padded keys. The id of key
         ``l`` depends only on ``codes[..., l]`` and on the keys at positions ``< 2 W``.
     """
-    fit_length = min(2 * window, codes.shape[2])
-    fit_mask = None if key_padding_mask is None else key_padding_mask[:, :fit_length]
-    _, codebook = reference.lloyd_kmeans_ref(
-        codes[:, :, :fit_length], fit_mask, num_clusters, iterations, bits
-    )
-    clusters = reference.hamming_distance_ref(codes, codebook, bits).argmin(-1)  # ties: lowest id
-    if key_padding_mask is not None:
-        clusters = clusters.masked_fill(key_padding_mask[:, None, :], -1)
-    return clusters
+    fit = _codebook_fit_range(window, codes.shape[2])
+    fit_mask = None if key_padding_mask is None else key_padding_mask[:, :fit]
+    _, codebook = reference.lloyd_kmeans_ref(codes[:, :, :fit], fit_mask, num_clusters, iterations, bits)
+    return _assign_to_codebook(codes, codebook, key_padding_mask, bits)
 
 
 # ======================================================= attention: reference
@@ -355,7 +367,12 @@ def causal_clustered_attention_bwd_ref(
 def causal_key_clusters_op(
     codes: Tensor, key_padding_mask: Optional[Tensor], window: int, num_clusters: int, iterations: int, bits: int
 ) -> Tensor:
-    return causal_key_clusters_ref(codes, key_padding_mask, window, num_clusters, iterations, bits)
+    # causal_key_clusters_ref, with the codebook fitted by the lloyd_kmeans op so that its
+    # CUDA kernel serves GPUs where the extension is built.
+    fit = _codebook_fit_range(window, codes.shape[2])
+    fit_mask = None if key_padding_mask is None else key_padding_mask[:, :fit].contiguous()
+    _, codebook = custom_ops.lloyd_kmeans(codes[:, :, :fit].contiguous(), fit_mask, num_clusters, iterations, bits)
+    return _assign_to_codebook(codes, codebook, key_padding_mask, bits)
 
 
 @causal_key_clusters_op.register_fake
