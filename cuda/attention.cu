@@ -28,7 +28,16 @@ __global__ void segment_sum_kernel(Rows<const scalar_t> x, int width, const int6
   const int g = threadIdx.x / width, e = threadIdx.x % width;
   float acc = 0.f;
   if (g < groups) {
-    for (int64_t p = start + g; p < stop; p += groups) acc += to_float(x.row(bh, order[bh * length + p])[e]);
+    // Four independent accumulators keep several loads in flight (the members are
+    // scattered rows); they are combined in a fixed order, so the sum stays deterministic.
+    float acc4[4] = {0.f, 0.f, 0.f, 0.f};
+    int64_t p = start + g;
+    for (; p + 3 * groups < stop; p += 4 * groups) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) acc4[u] += to_float(x.row(bh, order[bh * length + p + u * groups])[e]);
+    }
+    for (; p < stop; p += groups) acc4[0] += to_float(x.row(bh, order[bh * length + p])[e]);
+    acc = (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]);
   }
   partial[threadIdx.x] = acc;
   __syncthreads();

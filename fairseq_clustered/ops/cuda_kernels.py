@@ -55,9 +55,11 @@ def _fallback(op: str, reason: str) -> None:
 def _segments(assignments: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor, Tensor]:
     """``order (rows, N)``, ``seg_start (rows, C+1)`` and ``counts (rows, C)`` fp32."""
     batch, heads, length = assignments.shape
-    flat = assignments.reshape(batch * heads, length)
+    # int32 keys: half the radix-sort passes of int64 (cluster ids are < 2**31).
+    flat = assignments.reshape(batch * heads, length).to(torch.int32)
     sorted_ids, order = torch.sort(flat, dim=1, stable=True)
-    bounds = torch.arange(num_clusters + 1, device=flat.device).expand(batch * heads, -1).contiguous()
+    bounds = torch.arange(num_clusters + 1, device=flat.device, dtype=torch.int32).expand(batch * heads, -1)
+    bounds = bounds.contiguous()
     seg_start = torch.searchsorted(sorted_ids.contiguous(), bounds)
     counts = (seg_start[:, 1:] - seg_start[:, :-1]).to(torch.float32)
     return order.contiguous(), seg_start.contiguous(), counts
@@ -180,19 +182,54 @@ class CudaOps:
         return out, lse, ctx
 
     @staticmethod
-    def _attn_fwd(q, k, v, scale):
+    def _key_splits(batch_heads: int, keys: int) -> int:
+        """How many key blocks the centroid attention's forward is split into.
+
+        With C <= 128 centroids flash runs one thread block per (batch, head): 32 blocks
+        for the benchmark shape, a quarter of an H100. Splitting the keys into blocks
+        (each >= 1024 keys) treated as extra heads, then merging the partial outputs
+        by their log-sum-exps, fills the GPU (flash-decoding's idea).
+        """
+        splits = 1
+        while (batch_heads * splits * 2 <= 2 * 132 and keys % (splits * 2) == 0
+               and keys // (splits * 2) >= 1024):
+            splits *= 2
+        return splits
+
+    @classmethod
+    def _attn_fwd(cls, q, k, v, scale):
         """Exact attention of ``q (B, H, C, D)`` over ``k, v``; returns out, lse (fp32) and a backward context."""
         k = k if k.stride(-1) == 1 else k.contiguous()
         v = v if v.stride(-1) == 1 else v.contiguous()
-        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
-        return res[0], res[1][..., : q.shape[2]], (q, k, v, scale, res)
+        batch, heads, clusters, dim = q.shape
+        keys = k.shape[2]
+        splits = cls._key_splits(batch * heads, keys)
+        if splits == 1:
+            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+            out, lse = res[0], res[1][..., :clusters].contiguous()
+        else:
+            block = keys // splits
+            k_s = k.reshape(batch, heads * splits, block, dim)
+            v_s = v.reshape(batch, heads * splits, block, v.shape[-1])
+            q_s = q.unsqueeze(2).expand(batch, heads, splits, clusters, dim).reshape(batch, heads * splits, clusters, dim)
+            res = torch.ops.aten._scaled_dot_product_flash_attention(q_s, k_s, v_s, 0.0, False, False, scale=scale)
+            lse_s = res[1][..., :clusters].reshape(batch, heads, splits, clusters)
+            lse = torch.logsumexp(lse_s, dim=2)
+            weights = torch.exp(lse_s - lse.unsqueeze(2)).unsqueeze(-1)
+            out_s = res[0].reshape(batch, heads, splits, clusters, -1).float()
+            out = (weights * out_s).sum(2).to(q.dtype)
+        return out, lse, (q, k, v, scale, out, lse, res)
 
     @staticmethod
     def _attn_bwd(grad_out, ctx):
-        """Gradients (dq, dk, dv) of :meth:`_attn_fwd` for ``grad_out`` (same dtype as q)."""
-        q, k, v, scale, res = ctx
+        """Gradients (dq, dk, dv) of :meth:`_attn_fwd` for ``grad_out`` (same dtype as q).
+
+        Flash's backward needs only the output and the log-sum-exp of the whole rows,
+        so it runs unsplit (it parallelises over key blocks itself).
+        """
+        q, k, v, scale, out, lse, res = ctx
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_out.contiguous(), q, k, v, res[0], res[1], res[2], res[3], res[4], res[5], 0.0, False, res[6],
+            grad_out.contiguous(), q, k, v, out, lse, res[2], res[3], q.shape[2], k.shape[2], 0.0, False, res[6],
             res[7], scale=scale)
 
     def _dense_clustered_fwd(self, qbar, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p):
