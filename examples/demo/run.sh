@@ -13,7 +13,7 @@
 #
 # Re-runnable: each step is skipped when its output exists (training resumes from
 # checkpoint_last.pt and stops at once when it is complete). Settings via environment:
-#   DEMO_DIR (default work/demo), DEMO_UPDATES (default 1200), DEMO_ATTENTION
+#   DEMO_DIR (default work/demo), DEMO_UPDATES (default 600), DEMO_ATTENTION
 #   (improved | clustered | full, default improved), DEMO_CLUSTERS (default 16).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/../.."
 VENV=${VENV:-.venv}
 BIN="$VENV/bin"
 DEMO_DIR=${DEMO_DIR:-work/demo}
-UPDATES=${DEMO_UPDATES:-1200}
+UPDATES=${DEMO_UPDATES:-600}
 ATTENTION=${DEMO_ATTENTION:-improved}
 CLUSTERS=${DEMO_CLUSTERS:-16}
 SWORD="$DEMO_DIR/sword"
@@ -29,6 +29,7 @@ TEXT="$DEMO_DIR/text"
 DATA="$DEMO_DIR/data-bin"
 CKPT="$DEMO_DIR/checkpoints-$ATTENTION-c$CLUSTERS"
 mkdir -p "$DEMO_DIR"
+export PYTHONUNBUFFERED=1  # progress lines appear as they happen, through the pipes below
 say() { echo "[demo $(date +%H:%M:%S)] $*"; }
 
 # 1. the two Bibles from Debian's archive
@@ -71,14 +72,14 @@ say "fairseq-train: clustered_transformer, $ATTENTION attention (C=$CLUSTERS) in
 "$BIN/fairseq-train" "$DATA" --user-dir fairseq_clustered \
     --arch clustered_transformer --clustered-attention "$ATTENTION" \
     --clustered-num-clusters "$CLUSTERS" --clustered-topk 8 \
-    --encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 --decoder-embed-dim 256 \
-    --encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024 \
+    --encoder-layers 3 --decoder-layers 2 --encoder-embed-dim 256 --decoder-embed-dim 256 \
+    --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 \
     --encoder-attention-heads 4 --decoder-attention-heads 4 --share-decoder-input-output-embed \
-    --optimizer adam --adam-betas '(0.9,0.98)' --lr 1e-3 --lr-scheduler inverse_sqrt \
-    --warmup-updates 300 --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
+    --optimizer adam --adam-betas '(0.9,0.98)' --lr 2e-3 --lr-scheduler inverse_sqrt \
+    --warmup-updates 200 --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
     --dropout 0.1 --max-tokens 4096 --max-update "$UPDATES" --seed 1 \
     --save-dir "$CKPT" --save-interval-updates 200 --keep-interval-updates 1 --no-epoch-checkpoints \
-    --validate-interval-updates 400 --num-workers 0 \
+    --validate-interval-updates 200 --num-workers 0 \
     --no-progress-bar --log-format simple --log-interval 50 2>&1 \
     | grep --line-buffered -E "encoder self-attention|train_inner|valid on|done training|Loaded checkpoint|Stopping"
 
