@@ -220,11 +220,12 @@ class _CausalForward:
         self.mean_keys = _older_past(key_sums) / self.divisor
         self.mean_values = _older_past(value_sums) / self.divisor
 
-        exact_logits = torch.matmul(self.q, self.window_keys.transpose(-1, -2)).to(acc) * scale
-        exact_logits = exact_logits.masked_fill(~self.window_allowed, float("-inf"))
-        summary_logits = torch.matmul(self.q, self.mean_keys.to(mm).transpose(-1, -2)).to(acc) * scale
+        # In-place steps on fresh (B,H,T,W,*) tensors keep the peak memory down.
+        exact_logits = torch.matmul(self.q, self.window_keys.transpose(-1, -2)).to(acc).mul_(scale)
+        exact_logits.masked_fill_(~self.window_allowed, float("-inf"))
+        summary_logits = torch.matmul(self.q, self.mean_keys.to(mm).transpose(-1, -2)).to(acc).mul_(scale)
         # log(0) = -inf removes empty clusters (and every summary of chunks 0 and 1).
-        summary_logits = summary_logits + torch.log(self.counts).unsqueeze(3)
+        summary_logits.add_(torch.log(self.counts).unsqueeze(3))
         self.logits = torch.cat([exact_logits, summary_logits], dim=-1)
 
     def all_values(self) -> Tensor:
@@ -282,10 +283,10 @@ def causal_clustered_attention_fwd_ref(
     f = _CausalForward(query, key, value, clusters, key_padding_mask, window, num_clusters, scale,
                        matmul_dtype)
     lse = reference._log_sum_exp(f.logits)  # (B, H, T, W)
-    weights = torch.exp(f.logits - lse.unsqueeze(-1))
+    weights = f.logits.sub_(lse.unsqueeze(-1)).exp_()  # the logits are not needed any more
     drop = _dropout_multipliers(keep, dropout_p, f)
     if drop is not None:
-        weights = weights * drop
+        weights.mul_(drop)
     out = torch.matmul(weights.to(f.mm), f.all_values())
     return f.unchunk(out).to(query.dtype), f.unchunk(lse).to(torch.float32)
 
@@ -324,16 +325,16 @@ def causal_clustered_attention_bwd_ref(
     g = _pad_to_chunks(grad_out.to(mm), chunks, w)
     o = _pad_to_chunks(out, chunks, w)
     lse_chunks = _pad_to_chunks(lse.to(acc), chunks, w, value=float("inf"))
-    probs = torch.exp(f.logits - lse_chunks.unsqueeze(-1))
+    probs = f.logits.sub_(lse_chunks.unsqueeze(-1)).exp_()
     drop = _dropout_multipliers(keep, dropout_p, f)
     weights = probs if drop is None else probs * drop
 
     grad_probs = torch.matmul(g, f.all_values().transpose(-1, -2)).to(acc)
     if drop is not None:
-        grad_probs = grad_probs * drop
+        grad_probs.mul_(drop)
     # rowsum(P * dP) = dout . out, with or without dropout.
     row_dot = (g.to(acc) * o.to(acc)).sum(-1, keepdim=True)
-    grad_logits = (probs * (grad_probs - row_dot) * scale).to(mm)
+    grad_logits = grad_probs.sub_(row_dot).mul_(probs).mul_(scale).to(mm)
     weights = weights.to(mm)
     grad_exact, grad_summary = grad_logits.split([2 * w, num_clusters], dim=-1)
     weights_exact, weights_summary = weights.split([2 * w, num_clusters], dim=-1)
