@@ -53,6 +53,11 @@ def main(out: Path):
         print(f"{name:<18}{test[name]:>10.4f}{last[1]:>16.4f}{last[0]:>9}")
     verdict = "within" if ratio <= 1 + TOLERANCE else "NOT within"
     print(f"causal_clustered / full = {ratio:.4f} ({verdict} {TOLERANCE:.0%})")
+    cross = out / "full" / "eval_as_causal_clustered.log"
+    if cross.exists():
+        cross_bpc = test_bits_per_character(cross)
+        print(f"full model evaluated with causal clustered attention: {cross_bpc:.4f} bpc "
+              f"({cross_bpc / test['full']:.4f} x its own)")
 
     import matplotlib
     matplotlib.use("Agg")
