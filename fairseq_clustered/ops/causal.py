@@ -50,7 +50,6 @@ from .validation import (
     check_attention_inputs,
     check_clustering_args,
     check_int_range,
-    check_planes,
     check_probability,
 )
 
