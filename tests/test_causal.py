@@ -506,3 +506,42 @@ def test_key_clusters_op_matches_its_reference():
     for window, num_clusters in ((8, 5), (50, 7), (100, 3)):
         expected = causal_ops.causal_key_clusters_ref(codes, mask, window, num_clusters, 4, 20)
         assert torch.equal(causal_ops.causal_key_clusters_op(codes, mask, window, num_clusters, 4, 20), expected)
+
+
+def test_translation_decoder_can_opt_in():
+    """ClusteredCausalTransformerDecoder with encoder-decoder attention (a translation
+    decoder): causal clustered self-attention, exact cross-attention, no leak of target
+    tokens, and incremental decoding equal to the whole pass while it is exact (<= 2W)."""
+    pytest.importorskip("fairseq")
+    from argparse import Namespace
+
+    from fairseq.data import Dictionary
+    from fairseq.models.transformer import base_architecture
+
+    from fairseq_clustered.models.clustered_lm import ClusteredCausalTransformerDecoder
+
+    dictionary = Dictionary()
+    for index in range(20):
+        dictionary.add_symbol(f"w{index}")
+    args = Namespace(encoder_embed_dim=32, decoder_embed_dim=32, encoder_ffn_embed_dim=64,
+                     decoder_ffn_embed_dim=64, encoder_attention_heads=4, decoder_attention_heads=4,
+                     encoder_layers=1, decoder_layers=2, max_target_positions=256, max_source_positions=256,
+                     clustered_window=4, clustered_num_clusters=3, clustered_bits=12, seed=5)
+    base_architecture(args)
+    torch.manual_seed(0)
+    decoder = ClusteredCausalTransformerDecoder(
+        args, dictionary, torch.nn.Embedding(len(dictionary), 32, dictionary.pad()), no_encoder_attn=False
+    ).eval()
+    assert [attn.attention for attn in decoder.self_attentions()] == ["causal_clustered"] * 2
+    assert decoder.layers[0].encoder_attn is not None
+    gen = torch.Generator().manual_seed(1)
+    encoder_out = {"encoder_out": [torch.randn(7, 2, 32, generator=gen)],
+                   "encoder_padding_mask": [torch.zeros(2, 7, dtype=torch.bool)]}
+    tokens = torch.randint(dictionary.nspecial, len(dictionary), (2, 30), generator=gen)
+    logits = decoder(tokens, encoder_out=encoder_out)[0]
+    changed = tokens.clone()
+    changed[:, 16:] = dictionary.nspecial
+    assert torch.equal(decoder(changed, encoder_out=encoder_out)[0][:, :16], logits[:, :16])
+    state = {}
+    steps = [decoder(tokens[:, : t + 1], encoder_out=encoder_out, incremental_state=state)[0] for t in range(8)]
+    torch.testing.assert_close(torch.cat(steps, 1), logits[:, :8], atol=1e-5, rtol=1e-5)
