@@ -13,54 +13,70 @@ namespace {
 constexpr int SEG_THREADS = 128;
 
 // out[bh, c, :] = sum (or mean) over the members of cluster c of x[bh, order[p], :].
-// Thread groups of `width` threads stride over the members; the groups' partial sums
-// are combined in a fixed order.
+// Each warp takes every 4th member (lanes cover the width, up to 4 values each, with
+// four members' loads in flight); the four warps' sums are combined in a fixed order,
+// so the result does not depend on scheduling.
 template <typename scalar_t>
 __global__ void segment_sum_kernel(Rows<const scalar_t> x, int width, const int64_t* __restrict__ order,
                                    const int64_t* __restrict__ seg_start, int length, int clusters, bool mean,
                                    float* __restrict__ out) {
-  __shared__ float partial[SEG_THREADS];
+  constexpr int WARPS = SEG_THREADS / 32;
+  __shared__ float partial[WARPS][SEG_THREADS];
   const int64_t bh = blockIdx.y;
   const int c = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
   const int64_t start = seg_start[bh * (clusters + 1) + c];
   const int64_t stop = seg_start[bh * (clusters + 1) + c + 1];
-  const int groups = SEG_THREADS / width;
-  const int g = threadIdx.x / width, e = threadIdx.x % width;
-  float acc = 0.f;
-  if (g < groups) {
-    // Four independent accumulators keep several loads in flight (the members are
-    // scattered rows); they are combined in a fixed order, so the sum stays deterministic.
-    float acc4[4] = {0.f, 0.f, 0.f, 0.f};
-    int64_t p = start + g;
-    for (; p + 3 * groups < stop; p += 4 * groups) {
+  const int64_t b = bh / x.heads, h = bh - b * x.heads;
+  const scalar_t* base = x.ptr + b * x.sb + h * x.sh;
+  const int64_t* ord = order + bh * length;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int64_t p = start + warp;
+  for (; p + 3 * WARPS < stop; p += 4 * WARPS) {
+    const scalar_t* rows[4];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) acc4[u] += to_float(x.row(bh, order[bh * length + p + u * groups])[e]);
+    for (int u = 0; u < 4; ++u) rows[u] = base + ord[p + u * WARPS] * x.sl;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int e = lane + 32 * r;
+        if (e < width) acc[r] += to_float(rows[u][e]);
+      }
     }
-    for (; p < stop; p += groups) acc4[0] += to_float(x.row(bh, order[bh * length + p])[e]);
-    acc = (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]);
   }
-  partial[threadIdx.x] = acc;
+  for (; p < stop; p += WARPS) {
+    const scalar_t* row = base + ord[p] * x.sl;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int e = lane + 32 * r;
+      if (e < width) acc[r] += to_float(row[e]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) partial[warp][lane + 32 * r] = acc[r];
   __syncthreads();
-  if (threadIdx.x < width) {
+  const int e = threadIdx.x;
+  if (e < width) {
     float total = 0.f;
-    for (int k = 0; k < groups; ++k) total += partial[k * width + threadIdx.x];
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) total += partial[w][e];
     if (mean && stop > start) total /= static_cast<float>(stop - start);
-    out[(bh * clusters + c) * width + threadIdx.x] = total;
+    out[(bh * clusters + c) * width + e] = total;
   }
 }
 
-// out[b, h, n, :] = src[bh, assignment, :] (zeros for padded queries).
+// out[b, h, n, :] = src[bh, assignment, :] (zeros for padded queries); one warp per query.
 template <typename scalar_t>
 __global__ void broadcast_kernel(const float* __restrict__ src, const int64_t* __restrict__ assignments,
-                                 int64_t rows, int length, int clusters, int width, scalar_t* __restrict__ out) {
-  const int64_t total = rows * length * width;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t q = idx / width;
-    const int e = static_cast<int>(idx - q * width);
-    const int64_t bh = q / length;
+                                 int64_t queries, int length, int clusters, int width, scalar_t* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; q < queries; q += warps) {
     const int64_t a = assignments[q];
-    out[idx] = from_float<scalar_t>(a < 0 ? 0.f : src[(bh * clusters + a) * width + e]);
+    const float* row = src + ((q / length) * clusters + (a < 0 ? 0 : a)) * width;
+    scalar_t* dst = out + q * width;
+    for (int e = lane; e < width; e += 32) dst[e] = from_float<scalar_t>(a < 0 ? 0.f : row[e]);
   }
 }
 
@@ -80,59 +96,79 @@ struct TopKeys {
   }
 };
 
-// Lane `lane` of the warp gets the scaled logit s q . k_t for key t = t0 + lane of the
-// cluster's top list (-inf where t >= K or the key is padded). Each lane holds VPL
-// consecutive dims of q.
-template <int VPL, typename scalar_t>
-__device__ __forceinline__ float block_logits(const Rows<const scalar_t>& k, const TopKeys& top, int64_t bh, int j,
-                                              int t0, const float (&q)[VPL], float scale, int lane) {
-  float part[32];
-#pragma unroll
-  for (int tt = 0; tt < 32; ++tt) {
-    part[tt] = 0.f;
-    const int t = t0 + tt;
-    if (t < top.topk) {
-      float kv[VPL];
-      load_vec<VPL>(k.row(bh, top.key(bh, j, t)) + lane * VPL, kv);
-#pragma unroll
-      for (int e = 0; e < VPL; ++e) part[tt] = fmaf(q[e], kv[e], part[tt]);
-    }
-  }
-  float logit = warp_transpose_sum(part, lane) * scale;
+// The cluster's top keys are handled in blocks of 32: lane t holds the index of key
+// t0 + t (loaded once, coalesced) and shuffles hand it to the other lanes, so the 32
+// row loads of a block are independent and all in flight at once. Slots past K use
+// row 0 (always present) with zero weight instead of a branch.
+struct KeySlot {
+  int64_t key;   // this lane's key index (0 for an empty slot)
+  bool live;     // slot < K and the key is not padded
+  bool in_range; // slot < K
+};
+
+__device__ __forceinline__ KeySlot key_slot(const TopKeys& top, int64_t bh, int j, int t0, int lane) {
   const int t = t0 + lane;
-  if (t >= top.topk || !top.valid(bh, top.key(bh, j, t))) logit = -INFINITY;
-  return logit;
+  KeySlot slot{0, false, t < top.topk};
+  if (slot.in_range) {
+    slot.key = top.key(bh, j, t);
+    slot.live = top.valid(bh, slot.key);
+  }
+  return slot;
 }
 
-// Lane gets g . v_t for key t = t0 + lane (0 beyond K).
+// Lane gets the scaled logit s q . k for its slot (-inf when not live).
 template <int VPL, typename scalar_t>
-__device__ __forceinline__ float block_dots(const Rows<const scalar_t>& v, const TopKeys& top, int64_t bh, int j,
-                                            int t0, const float (&g)[VPL], int lane) {
+__device__ __forceinline__ float block_logits(const scalar_t* k_base, int64_t k_stride, const KeySlot& slot,
+                                              const float (&q)[VPL], float scale, int lane) {
   float part[32];
 #pragma unroll
   for (int tt = 0; tt < 32; ++tt) {
+    const int64_t key = __shfl_sync(FULL_MASK, slot.key, tt);
+    float kv[VPL];
+    load_vec<VPL>(k_base + key * k_stride + lane * VPL, kv);
     part[tt] = 0.f;
-    const int t = t0 + tt;
-    if (t < top.topk) {
-      float vv[VPL];
-      load_vec<VPL>(v.row(bh, top.key(bh, j, t)) + lane * VPL, vv);
 #pragma unroll
-      for (int e = 0; e < VPL; ++e) part[tt] = fmaf(g[e], vv[e], part[tt]);
-    }
+    for (int e = 0; e < VPL; ++e) part[tt] = fmaf(q[e], kv[e], part[tt]);
+  }
+  const float logit = warp_transpose_sum(part, lane) * scale;
+  return slot.live ? logit : -INFINITY;
+}
+
+// Lane gets g . v for its slot.
+template <int VPL, typename scalar_t>
+__device__ __forceinline__ float block_dots(const scalar_t* v_base, int64_t v_stride, const KeySlot& slot,
+                                            const float (&g)[VPL], int lane) {
+  float part[32];
+#pragma unroll
+  for (int tt = 0; tt < 32; ++tt) {
+    const int64_t key = __shfl_sync(FULL_MASK, slot.key, tt);
+    float vv[VPL];
+    load_vec<VPL>(v_base + key * v_stride + lane * VPL, vv);
+    part[tt] = 0.f;
+#pragma unroll
+    for (int e = 0; e < VPL; ++e) part[tt] = fmaf(g[e], vv[e], part[tt]);
   }
   return warp_transpose_sum(part, lane);
 }
 
-// Softmax statistics (running max m, sum l) of a query's logits over its top keys.
+template <typename T>
+__device__ __forceinline__ const T* head_base(const Rows<const T>& r, int64_t bh) {
+  const int64_t b = bh / r.heads, h = bh - b * r.heads;
+  return r.ptr + b * r.sb + h * r.sh;
+}
+
+// Softmax statistics (max m, sum l) of a query's logits over its top keys; the first
+// block's slot and logit are returned for reuse (K <= 32 needs no second pass).
 template <int VPL, typename scalar_t>
-__device__ __forceinline__ void softmax_stats(const Rows<const scalar_t>& k, const TopKeys& top, int64_t bh, int j,
-                                              const float (&q)[VPL], float scale, int lane, float& m, float& l,
-                                              float& first_logit) {
+__device__ __forceinline__ void softmax_stats(const scalar_t* k_base, int64_t k_stride, const TopKeys& top,
+                                              int64_t bh, int j, const float (&q)[VPL], float scale, int lane,
+                                              float& m, float& l, KeySlot& first_slot, float& first_logit) {
   m = -INFINITY;
   l = 0.f;
   for (int t0 = 0; t0 < top.topk; t0 += 32) {
-    const float logit = block_logits<VPL>(k, top, bh, j, t0, q, scale, lane);
-    if (t0 == 0) first_logit = logit;
+    const KeySlot slot = key_slot(top, bh, j, t0, lane);
+    const float logit = block_logits<VPL>(k_base, k_stride, slot, q, scale, lane);
+    if (t0 == 0) { first_slot = slot; first_logit = logit; }
     const float m_new = fmaxf(m, warp_max(logit));
     if (m_new == -INFINITY) continue;
     const float p = logit == -INFINITY ? 0.f : __expf(logit - m_new);
@@ -169,26 +205,29 @@ __global__ void improved_exact_fwd_kernel(Rows<const scalar_t> q, Rows<const sca
     return;
   }
   const int j = static_cast<int>(j64);
+  const scalar_t* k_base = head_base(k, bh);
+  const scalar_t* v_base = head_base(v, bh);
   float qv[VPL];
-  load_vec<VPL>(q.row(bh, i) + lane * VPL, qv);
-  float m, l, first;
-  softmax_stats<VPL>(k, top, bh, j, qv, scale, lane, m, l, first);
+  load_vec<VPL>(head_base(q, bh) + i * q.sl + lane * VPL, qv);
+  float m, l, first_logit;
+  KeySlot first_slot;
+  softmax_stats<VPL>(k_base, k.sl, top, bh, j, qv, scale, lane, m, l, first_slot, first_logit);
   float acc[VPL];
 #pragma unroll
   for (int e = 0; e < VPL; ++e) acc[e] = 0.f;
   if (l > 0.f) {
     const float inv_l = 1.f / l;
     for (int t0 = 0; t0 < top.topk; t0 += 32) {
-      const float logit = t0 == 0 ? first : block_logits<VPL>(k, top, bh, j, t0, qv, scale, lane);
-      const int t_own = t0 + lane;
+      const KeySlot slot = t0 == 0 ? first_slot : key_slot(top, bh, j, t0, lane);
+      const float logit = t0 == 0 ? first_logit : block_logits<VPL>(k_base, k.sl, slot, qv, scale, lane);
       float w = logit == -INFINITY ? 0.f : __expf(logit - m) * inv_l;
-      if (t_own < top.topk) w *= top.drop_mult(bh, j, t_own);
-      const int count = min(32, top.topk - t0);
-      for (int tt = 0; tt < count; ++tt) {
+      if (slot.in_range) w *= top.drop_mult(bh, j, t0 + lane);
+#pragma unroll
+      for (int tt = 0; tt < 32; ++tt) {
         const float wt = __shfl_sync(FULL_MASK, w, tt);
-        if (wt == 0.f) continue;  // uniform across the warp
+        const int64_t key = __shfl_sync(FULL_MASK, slot.key, tt);
         float vv[VPL];
-        load_vec<VPL>(v.row(bh, top.key(bh, j, t0 + tt)) + lane * VPL, vv);
+        load_vec<VPL>(v_base + key * v.sl + lane * VPL, vv);
 #pragma unroll
         for (int e = 0; e < VPL; ++e) acc[e] = fmaf(wt, vv[e], acc[e]);
       }
@@ -203,7 +242,7 @@ __global__ void improved_exact_fwd_kernel(Rows<const scalar_t> q, Rows<const sca
     store_vec<VPL>(out + (bh * length + i) * D + lane * VPL, o);
   } else {
     float g[VPL];
-    load_vec<VPL>(grad_out.row(bh, i) + lane * VPL, g);
+    load_vec<VPL>(head_base(grad_out, bh) + i * grad_out.sl + lane * VPL, g);
     float dot = 0.f;
 #pragma unroll
     for (int e = 0; e < VPL; ++e) dot = fmaf(g[e], acc[e], dot);
@@ -233,6 +272,10 @@ __global__ void improved_exact_bwd_kernel(Rows<const scalar_t> grad_out, Rows<co
   const int64_t bh = blockIdx.y;
   const int p0 = (blockIdx.x * (blockDim.x / 32) + warp) * per_warp;
   const int p1 = min(p0 + per_warp, length);
+  const scalar_t* k_base = head_base(k, bh);
+  const scalar_t* v_base = head_base(v, bh);
+  const scalar_t* q_base = head_base(q, bh);
+  const scalar_t* g_base = head_base(grad_out, bh);
   if (AGG) {
     for (int idx = lane; idx < 64 * D; idx += 32) wk[idx] = 0.f;
   }
@@ -241,19 +284,20 @@ __global__ void improved_exact_bwd_kernel(Rows<const scalar_t> grad_out, Rows<co
 
   auto flush = [&](int jc) {
     __syncwarp();
-    const int count = min(32, top.topk);
-    for (int t = 0; t < count; ++t) {
-      const int64_t key = top.key(bh, jc, t);
-      if (!top.valid(bh, key)) continue;  // weights of padded keys are zero
-      float* dkr = dk + (bh * top.keys + key) * D + lane * VPL;
-      float* dvr = dv + (bh * top.keys + key) * D + lane * VPL;
+    const KeySlot slot = key_slot(top, bh, jc, 0, lane);
+    for (int t = 0; t < min(32, top.topk); ++t) {
+      const int64_t key = __shfl_sync(FULL_MASK, slot.key, t);
+      const bool live = __shfl_sync(FULL_MASK, slot.live, t);
+      float* wkr = wk + t * D + lane * VPL;
+      float* wvr = wv + t * D + lane * VPL;
+      if (live) {  // weights of padded keys are zero
+        float* dkr = dk + (bh * top.keys + key) * D + lane * VPL;
+        float* dvr = dv + (bh * top.keys + key) * D + lane * VPL;
 #pragma unroll
-      for (int e = 0; e < VPL; ++e) {
-        atomicAdd(dkr + e, wk[t * D + lane * VPL + e]);
-        atomicAdd(dvr + e, wv[t * D + lane * VPL + e]);
-        wk[t * D + lane * VPL + e] = 0.f;
-        wv[t * D + lane * VPL + e] = 0.f;
+        for (int e = 0; e < VPL; ++e) { atomicAdd(dkr + e, wkr[e]); atomicAdd(dvr + e, wvr[e]); }
       }
+#pragma unroll
+      for (int e = 0; e < VPL; ++e) { wkr[e] = 0.f; wvr[e] = 0.f; }
     }
     __syncwarp();
   };
@@ -274,41 +318,42 @@ __global__ void improved_exact_bwd_kernel(Rows<const scalar_t> grad_out, Rows<co
       run_cluster = j;
     }
     float qv[VPL], ge[VPL], dqv[VPL];
-    load_vec<VPL>(q.row(bh, i) + lane * VPL, qv);
-    load_vec<VPL>(grad_out.row(bh, i) + lane * VPL, ge);
+    load_vec<VPL>(q_base + i * q.sl + lane * VPL, qv);
+    load_vec<VPL>(g_base + i * grad_out.sl + lane * VPL, ge);
     const float mj = mass[bh * top.clusters + j];
 #pragma unroll
     for (int e = 0; e < VPL; ++e) { ge[e] *= mj; dqv[e] = dq_bar[(bh * top.clusters + j) * D + lane * VPL + e]; }
-    float m, l, first;
-    softmax_stats<VPL>(k, top, bh, j, qv, scale, lane, m, l, first);
+    float m, l, first_logit;
+    KeySlot first_slot;
+    softmax_stats<VPL>(k_base, k.sl, top, bh, j, qv, scale, lane, m, l, first_slot, first_logit);
     if (l > 0.f) {
       const float inv_l = 1.f / l;
       // delta = sum_t p_t gtp_t with gtp_t = (grad_exact . v_t) drop_t
       float delta = 0.f, first_dot = 0.f;
       for (int t0 = 0; t0 < top.topk; t0 += 32) {
-        const float logit = t0 == 0 ? first : block_logits<VPL>(k, top, bh, j, t0, qv, scale, lane);
-        const float dotv = block_dots<VPL>(v, top, bh, j, t0, ge, lane);
+        const KeySlot slot = t0 == 0 ? first_slot : key_slot(top, bh, j, t0, lane);
+        const float logit = t0 == 0 ? first_logit : block_logits<VPL>(k_base, k.sl, slot, qv, scale, lane);
+        const float dotv = block_dots<VPL>(v_base, v.sl, slot, ge, lane);
         if (t0 == 0) first_dot = dotv;
-        const int t_own = t0 + lane;
         const float prob = logit == -INFINITY ? 0.f : __expf(logit - m) * inv_l;
-        const float drop = t_own < top.topk ? top.drop_mult(bh, j, t_own) : 0.f;
+        const float drop = slot.in_range ? top.drop_mult(bh, j, t0 + lane) : 0.f;
         delta += warp_sum(prob * dotv * drop);
       }
       for (int t0 = 0; t0 < top.topk; t0 += 32) {
-        const float logit = t0 == 0 ? first : block_logits<VPL>(k, top, bh, j, t0, qv, scale, lane);
-        const float dotv = t0 == 0 ? first_dot : block_dots<VPL>(v, top, bh, j, t0, ge, lane);
-        const int t_own = t0 + lane;
+        const KeySlot slot = t0 == 0 ? first_slot : key_slot(top, bh, j, t0, lane);
+        const float logit = t0 == 0 ? first_logit : block_logits<VPL>(k_base, k.sl, slot, qv, scale, lane);
+        const float dotv = t0 == 0 ? first_dot : block_dots<VPL>(v_base, v.sl, slot, ge, lane);
         const float prob = logit == -INFINITY ? 0.f : __expf(logit - m) * inv_l;
-        const float drop = t_own < top.topk ? top.drop_mult(bh, j, t_own) : 0.f;
+        const float drop = slot.in_range ? top.drop_mult(bh, j, t0 + lane) : 0.f;
         const float glog_own = prob * (dotv * drop - delta) * scale;
         const float w_own = prob * drop;
-        const int count = min(32, top.topk - t0);
-        for (int tt = 0; tt < count; ++tt) {
+#pragma unroll
+        for (int tt = 0; tt < 32; ++tt) {
           const float glog = __shfl_sync(FULL_MASK, glog_own, tt);
           const float w = __shfl_sync(FULL_MASK, w_own, tt);
-          const int64_t key = top.key(bh, j, t0 + tt);
+          const int64_t key = __shfl_sync(FULL_MASK, slot.key, tt);
           float kv[VPL];
-          load_vec<VPL>(k.row(bh, key) + lane * VPL, kv);
+          load_vec<VPL>(k_base + key * k.sl + lane * VPL, kv);
 #pragma unroll
           for (int e = 0; e < VPL; ++e) dqv[e] = fmaf(glog, kv[e], dqv[e]);
           if (AGG) {
@@ -380,11 +425,11 @@ at::Tensor broadcast_cuda(const at::Tensor& src, const at::Tensor& assignments, 
   const int64_t rows = src.size(0), C = src.size(1), E = src.size(2), N = a.size(2);
   at::Tensor out = at::empty({a.size(0), a.size(1), N, E}, src.options().dtype(dtype));
   if (out.numel() == 0) return out;
-  const int64_t total = out.numel();
-  const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 32LL * num_sms()));
+  const int64_t queries = a.numel();
+  const int blocks = static_cast<int>(std::min<int64_t>((queries + 7) / 8, 64LL * num_sms()));
   auto stream = c10::cuda::getCurrentCUDAStream();
   FCL_DISPATCH_FLOAT(dtype, "broadcast", [&] {
-    broadcast_kernel<scalar_t><<<blocks, 256, 0, stream>>>(src.data_ptr<float>(), a.data_ptr<int64_t>(), rows,
+    broadcast_kernel<scalar_t><<<blocks, 256, 0, stream>>>(src.data_ptr<float>(), a.data_ptr<int64_t>(), queries,
                                                            static_cast<int>(N), static_cast<int>(C),
                                                            static_cast<int>(E), out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
