@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call for the CUDA kernels: build the extension, report which kernels
-# loaded, run the kernel tests, compute-sanitizer (memcheck + racecheck) over the
-# kernel tests at small sizes, and the attention benchmark.
+# loaded, run the kernel tests, the attention benchmark, and compute-sanitizer
+# (memcheck + racecheck) over the kernel tests at small sizes.
 #
 #   bash benchmarks/gpu_check.sh                         # everything
 #   STAGES=build,test bash benchmarks/gpu_check.sh       # a subset
@@ -14,7 +14,7 @@ OUT=${OUT:-/tmp/fcl_gpu_check}
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-build,test,sanitize,bench}
+STAGES=${STAGES:-build,test,bench,sanitize}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 status=0
 
@@ -35,11 +35,15 @@ if has test; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
+if has bench; then
+  echo "== benchmark"
+  $PY benchmarks/bench_attention.py --out "$OUT/bench_attention" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^  N=" | tail -60
+fi
 if has sanitize; then
   # Small sizes (FCL_SANITIZE=1); opcheck / compile / graphs are left out (no new kernels there).
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer $tool"
-    FCL_SANITIZE=1 timeout 240 compute-sanitizer --tool $tool --print-limit 20 \
+    FCL_SANITIZE=1 timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool $tool --print-limit 20 \
       $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py \
       -k "gpu and not opcheck and not compile and not graph and not float16 and not float32" \
       >"$OUT/sanitize_$tool.log" 2>&1
@@ -49,8 +53,4 @@ if has sanitize; then
   done
 fi
 
-if has bench; then
-  echo "== benchmark"
-  $PY benchmarks/bench_attention.py --out "$OUT/bench_attention" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^  N=" | tail -60
-fi
 exit $status

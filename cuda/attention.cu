@@ -66,17 +66,33 @@ __global__ void segment_sum_kernel(Rows<const scalar_t> x, int width, const int6
   }
 }
 
-// out[b, h, n, :] = src[bh, assignment, :] (zeros for padded queries); one warp per query.
-template <typename scalar_t>
+// out[b, h, n, :] = src[bh, assignment, :] (zeros for padded queries). Each thread
+// writes VEC consecutive values (16 bytes for bf16 / fp16 when the width allows it).
+template <int VEC, typename scalar_t>
 __global__ void broadcast_kernel(const float* __restrict__ src, const int64_t* __restrict__ assignments,
                                  int64_t queries, int length, int clusters, int width, scalar_t* __restrict__ out) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  for (int64_t q = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; q < queries; q += warps) {
+  const int per_row = width / VEC;
+  const int64_t total = queries * per_row;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t q = idx / per_row;
+    const int e0 = static_cast<int>(idx - q * per_row) * VEC;
     const int64_t a = assignments[q];
-    const float* row = src + ((q / length) * clusters + (a < 0 ? 0 : a)) * width;
-    scalar_t* dst = out + q * width;
-    for (int e = lane; e < width; e += 32) dst[e] = from_float<scalar_t>(a < 0 ? 0.f : row[e]);
+    const float* row = src + ((q / length) * clusters + (a < 0 ? 0 : a)) * width + e0;
+    float vals[VEC];
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) vals[u] = a < 0 ? 0.f : row[u];
+    uint4 raw[(VEC * sizeof(scalar_t) + 15) / 16];
+    scalar_t* packed = reinterpret_cast<scalar_t*>(raw);
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) packed[u] = from_float<scalar_t>(vals[u]);
+    scalar_t* dst = out + q * width + e0;
+    if (VEC * sizeof(scalar_t) == 16) {
+      *reinterpret_cast<uint4*>(dst) = raw[0];
+    } else {
+#pragma unroll
+      for (int u = 0; u < VEC; ++u) dst[u] = packed[u];
+    }
   }
 }
 
@@ -151,6 +167,40 @@ __device__ __forceinline__ float block_dots(const scalar_t* v_base, int64_t v_st
   return warp_transpose_sum(part, lane);
 }
 
+// Per-warp shared-memory copy of the current cluster's top-key rows (K <= 32): the
+// members of a cluster are consecutive in sorted order, so a warp walking them loads
+// the 32 key and value rows once per cluster instead of once per query.
+template <int VPL, typename scalar_t>
+__device__ __forceinline__ void fill_cache(const scalar_t* k_base, int64_t k_stride, const scalar_t* v_base,
+                                           int64_t v_stride, const KeySlot& slot, int lane, scalar_t* kc,
+                                           scalar_t* vc) {
+  constexpr int D = 32 * VPL;
+  __syncwarp();
+#pragma unroll
+  for (int tt = 0; tt < 32; ++tt) {
+    const int64_t key = __shfl_sync(FULL_MASK, slot.key, tt);
+#pragma unroll
+    for (int e = 0; e < VPL; ++e) {
+      kc[tt * D + lane * VPL + e] = k_base[key * k_stride + lane * VPL + e];
+      vc[tt * D + lane * VPL + e] = v_base[key * v_stride + lane * VPL + e];
+    }
+  }
+  __syncwarp();
+}
+
+template <int VPL, typename scalar_t>
+__device__ __forceinline__ float cached_dots(const scalar_t* rows, const float (&x)[VPL], int lane) {
+  constexpr int D = 32 * VPL;
+  float part[32];
+#pragma unroll
+  for (int tt = 0; tt < 32; ++tt) {
+    part[tt] = 0.f;
+#pragma unroll
+    for (int e = 0; e < VPL; ++e) part[tt] = fmaf(x[e], to_float(rows[tt * D + lane * VPL + e]), part[tt]);
+  }
+  return warp_transpose_sum(part, lane);
+}
+
 template <typename T>
 __device__ __forceinline__ const T* head_base(const Rows<const T>& r, int64_t bh) {
   const int64_t b = bh / r.heads, h = bh - b * r.heads;
@@ -179,75 +229,107 @@ __device__ __forceinline__ void softmax_stats(const scalar_t* k_base, int64_t k_
 
 // MODE 0: out_i = mass_j * exact_i + rest_j. MODE 1: gm_i = grad_out_i . exact_i.
 // exact_i = sum_t softmax_t(s q_i . k_t) drop_t v_t over the top keys of i's cluster.
-template <int MODE, int VPL, typename scalar_t>
+// Each warp walks `per_warp` consecutive sorted positions; with CACHE (K <= 32) the
+// cluster's key / value rows come from the warp's shared-memory cache.
+template <int MODE, bool CACHE, int VPL, typename scalar_t>
 __global__ void improved_exact_fwd_kernel(Rows<const scalar_t> q, Rows<const scalar_t> k, Rows<const scalar_t> v,
                                           Rows<const scalar_t> grad_out, const int64_t* __restrict__ assignments,
                                           const int64_t* __restrict__ order, TopKeys top,
                                           const float* __restrict__ mass, const float* __restrict__ rest,
-                                          int length, float scale, scalar_t* __restrict__ out,
+                                          int length, int per_warp, float scale, scalar_t* __restrict__ out,
                                           float* __restrict__ gm) {
   constexpr int D = 32 * VPL;
+  extern __shared__ __align__(16) unsigned char smem_fwd[];
   const int lane = threadIdx.x & 31;
-  const int p = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (p >= length) return;
+  const int warp = threadIdx.x / 32;
+  scalar_t* kc = reinterpret_cast<scalar_t*>(smem_fwd) + warp * 2 * 32 * D;
+  scalar_t* vc = kc + 32 * D;
   const int64_t bh = blockIdx.y;
-  const int64_t i = order[bh * length + p];
-  const int64_t j64 = assignments[bh * length + i];
-  if (j64 < 0) {  // padded query
-    if (MODE == 0) {
-      float zero[VPL];
-#pragma unroll
-      for (int e = 0; e < VPL; ++e) zero[e] = 0.f;
-      store_vec<VPL>(out + (bh * length + i) * D + lane * VPL, zero);
-    } else if (lane == 0) {
-      gm[bh * length + i] = 0.f;
-    }
-    return;
-  }
-  const int j = static_cast<int>(j64);
+  const int p0 = (blockIdx.x * (blockDim.x / 32) + warp) * per_warp;
+  const int p1 = min(p0 + per_warp, length);
   const scalar_t* k_base = head_base(k, bh);
   const scalar_t* v_base = head_base(v, bh);
-  float qv[VPL];
-  load_vec<VPL>(head_base(q, bh) + i * q.sl + lane * VPL, qv);
-  float m, l, first_logit;
-  KeySlot first_slot;
-  softmax_stats<VPL>(k_base, k.sl, top, bh, j, qv, scale, lane, m, l, first_slot, first_logit);
-  float acc[VPL];
+  int cached = -1;
+  KeySlot cslot{0, false, false};
+  for (int p = p0; p < p1; ++p) {
+    const int64_t i = order[bh * length + p];
+    const int64_t j64 = assignments[bh * length + i];
+    if (j64 < 0) {  // padded query
+      if (MODE == 0) {
+        float zero[VPL];
 #pragma unroll
-  for (int e = 0; e < VPL; ++e) acc[e] = 0.f;
-  if (l > 0.f) {
-    const float inv_l = 1.f / l;
-    for (int t0 = 0; t0 < top.topk; t0 += 32) {
-      const KeySlot slot = t0 == 0 ? first_slot : key_slot(top, bh, j, t0, lane);
-      const float logit = t0 == 0 ? first_logit : block_logits<VPL>(k_base, k.sl, slot, qv, scale, lane);
-      float w = logit == -INFINITY ? 0.f : __expf(logit - m) * inv_l;
-      if (slot.in_range) w *= top.drop_mult(bh, j, t0 + lane);
+        for (int e = 0; e < VPL; ++e) zero[e] = 0.f;
+        store_vec<VPL>(out + (bh * length + i) * D + lane * VPL, zero);
+      } else if (lane == 0) {
+        gm[bh * length + i] = 0.f;
+      }
+      continue;
+    }
+    const int j = static_cast<int>(j64);
+    float qv[VPL];
+    load_vec<VPL>(head_base(q, bh) + i * q.sl + lane * VPL, qv);
+    float acc[VPL];
 #pragma unroll
-      for (int tt = 0; tt < 32; ++tt) {
-        const float wt = __shfl_sync(FULL_MASK, w, tt);
-        const int64_t key = __shfl_sync(FULL_MASK, slot.key, tt);
-        float vv[VPL];
-        load_vec<VPL>(v_base + key * v.sl + lane * VPL, vv);
+    for (int e = 0; e < VPL; ++e) acc[e] = 0.f;
+    if constexpr (CACHE) {
+      if (j != cached) {
+        cslot = key_slot(top, bh, j, 0, lane);
+        fill_cache<VPL>(k_base, k.sl, v_base, v.sl, cslot, lane, kc, vc);
+        cached = j;
+      }
+      float logit = cached_dots<VPL>(kc, qv, lane) * scale;
+      if (!cslot.live) logit = -INFINITY;
+      const float m = warp_max(logit);
+      if (m != -INFINITY) {
+        float w = logit == -INFINITY ? 0.f : __expf(logit - m);
+        w /= warp_sum(w);
+        if (cslot.in_range) w *= top.drop_mult(bh, j, lane);
 #pragma unroll
-        for (int e = 0; e < VPL; ++e) acc[e] = fmaf(wt, vv[e], acc[e]);
+        for (int tt = 0; tt < 32; ++tt) {
+          const float wt = __shfl_sync(FULL_MASK, w, tt);
+#pragma unroll
+          for (int e = 0; e < VPL; ++e) acc[e] = fmaf(wt, to_float(vc[tt * D + lane * VPL + e]), acc[e]);
+        }
+      }
+    } else {
+      float m, l, first_logit;
+      KeySlot first_slot;
+      softmax_stats<VPL>(k_base, k.sl, top, bh, j, qv, scale, lane, m, l, first_slot, first_logit);
+      if (l > 0.f) {
+        const float inv_l = 1.f / l;
+        for (int t0 = 0; t0 < top.topk; t0 += 32) {
+          const KeySlot slot = t0 == 0 ? first_slot : key_slot(top, bh, j, t0, lane);
+          const float logit = t0 == 0 ? first_logit : block_logits<VPL>(k_base, k.sl, slot, qv, scale, lane);
+          float w = logit == -INFINITY ? 0.f : __expf(logit - m) * inv_l;
+          if (slot.in_range) w *= top.drop_mult(bh, j, t0 + lane);
+#pragma unroll
+          for (int tt = 0; tt < 32; ++tt) {
+            const float wt = __shfl_sync(FULL_MASK, w, tt);
+            const int64_t key = __shfl_sync(FULL_MASK, slot.key, tt);
+            float vv[VPL];
+            load_vec<VPL>(v_base + key * v.sl + lane * VPL, vv);
+#pragma unroll
+            for (int e = 0; e < VPL; ++e) acc[e] = fmaf(wt, vv[e], acc[e]);
+          }
+        }
       }
     }
-  }
-  if (MODE == 0) {
-    const float mj = mass[bh * top.clusters + j];
-    const float* rj = rest + (bh * top.clusters + j) * D + lane * VPL;
-    float o[VPL];
+    if (MODE == 0) {
+      const float mj = mass[bh * top.clusters + j];
+      const float* rj = rest + (bh * top.clusters + j) * D + lane * VPL;
+      float o[VPL];
 #pragma unroll
-    for (int e = 0; e < VPL; ++e) o[e] = fmaf(mj, acc[e], rj[e]);
-    store_vec<VPL>(out + (bh * length + i) * D + lane * VPL, o);
-  } else {
-    float g[VPL];
-    load_vec<VPL>(head_base(grad_out, bh) + i * grad_out.sl + lane * VPL, g);
-    float dot = 0.f;
+      for (int e = 0; e < VPL; ++e) o[e] = fmaf(mj, acc[e], rj[e]);
+      store_vec<VPL>(out + (bh * length + i) * D + lane * VPL, o);
+    } else {
+      float g[VPL];
+      load_vec<VPL>(head_base(grad_out, bh) + i * grad_out.sl + lane * VPL, g);
+      float dot = 0.f;
 #pragma unroll
-    for (int e = 0; e < VPL; ++e) dot = fmaf(g[e], acc[e], dot);
-    dot = warp_sum(dot);
-    if (lane == 0) gm[bh * length + i] = dot;
+      for (int e = 0; e < VPL; ++e) dot = fmaf(g[e], acc[e], dot);
+      dot = warp_sum(dot);
+      if (lane == 0) gm[bh * length + i] = dot;
+    }
   }
 }
 
@@ -267,8 +349,14 @@ __global__ void improved_exact_bwd_kernel(Rows<const scalar_t> grad_out, Rows<co
   extern __shared__ float smem_bwd[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x / 32;
-  float* wk = smem_bwd + warp * (2 * 32 * D);  // (32, D) sum of glog_t q_i over the run
-  float* wv = wk + 32 * D;                      // (32, D) sum of w_t grad_exact_i over the run
+  // Per warp: wk, wv (32, D) fp32 sums of glog_t q_i and w_t grad_exact_i over the
+  // run, then the cluster's key / value rows (32, D) in the input dtype.
+  constexpr int WARP_BYTES = 2 * 32 * D * sizeof(float) + 2 * 32 * D * sizeof(scalar_t);
+  float* wk = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(smem_bwd) + warp * WARP_BYTES);
+  float* wv = wk + 32 * D;
+  scalar_t* kc = reinterpret_cast<scalar_t*>(wv + 32 * D);
+  scalar_t* vc = kc + 32 * D;
+  KeySlot cslot{0, false, false};
   const int64_t bh = blockIdx.y;
   const int p0 = (blockIdx.x * (blockDim.x / 32) + warp) * per_warp;
   const int p1 = min(p0 + per_warp, length);
@@ -316,6 +404,8 @@ __global__ void improved_exact_bwd_kernel(Rows<const scalar_t> grad_out, Rows<co
     if (AGG && run_cluster != j) {
       if (run_cluster >= 0) flush(run_cluster);
       run_cluster = j;
+      cslot = key_slot(top, bh, j, 0, lane);
+      fill_cache<VPL>(k_base, k.sl, v_base, v.sl, cslot, lane, kc, vc);
     }
     float qv[VPL], ge[VPL], dqv[VPL];
     load_vec<VPL>(q_base + i * q.sl + lane * VPL, qv);
@@ -323,6 +413,35 @@ __global__ void improved_exact_bwd_kernel(Rows<const scalar_t> grad_out, Rows<co
     const float mj = mass[bh * top.clusters + j];
 #pragma unroll
     for (int e = 0; e < VPL; ++e) { ge[e] *= mj; dqv[e] = dq_bar[(bh * top.clusters + j) * D + lane * VPL + e]; }
+    if constexpr (AGG) {
+      float logit = cached_dots<VPL>(kc, qv, lane) * scale;
+      if (!cslot.live) logit = -INFINITY;
+      const float m = warp_max(logit);
+      if (m != -INFINITY) {
+        float prob = logit == -INFINITY ? 0.f : __expf(logit - m);
+        prob /= warp_sum(prob);
+        const float dotv = cached_dots<VPL>(vc, ge, lane);
+        const float drop = cslot.in_range ? top.drop_mult(bh, j, lane) : 0.f;
+        const float delta = warp_sum(prob * dotv * drop);
+        const float glog_own = prob * (dotv * drop - delta) * scale;
+        const float w_own = prob * drop;
+#pragma unroll
+        for (int tt = 0; tt < 32; ++tt) {
+          const float glog = __shfl_sync(FULL_MASK, glog_own, tt);
+          const float w = __shfl_sync(FULL_MASK, w_own, tt);
+          float* wkr = wk + tt * D + lane * VPL;
+          float* wvr = wv + tt * D + lane * VPL;
+#pragma unroll
+          for (int e = 0; e < VPL; ++e) {
+            dqv[e] = fmaf(glog, to_float(kc[tt * D + lane * VPL + e]), dqv[e]);
+            wkr[e] = fmaf(glog, qv[e], wkr[e]);
+            wvr[e] = fmaf(w, ge[e], wvr[e]);
+          }
+        }
+      }
+      store_vec<VPL>(dq + (bh * length + i) * D + lane * VPL, dqv);
+      continue;
+    }
     float m, l, first_logit;
     KeySlot first_slot;
     softmax_stats<VPL>(k_base, k.sl, top, bh, j, qv, scale, lane, m, l, first_slot, first_logit);
@@ -383,6 +502,14 @@ void check_rows(const at::Tensor& t, const char* name, int64_t B, int64_t H, int
 
 at::Tensor last_contig(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// Consecutive sorted positions per warp in the improved kernels: about 32 warps per
+// SM in all; longer runs mean fewer cache fills and flushes.
+int warps_per_query_run(int64_t queries) {
+  const int64_t target_warps = 32LL * num_sms();
+  const int64_t per_warp = (queries + target_warps - 1) / target_warps;
+  return static_cast<int>(std::max<int64_t>(4, std::min<int64_t>(per_warp, 1024)));
+}
+
 }  // namespace
 
 // Sum (mean if `mean`) of x's rows over each cluster's members, fp32 (B*H, C, E).
@@ -426,12 +553,16 @@ at::Tensor broadcast_cuda(const at::Tensor& src, const at::Tensor& assignments, 
   at::Tensor out = at::empty({a.size(0), a.size(1), N, E}, src.options().dtype(dtype));
   if (out.numel() == 0) return out;
   const int64_t queries = a.numel();
-  const int blocks = static_cast<int>(std::min<int64_t>((queries + 7) / 8, 64LL * num_sms()));
   auto stream = c10::cuda::getCurrentCUDAStream();
   FCL_DISPATCH_FLOAT(dtype, "broadcast", [&] {
-    broadcast_kernel<scalar_t><<<blocks, 256, 0, stream>>>(src.data_ptr<float>(), a.data_ptr<int64_t>(), queries,
-                                                           static_cast<int>(N), static_cast<int>(C),
-                                                           static_cast<int>(E), out.data_ptr<scalar_t>());
+    constexpr int VEC16 = 16 / sizeof(scalar_t);
+    const bool wide = E % VEC16 == 0;
+    const int64_t threads_total = queries * (wide ? E / VEC16 : E);
+    const int blocks = static_cast<int>(std::min<int64_t>((threads_total + 255) / 256, 64LL * num_sms()));
+    auto kernel = wide ? broadcast_kernel<VEC16, scalar_t> : broadcast_kernel<1, scalar_t>;
+    kernel<<<std::max(blocks, 1), 256, 0, stream>>>(src.data_ptr<float>(), a.data_ptr<int64_t>(), queries,
+                                                     static_cast<int>(N), static_cast<int>(C), static_cast<int>(E),
+                                                     out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -485,15 +616,23 @@ at::Tensor improved_exact_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_i
   if (B * H * N == 0) return out;
   TORCH_CHECK(B * H <= 65535, "improved_exact_fwd: batch * heads must be <= 65535");
   constexpr int warps = 4;
-  const dim3 grid(static_cast<unsigned>((N + warps - 1) / warps), static_cast<unsigned>(B * H));
+  const bool cache = top.topk <= 32;
+  const int per_warp = warps_per_query_run(B * H * N);
+  const int64_t warps_per_row = (N + per_warp - 1) / per_warp;
+  const dim3 grid(static_cast<unsigned>((warps_per_row + warps - 1) / warps), static_cast<unsigned>(B * H));
   auto stream = c10::cuda::getCurrentCUDAStream();
   FCL_DISPATCH_FLOAT(q.scalar_type(), "improved_exact_fwd", [&] {
     FCL_DISPATCH_DIM(D, "improved_exact_fwd", [&] {
-      auto kernel = grad_mode ? improved_exact_fwd_kernel<1, VPL, scalar_t> : improved_exact_fwd_kernel<0, VPL, scalar_t>;
-      kernel<<<grid, warps * 32, 0, stream>>>(
+      auto kernel = grad_mode ? (cache ? improved_exact_fwd_kernel<1, true, VPL, scalar_t>
+                                       : improved_exact_fwd_kernel<1, false, VPL, scalar_t>)
+                              : (cache ? improved_exact_fwd_kernel<0, true, VPL, scalar_t>
+                                       : improved_exact_fwd_kernel<0, false, VPL, scalar_t>);
+      const size_t smem = cache ? static_cast<size_t>(warps) * 2 * 32 * D * sizeof(scalar_t) : 0;
+      ensure_smem(kernel, smem);
+      kernel<<<grid, warps * 32, smem, stream>>>(
           make_rows<const scalar_t>(q), make_rows<const scalar_t>(k), make_rows<const scalar_t>(v),
           make_rows<const scalar_t>(g), assignments.data_ptr<int64_t>(), order.data_ptr<int64_t>(), top,
-          mass.data_ptr<float>(), rest.data_ptr<float>(), static_cast<int>(N), static_cast<float>(scale),
+          mass.data_ptr<float>(), rest.data_ptr<float>(), static_cast<int>(N), per_warp, static_cast<float>(scale),
           grad_mode ? nullptr : out.data_ptr<scalar_t>(), grad_mode ? out.data_ptr<float>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -524,13 +663,10 @@ at::Tensor improved_exact_bwd_cuda(const at::Tensor& grad_out_in, const at::Tens
   TORCH_CHECK(B * H <= 65535, "improved_exact_bwd: batch * heads must be <= 65535");
   const bool agg = top.topk <= 32;
   constexpr int warps = 4;
-  // About 32 resident warps per SM in total; fewer, longer runs mean fewer flushes.
-  const int64_t target_warps = 32LL * num_sms();
-  int per_warp = static_cast<int>((B * H * N + target_warps - 1) / target_warps);
-  per_warp = std::max(8, std::min(per_warp, 1024));
+  const int per_warp = warps_per_query_run(B * H * N);
   const int64_t warps_per_row = (N + per_warp - 1) / per_warp;
   const dim3 grid(static_cast<unsigned>((warps_per_row + warps - 1) / warps), static_cast<unsigned>(B * H));
-  const size_t smem = agg ? static_cast<size_t>(warps) * 2 * 32 * D * sizeof(float) : 0;
+  const size_t smem = agg ? static_cast<size_t>(warps) * 2 * 32 * D * (sizeof(float) + q.element_size()) : 0;
   auto stream = c10::cuda::getCurrentCUDAStream();
   FCL_DISPATCH_FLOAT(q.scalar_type(), "improved_exact_bwd", [&] {
     FCL_DISPATCH_DIM(D, "improved_exact_bwd", [&] {

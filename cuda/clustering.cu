@@ -2,7 +2,7 @@
 //
 // Lloyd runs without a host synchronisation: per iteration one launch assigns the
 // queries of a chunk to their nearest centroid and accumulates, per cluster, the
-// member count and the number of members with each bit set (shared-memory atomics,
+// member count and the number of members differing from the centroid in each bit (shared-memory atomics,
 // then one global atomic per non-zero counter); a small update launch turns the
 // counts into majority bits and zeroes the counters for the next iteration. Integer
 // atomics make the result independent of the execution order.
@@ -151,7 +151,10 @@ __global__ void lloyd_assign_kernel(RowInfo info, const int64_t* __restrict__ co
     if (!info.valid(b, n)) continue;
     const int64_t code = codes[bh * info.length + n];
     const int j = nearest(code, cent, C);
-    unsigned long long rest = static_cast<unsigned long long>(code);
+    // Count the bits where the member differs from its centroid (the update recovers
+    // the ones from them): after a few iterations these are far fewer than the set
+    // bits, so far fewer atomics.
+    unsigned long long rest = static_cast<unsigned long long>(code ^ cent[j]);
     if (SMEM_COUNTS) {
       int* cj = counts + j * COUNTER_STRIDE;
       atomicAdd(cj + COUNT_SLOT, 1);
@@ -187,8 +190,9 @@ __global__ void lloyd_update_kernel(RowInfo info, int bits, int64_t* __restrict_
   bool new_bit = false;
   if (active) {
     const int members = cj[COUNT_SLOT];
-    const int ones = cj[bit];
+    const int differ = cj[bit];  // members whose bit differs from the centroid's
     new_bit = (static_cast<uint64_t>(centroids[bh * C + j]) >> bit) & 1;
+    const int ones = new_bit ? members - differ : differ;
     if (bit < bits) {
       if (2 * ones > members) new_bit = true;
       else if (2 * ones < members) new_bit = false;
