@@ -13,7 +13,7 @@
 #
 # Re-runnable: each step is skipped when its output exists (training resumes from
 # checkpoint_last.pt and stops at once when it is complete). Settings via environment:
-#   DEMO_DIR (default work/demo), DEMO_UPDATES (default 600), DEMO_ATTENTION
+#   DEMO_DIR (default work/demo), DEMO_UPDATES (default 400), DEMO_ATTENTION
 #   (improved | clustered | full, default improved), DEMO_CLUSTERS (default 16).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/../.."
 VENV=${VENV:-.venv}
 BIN="$VENV/bin"
 DEMO_DIR=${DEMO_DIR:-work/demo}
-UPDATES=${DEMO_UPDATES:-600}
+UPDATES=${DEMO_UPDATES:-400}
 ATTENTION=${DEMO_ATTENTION:-improved}
 CLUSTERS=${DEMO_CLUSTERS:-16}
 SWORD="$DEMO_DIR/sword"
@@ -67,26 +67,37 @@ else
     say "binarized data already in $DATA"
 fi
 
-# 4. train (resumes from checkpoint_last.pt; returns at once when already done)
-say "fairseq-train: clustered_transformer, $ATTENTION attention (C=$CLUSTERS) in the encoder, $UPDATES updates"
-"$BIN/fairseq-train" "$DATA" --user-dir fairseq_clustered \
-    --arch clustered_transformer --clustered-attention "$ATTENTION" \
-    --clustered-num-clusters "$CLUSTERS" --clustered-topk 8 \
-    --encoder-layers 3 --decoder-layers 2 --encoder-embed-dim 256 --decoder-embed-dim 256 \
-    --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 \
-    --encoder-attention-heads 4 --decoder-attention-heads 4 --share-decoder-input-output-embed \
-    --optimizer adam --adam-betas '(0.9,0.98)' --lr 2e-3 --lr-scheduler inverse_sqrt \
-    --warmup-updates 200 --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
-    --dropout 0.1 --max-tokens 4096 --max-update "$UPDATES" --seed 1 \
-    --save-dir "$CKPT" --save-interval-updates 200 --keep-interval-updates 1 --no-epoch-checkpoints \
-    --validate-interval-updates 200 --num-workers 0 \
-    --no-progress-bar --log-format simple --log-interval 50 2>&1 \
-    | grep --line-buffered -E "encoder self-attention|train_inner|valid on|done training|Loaded checkpoint|Stopping"
+# 4. train (a marker file records a finished run; an interrupted one resumes from checkpoint_last.pt)
+DONE="$CKPT/.trained-$UPDATES-updates"
+if [ ! -f "$DONE" ]; then
+    say "fairseq-train: clustered_transformer, $ATTENTION attention (C=$CLUSTERS) in the encoder, $UPDATES updates"
+    "$BIN/fairseq-train" "$DATA" --user-dir fairseq_clustered \
+        --arch clustered_transformer --clustered-attention "$ATTENTION" \
+        --clustered-num-clusters "$CLUSTERS" --clustered-topk 8 \
+        --encoder-layers 3 --decoder-layers 2 --encoder-embed-dim 256 --decoder-embed-dim 256 \
+        --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 \
+        --encoder-attention-heads 4 --decoder-attention-heads 4 --share-decoder-input-output-embed \
+        --optimizer adam --adam-betas '(0.9,0.98)' --lr 2e-3 --lr-scheduler inverse_sqrt \
+        --warmup-updates 200 --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
+        --dropout 0.1 --max-tokens 4096 --max-update "$UPDATES" --seed 1 \
+        --save-dir "$CKPT" --save-interval-updates 200 --keep-interval-updates 1 --no-epoch-checkpoints \
+        --validate-interval-updates 200 --num-workers 0 \
+        --no-progress-bar --log-format simple --log-interval 25 2>&1 \
+        | grep --line-buffered -E "encoder self-attention|train_inner|valid on|done training|Loaded checkpoint|Error|error"
+    touch "$DONE"
+else
+    say "training already done ($CKPT, $UPDATES updates)"
+fi
 
 # 5. evaluate on the held-out verses
-say "fairseq-generate on 500 held-out verses (beam 4)"
-"$BIN/fairseq-generate" "$DATA" --user-dir fairseq_clustered --path "$CKPT/checkpoint_last.pt" \
-    --gen-subset test --beam 4 --batch-size 64 --remove-bpe > "$DEMO_DIR/generate-test.txt" 2>&1
-grep -E "^(S|T|H)-(0|1|2)\s" "$DEMO_DIR/generate-test.txt" | sort -V | cut -c1-160 | sed 's/^/    /'
-say "result ($ATTENTION clustered attention, $UPDATES updates; full log in $DEMO_DIR/generate-test.txt):"
-grep "BLEU4" "$DEMO_DIR/generate-test.txt" | sed 's/^.*Generate/Generate/'
+RESULT="$CKPT/generate-test.txt"
+if [ ! -s "$RESULT" ] || [ "$RESULT" -ot "$DONE" ]; then
+    say "fairseq-generate on 500 held-out verses (beam 4)"
+    "$BIN/fairseq-generate" "$DATA" --user-dir fairseq_clustered --path "$CKPT/checkpoint_last.pt" \
+        --gen-subset test --beam 4 --batch-size 64 > "$RESULT.tmp" 2>&1
+    mv "$RESULT.tmp" "$RESULT"
+fi
+echo "Three held-out verses (S = Spanish source, T = King James reference, H = model output):"
+grep -E "^(S|T|H)-(0|1|2)\s" "$RESULT" | sort -V | cut -c1-160 | sed 's/^/    /'
+say "result ($ATTENTION clustered attention in the encoder, C=$CLUSTERS, $UPDATES updates; full output in $RESULT):"
+grep "BLEU4" "$RESULT" | sed 's/^.*Generate/Generate/'
