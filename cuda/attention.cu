@@ -662,11 +662,13 @@ at::Tensor improved_exact_bwd_cuda(const at::Tensor& grad_out_in, const at::Tens
   if (B * H * N == 0) return dq;
   TORCH_CHECK(B * H <= 65535, "improved_exact_bwd: batch * heads must be <= 65535");
   const bool agg = top.topk <= 32;
-  constexpr int warps = 4;
+  // Shared memory per warp with AGG: fp32 sums (2 x 32 x D) and the key / value cache.
+  const size_t warp_bytes = agg ? static_cast<size_t>(2 * 32 * D) * (sizeof(float) + q.element_size()) : 0;
+  const int warps = agg ? static_cast<int>(std::max<size_t>(1, std::min<size_t>(4, (160 * 1024) / warp_bytes))) : 4;
   const int per_warp = warps_per_query_run(B * H * N);
   const int64_t warps_per_row = (N + per_warp - 1) / per_warp;
   const dim3 grid(static_cast<unsigned>((warps_per_row + warps - 1) / warps), static_cast<unsigned>(B * H));
-  const size_t smem = agg ? static_cast<size_t>(warps) * 2 * 32 * D * (sizeof(float) + q.element_size()) : 0;
+  const size_t smem = static_cast<size_t>(warps) * warp_bytes;
   auto stream = c10::cuda::getCurrentCUDAStream();
   FCL_DISPATCH_FLOAT(q.scalar_type(), "improved_exact_bwd", [&] {
     FCL_DISPATCH_DIM(D, "improved_exact_bwd", [&] {

@@ -138,7 +138,7 @@ __global__ void lloyd_assign_kernel(RowInfo info, const int64_t* __restrict__ co
   if (info.singleton(b)) return;  // uniform over the block
   const int C = info.clusters;
   int64_t* cent = smem_lloyd;
-  int* counts = reinterpret_cast<int*>(smem_lloyd + C);
+  int* counts = reinterpret_cast<int*>(smem_lloyd + ((C + 1) / 2) * 2 + 2);
   for (int j = threadIdx.x; j < C; j += blockDim.x) cent[j] = centroids[bh * C + j];
   if (SMEM_COUNTS) {
     for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += blockDim.x) counts[i] = 0;
@@ -313,9 +313,11 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
 
   if (iterations > 0) {
     at::Tensor counters = at::zeros({B * H, C, MAX_BITS}, codes.options().dtype(at::kInt));
-    const size_t smem_counts = static_cast<size_t>(C) * sizeof(int64_t) + static_cast<size_t>(C) * COUNTER_STRIDE * sizeof(int);
+    // Centroids (C, padded to an even count plus one pair) then the counters.
+    const size_t cent_bytes = static_cast<size_t>(((C + 1) / 2) * 2 + 2) * sizeof(int64_t);
+    const size_t smem_counts = cent_bytes + static_cast<size_t>(C) * COUNTER_STRIDE * sizeof(int);
     const bool use_smem = smem_counts <= 200 * 1024;
-    const size_t smem = use_smem ? smem_counts : static_cast<size_t>(C) * sizeof(int64_t);
+    const size_t smem = use_smem ? smem_counts : cent_bytes;
     auto kernel = use_smem ? lloyd_assign_kernel<true> : lloyd_assign_kernel<false>;
     ensure_smem(kernel, smem);
     for (int64_t it = 0; it < iterations; ++it) {
@@ -327,7 +329,8 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
-  const size_t smem_final = static_cast<size_t>(C) * sizeof(int64_t);
+  // Padded: the compiler reads the centroids in 16-byte pairs.
+  const size_t smem_final = static_cast<size_t>(C + 2) * sizeof(int64_t);
   ensure_smem(lloyd_final_kernel, std::max<size_t>(smem_final, 1));
   lloyd_final_kernel<<<grid, threads, smem_final, stream>>>(info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>(),
                                                             static_cast<int>(chunk), assignments.data_ptr<int64_t>());

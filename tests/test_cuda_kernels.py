@@ -421,6 +421,21 @@ def test_edge_cases_gpu():
         assert torch.equal(a, b)
 
 
+@needs_gpu
+def test_extension_errors_gpu():
+    """The host code refuses bad arguments with a readable error (not a crash)."""
+    import fairseq_clustered._C as ext
+    x = torch.randn(1, 1, 8, 200, device="cuda")
+    order = torch.arange(8, device="cuda").reshape(1, 8)
+    seg = torch.tensor([[0, 8]], device="cuda")
+    with pytest.raises(RuntimeError, match="width must be"):
+        ext.segment_sum(x, order, seg, False)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        ext.hash_codes(torch.randn(1, 1, 4, 8), torch.randn(3, 8), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="num_clusters"):
+        ext.lloyd_kmeans(torch.zeros(1, 1, 4, dtype=torch.int64, device="cuda"), None, 0, 1, 8)
+
+
 def _op_args(dtype=torch.bfloat16):
     q, k, v, qmask, kmask, a = make_inputs(2, 2, 65, 70, 64, dtype, "cuda", 6)
     return q, k, v, qmask, kmask, a
