@@ -35,6 +35,7 @@ IMPROVED_HEAD_DIMS = (32, 64, 128)
 MAX_CLUSTER_WIDTH = 128  # segment sums: one thread per feature
 MAX_KERNEL_CLUSTERS = 6144  # Lloyd keeps the centroids in shared memory
 MAX_HASH_DIM = 800
+MAX_ROWS = 65535  # batch * heads: the kernels put the rows on the grid's y dimension
 # Scratch budget of one chunk of the dense (rows, C, S) fp32 matrices.
 DENSE_CHUNK_BYTES = 128 * 2**20
 
@@ -94,16 +95,29 @@ class CudaOps:
         return self.ext.hash_codes(x, planes, offsets)
 
     def lloyd_kmeans(self, codes, query_padding_mask, num_clusters, iterations, bits):
+        why = None
         if num_clusters > MAX_KERNEL_CLUSTERS:
-            _fallback("lloyd_kmeans", f"num_clusters {num_clusters} > {MAX_KERNEL_CLUSTERS}")
+            why = f"num_clusters {num_clusters} > {MAX_KERNEL_CLUSTERS}"
+        elif codes.shape[0] * codes.shape[1] > MAX_ROWS:
+            why = f"batch * heads = {codes.shape[0] * codes.shape[1]} > {MAX_ROWS}"
+        if why is not None:
+            _fallback("lloyd_kmeans", why)
             return reference.lloyd_kmeans_ref(codes, query_padding_mask, num_clusters, iterations, bits)
         return tuple(self.ext.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits))
 
     # ------------------------------------------------------------------ shared
 
     def _why_not(self, query: Tensor, value: Tensor, improved: bool) -> Optional[str]:
+        """Why the kernels cannot serve these inputs (None when they can).
+
+        Everything the extension's host checks would refuse is caught here first, so
+        that unsupported inputs take the reference instead of raising inside the
+        extension (see the note in tests/test_cuda_kernels.py about errors there).
+        """
         if query.dtype not in KERNEL_DTYPES:
             return f"dtype {query.dtype} has no kernel"
+        if query.shape[0] * query.shape[1] > MAX_ROWS:
+            return f"batch * heads = {query.shape[0] * query.shape[1]} > {MAX_ROWS}"
         dim, value_dim = query.shape[-1], value.shape[-1]
         if improved and (dim != value_dim or dim not in IMPROVED_HEAD_DIMS):
             return f"head dims (query {dim}, value {value_dim}) are not equal and in {IMPROVED_HEAD_DIMS}"
