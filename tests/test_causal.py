@@ -545,3 +545,36 @@ def test_translation_decoder_can_opt_in():
     state = {}
     steps = [decoder(tokens[:, : t + 1], encoder_out=encoder_out, incremental_state=state)[0] for t in range(8)]
     torch.testing.assert_close(torch.cat(steps, 1), logits[:, :8], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pad,dropout_p", [("left", 0.0), ("right", 0.25)])
+def test_groups_of_chunks_give_the_same_result(monkeypatch, pad, dropout_p):
+    """Long sequences are processed a group of chunks at a time (bounded memory); any
+    grouping must give the result of one group, forward and backward."""
+    n, window, num_clusters = 75, 4, 5
+    q, k, v = random_inputs(2, 2, n, 8, seed=8)
+    mask = padding_mask(pad, 2, n, seed=9)
+    grad_out = torch.randn(2, 2, n, 8, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = causal_clustered_attention(*inputs, mask, window=window, num_clusters=num_clusters, bits=12,
+                                         dropout_p=dropout_p, generator=torch.Generator().manual_seed(4))
+        out.backward(grad_out)
+        return [out] + [x.grad for x in inputs]
+
+    whole = run()
+    per_chunk_columns = 2 * 2 * window * causal_ops.causal_logit_columns(window, num_clusters)
+    for chunks_per_group in (1, 3, 7):
+        monkeypatch.setattr(causal_ops, "_GROUP_ELEMENTS", chunks_per_group * per_chunk_columns)
+        for got, expected in zip(run(), whole):
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_gradcheck_with_groups_of_chunks(monkeypatch):
+    monkeypatch.setattr(causal_ops, "_GROUP_ELEMENTS", 1)  # one chunk per group
+    q, k, v = [x.double().requires_grad_() for x in random_inputs(1, 1, 17, 4, seed=3)]
+    clusters = torch.randint(-1, 3, (1, 1, 17), generator=torch.Generator().manual_seed(1))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: causal_clustered_attention(a, b, c, window=3, num_clusters=3, clusters=clusters), (q, k, v)
+    )

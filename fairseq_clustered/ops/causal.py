@@ -173,8 +173,13 @@ def _older_past_adjoint(grad: Tensor) -> Tensor:
     return torch.cat([suffix, zeros], dim=2).narrow(2, 2, grad.shape[2])
 
 
+# Chunks are processed in groups whose (B, H, G, W, 2W + C) logits hold at most this many
+# elements (512 MiB in fp32), so that the peak memory stays bounded at any length.
+_GROUP_ELEMENTS = 2**27
+
+
 class _CausalForward:
-    """Everything the forward computes, shared with the backward.
+    """What forward and backward share: chunked inputs, masks and the cluster summaries.
 
     Two dtypes: ``acc`` (float32, or float64 for float64 inputs) for logits, softmax and
     the cluster sums; ``mm`` for the large matrix products, ``acc`` in the reference and
@@ -182,8 +187,9 @@ class _CausalForward:
 
     Shapes (``T`` chunks of ``W``): ``q (B,H,T,W,D)``, ``window_keys (B,H,T,2W,D)``,
     ``window_values (B,H,T,2W,Dv)`` (``mm``); ``counts (B,H,T,C)``, ``mean_keys (B,H,T,C,D)``,
-    ``mean_values (B,H,T,C,Dv)`` (summaries of chunks ``0..t-2``) and
-    ``logits (B,H,T,W,2W+C)`` (``acc``); ``clusters (B,H,T,W)``.
+    ``mean_values (B,H,T,C,Dv)`` (summaries of chunks ``0..t-2``, ``acc``);
+    ``window_valid (B,T,2W)``; ``clusters (B,H,T,W)``. The ``(B,H,G,W,2W+C)`` logits are
+    made per group of ``G`` chunks by :meth:`logits`.
     """
 
     def __init__(self, query, key, value, clusters, key_padding_mask, window, num_clusters, scale,
@@ -191,7 +197,7 @@ class _CausalForward:
         self.acc = acc = reference._compute_dtype(query.dtype)
         self.mm = mm = acc if matmul_dtype is None else matmul_dtype
         batch, heads, length, _ = query.shape
-        self.length, self.window, self.scale = length, window, scale
+        self.length, self.window, self.scale, self.num_clusters = length, window, scale, num_clusters
         self.num_chunks = num_chunks = -(-length // window)
         self.q = _pad_to_chunks(query.to(mm), num_chunks, window)
         keys = _pad_to_chunks(key, num_chunks, window)
@@ -207,40 +213,55 @@ class _CausalForward:
         self.window_values = _with_previous_chunk(values.to(mm), 0.0)
         # Query r of a chunk sees all W keys of the previous chunk and keys 0..r of its own.
         rows = torch.arange(window, device=query.device)
-        causal = torch.cat([torch.ones(window, window, dtype=torch.bool, device=query.device),
-                            rows[None, :] <= rows[:, None]], dim=1)  # (W, 2W)
-        window_valid = _with_previous_chunk(valid, False)  # (B, T, 2W)
-        self.window_allowed = causal[None, None, None] & window_valid[:, None, :, None, :]  # (B,1,T,W,2W)
+        self.causal = torch.cat([torch.ones(window, window, dtype=torch.bool, device=query.device),
+                                 rows[None, :] <= rows[:, None]], dim=1)  # (W, 2W)
+        self.window_valid = _with_previous_chunk(valid, False)  # (B, T, 2W)
 
         counts, key_sums, value_sums = _chunk_cluster_sums(keys.to(acc), values.to(acc), self.clusters,
                                                            num_clusters)
         self.counts = _older_past(counts)
+        self.log_counts = torch.log(self.counts)  # log(0) = -inf drops empty clusters (all of chunks 0, 1)
         self.divisor = self.counts.clamp(min=1).unsqueeze(-1)
         self.mean_keys = _older_past(key_sums) / self.divisor
         self.mean_values = _older_past(value_sums) / self.divisor
 
-        # In-place steps on fresh (B,H,T,W,*) tensors keep the peak memory down.
-        exact_logits = torch.matmul(self.q, self.window_keys.transpose(-1, -2)).to(acc).mul_(scale)
-        exact_logits.masked_fill_(~self.window_allowed, float("-inf"))
-        summary_logits = torch.matmul(self.q, self.mean_keys.to(mm).transpose(-1, -2)).to(acc).mul_(scale)
-        # log(0) = -inf removes empty clusters (and every summary of chunks 0 and 1).
-        summary_logits.add_(torch.log(self.counts).unsqueeze(3))
-        self.logits = torch.cat([exact_logits, summary_logits], dim=-1)
+        columns = causal_logit_columns(window, num_clusters)
+        per_chunk = batch * heads * window * columns
+        self.group_size = max(1, min(num_chunks, _GROUP_ELEMENTS // per_chunk))
 
-    def all_values(self) -> Tensor:
-        """Values of the ``2W + C`` softmax columns, ``(B, H, T, 2W + C, Dv)`` in ``mm``."""
-        return torch.cat([self.window_values, self.mean_values.to(self.mm)], dim=3)
+    def groups(self):
+        """Slices of consecutive chunks, ``group_size`` at a time."""
+        return [slice(start, min(start + self.group_size, self.num_chunks))
+                for start in range(0, self.num_chunks, self.group_size)]
+
+    def logits(self, group: slice) -> Tensor:
+        """Scaled logits of the group's queries ``(B, H, G, W, 2W + C)`` in ``acc``: window keys
+        (``-inf`` where masked), then summaries (``+ log count``)."""
+        q = self.q[:, :, group]
+        # In-place steps on fresh tensors keep the peak memory down.
+        exact = torch.matmul(q, self.window_keys[:, :, group].transpose(-1, -2)).to(self.acc).mul_(self.scale)
+        allowed = self.causal[None, None, None] & self.window_valid[:, None, group, None, :]  # (B,1,G,W,2W)
+        exact.masked_fill_(~allowed, float("-inf"))
+        mean_keys = self.mean_keys[:, :, group].to(self.mm)
+        summary = torch.matmul(q, mean_keys.transpose(-1, -2)).to(self.acc).mul_(self.scale)
+        summary.add_(self.log_counts[:, :, group].unsqueeze(3))
+        return torch.cat([exact, summary], dim=-1)
+
+    def values(self, group: slice) -> Tensor:
+        """Values of the group's ``2W + C`` softmax columns, ``(B, H, G, 2W + C, Dv)`` in ``mm``."""
+        return torch.cat([self.window_values[:, :, group], self.mean_values[:, :, group].to(self.mm)], dim=3)
 
     def unchunk(self, x: Tensor) -> Tensor:
         """``(B, H, T, W, ...)`` -> ``(B, H, N, ...)`` without the padded tail."""
         return x.reshape(*x.shape[:2], -1, *x.shape[4:])[:, :, : self.length].contiguous()
 
 
-def _dropout_multipliers(keep: Optional[Tensor], dropout_p: float, f: _CausalForward) -> Optional[Tensor]:
-    """``keep (B, H, N, 2W + C)`` -> ``(B, H, T, W, 2W + C)`` multipliers ``1/(1-p)`` or 0."""
-    if keep is None:
+def _dropout_multipliers(keep_chunks: Optional[Tensor], dropout_p: float, group: slice, dtype) -> Optional[Tensor]:
+    """The group's ``(B, H, G, W, 2W + C)`` multipliers ``1/(1-p)`` (kept) or 0, from the
+    chunked keep-mask ``(B, H, T, W, 2W + C)``."""
+    if keep_chunks is None:
         return None
-    return _pad_to_chunks(keep.to(f.acc) / (1.0 - dropout_p), f.num_chunks, f.window)
+    return keep_chunks[:, :, group].to(dtype) / (1.0 - dropout_p)
 
 
 def _tensor_core_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
@@ -281,12 +302,18 @@ def causal_clustered_attention_fwd_ref(
     """
     f = _CausalForward(query, key, value, clusters, key_padding_mask, window, num_clusters, scale,
                        matmul_dtype)
-    lse = reference._log_sum_exp(f.logits)  # (B, H, T, W)
-    weights = f.logits.sub_(lse.unsqueeze(-1)).exp_()  # the logits are not needed any more
-    drop = _dropout_multipliers(keep, dropout_p, f)
-    if drop is not None:
-        weights.mul_(drop)
-    out = torch.matmul(weights.to(f.mm), f.all_values())
+    keep_chunks = None if keep is None else _pad_to_chunks(keep, f.num_chunks, window, value=False)
+    batch, heads = query.shape[:2]
+    out = query.new_empty(batch, heads, f.num_chunks, window, value.shape[-1], dtype=f.acc)
+    lse = query.new_empty(batch, heads, f.num_chunks, window, dtype=f.acc)
+    for group in f.groups():
+        logits = f.logits(group)
+        lse[:, :, group] = group_lse = reference._log_sum_exp(logits)
+        weights = logits.sub_(group_lse.unsqueeze(-1)).exp_()  # the logits are not needed any more
+        drop = _dropout_multipliers(keep_chunks, dropout_p, group, f.acc)
+        if drop is not None:
+            weights.mul_(drop)
+        out[:, :, group] = torch.matmul(weights.to(f.mm), f.values(group))
     return f.unchunk(out).to(query.dtype), f.unchunk(lse).to(torch.float32)
 
 
@@ -322,42 +349,52 @@ def causal_clustered_attention_bwd_ref(
                        matmul_dtype)
     acc, mm, chunks, w = f.acc, f.mm, f.num_chunks, f.window
     g = _pad_to_chunks(grad_out.to(mm), chunks, w)
-    o = _pad_to_chunks(out, chunks, w)
     lse_chunks = _pad_to_chunks(lse.to(acc), chunks, w, value=float("inf"))
-    probs = f.logits.sub_(lse_chunks.unsqueeze(-1)).exp_()
-    drop = _dropout_multipliers(keep, dropout_p, f)
-    weights = probs if drop is None else probs * drop
-
-    grad_probs = torch.matmul(g, f.all_values().transpose(-1, -2)).to(acc)
-    if drop is not None:
-        grad_probs.mul_(drop)
     # rowsum(P * dP) = dout . out, with or without dropout.
-    row_dot = (g.to(acc) * o.to(acc)).sum(-1, keepdim=True)
-    grad_logits = grad_probs.sub_(row_dot).mul_(probs).mul_(scale).to(mm)
-    weights = weights.to(mm)
-    grad_exact, grad_summary = grad_logits.split([2 * w, num_clusters], dim=-1)
-    weights_exact, weights_summary = weights.split([2 * w, num_clusters], dim=-1)
+    row_dot = (g.to(acc) * _pad_to_chunks(out, chunks, w).to(acc)).sum(-1, keepdim=True)
+    keep_chunks = None if keep is None else _pad_to_chunks(keep, chunks, w, value=False)
 
-    dq = torch.matmul(grad_exact, f.window_keys).to(acc) \
-        + torch.matmul(grad_summary, f.mean_keys.to(mm)).to(acc)
+    dq = torch.empty_like(f.q, dtype=acc)
+    dk = torch.zeros_like(f.q, dtype=acc)  # (B, H, T, W, D)
+    dv = torch.zeros(*g.shape, dtype=acc, device=g.device)
+    grad_mean_keys = torch.empty_like(f.mean_keys)
+    grad_mean_values = torch.empty_like(f.mean_values)
+    for group in f.groups():
+        probs = f.logits(group).sub_(lse_chunks[:, :, group].unsqueeze(-1)).exp_()
+        drop = _dropout_multipliers(keep_chunks, dropout_p, group, acc)
+        weights = (probs if drop is None else probs * drop).to(mm)
+        g_group, q_group = g[:, :, group], f.q[:, :, group]
+        grad_probs = torch.matmul(g_group, f.values(group).transpose(-1, -2)).to(acc)
+        if drop is not None:
+            grad_probs.mul_(drop)
+        grad_logits = grad_probs.sub_(row_dot[:, :, group]).mul_(probs).mul_(scale).to(mm)
+        grad_exact, grad_summary = grad_logits.split([2 * w, num_clusters], dim=-1)
+        weights_exact, weights_summary = weights.split([2 * w, num_clusters], dim=-1)
 
-    def fold_window(grad_window: Tensor) -> Tensor:
-        """``(B, H, T, 2W, E)`` -> ``(B, H, T, W, E)``: column block 0 of chunk ``t + 1``
-        plus column block 1 of chunk ``t``."""
-        previous, current = grad_window.to(acc).split([w, w], dim=3)
-        shifted = torch.cat([previous.narrow(2, 1, chunks - 1), torch.zeros_like(previous.narrow(2, 0, 1))], dim=2)
-        return current + shifted
-
-    dk = fold_window(torch.matmul(grad_exact.transpose(-1, -2), f.q))
-    dv = fold_window(torch.matmul(weights_exact.transpose(-1, -2), g))
+        dq[:, :, group] = torch.matmul(grad_exact, f.window_keys[:, :, group]).to(acc) \
+            + torch.matmul(grad_summary, f.mean_keys[:, :, group].to(mm)).to(acc)
+        _fold_window_into(dk, torch.matmul(grad_exact.transpose(-1, -2), q_group), group)
+        _fold_window_into(dv, torch.matmul(weights_exact.transpose(-1, -2), g_group), group)
+        grad_mean_keys[:, :, group] = torch.matmul(grad_summary.transpose(-1, -2), q_group)
+        grad_mean_values[:, :, group] = torch.matmul(weights_summary.transpose(-1, -2), g_group)
 
     # Summaries: kbar = older_past(key sums) / n, and likewise for values; each member key
     # and value receives its cluster's gradient of the sums.
-    grad_mean_keys = torch.matmul(grad_summary.transpose(-1, -2), f.q).to(acc)
-    grad_mean_values = torch.matmul(weights_summary.transpose(-1, -2), g).to(acc)
-    dk = dk + _gather_clusters(_older_past_adjoint(grad_mean_keys / f.divisor), f.clusters)
-    dv = dv + _gather_clusters(_older_past_adjoint(grad_mean_values / f.divisor), f.clusters)
+    dk += _gather_clusters(_older_past_adjoint(grad_mean_keys / f.divisor), f.clusters)
+    dv += _gather_clusters(_older_past_adjoint(grad_mean_values / f.divisor), f.clusters)
     return (f.unchunk(dq).to(query.dtype), f.unchunk(dk).to(key.dtype), f.unchunk(dv).to(value.dtype))
+
+
+def _fold_window_into(grad_chunks: Tensor, grad_window: Tensor, group: slice) -> None:
+    """Add the group's window-column gradients ``(B, H, G, 2W, E)`` to the keys they came
+    from, ``grad_chunks (B, H, T, W, E)``: column block 1 of chunk ``t`` is chunk ``t``,
+    column block 0 is chunk ``t - 1`` (nothing for ``t = 0``)."""
+    previous, current = grad_window.to(grad_chunks.dtype).split(grad_window.shape[3] // 2, dim=3)
+    grad_chunks[:, :, group] += current
+    start = group.start
+    if start == 0:
+        previous, start = previous[:, :, 1:], 1
+    grad_chunks[:, :, start - 1: group.stop - 1] += previous
 
 
 # ================================================================ custom ops
