@@ -16,7 +16,9 @@ distant past only, with clusters that every reader may see:
   for the cluster's total mass ``sum_l exp(scale q . k_l) ~ n_j exp(scale q . kbar_j)``,
   and contributes ``vbar_j`` weighted by it.
 * Summaries are prefix sums over chunks of per-chunk cluster sums, so the cost is
-  ``O(N (2 W + C) D)``: linear in ``N`` for a fixed window and number of clusters.
+  ``O(N (2 W + C) D)``: linear in ``N`` for a fixed window and number of clusters. The
+  ``(W, 2 W + C)`` logits of each chunk are formed for a group of chunks at a time
+  (``_GROUP_ELEMENTS``), so the scratch memory stays bounded at any length.
 
 Which cluster a key joins (``clusters``, constant for autograd): its keys are hashed
 with random hyperplanes and a codebook of ``C`` Hamming centroids is fitted with Lloyd's
