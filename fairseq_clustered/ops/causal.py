@@ -22,8 +22,8 @@ distant past only, with clusters that every reader may see:
 
 Which cluster a key joins (``clusters``, constant for autograd): its keys are hashed
 with random hyperplanes and a codebook of ``C`` Hamming centroids is fitted with Lloyd's
-k-means (the shared :func:`~fairseq_clustered.ops.reference.lloyd_kmeans_ref`) on the
-keys of the first ``2 W`` positions only; every key then joins its nearest centroid.
+k-means (the shared ``lloyd_kmeans`` op, a CUDA kernel where the extension is built) on
+the keys of the first ``2 W`` positions only; every key then joins its nearest centroid.
 
 Why it cannot leak: a query at position ``i`` of chunk ``t >= 2`` (``i >= 2 W``) reads
 (a) keys and values at positions ``<= i`` exactly, (b) summaries of positions
