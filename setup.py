@@ -38,13 +38,17 @@ def cuda_extensions():
             raise RuntimeError(f"FAIRSEQ_CLUSTERED_CUDA=1 but the CUDA kernels cannot be built: {reason}")
         print(f"fairseq-clustered: building without CUDA kernels ({reason})")
         return [], {}
+    # No -std flag: torch's BuildExtension adds the standard its headers were built with
+    # (C++20 for recent torch); compiling them as C++17 broke the error path (a failing
+    # TORCH_CHECK crashed instead of raising). The C++ ABI is pinned to torch's for the
+    # same reason: only std::string-carrying error paths would notice a mismatch.
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(getattr(torch._C, '_GLIBCXX_USE_CXX11_ABI', True))}"
     extension = CUDAExtension(
         name="fairseq_clustered._C",
         sources=sources,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
-                     "--expt-relaxed-constexpr"],
+            "cxx": ["-O3", abi],
+            "nvcc": ["-O3", abi, "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
         },
     )
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -25,7 +25,7 @@ if has build; then
     grep -E "error|Error" "$OUT/build.log" | head -30; tail -20 "$OUT/build.log"; exit 1
   fi
   grep -E "warning" "$OUT/build.log" | grep -v -E "AutogradState|Wc\+\+20|3306" | head -10
-  echo "built in $(( $(date +%s) - start )) s"
+  echo "built in $(( $(date +%s) - start )) s; torch C++ ABI: $($PY -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')"
   $PY -m fairseq_clustered.info 2>&1 | tail -9
 fi
 
@@ -43,7 +43,7 @@ if has sanitize; then
   # Small sizes (FCL_SANITIZE=1); opcheck / compile / graphs are left out (no new kernels there).
   # racecheck is slow: it covers the kernels with shared memory (hash, Lloyd, segment
   # sums, the improved kernels' caches) on the smallest sizes.
-  for tool in memcheck racecheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     echo "== compute-sanitizer $tool"
     if [ $tool = memcheck ]; then
       select="gpu and not opcheck and not compile and not graph and not float16 and not float32"
