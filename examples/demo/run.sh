@@ -98,6 +98,10 @@ if [ ! -s "$RESULT" ] || [ "$RESULT" -ot "$DONE" ]; then
     mv "$RESULT.tmp" "$RESULT"
 fi
 echo "Three held-out verses (S = Spanish source, T = King James reference, H = model output):"
-grep -E "^(S|T|H)-(0|1|2)\s" "$RESULT" | sort -V | cut -c1-160 | sed 's/^/    /'
+for i in 0 1 2; do
+    for side in S T H; do  # H lines carry a score column before the text: drop it
+        grep -P "^$side-$i\t" "$RESULT" | awk -F'\t' '{print "    " $1 "  " $NF}' | cut -c1-170
+    done
+done
 say "result ($ATTENTION clustered attention in the encoder, C=$CLUSTERS, $UPDATES updates; full output in $RESULT):"
 grep "BLEU4" "$RESULT" | sed 's/^.*Generate/Generate/'
