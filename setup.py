@@ -38,10 +38,9 @@ def cuda_extensions():
             raise RuntimeError(f"FAIRSEQ_CLUSTERED_CUDA=1 but the CUDA kernels cannot be built: {reason}")
         print(f"fairseq-clustered: building without CUDA kernels ({reason})")
         return [], {}
-    # No -std flag: torch's BuildExtension adds the standard its headers were built with
-    # (C++20 for recent torch); compiling them as C++17 broke the error path (a failing
-    # TORCH_CHECK crashed instead of raising). The C++ ABI is pinned to torch's for the
-    # same reason: only std::string-carrying error paths would notice a mismatch.
+    # No -std flag: torch's BuildExtension adds the standard its version expects. The
+    # C++ ABI is pinned to torch's explicitly (recent torch no longer passes it and the
+    # compiler's default decides otherwise).
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(getattr(torch._C, '_GLIBCXX_USE_CXX11_ABI', True))}"
     extension = CUDAExtension(
         name="fairseq_clustered._C",
