@@ -203,7 +203,9 @@ def main():
     max_ref = args.max_reference_n or (4096 if gpu else 2048)
     if gpu:
         from fairseq_clustered.ops import cuda_backend
-        print("kernels:", cuda_backend.status())
+        status = cuda_backend.status()
+        loaded = all(where.startswith("cuda") for where in status.values())
+        print("kernels:", "cuda" if loaded else status)
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"B={batch} H={heads} D={args.dim} {str(dtype).replace('torch.', '')} C={args.clusters} "
           f"I={args.iterations} bits={args.bits} k={args.topk}")

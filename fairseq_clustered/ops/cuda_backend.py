@@ -50,7 +50,20 @@ def load() -> bool:
     return _loaded
 
 
+# What each CUDA implementation covers; everything else runs the reference on the GPU
+# with one warning naming the reason (see fairseq_clustered/ops/cuda_kernels.py).
+KERNEL_NOTES = {
+    "hash_codes": "fp32/fp16/bf16, dim <= 800",
+    "lloyd_kmeans": "num_clusters <= 6144, batch*heads <= 65535",
+    "clustered_attention_fwd": "fp32/fp16/bf16, head dims <= 128; flash for fp16/bf16 without padding or dropout",
+    "clustered_attention_bwd": "fp32/fp16/bf16, head dims <= 128; flash for fp16/bf16 without padding or dropout",
+    "improved_clustered_attention_fwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128",
+    "improved_clustered_attention_bwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128",
+}
+
+
 def status() -> Dict[str, str]:
-    """Kernel name -> "cuda" or the reason only the reference is available."""
+    """Kernel name -> "cuda (what it covers)" or the reason only the reference is available."""
     load()
-    return {name: ("cuda" if _loaded else f"reference only ({_reason})") for name in KERNELS}
+    return {name: (f"cuda ({KERNEL_NOTES[name]})" if _loaded else f"reference only ({_reason})")
+            for name in KERNELS}
