@@ -11,7 +11,9 @@ For each N it times, in one process on the same inputs, forward and forward+back
 * ``reference``: the pure-PyTorch reference (small N only).
 
 Times are medians of CUDA-event-timed runs after warm-up; ``peak`` is the peak
-memory allocated during one forward+backward, inputs included. Writes a CSV and a
+memory of one forward+backward, counting its inputs (q, k, v, grad_out) and its
+outputs and gradients; ``peak/io`` divides it by the bytes of q, k, v, the output
+and their gradients. Writes a CSV and a
 log-log PNG (time and memory against N). ``--device cpu`` runs a small CPU version.
 
     python benchmarks/bench_attention.py                 # GPU, bf16, N = 1k..64k
@@ -176,11 +178,18 @@ def measure(args, name, fn, q, k, v, repeats):
         if str(q.shape[2]) in args.profile.split(",") and name != "reference":
             profile(name, fwd_bwd)
         if args.device == "cuda":
+            # Peak of one forward+backward counting its inputs (q, k, v, grad_out) but
+            # nothing else that happens to be alive in the process.
+            for t in (q, k, v):
+                t.grad = None
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             fwd_bwd()
             torch.cuda.synchronize()
-            row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            inputs = 4 * q.numel() * q.element_size()
+            row["peak_mb"] = (torch.cuda.max_memory_allocated() - base + inputs) / 2**20
     except torch.cuda.OutOfMemoryError:
         row = {"fwd_ms": math.nan, "fwdbwd_ms": math.nan, "peak_mb": math.nan, "note": "OOM"}
     finally:
