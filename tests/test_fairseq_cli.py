@@ -156,6 +156,7 @@ def test_masked_lm_training_step(translation_data):
     log = fairseq("train", "bin_mlm", "--task", "masked_lm", "--criterion", "masked_lm",
                   "--arch", "clustered_roberta_tiny", "--clustered-attention", "improved", *TINY_CLUSTERED,
                   "--tokens-per-sample", "32", "--sample-break-mode", "none", *TRAIN_COMMON,
+                  "--required-batch-size-multiple", "1",  # the tiny valid set has 6 blocks
                   "--max-update", "3", "--save-dir", "ckpt_mlm", cwd=root)
     assert encoder_attention(log) == ["improved", "improved"]
     assert "num_updates 3" in log
