@@ -286,7 +286,7 @@ def test_clustered_gpu(dtype, length, dim, pad):
     low_out, _ = _lowp(reference.clustered_attention_fwd_ref, q, k, v, a, kmask, None, C, scale, 0.0)
     assert out.dtype == dtype and torch.isfinite(out).all()
     _check("out", out, ref_out, low_out)
-    assert max_err(lse, ref_lse) < 2e-2 if dtype != torch.float32 else 1e-4
+    assert max_err(lse, ref_lse) < (2e-2 if dtype != torch.float32 else 1e-4)
     g = torch.randn_like(out)
     grads = custom_ops.clustered_attention_bwd(g, q, k, v, a, kmask, None, ref_lse.float(), C, scale, 0.0)
     ref_grads = reference.clustered_attention_bwd_ref(g.double(), *d64, a, kmask, None, ref_lse, C, scale, 0.0)
