@@ -96,6 +96,12 @@ class ClusteredMultiheadAttention(MultiheadAttention):
             xformers_blocksparse_layout=xformers_blocksparse_layout,
             xformers_blocksparse_blocksize=xformers_blocksparse_blocksize,
         )
+        if self.use_xformers:
+            # fairseq keeps its xformers attention in self.attention, the name of our variant.
+            raise ValueError(
+                "xformers_att_config (--encoder-xformers-att-config) is not supported by "
+                "ClusteredMultiheadAttention; leave it unset"
+            )
         if attention not in ATTENTION_VARIANTS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}; got {attention!r}")
         if attention != "full":
@@ -105,10 +111,10 @@ class ClusteredMultiheadAttention(MultiheadAttention):
                     else "causal self-attention" if causal else "attention over another sequence"
                 )
                 raise ValueError(f"attention={attention!r}: " + LEAK_MESSAGE.format(site=site))
-            if add_bias_kv or add_zero_attn or self.use_xformers:
+            if add_bias_kv or add_zero_attn:
                 raise ValueError(
-                    f"attention={attention!r} does not support add_bias_kv, add_zero_attn or "
-                    "xformers_att_config; use attention='full' with them"
+                    f"attention={attention!r} does not support add_bias_kv or add_zero_attn; "
+                    "use attention='full' with them"
                 )
         # Validates the clustering parameters with the command-line names in the message.
         ClusteredAttentionSettings(
