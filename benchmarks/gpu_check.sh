@@ -46,9 +46,9 @@ if has sanitize; then
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     echo "== compute-sanitizer $tool"
     if [ $tool = memcheck ]; then
-      select="gpu and not opcheck and not compile and not graph and not float16 and not float32"
+      select="gpu and not opcheck and not compile and not graph"
     else
-      select="(hash or lloyd or edge or improved_gpu or dropout) and not float16 and not float32 and not 133"
+      select="(hash or lloyd or edge or improved_gpu or dropout) and not fp16 and not fp32 and not 133"
     fi
     FCL_SANITIZE=1 timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool $tool --print-limit 20 \
       $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py -k "$select" \

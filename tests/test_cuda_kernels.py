@@ -254,6 +254,7 @@ needs_gpu = pytest.mark.skipif(not _extension_loaded(), reason="needs a CUDA GPU
 
 SIZES = [(97, 32), (1025, 64), (4099, 128)] if not SANITIZE else [(97, 32), (133, 64)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+DTYPE_IDS = ["bf16", "fp16", "fp32"]
 
 
 def _lowp(fn, *args):
@@ -273,7 +274,7 @@ def _check(name, got, oracle, lowp, floor=1e-6):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("length,dim", SIZES)
 @pytest.mark.parametrize("pad", [False, True])
 def test_clustered_gpu(dtype, length, dim, pad):
@@ -297,7 +298,7 @@ def test_clustered_gpu(dtype, length, dim, pad):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("length,dim", SIZES)
 @pytest.mark.parametrize("pad", [False, True])
 def test_improved_gpu(dtype, length, dim, pad):
@@ -353,7 +354,7 @@ def test_dropout_gpu(variant):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_hash_gpu(dtype):
     length = 97 if SANITIZE else 1025
     q, *_ = make_inputs(2, 3, length, 5, 64, dtype, "cuda", 4, pad=False)
