@@ -13,8 +13,8 @@
 #   6. for comparison, BLEU of the same checkpoint with exact encoder attention
 #      (fairseq-generate --model-overrides "{'clustered_attention': 'full'}").
 #
-# Re-runnable: each step is skipped when its output exists (training resumes from
-# checkpoint_last.pt and stops at once when it is complete). Settings via environment:
+# Re-runnable: each step is skipped when its output exists (an interrupted training
+# resumes from checkpoint_last.pt). Settings via environment:
 #   DEMO_DIR (default work/demo), DEMO_UPDATES (default 400), DEMO_ATTENTION
 #   (improved | clustered | full, default improved), DEMO_CLUSTERS (default 16).
 set -euo pipefail
