@@ -62,8 +62,10 @@ class SDPASelfAttention(ClusteredMultiheadAttention):
         return self.out_proj(out.permute(2, 0, 1, 3).reshape(length, batch, embed_dim)), None
 
 
-def build_model(variant, max_length, vocab_size, small, num_clusters, topk):
-    """A RoBERTa masked LM (base size, or tiny with ``small``) with the given attention."""
+def build_model(variant, max_length, vocab_size, small, num_clusters, topk, attention_dropout=None):
+    """A RoBERTa masked LM (base size, or tiny with ``small``) with the given attention.
+
+    ``attention_dropout`` None keeps the architecture's default (0.1 for RoBERTa)."""
     dictionary = Dictionary()
     for index in range(vocab_size - len(dictionary)):
         dictionary.add_symbol(f"tok{index}")
@@ -72,6 +74,8 @@ def build_model(variant, max_length, vocab_size, small, num_clusters, topk):
         clustered_num_clusters=num_clusters, clustered_topk=topk,
         max_positions=max_length, tokens_per_sample=max_length,
     )
+    if attention_dropout is not None:
+        args.attention_dropout = attention_dropout
     if small:
         args.encoder_layers, args.encoder_embed_dim = 2, 64
         args.encoder_ffn_embed_dim, args.encoder_attention_heads = 128, 4
@@ -138,6 +142,8 @@ def main():
     parser.add_argument("--num-clusters", type=int, default=100)
     parser.add_argument("--topk", type=int, default=32)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    parser.add_argument("--attention-dropout", type=float, default=None,
+                        help="attention dropout of every variant (default: RoBERTa's 0.1)")
     parser.add_argument("--csv", default="bench_model.csv")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny model, lengths 64,128, fp32 on the CPU (checks the script runs)")
@@ -167,7 +173,8 @@ def main():
         results = {}
         for variant in variants:
             torch.manual_seed(0)
-            model, dictionary = build_model(variant, length, vocab, small, num_clusters, topk)
+            model, dictionary = build_model(variant, length, vocab, small, num_clusters, topk,
+                                            args.attention_dropout)
             try:
                 results[variant] = measure(model, dictionary, length, batch, steps, warmup, device, dtype)
             except torch.cuda.OutOfMemoryError:
@@ -187,7 +194,8 @@ def main():
 
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# {device_name}, torch {torch.__version__}, RoBERTa-{'tiny' if small else 'base'} masked LM, "
-          f"C={num_clusters}, k={topk}, {tokens_per_batch} tokens/batch (nan = out of memory)")
+          f"C={num_clusters}, k={topk}, {tokens_per_batch} tokens/batch, attention dropout "
+          f"{'default' if args.attention_dropout is None else args.attention_dropout} (nan = out of memory)")
     header = f"{'length':>7} {'batch':>5} {'variant':>10} {'tokens/s':>12} {'vs best exact':>14} {'peak GiB':>9}"
     print(header)
     for row in rows:

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fairseq_clustered.ops import cuda_backend
@@ -23,3 +24,28 @@ def test_status_gives_a_reason_without_kernels():
     status = cuda_backend.status()
     if not cuda_backend.load():
         assert all(reason.startswith("reference only (") and len(reason) > 20 for reason in status.values())
+
+
+def _extension_importable():
+    import importlib.util
+
+    return importlib.util.find_spec("fairseq_clustered._C") is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _extension_importable(),
+                    reason="needs a CUDA GPU and the compiled fairseq_clustered._C")
+def test_importing_the_ops_registers_the_cuda_kernels():
+    """Users (and the fairseq modules) never call load(): importing the ops must be enough."""
+    script = (
+        "import torch\n"
+        "from fairseq_clustered.ops import custom_ops, cuda_backend\n"
+        "assert cuda_backend._loaded is True, cuda_backend._reason\n"
+        "codes = torch.randint(0, 2**20, (1, 2, 300), device='cuda')\n"
+        "with torch.profiler.profile() as prof:\n"
+        "    custom_ops.lloyd_kmeans(codes, None, 10, 3, 20)\n"
+        "names = {event.name for event in prof.events()}\n"
+        "assert 'aten::argmin' not in names, 'lloyd_kmeans ran the reference on CUDA'\n"
+        "print('kernels registered')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and "kernels registered" in result.stdout, result.stderr[-2000:]

@@ -238,3 +238,9 @@ def improved_clustered_attention(
     )
     return out
 from .causal import causal_clustered_attention, causal_key_clusters  # noqa: E402  (leak-free causal variant)
+from . import cuda_backend  # noqa: E402
+
+# Register the compiled CUDA kernels on the ops as soon as the ops exist, so every
+# caller (the fairseq modules included) gets them; without the extension (a CPU
+# install) this records why and the reference serves every device.
+cuda_backend.load()
