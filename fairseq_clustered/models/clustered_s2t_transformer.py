@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from fairseq import checkpoint_utils
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import register_model
 from fairseq.models.speech_to_text import s2t_transformer
 from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerEncoder, S2TTransformerModel
 from fairseq.models.transformer import TransformerConfig
@@ -24,6 +24,7 @@ from ..modules import (
     describe_encoder_attention,
     set_clustered_attention_defaults,
 )
+from .twins import register_clustered_twin
 
 logger = logging.getLogger(__name__)
 
@@ -68,18 +69,7 @@ class ClusteredS2TTransformerModel(S2TTransformerModel):
         return encoder
 
 
-def _clustered_twin(fairseq_arch: str, fairseq_arch_fn) -> None:
-    """Register ``clustered_<fairseq_arch>``: clustered defaults, then fairseq's sizes."""
-
-    def architecture(args):
-        set_clustered_attention_defaults(args)
-        fairseq_arch_fn(args)
-
-    architecture.__name__ = f"clustered_{fairseq_arch}"
-    architecture.__doc__ = f"fairseq's ``{fairseq_arch}`` sizes with clustered encoder self-attention."
-    register_model_architecture("clustered_s2t_transformer", f"clustered_{fairseq_arch}")(architecture)
-
-
 for _arch in ["s2t_transformer", "s2t_transformer_xs", "s2t_transformer_s", "s2t_transformer_sp",
               "s2t_transformer_m", "s2t_transformer_mp", "s2t_transformer_l", "s2t_transformer_lp"]:
-    _clustered_twin(_arch, getattr(s2t_transformer, _arch if _arch != "s2t_transformer" else "base_architecture"))
+    _fn = getattr(s2t_transformer, "base_architecture" if _arch == "s2t_transformer" else _arch)
+    register_clustered_twin("clustered_s2t_transformer", _arch, _fn)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import register_model
 from fairseq.models.transformer import transformer_legacy
 from fairseq.models.transformer.transformer_legacy import TransformerModel
 from omegaconf import OmegaConf
@@ -21,6 +21,7 @@ from ..modules import (
     add_clustered_attention_args,
     set_clustered_attention_defaults,
 )
+from .twins import register_clustered_twin
 
 
 @register_model("clustered_transformer")
@@ -49,18 +50,6 @@ class ClusteredTransformerModel(TransformerModel):
         )
 
 
-def _clustered_twin(fairseq_arch: str, fairseq_arch_fn) -> None:
-    """Register ``clustered_<fairseq_arch>``: clustered defaults, then fairseq's sizes."""
-
-    def architecture(args):
-        set_clustered_attention_defaults(args)
-        fairseq_arch_fn(args)
-
-    architecture.__name__ = f"clustered_{fairseq_arch}"
-    architecture.__doc__ = f"fairseq's ``{fairseq_arch}`` sizes with clustered encoder self-attention."
-    register_model_architecture("clustered_transformer", f"clustered_{fairseq_arch}")(architecture)
-
-
 for _arch, _fn in [
     ("transformer", transformer_legacy.base_architecture),
     ("transformer_tiny", transformer_legacy.tiny_architecture),
@@ -71,4 +60,4 @@ for _arch, _fn in [
     ("transformer_wmt_en_de_big", transformer_legacy.transformer_wmt_en_de_big),
     ("transformer_wmt_en_de_big_t2t", transformer_legacy.transformer_wmt_en_de_big_t2t),
 ]:
-    _clustered_twin(_arch, _fn)
+    register_clustered_twin("clustered_transformer", _arch, _fn)
