@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum
-from fairseq.distributed import fsdp_wrap
 from fairseq.models import (
     ARCH_CONFIG_REGISTRY,
     ARCH_MODEL_NAME_REGISTRY,
@@ -34,7 +33,6 @@ from fairseq.models import (
 )
 from fairseq.models.transformer import TransformerConfig, TransformerDecoder
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from omegaconf import II
 
 from ..modules.causal_attention import (
@@ -43,6 +41,7 @@ from ..modules.causal_attention import (
     CausalClusteredMultiheadAttention,
     CausalClusteredTransformerDecoderLayerBase,
 )
+from ..modules.transformer_layer import wrap_layer_like_fairseq
 from ..ops import DEFAULT_BITS, DEFAULT_ITERATIONS, DEFAULT_NUM_CLUSTERS
 from ..ops.causal import DEFAULT_WINDOW
 
@@ -102,12 +101,7 @@ class ClusteredCausalTransformerDecoder(TransformerDecoder):
             cfg, self.attention_settings, self._layers_built, cfg.decoder.layers, no_encoder_attn=no_encoder_attn
         )
         self._layers_built += 1
-        # Wrapped for activation checkpointing / FSDP exactly as fairseq wraps its own layers.
-        checkpoint = cfg.checkpoint_activations
-        if checkpoint:
-            layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
-        min_params_to_wrap = cfg.min_params_to_wrap if not checkpoint else 0
-        return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
+        return wrap_layer_like_fairseq(layer, cfg)
 
     def self_attentions(self):
         """The layers' self-attention modules, in order (found by type, through any wrapper)."""

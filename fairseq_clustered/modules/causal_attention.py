@@ -33,7 +33,7 @@ from torch import Tensor
 from .. import ops
 from ..ops import causal as causal_ops
 from .clustered_multihead_attention import ClusteredMultiheadAttention
-from .config import ClusteredAttentionSettings, parse_layers
+from .config import ClusteredAttentionSettings, parse_layers, variant_for_layer
 
 CAUSAL_VARIANTS = ("full", "causal_clustered")
 
@@ -254,17 +254,7 @@ class CausalClusteredAttentionSettings:
 
     def variant_for_layer(self, layer_index: int, num_layers: int) -> str:
         """``'causal_clustered'`` or ``'full'`` for decoder layer ``layer_index``."""
-        selected = parse_layers(self.layers)
-        if selected is not None:
-            out_of_range = [layer for layer in selected if layer >= num_layers]
-            if out_of_range:
-                raise ValueError(
-                    f"--clustered-layers={self.layers} names layer(s) {out_of_range} but the decoder "
-                    f"has {num_layers} layers (0..{num_layers - 1})"
-                )
-            if layer_index not in selected:
-                return "full"
-        return self.attention
+        return variant_for_layer(self.layers, self.attention, layer_index, num_layers, "decoder")
 
 
 # ========================================================================= layer

@@ -124,6 +124,25 @@ def parse_layers(spec: str) -> Optional[Tuple[int, ...]]:
     return layers
 
 
+def variant_for_layer(layers: str, attention: str, layer_index: int, num_layers: int, stack: str) -> str:
+    """``attention`` for a layer selected by the ``--clustered-layers`` spec ``layers``, else ``'full'``.
+
+    ``stack`` ('encoder' or 'decoder') only names the stack in the error for a layer
+    index past ``num_layers``.
+    """
+    selected = parse_layers(layers)
+    if selected is not None:
+        out_of_range = [layer for layer in selected if layer >= num_layers]
+        if out_of_range:
+            raise ValueError(
+                f"--clustered-layers={layers} names layer(s) {out_of_range} but the {stack} "
+                f"has {num_layers} layers (0..{num_layers - 1})"
+            )
+        if layer_index not in selected:
+            return "full"
+    return attention
+
+
 @dataclass(frozen=True)
 class ClusteredAttentionSettings:
     """Validated clustered-attention options of one model (see :class:`ClusteredAttentionConfig`)."""
@@ -178,14 +197,4 @@ class ClusteredAttentionSettings:
 
     def variant_for_layer(self, layer_index: int, num_layers: int) -> str:
         """The attention variant of encoder layer ``layer_index`` (``'full'`` where not selected)."""
-        selected = parse_layers(self.layers)
-        if selected is not None:
-            out_of_range = [layer for layer in selected if layer >= num_layers]
-            if out_of_range:
-                raise ValueError(
-                    f"--clustered-layers={self.layers} names layer(s) {out_of_range} but the encoder "
-                    f"has {num_layers} layers (0..{num_layers - 1})"
-                )
-            if layer_index not in selected:
-                return "full"
-        return self.attention
+        return variant_for_layer(self.layers, self.attention, layer_index, num_layers, "encoder")

@@ -76,6 +76,11 @@ def build_clustered_encoder_layer(cfg, settings: ClusteredAttentionSettings, lay
     layer = ClusteredTransformerEncoderLayerBase(
         cfg, settings, layer_index, cfg.encoder.layers, return_fc=return_fc
     )
+    return wrap_layer_like_fairseq(layer, cfg)
+
+
+def wrap_layer_like_fairseq(layer, cfg):
+    """Wrap a built layer for activation checkpointing and FSDP as fairseq wraps its own."""
     checkpoint = cfg.checkpoint_activations
     if checkpoint:
         layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
