@@ -10,6 +10,12 @@ For each N it times, in one process on the same inputs, forward and forward+back
   (hashing and clustering included);
 * ``reference``: the pure-PyTorch reference (small N only).
 
+``--causal`` times the causal setting instead (issue 5): ``sdpa`` and ``flash`` with
+``is_causal=True`` (the baseline), ``causal_clustered`` (the leak-free variant of
+``fairseq_clustered.ops.causal``, key clustering included; the fused path on CUDA) and
+``causal_reference`` (the same variant through its reference op, tensor cores for half
+precision).
+
 Times are medians of CUDA-event-timed runs after warm-up; ``peak`` is the peak
 memory of one forward+backward, counting its inputs (q, k, v, grad_out) and its
 outputs and gradients; ``peak/io`` divides it by the bytes of q, k, v, the output
@@ -18,6 +24,7 @@ log-log PNG (time and memory against N). ``--device cpu`` runs a small CPU versi
 
     python benchmarks/bench_attention.py                 # GPU, bf16, N = 1k..64k
     python benchmarks/bench_attention.py --device cpu    # CPU, small N
+    python benchmarks/bench_attention.py --causal        # causal: SDPA(is_causal) vs causal clustered
 """
 
 from __future__ import annotations
@@ -35,7 +42,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fairseq_clustered.ops import clustered_attention, improved_clustered_attention, reference  # noqa: E402
+from fairseq_clustered.ops import (  # noqa: E402
+    causal_clustered_attention,
+    causal_key_clusters,
+    clustered_attention,
+    improved_clustered_attention,
+    reference,
+)
+from fairseq_clustered.ops import causal as causal_ops  # noqa: E402
 
 # Fast-transformers' fp32 clustered attention, forward+backward ms on an H100 with this
 # configuration (issue 4), for comparison.
@@ -56,7 +70,11 @@ def parse_args():
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
     p.add_argument("--max-reference-n", type=int, default=None, help="largest N for the reference")
-    p.add_argument("--methods", default="sdpa,flash,clustered,improved,reference")
+    p.add_argument("--causal", action="store_true", help="the causal setting (see above)")
+    p.add_argument("--window", type=int, default=causal_ops.DEFAULT_WINDOW, help="causal: chunk size W")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated (default sdpa,flash,clustered,improved,reference; "
+                        "with --causal sdpa,flash,causal_clustered,causal_reference)")
     p.add_argument("--out", default="bench_attention", help="prefix of the CSV and PNG files")
     p.add_argument("--graph", action="store_true",
                    help="also time forward+backward captured in a CUDA graph (GPU time without launch overhead)")
@@ -118,11 +136,22 @@ def make_methods(args, planes):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def sdpa(q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
 
     def flash(q, k, v):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
+
+    def causal_clustered(q, k, v):
+        return causal_clustered_attention(q, k, v, window=args.window, num_clusters=args.clusters,
+                                          iterations=args.iterations, bits=args.bits, planes=planes)
+
+    def causal_reference(q, k, v):
+        clusters = causal_key_clusters(k.detach(), window=args.window, num_clusters=args.clusters,
+                                       iterations=args.iterations, bits=args.bits, planes=planes)
+        out, _ = causal_ops.causal_clustered_attention_fwd(q, k, v, clusters, None, None, args.window,
+                                                           args.clusters, q.shape[-1] ** -0.5, 0.0)
+        return out
 
     def clustered(q, k, v):
         return clustered_attention(q, k, v, num_clusters=args.clusters, iterations=args.iterations,
@@ -151,10 +180,13 @@ def make_methods(args, planes):
                                                          q.shape[-1] ** -0.5, 0.0)
 
     methods = {"sdpa": sdpa, "flash": flash, "clustered": clustered, "improved": improved,
-               "reference": Reference.apply}
+               "reference": Reference.apply, "causal_clustered": causal_clustered,
+               "causal_reference": causal_reference}
     if args.device != "cuda":
         methods.pop("flash")
-    return {name: fn for name, fn in methods.items() if name in args.methods.split(",")}
+    wanted = args.methods or ("sdpa,flash,causal_clustered,causal_reference" if args.causal
+                              else "sdpa,flash,clustered,improved,reference")
+    return {name: fn for name, fn in methods.items() if name in wanted.split(",")}
 
 
 def measure(args, name, fn, q, k, v, repeats):
@@ -173,7 +205,7 @@ def measure(args, name, fn, q, k, v, repeats):
     try:
         row["fwd_ms"] = timer(args.device, fwd, repeats)
         row["fwdbwd_ms"] = timer(args.device, fwd_bwd, repeats)
-        if args.graph and args.device == "cuda" and name in ("clustered", "improved"):
+        if args.graph and args.device == "cuda" and name in ("clustered", "improved", "causal_clustered"):
             row["graph_ms"] = graph_time(fwd_bwd, repeats)
         if str(q.shape[2]) in args.profile.split(",") and name != "reference":
             profile(name, fwd_bwd)
@@ -217,7 +249,7 @@ def main():
         print("kernels:", "cuda" if loaded else status)
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"B={batch} H={heads} D={args.dim} {str(dtype).replace('torch.', '')} C={args.clusters} "
-          f"I={args.iterations} bits={args.bits} k={args.topk}")
+          f"I={args.iterations} bits={args.bits} " + (f"causal, W={args.window}" if args.causal else f"k={args.topk}"))
     gen = torch.Generator(device="cpu").manual_seed(0)
     planes = torch.randn(args.bits, args.dim, generator=gen).to(args.device)
     methods = make_methods(args, planes)
@@ -229,19 +261,20 @@ def main():
         repeats = args.repeats or (max(5, min(30, int(30 * 4096 / n))) if gpu else 3)
         base = {}
         for name, fn in methods.items():
-            if name == "reference" and n > max_ref:
+            is_reference = name in ("reference", "causal_reference")
+            if is_reference and n > max_ref:
                 continue
-            row = {"n": n, "method": name, **measure(args, name, fn, q, k, v, repeats if name != "reference" else 3)}
+            row = {"n": n, "method": name, **measure(args, name, fn, q, k, v, 3 if is_reference else repeats)}
             row["io_mb"] = io_mb
             if name == "sdpa":
                 base = row
             if base:
                 row["fwd_ratio"] = row["fwd_ms"] / base["fwd_ms"]
                 row["fwdbwd_ratio"] = row["fwdbwd_ms"] / base["fwdbwd_ms"]
-            if name == "clustered" and n in FAST_TRANSFORMERS_MS:
+            if name == "clustered" and n in FAST_TRANSFORMERS_MS and not args.causal:
                 row["vs_fast_transformers"] = FAST_TRANSFORMERS_MS[n] / row["fwdbwd_ms"]
             results.append(row)
-            print(f"  N={n:6d} {name:10s} fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwdbwd_ms']:9.3f} ms"
+            print(f"  N={n:6d} {name:16s} fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwdbwd_ms']:9.3f} ms"
                   f"  peak {row.get('peak_mb', math.nan):9.1f} MB", flush=True)
         del q, k, v
 
@@ -283,11 +316,11 @@ def write_outputs(args, results):
 
 
 def print_table(results):
-    print("\n   N method      fwd ms  ratio  fwd+bwd ms  ratio   peak MB  peak/io")
+    print("\n   N method            fwd ms  ratio  fwd+bwd ms  ratio   peak MB  peak/io")
     for r in results:
         ratio = lambda key: f"{r[key]:6.3f}" if key in r and not math.isnan(r[key]) else "     -"
         peak = r.get("peak_mb", math.nan)
-        print(f"{r['n']:6d} {r['method']:10s} {r['fwd_ms']:8.3f} {ratio('fwd_ratio')} {r['fwdbwd_ms']:10.3f} "
+        print(f"{r['n']:6d} {r['method']:16s} {r['fwd_ms']:8.3f} {ratio('fwd_ratio')} {r['fwdbwd_ms']:10.3f} "
               f"{ratio('fwdbwd_ratio')} {peak:9.1f} {peak / r['io_mb']:7.2f}"
               + (f"  graph {r['graph_ms']:.3f} ms" if "graph_ms" in r else "")
               + (f"  {r['vs_fast_transformers']:.0f}x faster than fast-transformers"

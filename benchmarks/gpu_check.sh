@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_check.sh                         # everything
 #   STAGES=build,test bash benchmarks/gpu_check.sh       # a subset
 #   BENCH_ARGS="--lengths 1024,4096" bash benchmarks/gpu_check.sh
+#   TESTS="tests/test_causal_fused.py" BENCH_ARGS="--causal" bash benchmarks/gpu_check.sh
 #
 # Logs, CSV and PNG go to $OUT (default /tmp/fcl_gpu_check).
 set -uo pipefail
@@ -31,7 +32,8 @@ fi
 
 if has test; then
   echo "== tests"
-  $PY -m pytest -q --tb=short --maxfail=10 -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tee "$OUT/test.log" | tail -40
+  $PY -m pytest -q --tb=short --maxfail=10 -p no:cacheprovider -rxs ${TESTS:-tests/test_cuda_kernels.py} 2>&1 \
+    | tee "$OUT/test.log" | grep -v "^SKIPPED.*needs a CUDA" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
@@ -51,8 +53,8 @@ if has sanitize; then
       select="(hash or lloyd or edge or improved_gpu or dropout) and not fp16 and not fp32 and not 133"
     fi
     FCL_SANITIZE=1 timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool $tool --print-limit 20 \
-      $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py -k "$select" \
-      >"$OUT/sanitize_$tool.log" 2>&1
+      $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py tests/test_causal_fused.py \
+      -k "($select) or kernel_matches" >"$OUT/sanitize_$tool.log" 2>&1
     rc=$?
     grep -E "ERROR SUMMARY|passed|failed|error" "$OUT/sanitize_$tool.log" | tail -5
     [ $rc -eq 0 ] || { status=1; echo "$tool exit $rc"; }

@@ -9,6 +9,9 @@ namespace fcl {
 at::Tensor hash_codes_cuda(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& offsets);
 std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes, const c10::optional<at::Tensor>& mask,
                                                      int64_t num_clusters, int64_t iterations, int64_t bits);
+at::Tensor codebook_assign_cuda(const at::Tensor& codes, const at::Tensor& codebook);
+at::Tensor chunk_cluster_sums_cuda(const at::Tensor& x, const at::Tensor& clusters, int64_t window,
+                                   int64_t num_clusters);
 at::Tensor segment_sum_cuda(const at::Tensor& x, const at::Tensor& order, const at::Tensor& seg_start, bool mean);
 at::Tensor broadcast_cuda(const at::Tensor& src, const at::Tensor& assignments, at::ScalarType dtype);
 at::Tensor improved_exact_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -27,6 +30,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fairseq-clustered CUDA kernels (see fairseq_clustered/ops/cuda_kernels.py)";
   m.def("hash_codes", &fcl::hash_codes_cuda, "packed hyperplane hash codes (B, H, N) int64");
   m.def("lloyd_kmeans", &fcl::lloyd_kmeans_cuda, "Lloyd k-means in Hamming space -> (assignments, centroids)");
+  m.def("codebook_assign", &fcl::codebook_assign_cuda, "nearest codebook entry of every code (B, H, N) int64");
+  m.def("chunk_cluster_sums", &fcl::chunk_cluster_sums_cuda,
+        "per chunk and cluster fp32 sums of rows, deterministic (B, H, T, C, E)");
   m.def("segment_sum", &fcl::segment_sum_cuda, "per-cluster sum / mean of rows, fp32 (B*H, C, E)");
   m.def("broadcast", &fcl::broadcast_cuda, "per-cluster rows to their members (B, H, N, E)");
   m.def("improved_exact_fwd", &fcl::improved_exact_fwd_cuda, "exact top-key part of improved clustered attention");

@@ -233,6 +233,21 @@ __global__ void lloyd_final_kernel(RowInfo info, const int64_t* __restrict__ cod
   }
 }
 
+// Nearest codebook entry (Hamming; ties: lowest id) of codes that took no part in the
+// fit: the causal variant fits its key codebook on the first 2W keys only.
+__global__ void codebook_assign_kernel(const int64_t* __restrict__ codes, const int64_t* __restrict__ codebook,
+                                       int length, int clusters, int chunk, int64_t* __restrict__ ids) {
+  extern __shared__ int64_t smem_codebook[];
+  const int64_t bh = blockIdx.y;
+  for (int j = threadIdx.x; j < clusters; j += blockDim.x) smem_codebook[j] = codebook[bh * clusters + j];
+  __syncthreads();
+  const int start = blockIdx.x * chunk;
+  const int stop = min(start + chunk, length);
+  for (int n = start + threadIdx.x; n < stop; n += blockDim.x) {
+    ids[bh * length + n] = nearest(codes[bh * length + n], smem_codebook, clusters);
+  }
+}
+
 }  // namespace
 
 // Largest C whose centroids fit in shared memory (the final / assign kernels keep them there).
@@ -336,6 +351,42 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
                                                             static_cast<int>(chunk), assignments.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {assignments, centroids};
+}
+
+}  // namespace fcl
+
+namespace fcl {
+
+at::Tensor codebook_assign_cuda(const at::Tensor& codes_in, const at::Tensor& codebook_in) {
+  FCL_CHECK_CUDA(codes_in, "codebook_assign: codes");
+  FCL_CHECK_CUDA(codebook_in, "codebook_assign: codebook");
+  TORCH_CHECK(codes_in.dim() == 3 && codes_in.scalar_type() == at::kLong,
+              "codebook_assign: codes must be (B, H, N) int64, got ", codes_in.sizes(), " ", codes_in.scalar_type());
+  TORCH_CHECK(codebook_in.dim() == 3 && codebook_in.scalar_type() == at::kLong &&
+                  codebook_in.size(0) == codes_in.size(0) && codebook_in.size(1) == codes_in.size(1),
+              "codebook_assign: codebook must be (B=", codes_in.size(0), ", H=", codes_in.size(1),
+              ", C) int64, got ", codebook_in.sizes(), " ", codebook_in.scalar_type());
+  const int64_t B = codes_in.size(0), H = codes_in.size(1), N = codes_in.size(2), C = codebook_in.size(2);
+  TORCH_CHECK(C >= 1 && C <= MAX_SMEM_CLUSTERS, "codebook_assign: the codebook must have 1..",
+              MAX_SMEM_CLUSTERS, " entries, got ", C);
+  const c10::cuda::CUDAGuard guard(codes_in.device());
+  const at::Tensor codes = codes_in.contiguous();
+  const at::Tensor codebook = codebook_in.contiguous();
+  at::Tensor ids = at::empty_like(codes);
+  if (B * H == 0 || N == 0) return ids;
+  TORCH_CHECK(B * H <= 65535, "codebook_assign: batch * heads must be <= 65535, got ", B * H);
+  const int64_t target_blocks = 2 * num_sms();
+  int64_t chunk = (B * H * N + target_blocks - 1) / target_blocks;
+  chunk = std::min<int64_t>(std::max<int64_t>(chunk, 256), 4096);
+  const dim3 grid(static_cast<unsigned>((N + chunk - 1) / chunk), static_cast<unsigned>(B * H));
+  // Padded by two entries: the compiler reads the codebook in 16-byte pairs.
+  const size_t smem = static_cast<size_t>(C + 2) * sizeof(int64_t);
+  ensure_smem(codebook_assign_kernel, smem);
+  codebook_assign_kernel<<<grid, 512, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      codes.data_ptr<int64_t>(), codebook.data_ptr<int64_t>(), static_cast<int>(N), static_cast<int>(C),
+      static_cast<int>(chunk), ids.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return ids;
 }
 
 }  // namespace fcl

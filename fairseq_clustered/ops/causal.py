@@ -80,7 +80,7 @@ def causal_logit_columns(window: int, num_clusters: int) -> int:
 # =============================================================== key clustering
 
 
-def _codebook_fit_range(window: int, length: int) -> int:
+def codebook_fit_range(window: int, length: int) -> int:
     """Number of leading positions the key codebook is fitted on: ``min(2 W, N)``, the
     positions every query that reads a summary (``i >= 2 W``) may see."""
     return min(2 * window, length)
@@ -112,7 +112,7 @@ def causal_key_clusters_ref(
         ``(B, H, N)`` int64 cluster ids in ``[0, C)``, -1 for padded keys. The id of key
         ``l`` depends only on ``codes[..., l]`` and on the keys at positions ``< 2 W``.
     """
-    fit = _codebook_fit_range(window, codes.shape[2])
+    fit = codebook_fit_range(window, codes.shape[2])
     fit_mask = None if key_padding_mask is None else key_padding_mask[:, :fit]
     _, codebook = reference.lloyd_kmeans_ref(codes[:, :, :fit], fit_mask, num_clusters, iterations, bits)
     return _assign_to_codebook(codes, codebook, key_padding_mask, bits)
@@ -171,7 +171,7 @@ def _older_past(per_chunk: Tensor) -> Tensor:
 def _older_past_adjoint(grad: Tensor) -> Tensor:
     """Adjoint of :func:`_older_past`: ``out[c] = sum_{t >= c + 2} grad[t]``."""
     suffix = torch.flip(torch.cumsum(torch.flip(grad, [2]), dim=2), [2])  # sum_{t >= c}
-    zeros = torch.zeros_like(suffix.narrow(2, 0, min(2, suffix.shape[2])))
+    zeros = suffix.new_zeros(*suffix.shape[:2], 2, *suffix.shape[3:])
     return torch.cat([suffix, zeros], dim=2).narrow(2, 2, grad.shape[2])
 
 
@@ -299,7 +299,8 @@ def causal_clustered_attention_fwd_ref(
             reference; the CUDA path passes bfloat16 / float16 for half-precision inputs).
 
     Returns:
-        ``out (B, H, N, Dv)`` in the query dtype and ``lse (B, H, N)`` float32, the
+        ``out (B, H, N, Dv)`` in the query dtype and ``lse (B, H, N)`` float32 (float64 for
+        float64 input), the
         log-sum-exp of each query's logits (``+inf`` where it sees no valid key).
     """
     f = _CausalForward(query, key, value, clusters, key_padding_mask, window, num_clusters, scale,
@@ -316,7 +317,7 @@ def causal_clustered_attention_fwd_ref(
         if drop is not None:
             weights.mul_(drop)
         out[:, :, group] = torch.matmul(weights.to(f.mm), f.values(group))
-    return f.unchunk(out).to(query.dtype), f.unchunk(lse).to(torch.float32)
+    return f.unchunk(out).to(query.dtype), f.unchunk(lse)  # lse in f.acc: float64 keeps its backward exact
 
 
 def causal_clustered_attention_bwd_ref(
@@ -408,7 +409,7 @@ def causal_key_clusters_op(
 ) -> Tensor:
     # causal_key_clusters_ref, with the codebook fitted by the lloyd_kmeans op so that its
     # CUDA kernel serves GPUs where the extension is built.
-    fit = _codebook_fit_range(window, codes.shape[2])
+    fit = codebook_fit_range(window, codes.shape[2])
     fit_mask = None if key_padding_mask is None else key_padding_mask[:, :fit].contiguous()
     _, codebook = custom_ops.lloyd_kmeans(codes[:, :, :fit].contiguous(), fit_mask, num_clusters, iterations, bits)
     return _assign_to_codebook(codes, codebook, key_padding_mask, bits)
@@ -441,7 +442,7 @@ def causal_clustered_attention_fwd(
 def _(query, key, value, clusters, key_padding_mask, keep, window, num_clusters, scale, dropout_p):
     batch, heads, length, _ = query.shape
     out = query.new_empty(batch, heads, length, value.shape[-1])
-    return out, query.new_empty(batch, heads, length, dtype=torch.float32)
+    return out, query.new_empty(batch, heads, length, dtype=reference._compute_dtype(query.dtype))
 
 
 @torch.library.custom_op(f"{LIBRARY}::causal_clustered_attention_bwd", mutates_args=())
@@ -610,6 +611,14 @@ def causal_clustered_attention(
             f"{query.device} with ids in [0, num_clusters) and -1 for no cluster, got "
             f"{getattr(clusters, 'shape', clusters)}"
         )
+    from . import causal_fused, cuda_kernels  # they build on this module
+
+    why_not_fused = causal_fused.fused_path_unavailable(query, value, key_padding_mask, dropout_p, window)
+    if why_not_fused is None:
+        return causal_fused.causal_clustered_attention_fused(query, key, value, clusters, window, num_clusters,
+                                                            float(scale))
+    if query.is_cuda:
+        cuda_kernels.warn_fallback("causal_clustered_attention", why_not_fused)
     keep = None
     if dropout_p > 0.0:
         if generator is None:

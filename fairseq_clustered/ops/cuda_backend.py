@@ -15,6 +15,7 @@ import torch
 
 _loaded: Optional[bool] = None
 _reason: str = "not loaded yet"
+_extension = None
 
 # Names of the kernels the extension provides, for status reporting.
 KERNELS = (
@@ -24,6 +25,8 @@ KERNELS = (
     "clustered_attention_bwd",
     "improved_clustered_attention_fwd",
     "improved_clustered_attention_bwd",
+    "causal_key_clusters",
+    "causal_clustered_attention",
 )
 
 
@@ -32,7 +35,7 @@ def load() -> bool:
 
     Returns True when the CUDA kernels are registered.
     """
-    global _loaded, _reason
+    global _loaded, _reason, _extension
     if _loaded is not None:
         return _loaded
     if torch.version.cuda is None:
@@ -46,8 +49,14 @@ def load() -> bool:
     from . import cuda_kernels  # registers the kernels; errors here are real bugs and propagate
 
     cuda_kernels.register(extension)
-    _loaded, _reason = True, "loaded"
+    _loaded, _reason, _extension = True, "loaded", extension
     return _loaded
+
+
+def extension():
+    """The loaded ``fairseq_clustered._C`` module, or None (see :func:`status` for why)."""
+    load()
+    return _extension
 
 
 # What each CUDA implementation covers; everything else runs the reference on the GPU
@@ -59,6 +68,9 @@ KERNEL_NOTES = {
     "clustered_attention_bwd": "fp32/fp16/bf16, head dims <= 128; flash for fp16/bf16 without padding or dropout",
     "improved_clustered_attention_fwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128",
     "improved_clustered_attention_bwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128",
+    "causal_key_clusters": "codebook assignment kernel; num_clusters <= 6144, batch*heads <= 65535",
+    "causal_clustered_attention": "fp32/fp16/bf16 without key padding or dropout: chunk-sum kernel + "
+                                  "fused attention (flash for fp16/bf16); else the reference on tensor cores",
 }
 
 

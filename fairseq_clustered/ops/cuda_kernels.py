@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import custom_ops, reference
+from . import causal, causal_fused, custom_ops, reference
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 IMPROVED_HEAD_DIMS = (32, 64, 128)
@@ -42,7 +42,7 @@ DENSE_CHUNK_BYTES = 128 * 2**20
 _warned = set()
 
 
-def _fallback(op: str, reason: str) -> None:
+def warn_fallback(op: str, reason: str) -> None:
     """Warn once per (op, reason) that the reference serves this call."""
     if (op, reason) not in _warned:
         _warned.add((op, reason))
@@ -87,10 +87,10 @@ class CudaOps:
 
     def hash_codes(self, x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
         if x.dtype not in KERNEL_DTYPES:
-            _fallback("hash_codes", f"dtype {x.dtype} has no kernel")
+            warn_fallback("hash_codes", f"dtype {x.dtype} has no kernel")
             return reference.hash_codes_ref(x, planes, offsets)
         if x.shape[-1] > MAX_HASH_DIM:
-            _fallback("hash_codes", f"dim {x.shape[-1]} > {MAX_HASH_DIM}")
+            warn_fallback("hash_codes", f"dim {x.shape[-1]} > {MAX_HASH_DIM}")
             return reference.hash_codes_ref(x, planes, offsets)
         return self.ext.hash_codes(x, planes, offsets)
 
@@ -101,9 +101,30 @@ class CudaOps:
         elif codes.shape[0] * codes.shape[1] > MAX_ROWS:
             why = f"batch * heads = {codes.shape[0] * codes.shape[1]} > {MAX_ROWS}"
         if why is not None:
-            _fallback("lloyd_kmeans", why)
+            warn_fallback("lloyd_kmeans", why)
             return reference.lloyd_kmeans_ref(codes, query_padding_mask, num_clusters, iterations, bits)
         return tuple(self.ext.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits))
+
+    def causal_key_clusters(self, codes, key_padding_mask, window, num_clusters, iterations, bits):
+        """:func:`.causal.causal_key_clusters_ref` with Lloyd's and the codebook assignment's kernels."""
+        batch, heads, length = codes.shape
+        if num_clusters > MAX_KERNEL_CLUSTERS or batch * heads > MAX_ROWS:
+            warn_fallback("causal_key_clusters", f"num_clusters {num_clusters} > {MAX_KERNEL_CLUSTERS} or "
+                                                 f"batch * heads {batch * heads} > {MAX_ROWS}")
+            return causal.causal_key_clusters_ref(codes, key_padding_mask, window, num_clusters, iterations, bits)
+        fit = causal.codebook_fit_range(window, length)
+        fit_mask = None if key_padding_mask is None else key_padding_mask[:, :fit].contiguous()
+        _, codebook = self.ext.lloyd_kmeans(codes[:, :, :fit].contiguous(), fit_mask, num_clusters, iterations, bits)
+        clusters = self.ext.codebook_assign(codes, codebook)
+        if key_padding_mask is not None:
+            clusters = clusters.masked_fill(key_padding_mask[:, None, :], -1)
+        return clusters
+
+    def chunk_cluster_sums(self, x, clusters, window, num_clusters):
+        if x.dtype not in KERNEL_DTYPES:
+            warn_fallback("chunk_cluster_sums", f"dtype {x.dtype} has no kernel")
+            return causal_fused.chunk_cluster_sums_ref(x, clusters, window, num_clusters)
+        return self.ext.chunk_cluster_sums(x, clusters, window, num_clusters)
 
     # ------------------------------------------------------------------ shared
 
@@ -172,7 +193,7 @@ class CudaOps:
     def clustered_fwd(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p):
         why = self._why_not(query, value, improved=False)
         if why is not None:
-            _fallback("clustered_attention_fwd", why)
+            warn_fallback("clustered_attention_fwd", why)
             return reference.clustered_attention_fwd_ref(
                 query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p)
         batch, heads, length, dim = query.shape
@@ -265,7 +286,7 @@ class CudaOps:
                       scale, dropout_p):
         why = self._why_not(query, value, improved=False)
         if why is not None:
-            _fallback("clustered_attention_bwd", why)
+            warn_fallback("clustered_attention_bwd", why)
             return reference.clustered_attention_bwd_ref(
                 grad_out, query, key, value, assignments, key_padding_mask, keep, lse, num_clusters, scale, dropout_p)
         batch, heads, length, dim = query.shape
@@ -320,7 +341,7 @@ class CudaOps:
                      dropout_p):
         why = self._why_not(query, value, improved=True)
         if why is not None:
-            _fallback("improved_clustered_attention_fwd", why)
+            warn_fallback("improved_clustered_attention_fwd", why)
             return reference.improved_clustered_attention_fwd_ref(
                 query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p)
         batch, heads, length, dim = query.shape
@@ -365,7 +386,7 @@ class CudaOps:
                      num_clusters, scale, dropout_p):
         why = self._why_not(query, value, improved=True)
         if why is not None:
-            _fallback("improved_clustered_attention_bwd", why)
+            warn_fallback("improved_clustered_attention_bwd", why)
             return reference.improved_clustered_attention_bwd_ref(
                 grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, num_clusters,
                 scale, dropout_p)
@@ -529,4 +550,6 @@ def register(extension) -> CudaOps:
     custom_ops.clustered_attention_bwd.register_kernel("cuda")(ops.clustered_bwd)
     custom_ops.improved_clustered_attention_fwd.register_kernel("cuda")(ops.improved_fwd)
     custom_ops.improved_clustered_attention_bwd.register_kernel("cuda")(ops.improved_bwd)
+    causal.causal_key_clusters_op.register_kernel("cuda")(ops.causal_key_clusters)
+    causal_fused.chunk_cluster_sums_op.register_kernel("cuda")(ops.chunk_cluster_sums)
     return ops

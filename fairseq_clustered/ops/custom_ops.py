@@ -85,7 +85,7 @@ def clustered_attention_fwd(
 def _(query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p):
     batch, heads, length, _ = query.shape
     out = query.new_empty(batch, heads, length, value.shape[-1])
-    lse = query.new_empty(batch, heads, num_clusters, dtype=torch.float32)
+    lse = query.new_empty(batch, heads, num_clusters, dtype=reference._compute_dtype(query.dtype))
     return out, lse
 
 
@@ -157,7 +157,7 @@ def improved_clustered_attention_fwd(
 def _(query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p):
     batch, heads, length, _ = query.shape
     out = query.new_empty(batch, heads, length, value.shape[-1])
-    lse = query.new_empty(batch, heads, num_clusters, dtype=torch.float32)
+    lse = query.new_empty(batch, heads, num_clusters, dtype=reference._compute_dtype(query.dtype))
     top_index = query.new_empty(batch, heads, num_clusters, min(topk, key.shape[2]), dtype=torch.int64)
     return out, lse, top_index
 

@@ -283,7 +283,7 @@ def clustered_attention_fwd_ref(
 
     Returns:
         ``out`` ``(B, H, N, Dv)`` in the query dtype (zeros for padded queries) and
-        ``lse`` ``(B, H, C)`` float32 log-sum-exp of each centroid's logits.
+        ``lse`` ``(B, H, C)`` float32 (float64 for float64 input) log-sum-exp of each centroid's logits.
     """
     dtype = _compute_dtype(query.dtype)
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
@@ -296,7 +296,7 @@ def clustered_attention_fwd_ref(
         weights = weights * drop
     centroid_values = torch.matmul(weights, v)  # (B, H, C, Dv)
     out = _per_query(centroid_values, assignments) * _valid_query_mask(assignments, dtype)
-    return out.to(query.dtype), lse.to(torch.float32)
+    return out.to(query.dtype), lse  # float64 for float64 input: keeps its backward exact
 
 
 def clustered_attention_bwd_ref(
@@ -404,7 +404,7 @@ class _ImprovedForward:
             top_index, self.top_valid = _top_keys(logits, key_padding_mask, topk)
         else:
             self.top_valid = _top_valid(top_index, key_padding_mask)
-        self.lse, self.top_index = lse.to(torch.float32), top_index
+        self.lse, self.top_index = lse.to(dtype), top_index
         self.probs = torch.exp(logits - lse.to(dtype).unsqueeze(-1))
         self.drop = _dropout_scale(keep, dropout_p, dtype)
         on_top = torch.zeros_like(self.probs).scatter_(-1, top_index, 1.0)
@@ -453,7 +453,7 @@ def improved_clustered_attention_fwd_ref(
     Args: as :func:`clustered_attention_fwd_ref`, plus ``topk >= 1``.
 
     Returns:
-        ``out (B, H, N, Dv)`` in the query dtype, ``lse (B, H, C)`` float32 and
+        ``out (B, H, N, Dv)`` in the query dtype, ``lse (B, H, C)`` float32 (float64 for float64 input) and
         ``top_index (B, H, C, K)`` int64 with ``K = min(topk, S)``.
     """
     dtype = _compute_dtype(query.dtype)

@@ -1,0 +1,226 @@
+"""The fused path of causal clustered attention (fairseq_clustered/ops/causal_fused.py).
+
+On CUDA, causal clustered attention without key padding or dropout runs as one fused
+attention call over per-chunk key blocks, with the summaries' log-count offsets carried
+in extra feature columns. The layout is checked on the CPU against the reference (the
+same composition with SDPA and an explicit mask), exactly in float64; the CUDA kernels
+(per-chunk cluster sums, codebook assignment, flash / memory-efficient attention) are
+checked on the GPU against the CPU reference, bit-reproducibility included.
+"""
+
+import pytest
+import torch
+
+from fairseq_clustered.ops import causal_clustered_attention, causal_key_clusters, cuda_backend
+from fairseq_clustered.ops import causal as causal_ops
+from fairseq_clustered.ops import causal_fused
+
+from test_causal import exact_causal, leaks, random_inputs
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() and cuda_backend.load()),
+    reason="needs a CUDA GPU and the compiled extension fairseq_clustered._C",
+)
+
+
+def clusters_for(k, window, num_clusters, seed=0):
+    return causal_key_clusters(k.detach().cpu().float(), window=window, num_clusters=num_clusters,
+                               generator=torch.Generator().manual_seed(seed)).to(k.device)
+
+
+def output_and_grads(attention, tensors, grad_out):
+    inputs = [x.detach().clone().requires_grad_() for x in tensors]
+    out = attention(*inputs)
+    out.backward(grad_out)
+    return [out.detach()] + [x.grad for x in inputs]
+
+
+# ------------------------------------------------------------------ CPU: the layout
+
+
+@pytest.mark.parametrize("n,window,num_clusters,dim,value_dim", [
+    (1, 1, 2, 8, 8), (5, 1, 2, 8, 8), (37, 4, 3, 16, 16), (65, 64, 5, 8, 8), (161, 16, 12, 40, 24), (200, 8, 30, 5, 9),
+])
+def test_fused_layout_equals_the_reference_in_float64(n, window, num_clusters, dim, value_dim):
+    """Same function as the reference: the block layout, the lower-right mask, the offsets
+    split over three columns and the missing chunk -1, to float64 rounding."""
+    gen = torch.Generator().manual_seed(n)
+    q, k = (torch.randn(2, 3, n, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 3, n, value_dim, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(2, 3, n, value_dim, generator=gen, dtype=torch.float64)
+    clusters = clusters_for(k, window, num_clusters)
+    scale = dim ** -0.5
+    expected = output_and_grads(
+        lambda a, b, c: causal_clustered_attention(a, b, c, window=window, num_clusters=num_clusters,
+                                                   clusters=clusters), (q, k, v), grad_out)
+    got = output_and_grads(
+        lambda a, b, c: causal_fused.causal_clustered_attention_fused(a, b, c, clusters, window, num_clusters, scale),
+        (q, k, v), grad_out)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_offsets_survive_half_precision():
+    """hi + mid + lo in bf16 reproduce log(n) / scale to fp32 precision (one bf16 number
+    would be off by up to 2**-9 relative, i.e. ~0.2 nats at n = 60000)."""
+    counts = torch.tensor([[[[1.0, 2.0, 3.0, 1000.0, 60000.0, 0.0]]]])
+    parts = causal_fused._column_offsets(counts, window=2, scale=0.125, dtype=torch.bfloat16)
+    total = parts.float().sum(-1)[..., :6]
+    expected = torch.where(counts > 0, counts.clamp(min=1).log() / 0.125, torch.tensor(-8000.0))
+    torch.testing.assert_close(total, expected, atol=0, rtol=1e-6)
+    assert (total[..., :5] - expected[..., :5]).abs().max() < 1e-4
+    assert total[0, 0, 0, 6:8].eq(-8000.0).all() and total[0, 0, 0, 8:].eq(0).all()  # chunk -1, own chunk
+
+
+def test_chunk_cluster_sums_against_a_loop():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 23, 5, generator=gen)
+    clusters = torch.randint(-1, 4, (2, 3, 23), generator=gen)
+    sums = causal_fused.chunk_cluster_sums_ref(x, clusters, 6, 4)
+    expected = torch.zeros(2, 3, 4, 4, 5)
+    for b in range(2):
+        for h in range(3):
+            for n in range(23):
+                if clusters[b, h, n] >= 0:
+                    expected[b, h, n // 6, clusters[b, h, n]] += x[b, h, n]
+    torch.testing.assert_close(sums, expected)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_chunk_cluster_sums_opcheck(device):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 2, 19, 8, generator=gen).to(device).requires_grad_()
+    clusters = torch.randint(-1, 5, (2, 2, 19), generator=gen).to(device)
+    torch.library.opcheck(causal_fused.chunk_cluster_sums_op, (x, clusters, 4, 5))
+
+
+def test_fused_path_is_taken_exactly_where_documented():
+    q = torch.zeros(1, 1, 8, 8, device="meta")
+    assert causal_fused.fused_path_unavailable(q, q, None, 0.0, 4) == "not a CUDA tensor"
+    if torch.cuda.is_available():
+        q = torch.zeros(1, 1, 8, 8, device="cuda", dtype=torch.bfloat16)
+        assert causal_fused.fused_path_unavailable(q, q, None, 0.0, 4) is None
+        mask = torch.zeros(1, 8, dtype=torch.bool, device="cuda")
+        assert "key_padding_mask" in causal_fused.fused_path_unavailable(q, q, mask, 0.0, 4)
+        assert "dropout" in causal_fused.fused_path_unavailable(q, q, None, 0.1, 4)
+        assert "float64" in causal_fused.fused_path_unavailable(q.double(), q, None, 0.0, 4)
+
+
+# ------------------------------------------------------------------ GPU: the kernels
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_chunk_cluster_sums_kernel_matches_and_is_bit_reproducible(dtype):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 1031, 72, generator=gen).to("cuda", dtype)
+    clusters = torch.randint(-1, 37, (2, 3, 1031), generator=gen).cuda()
+    got = causal_fused.chunk_cluster_sums_op(x, clusters, 128, 37)
+    expected = causal_fused.chunk_cluster_sums_ref(x.cpu().float(), clusters.cpu(), 128, 37)
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-5)
+    assert torch.equal(got, causal_fused.chunk_cluster_sums_op(x, clusters, 128, 37))
+
+
+@needs_kernels
+def test_codebook_assignment_kernel_matches_the_reference():
+    """Nearest codebook entry with ties to the lowest id (few bits: many ties)."""
+    gen = torch.Generator().manual_seed(6)
+    for bits in (6, 63):
+        codes = torch.randint(0, 2**bits, (2, 3, 777), generator=gen)
+        codebook = torch.randint(0, 2**bits, (2, 3, 50), generator=gen)
+        expected = causal_ops._assign_to_codebook(codes, codebook, None, bits)
+        got = cuda_backend.extension().codebook_assign(codes.cuda(), codebook.cuda())
+        assert torch.equal(got.cpu(), expected)
+
+
+@needs_kernels
+def test_causal_key_clusters_kernel_matches_the_reference():
+    gen = torch.Generator().manual_seed(7)
+    codes = torch.randint(0, 2**40, (2, 3, 700), generator=gen)
+    mask = torch.arange(700)[None, :] < torch.tensor([[0], [33]])  # left padding in row 1
+    for window, num_clusters in ((8, 5), (100, 37), (128, 100)):
+        expected = causal_ops.causal_key_clusters_ref(codes, mask, window, num_clusters, 10, 40)
+        got = causal_ops.causal_key_clusters_op(codes.cuda(), mask.cuda(), window, num_clusters, 10, 40)
+        assert torch.equal(got.cpu(), expected)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,window,num_clusters,dim", [(300, 32, 10, 64), (1025, 64, 20, 32), (517, 128, 100, 128)])
+def test_fused_cuda_matches_the_cpu_reference(dtype, n, window, num_clusters, dim):
+    """Output and gradients on the GPU (fused path) against the fp32 CPU reference: fp32 to
+    1e-4 (the fp32 attention kernel may use TF32-free fp32 FMA: tight); fp16 / bf16 within
+    3x the error of half-precision SDPA causal attention against fp32."""
+    q, k, v = random_inputs(2, 4, n, dim, seed=n)
+    grad_out = torch.randn(2, 4, n, dim, generator=torch.Generator().manual_seed(6))
+    clusters = clusters_for(k, window, num_clusters)
+    q_gpu = q.to("cuda", dtype)
+    assert causal_fused.fused_path_unavailable(q_gpu, q_gpu, None, 0.0, window) is None
+
+    def clustered(a, b, c):
+        return causal_clustered_attention(a, b, c, window=window, num_clusters=num_clusters,
+                                          clusters=clusters.to(a.device))
+
+    expected = output_and_grads(clustered, (q, k, v), grad_out)
+    got = [x.float().cpu() for x in output_and_grads(
+        clustered, [x.to("cuda", dtype) for x in (q, k, v)], grad_out.to("cuda", dtype))]
+    if dtype == torch.float32:
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        return
+    sdpa32 = output_and_grads(exact_causal, (q, k, v), grad_out)
+    sdpa_half = [x.float().cpu() for x in output_and_grads(
+        exact_causal, [x.to("cuda", dtype) for x in (q, k, v)], grad_out.to("cuda", dtype))]
+
+    def relative(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    for a, b, a_sdpa, b_sdpa in zip(got, expected, sdpa_half, sdpa32):
+        assert relative(a, b) < 3 * relative(a_sdpa, b_sdpa) + 1e-3
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,window", [(256, 128), (100, 64), (1, 1)])
+def test_fused_cuda_is_exact_causal_when_no_summary_is_needed(dtype, n, window):
+    q, k, v = random_inputs(2, 3, n, 64, seed=3, dtype=dtype, device="cuda")
+    out = causal_clustered_attention(q, k, v, window=window, num_clusters=7)
+    expected = exact_causal(q, k, v)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,window,num_clusters", [(600, 64, 20), (1000, 128, 100), (97, 8, 5)])
+def test_fused_cuda_does_not_leak(dtype, n, window, num_clusters):
+    """The leak test on the fused path: outputs up to i bit-identical, zero gradients after i,
+    at random positions (and in the first chunks, where the codebook is fitted)."""
+    q, k, v = random_inputs(1, 4, n, 64, seed=n, dtype=dtype, device="cuda")
+    gen = torch.Generator().manual_seed(n)
+    positions = sorted(set(torch.randint(0, n - 1, (3,), generator=gen).tolist()) | {window + 3, 2 * window + 1})
+    assert causal_fused.fused_path_unavailable(q, q, None, 0.0, window) is None
+
+    def attention(a, b, c, mask):
+        return causal_clustered_attention(a, b, c, mask, window=window, num_clusters=num_clusters,
+                                          generator=torch.Generator(device="cuda").manual_seed(1))
+
+    for position in positions:
+        if position < n - 1:
+            assert not leaks(attention, q, k, v, None, position, seed=position), f"leak at position {position}"
+
+
+@needs_cuda
+def test_fused_cuda_under_torch_compile():
+    n, window, num_clusters = 520, 64, 12
+    q, k, v = random_inputs(2, 2, n, 64, seed=1, dtype=torch.bfloat16, device="cuda")
+    clusters = clusters_for(k, window, num_clusters)
+
+    def run(a, b, c):
+        return causal_fused.causal_clustered_attention_fused(a, b, c, clusters, window, num_clusters, 0.125)
+
+    expected = output_and_grads(run, (q, k, v), torch.ones_like(q))
+    got = output_and_grads(torch.compile(run, fullgraph=True), (q, k, v), torch.ones_like(q))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
