@@ -126,7 +126,7 @@ def test_chunk_cluster_sums_kernel_matches_and_is_bit_reproducible(dtype):
 def test_codebook_assignment_kernel_matches_the_reference():
     """Nearest codebook entry with ties to the lowest id (few bits: many ties)."""
     gen = torch.Generator().manual_seed(6)
-    for bits in (6, 63):
+    for bits in (6, 62):
         codes = torch.randint(0, 2**bits, (2, 3, 777), generator=gen)
         codebook = torch.randint(0, 2**bits, (2, 3, 50), generator=gen)
         expected = causal_ops._assign_to_codebook(codes, codebook, None, bits)
