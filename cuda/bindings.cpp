@@ -12,6 +12,9 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes, co
 at::Tensor codebook_assign_cuda(const at::Tensor& codes, const at::Tensor& codebook);
 at::Tensor chunk_cluster_sums_cuda(const at::Tensor& x, const at::Tensor& clusters, int64_t window,
                                    int64_t num_clusters);
+void older_past_means_cuda(const at::Tensor& sums, const at::Tensor& counts, int64_t first, const at::Tensor& out);
+at::Tensor older_past_means_backward_cuda(const at::Tensor& grad, const at::Tensor& counts, int64_t first,
+                                          int64_t dim);
 at::Tensor segment_sum_cuda(const at::Tensor& x, const at::Tensor& order, const at::Tensor& seg_start, bool mean);
 at::Tensor broadcast_cuda(const at::Tensor& src, const at::Tensor& assignments, at::ScalarType dtype);
 at::Tensor improved_exact_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -33,6 +36,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("codebook_assign", &fcl::codebook_assign_cuda, "nearest codebook entry of every code (B, H, N) int64");
   m.def("chunk_cluster_sums", &fcl::chunk_cluster_sums_cuda,
         "per chunk and cluster fp32 sums of rows, deterministic (B, H, T, C, E)");
+  m.def("older_past_means", &fcl::older_past_means_cuda,
+        "summary means of chunks 0..t-2 written into a (B*H, T - first, C, >= E) block, in place");
+  m.def("older_past_means_backward", &fcl::older_past_means_backward_cuda,
+        "adjoint of older_past_means -> per-chunk cluster-sum gradients (B, H, T, C, E) fp32");
   m.def("segment_sum", &fcl::segment_sum_cuda, "per-cluster sum / mean of rows, fp32 (B*H, C, E)");
   m.def("broadcast", &fcl::broadcast_cuda, "per-cluster rows to their members (B, H, N, E)");
   m.def("improved_exact_fwd", &fcl::improved_exact_fwd_cuda, "exact top-key part of improved clustered attention");

@@ -64,13 +64,13 @@ def test_fused_layout_equals_the_reference_in_float64(n, window, num_clusters, d
 def test_offsets_survive_half_precision():
     """hi + mid + lo in bf16 reproduce log(n) / scale to fp32 precision (one bf16 number
     would be off by up to 2**-9 relative, i.e. ~0.2 nats at n = 60000)."""
-    counts = torch.tensor([[[[1.0, 2.0, 3.0, 1000.0, 60000.0, 0.0]]]])
-    parts = causal_fused._column_offsets(counts, window=2, scale=0.125, dtype=torch.bfloat16)
-    total = parts.float().sum(-1)[..., :6]
+    counts = torch.tensor([1.0, 2.0, 3.0, 1000.0, 60000.0, 0.0])
+    parts = causal_fused._summary_offsets(counts, scale=0.125, dtype=torch.bfloat16)
+    assert parts.shape == (6, causal_fused.OFFSET_PARTS) and parts.dtype == torch.bfloat16
+    total = parts.float().sum(-1)
     expected = torch.where(counts > 0, counts.clamp(min=1).log() / 0.125, torch.tensor(-8000.0))
     torch.testing.assert_close(total, expected, atol=0, rtol=1e-6)
-    assert (total[..., :5] - expected[..., :5]).abs().max() < 1e-4
-    assert total[0, 0, 0, 6:8].eq(-8000.0).all() and total[0, 0, 0, 8:].eq(0).all()  # chunk -1, own chunk
+    assert (parts[:5, 0].float() - expected[:5]).abs().max() > 1e-3  # one part alone would not do
 
 
 def test_chunk_cluster_sums_against_a_loop():
@@ -90,9 +90,26 @@ def test_chunk_cluster_sums_against_a_loop():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_chunk_cluster_sums_opcheck(device):
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 2, 19, 8, generator=gen).to(device).requires_grad_()
+    x = torch.randn(2, 2, 19, 8, generator=gen).to(device)
     clusters = torch.randint(-1, 5, (2, 2, 19), generator=gen).to(device)
     torch.library.opcheck(causal_fused.chunk_cluster_sums_op, (x, clusters, 4, 5))
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float64),
+                                          pytest.param("cuda", torch.bfloat16, marks=needs_cuda)])
+@pytest.mark.parametrize("n", [9, 40])
+def test_fused_ops_opcheck(device, dtype, n):
+    """Schemas, fake kernels (with and without summaries) and the registered autograd."""
+    gen = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
+    clusters = torch.randint(-1, 3, (1, 2, n), generator=gen).to(device)
+    torch.library.opcheck(causal_fused.causal_fused_fwd, (q, k, v, clusters, 4, 3, 0.3))
+    out, lse, keys, values = causal_fused.causal_fused_fwd(q, k, v, clusters, 4, 3, 0.3)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(causal_fused.causal_fused_bwd,
+                          (grad, q.detach(), k.detach(), v.detach(), clusters, out.detach(), lse.detach(), keys.detach(),
+                           values.detach(), 4, 3,
+                           0.3))
 
 
 def test_fused_path_is_taken_exactly_where_documented():
@@ -105,6 +122,8 @@ def test_fused_path_is_taken_exactly_where_documented():
         assert "key_padding_mask" in causal_fused.fused_path_unavailable(q, q, mask, 0.0, 4)
         assert "dropout" in causal_fused.fused_path_unavailable(q, q, None, 0.1, 4)
         assert "float64" in causal_fused.fused_path_unavailable(q.double(), q, None, 0.0, 4)
+        assert "float32" in causal_fused.fused_path_unavailable(q.float(), q, None, 0.0, 4)
+        assert "head dims" in causal_fused.fused_path_unavailable(q[..., :6], q[..., :6], None, 0.0, 4)
 
 
 # ------------------------------------------------------------------ GPU: the kernels
@@ -146,12 +165,11 @@ def test_causal_key_clusters_kernel_matches_the_reference():
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,window,num_clusters,dim", [(300, 32, 10, 64), (1025, 64, 20, 32), (517, 128, 100, 128)])
 def test_fused_cuda_matches_the_cpu_reference(dtype, n, window, num_clusters, dim):
-    """Output and gradients on the GPU (fused path) against the fp32 CPU reference: fp32 to
-    1e-4 (the fp32 attention kernel may use TF32-free fp32 FMA: tight); fp16 / bf16 within
-    3x the error of half-precision SDPA causal attention against fp32."""
+    """Output and gradients on the GPU (fused path) against the fp32 CPU reference, within 3x
+    the error of half-precision SDPA causal attention against fp32."""
     q, k, v = random_inputs(2, 4, n, dim, seed=n)
     grad_out = torch.randn(2, 4, n, dim, generator=torch.Generator().manual_seed(6))
     clusters = clusters_for(k, window, num_clusters)
@@ -165,10 +183,6 @@ def test_fused_cuda_matches_the_cpu_reference(dtype, n, window, num_clusters, di
     expected = output_and_grads(clustered, (q, k, v), grad_out)
     got = [x.float().cpu() for x in output_and_grads(
         clustered, [x.to("cuda", dtype) for x in (q, k, v)], grad_out.to("cuda", dtype))]
-    if dtype == torch.float32:
-        for a, b in zip(got, expected):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-        return
     sdpa32 = output_and_grads(exact_causal, (q, k, v), grad_out)
     sdpa_half = [x.float().cpu() for x in output_and_grads(
         exact_causal, [x.to("cuda", dtype) for x in (q, k, v)], grad_out.to("cuda", dtype))]
@@ -181,18 +195,20 @@ def test_fused_cuda_matches_the_cpu_reference(dtype, n, window, num_clusters, di
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n,window", [(256, 128), (100, 64), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,window", [(256, 128), (100, 64), (1, 1), (300, 8)])
 def test_fused_cuda_is_exact_causal_when_no_summary_is_needed(dtype, n, window):
     q, k, v = random_inputs(2, 3, n, 64, seed=3, dtype=dtype, device="cuda")
-    out = causal_clustered_attention(q, k, v, window=window, num_clusters=7)
-    expected = exact_causal(q, k, v)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+    if n > 2 * window:  # one cluster per key: summaries of single keys, log(count) = 0
+        clusters = torch.arange(n, device="cuda").expand(2, 3, n).contiguous()
+        out = causal_clustered_attention(q, k, v, window=window, num_clusters=n, clusters=clusters)
+    else:
+        out = causal_clustered_attention(q, k, v, window=window, num_clusters=7)
+    torch.testing.assert_close(out, exact_causal(q, k, v), atol=2e-2, rtol=2e-2)
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,window,num_clusters", [(600, 64, 20), (1000, 128, 100), (97, 8, 5)])
 def test_fused_cuda_does_not_leak(dtype, n, window, num_clusters):
     """The leak test on the fused path: outputs up to i bit-identical, zero gradients after i,
