@@ -132,39 +132,30 @@ __device__ __forceinline__ KeySlot key_slot(const TopKeys& top, int64_t bh, int 
   return slot;
 }
 
+// Lane gets x . rows[key] for its slot: 32 rows (one per lane's slot) dotted with the
+// warp's vector x (VPL values per lane), reduced across the warp.
+template <int VPL, typename scalar_t>
+__device__ __forceinline__ float block_dots(const scalar_t* base, int64_t stride, const KeySlot& slot,
+                                            const float (&x)[VPL], int lane) {
+  float part[32];
+#pragma unroll
+  for (int tt = 0; tt < 32; ++tt) {
+    const int64_t key = __shfl_sync(FULL_MASK, slot.key, tt);
+    float row[VPL];
+    load_vec<VPL>(base + key * stride + lane * VPL, row);
+    part[tt] = 0.f;
+#pragma unroll
+    for (int e = 0; e < VPL; ++e) part[tt] = fmaf(x[e], row[e], part[tt]);
+  }
+  return warp_transpose_sum(part, lane);
+}
+
 // Lane gets the scaled logit s q . k for its slot (-inf when not live).
 template <int VPL, typename scalar_t>
 __device__ __forceinline__ float block_logits(const scalar_t* k_base, int64_t k_stride, const KeySlot& slot,
                                               const float (&q)[VPL], float scale, int lane) {
-  float part[32];
-#pragma unroll
-  for (int tt = 0; tt < 32; ++tt) {
-    const int64_t key = __shfl_sync(FULL_MASK, slot.key, tt);
-    float kv[VPL];
-    load_vec<VPL>(k_base + key * k_stride + lane * VPL, kv);
-    part[tt] = 0.f;
-#pragma unroll
-    for (int e = 0; e < VPL; ++e) part[tt] = fmaf(q[e], kv[e], part[tt]);
-  }
-  const float logit = warp_transpose_sum(part, lane) * scale;
+  const float logit = block_dots<VPL>(k_base, k_stride, slot, q, lane) * scale;
   return slot.live ? logit : -INFINITY;
-}
-
-// Lane gets g . v for its slot.
-template <int VPL, typename scalar_t>
-__device__ __forceinline__ float block_dots(const scalar_t* v_base, int64_t v_stride, const KeySlot& slot,
-                                            const float (&g)[VPL], int lane) {
-  float part[32];
-#pragma unroll
-  for (int tt = 0; tt < 32; ++tt) {
-    const int64_t key = __shfl_sync(FULL_MASK, slot.key, tt);
-    float vv[VPL];
-    load_vec<VPL>(v_base + key * v_stride + lane * VPL, vv);
-    part[tt] = 0.f;
-#pragma unroll
-    for (int e = 0; e < VPL; ++e) part[tt] = fmaf(g[e], vv[e], part[tt]);
-  }
-  return warp_transpose_sum(part, lane);
 }
 
 // Per-warp shared-memory copy of the current cluster's top-key rows (K <= 32): the

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <tuple>
+#include <vector>
 
 namespace fcl {
 at::Tensor hash_codes_cuda(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& offsets);
@@ -15,6 +16,11 @@ at::Tensor chunk_cluster_sums_cuda(const at::Tensor& x, const at::Tensor& cluste
 void older_past_means_cuda(const at::Tensor& sums, const at::Tensor& counts, int64_t first, const at::Tensor& out);
 at::Tensor older_past_means_backward_cuda(const at::Tensor& grad, const at::Tensor& counts, int64_t first,
                                           int64_t dim);
+void chunk_cluster_gather_add_cuda(const at::Tensor& grad_sums, const at::Tensor& clusters, int64_t window,
+                                   const at::Tensor& grad_x);
+std::tuple<at::Tensor, at::Tensor> merge_parts_cuda(const std::vector<at::Tensor>& outs,
+                                                    const std::vector<at::Tensor>& lses, int64_t length,
+                                                    int64_t dim);
 at::Tensor segment_sum_cuda(const at::Tensor& x, const at::Tensor& order, const at::Tensor& seg_start, bool mean);
 at::Tensor broadcast_cuda(const at::Tensor& src, const at::Tensor& assignments, at::ScalarType dtype);
 at::Tensor improved_exact_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -40,6 +46,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "summary means of chunks 0..t-2 written into a (B*H, T - first, C, >= E) block, in place");
   m.def("older_past_means_backward", &fcl::older_past_means_backward_cuda,
         "adjoint of older_past_means -> per-chunk cluster-sum gradients (B, H, T, C, E) fp32");
+  m.def("chunk_cluster_gather_add", &fcl::chunk_cluster_gather_add_cuda,
+        "grad_x (B, H, N, E) += per-(chunk, cluster) gradients of each key's cluster, in place");
+  m.def("merge_parts", &fcl::merge_parts_cuda,
+        "merge up to 3 attention parts by log-sum-exp -> (out (G, N, D), lse (G, T, W))");
   m.def("segment_sum", &fcl::segment_sum_cuda, "per-cluster sum / mean of rows, fp32 (B*H, C, E)");
   m.def("broadcast", &fcl::broadcast_cuda, "per-cluster rows to their members (B, H, N, E)");
   m.def("improved_exact_fwd", &fcl::improved_exact_fwd_cuda, "exact top-key part of improved clustered attention");

@@ -24,7 +24,7 @@ to that part's columns (``P = exp(S - lse)``, ``dS = P (dP - rowsum(dout * out))
 
 Summaries: per-chunk cluster sums (a kernel without atomics), their prefix over chunks
 ``0 .. t - 2`` divided by the counts (one kernel writing straight into the summary block),
-and the adjoints of both in the backward. Every step is deterministic, so outputs are
+and the adjoints of both in the backward; one more kernel merges the three parts. Every step is deterministic, so outputs are
 bit-reproducible and the leak test can compare them exactly.
 
 Off CUDA (the tests) the same composition runs with explicit softmax products instead
@@ -135,38 +135,41 @@ def _older_past_counts(clusters: Tensor, window: int, num_clusters: int, num_chu
     return _older_past(counts[..., :trash].reshape(batch, heads, num_chunks, num_clusters)).contiguous()
 
 
-def _write_summary_means(x: Tensor, clusters: Tensor, counts: Tensor, window: int, first: int,
-                         block: Tensor) -> None:
-    """Mean member of every cluster over chunks ``0 .. t - 2``, for chunks ``t >= first``,
-    into ``block[..., :E]`` (``block``: ``(B H, T - first, C, >= E)`` in x's dtype)."""
-    num_clusters = counts.shape[-1]
+def _summary_means(x: Tensor, clusters: Tensor, counts: Tensor, window: int, first: int, width: int) -> Tensor:
+    """Mean member of every cluster over chunks ``0 .. t - 2``, for chunks ``t >= first``:
+    ``(B H, T - first, C, width)`` in x's dtype, the means in ``[..., :E]``, zeros after."""
+    batch, heads, chunks, num_clusters = counts.shape
     sums = chunk_cluster_sums_op(x, clusters, window, num_clusters)
     kernels = _kernels(x)
     if kernels is not None and sums.dtype == torch.float32:
-        kernels.older_past_means(sums.contiguous(), counts, first, block)
-        return
+        block = x.new_empty(batch * heads, chunks - first, num_clusters, width)
+        kernels.older_past_means(sums.contiguous(), counts, first, block)  # writes every column
+        return block
+    block = x.new_zeros(batch * heads, chunks - first, num_clusters, width)
     means = _older_past(sums) / counts.clamp(min=1).unsqueeze(-1)
     block[..., : x.shape[-1]] = means[:, :, first:].reshape(-1, *block.shape[1:3], x.shape[-1])
+    return block
 
 
-def _summary_means_backward(grad_block: Tensor, clusters: Tensor, counts: Tensor, window: int, first: int,
-                            dim: int) -> Tensor:
-    """Adjoint of :func:`_write_summary_means` for one input: ``grad_block (B H, T - first, C,
-    >= dim)`` -> gradient of ``x``, ``(B, H, N, dim)`` float32 (float64 for float64)."""
+def _add_summary_means_backward(grad_x: Tensor, grad_block: Tensor, clusters: Tensor, counts: Tensor,
+                                window: int, first: int) -> None:
+    """Adjoint of :func:`_summary_means`, added into ``grad_x (B, H, N, E)`` (contiguous, in
+    ``counts``' dtype) from ``grad_block (B H, T - first, C, >= E)``."""
     batch, heads, chunks, num_clusters = counts.shape
+    dim = grad_x.shape[-1]
     kernels = _kernels(grad_block)
     if kernels is not None and counts.dtype == torch.float32:
-        grad_sums = kernels.older_past_means_backward(grad_block.contiguous(), counts, first, dim)
-    else:
-        grad_means = counts.new_zeros(batch, heads, chunks, num_clusters, dim)
-        grad_means[:, :, first:] = grad_block[..., :dim].reshape(batch, heads, chunks - first, num_clusters, dim)
-        grad_sums = _older_past_adjoint(grad_means / counts.clamp(min=1).unsqueeze(-1))
+        grad_sums = kernels.older_past_means_backward(grad_block, counts, first, dim)
+        kernels.chunk_cluster_gather_add(grad_sums, clusters.contiguous(), window, grad_x)
+        return
+    grad_means = counts.new_zeros(batch, heads, chunks, num_clusters, dim)
+    grad_means[:, :, first:] = grad_block[..., :dim].reshape(batch, heads, chunks - first, num_clusters, dim)
+    grad_sums = _older_past_adjoint(grad_means / counts.clamp(min=1).unsqueeze(-1))
     # Every member key receives the gradient of its (chunk, cluster) sum.
-    length = clusters.shape[2]
     slot = _chunk_slots(clusters, window, num_clusters, trash=0)
     grad = grad_sums.reshape(batch, heads, chunks * num_clusters, dim)
-    grad = grad.gather(2, slot.unsqueeze(-1).expand(batch, heads, length, dim))
-    return grad * (clusters >= 0).unsqueeze(-1)
+    grad = grad.gather(2, slot.unsqueeze(-1).expand(*clusters.shape, dim))
+    grad_x += grad * (clusters >= 0).unsqueeze(-1)
 
 
 def _split_exactly(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -278,13 +281,10 @@ class _Layout:
 
     def summary_blocks(self, key, value, clusters):
         """``(keys, values)``, each ``(G, T - 2, C, width)`` in the input dtype."""
-        num_clusters = self.counts.shape[-1]
-        shape = (self.groups, self.chunks - 2, num_clusters, self.width)
-        keys, values = key.new_zeros(shape), value.new_zeros(shape)
-        _write_summary_means(key, clusters, self.counts, self.window, 2, keys)
-        _write_summary_means(value, clusters, self.counts, self.window, 2, values)
+        keys = _summary_means(key, clusters, self.counts, self.window, 2, self.width)
+        values = _summary_means(value, clusters, self.counts, self.window, 2, self.width)
         offsets = _summary_offsets(self.counts[:, :, 2:], self.scale, key.dtype)
-        keys[..., self.dim: self.dim + OFFSET_PARTS] = offsets.reshape(*shape[:3], OFFSET_PARTS)
+        keys[..., self.dim: self.dim + OFFSET_PARTS] = offsets.reshape(*keys.shape[:3], OFFSET_PARTS)
         return keys, values
 
 
@@ -306,6 +306,12 @@ def causal_fused_fwd(query: Tensor, key: Tensor, value: Tensor, clusters: Tensor
         s_out, s_lse = _part_forward(lay.summary_queries(), summary_keys, summary_values, scale, causal=False)
         parts.append((2, s_out[..., : lay.value_dim], s_lse))
     # Merge: lse = log sum_p exp(lse_p); out = sum_p exp(lse_p - lse) out_p.
+    kernels = _kernels(query)
+    if kernels is not None:
+        merged, total = kernels.merge_parts([out] + [p[1] for p in parts], [lse] + [p[2] for p in parts],
+                                            lay.length, lay.value_dim)
+        merged = merged.view(batch, query.shape[1], lay.length, lay.value_dim)
+        return merged, total, summary_keys, summary_values
     total = lse.clone()
     for first, _, part_lse in parts:
         total[:, first:] = torch.logaddexp(total[:, first:], part_lse)
@@ -336,21 +342,22 @@ def causal_fused_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor
     acc = reference._compute_dtype(query.dtype)
     g, o = lay.chunked(grad_out), lay.chunked(out)
     # Padded query rows (beyond N) have zero gradients; their lse is whatever the forward made.
-    dq, dk, dv = (x.to(acc) for x in _part_backward(g, lay.q, lay.k, lay.v, o, lse, scale, causal=True))
+    dq, dk, dv = (torch.empty(x.shape, dtype=acc, device=x.device).copy_(x)
+                  for x in _part_backward(g, lay.q, lay.k, lay.v, o, lse, scale, causal=True))
     if lay.chunks > 1:
         dq_p, dk_p, dv_p = _part_backward(g[:, 1:], lay.q[:, 1:], lay.k[:, :-1], lay.v[:, :-1], o[:, 1:],
                                           lse[:, 1:], scale, causal=False)
         dq[:, 1:] += dq_p
         dk[:, :-1] += dk_p
         dv[:, :-1] += dv_p
-    dk, dv = lay.unchunked(dk, batch), lay.unchunked(dv, batch)
+    dk, dv = lay.unchunked(dk, batch).contiguous(), lay.unchunked(dv, batch).contiguous()
     if lay.has_summaries:
         pad = (0, lay.width - lay.value_dim)
         dq_s, dk_s, dv_s = _part_backward(F.pad(g[:, 2:], pad), lay.summary_queries(), summary_keys,
                                           summary_values, F.pad(o[:, 2:], pad), lse[:, 2:], scale, causal=False)
         dq[:, 2:] += dq_s[..., : lay.dim]
-        dk = dk + _summary_means_backward(dk_s, clusters, lay.counts, window, 2, lay.dim)
-        dv = dv + _summary_means_backward(dv_s, clusters, lay.counts, window, 2, lay.value_dim)
+        _add_summary_means_backward(dk, dk_s, clusters, lay.counts, window, 2)
+        _add_summary_means_backward(dv, dv_s, clusters, lay.counts, window, 2)
     return (lay.unchunked(dq, batch).to(query.dtype).contiguous(), dk.to(key.dtype).contiguous(),
             dv.to(value.dtype).contiguous())
 
