@@ -22,7 +22,11 @@ status=0
 if has build; then
   echo "== build"
   start=$(date +%s)
-  if ! FAIRSEQ_CLUSTERED_CUDA=1 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+  # The system compiler, as torch's JIT extensions use: built with the GPU machine's
+  # CC/CXX (a wrapped /opt/gcc toolchain) the extension died with SIGSEGV whenever a
+  # TORCH_CHECK failed inside it, instead of raising RuntimeError (test_extension_errors_gpu).
+  if ! CC=${FCL_CC:-cc} CXX=${FCL_CXX:-c++} LDSHARED="${FCL_CXX:-c++} -shared" FAIRSEQ_CLUSTERED_CUDA=1 \
+      $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
     grep -E "error|Error" "$OUT/build.log" | head -30; tail -20 "$OUT/build.log"; exit 1
   fi
   grep -E "warning" "$OUT/build.log" | grep -v -E "AutogradState|Wc\+\+20|3306" | head -10
