@@ -69,8 +69,9 @@ KERNEL_NOTES = {
     "improved_clustered_attention_fwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128",
     "improved_clustered_attention_bwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128",
     "causal_key_clusters": "codebook assignment kernel; num_clusters <= 6144, batch*heads <= 65535",
-    "causal_clustered_attention": "fp32/fp16/bf16 without key padding or dropout: chunk-sum kernel + "
-                                  "fused attention (flash for fp16/bf16); else the reference on tensor cores",
+    "causal_clustered_attention": "fp16/bf16, head dim = value dim (multiple of 8, <= 248), no key padding or "
+                                  "dropout: flash attention in three parts + "
+                                  "summary kernels; else the reference (tensor cores for half precision)",
 }
 
 
