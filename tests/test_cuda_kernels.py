@@ -157,11 +157,12 @@ def test_composition_matches_reference_cpu(pad, dropout):
     try:
         keep = (torch.rand(2, 2, 4, 11) >= dropout) if dropout > 0 else None
         scale = 32 ** -0.5
-        out, lse = ops.clustered_fwd(q, k, v, a, kmask, keep, 4, scale, dropout)
+        out, lse, centroids = ops.clustered_fwd(q, k, v, a, kmask, keep, 4, scale, dropout)
         ref_out, ref_lse = reference.clustered_attention_fwd_ref(q, k, v, a, kmask, keep, 4, scale, dropout)
         assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
+        assert max_err(centroids, reference.cluster_centroids_ref(q, a, 4)) < 1e-5
         g = torch.randn_like(out)
-        grads = ops.clustered_bwd(g, q, k, v, a, kmask, keep, ref_lse, 4, scale, dropout)
+        grads = ops.clustered_bwd(g, q, k, v, a, kmask, keep, out, ref_lse, centroids, 4, scale, dropout)
         ref_grads = reference.clustered_attention_bwd_ref(g, q, k, v, a, kmask, keep, ref_lse, 4, scale, dropout)
         for x, y in zip(grads, ref_grads):
             assert max_err(x, y) < 1e-5
@@ -194,6 +195,10 @@ class MathAttentionOps(CudaOps):
         out = torch.matmul(torch.softmax(logits, -1), v)
         return out.detach(), torch.logsumexp(logits, -1).detach(), (q, k, v, out)
 
+    @classmethod
+    def _attn_ctx(cls, q, k, v, scale, out, lse):
+        return cls._attn_fwd(q, k, v, scale)[2]
+
     @staticmethod
     def _attn_bwd(grad_out, ctx):
         q, k, v, out = ctx
@@ -221,10 +226,10 @@ def test_flash_path_algebra_cpu(topk):
                                                                    scale, 0.0)
         for name, x, y in zip("qkv", grads, ref_grads):
             assert max_err(x, y) < 1e-5, name
-        out, lse = ops.clustered_fwd(q, k, v, a, None, None, 4, scale, 0.0)
+        out, lse, centroids = ops.clustered_fwd(q, k, v, a, None, None, 4, scale, 0.0)
         ref_out, ref_lse = reference.clustered_attention_fwd_ref(q, k, v, a, None, None, 4, scale, 0.0)
         assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
-        grads = ops.clustered_bwd(g, q, k, v, a, None, None, ref_lse, 4, scale, 0.0)
+        grads = ops.clustered_bwd(g, q, k, v, a, None, None, out, ref_lse, centroids, 4, scale, 0.0)
         ref_grads = reference.clustered_attention_bwd_ref(g, q, k, v, a, None, None, ref_lse, 4, scale, 0.0)
         for name, x, y in zip("qkv", grads, ref_grads):
             assert max_err(x, y) < 1e-5, name
@@ -282,14 +287,15 @@ def test_clustered_gpu(dtype, length, dim, pad):
     q, k, v, qmask, kmask, a = make_inputs(2, 3, length, length + 7, dim, dtype, "cuda", C, pad=pad)
     scale = dim ** -0.5
     d64 = [t.double() for t in (q, k, v)]
-    out, lse = custom_ops.clustered_attention_fwd(q, k, v, a, kmask, None, C, scale, 0.0)
+    out, lse, centroids = custom_ops.clustered_attention_fwd(q, k, v, a, kmask, None, C, scale, 0.0)
     ref_out, ref_lse = reference.clustered_attention_fwd_ref(*d64, a, kmask, None, C, scale, 0.0)
     low_out, _ = _lowp(reference.clustered_attention_fwd_ref, q, k, v, a, kmask, None, C, scale, 0.0)
     assert out.dtype == dtype and torch.isfinite(out).all()
     _check("out", out, ref_out, low_out)
     assert max_err(lse, ref_lse) < (2e-2 if dtype != torch.float32 else 1e-4)
     g = torch.randn_like(out)
-    grads = custom_ops.clustered_attention_bwd(g, q, k, v, a, kmask, None, ref_lse.float(), C, scale, 0.0)
+    grads = custom_ops.clustered_attention_bwd(g, q, k, v, a, kmask, None, out, ref_lse.float(), centroids, C,
+                                               scale, 0.0)
     ref_grads = reference.clustered_attention_bwd_ref(g.double(), *d64, a, kmask, None, ref_lse, C, scale, 0.0)
     low_grads = _lowp(reference.clustered_attention_bwd_ref, g, q, k, v, a, kmask, None, ref_lse.to(dtype), C,
                       scale, 0.0)
@@ -337,9 +343,9 @@ def test_dropout_gpu(variant):
     d64 = [t.double() for t in (q, k, v)]
     g = torch.randn(2, 2, 61, 64, device="cuda")
     if variant == "clustered":
-        out, lse = custom_ops.clustered_attention_fwd(q, k, v, a, kmask, keep, C, 0.125, p)
+        out, lse, centroids = custom_ops.clustered_attention_fwd(q, k, v, a, kmask, keep, C, 0.125, p)
         ref_out, ref_lse = reference.clustered_attention_fwd_ref(*d64, a, kmask, keep, C, 0.125, p)
-        grads = custom_ops.clustered_attention_bwd(g, q, k, v, a, kmask, keep, lse, C, 0.125, p)
+        grads = custom_ops.clustered_attention_bwd(g, q, k, v, a, kmask, keep, out, lse, centroids, C, 0.125, p)
         ref_grads = reference.clustered_attention_bwd_ref(g.double(), *d64, a, kmask, keep, ref_lse, C, 0.125, p)
     else:
         out, lse, top = custom_ops.improved_clustered_attention_fwd(q, k, v, a, kmask, keep, C, 16, 0.125, p)

@@ -305,14 +305,15 @@ def opcheck_samples():
     keep = torch.rand(2, 2, 4, 9, generator=torch.Generator().manual_seed(0)) > 0.2
     codes = hash_queries(q, draw_hash_planes(12, 8, torch.Generator().manual_seed(0)))
     grad = torch.randn(2, 2, 11, 8)
-    lse = custom_ops.clustered_attention_fwd(q, k, v, clusters, key_mask, keep, 4, 0.3, 0.2)[1]
+    out, lse, centroids = custom_ops.clustered_attention_fwd(q, k, v, clusters, key_mask, keep, 4, 0.3, 0.2)
     _, lse_i, top = custom_ops.improved_clustered_attention_fwd(q, k, v, clusters, key_mask, keep, 4, 3, 0.3, 0.2)
     req = lambda t: t.clone().requires_grad_()
     return [
         (custom_ops.hash_codes, (q, draw_hash_planes(12, 8, torch.Generator()), torch.zeros(12))),
         (custom_ops.lloyd_kmeans, (codes, query_mask, 4, 3, 12)),
         (custom_ops.clustered_attention_fwd, (req(q), req(k), req(v), clusters, key_mask, keep, 4, 0.3, 0.2)),
-        (custom_ops.clustered_attention_bwd, (grad, q, k, v, clusters, key_mask, keep, lse, 4, 0.3, 0.2)),
+        (custom_ops.clustered_attention_bwd,
+         (grad, q, k, v, clusters, key_mask, keep, out, lse, centroids, 4, 0.3, 0.2)),
         (custom_ops.improved_clustered_attention_fwd,
          (req(q), req(k), req(v), clusters, key_mask, keep, 4, 3, 0.3, 0.2)),
         (custom_ops.improved_clustered_attention_bwd,

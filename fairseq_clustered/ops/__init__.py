@@ -193,7 +193,7 @@ def clustered_attention(
         query, key, value, key_padding_mask, query_padding_mask, num_clusters, iterations, bits,
         planes, generator, scale, dropout_p, clusters,
     )
-    out, _ = custom_ops.clustered_attention_fwd(
+    out, _, _ = custom_ops.clustered_attention_fwd(
         query, key, value, clusters, key_padding_mask, keep, num_clusters, scale, float(dropout_p)
     )
     return out

@@ -194,8 +194,9 @@ class CudaOps:
         why = self._why_not(query, value, improved=False)
         if why is not None:
             warn_fallback("clustered_attention_fwd", why)
-            return reference.clustered_attention_fwd_ref(
+            out, lse = reference.clustered_attention_fwd_ref(
                 query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p)
+            return out, lse, reference.cluster_centroids_ref(query, assignments, num_clusters)
         batch, heads, length, dim = query.shape
         rows, value_dim = batch * heads, value.shape[-1]
         assignments = assignments.contiguous()
@@ -208,7 +209,8 @@ class CudaOps:
             centroid_values, lse = self._dense_clustered_fwd(
                 qbar, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p)
         out = self.ext.broadcast(centroid_values.contiguous(), assignments, query.dtype)
-        return out, lse.reshape(batch, heads, num_clusters).float().contiguous()
+        return (out, lse.reshape(batch, heads, num_clusters).float().contiguous(),
+                qbar.reshape(batch, heads, num_clusters, dim))
 
     def _flash_fwd(self, qbar, key, value, scale, batch, heads):
         """Centroid attention through flash: ``(out (B, H, C, Dv), lse (B, H, C), ctx for _flash_bwd)``."""
@@ -256,6 +258,15 @@ class CudaOps:
         return out, lse, (q, k, v, scale, out, lse, res)
 
     @staticmethod
+    def _attn_ctx(q, k, v, scale, out, lse):
+        """The backward context of :meth:`_attn_fwd` from its known output and log-sum-exp,
+        without running it (no dropout: flash's random-state arguments are placeholders)."""
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        unused = torch.empty((), dtype=torch.long)
+        return q, k, v, scale, out, lse, (None, None, None, None, None, None, unused, unused)
+
+    @staticmethod
     def _attn_bwd(grad_out, ctx):
         """Gradients (dq, dk, dv) of :meth:`_attn_fwd` for ``grad_out`` (same dtype as q).
 
@@ -282,8 +293,10 @@ class CudaOps:
             lse[r0:r1] = lse_c
         return centroid_values, lse
 
-    def clustered_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, num_clusters,
-                      scale, dropout_p):
+    def clustered_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, out, lse, centroids,
+                      num_clusters, scale, dropout_p):
+        """Gradients; ``out`` and ``centroids`` are the forward's, so neither the centroids nor
+        (on the flash path) the centroid attention's output are computed again."""
         why = self._why_not(query, value, improved=False)
         if why is not None:
             warn_fallback("clustered_attention_bwd", why)
@@ -293,10 +306,16 @@ class CudaOps:
         rows, value_dim = batch * heads, value.shape[-1]
         assignments = assignments.contiguous()
         order, seg_start, counts = _segments(assignments, num_clusters)
-        qbar = self._centroids(query, order, seg_start)
+        qbar = centroids.reshape(rows, num_clusters, dim).float()
         grad_centroid_values = self.ext.segment_sum(grad_out, order, seg_start, False)  # (rows, C, Dv)
         if self._flash_ok(query, value, key_padding_mask, keep):
-            _, _, ctx = self._flash_fwd(qbar, key, value, scale, batch, heads)
+            # Each cluster's attention output is what its members received: read it from the
+            # first member (empty clusters read any row: their gradient rows are zero).
+            first = order.gather(1, seg_start[:, :num_clusters].clamp(max=length - 1).to(torch.int64))
+            out_c = out.reshape(rows, length, value_dim).gather(1, first.unsqueeze(-1).expand(-1, -1, value_dim))
+            qb = qbar.reshape(batch, heads, num_clusters, dim).to(key.dtype)
+            ctx = self._attn_ctx(qb, key, value, scale, out_c.reshape(batch, heads, num_clusters, value_dim),
+                                 lse.float().contiguous())
             grad_c = grad_centroid_values.reshape(batch, heads, num_clusters, value_dim).to(query.dtype)
             dqb, dk, dv = self._attn_bwd(grad_c, ctx)
             grad_centroids = dqb.reshape(rows, num_clusters, dim).float()

@@ -11,8 +11,9 @@ Ops (shapes as in :mod:`.reference`):
 
 * ``hash_codes(x, planes, offsets) -> codes``
 * ``lloyd_kmeans(codes, query_padding_mask, C, iterations, bits) -> (assignments, centroid_codes)``
-* ``clustered_attention_fwd(q, k, v, assignments, key_padding_mask, keep, C, scale, p) -> (out, lse)``
-* ``clustered_attention_bwd(dout, q, k, v, assignments, key_padding_mask, keep, lse, C, scale, p) -> (dq, dk, dv)``
+* ``clustered_attention_fwd(q, k, v, assignments, key_padding_mask, keep, C, scale, p) -> (out, lse, centroids)``
+* ``clustered_attention_bwd(dout, q, k, v, assignments, key_padding_mask, keep, out, lse, centroids, C, scale, p)
+  -> (dq, dk, dv)``: the forward's output and centroids spare the backward computing them again
 * ``improved_clustered_attention_fwd(..., C, topk, scale, p) -> (out, lse, top_index)``
 * ``improved_clustered_attention_bwd(dout, ..., lse, top_index, C, scale, p) -> (dq, dk, dv)``
 
@@ -75,18 +76,20 @@ def clustered_attention_fwd(
     num_clusters: int,
     scale: float,
     dropout_p: float,
-) -> Tuple[Tensor, Tensor]:
-    return reference.clustered_attention_fwd_ref(
+) -> Tuple[Tensor, Tensor, Tensor]:
+    out, lse = reference.clustered_attention_fwd_ref(
         query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p
     )
+    return out, lse, reference.cluster_centroids_ref(query, assignments, num_clusters)
 
 
 @clustered_attention_fwd.register_fake
 def _(query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p):
-    batch, heads, length, _ = query.shape
+    batch, heads, length, dim = query.shape
+    acc = reference._compute_dtype(query.dtype)
     out = query.new_empty(batch, heads, length, value.shape[-1])
-    lse = query.new_empty(batch, heads, num_clusters, dtype=reference._compute_dtype(query.dtype))
-    return out, lse
+    lse = query.new_empty(batch, heads, num_clusters, dtype=acc)
+    return out, lse, query.new_empty(batch, heads, num_clusters, dim, dtype=acc)
 
 
 @torch.library.custom_op(f"{LIBRARY}::clustered_attention_bwd", mutates_args=())
@@ -98,7 +101,9 @@ def clustered_attention_bwd(
     assignments: Tensor,
     key_padding_mask: Optional[Tensor],
     keep: Optional[Tensor],
+    out: Tensor,
     lse: Tensor,
+    centroids: Tensor,
     num_clusters: int,
     scale: float,
     dropout_p: float,
@@ -115,16 +120,17 @@ def _(grad_out, query, key, value, *args):
 
 def _setup_clustered(ctx, inputs, output):
     query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p = inputs
-    _, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, lse)
+    out, lse, centroids = output
+    ctx.mark_non_differentiable(lse, centroids)
+    ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, out, lse, centroids)
     ctx.hyper = (num_clusters, scale, dropout_p)
 
 
-def _backward_clustered(ctx, grad_out, grad_lse):
-    query, key, value, assignments, key_padding_mask, keep, lse = ctx.saved_tensors
+def _backward_clustered(ctx, grad_out, grad_lse, grad_centroids):
+    query, key, value, assignments, key_padding_mask, keep, out, lse, centroids = ctx.saved_tensors
     dq, dk, dv = clustered_attention_bwd(
-        grad_out.contiguous(), query, key, value, assignments, key_padding_mask, keep, lse, *ctx.hyper
+        grad_out.contiguous(), query, key, value, assignments, key_padding_mask, keep, out, lse, centroids,
+        *ctx.hyper
     )
     return dq, dk, dv, None, None, None, None, None, None
 

@@ -214,6 +214,14 @@ def _centroids(queries: Tensor, members: Tensor, counts: Tensor) -> Tensor:
     return sums / counts.clamp(min=1).unsqueeze(-1)
 
 
+def cluster_centroids_ref(query: Tensor, assignments: Tensor, num_clusters: int) -> Tensor:
+    """Mean member query of every cluster, ``(B, H, C, D)`` in float32 (float64 for float64
+    input); zeros for empty clusters. The clustered forward returns it for its backward."""
+    dtype = _compute_dtype(query.dtype)
+    members, counts = _membership(assignments, num_clusters, dtype)
+    return _centroids(query.to(dtype), members, counts)
+
+
 def _centroid_logits(centroids: Tensor, key: Tensor, key_padding_mask: Optional[Tensor], scale: float) -> Tensor:
     """Scaled centroid-key logits ``(B, H, C, S)``, ``-inf`` at padded keys."""
     logits = torch.matmul(centroids, key.transpose(-1, -2)) * scale
