@@ -28,6 +28,8 @@ from .validation import (
     check_padding_mask,
     check_planes,
     check_probability,
+    dropout_keep_mask,
+    resolve_scale,
 )
 
 __all__ = [
@@ -126,10 +128,7 @@ def _prepare(
     check_attention_inputs(query, key, value, key_padding_mask, query_padding_mask)
     check_clustering_args(num_clusters, iterations, bits)
     check_probability("dropout_p", dropout_p)
-    if scale is None:
-        scale = query.shape[-1] ** -0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
-        raise ValueError(f"scale must be a positive float or None (1/sqrt(dim)), got {scale!r}")
+    scale = resolve_scale(scale, query.shape[-1])
     if clusters is None:
         clusters, _ = cluster_queries(
             query, query_padding_mask, num_clusters=num_clusters, iterations=iterations, bits=bits,
@@ -141,14 +140,9 @@ def _prepare(
             f"clusters must be an int64 tensor of shape {tuple(query.shape[:3])} (batch, heads, queries) "
             f"with ids in [0, num_clusters) and -1 for padded queries, got {getattr(clusters, 'shape', clusters)}"
         )
-    keep = None
-    if dropout_p > 0.0:
-        if generator is None:
-            raise ValueError("dropout_p > 0 needs generator= (a torch.Generator) to draw the dropout mask")
-        shape = (query.shape[0], query.shape[1], num_clusters, key.shape[2])
-        keep = torch.rand(shape, generator=generator, device=generator.device) >= dropout_p
-        keep = keep.to(query.device)
-    return clusters, keep, float(scale)
+    keep = dropout_keep_mask((query.shape[0], query.shape[1], num_clusters, key.shape[2]), dropout_p, generator,
+                             query.device)
+    return clusters, keep, scale
 
 
 def clustered_attention(

@@ -53,6 +53,8 @@ from .validation import (
     check_clustering_args,
     check_int_range,
     check_probability,
+    dropout_keep_mask,
+    resolve_scale,
 )
 
 __all__ = [
@@ -591,10 +593,7 @@ def causal_clustered_attention(
     check_int_range("window", window, 1)
     check_clustering_args(num_clusters, iterations, bits)
     check_probability("dropout_p", dropout_p)
-    if scale is None:
-        scale = query.shape[-1] ** -0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
-        raise ValueError(f"scale must be a positive float or None (1/sqrt(dim)), got {scale!r}")
+    scale = resolve_scale(scale, query.shape[-1])
     batch, heads, length, _ = query.shape
     if clusters is None:
         if length > 2 * window:
@@ -616,16 +615,12 @@ def causal_clustered_attention(
     why_not_fused = causal_fused.fused_path_unavailable(query, value, key_padding_mask, dropout_p, window)
     if why_not_fused is None:
         return causal_fused.causal_clustered_attention_fused(query, key, value, clusters, window, num_clusters,
-                                                            float(scale))
+                                                            scale)
     if query.is_cuda:
         cuda_kernels.warn_fallback("causal_clustered_attention", why_not_fused)
-    keep = None
-    if dropout_p > 0.0:
-        if generator is None:
-            raise ValueError("dropout_p > 0 needs generator= (a torch.Generator) to draw the dropout mask")
-        shape = (batch, heads, length, causal_logit_columns(window, num_clusters))
-        keep = (torch.rand(shape, generator=generator, device=generator.device) >= dropout_p).to(query.device)
+    keep = dropout_keep_mask((batch, heads, length, causal_logit_columns(window, num_clusters)), dropout_p,
+                             generator, query.device)
     out, _ = causal_clustered_attention_fwd(
-        query, key, value, clusters, key_padding_mask, keep, window, num_clusters, float(scale), float(dropout_p)
+        query, key, value, clusters, key_padding_mask, keep, window, num_clusters, scale, float(dropout_p)
     )
     return out

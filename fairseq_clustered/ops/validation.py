@@ -30,6 +30,26 @@ def check_probability(name: str, value) -> None:
         raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
 
 
+def resolve_scale(scale, dim: int) -> float:
+    """The logit scale: ``1/sqrt(dim)`` for None, else a positive number."""
+    if scale is None:
+        return dim ** -0.5
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
+        raise ValueError(f"scale must be a positive float or None (1/sqrt(dim)), got {scale!r}")
+    return float(scale)
+
+
+def dropout_keep_mask(shape, dropout_p: float, generator, device) -> Optional[Tensor]:
+    """Bool keep-mask of ``shape`` (True = kept) drawn from ``generator``, moved to ``device``;
+    None when ``dropout_p`` is 0. Dropout needs an explicit generator (the global RNG is
+    never used)."""
+    if dropout_p <= 0.0:
+        return None
+    if generator is None:
+        raise ValueError("dropout_p > 0 needs generator= (a torch.Generator) to draw the dropout mask")
+    return (torch.rand(shape, generator=generator, device=generator.device) >= dropout_p).to(device)
+
+
 def check_clustering_args(num_clusters, iterations, bits) -> None:
     check_int_range("num_clusters", num_clusters, 1)
     check_int_range("iterations", iterations, 0)
