@@ -47,7 +47,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import custom_ops, reference
+from . import cuda_backend, custom_ops, reference
 from .validation import (
     check_attention_inputs,
     check_clustering_args,
@@ -88,12 +88,33 @@ def codebook_fit_range(window: int, length: int) -> int:
     return min(2 * window, length)
 
 
+def _codebook_kernel(codes: Tensor, codebook: Tensor):
+    """The compiled extension where its codebook-assignment kernel takes these inputs (CUDA,
+    at most 6144 entries, batch * heads <= 65535), else None (the reference, with one
+    warning on CUDA)."""
+    kernels = cuda_backend.extension() if codes.is_cuda else None
+    if kernels is None:
+        return None
+    from .cuda_kernels import MAX_KERNEL_CLUSTERS, MAX_ROWS, warn_fallback  # loaded with the extension
+
+    rows, entries = codes.shape[0] * codes.shape[1], codebook.shape[-1]
+    if entries > MAX_KERNEL_CLUSTERS or rows > MAX_ROWS:
+        warn_fallback("causal_key_clusters", f"num_clusters {entries} > {MAX_KERNEL_CLUSTERS} or "
+                                             f"batch * heads {rows} > {MAX_ROWS}")
+        return None
+    return kernels
+
+
 def _assign_to_codebook(codes: Tensor, codebook: Tensor, key_padding_mask: Optional[Tensor], bits: int) -> Tensor:
     """Nearest codebook entry (Hamming; ties: lowest id) of every key, -1 for padded keys.
 
     ``codes (B, H, N)``, ``codebook (B, H, C)`` int64 -> ``(B, H, N)`` int64.
     """
-    clusters = reference.hamming_distance_ref(codes, codebook, bits).argmin(-1)
+    kernels = _codebook_kernel(codes, codebook)
+    if kernels is not None:
+        clusters = kernels.codebook_assign(codes.contiguous(), codebook.contiguous())
+    else:
+        clusters = reference.hamming_distance_ref(codes, codebook, bits).argmin(-1)
     if key_padding_mask is not None:
         clusters = clusters.masked_fill(key_padding_mask[:, None, :], -1)
     return clusters
@@ -145,12 +166,29 @@ def _with_previous_chunk(chunks: Tensor, fill) -> Tensor:
     return torch.cat([previous, chunks], dim=time_dim + 1)
 
 
+def _chunk_members(clusters: Tensor, num_clusters: int, dtype: torch.dtype) -> Tensor:
+    """One-hot membership ``(B, H, T, W, C)`` of chunked cluster ids ``(B, H, T, W)`` (-1: none)."""
+    return (clusters.unsqueeze(-1) == torch.arange(num_clusters, device=clusters.device)).to(dtype)
+
+
 def _chunk_cluster_sums(keys: Tensor, values: Tensor, clusters: Tensor, num_clusters: int):
     """Per chunk and cluster: member count ``(B, H, T, C)``, key sum ``(B, H, T, C, D)``
     and value sum ``(B, H, T, C, Dv)`` (in the dtype of ``keys``)."""
-    members = (clusters.unsqueeze(-1) == torch.arange(num_clusters, device=clusters.device)).to(keys.dtype)
+    members = _chunk_members(clusters, num_clusters, keys.dtype)
     members_t = members.transpose(-1, -2)  # (B, H, T, C, W)
     return members.sum(3), torch.matmul(members_t, keys), torch.matmul(members_t, values)
+
+
+def chunk_cluster_sums_ref(x: Tensor, clusters: Tensor, window: int, num_clusters: int) -> Tensor:
+    """Per chunk of ``window`` positions and key cluster, the sum of the member rows.
+
+    ``x (B, H, N, E)``, ``clusters (B, H, N)`` int64 (-1: no cluster) ->
+    ``(B, H, T, C, E)`` in float32 (float64 for float64 input), ``T = ceil(N / window)``.
+    """
+    acc = reference._compute_dtype(x.dtype)
+    chunks = -(-x.shape[2] // window)
+    members = _chunk_members(_pad_to_chunks(clusters, chunks, window, value=-1), num_clusters, acc)
+    return torch.matmul(members.transpose(-1, -2), _pad_to_chunks(x.to(acc), chunks, window))
 
 
 def _gather_clusters(per_cluster: Tensor, clusters: Tensor) -> Tensor:
@@ -409,8 +447,8 @@ def _fold_window_into(grad_chunks: Tensor, grad_window: Tensor, group: slice) ->
 def causal_key_clusters_op(
     codes: Tensor, key_padding_mask: Optional[Tensor], window: int, num_clusters: int, iterations: int, bits: int
 ) -> Tensor:
-    # causal_key_clusters_ref, with the codebook fitted by the lloyd_kmeans op so that its
-    # CUDA kernel serves GPUs where the extension is built.
+    # causal_key_clusters_ref, with the codebook fitted by the lloyd_kmeans op: on GPUs where
+    # the extension is built its kernel fits and _assign_to_codebook's kernel assigns.
     fit = codebook_fit_range(window, codes.shape[2])
     fit_mask = None if key_padding_mask is None else key_padding_mask[:, :fit].contiguous()
     _, codebook = custom_ops.lloyd_kmeans(codes[:, :, :fit].contiguous(), fit_mask, num_clusters, iterations, bits)

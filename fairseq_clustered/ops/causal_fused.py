@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cuda_backend, reference
-from .causal import _older_past, _older_past_adjoint, _pad_to_chunks
+from .causal import _gather_clusters, _older_past, _older_past_adjoint, _pad_to_chunks, chunk_cluster_sums_ref
 from .custom_ops import LIBRARY
 
 __all__ = [
@@ -99,20 +99,6 @@ def _(x, clusters, window, num_clusters):
                        dtype=reference._compute_dtype(x.dtype))
 
 
-def chunk_cluster_sums_ref(x: Tensor, clusters: Tensor, window: int, num_clusters: int) -> Tensor:
-    """Per chunk of ``window`` positions and key cluster, the sum of the member rows.
-
-    ``x (B, H, N, E)``, ``clusters (B, H, N)`` int64 (-1: no cluster) ->
-    ``(B, H, T, C, E)`` in float32 (float64 for float64 input), ``T = ceil(N / window)``.
-    """
-    acc = reference._compute_dtype(x.dtype)
-    chunks = -(-x.shape[2] // window)
-    rows = _pad_to_chunks(x.to(acc), chunks, window)  # (B, H, T, W, E)
-    ids = _pad_to_chunks(clusters, chunks, window, value=-1)  # (B, H, T, W)
-    members = (ids.unsqueeze(-1) == torch.arange(num_clusters, device=x.device)).to(acc)
-    return torch.matmul(members.transpose(-1, -2), rows)
-
-
 def _kernels(x: Tensor):
     """The compiled extension when ``x`` is on CUDA and it is loaded, else None (torch ops)."""
     return cuda_backend.extension() if x.is_cuda else None
@@ -166,10 +152,8 @@ def _add_summary_means_backward(grad_x: Tensor, grad_block: Tensor, clusters: Te
     grad_means[:, :, first:] = grad_block[..., :dim].reshape(batch, heads, chunks - first, num_clusters, dim)
     grad_sums = _older_past_adjoint(grad_means / counts.clamp(min=1).unsqueeze(-1))
     # Every member key receives the gradient of its (chunk, cluster) sum.
-    slot = _chunk_slots(clusters, window, num_clusters, trash=0)
-    grad = grad_sums.reshape(batch, heads, chunks * num_clusters, dim)
-    grad = grad.gather(2, slot.unsqueeze(-1).expand(*clusters.shape, dim))
-    grad_x += grad * (clusters >= 0).unsqueeze(-1)
+    grad = _gather_clusters(grad_sums, _pad_to_chunks(clusters, chunks, window, value=-1))
+    grad_x += grad.reshape(batch, heads, chunks * window, dim)[:, :, : clusters.shape[2]]
 
 
 def _split_exactly(x: Tensor, dtype: torch.dtype) -> Tensor:

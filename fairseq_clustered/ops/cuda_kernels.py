@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import causal, causal_fused, custom_ops, reference
+from . import causal_fused, custom_ops, reference
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 IMPROVED_HEAD_DIMS = (32, 64, 128)
@@ -104,21 +104,6 @@ class CudaOps:
             warn_fallback("lloyd_kmeans", why)
             return reference.lloyd_kmeans_ref(codes, query_padding_mask, num_clusters, iterations, bits)
         return tuple(self.ext.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits))
-
-    def causal_key_clusters(self, codes, key_padding_mask, window, num_clusters, iterations, bits):
-        """:func:`.causal.causal_key_clusters_ref` with Lloyd's and the codebook assignment's kernels."""
-        batch, heads, length = codes.shape
-        if num_clusters > MAX_KERNEL_CLUSTERS or batch * heads > MAX_ROWS:
-            warn_fallback("causal_key_clusters", f"num_clusters {num_clusters} > {MAX_KERNEL_CLUSTERS} or "
-                                                 f"batch * heads {batch * heads} > {MAX_ROWS}")
-            return causal.causal_key_clusters_ref(codes, key_padding_mask, window, num_clusters, iterations, bits)
-        fit = causal.codebook_fit_range(window, length)
-        fit_mask = None if key_padding_mask is None else key_padding_mask[:, :fit].contiguous()
-        _, codebook = self.ext.lloyd_kmeans(codes[:, :, :fit].contiguous(), fit_mask, num_clusters, iterations, bits)
-        clusters = self.ext.codebook_assign(codes, codebook)
-        if key_padding_mask is not None:
-            clusters = clusters.masked_fill(key_padding_mask[:, None, :], -1)
-        return clusters
 
     def chunk_cluster_sums(self, x, clusters, window, num_clusters):
         if x.dtype not in KERNEL_DTYPES:
@@ -569,6 +554,5 @@ def register(extension) -> CudaOps:
     custom_ops.clustered_attention_bwd.register_kernel("cuda")(ops.clustered_bwd)
     custom_ops.improved_clustered_attention_fwd.register_kernel("cuda")(ops.improved_fwd)
     custom_ops.improved_clustered_attention_bwd.register_kernel("cuda")(ops.improved_bwd)
-    causal.causal_key_clusters_op.register_kernel("cuda")(ops.causal_key_clusters)
     causal_fused.chunk_cluster_sums_op.register_kernel("cuda")(ops.chunk_cluster_sums)
     return ops
