@@ -42,6 +42,7 @@ from torch import Tensor
 from . import cuda_backend, reference
 from .causal import _gather_clusters, _older_past, _older_past_adjoint, _pad_to_chunks, chunk_cluster_sums_ref
 from .custom_ops import LIBRARY
+from .flash import flash_backward, flash_forward
 
 __all__ = [
     "fused_path_unavailable",
@@ -189,8 +190,7 @@ def _part_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -
     """Attention of ``q (G, T, W, E)`` over ``k, v (G, T, L, E)`` -> ``out`` (q's dtype; the
     accumulation dtype off CUDA) and ``lse (G, T, W)`` (fp32; fp64 for fp64)."""
     if _flash(q):
-        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-        return res[0], res[1][..., : q.shape[2]].contiguous()
+        return flash_forward(q, k, v, scale, causal)  # lower-right causal mask when L > W
     acc = reference._compute_dtype(q.dtype)
     logits = _part_logits(q, k, scale, causal, acc)
     lse = torch.logsumexp(logits, dim=-1)
@@ -210,11 +210,7 @@ def _part_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    causal: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of one part for the *merged* ``out`` and ``lse`` of the joint softmax."""
     if _flash(q):
-        # No dropout: the random-state arguments are flash attention's placeholders.
-        unused = torch.empty((), dtype=torch.long)
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_out, q, k, v, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, causal, unused,
-            unused, scale=scale)
+        return flash_backward(grad_out, q, k, v, out, lse, scale, causal)
     acc = reference._compute_dtype(q.dtype)
     q, k, v, grad_out, out = (x.to(acc) for x in (q, k, v, grad_out, out))
     probs = torch.exp(_part_logits(q, k, scale, causal, acc) - lse.unsqueeze(-1))

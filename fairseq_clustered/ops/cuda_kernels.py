@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import causal_fused, custom_ops, reference
+from .flash import flash_backward, flash_forward
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 IMPROVED_HEAD_DIMS = (32, 64, 128)
@@ -227,29 +228,27 @@ class CudaOps:
         keys = k.shape[2]
         splits = cls._key_splits(batch * heads, keys)
         if splits == 1:
-            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
-            out, lse = res[0], res[1][..., :clusters].contiguous()
+            out, lse = flash_forward(q, k, v, scale)
         else:
             block = keys // splits
             k_s = k.reshape(batch, heads * splits, block, dim)
             v_s = v.reshape(batch, heads * splits, block, v.shape[-1])
             q_s = q.unsqueeze(2).expand(batch, heads, splits, clusters, dim).reshape(batch, heads * splits, clusters, dim)
-            res = torch.ops.aten._scaled_dot_product_flash_attention(q_s, k_s, v_s, 0.0, False, False, scale=scale)
-            lse_s = res[1][..., :clusters].reshape(batch, heads, splits, clusters)
+            out_s, lse_s = flash_forward(q_s, k_s, v_s, scale)
+            lse_s = lse_s.reshape(batch, heads, splits, clusters)
             lse = torch.logsumexp(lse_s, dim=2)
             weights = torch.exp(lse_s - lse.unsqueeze(2)).unsqueeze(-1)
-            out_s = res[0].reshape(batch, heads, splits, clusters, -1).float()
+            out_s = out_s.reshape(batch, heads, splits, clusters, -1).float()
             out = (weights * out_s).sum(2).to(q.dtype)
-        return out, lse, (q, k, v, scale, out, lse, res)
+        return out, lse, (q, k, v, scale, out, lse)
 
     @staticmethod
     def _attn_ctx(q, k, v, scale, out, lse):
         """The backward context of :meth:`_attn_fwd` from its known output and log-sum-exp,
-        without running it (no dropout: flash's random-state arguments are placeholders)."""
+        without running it."""
         k = k if k.stride(-1) == 1 else k.contiguous()
         v = v if v.stride(-1) == 1 else v.contiguous()
-        unused = torch.empty((), dtype=torch.long)
-        return q, k, v, scale, out, lse, (None, None, None, None, None, None, unused, unused)
+        return q, k, v, scale, out, lse
 
     @staticmethod
     def _attn_bwd(grad_out, ctx):
@@ -258,10 +257,8 @@ class CudaOps:
         Flash's backward needs only the output and the log-sum-exp of the whole rows,
         so it runs unsplit (it parallelises over key blocks itself).
         """
-        q, k, v, scale, out, lse, res = ctx
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, res[2], res[3], q.shape[2], k.shape[2], 0.0, False, res[6],
-            res[7], scale=scale)
+        q, k, v, scale, out, lse = ctx
+        return flash_backward(grad_out.contiguous(), q, k, v, out, lse, scale)
 
     def _dense_clustered_fwd(self, qbar, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p):
         k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
