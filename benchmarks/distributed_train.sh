@@ -26,9 +26,7 @@ gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 [ "$gpus" -ge 2 ] || { echo "need at least 2 GPUs, found $gpus" >&2; exit 2; }
 
 echo "== building the CUDA kernels"
-# The system compiler, as in benchmarks/gpu_check.sh (see the note there).
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FAIRSEQ_CLUSTERED_CUDA=1 CC=cc CXX=c++ LDSHARED="c++ -shared" \
-    python3 setup.py -q build_ext --inplace 2>&1 | tail -3
+OUT="$OUT_DIR" STAGES=build PYTHON=python3 bash benchmarks/gpu_check.sh || { echo "build failed" >&2; exit 2; }
 python3 -m fairseq_clustered.info | tee "$OUT_DIR/info.txt"
 grep -q "clustered_attention_fwd *cuda" "$OUT_DIR/info.txt" || { echo "CUDA kernels did not load" >&2; exit 2; }
 
