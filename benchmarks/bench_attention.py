@@ -12,9 +12,10 @@ For each N it times, in one process on the same inputs, forward and forward+back
 
 ``--causal`` times the causal setting instead (issue 5): ``sdpa`` and ``flash`` with
 ``is_causal=True`` (the baseline), ``causal_clustered`` (the leak-free variant of
-``fairseq_clustered.ops.causal``, key clustering included; the fused path on CUDA) and
-``causal_reference`` (the same variant through its reference op, tensor cores for half
-precision).
+``fairseq_clustered.ops.causal``, key clustering included; on CUDA its one-kernel Triton
+path), ``causal_flash_parts`` (the same with the attention as three flash-attention calls,
+``ops/causal_fused.py``) and ``causal_reference`` (the variant through its reference op,
+tensor cores for half precision).
 
 Times are medians of CUDA-event-timed runs after warm-up; ``peak`` is the peak
 memory of one forward+backward, counting its inputs (q, k, v, grad_out) and its
@@ -50,6 +51,7 @@ from fairseq_clustered.ops import (  # noqa: E402
     reference,
 )
 from fairseq_clustered.ops import causal as causal_ops  # noqa: E402
+from fairseq_clustered.ops import causal_fused  # noqa: E402
 
 # Fast-transformers' fp32 clustered attention, forward+backward ms on an H100 with this
 # configuration (issue 4), for comparison.
@@ -74,7 +76,7 @@ def parse_args():
     p.add_argument("--window", type=int, default=causal_ops.DEFAULT_WINDOW, help="causal: chunk size W")
     p.add_argument("--methods", default=None,
                    help="comma-separated (default sdpa,flash,clustered,improved,reference; "
-                        "with --causal sdpa,flash,causal_clustered,causal_reference)")
+                        "with --causal sdpa,flash,causal_clustered,causal_flash_parts,causal_reference)")
     p.add_argument("--out", default="bench_attention", help="prefix of the CSV and PNG files")
     p.add_argument("--graph", action="store_true",
                    help="also time forward+backward captured in a CUDA graph (GPU time without launch overhead)")
@@ -146,6 +148,12 @@ def make_methods(args, planes):
         return causal_clustered_attention(q, k, v, window=args.window, num_clusters=args.clusters,
                                           iterations=args.iterations, bits=args.bits, planes=planes)
 
+    def causal_flash_parts(q, k, v):
+        clusters = causal_key_clusters(k.detach(), window=args.window, num_clusters=args.clusters,
+                                       iterations=args.iterations, bits=args.bits, planes=planes)
+        return causal_fused.causal_clustered_attention_fused(q, k, v, clusters, args.window, args.clusters,
+                                                             q.shape[-1] ** -0.5)
+
     def causal_reference(q, k, v):
         clusters = causal_key_clusters(k.detach(), window=args.window, num_clusters=args.clusters,
                                        iterations=args.iterations, bits=args.bits, planes=planes)
@@ -181,10 +189,10 @@ def make_methods(args, planes):
 
     methods = {"sdpa": sdpa, "flash": flash, "clustered": clustered, "improved": improved,
                "reference": Reference.apply, "causal_clustered": causal_clustered,
-               "causal_reference": causal_reference}
+               "causal_flash_parts": causal_flash_parts, "causal_reference": causal_reference}
     if args.device != "cuda":
         methods.pop("flash")
-    wanted = args.methods or ("sdpa,flash,causal_clustered,causal_reference" if args.causal
+    wanted = args.methods or ("sdpa,flash,causal_clustered,causal_flash_parts,causal_reference" if args.causal
                               else "sdpa,flash,clustered,improved,reference")
     return {name: fn for name, fn in methods.items() if name in wanted.split(",")}
 
@@ -205,7 +213,8 @@ def measure(args, name, fn, q, k, v, repeats):
     try:
         row["fwd_ms"] = timer(args.device, fwd, repeats)
         row["fwdbwd_ms"] = timer(args.device, fwd_bwd, repeats)
-        if args.graph and args.device == "cuda" and name in ("clustered", "improved", "causal_clustered"):
+        if args.graph and args.device == "cuda" and name in ("clustered", "improved", "causal_clustered",
+                                                                  "causal_flash_parts"):
             row["graph_ms"] = graph_time(fwd_bwd, repeats)
         if str(q.shape[2]) in args.profile.split(",") and name != "reference":
             profile(name, fwd_bwd)

@@ -1,11 +1,13 @@
-"""The fused path of causal clustered attention (fairseq_clustered/ops/causal_fused.py).
+"""The GPU paths of causal clustered attention (ops/causal_fused.py, ops/causal_triton.py).
 
-On CUDA, causal clustered attention without key padding or dropout runs as one fused
-attention call over per-chunk key blocks, with the summaries' log-count offsets carried
-in extra feature columns. The layout is checked on the CPU against the reference (the
-same composition with SDPA and an explicit mask), exactly in float64; the CUDA kernels
-(per-chunk cluster sums, codebook assignment, flash / memory-efficient attention) are
-checked on the GPU against the CPU reference, bit-reproducibility included.
+On CUDA, causal clustered attention without key padding or dropout runs either as one
+Triton kernel (``causal_triton``) or as three flash-attention calls merged by
+log-sum-exp, the summaries' log-count offsets carried in extra feature columns
+(``causal_fused``). The flash composition's layout is checked on the CPU against the
+reference, exactly in float64 (the Triton kernels' CPU checks, under Triton's
+interpreter, are in test_causal_triton.py). On the GPU, both paths and the summary
+kernels (per-chunk cluster sums, codebook assignment) are checked against the CPU
+reference, bit-reproducibility and the leak test included.
 """
 
 import pytest
@@ -13,11 +15,27 @@ import torch
 
 from fairseq_clustered.ops import causal_clustered_attention, causal_key_clusters, cuda_backend
 from fairseq_clustered.ops import causal as causal_ops
-from fairseq_clustered.ops import causal_fused
+from fairseq_clustered.ops import causal_fused, causal_triton
 
 from test_causal import exact_causal, leaks, random_inputs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# The two GPU paths, called directly (the public function picks the Triton one when it can).
+GPU_PATHS = {"triton": causal_triton.causal_clustered_attention_triton,
+             "flash": causal_fused.causal_clustered_attention_fused}
+
+
+def gpu_path(path, q, window, num_clusters):
+    """The attention function of ``path``; skips when the path does not take these inputs."""
+    if path == "triton":
+        why_not = causal_triton.triton_path_unavailable(q, q, None, 0.0, window, num_clusters)
+    else:
+        why_not = causal_fused.fused_path_unavailable(q, q, None, 0.0, window)
+    if why_not is not None:
+        pytest.skip(f"the {path} path does not take these inputs: {why_not}")
+    return GPU_PATHS[path]
+
+
 needs_kernels = pytest.mark.skipif(
     not (torch.cuda.is_available() and cuda_backend.load()),
     reason="needs a CUDA GPU and the compiled extension fairseq_clustered._C",
@@ -165,24 +183,25 @@ def test_causal_key_clusters_kernel_matches_the_reference():
 
 
 @needs_cuda
+@pytest.mark.parametrize("path", GPU_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,window,num_clusters,dim", [(300, 32, 10, 64), (1025, 64, 20, 32), (517, 128, 100, 128)])
-def test_fused_cuda_matches_the_cpu_reference(dtype, n, window, num_clusters, dim):
-    """Output and gradients on the GPU (fused path) against the fp32 CPU reference, within 3x
-    the error of half-precision SDPA causal attention against fp32."""
+@pytest.mark.parametrize("n,window,num_clusters,dim", [(300, 32, 10, 64), (1025, 64, 20, 32), (517, 128, 100, 128),
+                                                       (4099, 128, 100, 64)])
+def test_gpu_path_matches_the_cpu_reference(path, dtype, n, window, num_clusters, dim):
+    """Output and gradients on the GPU against the fp32 CPU reference, within 3x the error
+    of half-precision SDPA causal attention against fp32."""
     q, k, v = random_inputs(2, 4, n, dim, seed=n)
     grad_out = torch.randn(2, 4, n, dim, generator=torch.Generator().manual_seed(6))
     clusters = clusters_for(k, window, num_clusters)
-    q_gpu = q.to("cuda", dtype)
-    assert causal_fused.fused_path_unavailable(q_gpu, q_gpu, None, 0.0, window) is None
+    attention = gpu_path(path, q.to("cuda", dtype), window, num_clusters)
 
-    def clustered(a, b, c):
-        return causal_clustered_attention(a, b, c, window=window, num_clusters=num_clusters,
-                                          clusters=clusters.to(a.device))
+    def reference(a, b, c):
+        return causal_clustered_attention(a, b, c, window=window, num_clusters=num_clusters, clusters=clusters)
 
-    expected = output_and_grads(clustered, (q, k, v), grad_out)
+    expected = output_and_grads(reference, (q, k, v), grad_out)
     got = [x.float().cpu() for x in output_and_grads(
-        clustered, [x.to("cuda", dtype) for x in (q, k, v)], grad_out.to("cuda", dtype))]
+        lambda a, b, c: attention(a, b, c, clusters.cuda(), window, num_clusters, dim ** -0.5),
+        [x.to("cuda", dtype) for x in (q, k, v)], grad_out.to("cuda", dtype))]
     sdpa32 = output_and_grads(exact_causal, (q, k, v), grad_out)
     sdpa_half = [x.float().cpu() for x in output_and_grads(
         exact_causal, [x.to("cuda", dtype) for x in (q, k, v)], grad_out.to("cuda", dtype))]
@@ -195,48 +214,112 @@ def test_fused_cuda_matches_the_cpu_reference(dtype, n, window, num_clusters, di
 
 
 @needs_cuda
+@pytest.mark.parametrize("path", GPU_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,window", [(256, 128), (100, 64), (1, 1), (300, 8)])
-def test_fused_cuda_is_exact_causal_when_no_summary_is_needed(dtype, n, window):
+@pytest.mark.parametrize("n,window", [(256, 128), (100, 64), (1, 1), (300, 8), (250, 16)])
+def test_gpu_path_is_exact_causal_when_no_summary_is_needed(path, dtype, n, window):
     q, k, v = random_inputs(2, 3, n, 64, seed=3, dtype=dtype, device="cuda")
     if n > 2 * window:  # one cluster per key: summaries of single keys, log(count) = 0
-        clusters = torch.arange(n, device="cuda").expand(2, 3, n).contiguous()
-        out = causal_clustered_attention(q, k, v, window=window, num_clusters=n, clusters=clusters)
+        clusters, num_clusters = torch.arange(n, device="cuda").expand(2, 3, n).contiguous(), n
     else:
-        out = causal_clustered_attention(q, k, v, window=window, num_clusters=7)
+        clusters, num_clusters = torch.full((2, 3, n), -1, device="cuda"), 7
+    attention = gpu_path(path, q, window, num_clusters)
+    out = attention(q, k, v, clusters, window, num_clusters, 0.125)
     torch.testing.assert_close(out, exact_causal(q, k, v), atol=2e-2, rtol=2e-2)
 
 
 @needs_cuda
+@pytest.mark.parametrize("path", GPU_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,window,num_clusters", [(600, 64, 20), (1000, 128, 100), (97, 8, 5)])
-def test_fused_cuda_does_not_leak(dtype, n, window, num_clusters):
-    """The leak test on the fused path: outputs up to i bit-identical, zero gradients after i,
-    at random positions (and in the first chunks, where the codebook is fitted)."""
+@pytest.mark.parametrize("n,window,num_clusters", [(600, 64, 20), (1000, 128, 100), (97, 8, 5), (97, 16, 5)])
+def test_gpu_path_does_not_leak(path, dtype, n, window, num_clusters):
+    """The leak test on each GPU path, key clustering included: outputs up to i
+    bit-identical, zero gradients after i, at random positions (and in the first chunks,
+    where the codebook is fitted)."""
     q, k, v = random_inputs(1, 4, n, 64, seed=n, dtype=dtype, device="cuda")
     gen = torch.Generator().manual_seed(n)
     positions = sorted(set(torch.randint(0, n - 1, (3,), generator=gen).tolist()) | {window + 3, 2 * window + 1})
-    assert causal_fused.fused_path_unavailable(q, q, None, 0.0, window) is None
+    attention = gpu_path(path, q, window, num_clusters)
 
-    def attention(a, b, c, mask):
-        return causal_clustered_attention(a, b, c, mask, window=window, num_clusters=num_clusters,
-                                          generator=torch.Generator(device="cuda").manual_seed(1))
+    def clustered(a, b, c, mask):
+        clusters = causal_key_clusters(b.detach(), window=window, num_clusters=num_clusters,
+                                       generator=torch.Generator(device="cuda").manual_seed(1))
+        return attention(a, b, c, clusters, window, num_clusters, 0.125)
 
     for position in positions:
         if position < n - 1:
-            assert not leaks(attention, q, k, v, None, position, seed=position), f"leak at position {position}"
+            assert not leaks(clustered, q, k, v, None, position, seed=position), f"leak at position {position}"
 
 
 @needs_cuda
-def test_fused_cuda_under_torch_compile():
+def test_public_function_takes_the_triton_path_on_cuda(monkeypatch):
+    q, k, v = random_inputs(1, 2, 300, 64, seed=2, dtype=torch.bfloat16, device="cuda")
+    assert causal_triton.triton_path_unavailable(q, q, None, 0.0, 64, 10) is None
+    calls = []
+    real = causal_triton.causal_clustered_attention_triton
+    monkeypatch.setattr(causal_triton, "causal_clustered_attention_triton",
+                        lambda *args: calls.append(args) or real(*args))
+    causal_clustered_attention(q, k, v, window=64, num_clusters=10, generator=torch.Generator("cuda").manual_seed(0))
+    assert len(calls) == 1
+    assert "window 48" in causal_triton.triton_path_unavailable(q, q, None, 0.0, 48, 10)
+    assert "head dim 40" in causal_triton.triton_path_unavailable(q[..., :40], q[..., :40], None, 0.0, 64, 10)
+    assert "num_clusters 300" in causal_triton.triton_path_unavailable(q, q, None, 0.0, 64, 300)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", GPU_PATHS)
+def test_gpu_path_under_torch_compile(path):
     n, window, num_clusters = 520, 64, 12
     q, k, v = random_inputs(2, 2, n, 64, seed=1, dtype=torch.bfloat16, device="cuda")
     clusters = clusters_for(k, window, num_clusters)
+    attention = gpu_path(path, q, window, num_clusters)
 
     def run(a, b, c):
-        return causal_fused.causal_clustered_attention_fused(a, b, c, clusters, window, num_clusters, 0.125)
+        return attention(a, b, c, clusters, window, num_clusters, 0.125)
 
     expected = output_and_grads(run, (q, k, v), torch.ones_like(q))
     got = output_and_grads(torch.compile(run, fullgraph=True), (q, k, v), torch.ones_like(q))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", GPU_PATHS)
+def test_gpu_path_in_a_cuda_graph(path):
+    """Forward and backward captured in a CUDA graph and replayed on new inputs equal an
+    eager run (no host synchronisation, no allocation outside the graph's pool)."""
+    n, window, num_clusters = 700, 64, 12
+    q, k, v = random_inputs(2, 2, n, 64, seed=4, dtype=torch.bfloat16, device="cuda")
+    clusters = clusters_for(k, window, num_clusters)
+    attention = gpu_path(path, q, window, num_clusters)
+    static = [x.clone().requires_grad_() for x in (q, k, v)]
+    grad_out = torch.randn_like(q)
+
+    def step():
+        for x in static:
+            x.grad = None
+        out = attention(*static, clusters, window, num_clusters, 0.125)
+        out.backward(grad_out)
+        return out
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up: compiles the Triton kernels outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    fresh = random_inputs(2, 2, n, 64, seed=5, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        for x, y in zip(static, fresh):
+            x.copy_(y)
+    graph.replay()
+    expected = output_and_grads(lambda a, b, c: attention(a, b, c, clusters, window, num_clusters, 0.125),
+                                fresh, grad_out)
+    for a, b in zip([static_out] + [x.grad for x in static], expected):
+        if path == "triton":  # no atomics anywhere: bit-identical
+            assert torch.equal(a, b)
+        else:  # flash attention's backward accumulates dq with atomics
+            torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)

@@ -648,8 +648,12 @@ def causal_clustered_attention(
             f"{query.device} with ids in [0, num_clusters) and -1 for no cluster, got "
             f"{getattr(clusters, 'shape', clusters)}"
         )
-    from . import causal_fused, cuda_kernels  # they build on this module
+    from . import causal_fused, causal_triton, cuda_kernels  # they build on this module
 
+    # Fastest first: one Triton kernel; else three flash-attention calls; else the reference.
+    if causal_triton.triton_path_unavailable(query, value, key_padding_mask, dropout_p, window, num_clusters) is None:
+        return causal_triton.causal_clustered_attention_triton(query, key, value, clusters, window, num_clusters,
+                                                              scale)
     why_not_fused = causal_fused.fused_path_unavailable(query, value, key_padding_mask, dropout_p, window)
     if why_not_fused is None:
         return causal_fused.causal_clustered_attention_fused(query, key, value, clusters, window, num_clusters,

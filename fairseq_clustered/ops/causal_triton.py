@@ -1,0 +1,423 @@
+"""One-kernel attention of causal clustered attention on the GPU (Triton).
+
+:mod:`.causal_fused` computes the attention of a chunk with three flash-attention calls
+(own chunk, previous chunk, summaries) and merges them; every part writes its output,
+log-sum-exp and fp32 gradients, and the summaries carry their ``log n_j`` offsets in
+padded feature columns. This module does the same in one pass: the program of chunk
+``t`` holds its ``W`` queries and streams three key blocks through one online softmax:
+
+* chunk ``t``'s own keys, with the causal mask (first, so the running max is finite from
+  the start: every query sees itself);
+* chunk ``t - 1``'s keys, unmasked (``t >= 1``);
+* the ``C`` cluster summaries of chunks ``0 .. t - 2`` (``t >= 2``), whose logits get the
+  offset ``log n_j`` added in fp32 (``-inf`` for an empty cluster, so it gets weight 0).
+
+Backward (the joint softmax, ``P = exp(S - lse)``, ``dS = P (dP - rowsum(dO * O))``):
+
+* a query kernel, per chunk: ``dq`` over the three blocks, and the gradients of the
+  chunk's summary keys and values, which no other chunk reads (so they are written, not
+  accumulated, and the result is deterministic);
+* the summaries' gradients go back through the prefix means to per-(chunk, cluster)
+  sums (:mod:`.causal_fused`'s kernel);
+* a key kernel, per chunk ``j``: ``dk``, ``dv`` from the queries of chunks ``j``
+  (causally) and ``j + 1``, plus the gradient of the (chunk, cluster) sum each key is a
+  member of, written once in the input dtype.
+
+Requirements (:func:`triton_path_unavailable` says which one fails): CUDA, fp16 / bf16,
+no key padding, no dropout, ``window`` and the head dim powers of two in 16..128, query
+and value head dims equal, ``num_clusters <= 256``, Triton importable. Otherwise
+:mod:`.causal_fused` (three flash calls) or the reference serves the call.
+
+The kernels run unchanged in Triton's interpreter (``TRITON_INTERPRET=1``) on CPU
+tensors, which is how the CPU tests check them against the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .causal_fused import (
+    _add_summary_means_backward,
+    _kernels,
+    _older_past_counts,
+    _summary_means,
+    fused_path_unavailable,
+)
+from .custom_ops import LIBRARY
+
+try:  # Triton ships with CUDA builds of torch; a CPU install has no use for it
+    import triton
+    import triton.language as tl
+except ImportError as error:  # pragma: no cover - depends on the install
+    triton, tl = None, None
+    _TRITON_MISSING = f"triton is not importable ({error})"
+else:
+    _TRITON_MISSING = None
+
+__all__ = ["triton_path_unavailable", "causal_clustered_attention_triton", "TRITON_DTYPES"]
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16)
+MIN_BLOCK, MAX_BLOCK = 16, 128  # tensor-core tiles need >= 16; > 128 spills registers
+MAX_CLUSTERS = 256
+LOG2E = 1.4426950408889634
+
+
+def _power_of_two_in(value: int, low: int, high: int) -> bool:
+    return low <= value <= high and value & (value - 1) == 0
+
+
+def triton_path_unavailable(query: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float,
+                            window: int, num_clusters: int) -> Optional[str]:
+    """Why :func:`causal_clustered_attention_triton` cannot serve these inputs (None if it can)."""
+    reason = fused_path_unavailable(query, value, key_padding_mask, dropout_p, window)
+    if reason is not None:
+        return reason
+    if _TRITON_MISSING is not None:
+        return _TRITON_MISSING
+    if not _power_of_two_in(window, MIN_BLOCK, MAX_BLOCK):
+        return f"window {window} is not a power of two in {MIN_BLOCK}..{MAX_BLOCK}"
+    if not _power_of_two_in(query.shape[-1], MIN_BLOCK, MAX_BLOCK):
+        return f"head dim {query.shape[-1]} is not a power of two in {MIN_BLOCK}..{MAX_BLOCK}"
+    if num_clusters > MAX_CLUSTERS:
+        return f"num_clusters {num_clusters} > {MAX_CLUSTERS}"
+    return None
+
+
+# ================================================================ kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _online_softmax_step(acc, row_max, row_sum, logits, values):
+        """Fold one block of base-2 ``logits (M, L)`` and ``values (L, D)`` into the running
+        ``acc (M, D)``, ``row_max (M,)``, ``row_sum (M,)``; row_max must already be finite."""
+        new_max = tl.maximum(row_max, tl.max(logits, 1))
+        rescale = tl.exp2(row_max - new_max)
+        probs = tl.exp2(logits - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(probs, 1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(values.dtype), values)
+        return acc, new_max, row_sum
+
+    @triton.jit
+    def _window_attention_fwd(Q, K, V, SUM_K, SUM_V, SUM_LOG_COUNT, OUT, LSE,
+                              length, num_chunks, num_clusters, qk_scale,
+                              WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
+        """Program (chunk t, group g): out and natural-log lse of the chunk's W queries.
+
+        Q, K, V, OUT: (G, N, DIM) contiguous. SUM_K, SUM_V: (G, T - 2, C, DIM); SUM_LOG_COUNT:
+        (G, T - 2, C) fp32, -inf for empty clusters. LSE: (G, T W) fp32. qk_scale = scale log2(e).
+        """
+        chunk = tl.program_id(0)
+        group = tl.program_id(1).to(tl.int64)
+        base = group * length * DIM
+        rows = chunk * WINDOW + tl.arange(0, WINDOW)
+        feats = tl.arange(0, DIM)
+        row_ok = rows < length
+        tile = rows[:, None] * DIM + feats[None, :]
+        q = tl.load(Q + base + tile, mask=row_ok[:, None], other=0.0)
+
+        # Own chunk, causally: the diagonal makes every row's max finite.
+        k = tl.load(K + base + tile, mask=row_ok[:, None], other=0.0)
+        v = tl.load(V + base + tile, mask=row_ok[:, None], other=0.0)
+        logits = tl.dot(q, tl.trans(k)) * qk_scale
+        logits = tl.where(rows[:, None] >= rows[None, :], logits, float("-inf"))
+        row_max = tl.max(logits, 1)
+        probs = tl.exp2(logits - row_max[:, None])
+        row_sum = tl.sum(probs, 1)
+        acc = tl.dot(probs.to(v.dtype), v)
+
+        if chunk > 0:  # previous chunk: complete, no mask
+            prev = tile - WINDOW * DIM
+            k = tl.load(K + base + prev)
+            v = tl.load(V + base + prev)
+            acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, tl.dot(q, tl.trans(k)) * qk_scale, v)
+
+        if chunk > 1:  # summaries of chunks 0 .. t - 2
+            slots = tl.arange(0, BLOCK_C)
+            slot_ok = slots < num_clusters
+            first_slot = (group * (num_chunks - 2) + chunk - 2) * num_clusters
+            summary_tile = (first_slot + slots[:, None]) * DIM + feats[None, :]
+            # (Names of their own: Triton wants a variable's shape the same on both sides of an if.)
+            summary_k = tl.load(SUM_K + summary_tile, mask=slot_ok[:, None], other=0.0)
+            summary_v = tl.load(SUM_V + summary_tile, mask=slot_ok[:, None], other=0.0)
+            offset = tl.load(SUM_LOG_COUNT + first_slot + slots, mask=slot_ok, other=float("-inf"))
+            summary_logits = tl.dot(q, tl.trans(summary_k)) * qk_scale + offset[None, :] * 1.4426950408889634
+            acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, summary_logits, summary_v)
+
+        out = acc / row_sum[:, None]
+        tl.store(OUT + base + tile, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(LSE + group * num_chunks * WINDOW + rows, (row_max + tl.log2(row_sum)) * 0.6931471805599453)
+
+    @triton.jit
+    def _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, keep):
+        """Probabilities and logit gradients of one (M, L) block; ``keep`` masks entries."""
+        probs = tl.where(keep, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None]), 0.0)
+        grad_logits = probs * (tl.dot(grad_out, tl.trans(v)) - delta[:, None])
+        return probs, grad_logits
+
+    @triton.jit
+    def _window_attention_bwd_query(Q, K, V, SUM_K, SUM_V, SUM_LOG_COUNT, OUT, GRAD_OUT, LSE,
+                                    DELTA, GRAD_Q, GRAD_SUM_K, GRAD_SUM_V,
+                                    length, num_chunks, num_clusters, qk_scale, scale,
+                                    WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
+        """Program (chunk t, group g): dq of the chunk's queries (in q's dtype), the gradients
+        of its summary keys / values (fp32, (G, T - 2, C, DIM)) and delta = rowsum(dO * O)."""
+        chunk = tl.program_id(0)
+        group = tl.program_id(1).to(tl.int64)
+        base = group * length * DIM
+        rows = chunk * WINDOW + tl.arange(0, WINDOW)
+        feats = tl.arange(0, DIM)
+        row_ok = rows < length
+        tile = rows[:, None] * DIM + feats[None, :]
+        q = tl.load(Q + base + tile, mask=row_ok[:, None], other=0.0)
+        grad_out = tl.load(GRAD_OUT + base + tile, mask=row_ok[:, None], other=0.0)
+        out = tl.load(OUT + base + tile, mask=row_ok[:, None], other=0.0)
+        delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
+        row_index = group * num_chunks * WINDOW + rows
+        tl.store(DELTA + row_index, delta)
+        lse2 = tl.load(LSE + row_index) * 1.4426950408889634
+
+        k = tl.load(K + base + tile, mask=row_ok[:, None], other=0.0)
+        v = tl.load(V + base + tile, mask=row_ok[:, None], other=0.0)
+        keep = (rows[:, None] >= rows[None, :]) & row_ok[:, None]
+        _, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, keep)
+        grad_q = tl.dot(grad_logits.to(k.dtype), k)
+
+        if chunk > 0:
+            prev = tile - WINDOW * DIM
+            k = tl.load(K + base + prev)
+            v = tl.load(V + base + prev)
+            _, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok[:, None])
+            grad_q += tl.dot(grad_logits.to(k.dtype), k)
+
+        if chunk > 1:
+            slots = tl.arange(0, BLOCK_C)
+            slot_ok = slots < num_clusters
+            first_slot = (group * (num_chunks - 2) + chunk - 2) * num_clusters
+            summary_tile = (first_slot + slots[:, None]) * DIM + feats[None, :]
+            summary_k = tl.load(SUM_K + summary_tile, mask=slot_ok[:, None], other=0.0)
+            summary_v = tl.load(SUM_V + summary_tile, mask=slot_ok[:, None], other=0.0)
+            offset = tl.load(SUM_LOG_COUNT + first_slot + slots, mask=slot_ok, other=float("-inf"))
+            summary_logits = tl.dot(q, tl.trans(summary_k)) * qk_scale + offset[None, :] * 1.4426950408889634
+            summary_probs = tl.where(row_ok[:, None], tl.exp2(summary_logits - lse2[:, None]), 0.0)
+            summary_grad_logits = summary_probs * (tl.dot(grad_out, tl.trans(summary_v)) - delta[:, None])
+            grad_q += tl.dot(summary_grad_logits.to(summary_k.dtype), summary_k)
+            grad_summary_k = tl.dot(tl.trans(summary_grad_logits.to(q.dtype)), q) * scale
+            grad_summary_v = tl.dot(tl.trans(summary_probs.to(grad_out.dtype)), grad_out)
+            tl.store(GRAD_SUM_K + summary_tile, grad_summary_k, mask=slot_ok[:, None])
+            tl.store(GRAD_SUM_V + summary_tile, grad_summary_v, mask=slot_ok[:, None])
+
+        tl.store(GRAD_Q + base + tile, (grad_q * scale).to(GRAD_Q.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _window_attention_bwd_key(Q, K, V, GRAD_OUT, LSE, DELTA, CLUSTERS, GRAD_SUMS_K, GRAD_SUMS_V,
+                                  GRAD_K, GRAD_V, length, num_chunks, num_clusters, qk_scale, scale,
+                                  WINDOW: tl.constexpr, DIM: tl.constexpr, HAS_SUMMARIES: tl.constexpr):
+        """Program (chunk j, group g): dk, dv of the chunk's keys from the queries of chunks j
+        (causally) and j + 1, plus, with summaries, the gradient of each key's
+        (chunk, cluster) sum: GRAD_SUMS_K / _V (G, T, C, DIM) fp32, CLUSTERS (G, N) int64."""
+        chunk = tl.program_id(0)
+        group = tl.program_id(1).to(tl.int64)
+        base = group * length * DIM
+        cols = chunk * WINDOW + tl.arange(0, WINDOW)
+        feats = tl.arange(0, DIM)
+        col_ok = cols < length
+        tile = cols[:, None] * DIM + feats[None, :]
+        k = tl.load(K + base + tile, mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + base + tile, mask=col_ok[:, None], other=0.0)
+
+        # Queries of the same chunk (causal); rows index them, columns the keys.
+        q = tl.load(Q + base + tile, mask=col_ok[:, None], other=0.0)
+        grad_out = tl.load(GRAD_OUT + base + tile, mask=col_ok[:, None], other=0.0)
+        row_index = group * num_chunks * WINDOW + cols
+        lse2 = tl.load(LSE + row_index) * 1.4426950408889634
+        delta = tl.load(DELTA + row_index)
+        keep = (cols[:, None] >= cols[None, :]) & col_ok[:, None]
+        probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, keep)
+        grad_v = tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
+        grad_k = tl.dot(tl.trans(grad_logits.to(q.dtype)), q)
+
+        if chunk + 1 < num_chunks:  # queries of the next chunk see all of these keys
+            rows = cols + WINDOW
+            row_ok = rows < length
+            next_tile = tile + WINDOW * DIM
+            q = tl.load(Q + base + next_tile, mask=row_ok[:, None], other=0.0)
+            grad_out = tl.load(GRAD_OUT + base + next_tile, mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(LSE + row_index + WINDOW) * 1.4426950408889634
+            delta = tl.load(DELTA + row_index + WINDOW)
+            probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok[:, None])
+            grad_v += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
+            grad_k += tl.dot(tl.trans(grad_logits.to(q.dtype)), q)
+
+        grad_k = grad_k * scale
+        if HAS_SUMMARIES:  # each key receives the gradient of its (chunk, cluster) sum
+            cluster = tl.load(CLUSTERS + group * length + cols, mask=col_ok, other=-1)
+            member = ((cluster >= 0) & (cluster < num_clusters))[:, None]
+            sum_tile = ((group * num_chunks + chunk) * num_clusters + cluster[:, None]) * DIM + feats[None, :]
+            grad_k += tl.load(GRAD_SUMS_K + sum_tile, mask=member, other=0.0)
+            grad_v += tl.load(GRAD_SUMS_V + sum_tile, mask=member, other=0.0)
+        tl.store(GRAD_K + base + tile, grad_k.to(GRAD_K.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(GRAD_V + base + tile, grad_v.to(GRAD_V.dtype.element_ty), mask=col_ok[:, None])
+
+
+# ================================================================ the op
+
+
+def _launch_options(window: int):
+    return {"num_warps": 8 if window >= 128 else 4, "num_stages": 1}
+
+
+class _Summaries:
+    """The older-past summaries read by chunks ``2 .. T - 1``: counts ``(B, H, T, C)``,
+    mean keys and values ``(G, T - 2, C, D)`` in the input dtype, and ``log`` counts
+    ``(G, T - 2, C)`` in fp32 (``-inf`` for empty clusters). Empty when ``T <= 2``."""
+
+    def __init__(self, key: Tensor, clusters: Tensor, window: int, num_clusters: int):
+        batch, heads, length, dim = key.shape
+        self.chunks = -(-length // window)
+        self.present = self.chunks > 2
+        if self.present:
+            self.counts = _older_past_counts(clusters, window, num_clusters, self.chunks, torch.float32)
+            older = self.counts[:, :, 2:].reshape(batch * heads, self.chunks - 2, num_clusters)
+            self.log_counts = torch.where(older > 0, older.clamp(min=1).log(), float("-inf"))
+
+
+def _empty(x: Tensor) -> Tensor:
+    return x.new_empty(0)
+
+
+@torch.library.custom_op(f"{LIBRARY}::causal_triton_fwd", mutates_args=())
+def causal_triton_fwd(query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, window: int, num_clusters: int,
+                      scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> ``out (B, H, N, D)``, ``lse (G, T W)`` fp32, and the summary keys and values
+    ``(G, T - 2, C, D)`` (kept for the backward; empty when ``T <= 2``)."""
+    batch, heads, length, dim = query.shape
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    summaries = _Summaries(key, clusters, window, num_clusters)
+    chunks = summaries.chunks
+    out = torch.empty_like(query)
+    lse = torch.empty(batch * heads, chunks * window, dtype=torch.float32, device=query.device)
+    if summaries.present:
+        summary_keys = _summary_means(key, clusters, summaries.counts, window, 2, dim)
+        summary_values = _summary_means(value, clusters, summaries.counts, window, 2, dim)
+        log_counts = summaries.log_counts
+    else:
+        summary_keys, summary_values, log_counts = _empty(query), _empty(query), _empty(lse)
+    _window_attention_fwd[(chunks, batch * heads)](
+        query, key, value, summary_keys, summary_values, log_counts, out, lse,
+        length, chunks, num_clusters, scale * LOG2E,
+        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **_launch_options(window),
+    )
+    return out, lse, summary_keys, summary_values
+
+
+def _cluster_block(num_clusters: int) -> int:
+    return max(MIN_BLOCK, triton.next_power_of_2(num_clusters))
+
+
+@causal_triton_fwd.register_fake
+def _(query, key, value, clusters, window, num_clusters, scale):
+    batch, heads, length, dim = query.shape
+    chunks = -(-length // window)
+    lse = query.new_empty(batch * heads, chunks * window, dtype=torch.float32)
+    if chunks > 2:
+        block = query.new_empty(batch * heads, chunks - 2, num_clusters, dim)
+        return torch.empty_like(query), lse, block, torch.empty_like(block)
+    return torch.empty_like(query), lse, query.new_empty(0), query.new_empty(0)
+
+
+@torch.library.custom_op(f"{LIBRARY}::causal_triton_bwd", mutates_args=())
+def causal_triton_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, out: Tensor,
+                      lse: Tensor, summary_keys: Tensor, summary_values: Tensor, window: int, num_clusters: int,
+                      scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    batch, heads, length, dim = query.shape
+    grad_out, query, key, value = (x.contiguous() for x in (grad_out, query, key, value))
+    summaries = _Summaries(key, clusters, window, num_clusters)
+    chunks, groups = summaries.chunks, batch * heads
+    grid = (chunks, groups)
+    block_c = _cluster_block(num_clusters)
+    delta = torch.empty_like(lse)
+    grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    if summaries.present:
+        log_counts = summaries.log_counts
+        grad_summary_keys = torch.empty(summary_keys.shape, dtype=torch.float32, device=query.device)
+        grad_summary_values = torch.empty_like(grad_summary_keys)
+    else:
+        log_counts = grad_summary_keys = grad_summary_values = _empty(lse)
+    _window_attention_bwd_query[grid](
+        query, key, value, summary_keys, summary_values, log_counts, out, grad_out, lse,
+        delta, grad_q, grad_summary_keys, grad_summary_values,
+        length, chunks, num_clusters, scale * LOG2E, scale,
+        WINDOW=window, BLOCK_C=block_c, DIM=dim, **_launch_options(window),
+    )
+    if summaries.present:
+        grad_sums_k = _chunk_sum_grads(grad_summary_keys, summaries.counts, window, clusters)
+        grad_sums_v = _chunk_sum_grads(grad_summary_values, summaries.counts, window, clusters)
+    else:
+        grad_sums_k = grad_sums_v = _empty(lse)
+    _window_attention_bwd_key[grid](
+        query, key, value, grad_out, lse, delta, clusters.contiguous(), grad_sums_k, grad_sums_v,
+        grad_k, grad_v, length, chunks, num_clusters, scale * LOG2E, scale,
+        WINDOW=window, DIM=dim, HAS_SUMMARIES=summaries.present, **_launch_options(window),
+    )
+    return grad_q, grad_k, grad_v
+
+
+def _chunk_sum_grads(grad_block: Tensor, counts: Tensor, window: int, clusters: Tensor) -> Tensor:
+    """Adjoint of the prefix means: ``grad_block (G, T - 2, C, D)`` -> the gradient of every
+    per-(chunk, cluster) sum, ``(B, H, T, C, D)`` fp32."""
+    batch, heads, chunks, num_clusters = counts.shape
+    kernels = _kernels(grad_block)
+    if kernels is not None:
+        return kernels.older_past_means_backward(grad_block, counts, 2, grad_block.shape[-1])
+    # Without the extension (Triton's interpreter in the CPU tests): the torch adjoint.
+    from .causal import _older_past_adjoint
+
+    dim = grad_block.shape[-1]
+    grad_means = counts.new_zeros(batch, heads, chunks, num_clusters, dim)
+    grad_means[:, :, 2:] = grad_block.reshape(batch, heads, chunks - 2, num_clusters, dim)
+    return _older_past_adjoint(grad_means / counts.clamp(min=1).unsqueeze(-1)).contiguous()
+
+
+@causal_triton_bwd.register_fake
+def _(grad_out, query, key, value, *args):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup(ctx, inputs, output):
+    query, key, value, clusters, window, num_clusters, scale = inputs
+    out, lse, summary_keys, summary_values = output
+    ctx.mark_non_differentiable(lse, summary_keys, summary_values)
+    ctx.save_for_backward(query, key, value, clusters, out, lse, summary_keys, summary_values)
+    ctx.hyper = (window, num_clusters, scale)
+
+
+def _backward(ctx, grad_out, *unused):
+    query, key, value, clusters, out, lse, summary_keys, summary_values = ctx.saved_tensors
+    grads = causal_triton_bwd(grad_out, query, key, value, clusters, out, lse, summary_keys, summary_values,
+                              *ctx.hyper)
+    return (*grads, None, None, None, None)
+
+
+causal_triton_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def causal_clustered_attention_triton(query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, window: int,
+                                      num_clusters: int, scale: float) -> Tensor:
+    """Causal clustered attention through the one-kernel Triton path.
+
+    Args:
+        query, key, value: ``(B, H, N, D)`` fp16 / bf16 on CUDA (CPU tensors under Triton's
+            interpreter), ``D`` and ``window`` powers of two in 16..128.
+        clusters: ``(B, H, N)`` int64 leak-free key cluster ids (-1: no cluster).
+        window, num_clusters, scale: as :func:`fairseq_clustered.ops.causal_clustered_attention`.
+
+    Returns:
+        ``(B, H, N, D)`` in the query dtype, differentiable w.r.t. query, key and value.
+    """
+    return causal_triton_fwd(query, key, value, clusters, window, num_clusters, scale)[0]
