@@ -81,10 +81,10 @@ def test_triton_ops_opcheck(n):
     clusters = torch.randint(-1, 3, (1, 2, n), generator=gen)
     args = (q, k, v, clusters, 16, 3, 0.3)
     torch.library.opcheck(causal_triton.causal_triton_fwd, args)
-    out, lse, keys, values = causal_triton.causal_triton_fwd(*args)
+    out, lse, keys, values, counts = causal_triton.causal_triton_fwd(*args)
     torch.library.opcheck(causal_triton.causal_triton_bwd,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), clusters, out.detach(),
-                           lse, keys, values, 16, 3, 0.3))
+                           lse, keys, values, counts, 16, 3, 0.3))
 
 
 def test_triton_path_reasons_off_cuda():

@@ -125,16 +125,23 @@ def _older_past_counts(clusters: Tensor, window: int, num_clusters: int, num_chu
 def _summary_means(x: Tensor, clusters: Tensor, counts: Tensor, window: int, first: int, width: int) -> Tensor:
     """Mean member of every cluster over chunks ``0 .. t - 2``, for chunks ``t >= first``:
     ``(B H, T - first, C, width)`` in x's dtype, the means in ``[..., :E]``, zeros after."""
+    sums = chunk_cluster_sums_op(x, clusters, window, counts.shape[-1])
+    return summary_means_from_sums(sums, counts, first, width, x.dtype)
+
+
+def summary_means_from_sums(sums: Tensor, counts: Tensor, first: int, width: int, dtype: torch.dtype) -> Tensor:
+    """:func:`_summary_means` from the per-chunk cluster sums ``(B, H, T, C, E)`` (fp32 for
+    the kernel) and the older-past ``counts (B, H, T, C)``."""
     batch, heads, chunks, num_clusters = counts.shape
-    sums = chunk_cluster_sums_op(x, clusters, window, num_clusters)
-    kernels = _kernels(x)
+    dim = sums.shape[-1]
+    kernels = _kernels(sums)
     if kernels is not None and sums.dtype == torch.float32:
-        block = x.new_empty(batch * heads, chunks - first, num_clusters, width)
+        block = sums.new_empty(batch * heads, chunks - first, num_clusters, width, dtype=dtype)
         kernels.older_past_means(sums.contiguous(), counts, first, block)  # writes every column
         return block
-    block = x.new_zeros(batch * heads, chunks - first, num_clusters, width)
+    block = sums.new_zeros(batch * heads, chunks - first, num_clusters, width, dtype=dtype)
     means = _older_past(sums) / counts.clamp(min=1).unsqueeze(-1)
-    block[..., : x.shape[-1]] = means[:, :, first:].reshape(-1, *block.shape[1:3], x.shape[-1])
+    block[..., :dim] = means[:, :, first:].reshape(-1, *block.shape[1:3], dim)
     return block
 
 

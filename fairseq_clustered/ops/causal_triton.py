@@ -12,6 +12,10 @@ padded feature columns. This module does the same in one pass: the program of ch
 * the ``C`` cluster summaries of chunks ``0 .. t - 2`` (``t >= 2``), whose logits get the
   offset ``log n_j`` added in fp32 (``-inf`` for an empty cluster, so it gets weight 0).
 
+The summaries: one more Triton kernel sums each chunk's keys, values and member counts per
+cluster as one-hot matrix products; the extension's prefix-mean kernel turns them into the
+means of chunks ``0 .. t - 2``.
+
 Backward (the joint softmax, ``P = exp(S - lse)``, ``dS = P (dP - rowsum(dO * O))``):
 
 * a query kernel, per chunk: ``dq`` over the three blocks, and the gradients of the
@@ -34,20 +38,13 @@ tensors, which is how the CPU tests check them against the reference.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import reference
-from .causal_fused import (
-    _add_summary_means_backward,
-    _kernels,
-    _older_past_counts,
-    _summary_means,
-    fused_path_unavailable,
-)
+from .causal import _older_past, _older_past_adjoint
+from .causal_fused import _kernels, fused_path_unavailable, summary_means_from_sums
 from .custom_ops import LIBRARY
 
 try:  # Triton ships with CUDA builds of torch; a CPU install has no use for it
@@ -102,6 +99,30 @@ if triton is not None:
         row_sum = row_sum * rescale + tl.sum(probs, 1)
         acc = acc * rescale[:, None] + tl.dot(probs.to(values.dtype), values)
         return acc, new_max, row_sum
+
+    @triton.jit
+    def _chunk_cluster_sums(K, V, CLUSTERS, SUMS_K, SUMS_V, COUNTS, length, num_chunks, num_clusters,
+                            WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
+        """Program (chunk t, group g): the sums of the chunk's keys and values per cluster,
+        ``(G, T, C, DIM)`` fp32, and the member counts ``(G, T, C)`` fp32, as one-hot matrix
+        products (exact products, fp32 accumulation in a fixed order: reproducible)."""
+        chunk = tl.program_id(0)
+        group = tl.program_id(1).to(tl.int64)
+        rows = chunk * WINDOW + tl.arange(0, WINDOW)
+        feats = tl.arange(0, DIM)
+        row_ok = rows < length
+        tile = group * length * DIM + rows[:, None] * DIM + feats[None, :]
+        cluster = tl.load(CLUSTERS + group * length + rows, mask=row_ok, other=-1)
+        slots = tl.arange(0, BLOCK_C)
+        members = slots[:, None] == cluster[None, :]  # (BLOCK_C, WINDOW); -1 matches no slot
+        k = tl.load(K + tile, mask=row_ok[:, None], other=0.0)
+        v = tl.load(V + tile, mask=row_ok[:, None], other=0.0)
+        slot_ok = slots < num_clusters
+        first_slot = (group * num_chunks + chunk) * num_clusters
+        out = (first_slot + slots[:, None]) * DIM + feats[None, :]
+        tl.store(SUMS_K + out, tl.dot(members.to(k.dtype), k), mask=slot_ok[:, None])
+        tl.store(SUMS_V + out, tl.dot(members.to(v.dtype), v), mask=slot_ok[:, None])
+        tl.store(COUNTS + first_slot + slots, tl.sum(members.to(tl.float32), 1), mask=slot_ok)
 
     @triton.jit
     def _window_attention_fwd(Q, K, V, SUM_K, SUM_V, SUM_LOG_COUNT, OUT, LSE,
@@ -165,8 +186,8 @@ if triton is not None:
                                     DELTA, GRAD_Q, GRAD_SUM_K, GRAD_SUM_V,
                                     length, num_chunks, num_clusters, qk_scale, scale,
                                     WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
-        """Program (chunk t, group g): dq of the chunk's queries (in q's dtype), the gradients
-        of its summary keys / values (fp32, (G, T - 2, C, DIM)) and delta = rowsum(dO * O)."""
+        """Program (chunk t, group g): dq of the chunk's queries, the gradients of its summary
+        keys / values ((G, T - 2, C, DIM), in q's dtype like dq) and delta = rowsum(dO * O)."""
         chunk = tl.program_id(0)
         group = tl.program_id(1).to(tl.int64)
         base = group * length * DIM
@@ -209,8 +230,8 @@ if triton is not None:
             grad_q += tl.dot(summary_grad_logits.to(summary_k.dtype), summary_k)
             grad_summary_k = tl.dot(tl.trans(summary_grad_logits.to(q.dtype)), q) * scale
             grad_summary_v = tl.dot(tl.trans(summary_probs.to(grad_out.dtype)), grad_out)
-            tl.store(GRAD_SUM_K + summary_tile, grad_summary_k, mask=slot_ok[:, None])
-            tl.store(GRAD_SUM_V + summary_tile, grad_summary_v, mask=slot_ok[:, None])
+            tl.store(GRAD_SUM_K + summary_tile, grad_summary_k.to(GRAD_SUM_K.dtype.element_ty), mask=slot_ok[:, None])
+            tl.store(GRAD_SUM_V + summary_tile, grad_summary_v.to(GRAD_SUM_V.dtype.element_ty), mask=slot_ok[:, None])
 
         tl.store(GRAD_Q + base + tile, (grad_q * scale).to(GRAD_Q.dtype.element_ty), mask=row_ok[:, None])
 
@@ -272,19 +293,31 @@ def _launch_options(window: int):
     return {"num_warps": 8 if window >= 128 else 4, "num_stages": 1}
 
 
-class _Summaries:
-    """The older-past summaries read by chunks ``2 .. T - 1``: counts ``(B, H, T, C)``,
-    mean keys and values ``(G, T - 2, C, D)`` in the input dtype, and ``log`` counts
-    ``(G, T - 2, C)`` in fp32 (``-inf`` for empty clusters). Empty when ``T <= 2``."""
+def _cluster_block(num_clusters: int) -> int:
+    return max(MIN_BLOCK, triton.next_power_of_2(num_clusters))
 
-    def __init__(self, key: Tensor, clusters: Tensor, window: int, num_clusters: int):
-        batch, heads, length, dim = key.shape
-        self.chunks = -(-length // window)
-        self.present = self.chunks > 2
-        if self.present:
-            self.counts = _older_past_counts(clusters, window, num_clusters, self.chunks, torch.float32)
-            older = self.counts[:, :, 2:].reshape(batch * heads, self.chunks - 2, num_clusters)
-            self.log_counts = torch.where(older > 0, older.clamp(min=1).log(), float("-inf"))
+
+def _summaries(key: Tensor, value: Tensor, clusters: Tensor, window: int, num_clusters: int):
+    """The older-past summaries read by chunks ``2 .. T - 1`` (``T > 2``): member counts
+    ``(B, H, T, C)`` fp32 and the mean keys and values ``(G, T - 2, C, D)`` in the input dtype."""
+    batch, heads, length, dim = key.shape
+    chunks = -(-length // window)
+    sums_k = torch.empty(batch, heads, chunks, num_clusters, dim, dtype=torch.float32, device=key.device)
+    sums_v = torch.empty_like(sums_k)
+    chunk_counts = torch.empty(batch, heads, chunks, num_clusters, dtype=torch.float32, device=key.device)
+    _chunk_cluster_sums[(chunks, batch * heads)](
+        key, value, clusters, sums_k, sums_v, chunk_counts, length, chunks, num_clusters,
+        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **_launch_options(window),
+    )
+    counts = _older_past(chunk_counts).contiguous()
+    return (counts, summary_means_from_sums(sums_k, counts, 2, dim, key.dtype),
+            summary_means_from_sums(sums_v, counts, 2, dim, value.dtype))
+
+
+def _log_counts(counts: Tensor) -> Tensor:
+    """``log n`` of the summaries of chunks ``2 ..``: ``(G, T - 2, C)`` fp32, ``-inf`` when empty."""
+    older = counts[:, :, 2:].flatten(0, 1)
+    return torch.where(older > 0, older.clamp(min=1).log(), float("-inf"))
 
 
 def _empty(x: Tensor) -> Tensor:
@@ -293,31 +326,26 @@ def _empty(x: Tensor) -> Tensor:
 
 @torch.library.custom_op(f"{LIBRARY}::causal_triton_fwd", mutates_args=())
 def causal_triton_fwd(query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, window: int, num_clusters: int,
-                      scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> ``out (B, H, N, D)``, ``lse (G, T W)`` fp32, and the summary keys and values
-    ``(G, T - 2, C, D)`` (kept for the backward; empty when ``T <= 2``)."""
+                      scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> ``out (B, H, N, D)``, ``lse (G, T W)`` fp32, and, for the backward, the summary
+    keys and values ``(G, T - 2, C, D)`` and their counts ``(B, H, T, C)`` (empty when
+    ``T <= 2``: no chunk reads a summary)."""
     batch, heads, length, dim = query.shape
-    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-    summaries = _Summaries(key, clusters, window, num_clusters)
-    chunks = summaries.chunks
+    query, key, value, clusters = (x.contiguous() for x in (query, key, value, clusters))
+    chunks = -(-length // window)
     out = torch.empty_like(query)
     lse = torch.empty(batch * heads, chunks * window, dtype=torch.float32, device=query.device)
-    if summaries.present:
-        summary_keys = _summary_means(key, clusters, summaries.counts, window, 2, dim)
-        summary_values = _summary_means(value, clusters, summaries.counts, window, 2, dim)
-        log_counts = summaries.log_counts
+    if chunks > 2:
+        counts, summary_keys, summary_values = _summaries(key, value, clusters, window, num_clusters)
+        log_counts = _log_counts(counts)
     else:
-        summary_keys, summary_values, log_counts = _empty(query), _empty(query), _empty(lse)
+        counts, summary_keys, summary_values, log_counts = _empty(lse), _empty(query), _empty(query), _empty(lse)
     _window_attention_fwd[(chunks, batch * heads)](
         query, key, value, summary_keys, summary_values, log_counts, out, lse,
         length, chunks, num_clusters, scale * LOG2E,
         WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **_launch_options(window),
     )
-    return out, lse, summary_keys, summary_values
-
-
-def _cluster_block(num_clusters: int) -> int:
-    return max(MIN_BLOCK, triton.next_power_of_2(num_clusters))
+    return out, lse, summary_keys, summary_values, counts
 
 
 @causal_triton_fwd.register_fake
@@ -327,57 +355,54 @@ def _(query, key, value, clusters, window, num_clusters, scale):
     lse = query.new_empty(batch * heads, chunks * window, dtype=torch.float32)
     if chunks > 2:
         block = query.new_empty(batch * heads, chunks - 2, num_clusters, dim)
-        return torch.empty_like(query), lse, block, torch.empty_like(block)
-    return torch.empty_like(query), lse, query.new_empty(0), query.new_empty(0)
+        counts = query.new_empty(batch, heads, chunks, num_clusters, dtype=torch.float32)
+        return torch.empty_like(query), lse, block, torch.empty_like(block), counts
+    return torch.empty_like(query), lse, query.new_empty(0), query.new_empty(0), lse.new_empty(0)
 
 
 @torch.library.custom_op(f"{LIBRARY}::causal_triton_bwd", mutates_args=())
 def causal_triton_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, out: Tensor,
-                      lse: Tensor, summary_keys: Tensor, summary_values: Tensor, window: int, num_clusters: int,
-                      scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                      lse: Tensor, summary_keys: Tensor, summary_values: Tensor, counts: Tensor, window: int,
+                      num_clusters: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     batch, heads, length, dim = query.shape
-    grad_out, query, key, value = (x.contiguous() for x in (grad_out, query, key, value))
-    summaries = _Summaries(key, clusters, window, num_clusters)
-    chunks, groups = summaries.chunks, batch * heads
-    grid = (chunks, groups)
-    block_c = _cluster_block(num_clusters)
+    grad_out, query, key, value, clusters = (x.contiguous() for x in (grad_out, query, key, value, clusters))
+    chunks = -(-length // window)
+    has_summaries = chunks > 2
+    grid = (chunks, batch * heads)
     delta = torch.empty_like(lse)
     grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-    if summaries.present:
-        log_counts = summaries.log_counts
-        grad_summary_keys = torch.empty(summary_keys.shape, dtype=torch.float32, device=query.device)
-        grad_summary_values = torch.empty_like(grad_summary_keys)
+    if has_summaries:
+        log_counts = _log_counts(counts)
+        grad_summary_keys, grad_summary_values = torch.empty_like(summary_keys), torch.empty_like(summary_values)
     else:
-        log_counts = grad_summary_keys = grad_summary_values = _empty(lse)
+        log_counts, grad_summary_keys, grad_summary_values = _empty(lse), _empty(query), _empty(query)
     _window_attention_bwd_query[grid](
         query, key, value, summary_keys, summary_values, log_counts, out, grad_out, lse,
         delta, grad_q, grad_summary_keys, grad_summary_values,
         length, chunks, num_clusters, scale * LOG2E, scale,
-        WINDOW=window, BLOCK_C=block_c, DIM=dim, **_launch_options(window),
+        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **_launch_options(window),
     )
-    if summaries.present:
-        grad_sums_k = _chunk_sum_grads(grad_summary_keys, summaries.counts, window, clusters)
-        grad_sums_v = _chunk_sum_grads(grad_summary_values, summaries.counts, window, clusters)
+    if has_summaries:
+        grad_sums_k = _chunk_sum_grads(grad_summary_keys, counts)
+        grad_sums_v = _chunk_sum_grads(grad_summary_values, counts)
     else:
         grad_sums_k = grad_sums_v = _empty(lse)
     _window_attention_bwd_key[grid](
-        query, key, value, grad_out, lse, delta, clusters.contiguous(), grad_sums_k, grad_sums_v,
+        query, key, value, grad_out, lse, delta, clusters, grad_sums_k, grad_sums_v,
         grad_k, grad_v, length, chunks, num_clusters, scale * LOG2E, scale,
-        WINDOW=window, DIM=dim, HAS_SUMMARIES=summaries.present, **_launch_options(window),
+        WINDOW=window, DIM=dim, HAS_SUMMARIES=has_summaries, **_launch_options(window),
     )
     return grad_q, grad_k, grad_v
 
 
-def _chunk_sum_grads(grad_block: Tensor, counts: Tensor, window: int, clusters: Tensor) -> Tensor:
+def _chunk_sum_grads(grad_block: Tensor, counts: Tensor) -> Tensor:
     """Adjoint of the prefix means: ``grad_block (G, T - 2, C, D)`` -> the gradient of every
     per-(chunk, cluster) sum, ``(B, H, T, C, D)`` fp32."""
     batch, heads, chunks, num_clusters = counts.shape
     kernels = _kernels(grad_block)
     if kernels is not None:
         return kernels.older_past_means_backward(grad_block, counts, 2, grad_block.shape[-1])
-    # Without the extension (Triton's interpreter in the CPU tests): the torch adjoint.
-    from .causal import _older_past_adjoint
-
+    # Without the extension (Triton's interpreter in the CPU tests): the same in torch.
     dim = grad_block.shape[-1]
     grad_means = counts.new_zeros(batch, heads, chunks, num_clusters, dim)
     grad_means[:, :, 2:] = grad_block.reshape(batch, heads, chunks - 2, num_clusters, dim)
@@ -391,16 +416,14 @@ def _(grad_out, query, key, value, *args):
 
 def _setup(ctx, inputs, output):
     query, key, value, clusters, window, num_clusters, scale = inputs
-    out, lse, summary_keys, summary_values = output
-    ctx.mark_non_differentiable(lse, summary_keys, summary_values)
-    ctx.save_for_backward(query, key, value, clusters, out, lse, summary_keys, summary_values)
+    out, lse, summary_keys, summary_values, counts = output
+    ctx.mark_non_differentiable(lse, summary_keys, summary_values, counts)
+    ctx.save_for_backward(query, key, value, clusters, out, lse, summary_keys, summary_values, counts)
     ctx.hyper = (window, num_clusters, scale)
 
 
 def _backward(ctx, grad_out, *unused):
-    query, key, value, clusters, out, lse, summary_keys, summary_values = ctx.saved_tensors
-    grads = causal_triton_bwd(grad_out, query, key, value, clusters, out, lse, summary_keys, summary_values,
-                              *ctx.hyper)
+    grads = causal_triton_bwd(grad_out, *ctx.saved_tensors, *ctx.hyper)
     return (*grads, None, None, None, None)
 
 
