@@ -15,6 +15,7 @@ namespace fcl {
 namespace {
 
 constexpr int SUM_THREADS = 128;
+constexpr int PREFIX_BATCH = 8;  // chunks per batch of independent loads in the prefix walks
 
 template <typename scalar_t>
 __global__ void chunk_cluster_sums_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ clusters,
@@ -65,12 +66,23 @@ __global__ void older_past_means_kernel(const float* __restrict__ sums /* (rows,
   const float* s = sums + row * num_chunks * chunk_stride + static_cast<int64_t>(c) * dim + e;
   const float* n = counts + row * num_chunks * num_clusters + c;
   float running = 0.f;
-#pragma unroll 4
-  for (int t = 0; t < num_chunks; ++t) {
-    if (t >= 2) running += s[(t - 2) * chunk_stride];
-    if (t >= first) {
-      const float count = n[static_cast<int64_t>(t) * num_clusters];
-      o[(t - first) * out_chunk_stride] = from_float<out_t>(count > 0.f ? running / count : 0.f);
+  for (int t0 = 0; t0 < num_chunks; t0 += PREFIX_BATCH) {
+    // All loads of a batch are issued before the first is used (the walk is otherwise one
+    // dependent load after another); adding the 0s of absent chunks leaves the sum's bits.
+    float part[PREFIX_BATCH], count[PREFIX_BATCH];
+#pragma unroll
+    for (int j = 0; j < PREFIX_BATCH; ++j) {
+      const int t = t0 + j;
+      part[j] = (t >= 2 && t < num_chunks) ? s[(t - 2) * chunk_stride] : 0.f;
+      count[j] = (t >= first && t < num_chunks) ? n[static_cast<int64_t>(t) * num_clusters] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < PREFIX_BATCH; ++j) {
+      const int t = t0 + j;
+      running += part[j];
+      if (t >= first && t < num_chunks) {
+        o[(t - first) * out_chunk_stride] = from_float<out_t>(count[j] > 0.f ? running / count[j] : 0.f);
+      }
     }
   }
 }
@@ -94,13 +106,24 @@ __global__ void older_past_means_backward_kernel(const grad_t* __restrict__ grad
   const float* n = counts + row * num_chunks * num_clusters + c;
   float* out = grad_sums + row * num_chunks * chunk_stride + static_cast<int64_t>(c) * dim + e;
   float running = 0.f;  // sum over chunks u >= t + 2
-#pragma unroll 4
-  for (int t = num_chunks - 1; t >= 0; --t) {
-    out[t * chunk_stride] = running;
-    const int u = t + 1;  // joins the sum for chunk t - 1
-    if (u < num_chunks && u >= first) {
-      const float count = n[static_cast<int64_t>(u) * num_clusters];
-      if (count > 0.f) running += to_float(g[(u - first) * g_chunk]) / count;
+  for (int top = num_chunks - 1; top >= 0; top -= PREFIX_BATCH) {
+    float part[PREFIX_BATCH];  // the term of chunk u = t + 1, which joins the sum for chunk t - 1
+#pragma unroll
+    for (int j = 0; j < PREFIX_BATCH; ++j) {
+      const int u = top - j + 1;
+      part[j] = 0.f;
+      if (top - j >= 0 && u < num_chunks && u >= first) {
+        const float count = n[static_cast<int64_t>(u) * num_clusters];
+        const float value = to_float(g[(u - first) * g_chunk]);
+        part[j] = count > 0.f ? value / count : 0.f;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < PREFIX_BATCH; ++j) {
+      const int t = top - j;
+      if (t < 0) break;
+      out[t * chunk_stride] = running;
+      running += part[j];
     }
   }
 }
