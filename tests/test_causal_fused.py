@@ -125,9 +125,8 @@ def test_fused_ops_opcheck(device, dtype, n):
     out, lse, keys, values = causal_fused.causal_fused_fwd(q, k, v, clusters, 4, 3, 0.3)
     grad = torch.randn_like(out)
     torch.library.opcheck(causal_fused.causal_fused_bwd,
-                          (grad, q.detach(), k.detach(), v.detach(), clusters, out.detach(), lse.detach(), keys.detach(),
-                           values.detach(), 4, 3,
-                           0.3))
+                          (grad, q.detach(), k.detach(), v.detach(), clusters, out.detach(), lse.detach(),
+                           keys.detach(), values.detach(), 4, 3, 0.3))
 
 
 def test_fused_path_is_taken_exactly_where_documented():
@@ -231,7 +230,8 @@ def test_gpu_path_is_exact_causal_when_no_summary_is_needed(path, dtype, n, wind
 @needs_cuda
 @pytest.mark.parametrize("path", GPU_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,window,num_clusters", [(600, 64, 20), (1000, 128, 100), (97, 8, 5), (97, 16, 5)])
+@pytest.mark.parametrize("n,window,num_clusters", [(600, 64, 20), (1000, 128, 100), (97, 8, 5),
+                                                    (97, 16, 5)])
 def test_gpu_path_does_not_leak(path, dtype, n, window, num_clusters):
     """The leak test on each GPU path, key clustering included: outputs up to i
     bit-identical, zero gradients after i, at random positions (and in the first chunks,

@@ -59,6 +59,16 @@ def test_triton_kernels_equal_the_reference(n, window, num_clusters, dim):
 
 
 @interpreted
+def test_triton_kernels_with_chunks_sliced_over_programs(monkeypatch):
+    """The forward and key-gradient kernels can give each program a slice of a chunk
+    (``LAUNCH[...]["rows"] < window``); same results as whole chunks."""
+    monkeypatch.setitem(causal_triton.LAUNCH, "fwd", {"num_warps": 4, "rows": 16})
+    monkeypatch.setitem(causal_triton.LAUNCH, "bwd_key", {"num_warps": 4, "rows": 16})
+    test_triton_kernels_equal_the_reference(130, 32, 7, 16)
+    test_triton_kernels_equal_the_reference(100, 64, 20, 16)
+
+
+@interpreted
 def test_triton_kernels_do_not_leak():
     n, window, num_clusters = 90, 16, 4
     q, k, v = random_inputs(1, 2, n, 16, seed=3)

@@ -41,9 +41,10 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .causal import _older_past, _older_past_adjoint
+from .causal import _older_past_adjoint
 from .causal_fused import _kernels, fused_path_unavailable, summary_means_from_sums
 from .custom_ops import LIBRARY
 
@@ -104,7 +105,7 @@ if triton is not None:
     def _chunk_cluster_sums(K, V, CLUSTERS, SUMS_K, SUMS_V, COUNTS, length, num_chunks, num_clusters,
                             WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
         """Program (chunk t, group g): the sums of the chunk's keys and values per cluster,
-        ``(G, T, C, DIM)`` fp32, and the member counts ``(G, T, C)`` fp32, as one-hot matrix
+        ``(G, T, C, DIM)`` fp32, and the member counts ``(G, C, T)`` fp32, as one-hot matrix
         products (exact products, fp32 accumulation in a fixed order: reproducible)."""
         chunk = tl.program_id(0)
         group = tl.program_id(1).to(tl.int64)
@@ -122,40 +123,44 @@ if triton is not None:
         out = (first_slot + slots[:, None]) * DIM + feats[None, :]
         tl.store(SUMS_K + out, tl.dot(members.to(k.dtype), k), mask=slot_ok[:, None])
         tl.store(SUMS_V + out, tl.dot(members.to(v.dtype), v), mask=slot_ok[:, None])
-        tl.store(COUNTS + first_slot + slots, tl.sum(members.to(tl.float32), 1), mask=slot_ok)
+        tl.store(COUNTS + (group * num_clusters + slots) * num_chunks + chunk, tl.sum(members.to(tl.float32), 1),
+                 mask=slot_ok)
 
     @triton.jit
     def _window_attention_fwd(Q, K, V, SUM_K, SUM_V, SUM_LOG_COUNT, OUT, LSE,
                               length, num_chunks, num_clusters, qk_scale,
-                              WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
-        """Program (chunk t, group g): out and natural-log lse of the chunk's W queries.
+                              WINDOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                              DIM: tl.constexpr):
+        """Program (p, group g), p = t W / ROWS + s: out and natural-log lse of ROWS queries
+        of chunk t (its s-th slice).
 
         Q, K, V, OUT: (G, N, DIM) contiguous. SUM_K, SUM_V: (G, T - 2, C, DIM); SUM_LOG_COUNT:
         (G, T - 2, C) fp32, -inf for empty clusters. LSE: (G, T W) fp32. qk_scale = scale log2(e).
         """
-        chunk = tl.program_id(0)
+        chunk = tl.program_id(0) // (WINDOW // ROWS)
         group = tl.program_id(1).to(tl.int64)
         base = group * length * DIM
-        rows = chunk * WINDOW + tl.arange(0, WINDOW)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = chunk * WINDOW + tl.arange(0, WINDOW)
         feats = tl.arange(0, DIM)
-        row_ok = rows < length
-        tile = rows[:, None] * DIM + feats[None, :]
-        q = tl.load(Q + base + tile, mask=row_ok[:, None], other=0.0)
+        row_ok, col_ok = rows < length, cols < length
+        row_tile = rows[:, None] * DIM + feats[None, :]
+        col_tile = cols[:, None] * DIM + feats[None, :]
+        q = tl.load(Q + base + row_tile, mask=row_ok[:, None], other=0.0)
 
         # Own chunk, causally: the diagonal makes every row's max finite.
-        k = tl.load(K + base + tile, mask=row_ok[:, None], other=0.0)
-        v = tl.load(V + base + tile, mask=row_ok[:, None], other=0.0)
+        k = tl.load(K + base + col_tile, mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + base + col_tile, mask=col_ok[:, None], other=0.0)
         logits = tl.dot(q, tl.trans(k)) * qk_scale
-        logits = tl.where(rows[:, None] >= rows[None, :], logits, float("-inf"))
+        logits = tl.where(rows[:, None] >= cols[None, :], logits, float("-inf"))
         row_max = tl.max(logits, 1)
         probs = tl.exp2(logits - row_max[:, None])
         row_sum = tl.sum(probs, 1)
         acc = tl.dot(probs.to(v.dtype), v)
 
         if chunk > 0:  # previous chunk: complete, no mask
-            prev = tile - WINDOW * DIM
-            k = tl.load(K + base + prev)
-            v = tl.load(V + base + prev)
+            k = tl.load(K + base + col_tile - WINDOW * DIM)
+            v = tl.load(V + base + col_tile - WINDOW * DIM)
             acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, tl.dot(q, tl.trans(k)) * qk_scale, v)
 
         if chunk > 1:  # summaries of chunks 0 .. t - 2
@@ -171,7 +176,7 @@ if triton is not None:
             acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, summary_logits, summary_v)
 
         out = acc / row_sum[:, None]
-        tl.store(OUT + base + tile, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(OUT + base + row_tile, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
         tl.store(LSE + group * num_chunks * WINDOW + rows, (row_max + tl.log2(row_sum)) * 0.6931471805599453)
 
     @triton.jit
@@ -210,9 +215,8 @@ if triton is not None:
         grad_q = tl.dot(grad_logits.to(k.dtype), k)
 
         if chunk > 0:
-            prev = tile - WINDOW * DIM
-            k = tl.load(K + base + prev)
-            v = tl.load(V + base + prev)
+            k = tl.load(K + base + tile - WINDOW * DIM)
+            v = tl.load(V + base + tile - WINDOW * DIM)
             _, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok[:, None])
             grad_q += tl.dot(grad_logits.to(k.dtype), k)
 
@@ -238,59 +242,79 @@ if triton is not None:
     @triton.jit
     def _window_attention_bwd_key(Q, K, V, GRAD_OUT, LSE, DELTA, CLUSTERS, GRAD_SUMS_K, GRAD_SUMS_V,
                                   GRAD_K, GRAD_V, length, num_chunks, num_clusters, qk_scale, scale,
-                                  WINDOW: tl.constexpr, DIM: tl.constexpr, HAS_SUMMARIES: tl.constexpr):
-        """Program (chunk j, group g): dk, dv of the chunk's keys from the queries of chunks j
-        (causally) and j + 1, plus, with summaries, the gradient of each key's
-        (chunk, cluster) sum: GRAD_SUMS_K / _V (G, T, C, DIM) fp32, CLUSTERS (G, N) int64."""
-        chunk = tl.program_id(0)
+                                  WINDOW: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
+                                  HAS_SUMMARIES: tl.constexpr):
+        """Program (p, group g), p = j W / ROWS + s: dk, dv of ROWS keys of chunk j (its s-th
+        slice) from the queries of chunks j (causally) and j + 1, plus, with summaries, the
+        gradient of each key's (chunk, cluster) sum: GRAD_SUMS_K / _V (G, T, C, DIM) fp32,
+        CLUSTERS (G, N) int64."""
+        chunk = tl.program_id(0) // (WINDOW // ROWS)
         group = tl.program_id(1).to(tl.int64)
         base = group * length * DIM
-        cols = chunk * WINDOW + tl.arange(0, WINDOW)
+        keys = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rows = chunk * WINDOW + tl.arange(0, WINDOW)  # queries of the same chunk
         feats = tl.arange(0, DIM)
-        col_ok = cols < length
-        tile = cols[:, None] * DIM + feats[None, :]
-        k = tl.load(K + base + tile, mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + base + tile, mask=col_ok[:, None], other=0.0)
+        key_ok, row_ok = keys < length, rows < length
+        key_tile = keys[:, None] * DIM + feats[None, :]
+        row_tile = rows[:, None] * DIM + feats[None, :]
+        k = tl.load(K + base + key_tile, mask=key_ok[:, None], other=0.0)
+        v = tl.load(V + base + key_tile, mask=key_ok[:, None], other=0.0)
 
-        # Queries of the same chunk (causal); rows index them, columns the keys.
-        q = tl.load(Q + base + tile, mask=col_ok[:, None], other=0.0)
-        grad_out = tl.load(GRAD_OUT + base + tile, mask=col_ok[:, None], other=0.0)
-        row_index = group * num_chunks * WINDOW + cols
+        # Queries of the same chunk (causal): (WINDOW, ROWS) blocks, rows are queries.
+        q = tl.load(Q + base + row_tile, mask=row_ok[:, None], other=0.0)
+        grad_out = tl.load(GRAD_OUT + base + row_tile, mask=row_ok[:, None], other=0.0)
+        row_index = group * num_chunks * WINDOW + rows
         lse2 = tl.load(LSE + row_index) * 1.4426950408889634
         delta = tl.load(DELTA + row_index)
-        keep = (cols[:, None] >= cols[None, :]) & col_ok[:, None]
+        keep = (rows[:, None] >= keys[None, :]) & row_ok[:, None]
         probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, keep)
         grad_v = tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
         grad_k = tl.dot(tl.trans(grad_logits.to(q.dtype)), q)
 
         if chunk + 1 < num_chunks:  # queries of the next chunk see all of these keys
-            rows = cols + WINDOW
-            row_ok = rows < length
-            next_tile = tile + WINDOW * DIM
-            q = tl.load(Q + base + next_tile, mask=row_ok[:, None], other=0.0)
-            grad_out = tl.load(GRAD_OUT + base + next_tile, mask=row_ok[:, None], other=0.0)
+            next_ok = rows + WINDOW < length
+            q = tl.load(Q + base + row_tile + WINDOW * DIM, mask=next_ok[:, None], other=0.0)
+            grad_out = tl.load(GRAD_OUT + base + row_tile + WINDOW * DIM, mask=next_ok[:, None], other=0.0)
             lse2 = tl.load(LSE + row_index + WINDOW) * 1.4426950408889634
             delta = tl.load(DELTA + row_index + WINDOW)
-            probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok[:, None])
+            probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, next_ok[:, None])
             grad_v += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
             grad_k += tl.dot(tl.trans(grad_logits.to(q.dtype)), q)
 
         grad_k = grad_k * scale
         if HAS_SUMMARIES:  # each key receives the gradient of its (chunk, cluster) sum
-            cluster = tl.load(CLUSTERS + group * length + cols, mask=col_ok, other=-1)
+            cluster = tl.load(CLUSTERS + group * length + keys, mask=key_ok, other=-1)
             member = ((cluster >= 0) & (cluster < num_clusters))[:, None]
             sum_tile = ((group * num_chunks + chunk) * num_clusters + cluster[:, None]) * DIM + feats[None, :]
             grad_k += tl.load(GRAD_SUMS_K + sum_tile, mask=member, other=0.0)
             grad_v += tl.load(GRAD_SUMS_V + sum_tile, mask=member, other=0.0)
-        tl.store(GRAD_K + base + tile, grad_k.to(GRAD_K.dtype.element_ty), mask=col_ok[:, None])
-        tl.store(GRAD_V + base + tile, grad_v.to(GRAD_V.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(GRAD_K + base + key_tile, grad_k.to(GRAD_K.dtype.element_ty), mask=key_ok[:, None])
+        tl.store(GRAD_V + base + key_tile, grad_v.to(GRAD_V.dtype.element_ty), mask=key_ok[:, None])
 
 
 # ================================================================ the op
 
 
-def _launch_options(window: int):
-    return {"num_warps": 8 if window >= 128 else 4, "num_stages": 1}
+# Launch shapes: warps per program and, for the forward and key-gradient kernels, the
+# query (key) rows per program (a slice of the chunk). The kernels have no loops, so one
+# stage. Chosen on an H100 at N = 64k, W = 128, D = 64 (benchmarks/NOTES.md); windows
+# below 128 use 4 warps.
+LAUNCH = {
+    "sums": {"num_warps": 4},
+    "fwd": {"num_warps": 4, "rows": 128},
+    "bwd_query": {"num_warps": 8},
+    "bwd_key": {"num_warps": 8, "rows": 128},
+}
+
+
+def _launch(kernel: str, window: int) -> dict:
+    """Keyword arguments of ``kernel``'s launch (``ROWS`` included where it takes one)."""
+    options = dict(LAUNCH[kernel])
+    if window < 128:
+        options["num_warps"] = 4
+    if "rows" in options:
+        options["ROWS"] = min(options.pop("rows"), window)
+    return dict(options, num_stages=1)
 
 
 def _cluster_block(num_clusters: int) -> int:
@@ -304,12 +328,15 @@ def _summaries(key: Tensor, value: Tensor, clusters: Tensor, window: int, num_cl
     chunks = -(-length // window)
     sums_k = torch.empty(batch, heads, chunks, num_clusters, dim, dtype=torch.float32, device=key.device)
     sums_v = torch.empty_like(sums_k)
-    chunk_counts = torch.empty(batch, heads, chunks, num_clusters, dtype=torch.float32, device=key.device)
+    # Counts per (cluster, chunk): the prefix over chunks is then a scan along the last,
+    # contiguous dim (a scan along an outer dim took 0.2 ms at 64k).
+    chunk_counts = torch.empty(batch, heads, num_clusters, chunks, dtype=torch.float32, device=key.device)
     _chunk_cluster_sums[(chunks, batch * heads)](
         key, value, clusters, sums_k, sums_v, chunk_counts, length, chunks, num_clusters,
-        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **_launch_options(window),
+        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **_launch("sums", window),
     )
-    counts = _older_past(chunk_counts).contiguous()
+    older = F.pad(chunk_counts.cumsum(-1), (2, 0))[..., :chunks]  # chunks 0 .. t - 2
+    counts = older.transpose(2, 3).contiguous()
     return (counts, summary_means_from_sums(sums_k, counts, 2, dim, key.dtype),
             summary_means_from_sums(sums_v, counts, 2, dim, value.dtype))
 
@@ -340,10 +367,11 @@ def causal_triton_fwd(query: Tensor, key: Tensor, value: Tensor, clusters: Tenso
         log_counts = _log_counts(counts)
     else:
         counts, summary_keys, summary_values, log_counts = _empty(lse), _empty(query), _empty(query), _empty(lse)
-    _window_attention_fwd[(chunks, batch * heads)](
+    options = _launch("fwd", window)
+    _window_attention_fwd[(chunks * (window // options["ROWS"]), batch * heads)](
         query, key, value, summary_keys, summary_values, log_counts, out, lse,
         length, chunks, num_clusters, scale * LOG2E,
-        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **_launch_options(window),
+        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **options,
     )
     return out, lse, summary_keys, summary_values, counts
 
@@ -368,7 +396,6 @@ def causal_triton_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tenso
     grad_out, query, key, value, clusters = (x.contiguous() for x in (grad_out, query, key, value, clusters))
     chunks = -(-length // window)
     has_summaries = chunks > 2
-    grid = (chunks, batch * heads)
     delta = torch.empty_like(lse)
     grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
     if has_summaries:
@@ -376,21 +403,22 @@ def causal_triton_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tenso
         grad_summary_keys, grad_summary_values = torch.empty_like(summary_keys), torch.empty_like(summary_values)
     else:
         log_counts, grad_summary_keys, grad_summary_values = _empty(lse), _empty(query), _empty(query)
-    _window_attention_bwd_query[grid](
+    _window_attention_bwd_query[(chunks, batch * heads)](
         query, key, value, summary_keys, summary_values, log_counts, out, grad_out, lse,
         delta, grad_q, grad_summary_keys, grad_summary_values,
         length, chunks, num_clusters, scale * LOG2E, scale,
-        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **_launch_options(window),
+        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **_launch("bwd_query", window),
     )
     if has_summaries:
         grad_sums_k = _chunk_sum_grads(grad_summary_keys, counts)
         grad_sums_v = _chunk_sum_grads(grad_summary_values, counts)
     else:
         grad_sums_k = grad_sums_v = _empty(lse)
-    _window_attention_bwd_key[grid](
+    options = _launch("bwd_key", window)
+    _window_attention_bwd_key[(chunks * (window // options["ROWS"]), batch * heads)](
         query, key, value, grad_out, lse, delta, clusters, grad_sums_k, grad_sums_v,
         grad_k, grad_v, length, chunks, num_clusters, scale * LOG2E, scale,
-        WINDOW=window, DIM=dim, HAS_SUMMARIES=has_summaries, **_launch_options(window),
+        WINDOW=window, DIM=dim, HAS_SUMMARIES=has_summaries, **options,
     )
     return grad_q, grad_k, grad_v
 
@@ -418,11 +446,14 @@ def _setup(ctx, inputs, output):
     query, key, value, clusters, window, num_clusters, scale = inputs
     out, lse, summary_keys, summary_values, counts = output
     ctx.mark_non_differentiable(lse, summary_keys, summary_values, counts)
+    ctx.set_materialize_grads(False)  # no zero gradients for the saved tensors (0.13 ms at 64k)
     ctx.save_for_backward(query, key, value, clusters, out, lse, summary_keys, summary_values, counts)
     ctx.hyper = (window, num_clusters, scale)
 
 
 def _backward(ctx, grad_out, *unused):
+    if grad_out is None:  # only the non-differentiable outputs were used
+        return None, None, None, None, None, None, None
     grads = causal_triton_bwd(grad_out, *ctx.saved_tensors, *ctx.hyper)
     return (*grads, None, None, None, None)
 
