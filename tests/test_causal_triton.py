@@ -1,10 +1,12 @@
-"""The one-kernel Triton path of causal clustered attention (ops/causal_triton.py).
+"""The Triton kernels: causal clustered attention in one kernel (ops/causal_triton.py) and
+tensor-core hashing (ops/hash_triton.py).
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest.py sets
 TRITON_INTERPRET=1) and are checked here against the reference in float32: outputs and
 gradients of every block (own chunk, previous chunk, summaries), partial last chunks, a
-single chunk, empty and out-of-block clusters, the leak test, and opcheck of the two ops.
-On the GPU the same kernels are compiled and checked in test_causal_fused.py (GPU_PATHS).
+single chunk, empty and out-of-block clusters, the leak test, and opcheck of the two ops;
+hash codes bit for bit up to rounding at the thresholds. On the GPU the compiled
+attention kernels are checked in test_causal_fused.py (GPU_PATHS), the hash below.
 """
 
 import os
@@ -102,3 +104,65 @@ def test_triton_path_reasons_off_cuda():
     assert causal_triton.triton_path_unavailable(q, q, None, 0.0, 16, 4) == "not a CUDA tensor"
     assert not causal_triton._power_of_two_in(48, 16, 128)
     assert causal_triton._power_of_two_in(64, 16, 128) and not causal_triton._power_of_two_in(256, 16, 128)
+
+
+# ------------------------------------------------------------------ tensor-core hashing
+
+
+def assert_codes_match_up_to_rounding(codes, expected, x, planes, offsets):
+    """Bits may differ only where the projection is within rounding of the threshold."""
+    bits = planes.shape[0]
+    projections = x.double() @ planes.double().t() - offsets.double()
+    differ = (((codes ^ expected).unsqueeze(-1) >> torch.arange(bits, device=codes.device)) & 1).bool()
+    assert (projections.abs()[differ] < 1e-4).all()
+    assert differ.sum() <= codes.numel() * bits * 1e-4
+    assert (codes >= 0).all() and (codes >> bits == 0).all()  # no bit beyond the used ones
+
+
+def hash_inputs(bits, dim, n, dtype, device):
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(2, 3, n, dim, generator=gen).to(device, dtype)
+    return x, torch.randn(bits, dim, generator=gen).to(device), (torch.randn(bits, generator=gen) * 0.1).to(device)
+
+
+@interpreted  # fp16 only: Triton's interpreter gets bf16 products wrong (the GPU test below covers bf16)
+@pytest.mark.parametrize("bits,dim,n", [(63, 64, 300), (16, 32, 129), (1, 16, 5)])
+def test_triton_hash_matches_the_reference(bits, dim, n):
+    from fairseq_clustered.ops import hash_triton, reference
+
+    x, planes, offsets = hash_inputs(bits, dim, n, torch.float16, "cpu")
+    assert hash_triton.triton_hash_unavailable(x) is None
+    expected = reference.hash_codes_ref(x, planes, offsets)
+    assert_codes_match_up_to_rounding(hash_triton.hash_codes_triton(x, planes, offsets), expected, x, planes, offsets)
+    # Non-contiguous rows (a transposed view with the feature dim still contiguous).
+    x_t = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(hash_triton.hash_codes_triton(x_t, planes, offsets),
+                       hash_triton.hash_codes_triton(x, planes, offsets))
+
+
+def test_triton_hash_reasons():
+    from fairseq_clustered.ops import hash_triton
+
+    if hash_triton.MISSING is not None:
+        assert hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 16, dtype=torch.bfloat16)) == hash_triton.MISSING
+        return
+    assert "float32" in hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 16))
+    assert "dim 40" in hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 40, dtype=torch.bfloat16))
+    assert "contiguous" in hash_triton.triton_hash_unavailable(
+        torch.zeros(1, 1, 16, 2, dtype=torch.bfloat16).transpose(-1, -2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or causal_triton.triton is None, reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [32, 64, 128])
+def test_triton_hash_matches_the_reference_gpu(dtype, dim):
+    """Tensor-core hashing (and the CUDA kernel it replaces for half precision) against the
+    reference, bits differing only within rounding of the threshold."""
+    from fairseq_clustered.ops import cuda_backend, hash_triton, reference
+
+    x, planes, offsets = hash_inputs(63, dim, 4099, dtype, "cuda")
+    expected = reference.hash_codes_ref(x, planes, offsets)
+    assert_codes_match_up_to_rounding(hash_triton.hash_codes_triton(x, planes, offsets), expected, x, planes, offsets)
+    if cuda_backend.load():
+        codes = cuda_backend.extension().hash_codes(x, planes, offsets)
+        assert_codes_match_up_to_rounding(codes, expected, x, planes, offsets)

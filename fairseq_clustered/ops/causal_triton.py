@@ -46,16 +46,10 @@ from torch import Tensor
 
 from .causal import _older_past_adjoint
 from .causal_fused import _kernels, fused_path_unavailable, summary_means_from_sums
+from ._triton import MISSING as _TRITON_MISSING
+from ._triton import tl, triton
 from .custom_ops import LIBRARY
 
-try:  # Triton ships with CUDA builds of torch; a CPU install has no use for it
-    import triton
-    import triton.language as tl
-except ImportError as error:  # pragma: no cover - depends on the install
-    triton, tl = None, None
-    _TRITON_MISSING = f"triton is not importable ({error})"
-else:
-    _TRITON_MISSING = None
 
 __all__ = ["triton_path_unavailable", "causal_clustered_attention_triton", "TRITON_DTYPES"]
 

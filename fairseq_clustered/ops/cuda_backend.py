@@ -62,16 +62,18 @@ def extension():
 # What each CUDA implementation covers; everything else runs the reference on the GPU
 # with one warning naming the reason (see fairseq_clustered/ops/cuda_kernels.py).
 KERNEL_NOTES = {
-    "hash_codes": "fp32/fp16/bf16, dim <= 800",
+    "hash_codes": "fp32/fp16/bf16, dim <= 800; fp16/bf16 with a power-of-two dim 16..256 on tensor cores "
+                  "(Triton)",
     "lloyd_kmeans": "num_clusters <= 6144, batch*heads <= 65535",
     "clustered_attention_fwd": "fp32/fp16/bf16, head dims <= 128; flash for fp16/bf16 without padding or dropout",
     "clustered_attention_bwd": "fp32/fp16/bf16, head dims <= 128; flash for fp16/bf16 without padding or dropout",
     "improved_clustered_attention_fwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128",
     "improved_clustered_attention_bwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128",
     "causal_key_clusters": "codebook assignment kernel; num_clusters <= 6144, batch*heads <= 65535",
-    "causal_clustered_attention": "fp16/bf16, head dim = value dim (multiple of 8, <= 248), no key padding or "
-                                  "dropout: flash attention in three parts + "
-                                  "summary kernels; else the reference (tensor cores for half precision)",
+    "causal_clustered_attention": "fp16/bf16, no key padding or dropout: one Triton kernel where window and head "
+                                  "dim are powers of two in 16..128 and C <= 256, else flash attention in three "
+                                  "parts (head dim a multiple of 8, <= 248); summary kernels; otherwise the "
+                                  "reference (tensor cores for half precision)",
 }
 
 

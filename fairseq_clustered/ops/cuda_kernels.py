@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import causal_fused, custom_ops, reference
+from . import causal_fused, custom_ops, hash_triton, reference
 from .flash import flash_backward, flash_forward
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -93,6 +93,8 @@ class CudaOps:
         if x.shape[-1] > MAX_HASH_DIM:
             warn_fallback("hash_codes", f"dim {x.shape[-1]} > {MAX_HASH_DIM}")
             return reference.hash_codes_ref(x, planes, offsets)
+        if hash_triton.triton_hash_unavailable(x) is None:  # tensor cores, fp32-exact products
+            return hash_triton.hash_codes_triton(x, planes, offsets)
         return self.ext.hash_codes(x, planes, offsets)
 
     def lloyd_kmeans(self, codes, query_padding_mask, num_clusters, iterations, bits):

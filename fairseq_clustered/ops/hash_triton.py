@@ -1,0 +1,109 @@
+"""Random-hyperplane hashing of half-precision vectors on tensor cores (Triton).
+
+The CUDA kernel of ``hash_codes`` (``cuda/clustering.cu``) runs the ``(N, D) x (D, bits)``
+products as fp32 multiply-adds, one vector per thread; at N = 64k keys per head it takes
+about 1 ms on an H100. For fp16 / bf16 inputs the same products run here on tensor cores
+with fp32 precision: a half-precision ``x`` is exact in its own dtype, and each fp32
+plane is split into three parts of that dtype (``hi + mid + lo``, each the rounded
+remainder of the previous ones), so ``x . hi + x . mid + x . lo`` has exact products and
+fp32 accumulation. Only the order of the fp32 additions differs from the kernel (and from
+the reference), so a bit can differ only where a projection lies within rounding
+(~1e-6 relative) of its threshold; the tests check exactly that.
+
+Used by :class:`fairseq_clustered.ops.cuda_kernels.CudaOps` where
+:func:`triton_hash_unavailable` returns None; the CUDA kernel serves the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._triton import MISSING, tl, triton
+
+__all__ = ["triton_hash_unavailable", "hash_codes_triton"]
+
+MAX_BITS = 64  # the bit block of the kernel; bits 1..63 are used
+ROWS_PER_PROGRAM = 128
+SPLIT_PARTS = 3
+
+
+def triton_hash_unavailable(x: Tensor) -> Optional[str]:
+    """Why :func:`hash_codes_triton` cannot hash ``x (B, H, N, D)`` (None if it can)."""
+    if MISSING is not None:
+        return MISSING
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {x.dtype} (tensor-core hashing is for fp16 / bf16)"
+    dim = x.shape[-1]
+    if dim < 16 or dim > 256 or dim & (dim - 1):
+        return f"dim {dim} is not a power of two in 16..256"
+    if x.stride(-1) != 1:
+        return "the feature dim is not contiguous"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _hash_kernel(X, PLANES, OFFSETS, CODES, total, length, heads, stride_b, stride_h, stride_n,
+                     DIM: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, PARTS: tl.constexpr):
+        """Program p: the codes of vectors p ROWS .. (p + 1) ROWS of the flattened (B, H, N).
+
+        PLANES: (PARTS, DIM, BITS) in x's dtype, the split transposed planes (zero columns
+        beyond the used bits); OFFSETS: (BITS,) fp32, +inf beyond the used bits."""
+        items = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        ok = items < total
+        n = items % length
+        bh = items // length
+        row_start = (bh // heads) * stride_b + (bh % heads) * stride_h + n * stride_n
+        feats = tl.arange(0, DIM)
+        x = tl.load(X + row_start[:, None] + feats[None, :], mask=ok[:, None], other=0.0)
+        plane_tile = feats[:, None] * BITS + tl.arange(0, BITS)[None, :]
+        projections = tl.zeros((ROWS, BITS), dtype=tl.float32)
+        for part in tl.static_range(PARTS):
+            projections += tl.dot(x, tl.load(PLANES + part * DIM * BITS + plane_tile))
+        offsets = tl.load(OFFSETS + tl.arange(0, BITS))
+        weights = tl.full((BITS,), 1, tl.int64) << tl.arange(0, BITS).to(tl.int64)
+        codes = tl.sum(tl.where(projections > offsets[None, :], weights[None, :], 0), axis=1)
+        tl.store(CODES + items, codes, mask=ok)
+
+
+def _split_planes(planes: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(bits, D)`` fp32 -> ``(PARTS, D, MAX_BITS)`` in ``dtype`` whose sum over parts is the
+    transposed planes to fp32 precision (zero columns beyond ``bits``)."""
+    bits, dim = planes.shape
+    rest = planes.float().t()
+    parts = torch.zeros(SPLIT_PARTS, dim, MAX_BITS, dtype=dtype, device=planes.device)
+    for index in range(SPLIT_PARTS):
+        parts[index, :, :bits] = rest.to(dtype)
+        rest = rest - parts[index, :, :bits].float()
+    return parts
+
+
+def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
+    """``hash_codes`` (bit ``b`` of the code of ``x_i`` is ``planes[b] . x_i > offsets[b]``)
+    on tensor cores.
+
+    Args:
+        x: ``(B, H, N, D)`` fp16 / bf16, feature dim contiguous, ``D`` a power of two in 16..256.
+        planes: ``(bits, D)``, ``1 <= bits <= 63``. offsets: ``(bits,)``.
+
+    Returns:
+        ``(B, H, N)`` int64 codes.
+    """
+    batch, heads, length, dim = x.shape
+    bits = planes.shape[0]
+    codes = torch.empty(batch, heads, length, dtype=torch.int64, device=x.device)
+    total = batch * heads * length
+    if total == 0:
+        return codes
+    thresholds = torch.full((MAX_BITS,), float("inf"), device=x.device)
+    thresholds[:bits] = offsets.float()
+    _hash_kernel[(triton.cdiv(total, ROWS_PER_PROGRAM),)](
+        x, _split_planes(planes, x.dtype), thresholds, codes, total, length, heads,
+        x.stride(0), x.stride(1), x.stride(2),
+        DIM=dim, ROWS=ROWS_PER_PROGRAM, BITS=MAX_BITS, PARTS=SPLIT_PARTS, num_warps=4,
+    )
+    return codes
