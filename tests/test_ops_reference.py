@@ -121,6 +121,14 @@ def test_hash_codes_match_brute_force():
         assert int(codes[0, h, i]) == expected
 
 
+def test_hashing_adds_nothing_to_the_backward():
+    """Codes are constants: hashing a tensor that requires grad records no autograd node
+    (one would only add a zero gradient of the input's size in every backward)."""
+    q, _, _ = make_inputs(1, 2, 13, 1, 10)
+    codes = hash_queries(q.requires_grad_(), draw_hash_planes(11, 10, torch.Generator().manual_seed(3)))
+    assert codes.grad_fn is None and not codes.requires_grad
+
+
 def test_sixty_three_bits_fit_in_int64():
     q, _, _ = make_inputs(1, 1, 50, 1, 8)
     codes = hash_queries(q, draw_hash_planes(63, 8, torch.Generator().manual_seed(0)))

@@ -73,7 +73,9 @@ def hash_queries(x: Tensor, planes: Tensor, offsets: Optional[Tensor] = None) ->
     planes = planes.to(device=x.device, dtype=torch.float32).contiguous()
     if offsets is None:
         offsets = planes.new_zeros(bits)
-    return custom_ops.hash_codes(x, planes, offsets.to(device=x.device, dtype=torch.float32).contiguous())
+    # Codes are integers, constants for autograd: detached, the backward gets no node that
+    # would only add a zero gradient of x's size.
+    return custom_ops.hash_codes(x.detach(), planes, offsets.to(device=x.device, dtype=torch.float32).contiguous())
 
 
 def _resolve_planes(query: Tensor, bits: int, planes: Optional[Tensor], generator) -> Tensor:
