@@ -121,15 +121,21 @@ if triton is not None:
                  mask=slot_ok)
 
     @triton.jit
-    def _window_attention_fwd(Q, K, V, SUM_K, SUM_V, SUM_LOG_COUNT, OUT, LSE,
+    def _log_count(COUNTS, group, chunk, num_chunks, num_clusters, slots, slot_ok):
+        """``log n`` of the chunk's summaries (``-inf`` for empty clusters and absent slots)."""
+        count = tl.load(COUNTS + (group * num_chunks + chunk) * num_clusters + slots, mask=slot_ok, other=0.0)
+        return tl.log(count)  # log(0) = -inf: weight exp(-inf) = 0
+
+    @triton.jit
+    def _window_attention_fwd(Q, K, V, SUM_K, SUM_V, COUNTS, OUT, LSE,
                               length, num_chunks, num_clusters, qk_scale,
                               WINDOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
                               DIM: tl.constexpr):
         """Program (p, group g), p = t W / ROWS + s: out and natural-log lse of ROWS queries
         of chunk t (its s-th slice).
 
-        Q, K, V, OUT: (G, N, DIM) contiguous. SUM_K, SUM_V: (G, T - 2, C, DIM); SUM_LOG_COUNT:
-        (G, T - 2, C) fp32, -inf for empty clusters. LSE: (G, T W) fp32. qk_scale = scale log2(e).
+        Q, K, V, OUT: (G, N, DIM) contiguous. SUM_K, SUM_V: (G, T - 2, C, DIM); COUNTS:
+        (G, T, C) fp32 members of chunks 0 .. t - 2. LSE: (G, T W) fp32. qk_scale = scale log2(e).
         """
         chunk = tl.program_id(0) // (WINDOW // ROWS)
         group = tl.program_id(1).to(tl.int64)
@@ -165,7 +171,7 @@ if triton is not None:
             # (Names of their own: Triton wants a variable's shape the same on both sides of an if.)
             summary_k = tl.load(SUM_K + summary_tile, mask=slot_ok[:, None], other=0.0)
             summary_v = tl.load(SUM_V + summary_tile, mask=slot_ok[:, None], other=0.0)
-            offset = tl.load(SUM_LOG_COUNT + first_slot + slots, mask=slot_ok, other=float("-inf"))
+            offset = _log_count(COUNTS, group, chunk, num_chunks, num_clusters, slots, slot_ok)
             summary_logits = tl.dot(q, tl.trans(summary_k)) * qk_scale + offset[None, :] * 1.4426950408889634
             acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, summary_logits, summary_v)
 
@@ -181,7 +187,7 @@ if triton is not None:
         return probs, grad_logits
 
     @triton.jit
-    def _window_attention_bwd_query(Q, K, V, SUM_K, SUM_V, SUM_LOG_COUNT, OUT, GRAD_OUT, LSE,
+    def _window_attention_bwd_query(Q, K, V, SUM_K, SUM_V, COUNTS, OUT, GRAD_OUT, LSE,
                                     DELTA, GRAD_Q, GRAD_SUM_K, GRAD_SUM_V,
                                     length, num_chunks, num_clusters, qk_scale, scale,
                                     WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
@@ -221,7 +227,7 @@ if triton is not None:
             summary_tile = (first_slot + slots[:, None]) * DIM + feats[None, :]
             summary_k = tl.load(SUM_K + summary_tile, mask=slot_ok[:, None], other=0.0)
             summary_v = tl.load(SUM_V + summary_tile, mask=slot_ok[:, None], other=0.0)
-            offset = tl.load(SUM_LOG_COUNT + first_slot + slots, mask=slot_ok, other=float("-inf"))
+            offset = _log_count(COUNTS, group, chunk, num_chunks, num_clusters, slots, slot_ok)
             summary_logits = tl.dot(q, tl.trans(summary_k)) * qk_scale + offset[None, :] * 1.4426950408889634
             summary_probs = tl.where(row_ok[:, None], tl.exp2(summary_logits - lse2[:, None]), 0.0)
             summary_grad_logits = summary_probs * (tl.dot(grad_out, tl.trans(summary_v)) - delta[:, None])
@@ -335,12 +341,6 @@ def _summaries(key: Tensor, value: Tensor, clusters: Tensor, window: int, num_cl
             summary_means_from_sums(sums_v, counts, 2, dim, value.dtype))
 
 
-def _log_counts(counts: Tensor) -> Tensor:
-    """``log n`` of the summaries of chunks ``2 ..``: ``(G, T - 2, C)`` fp32, ``-inf`` when empty."""
-    older = counts[:, :, 2:].flatten(0, 1)
-    return torch.where(older > 0, older.clamp(min=1).log(), float("-inf"))
-
-
 def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
@@ -358,12 +358,11 @@ def causal_triton_fwd(query: Tensor, key: Tensor, value: Tensor, clusters: Tenso
     lse = torch.empty(batch * heads, chunks * window, dtype=torch.float32, device=query.device)
     if chunks > 2:
         counts, summary_keys, summary_values = _summaries(key, value, clusters, window, num_clusters)
-        log_counts = _log_counts(counts)
     else:
-        counts, summary_keys, summary_values, log_counts = _empty(lse), _empty(query), _empty(query), _empty(lse)
+        counts, summary_keys, summary_values = _empty(lse), _empty(query), _empty(query)
     options = _launch("fwd", window)
     _window_attention_fwd[(chunks * (window // options["ROWS"]), batch * heads)](
-        query, key, value, summary_keys, summary_values, log_counts, out, lse,
+        query, key, value, summary_keys, summary_values, counts, out, lse,
         length, chunks, num_clusters, scale * LOG2E,
         WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **options,
     )
@@ -393,12 +392,11 @@ def causal_triton_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tenso
     delta = torch.empty_like(lse)
     grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
     if has_summaries:
-        log_counts = _log_counts(counts)
         grad_summary_keys, grad_summary_values = torch.empty_like(summary_keys), torch.empty_like(summary_values)
     else:
-        log_counts, grad_summary_keys, grad_summary_values = _empty(lse), _empty(query), _empty(query)
+        grad_summary_keys, grad_summary_values = _empty(query), _empty(query)
     _window_attention_bwd_query[(chunks, batch * heads)](
-        query, key, value, summary_keys, summary_values, log_counts, out, grad_out, lse,
+        query, key, value, summary_keys, summary_values, counts, out, grad_out, lse,
         delta, grad_q, grad_summary_keys, grad_summary_values,
         length, chunks, num_clusters, scale * LOG2E, scale,
         WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **_launch("bwd_query", window),

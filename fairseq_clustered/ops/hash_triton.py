@@ -47,12 +47,12 @@ def triton_hash_unavailable(x: Tensor) -> Optional[str]:
 if triton is not None:
 
     @triton.jit
-    def _hash_kernel(X, PLANES, OFFSETS, CODES, total, length, heads, stride_b, stride_h, stride_n,
+    def _hash_kernel(X, PLANES, OFFSETS, CODES, total, length, heads, stride_b, stride_h, stride_n, bits,
                      DIM: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, PARTS: tl.constexpr):
         """Program p: the codes of vectors p ROWS .. (p + 1) ROWS of the flattened (B, H, N).
 
-        PLANES: (PARTS, DIM, BITS) in x's dtype, the split transposed planes (zero columns
-        beyond the used bits); OFFSETS: (BITS,) fp32, +inf beyond the used bits."""
+        PLANES: (bits, DIM) fp32 contiguous, split here into PARTS parts of x's dtype;
+        OFFSETS: (bits,) fp32. Bits >= ``bits`` get a zero plane and an infinite threshold."""
         items = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         ok = items < total
         n = items % length
@@ -60,26 +60,18 @@ if triton is not None:
         row_start = (bh // heads) * stride_b + (bh % heads) * stride_h + n * stride_n
         feats = tl.arange(0, DIM)
         x = tl.load(X + row_start[:, None] + feats[None, :], mask=ok[:, None], other=0.0)
-        plane_tile = feats[:, None] * BITS + tl.arange(0, BITS)[None, :]
+        planes_t = tl.arange(0, BITS)
+        used = planes_t < bits
+        rest = tl.load(PLANES + planes_t[None, :] * DIM + feats[:, None], mask=used[None, :], other=0.0)  # (DIM, BITS)
         projections = tl.zeros((ROWS, BITS), dtype=tl.float32)
-        for part in tl.static_range(PARTS):
-            projections += tl.dot(x, tl.load(PLANES + part * DIM * BITS + plane_tile))
-        offsets = tl.load(OFFSETS + tl.arange(0, BITS))
-        weights = tl.full((BITS,), 1, tl.int64) << tl.arange(0, BITS).to(tl.int64)
+        for _ in tl.static_range(PARTS):  # exact products of x with each rounded remainder
+            part = rest.to(x.dtype)
+            projections += tl.dot(x, part)
+            rest = rest - part.to(tl.float32)
+        offsets = tl.load(OFFSETS + planes_t, mask=used, other=float("inf"))
+        weights = tl.full((BITS,), 1, tl.int64) << planes_t.to(tl.int64)
         codes = tl.sum(tl.where(projections > offsets[None, :], weights[None, :], 0), axis=1)
         tl.store(CODES + items, codes, mask=ok)
-
-
-def _split_planes(planes: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(bits, D)`` fp32 -> ``(PARTS, D, MAX_BITS)`` in ``dtype`` whose sum over parts is the
-    transposed planes to fp32 precision (zero columns beyond ``bits``)."""
-    bits, dim = planes.shape
-    rest = planes.float().t()
-    parts = torch.zeros(SPLIT_PARTS, dim, MAX_BITS, dtype=dtype, device=planes.device)
-    for index in range(SPLIT_PARTS):
-        parts[index, :, :bits] = rest.to(dtype)
-        rest = rest - parts[index, :, :bits].float()
-    return parts
 
 
 def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
@@ -94,16 +86,13 @@ def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
         ``(B, H, N)`` int64 codes.
     """
     batch, heads, length, dim = x.shape
-    bits = planes.shape[0]
     codes = torch.empty(batch, heads, length, dtype=torch.int64, device=x.device)
     total = batch * heads * length
     if total == 0:
         return codes
-    thresholds = torch.full((MAX_BITS,), float("inf"), device=x.device)
-    thresholds[:bits] = offsets.float()
+    planes, offsets = planes.to(torch.float32).contiguous(), offsets.to(torch.float32).contiguous()
     _hash_kernel[(triton.cdiv(total, ROWS_PER_PROGRAM),)](
-        x, _split_planes(planes, x.dtype), thresholds, codes, total, length, heads,
-        x.stride(0), x.stride(1), x.stride(2),
+        x, planes, offsets, codes, total, length, heads, x.stride(0), x.stride(1), x.stride(2), planes.shape[0],
         DIM=dim, ROWS=ROWS_PER_PROGRAM, BITS=MAX_BITS, PARTS=SPLIT_PARTS, num_warps=4,
     )
     return codes
