@@ -14,8 +14,8 @@ at::Tensor codebook_assign_cuda(const at::Tensor& codes, const at::Tensor& codeb
 at::Tensor chunk_cluster_sums_cuda(const at::Tensor& x, const at::Tensor& clusters, int64_t window,
                                    int64_t num_clusters);
 void older_past_means_cuda(const at::Tensor& sums, const at::Tensor& counts, int64_t first, const at::Tensor& out);
-at::Tensor older_past_means_backward_cuda(const at::Tensor& grad, const at::Tensor& counts, int64_t first,
-                                          int64_t dim);
+void older_past_means_backward_cuda(const at::Tensor& grad, const at::Tensor& counts, int64_t first,
+                                    const at::Tensor& grad_sums);
 void chunk_cluster_gather_add_cuda(const at::Tensor& grad_sums, const at::Tensor& clusters, int64_t window,
                                    const at::Tensor& grad_x);
 std::tuple<at::Tensor, at::Tensor> merge_parts_cuda(const std::vector<at::Tensor>& outs,
@@ -45,7 +45,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("older_past_means", &fcl::older_past_means_cuda,
         "summary means of chunks 0..t-2 written into a (B*H, T - first, C, >= E) block, in place");
   m.def("older_past_means_backward", &fcl::older_past_means_backward_cuda,
-        "adjoint of older_past_means -> per-chunk cluster-sum gradients (B, H, T, C, E) fp32");
+        "adjoint of older_past_means into grad_sums (B, H, T, C, E): fp32 or grad's dtype");
   m.def("chunk_cluster_gather_add", &fcl::chunk_cluster_gather_add_cuda,
         "grad_x (B, H, N, E) += per-(chunk, cluster) gradients of each key's cluster, in place");
   m.def("merge_parts", &fcl::merge_parts_cuda,

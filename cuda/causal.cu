@@ -45,8 +45,8 @@ __global__ void chunk_cluster_sums_kernel(const scalar_t* __restrict__ x, const 
 // chunks 0 .. t - 2) / count (0 for an empty cluster), and 0 in the padding columns
 // e >= dim (so the block needs no zero fill). One thread per (row, cluster, column) walks
 // the chunks in order, so the prefix sums cost one read of the sums.
-template <typename out_t>
-__global__ void older_past_means_kernel(const float* __restrict__ sums /* (rows, T, C, E) */,
+template <typename sum_t, typename out_t>
+__global__ void older_past_means_kernel(const sum_t* __restrict__ sums /* (rows, T, C, E) */,
                                         const float* __restrict__ counts /* (rows, T, C), older past */,
                                         int64_t rows, int num_chunks, int num_clusters, int dim, int first,
                                         out_t* __restrict__ out /* (rows, T - first, C, out_stride) */,
@@ -63,7 +63,7 @@ __global__ void older_past_means_kernel(const float* __restrict__ sums /* (rows,
     for (int t = first; t < num_chunks; ++t) o[(t - first) * out_chunk_stride] = from_float<out_t>(0.f);
     return;
   }
-  const float* s = sums + row * num_chunks * chunk_stride + static_cast<int64_t>(c) * dim + e;
+  const sum_t* s = sums + row * num_chunks * chunk_stride + static_cast<int64_t>(c) * dim + e;
   const float* n = counts + row * num_chunks * num_clusters + c;
   float running = 0.f;
   for (int t0 = 0; t0 < num_chunks; t0 += PREFIX_BATCH) {
@@ -73,7 +73,7 @@ __global__ void older_past_means_kernel(const float* __restrict__ sums /* (rows,
 #pragma unroll
     for (int j = 0; j < PREFIX_BATCH; ++j) {
       const int t = t0 + j;
-      part[j] = (t >= 2 && t < num_chunks) ? s[(t - 2) * chunk_stride] : 0.f;
+      part[j] = (t >= 2 && t < num_chunks) ? to_float(s[(t - 2) * chunk_stride]) : 0.f;
       count[j] = (t >= first && t < num_chunks) ? n[static_cast<int64_t>(t) * num_clusters] : 0.f;
     }
 #pragma unroll
@@ -90,12 +90,12 @@ __global__ void older_past_means_kernel(const float* __restrict__ sums /* (rows,
 // Adjoint of older_past_means_kernel: grad_sums[t][c][e] = sum over chunks u >= max(t + 2,
 // first) of grad[u - first][c][e] / count[u][c], walking the chunks backwards.
 // (Strided grad: flash attention returns the key / value gradients in its own layout.)
-template <typename grad_t>
+template <typename grad_t, typename out_t>
 __global__ void older_past_means_backward_kernel(const grad_t* __restrict__ grad /* (rows, T - first, C, >= E) */,
                                                  int64_t g_row, int64_t g_chunk, int64_t g_cluster,
                                                  const float* __restrict__ counts, int64_t rows, int num_chunks,
                                                  int num_clusters, int dim, int first,
-                                                 float* __restrict__ grad_sums /* (rows, T, C, E) */) {
+                                                 out_t* __restrict__ grad_sums /* (rows, T, C, E) */) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * num_clusters * dim) return;
   const int e = static_cast<int>(idx % dim);
@@ -104,7 +104,7 @@ __global__ void older_past_means_backward_kernel(const grad_t* __restrict__ grad
   const int64_t chunk_stride = static_cast<int64_t>(num_clusters) * dim;
   const grad_t* g = grad + row * g_row + c * g_cluster + e;
   const float* n = counts + row * num_chunks * num_clusters + c;
-  float* out = grad_sums + row * num_chunks * chunk_stride + static_cast<int64_t>(c) * dim + e;
+  out_t* out = grad_sums + row * num_chunks * chunk_stride + static_cast<int64_t>(c) * dim + e;
   float running = 0.f;  // sum over chunks u >= t + 2
   for (int top = num_chunks - 1; top >= 0; top -= PREFIX_BATCH) {
     float part[PREFIX_BATCH];  // the term of chunk u = t + 1, which joins the sum for chunk t - 1
@@ -122,7 +122,7 @@ __global__ void older_past_means_backward_kernel(const grad_t* __restrict__ grad
     for (int j = 0; j < PREFIX_BATCH; ++j) {
       const int t = top - j;
       if (t < 0) break;
-      out[t * chunk_stride] = running;
+      out[t * chunk_stride] = from_float<out_t>(running);
       running += part[j];
     }
   }
@@ -204,8 +204,10 @@ __global__ void merge_parts_kernel(MergePart<scalar_t> p0, MergePart<scalar_t> p
 
 void older_past_means_cuda(const at::Tensor& sums, const at::Tensor& counts, int64_t first, const at::Tensor& out) {
   FCL_CHECK_CUDA(sums, "older_past_means: sums");
-  TORCH_CHECK(sums.dim() == 5 && sums.scalar_type() == at::kFloat && sums.is_contiguous(),
-              "older_past_means: sums must be contiguous (B, H, T, C, E) float32, got ", sums.sizes());
+  TORCH_CHECK(sums.dim() == 5 && sums.is_contiguous() &&
+                  (sums.scalar_type() == at::kFloat || sums.scalar_type() == out.scalar_type()),
+              "older_past_means: sums must be contiguous (B, H, T, C, E), float32 or out's dtype, got ", sums.sizes(),
+              " ", sums.scalar_type());
   const int64_t B = sums.size(0), H = sums.size(1), T = sums.size(2), C = sums.size(3), E = sums.size(4);
   TORCH_CHECK(counts.sizes() == sums.sizes().slice(0, 4) && counts.scalar_type() == at::kFloat &&
                   counts.is_contiguous(),
@@ -220,38 +222,55 @@ void older_past_means_cuda(const at::Tensor& sums, const at::Tensor& counts, int
   const unsigned blocks = static_cast<unsigned>((threads + SUM_THREADS - 1) / SUM_THREADS);
   auto stream = c10::cuda::getCurrentCUDAStream();
   FCL_DISPATCH_FLOAT(out.scalar_type(), "older_past_means", [&] {
-    older_past_means_kernel<scalar_t><<<blocks, SUM_THREADS, 0, stream>>>(
-        sums.data_ptr<float>(), counts.data_ptr<float>(), B * H, static_cast<int>(T), static_cast<int>(C),
-        static_cast<int>(E), static_cast<int>(first), out.data_ptr<scalar_t>(), static_cast<int>(out.size(3)));
+    auto launch = [&](auto* sums_ptr) {
+      older_past_means_kernel<<<blocks, SUM_THREADS, 0, stream>>>(
+          sums_ptr, counts.data_ptr<float>(), B * H, static_cast<int>(T), static_cast<int>(C), static_cast<int>(E),
+          static_cast<int>(first), out.data_ptr<scalar_t>(), static_cast<int>(out.size(3)));
+    };
+    if (sums.scalar_type() == at::kFloat) {
+      launch(sums.data_ptr<float>());
+    } else {
+      launch(sums.data_ptr<scalar_t>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-at::Tensor older_past_means_backward_cuda(const at::Tensor& grad, const at::Tensor& counts, int64_t first,
-                                          int64_t dim) {
+void older_past_means_backward_cuda(const at::Tensor& grad, const at::Tensor& counts, int64_t first,
+                                    const at::Tensor& grad_sums) {
   FCL_CHECK_CUDA(grad, "older_past_means_backward: grad");
   TORCH_CHECK(counts.dim() == 4 && counts.scalar_type() == at::kFloat && counts.is_contiguous(),
               "older_past_means_backward: counts must be contiguous (B, H, T, C) float32, got ", counts.sizes());
   const int64_t B = counts.size(0), H = counts.size(1), T = counts.size(2), C = counts.size(3);
+  TORCH_CHECK(grad_sums.dim() == 5 && grad_sums.size(0) == B && grad_sums.size(1) == H && grad_sums.size(2) == T &&
+                  grad_sums.size(3) == C && grad_sums.is_contiguous() &&
+                  (grad_sums.scalar_type() == at::kFloat || grad_sums.scalar_type() == grad.scalar_type()),
+              "older_past_means_backward: grad_sums must be contiguous (B, H, T, C, E), float32 or grad's dtype, got ",
+              grad_sums.sizes(), " ", grad_sums.scalar_type());
+  const int64_t dim = grad_sums.size(4);
   TORCH_CHECK(first >= 0 && first <= T, "older_past_means_backward: first chunk ", first, " outside 0..", T);
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == B * H && grad.size(1) == T - first && grad.size(2) == C &&
                   grad.size(3) >= dim && grad.stride(3) == 1,
-              "older_past_means_backward: grad must be (B*H, T - first, C, >= dim) with a contiguous last dim, got ",
+              "older_past_means_backward: grad must be (B*H, T - first, C, >= E) with a contiguous last dim, got ",
               grad.sizes(), " strides ", grad.strides());
   const c10::cuda::CUDAGuard guard(grad.device());
-  at::Tensor grad_sums = at::empty({B, H, T, C, dim}, grad.options().dtype(at::kFloat));
   const int64_t threads = B * H * C * dim;
-  if (threads == 0 || T == 0) return grad_sums;
+  if (threads == 0 || T == 0) return;
   const unsigned blocks = static_cast<unsigned>((threads + SUM_THREADS - 1) / SUM_THREADS);
   auto stream = c10::cuda::getCurrentCUDAStream();
   FCL_DISPATCH_FLOAT(grad.scalar_type(), "older_past_means_backward", [&] {
-    older_past_means_backward_kernel<scalar_t><<<blocks, SUM_THREADS, 0, stream>>>(
-        grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2), counts.data_ptr<float>(), B * H,
-        static_cast<int>(T), static_cast<int>(C), static_cast<int>(dim), static_cast<int>(first),
-        grad_sums.data_ptr<float>());
+    auto launch = [&](auto* out_ptr) {
+      older_past_means_backward_kernel<<<blocks, SUM_THREADS, 0, stream>>>(
+          grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2), counts.data_ptr<float>(), B * H,
+          static_cast<int>(T), static_cast<int>(C), static_cast<int>(dim), static_cast<int>(first), out_ptr);
+    };
+    if (grad_sums.scalar_type() == at::kFloat) {
+      launch(grad_sums.data_ptr<float>());
+    } else {
+      launch(grad_sums.data_ptr<scalar_t>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return grad_sums;
 }
 
 void chunk_cluster_gather_add_cuda(const at::Tensor& grad_sums, const at::Tensor& clusters, int64_t window,

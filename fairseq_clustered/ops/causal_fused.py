@@ -130,17 +130,17 @@ def _summary_means(x: Tensor, clusters: Tensor, counts: Tensor, window: int, fir
 
 
 def summary_means_from_sums(sums: Tensor, counts: Tensor, first: int, width: int, dtype: torch.dtype) -> Tensor:
-    """:func:`_summary_means` from the per-chunk cluster sums ``(B, H, T, C, E)`` (fp32 for
-    the kernel) and the older-past ``counts (B, H, T, C)``."""
+    """:func:`_summary_means` from the per-chunk cluster sums ``(B, H, T, C, E)`` (fp32 or
+    ``dtype``; the prefix sums are fp32 either way) and the older-past ``counts (B, H, T, C)``."""
     batch, heads, chunks, num_clusters = counts.shape
     dim = sums.shape[-1]
     kernels = _kernels(sums)
-    if kernels is not None and sums.dtype == torch.float32:
+    if kernels is not None and sums.dtype in (torch.float32, dtype):
         block = sums.new_empty(batch * heads, chunks - first, num_clusters, width, dtype=dtype)
         kernels.older_past_means(sums.contiguous(), counts, first, block)  # writes every column
         return block
     block = sums.new_zeros(batch * heads, chunks - first, num_clusters, width, dtype=dtype)
-    means = _older_past(sums) / counts.clamp(min=1).unsqueeze(-1)
+    means = _older_past(sums.to(counts.dtype)) / counts.clamp(min=1).unsqueeze(-1)
     block[..., :dim] = means[:, :, first:].reshape(-1, *block.shape[1:3], dim)
     return block
 
@@ -153,7 +153,8 @@ def _add_summary_means_backward(grad_x: Tensor, grad_block: Tensor, clusters: Te
     dim = grad_x.shape[-1]
     kernels = _kernels(grad_block)
     if kernels is not None and counts.dtype == torch.float32:
-        grad_sums = kernels.older_past_means_backward(grad_block, counts, first, dim)
+        grad_sums = counts.new_empty(batch, heads, chunks, num_clusters, dim)
+        kernels.older_past_means_backward(grad_block, counts, first, grad_sums)
         kernels.chunk_cluster_gather_add(grad_sums, clusters.contiguous(), window, grad_x)
         return
     grad_means = counts.new_zeros(batch, heads, chunks, num_clusters, dim)

@@ -99,7 +99,7 @@ if triton is not None:
     def _chunk_cluster_sums(K, V, CLUSTERS, SUMS_K, SUMS_V, COUNTS, length, num_chunks, num_clusters,
                             WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
         """Program (chunk t, group g): the sums of the chunk's keys and values per cluster,
-        ``(G, T, C, DIM)`` fp32, and the member counts ``(G, C, T)`` fp32, as one-hot matrix
+        ``(G, T, C, DIM)`` in SUMS' dtype, and the member counts ``(G, C, T)`` fp32, as one-hot matrix
         products (exact products, fp32 accumulation in a fixed order: reproducible)."""
         chunk = tl.program_id(0)
         group = tl.program_id(1).to(tl.int64)
@@ -115,8 +115,8 @@ if triton is not None:
         slot_ok = slots < num_clusters
         first_slot = (group * num_chunks + chunk) * num_clusters
         out = (first_slot + slots[:, None]) * DIM + feats[None, :]
-        tl.store(SUMS_K + out, tl.dot(members.to(k.dtype), k), mask=slot_ok[:, None])
-        tl.store(SUMS_V + out, tl.dot(members.to(v.dtype), v), mask=slot_ok[:, None])
+        tl.store(SUMS_K + out, tl.dot(members.to(k.dtype), k).to(SUMS_K.dtype.element_ty), mask=slot_ok[:, None])
+        tl.store(SUMS_V + out, tl.dot(members.to(v.dtype), v).to(SUMS_V.dtype.element_ty), mask=slot_ok[:, None])
         tl.store(COUNTS + (group * num_clusters + slots) * num_chunks + chunk, tl.sum(members.to(tl.float32), 1),
                  mask=slot_ok)
 
@@ -246,7 +246,7 @@ if triton is not None:
                                   HAS_SUMMARIES: tl.constexpr):
         """Program (p, group g), p = j W / ROWS + s: dk, dv of ROWS keys of chunk j (its s-th
         slice) from the queries of chunks j (causally) and j + 1, plus, with summaries, the
-        gradient of each key's (chunk, cluster) sum: GRAD_SUMS_K / _V (G, T, C, DIM) fp32,
+        gradient of each key's (chunk, cluster) sum: GRAD_SUMS_K / _V (G, T, C, DIM),
         CLUSTERS (G, N) int64."""
         chunk = tl.program_id(0) // (WINDOW // ROWS)
         group = tl.program_id(1).to(tl.int64)
@@ -326,7 +326,9 @@ def _summaries(key: Tensor, value: Tensor, clusters: Tensor, window: int, num_cl
     ``(B, H, T, C)`` fp32 and the mean keys and values ``(G, T - 2, C, D)`` in the input dtype."""
     batch, heads, length, dim = key.shape
     chunks = -(-length // window)
-    sums_k = torch.empty(batch, heads, chunks, num_clusters, dim, dtype=torch.float32, device=key.device)
+    # Chunk sums in the input dtype (fp32 sums of <= W members, rounded once); the prefix
+    # over chunks is summed in fp32 by the means kernel.
+    sums_k = key.new_empty(batch, heads, chunks, num_clusters, dim)
     sums_v = torch.empty_like(sums_k)
     # Counts per (cluster, chunk): the prefix over chunks is then a scan along the last,
     # contiguous dim (a scan along an outer dim took 0.2 ms at 64k).
@@ -417,11 +419,13 @@ def causal_triton_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tenso
 
 def _chunk_sum_grads(grad_block: Tensor, counts: Tensor) -> Tensor:
     """Adjoint of the prefix means: ``grad_block (G, T - 2, C, D)`` -> the gradient of every
-    per-(chunk, cluster) sum, ``(B, H, T, C, D)`` fp32."""
+    per-(chunk, cluster) sum, ``(B, H, T, C, D)`` (grad_block's dtype on CUDA, fp32 here)."""
     batch, heads, chunks, num_clusters = counts.shape
     kernels = _kernels(grad_block)
-    if kernels is not None:
-        return kernels.older_past_means_backward(grad_block, counts, 2, grad_block.shape[-1])
+    if kernels is not None:  # in the input dtype, like the flash path's summary gradients
+        grad_sums = grad_block.new_empty(batch, heads, chunks, num_clusters, grad_block.shape[-1])
+        kernels.older_past_means_backward(grad_block, counts, 2, grad_sums)
+        return grad_sums
     # Without the extension (Triton's interpreter in the CPU tests): the same in torch.
     dim = grad_block.shape[-1]
     grad_means = counts.new_zeros(batch, heads, chunks, num_clusters, dim)
