@@ -422,8 +422,11 @@ def _chunk_sum_grads(grad_block: Tensor, counts: Tensor) -> Tensor:
     per-(chunk, cluster) sum, ``(B, H, T, C, D)`` (grad_block's dtype on CUDA, fp32 here)."""
     batch, heads, chunks, num_clusters = counts.shape
     kernels = _kernels(grad_block)
-    if kernels is not None:  # in the input dtype, like the flash path's summary gradients
-        grad_sums = grad_block.new_empty(batch, heads, chunks, num_clusters, grad_block.shape[-1])
+    if kernels is not None:
+        # bf16 halves the traffic of these sums; fp16 keeps fp32, since a suffix sum over
+        # hundreds of chunks of loss-scaled gradients can leave fp16's range.
+        dtype = torch.bfloat16 if grad_block.dtype == torch.bfloat16 else torch.float32
+        grad_sums = grad_block.new_empty(batch, heads, chunks, num_clusters, grad_block.shape[-1], dtype=dtype)
         kernels.older_past_means_backward(grad_block, counts, 2, grad_sums)
         return grad_sums
     # Without the extension (Triton's interpreter in the CPU tests): the same in torch.
