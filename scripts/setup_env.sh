@@ -31,11 +31,15 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     echo "[setup] installing $(pin torch) (CPU build where no CUDA torch is present)"
     "${PIP[@]}" "$(pin torch)"
 fi
+if ! "$VENV/bin/python" -c "import triton" >/dev/null 2>&1; then
+    echo "[setup] installing $(pin triton) (its interpreter runs the Triton kernels in the CPU tests)"
+    "${PIP[@]}" "$(pin triton)"
+fi
 echo "[setup] installing fairseq's build requirements"
 "${PIP[@]}" "$(pin numpy)" "$(pin cython)" setuptools wheel
 echo "[setup] installing fairseq-fixed (built from source once, about 3 minutes) and the other pins"
 # --no-build-isolation: otherwise pip pulls a multi-GB CUDA torch into fairseq's build env.
-grep -vE '^(#|torch==|$)' requirements.txt > "$VENV/requirements-rest.txt"
+grep -vE '^(#|torch==|triton==|$)' requirements.txt > "$VENV/requirements-rest.txt"
 "${PIP[@]}" --no-build-isolation -r "$VENV/requirements-rest.txt"
 echo "[setup] installing fairseq-clustered (editable; builds the CUDA kernels where CUDA torch and nvcc exist)"
 "${PIP[@]}" --no-build-isolation --no-deps -e .
