@@ -121,10 +121,34 @@ if triton is not None:
                  mask=slot_ok)
 
     @triton.jit
-    def _log_count(COUNTS, group, chunk, num_chunks, num_clusters, slots, slot_ok):
-        """``log n`` of the chunk's summaries (``-inf`` for empty clusters and absent slots)."""
+    def _summary_block(SUM_K, SUM_V, COUNTS, q, group, chunk, num_chunks, num_clusters, qk_scale,
+                       BLOCK_C: tl.constexpr, DIM: tl.constexpr):
+        """Chunk t's summaries: values and keys (BLOCK_C, DIM), base-2 logits of ``q`` with the
+        ``log n`` offsets (-inf for empty clusters and absent slots), the block's element
+        offsets in SUM_K / SUM_V (G, T - 2, C, DIM), and which slots are clusters."""
+        slots = tl.arange(0, BLOCK_C)
+        slot_ok = slots < num_clusters
+        first_slot = (group * (num_chunks - 2) + chunk - 2) * num_clusters
+        tile = (first_slot + slots[:, None]) * DIM + tl.arange(0, DIM)[None, :]
+        keys = tl.load(SUM_K + tile, mask=slot_ok[:, None], other=0.0)
+        values = tl.load(SUM_V + tile, mask=slot_ok[:, None], other=0.0)
         count = tl.load(COUNTS + (group * num_chunks + chunk) * num_clusters + slots, mask=slot_ok, other=0.0)
-        return tl.log(count)  # log(0) = -inf: weight exp(-inf) = 0
+        # log(0) = -inf: weight exp(-inf) = 0.
+        logits = tl.dot(q, tl.trans(keys)) * qk_scale + tl.log(count)[None, :] * 1.4426950408889634
+        return values, keys, logits, tile, slot_ok
+
+    @triton.jit
+    def _program_tiles(length, WINDOW: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr):
+        """For program (p, g) of a kernel that gives each program a ROWS-row slice of a chunk:
+        its chunk, group, the group's offset in (G, N, DIM) tensors, the slice's positions
+        (ROWS,), the chunk's positions (WINDOW,), and both as (.., DIM) element offsets."""
+        chunk = tl.program_id(0) // (WINDOW // ROWS)
+        group = tl.program_id(1).to(tl.int64)
+        part = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        whole = chunk * WINDOW + tl.arange(0, WINDOW)
+        feats = tl.arange(0, DIM)
+        return (chunk, group, group * length * DIM, part, whole, part[:, None] * DIM + feats[None, :],
+                whole[:, None] * DIM + feats[None, :])
 
     @triton.jit
     def _window_attention_fwd(Q, K, V, SUM_K, SUM_V, COUNTS, OUT, LSE,
@@ -137,15 +161,8 @@ if triton is not None:
         Q, K, V, OUT: (G, N, DIM) contiguous. SUM_K, SUM_V: (G, T - 2, C, DIM); COUNTS:
         (G, T, C) fp32 members of chunks 0 .. t - 2. LSE: (G, T W) fp32. qk_scale = scale log2(e).
         """
-        chunk = tl.program_id(0) // (WINDOW // ROWS)
-        group = tl.program_id(1).to(tl.int64)
-        base = group * length * DIM
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = chunk * WINDOW + tl.arange(0, WINDOW)
-        feats = tl.arange(0, DIM)
+        chunk, group, base, rows, cols, row_tile, col_tile = _program_tiles(length, WINDOW, ROWS, DIM)
         row_ok, col_ok = rows < length, cols < length
-        row_tile = rows[:, None] * DIM + feats[None, :]
-        col_tile = cols[:, None] * DIM + feats[None, :]
         q = tl.load(Q + base + row_tile, mask=row_ok[:, None], other=0.0)
 
         # Own chunk, causally: the diagonal makes every row's max finite.
@@ -164,15 +181,9 @@ if triton is not None:
             acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, tl.dot(q, tl.trans(k)) * qk_scale, v)
 
         if chunk > 1:  # summaries of chunks 0 .. t - 2
-            slots = tl.arange(0, BLOCK_C)
-            slot_ok = slots < num_clusters
-            first_slot = (group * (num_chunks - 2) + chunk - 2) * num_clusters
-            summary_tile = (first_slot + slots[:, None]) * DIM + feats[None, :]
             # (Names of their own: Triton wants a variable's shape the same on both sides of an if.)
-            summary_k = tl.load(SUM_K + summary_tile, mask=slot_ok[:, None], other=0.0)
-            summary_v = tl.load(SUM_V + summary_tile, mask=slot_ok[:, None], other=0.0)
-            offset = _log_count(COUNTS, group, chunk, num_chunks, num_clusters, slots, slot_ok)
-            summary_logits = tl.dot(q, tl.trans(summary_k)) * qk_scale + offset[None, :] * 1.4426950408889634
+            summary_v, _, summary_logits, _, _ = _summary_block(SUM_K, SUM_V, COUNTS, q, group, chunk, num_chunks,
+                                                                num_clusters, qk_scale, BLOCK_C, DIM)
             acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, summary_logits, summary_v)
 
         out = acc / row_sum[:, None]
@@ -221,14 +232,8 @@ if triton is not None:
             grad_q += tl.dot(grad_logits.to(k.dtype), k)
 
         if chunk > 1:
-            slots = tl.arange(0, BLOCK_C)
-            slot_ok = slots < num_clusters
-            first_slot = (group * (num_chunks - 2) + chunk - 2) * num_clusters
-            summary_tile = (first_slot + slots[:, None]) * DIM + feats[None, :]
-            summary_k = tl.load(SUM_K + summary_tile, mask=slot_ok[:, None], other=0.0)
-            summary_v = tl.load(SUM_V + summary_tile, mask=slot_ok[:, None], other=0.0)
-            offset = _log_count(COUNTS, group, chunk, num_chunks, num_clusters, slots, slot_ok)
-            summary_logits = tl.dot(q, tl.trans(summary_k)) * qk_scale + offset[None, :] * 1.4426950408889634
+            summary_v, summary_k, summary_logits, summary_tile, slot_ok = _summary_block(
+                SUM_K, SUM_V, COUNTS, q, group, chunk, num_chunks, num_clusters, qk_scale, BLOCK_C, DIM)
             summary_probs = tl.where(row_ok[:, None], tl.exp2(summary_logits - lse2[:, None]), 0.0)
             summary_grad_logits = summary_probs * (tl.dot(grad_out, tl.trans(summary_v)) - delta[:, None])
             grad_q += tl.dot(summary_grad_logits.to(summary_k.dtype), summary_k)
@@ -248,15 +253,10 @@ if triton is not None:
         slice) from the queries of chunks j (causally) and j + 1, plus, with summaries, the
         gradient of each key's (chunk, cluster) sum: GRAD_SUMS_K / _V (G, T, C, DIM),
         CLUSTERS (G, N) int64."""
-        chunk = tl.program_id(0) // (WINDOW // ROWS)
-        group = tl.program_id(1).to(tl.int64)
-        base = group * length * DIM
-        keys = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        rows = chunk * WINDOW + tl.arange(0, WINDOW)  # queries of the same chunk
+        # keys: this program's slice; rows: the queries of the same chunk.
+        chunk, group, base, keys, rows, key_tile, row_tile = _program_tiles(length, WINDOW, ROWS, DIM)
         feats = tl.arange(0, DIM)
         key_ok, row_ok = keys < length, rows < length
-        key_tile = keys[:, None] * DIM + feats[None, :]
-        row_tile = rows[:, None] * DIM + feats[None, :]
         k = tl.load(K + base + key_tile, mask=key_ok[:, None], other=0.0)
         v = tl.load(V + base + key_tile, mask=key_ok[:, None], other=0.0)
 
