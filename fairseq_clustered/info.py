@@ -17,7 +17,7 @@ def _version(package: str) -> str:
 def report() -> str:
     import torch
 
-    from .ops import cuda_backend
+    from .ops import _triton, cuda_backend
 
     lines = [
         f"python            {platform.python_version()} ({sys.executable})",
@@ -26,6 +26,8 @@ def report() -> str:
         f"CUDA device       {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
         f"fairseq           {_version('fairseq-fixed') if _version('fairseq-fixed') != 'not installed' else _version('fairseq')}",
         f"fairseq-clustered {_version('fairseq-clustered')}",
+        f"triton            {_triton.triton.__version__ if _triton.MISSING is None else _triton.MISSING}"
+        + ("" if _triton.MISSING is None else " (the Triton kernels step aside for the CUDA / flash ones)"),
         "kernels:",
     ]
     for name, where in cuda_backend.status().items():

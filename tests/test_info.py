@@ -15,6 +15,10 @@ def test_info_lists_versions_and_every_kernel():
     )
     assert f"torch             {torch.__version__}" in result.stdout
     assert "fairseq " in result.stdout
+    from fairseq_clustered.ops import _triton
+
+    expected = _triton.triton.__version__ if _triton.MISSING is None else "triton is not importable"
+    assert any(line.startswith("triton ") and expected in line for line in result.stdout.splitlines())
     for name in cuda_backend.KERNELS:
         line = next(line for line in result.stdout.splitlines() if line.strip().startswith(name))
         assert line.split(None, 1)[1].startswith(("cuda", "reference only (")), line
