@@ -57,7 +57,7 @@ if has sanitize; then
       select="(hash or lloyd or edge or improved_gpu or dropout) and not fp16 and not fp32 and not 133"
     fi
     FCL_SANITIZE=1 timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool $tool --print-limit 20 \
-      $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py tests/test_causal_fused.py \
+      $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py tests/test_causal_fused.py tests/test_causal_triton.py \
       -k "($select) or kernel_matches" >"$OUT/sanitize_$tool.log" 2>&1
     rc=$?
     grep -E "ERROR SUMMARY|passed|failed|error" "$OUT/sanitize_$tool.log" | tail -5
