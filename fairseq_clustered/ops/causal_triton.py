@@ -50,10 +50,8 @@ from ._triton import MISSING as _TRITON_MISSING
 from ._triton import tl, triton
 from .custom_ops import LIBRARY
 
+__all__ = ["triton_path_unavailable", "causal_clustered_attention_triton"]
 
-__all__ = ["triton_path_unavailable", "causal_clustered_attention_triton", "TRITON_DTYPES"]
-
-TRITON_DTYPES = (torch.float16, torch.bfloat16)
 MIN_BLOCK, MAX_BLOCK = 16, 128  # tensor-core tiles need >= 16; > 128 spills registers
 MAX_CLUSTERS = 256
 LOG2E = 1.4426950408889634
