@@ -148,16 +148,16 @@ def make_methods(args, planes):
         return causal_clustered_attention(q, k, v, window=args.window, num_clusters=args.clusters,
                                           iterations=args.iterations, bits=args.bits, planes=planes)
 
+    def key_clusters(k):
+        return causal_key_clusters(k.detach(), window=args.window, num_clusters=args.clusters,
+                                   iterations=args.iterations, bits=args.bits, planes=planes)
+
     def causal_flash_parts(q, k, v):
-        clusters = causal_key_clusters(k.detach(), window=args.window, num_clusters=args.clusters,
-                                       iterations=args.iterations, bits=args.bits, planes=planes)
-        return causal_fused.causal_clustered_attention_fused(q, k, v, clusters, args.window, args.clusters,
+        return causal_fused.causal_clustered_attention_fused(q, k, v, key_clusters(k), args.window, args.clusters,
                                                              q.shape[-1] ** -0.5)
 
     def causal_reference(q, k, v):
-        clusters = causal_key_clusters(k.detach(), window=args.window, num_clusters=args.clusters,
-                                       iterations=args.iterations, bits=args.bits, planes=planes)
-        out, _ = causal_ops.causal_clustered_attention_fwd(q, k, v, clusters, None, None, args.window,
+        out, _ = causal_ops.causal_clustered_attention_fwd(q, k, v, key_clusters(k), None, None, args.window,
                                                            args.clusters, q.shape[-1] ** -0.5, 0.0)
         return out
 

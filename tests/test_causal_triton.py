@@ -18,19 +18,14 @@ from fairseq_clustered.ops import causal_clustered_attention, causal_key_cluster
 from fairseq_clustered.ops import causal_triton
 
 from test_causal import leaks, random_inputs
+from test_causal_fused import output_and_grads
+from test_cuda_kernels import assert_codes_match_up_to_rounding
 
 interpreted = pytest.mark.skipif(
     causal_triton.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
     reason="CPU checks of the Triton kernels need triton and its interpreter (TRITON_INTERPRET=1, set by "
            "conftest.py without a GPU); on a GPU test_causal_fused.py checks the compiled kernels",
 )
-
-
-def output_and_grads(attention, tensors, grad_out):
-    inputs = [x.detach().clone().requires_grad_() for x in tensors]
-    out = attention(*inputs)
-    out.backward(grad_out)
-    return [out.detach()] + [x.grad for x in inputs]
 
 
 @interpreted
@@ -107,16 +102,6 @@ def test_triton_path_reasons_off_cuda():
 
 
 # ------------------------------------------------------------------ tensor-core hashing
-
-
-def assert_codes_match_up_to_rounding(codes, expected, x, planes, offsets):
-    """Bits may differ only where the projection is within rounding of the threshold."""
-    bits = planes.shape[0]
-    projections = x.double() @ planes.double().t() - offsets.double()
-    differ = (((codes ^ expected).unsqueeze(-1) >> torch.arange(bits, device=codes.device)) & 1).bool()
-    assert (projections.abs()[differ] < 1e-4).all()
-    assert differ.sum() <= codes.numel() * bits * 1e-4
-    assert (codes >= 0).all() and (codes >> bits == 0).all()  # no bit beyond the used ones
 
 
 def hash_inputs(bits, dim, n, dtype, device):

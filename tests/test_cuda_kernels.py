@@ -359,6 +359,16 @@ def test_dropout_gpu(variant):
         assert max_err(x, y) < 1e-4
 
 
+def assert_codes_match_up_to_rounding(codes, expected, x, planes, offsets):
+    """Bits may differ only where the projection is within rounding of the threshold."""
+    bits = planes.shape[0]
+    projections = x.double() @ planes.double().t() - offsets.double()
+    differ = (((codes ^ expected).unsqueeze(-1) >> torch.arange(bits, device=codes.device)) & 1).bool()
+    assert (projections.abs()[differ] < 1e-4).all()
+    assert differ.sum() <= codes.numel() * bits * 1e-4
+    assert (codes >= 0).all() and (codes >> bits == 0).all()  # no bit beyond the used ones
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_hash_gpu(dtype):
@@ -367,12 +377,7 @@ def test_hash_gpu(dtype):
     planes = torch.randn(63, 64, device="cuda")
     offsets = torch.randn(63, device="cuda") * 0.1
     codes = custom_ops.hash_codes(q, planes, offsets)
-    ref = reference.hash_codes_ref(q, planes, offsets)
-    # Bits may differ only where the projection is within rounding of the threshold.
-    proj = q.double() @ planes.double().t() - offsets.double()
-    diff = ((codes ^ ref).unsqueeze(-1) >> torch.arange(63, device="cuda")) & 1
-    assert (proj.abs()[diff.bool()] < 1e-4).all()
-    assert (diff.sum() <= codes.numel() * 63 * 1e-4)
+    assert_codes_match_up_to_rounding(codes, reference.hash_codes_ref(q, planes, offsets), q, planes, offsets)
 
 
 @needs_gpu

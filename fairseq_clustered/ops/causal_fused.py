@@ -145,24 +145,35 @@ def summary_means_from_sums(sums: Tensor, counts: Tensor, first: int, width: int
     return block
 
 
+def summary_sum_grads(grad_block: Tensor, counts: Tensor, first: int, dim: int,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """Adjoint of :func:`summary_means_from_sums`: ``grad_block (B H, T - first, C, >= dim)``
+    -> the gradient of every per-(chunk, cluster) sum, ``(B, H, T, C, dim)``; in ``dtype``
+    from the kernel (CUDA, fp32 ``counts``), in ``counts``' dtype otherwise."""
+    batch, heads, chunks, num_clusters = counts.shape
+    kernels = _kernels(grad_block)
+    if kernels is not None and counts.dtype == torch.float32:
+        grad_sums = counts.new_empty(batch, heads, chunks, num_clusters, dim, dtype=dtype)
+        kernels.older_past_means_backward(grad_block, counts, first, grad_sums)
+        return grad_sums
+    grad_means = counts.new_zeros(batch, heads, chunks, num_clusters, dim)
+    grad_means[:, :, first:] = grad_block[..., :dim].reshape(batch, heads, chunks - first, num_clusters, dim)
+    return _older_past_adjoint(grad_means / counts.clamp(min=1).unsqueeze(-1))
+
+
 def _add_summary_means_backward(grad_x: Tensor, grad_block: Tensor, clusters: Tensor, counts: Tensor,
                                 window: int, first: int) -> None:
     """Adjoint of :func:`_summary_means`, added into ``grad_x (B, H, N, E)`` (contiguous, in
     ``counts``' dtype) from ``grad_block (B H, T - first, C, >= E)``."""
-    batch, heads, chunks, num_clusters = counts.shape
-    dim = grad_x.shape[-1]
+    chunks, dim = counts.shape[2], grad_x.shape[-1]
+    grad_sums = summary_sum_grads(grad_block, counts, first, dim)
     kernels = _kernels(grad_block)
     if kernels is not None and counts.dtype == torch.float32:
-        grad_sums = counts.new_empty(batch, heads, chunks, num_clusters, dim)
-        kernels.older_past_means_backward(grad_block, counts, first, grad_sums)
         kernels.chunk_cluster_gather_add(grad_sums, clusters.contiguous(), window, grad_x)
         return
-    grad_means = counts.new_zeros(batch, heads, chunks, num_clusters, dim)
-    grad_means[:, :, first:] = grad_block[..., :dim].reshape(batch, heads, chunks - first, num_clusters, dim)
-    grad_sums = _older_past_adjoint(grad_means / counts.clamp(min=1).unsqueeze(-1))
     # Every member key receives the gradient of its (chunk, cluster) sum.
     grad = _gather_clusters(grad_sums, _pad_to_chunks(clusters, chunks, window, value=-1))
-    grad_x += grad.reshape(batch, heads, chunks * window, dim)[:, :, : clusters.shape[2]]
+    grad_x += grad.reshape(*grad_x.shape[:2], chunks * window, dim)[:, :, : clusters.shape[2]]
 
 
 def _split_exactly(x: Tensor, dtype: torch.dtype) -> Tensor:

@@ -44,8 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .causal import _older_past_adjoint
-from .causal_fused import _kernels, fused_path_unavailable, summary_means_from_sums
+from .causal_fused import fused_path_unavailable, summary_means_from_sums, summary_sum_grads
 from ._triton import MISSING as _TRITON_MISSING
 from ._triton import tl, triton
 from .custom_ops import LIBRARY
@@ -417,21 +416,11 @@ def causal_triton_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tenso
 
 def _chunk_sum_grads(grad_block: Tensor, counts: Tensor) -> Tensor:
     """Adjoint of the prefix means: ``grad_block (G, T - 2, C, D)`` -> the gradient of every
-    per-(chunk, cluster) sum, ``(B, H, T, C, D)`` (grad_block's dtype on CUDA, fp32 here)."""
-    batch, heads, chunks, num_clusters = counts.shape
-    kernels = _kernels(grad_block)
-    if kernels is not None:
-        # bf16 halves the traffic of these sums; fp16 keeps fp32, since a suffix sum over
-        # hundreds of chunks of loss-scaled gradients can leave fp16's range.
-        dtype = torch.bfloat16 if grad_block.dtype == torch.bfloat16 else torch.float32
-        grad_sums = grad_block.new_empty(batch, heads, chunks, num_clusters, grad_block.shape[-1], dtype=dtype)
-        kernels.older_past_means_backward(grad_block, counts, 2, grad_sums)
-        return grad_sums
-    # Without the extension (Triton's interpreter in the CPU tests): the same in torch.
-    dim = grad_block.shape[-1]
-    grad_means = counts.new_zeros(batch, heads, chunks, num_clusters, dim)
-    grad_means[:, :, 2:] = grad_block.reshape(batch, heads, chunks - 2, num_clusters, dim)
-    return _older_past_adjoint(grad_means / counts.clamp(min=1).unsqueeze(-1)).contiguous()
+    per-(chunk, cluster) sum, ``(B, H, T, C, D)``, contiguous for the key kernel."""
+    # bf16 halves the traffic of these sums; fp16 keeps fp32, since a suffix sum over
+    # hundreds of chunks of loss-scaled gradients can leave fp16's range.
+    dtype = torch.bfloat16 if grad_block.dtype == torch.bfloat16 else torch.float32
+    return summary_sum_grads(grad_block, counts, 2, grad_block.shape[-1], dtype).contiguous()
 
 
 @causal_triton_bwd.register_fake
