@@ -14,7 +14,6 @@ Usage: python benchmarks/distributed_compare.py ws1.log ws2.log [--csv out.csv]
 import argparse
 import json
 import re
-import statistics
 import sys
 
 
@@ -28,6 +27,14 @@ def train_records(path):
     if not records:
         raise SystemExit(f"{path}: no train_inner records (was it run with --log-format json --log-interval 1?)")
     return records
+
+
+def words_per_second(records):
+    """Total target words over total time of ``records``; an update lasts 1 / ups seconds."""
+    if not records:
+        raise SystemExit("no updates left after the warm-up: raise --max-update or lower --warmup")
+    records = [r for r in records if float(r["ups"]) > 0]  # fairseq logs 0 before a first interval
+    return sum(float(r["wpb"]) for r in records) / sum(1 / float(r["ups"]) for r in records)
 
 
 def main() -> int:
@@ -51,8 +58,9 @@ def main() -> int:
             worst = max(worst, diff)
         rows.append((update, loss_a, loss_b, diff, float(a["wps"]), float(b["wps"])))
         print(f"{update:>6} {loss_a:>11.4f} {loss_b:>12.4f} {diff:>9.4f}")
-    wps = [statistics.median(r[i] for r in rows[args.warmup:]) for i in (4, 5)]
-    print(f"\nthroughput (median wps after {args.warmup} updates): 1 GPU {wps[0]:.0f}, "
+    # Per-update wps swings with batch shapes; words over time weighs each update by its length.
+    wps = [words_per_second(log[args.warmup:len(rows)]) for log in (single, double)]
+    print(f"\nthroughput (target words per second after {args.warmup} updates): 1 GPU {wps[0]:.0f}, "
           f"2 GPUs {wps[1]:.0f}, scaling {wps[1] / wps[0]:.2f}x")
     if args.csv:
         with open(args.csv, "w") as out:

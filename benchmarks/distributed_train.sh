@@ -5,6 +5,7 @@
 #
 # Run on a machine with >= 2 GPUs, from the repository root:
 #   bash benchmarks/distributed_train.sh [OUT_DIR]
+#   PREBUILT=1 MAX_UPDATE=200 MAX_TOKENS=32768 bash benchmarks/distributed_train.sh   # extension already built
 # fairseq must be importable; on the lent GPU machines it travels as cp312 wheels
 # in .whl/ (scripts/gpu_wheels.sh), installed by benchmarks/gpu_fairseq_env.sh.
 # Prints the per-update losses of both runs, the throughput scaling, and exits
@@ -15,7 +16,9 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONUNBUFFERED=1
 OUT_DIR=${1:-${OUT:-/tmp/fairseq_clustered_distributed}}
 WORK=${WORK:-/tmp/fairseq_clustered_distributed_work}
-MAX_UPDATE=${MAX_UPDATE:-40}
+MAX_UPDATE=${MAX_UPDATE:-200}
+MAX_TOKENS=${MAX_TOKENS:-16384}  # per GPU and micro-batch
+WARMUP=${WARMUP:-20}  # updates left out of the throughput
 mkdir -p "$OUT_DIR" "$WORK"
 
 if ! python3 -c "import fairseq" 2>/dev/null; then
@@ -25,8 +28,11 @@ fi
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 [ "$gpus" -ge 2 ] || { echo "need at least 2 GPUs, found $gpus" >&2; exit 2; }
 
-echo "== building the CUDA kernels"
-OUT="$OUT_DIR" STAGES=build PYTHON=python3 bash benchmarks/gpu_check.sh || { echo "build failed" >&2; exit 2; }
+# PREBUILT=1 uses an extension already built for this machine (carried with the run).
+if [ "${PREBUILT:-0}" != 1 ]; then
+    echo "== building the CUDA kernels"
+    OUT="$OUT_DIR" STAGES=build PYTHON=python3 bash benchmarks/gpu_check.sh || { echo "build failed" >&2; exit 2; }
+fi
 python3 -m fairseq_clustered.info | tee "$OUT_DIR/info.txt"
 grep -q "clustered_attention_fwd *cuda" "$OUT_DIR/info.txt" || { echo "CUDA kernels did not load" >&2; exit 2; }
 
@@ -47,7 +53,7 @@ train() {  # world_size update_freq
         --max-source-positions 1024 --max-target-positions 1024 \
         --optimizer adam --adam-betas '(0.9,0.98)' --lr 5e-4 --lr-scheduler inverse_sqrt \
         --warmup-updates 10 --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
-        --dropout 0.0 --attention-dropout 0.0 --max-tokens 16384 --fp16 \
+        --dropout 0.0 --attention-dropout 0.0 --max-tokens "$MAX_TOKENS" --fp16 \
         --distributed-world-size "$world" --update-freq "$freq" --seed 1 \
         --max-update "$MAX_UPDATE" --no-save --disable-validation --num-workers 2 \
         --log-format json --log-interval 1 > "$OUT_DIR/train_ws$world.log" 2>&1 \
@@ -57,4 +63,4 @@ train() {  # world_size update_freq
 train 1 2
 train 2 1
 python3 benchmarks/distributed_compare.py "$OUT_DIR/train_ws1.log" "$OUT_DIR/train_ws2.log" \
-    --csv "$OUT_DIR/distributed.csv" | tee "$OUT_DIR/distributed.txt"
+    --warmup "$WARMUP" --csv "$OUT_DIR/distributed.csv" | tee "$OUT_DIR/distributed.txt"
