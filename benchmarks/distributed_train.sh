@@ -6,6 +6,7 @@
 # Run on a machine with >= 2 GPUs, from the repository root:
 #   bash benchmarks/distributed_train.sh [OUT_DIR]
 #   PREBUILT=1 MAX_UPDATE=200 MAX_TOKENS=32768 bash benchmarks/distributed_train.sh   # extension already built
+#   ATTENTION=full bash benchmarks/distributed_train.sh OUT_FULL   # the same with exact attention
 # fairseq must be importable; on the lent GPU machines it travels as cp312 wheels
 # in .whl/ (scripts/gpu_wheels.sh), installed by benchmarks/gpu_fairseq_env.sh.
 # Prints the per-update losses of both runs, the throughput scaling, and exits
@@ -19,6 +20,7 @@ WORK=${WORK:-/tmp/fairseq_clustered_distributed_work}
 MAX_UPDATE=${MAX_UPDATE:-200}
 MAX_TOKENS=${MAX_TOKENS:-16384}  # per GPU and micro-batch
 WARMUP=${WARMUP:-20}  # updates left out of the throughput
+ATTENTION=${ATTENTION:-improved}  # encoder self-attention: improved, clustered, or full (fairseq's, a baseline)
 mkdir -p "$OUT_DIR" "$WORK"
 
 if ! python3 -c "import fairseq" 2>/dev/null; then
@@ -48,7 +50,7 @@ train() {  # world_size update_freq
     local world=$1 freq=$2
     echo "== fairseq-train --distributed-world-size $world --update-freq $freq"
     python3 -m fairseq_cli.train "$WORK/bin" --user-dir fairseq_clustered \
-        --arch clustered_transformer --clustered-attention improved \
+        --arch clustered_transformer --clustered-attention "$ATTENTION" \
         --encoder-layers 4 --decoder-layers 2 \
         --max-source-positions 1024 --max-target-positions 1024 \
         --optimizer adam --adam-betas '(0.9,0.98)' --lr 5e-4 --lr-scheduler inverse_sqrt \
