@@ -12,17 +12,20 @@ padded feature columns. This module does the same in one pass: the program of ch
 * the ``C`` cluster summaries of chunks ``0 .. t - 2`` (``t >= 2``), whose logits get the
   offset ``log n_j`` added in fp32 (``-inf`` for an empty cluster, so it gets weight 0).
 
-The summaries: one more Triton kernel walks the chunks in order, adds each chunk's keys,
-values and member counts per cluster (one-hot matrix products) to running sums held in
-registers, and writes the means of chunks ``0 .. t - 2`` as it passes chunk ``t - 2``.
+The summaries: one more Triton kernel sums each chunk's keys, values and member counts per
+cluster as one-hot matrix products; the extension's prefix-mean kernel turns them into the
+means of chunks ``0 .. t - 2``. (One scan over the chunks with the running sums in
+registers would skip the fp32 sums in memory, but its chunk-after-chunk loop ran 2x
+slower: benchmarks/NOTES.md.)
 
 Backward (the joint softmax, ``P = exp(S - lse)``, ``dS = P (dP - rowsum(dO * O))``):
 
 * a query kernel, per chunk: ``dq`` over the three blocks, and the gradients of the
   chunk's summary keys and values, which no other chunk reads (so they are written, not
   accumulated, and the result is deterministic);
-* the summaries' gradients go back through the means to per-(chunk, cluster) sums: the
-  same scan, walking the chunks backwards;
+* the summaries' gradients go back through the prefix means to per-(chunk, cluster)
+  sums: a scan walking the chunks backwards (elementwise, 2x faster than the
+  extension's adjoint kernel);
 * a key kernel, per chunk ``j``: ``dk``, ``dv`` from the queries of chunks ``j``
   (causally) and ``j + 1``, plus the gradient of the (chunk, cluster) sum each key is a
   member of, written once in the input dtype.
@@ -41,9 +44,10 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .causal_fused import fused_path_unavailable
+from .causal_fused import fused_path_unavailable, summary_means_from_sums
 from ._triton import MISSING as _TRITON_MISSING
 from ._triton import tl, triton
 from .custom_ops import LIBRARY
@@ -92,50 +96,34 @@ if triton is not None:
         return acc, new_max, row_sum
 
     @triton.jit
-    def _summary_means_scan(K, V, CLUSTERS, MEAN_K, MEAN_V, COUNTS, length, num_chunks, num_clusters,
-                            WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr,
-                            BLOCK_D: tl.constexpr):
-        """Program (feature block f, group g): walks the chunks in order, adding each chunk's
-        keys and values per cluster (one-hot matrix products, fp32) to running sums held in
-        registers, and writes after chunk s the means that chunk s + 2 reads:
-        MEAN_K, MEAN_V (G, T - 2, C, DIM) in the input dtype, features f BLOCK_D ..; the
-        f = 0 program also writes COUNTS (G, T, C) fp32, the members of chunks 0 .. t - 2.
-
-        The sums never leave the chip: per-chunk sums in memory would be as large as the keys
-        and values themselves (C ~ W), in fp32."""
+    def _chunk_cluster_sums(K, V, CLUSTERS, SUMS_K, SUMS_V, COUNTS, length, num_chunks, num_clusters,
+                            WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
+        """Program (chunk t, group g): the sums of the chunk's keys and values per cluster,
+        ``(G, T, C, DIM)`` fp32, and the member counts ``(G, C, T)`` fp32, as one-hot matrix
+        products (exact products, fp32 accumulation in a fixed order: reproducible)."""
+        chunk = tl.program_id(0)
         group = tl.program_id(1).to(tl.int64)
-        feats = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+        rows = chunk * WINDOW + tl.arange(0, WINDOW)
+        feats = tl.arange(0, DIM)
+        row_ok = rows < length
+        tile = group * length * DIM + rows[:, None] * DIM + feats[None, :]
+        cluster = tl.load(CLUSTERS + group * length + rows, mask=row_ok, other=-1)
         slots = tl.arange(0, BLOCK_C)
+        members = slots[:, None] == cluster[None, :]  # (BLOCK_C, WINDOW); -1 matches no slot
+        k = tl.load(K + tile, mask=row_ok[:, None], other=0.0)
+        v = tl.load(V + tile, mask=row_ok[:, None], other=0.0)
         slot_ok = slots < num_clusters
-        writes_counts = slots < tl.where(tl.program_id(0) == 0, num_clusters, 0)  # program f = 0 only
-        # Chunks 0 and 1 read no summary: their counts are 0.
-        count_row = COUNTS + group * num_chunks * num_clusters + slots
-        tl.store(count_row, tl.zeros((BLOCK_C,), tl.float32), mask=writes_counts)
-        tl.store(count_row + num_clusters, tl.zeros((BLOCK_C,), tl.float32), mask=writes_counts)
-        sum_k = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-        sum_v = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-        count = tl.zeros((BLOCK_C,), tl.float32)
-        # Chunks 0 .. T - 3 are complete ((T - 2) W < N): no row masks.
-        for chunk in range(0, num_chunks - 2):
-            rows = chunk * WINDOW + tl.arange(0, WINDOW)
-            cluster = tl.load(CLUSTERS + group * length + rows)
-            members = slots[:, None] == cluster[None, :]  # (BLOCK_C, WINDOW); -1 matches no slot
-            tile = group * length * DIM + rows[:, None] * DIM + feats[None, :]
-            k = tl.load(K + tile)
-            v = tl.load(V + tile)
-            sum_k += tl.dot(members.to(k.dtype), k)
-            sum_v += tl.dot(members.to(v.dtype), v)
-            count += tl.sum(members.to(tl.float32), 1)
-            inverse = 1.0 / tl.maximum(count, 1.0)[:, None]  # an empty cluster's mean is 0
-            out = ((group * (num_chunks - 2) + chunk) * num_clusters + slots[:, None]) * DIM + feats[None, :]
-            tl.store(MEAN_K + out, (sum_k * inverse).to(MEAN_K.dtype.element_ty), mask=slot_ok[:, None])
-            tl.store(MEAN_V + out, (sum_v * inverse).to(MEAN_V.dtype.element_ty), mask=slot_ok[:, None])
-            tl.store(count_row + (chunk + 2) * num_clusters, count, mask=writes_counts)
+        first_slot = (group * num_chunks + chunk) * num_clusters
+        out = (first_slot + slots[:, None]) * DIM + feats[None, :]
+        tl.store(SUMS_K + out, tl.dot(members.to(k.dtype), k).to(SUMS_K.dtype.element_ty), mask=slot_ok[:, None])
+        tl.store(SUMS_V + out, tl.dot(members.to(v.dtype), v).to(SUMS_V.dtype.element_ty), mask=slot_ok[:, None])
+        tl.store(COUNTS + (group * num_clusters + slots) * num_chunks + chunk, tl.sum(members.to(tl.float32), 1),
+                 mask=slot_ok)
 
     @triton.jit
     def _summary_grads_scan(GRAD_MEAN_K, GRAD_MEAN_V, COUNTS, GRAD_SUMS_K, GRAD_SUMS_V, num_chunks,
                             num_clusters, BLOCK_C: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Adjoint of :func:`_summary_means_scan`, program (feature block f, group g): the
+        """Adjoint of the prefix means, program (feature block f, group g): the
         gradient of chunk s's per-cluster sums is the sum over its readers t >= s + 2 of
         grad_mean_t / max(n_t, 1), a scan walking the chunks backwards.
 
@@ -342,13 +330,13 @@ if triton is not None:
 
 
 # Launch shapes: warps per program; for the forward and key-gradient kernels the query
-# (key) rows per program (a slice of the chunk); for the two scans over chunks the features
-# per program and the pipeline depth of their loop (the attention kernels have no loops:
-# one stage). Chosen on an H100 at N = 64k, W = 128, D = 64 (benchmarks/NOTES.md);
+# (key) rows per program (a slice of the chunk); for the gradient scan the features per
+# program. One stage: the attention kernels have no loops, and deeper pipelines did not
+# change the scan's time. Chosen on an H100 at N = 64k, W = 128, D = 64 (benchmarks/NOTES.md);
 # windows below 128 use 4 warps.
 LAUNCH = {
-    "means_scan": {"num_warps": 4, "features": 16, "num_stages": 3},
-    "grads_scan": {"num_warps": 4, "features": 16, "num_stages": 3},
+    "sums": {"num_warps": 4},
+    "grads_scan": {"num_warps": 8, "features": 16},
     "fwd": {"num_warps": 4, "rows": 128},
     "bwd_query": {"num_warps": 8},
     "bwd_key": {"num_warps": 8, "rows": 128},
@@ -376,15 +364,21 @@ def _summaries(key: Tensor, value: Tensor, clusters: Tensor, window: int, num_cl
     ``(B, H, T, C)`` fp32 and the mean keys and values ``(G, T - 2, C, D)`` in the input dtype."""
     batch, heads, length, dim = key.shape
     chunks = -(-length // window)
-    counts = torch.empty(batch, heads, chunks, num_clusters, dtype=torch.float32, device=key.device)
-    means_k = key.new_empty(batch * heads, chunks - 2, num_clusters, dim)
-    means_v = torch.empty_like(means_k)
-    options = _launch("means_scan", window, dim)
-    _summary_means_scan[(dim // options["BLOCK_D"], batch * heads)](
-        key, value, clusters, means_k, means_v, counts, length, chunks, num_clusters,
-        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **options,
+    # fp32 sums: in the input dtype they took as long overall (H100, 64k: the means kernel
+    # read its 2-byte strided loads 0.15 ms slower than the sums kernel saved) and are rounded.
+    sums_k = torch.empty(batch, heads, chunks, num_clusters, dim, dtype=torch.float32, device=key.device)
+    sums_v = torch.empty_like(sums_k)
+    # Counts per (cluster, chunk): the prefix over chunks is then a scan along the last,
+    # contiguous dim (a scan along an outer dim took 0.2 ms at 64k).
+    chunk_counts = torch.empty(batch, heads, num_clusters, chunks, dtype=torch.float32, device=key.device)
+    _chunk_cluster_sums[(chunks, batch * heads)](
+        key, value, clusters, sums_k, sums_v, chunk_counts, length, chunks, num_clusters,
+        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **_launch("sums", window, dim),
     )
-    return counts, means_k, means_v
+    older = F.pad(chunk_counts.cumsum(-1), (2, 0))[..., :chunks]  # chunks 0 .. t - 2
+    counts = older.transpose(2, 3).contiguous()
+    return (counts, summary_means_from_sums(sums_k, counts, 2, dim, key.dtype),
+            summary_means_from_sums(sums_v, counts, 2, dim, value.dtype))
 
 
 def _empty(x: Tensor) -> Tensor:
