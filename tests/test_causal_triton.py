@@ -66,15 +66,6 @@ def test_triton_kernels_with_chunks_sliced_over_programs(monkeypatch):
 
 
 @interpreted
-@pytest.mark.parametrize("programs", [1, 24, 10_000])  # 4 groups x 2 feature blocks: 1, 3, 10 segments
-def test_triton_summaries_over_any_number_of_segments(monkeypatch, programs):
-    """The summaries' prefix over chunks in segments: one segment (pass 1 skipped), a few
-    segments of several chunks (the last one shorter), one chunk per segment."""
-    monkeypatch.setitem(causal_triton.LAUNCH, "means", {"num_warps": 4, "features": 16, "programs": programs})
-    test_triton_kernels_equal_the_reference(16 * 11 + 5, 16, 7, 32)
-
-
-@interpreted
 def test_triton_kernels_do_not_leak():
     n, window, num_clusters = 90, 16, 4
     q, k, v = random_inputs(1, 2, n, 16, seed=3)

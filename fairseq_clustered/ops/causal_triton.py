@@ -12,10 +12,11 @@ padded feature columns. This module does the same in one pass: the program of ch
 * the ``C`` cluster summaries of chunks ``0 .. t - 2`` (``t >= 2``), whose logits get the
   offset ``log n_j`` added in fp32 (``-inf`` for an empty cluster, so it gets weight 0).
 
-The summaries: the means of chunks ``0 .. t - 2`` are a prefix over chunks of per-cluster
-sums (one-hot matrix products of each chunk's keys and values, fp32), computed in two
-passes over segments of chunks so that no per-chunk sums go through memory: pass 1 sums
-each segment, pass 2 rescans each segment from the totals before it and writes the means.
+The summaries: one more Triton kernel sums each chunk's keys, values and member counts per
+cluster as one-hot matrix products; the extension's prefix-mean kernel turns them into the
+means of chunks ``0 .. t - 2``. (One scan over the chunks with the running sums in
+registers would skip the fp32 sums in memory, but its chunk-after-chunk loop ran 2x
+slower: benchmarks/NOTES.md.)
 
 Backward (the joint softmax, ``P = exp(S - lse)``, ``dS = P (dP - rowsum(dO * O))``):
 
@@ -43,9 +44,10 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .causal_fused import fused_path_unavailable
+from .causal_fused import fused_path_unavailable, summary_means_from_sums
 from ._triton import MISSING as _TRITON_MISSING
 from ._triton import tl, triton
 from .custom_ops import LIBRARY
@@ -94,84 +96,29 @@ if triton is not None:
         return acc, new_max, row_sum
 
     @triton.jit
-    def _add_chunk(K, V, CLUSTERS, group, chunk, length, slots, feats, sum_k, sum_v, count,
-                   WINDOW: tl.constexpr, DIM: tl.constexpr):
-        """Add one complete chunk's keys and values per cluster (one-hot matrix products,
-        fp32) and its member counts to the running ``sum_k``, ``sum_v`` (BLOCK_C, BLOCK_D)
-        and ``count`` (BLOCK_C,)."""
+    def _chunk_cluster_sums(K, V, CLUSTERS, SUMS_K, SUMS_V, COUNTS, length, num_chunks, num_clusters,
+                            WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
+        """Program (chunk t, group g): the sums of the chunk's keys and values per cluster,
+        ``(G, T, C, DIM)`` fp32, and the member counts ``(G, C, T)`` fp32, as one-hot matrix
+        products (exact products, fp32 accumulation in a fixed order: reproducible)."""
+        chunk = tl.program_id(0)
+        group = tl.program_id(1).to(tl.int64)
         rows = chunk * WINDOW + tl.arange(0, WINDOW)
-        cluster = tl.load(CLUSTERS + group * length + rows)
-        members = slots[:, None] == cluster[None, :]  # (BLOCK_C, WINDOW); -1 matches no slot
+        feats = tl.arange(0, DIM)
+        row_ok = rows < length
         tile = group * length * DIM + rows[:, None] * DIM + feats[None, :]
-        k = tl.load(K + tile)
-        v = tl.load(V + tile)
-        sum_k += tl.dot(members.to(k.dtype), k)
-        sum_v += tl.dot(members.to(v.dtype), v)
-        count += tl.sum(members.to(tl.float32), 1)
-        return sum_k, sum_v, count
-
-    @triton.jit
-    def _segment_cluster_sums(K, V, CLUSTERS, SEG_K, SEG_V, SEG_COUNTS, length, num_chunks, num_clusters,
-                              segment, WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
-        """Pass 1 of the summaries, program (feature block f, segment s, group g): the sums of
-        the keys and values per cluster over chunks ``s segment .. (s + 1) segment - 1`` (of
-        chunks 0 .. T - 3, the ones a summary covers): SEG_K, SEG_V (G, S, C, DIM) fp32, and
-        from f = 0 the member counts SEG_COUNTS (G, S, C) fp32."""
-        block, seg = tl.program_id(0), tl.program_id(1)
-        group = tl.program_id(2).to(tl.int64)
-        feats = block * BLOCK_D + tl.arange(0, BLOCK_D)
+        cluster = tl.load(CLUSTERS + group * length + rows, mask=row_ok, other=-1)
         slots = tl.arange(0, BLOCK_C)
-        sum_k = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-        sum_v = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-        count = tl.zeros((BLOCK_C,), tl.float32)
-        for chunk in range(seg * segment, tl.minimum((seg + 1) * segment, num_chunks - 2)):
-            sum_k, sum_v, count = _add_chunk(K, V, CLUSTERS, group, chunk, length, slots, feats, sum_k, sum_v,
-                                             count, WINDOW, DIM)
-        first_slot = (group * tl.num_programs(1) + seg) * num_clusters
+        members = slots[:, None] == cluster[None, :]  # (BLOCK_C, WINDOW); -1 matches no slot
+        k = tl.load(K + tile, mask=row_ok[:, None], other=0.0)
+        v = tl.load(V + tile, mask=row_ok[:, None], other=0.0)
+        slot_ok = slots < num_clusters
+        first_slot = (group * num_chunks + chunk) * num_clusters
         out = (first_slot + slots[:, None]) * DIM + feats[None, :]
-        slot_ok = slots < num_clusters
-        tl.store(SEG_K + out, sum_k, mask=slot_ok[:, None])
-        tl.store(SEG_V + out, sum_v, mask=slot_ok[:, None])
-        tl.store(SEG_COUNTS + first_slot + slots, count, mask=slots < tl.where(block == 0, num_clusters, 0))
-
-    @triton.jit
-    def _summary_means_scan(K, V, CLUSTERS, SEG_K, SEG_V, SEG_COUNTS, MEAN_K, MEAN_V, COUNTS,
-                            length, num_chunks, num_clusters, segment,
-                            WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr,
-                            BLOCK_D: tl.constexpr):
-        """Pass 2, program (feature block f, segment s, group g): starts from the totals of
-        segments 0 .. s - 1 (pass 1), walks its segment's chunks adding each to the running
-        sums, and after chunk c writes the means chunk c + 2 reads: MEAN_K, MEAN_V
-        (G, T - 2, C, DIM) in the input dtype, and from f = 0 the counts COUNTS (G, T, C)
-        fp32 of chunks 0 .. t - 2 (0 for t = 0, 1)."""
-        block, seg = tl.program_id(0), tl.program_id(1)
-        group = tl.program_id(2).to(tl.int64)
-        feats = block * BLOCK_D + tl.arange(0, BLOCK_D)
-        slots = tl.arange(0, BLOCK_C)
-        slot_ok = slots < num_clusters
-        writes_counts = slots < tl.where(block == 0, num_clusters, 0)
-        tile = slots[:, None] * DIM + feats[None, :]
-        sum_k = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-        sum_v = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-        count = tl.zeros((BLOCK_C,), tl.float32)
-        for earlier in range(0, seg):
-            first_slot = (group * tl.num_programs(1) + earlier) * num_clusters
-            sum_k += tl.load(SEG_K + first_slot * DIM + tile, mask=slot_ok[:, None], other=0.0)
-            sum_v += tl.load(SEG_V + first_slot * DIM + tile, mask=slot_ok[:, None], other=0.0)
-            count += tl.load(SEG_COUNTS + first_slot + slots, mask=slot_ok, other=0.0)
-        count_row = COUNTS + group * num_chunks * num_clusters + slots
-        if seg == 0:  # chunks 0 and 1 read no summary
-            tl.store(count_row, tl.zeros((BLOCK_C,), tl.float32), mask=writes_counts)
-            tl.store(count_row + num_clusters, tl.zeros((BLOCK_C,), tl.float32), mask=writes_counts)
-        for chunk in range(seg * segment, tl.minimum((seg + 1) * segment, num_chunks - 2)):
-            sum_k, sum_v, count = _add_chunk(K, V, CLUSTERS, group, chunk, length, slots, feats, sum_k, sum_v,
-                                             count, WINDOW, DIM)
-            inverse = 1.0 / tl.maximum(count, 1.0)[:, None]  # an empty cluster's mean is 0
-            out = (group * (num_chunks - 2) + chunk) * num_clusters * DIM + tile
-            tl.store(MEAN_K + out, (sum_k * inverse).to(MEAN_K.dtype.element_ty), mask=slot_ok[:, None])
-            tl.store(MEAN_V + out, (sum_v * inverse).to(MEAN_V.dtype.element_ty), mask=slot_ok[:, None])
-            tl.store(count_row + (chunk + 2) * num_clusters, count, mask=writes_counts)
+        tl.store(SUMS_K + out, tl.dot(members.to(k.dtype), k).to(SUMS_K.dtype.element_ty), mask=slot_ok[:, None])
+        tl.store(SUMS_V + out, tl.dot(members.to(v.dtype), v).to(SUMS_V.dtype.element_ty), mask=slot_ok[:, None])
+        tl.store(COUNTS + (group * num_clusters + slots) * num_chunks + chunk, tl.sum(members.to(tl.float32), 1),
+                 mask=slot_ok)
 
     @triton.jit
     def _summary_grads_scan(GRAD_MEAN_K, GRAD_MEAN_V, COUNTS, GRAD_SUMS_K, GRAD_SUMS_V, num_chunks,
@@ -388,7 +335,7 @@ if triton is not None:
 # change the scan's time. Chosen on an H100 at N = 64k, W = 128, D = 64 (benchmarks/NOTES.md);
 # windows below 128 use 4 warps.
 LAUNCH = {
-    "means": {"num_warps": 4, "features": 16, "programs": 1024},
+    "sums": {"num_warps": 4},
     "grads_scan": {"num_warps": 8, "features": 16},
     "fwd": {"num_warps": 4, "rows": 128},
     "bwd_query": {"num_warps": 8},
@@ -414,34 +361,24 @@ def _cluster_block(num_clusters: int) -> int:
 
 def _summaries(key: Tensor, value: Tensor, clusters: Tensor, window: int, num_clusters: int):
     """The older-past summaries read by chunks ``2 .. T - 1`` (``T > 2``): member counts
-    ``(B, H, T, C)`` fp32 and the mean keys and values ``(G, T - 2, C, D)`` in the input dtype.
-
-    A prefix over chunks in two passes: the chunks 0 .. T - 3 are cut into S segments, pass 1
-    sums each segment (in parallel), pass 2 rescans each segment from the totals of the
-    segments before it and writes the means. S is chosen to give about
-    ``LAUNCH["means"]["programs"]`` programs: one segment's chunks are a chain of dependent
-    steps, so parallelism comes from segments (S = 1 skips pass 1)."""
+    ``(B, H, T, C)`` fp32 and the mean keys and values ``(G, T - 2, C, D)`` in the input dtype."""
     batch, heads, length, dim = key.shape
-    groups, chunks = batch * heads, -(-length // window)
-    options = _launch("means", window, dim)
-    per_segment = groups * (dim // options["BLOCK_D"])
-    covered = chunks - 2
-    segment = -(-covered // max(1, min(covered, -(-options.pop("programs") // per_segment))))
-    num_segments = -(-covered // segment)
-    seg_k = key.new_empty(groups, num_segments, num_clusters, dim, dtype=torch.float32)
-    seg_v = torch.empty_like(seg_k)
-    seg_counts = key.new_empty(groups, num_segments, num_clusters, dtype=torch.float32)
-    grid = (dim // options["BLOCK_D"], num_segments, groups)
-    shapes = dict(WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **options)
-    if num_segments > 1:
-        _segment_cluster_sums[grid](key, value, clusters, seg_k, seg_v, seg_counts, length, chunks, num_clusters,
-                                    segment, **shapes)
-    counts = key.new_empty(batch, heads, chunks, num_clusters, dtype=torch.float32)
-    means_k = key.new_empty(groups, covered, num_clusters, dim)
-    means_v = torch.empty_like(means_k)
-    _summary_means_scan[grid](key, value, clusters, seg_k, seg_v, seg_counts, means_k, means_v, counts,
-                              length, chunks, num_clusters, segment, **shapes)
-    return counts, means_k, means_v
+    chunks = -(-length // window)
+    # fp32 sums: in the input dtype they took as long overall (H100, 64k: the means kernel
+    # read its 2-byte strided loads 0.15 ms slower than the sums kernel saved) and are rounded.
+    sums_k = torch.empty(batch, heads, chunks, num_clusters, dim, dtype=torch.float32, device=key.device)
+    sums_v = torch.empty_like(sums_k)
+    # Counts per (cluster, chunk): the prefix over chunks is then a scan along the last,
+    # contiguous dim (a scan along an outer dim took 0.2 ms at 64k).
+    chunk_counts = torch.empty(batch, heads, num_clusters, chunks, dtype=torch.float32, device=key.device)
+    _chunk_cluster_sums[(chunks, batch * heads)](
+        key, value, clusters, sums_k, sums_v, chunk_counts, length, chunks, num_clusters,
+        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **_launch("sums", window, dim),
+    )
+    older = F.pad(chunk_counts.cumsum(-1), (2, 0))[..., :chunks]  # chunks 0 .. t - 2
+    counts = older.transpose(2, 3).contiguous()
+    return (counts, summary_means_from_sums(sums_k, counts, 2, dim, key.dtype),
+            summary_means_from_sums(sums_v, counts, 2, dim, value.dtype))
 
 
 def _empty(x: Tensor) -> Tensor:
