@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fairseq")
 
@@ -33,8 +34,10 @@ def fairseq_command(name):
     return str(path)
 
 
-def run(args, cwd):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+def run(args, cwd, gpu=False):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout + result.stderr
@@ -83,3 +86,38 @@ def test_train_and_eval_lm(tmp_path):
     bits_per_symbol = float(match.group(1))
     # Uniform over the characters seen is log2(num_symbols) bits; a few updates must beat it.
     assert math.isfinite(bits_per_symbol) and bits_per_symbol < math.log2(num_symbols)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16 language-model training)")
+def test_train_and_eval_lm_on_the_gpu(tmp_path):
+    """--fp16 on the GPU: head dim 16 and window 16 take the one-kernel Triton path;
+    nothing may fall back to the reference, the loss must fall, eval-lm must run there."""
+    from fairseq_clustered.ops import cuda_backend
+
+    assert cuda_backend.load(), f"the CUDA kernels did not load: {cuda_backend.status()}"
+    num_symbols = write_character_corpus(tmp_path)
+    run([fairseq_command("fairseq-preprocess"), "--only-source", "--trainpref", "train.txt",
+         "--validpref", "valid.txt", "--testpref", "test.txt", "--destdir", "bin", "--workers", "1"], tmp_path)
+    user_dir = str(REPO / "fairseq_clustered")
+    train_log = run([
+        fairseq_command("fairseq-train"), "bin", "--user-dir", user_dir, "--task", "language_modeling",
+        "--arch", "clustered_transformer_lm", "--decoder-layers", "2", "--decoder-embed-dim", "32",
+        "--decoder-input-dim", "32", "--decoder-output-dim", "32", "--decoder-ffn-embed-dim", "64",
+        "--decoder-attention-heads", "2", "--tokens-per-sample", "128", "--sample-break-mode", "none",
+        "--clustered-window", "16", "--clustered-num-clusters", "4", "--clustered-iterations", "3",
+        "--max-tokens", "1024", "--max-update", "12", "--optimizer", "adam", "--lr", "3e-3", "--fp16",
+        "--save-dir", "checkpoints", "--no-epoch-checkpoints", "--no-last-checkpoints", "--log-format", "simple",
+        "--log-interval", "1", "--seed", "3", "--num-workers", "0",
+    ], tmp_path, gpu=True)
+    assert "layer 0 causal_clustered, layer 1 causal_clustered (window=16, C=4" in train_log
+    assert "runs the reference implementation on the GPU" not in train_log, train_log[-3000:]
+    losses = [float(x) for x in re.findall(r"\| loss (\d+\.\d+)", train_log)]
+    assert len(losses) >= 2 and losses[-1] < losses[0], losses
+
+    eval_log = run([
+        fairseq_command("fairseq-eval-lm"), "bin", "--user-dir", user_dir, "--fp16",
+        "--path", "checkpoints/checkpoint_best.pt", "--tokens-per-sample", "128", "--max-tokens", "1024",
+        "--gen-subset", "test", "--num-workers", "0",
+    ], tmp_path, gpu=True)
+    match = re.search(r"Loss \(base 2\): ([0-9.]+)", eval_log)
+    assert match and float(match.group(1)) < math.log2(num_symbols), eval_log[-2000:]

@@ -201,20 +201,35 @@ def test_speech_to_text_on_npy_filterbanks_with_wer(tmp_path):
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16/bf16 training steps)")
+FALLBACK = "runs the reference implementation on the GPU"  # cuda_kernels.warn_fallback's message
 
 
-def assert_finite_losses(log):
+def train_losses(log):
+    """The training losses fairseq logged, in order (``--log-interval 1``: one per update)."""
     losses = [float(x) for x in re.findall(r"\| loss[ =](\d+\.\d+)", log)]
     assert losses and all(np.isfinite(losses)), log[-2000:]
+    return losses
+
+
+def assert_trained_on_the_kernels(log, updates):
+    """The run used the extension's kernels (nothing fell back to the reference, and the
+    extension is built here) and its loss fell over ``updates`` updates."""
+    from fairseq_clustered.ops import cuda_backend
+
+    assert cuda_backend.load(), f"the CUDA kernels did not load: {cuda_backend.status()}"
+    assert FALLBACK not in log, log[-3000:]
+    assert f"num_updates {updates}" in log
+    losses = train_losses(log)
+    assert losses[-1] < losses[0], f"the loss did not fall: {losses}"
 
 
 @needs_cuda
 def test_gpu_training_step_fp16(translation_data):
     log = fairseq("train", "bin", "--arch", "clustered_transformer_tiny", *TINY_CLUSTERED, *TRAIN_COMMON,
-                  "--fp16", "--max-update", "3", "--save-dir", "ckpt_gpu_fp16", cwd=translation_data)
+                  "--fp16", "--max-update", "12", "--log-interval", "1", "--save-dir", "ckpt_gpu_fp16",
+                  cwd=translation_data)
     assert encoder_attention(log) == ["clustered", "clustered"]
-    assert "num_updates 3" in log
-    assert_finite_losses(log)
+    assert_trained_on_the_kernels(log, 12)
 
 
 @needs_cuda
@@ -223,8 +238,29 @@ def test_gpu_training_step_bf16(translation_data):
     # training goes through the hydra config, where common.bf16 does not imply common.tpu.
     log = fairseq("hydra_train", "--config-dir", REPO / "examples" / "translation" / "config",
                   "--config-name", "clustered_transformer_tiny", f"task.data={translation_data / 'bin'}",
-                  f"common.user_dir={USER_DIR}", "common.bf16=true", "optimization.max_update=3",
-                  f"checkpoint.save_dir={translation_data / 'ckpt_gpu_bf16'}", cwd=translation_data)
+                  f"common.user_dir={USER_DIR}", "common.bf16=true", "optimization.max_update=12",
+                  "common.log_interval=1", f"checkpoint.save_dir={translation_data / 'ckpt_gpu_bf16'}",
+                  cwd=translation_data)
     assert encoder_attention(log) == ["improved", "improved"]
-    assert "num_updates 3" in log
-    assert_finite_losses(log)
+    assert_trained_on_the_kernels(log, 12)
+
+
+@needs_cuda
+def test_gpu_speech_to_text_training_fp16(tmp_path):
+    """``clustered_s2t_transformer_s`` (a smaller copy) with --fp16 on the GPU kernels."""
+    rng = random.Random(1)
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
+    s2t_data.write_dataset(tmp_path, {
+        split: list(tone_utterances(rng, size, split, words)) for split, size in [("train", 60), ("valid", 8)]
+    })
+    log = fairseq("train", tmp_path, "--config-yaml", "config.yaml", "--task", "speech_to_text",
+                  "--train-subset", "train", "--valid-subset", "valid", "--criterion", "label_smoothed_cross_entropy",
+                  "--arch", "clustered_s2t_transformer_s", "--encoder-layers", "2", "--decoder-layers", "1",
+                  "--encoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2",
+                  "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "128", "--decoder-attention-heads", "2",
+                  "--conv-channels", "64", "--clustered-num-clusters", "4", "--clustered-iterations", "3",
+                  "--optimizer", "adam", "--lr", "2e-3", "--fp16", "--max-tokens", "20000", "--max-update", "12",
+                  "--log-format", "simple", "--log-interval", "1", "--disable-validation", "--no-save",
+                  "--seed", "3", "--num-workers", "0", "--user-dir", USER_DIR, cwd=tmp_path)
+    assert encoder_attention(log) == ["clustered", "clustered"]
+    assert_trained_on_the_kernels(log, 12)
