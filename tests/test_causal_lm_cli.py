@@ -111,7 +111,7 @@ def test_train_and_eval_lm_on_the_gpu(tmp_path):
     ], tmp_path, gpu=True)
     assert "layer 0 causal_clustered, layer 1 causal_clustered (window=16, C=4" in train_log
     assert "runs the reference implementation on the GPU" not in train_log, train_log[-3000:]
-    losses = [float(x) for x in re.findall(r"\| loss (\d+\.\d+)", train_log)]
+    losses = [float(x) for x in re.findall(r"\| train_inner \| .*? loss=(\d+\.\d+)", train_log)]
     assert len(losses) >= 2 and losses[-1] < losses[0], losses
 
     eval_log = run([

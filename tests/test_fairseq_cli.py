@@ -206,7 +206,7 @@ FALLBACK = "runs the reference implementation on the GPU"  # cuda_kernels.warn_f
 
 def train_losses(log):
     """The training losses fairseq logged, in order (``--log-interval 1``: one per update)."""
-    losses = [float(x) for x in re.findall(r"\| loss[ =](\d+\.\d+)", log)]
+    losses = [float(x) for x in re.findall(r"\| train_inner \| .*? loss=(\d+\.\d+)", log)]
     assert losses and all(np.isfinite(losses)), log[-2000:]
     return losses
 
