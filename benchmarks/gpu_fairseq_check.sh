@@ -13,7 +13,7 @@ source benchmarks/gpu_fairseq_env.sh || exit 1
 OUT="$OUT" STAGES=build bash benchmarks/gpu_check.sh || exit 1
 echo "== GPU tests"
 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q --tb=short -p no:cacheprovider -ra \
-    tests/test_fairseq_cli.py tests/test_module.py tests/test_causal.py tests/test_cuda_kernels.py \
+    tests/test_fairseq_cli.py tests/test_causal_lm_cli.py tests/test_module.py tests/test_causal.py tests/test_cuda_kernels.py \
     -k "${TEST_SELECT:-gpu or cuda or CUDA or module}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "== model benchmark"
