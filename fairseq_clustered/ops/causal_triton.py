@@ -14,9 +14,9 @@ padded feature columns. This module does the same in one pass: the program of ch
 
 The summaries: one more Triton kernel sums each chunk's keys, values and member counts per
 cluster as one-hot matrix products; the extension's prefix-mean kernel turns them into the
-means of chunks ``0 .. t - 2``. (One scan over the chunks with the running sums in
-registers would skip the fp32 sums in memory, but its chunk-after-chunk loop ran 2x
-slower: benchmarks/NOTES.md.)
+means of chunks ``0 .. t - 2``. (A scan over the chunks with the running sums in
+registers would skip the fp32 sums in memory, but its looped one-hot products ran 2x
+slower, in one pass or in two over segments of chunks: benchmarks/NOTES.md.)
 
 Backward (the joint softmax, ``P = exp(S - lse)``, ``dS = P (dP - rowsum(dO * O))``):
 
@@ -135,8 +135,7 @@ if triton is not None:
         slot_ok = slots < num_clusters
         tile = slots[:, None] * DIM + feats[None, :]
         last = (group * num_chunks + num_chunks - 2) * num_clusters * DIM + tile
-        zeros = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-        zeros = zeros.to(GRAD_SUMS_K.dtype.element_ty)
+        zeros = tl.zeros((BLOCK_C, BLOCK_D), tl.float32).to(GRAD_SUMS_K.dtype.element_ty)
         tl.store(GRAD_SUMS_K + last, zeros, mask=slot_ok[:, None])
         tl.store(GRAD_SUMS_K + last + num_clusters * DIM, zeros, mask=slot_ok[:, None])
         tl.store(GRAD_SUMS_V + last, zeros, mask=slot_ok[:, None])
