@@ -21,7 +21,6 @@ position of each cluster, so cluster ``c``'s members are
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional, Tuple
 
