@@ -62,3 +62,11 @@ def test_importing_the_ops_registers_the_cuda_kernels():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0 and "kernels registered" in result.stdout, result.stderr[-2000:]
+
+
+def test_a_bad_value_of_the_experimental_switch_is_named():
+    env = {**os.environ, "FAIRSEQ_CLUSTERED_TRITON_TOPK": "yes"}
+    result = subprocess.run([sys.executable, "-m", "fairseq_clustered.info"], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode != 0
+    assert "FAIRSEQ_CLUSTERED_TRITON_TOPK must be 0 or 1" in result.stderr

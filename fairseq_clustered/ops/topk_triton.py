@@ -33,7 +33,16 @@ from ._triton import MISSING, tl, triton
 
 __all__ = ["ENABLED", "triton_topk_unavailable", "centroid_logsumexp_topk"]
 
-ENABLED = os.environ.get("FAIRSEQ_CLUSTERED_TRITON_TOPK", "0") == "1"
+
+def _switch(name: str) -> bool:
+    """An on/off environment variable: unset, "0" or "1"; anything else is an error."""
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1 (unset means 0), got {value!r}")
+    return value == "1"
+
+
+ENABLED = _switch("FAIRSEQ_CLUSTERED_TRITON_TOPK")
 BLOCK_CENTROIDS = 64
 MIN_TOPK_BLOCK = 16  # tensor-core tiles need >= 16 keys per block
 INDEX_BITS = 31
