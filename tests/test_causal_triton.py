@@ -16,6 +16,7 @@ import torch
 
 from fairseq_clustered.ops import causal_clustered_attention, causal_key_clusters
 from fairseq_clustered.ops import causal_triton
+from fairseq_clustered.ops._triton import power_of_two_in
 
 from test_causal import leaks, random_inputs
 from test_causal_fused import output_and_grads
@@ -97,8 +98,8 @@ def test_triton_ops_opcheck(n):
 def test_triton_path_reasons_off_cuda():
     q = torch.zeros(1, 1, 8, 16, device="meta")
     assert causal_triton.triton_path_unavailable(q, q, None, 0.0, 16, 4) == "not a CUDA tensor"
-    assert not causal_triton._power_of_two_in(48, 16, 128)
-    assert causal_triton._power_of_two_in(64, 16, 128) and not causal_triton._power_of_two_in(256, 16, 128)
+    assert not power_of_two_in(48, 16, 128)
+    assert power_of_two_in(64, 16, 128) and not power_of_two_in(256, 16, 128)
 
 
 # ------------------------------------------------------------------ tensor-core hashing

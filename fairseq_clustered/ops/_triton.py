@@ -13,4 +13,9 @@ except ImportError as error:  # pragma: no cover - depends on the install
 else:
     MISSING = None
 
-__all__ = ["triton", "tl", "MISSING"]
+__all__ = ["triton", "tl", "MISSING", "power_of_two_in"]
+
+
+def power_of_two_in(value: int, low: int, high: int) -> bool:
+    """Whether ``value`` is a power of two in ``low..high`` (tile sizes the kernels take)."""
+    return low <= value <= high and value & (value - 1) == 0

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from .causal_fused import fused_path_unavailable, summary_means_from_sums
 from ._triton import MISSING as _TRITON_MISSING
-from ._triton import tl, triton
+from ._triton import power_of_two_in, tl, triton
 from .custom_ops import LIBRARY
 
 __all__ = ["triton_path_unavailable", "causal_clustered_attention_triton"]
@@ -57,10 +57,6 @@ __all__ = ["triton_path_unavailable", "causal_clustered_attention_triton"]
 MIN_BLOCK, MAX_BLOCK = 16, 128  # tensor-core tiles need >= 16; > 128 spills registers
 MAX_CLUSTERS = 256
 LOG2E = 1.4426950408889634
-
-
-def _power_of_two_in(value: int, low: int, high: int) -> bool:
-    return low <= value <= high and value & (value - 1) == 0
 
 
 def triton_path_unavailable(query: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float,
@@ -71,9 +67,9 @@ def triton_path_unavailable(query: Tensor, value: Tensor, key_padding_mask: Opti
         return reason
     if _TRITON_MISSING is not None:
         return _TRITON_MISSING
-    if not _power_of_two_in(window, MIN_BLOCK, MAX_BLOCK):
+    if not power_of_two_in(window, MIN_BLOCK, MAX_BLOCK):
         return f"window {window} is not a power of two in {MIN_BLOCK}..{MAX_BLOCK}"
-    if not _power_of_two_in(query.shape[-1], MIN_BLOCK, MAX_BLOCK):
+    if not power_of_two_in(query.shape[-1], MIN_BLOCK, MAX_BLOCK):
         return f"head dim {query.shape[-1]} is not a power of two in {MIN_BLOCK}..{MAX_BLOCK}"
     if num_clusters > MAX_CLUSTERS:
         return f"num_clusters {num_clusters} > {MAX_CLUSTERS}"

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._triton import MISSING, tl, triton
+from ._triton import MISSING, power_of_two_in, tl, triton
 
 __all__ = ["triton_hash_unavailable", "hash_codes_triton"]
 
@@ -37,7 +37,7 @@ def triton_hash_unavailable(x: Tensor) -> Optional[str]:
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {x.dtype} (tensor-core hashing is for fp16 / bf16)"
     dim = x.shape[-1]
-    if dim < 16 or dim > 256 or dim & (dim - 1):
+    if not power_of_two_in(dim, 16, 256):
         return f"dim {dim} is not a power of two in 16..256"
     if x.stride(-1) != 1:
         return "the feature dim is not contiguous"

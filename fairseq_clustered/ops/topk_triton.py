@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import MISSING, tl, triton
+from ._triton import MISSING, power_of_two_in, tl, triton
 
 __all__ = ["ENABLED", "triton_topk_unavailable", "centroid_logsumexp_topk"]
 
@@ -55,7 +55,7 @@ def triton_topk_unavailable(key: Tensor, top_k: int) -> Optional[str]:
     if key.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {key.dtype} (the kernel is for fp16 / bf16 keys)"
     dim = key.shape[-1]
-    if dim < 16 or dim > 128 or dim & (dim - 1):
+    if not power_of_two_in(dim, 16, 128):
         return f"head dim {dim} is not a power of two in 16..128"
     if top_k > 128:
         return f"top-k {top_k} > 128"
