@@ -58,10 +58,17 @@ def write_character_corpus(directory: Path) -> int:
     return len(symbols)
 
 
-def test_train_and_eval_lm(tmp_path):
-    num_symbols = write_character_corpus(tmp_path)
+def preprocessed_corpus(directory: Path) -> int:
+    """The character corpus in ``directory``, binarised into ``directory/bin``; returns the
+    number of distinct characters."""
+    num_symbols = write_character_corpus(directory)
     run([fairseq_command("fairseq-preprocess"), "--only-source", "--trainpref", "train.txt",
-         "--validpref", "valid.txt", "--testpref", "test.txt", "--destdir", "bin", "--workers", "1"], tmp_path)
+         "--validpref", "valid.txt", "--testpref", "test.txt", "--destdir", "bin", "--workers", "1"], directory)
+    return num_symbols
+
+
+def test_train_and_eval_lm(tmp_path):
+    num_symbols = preprocessed_corpus(tmp_path)
     user_dir = str(REPO / "fairseq_clustered")
     train_log = run([
         fairseq_command("fairseq-train"), "bin", "--user-dir", user_dir, "--task", "language_modeling",
@@ -92,12 +99,9 @@ def test_train_and_eval_lm(tmp_path):
 def test_train_and_eval_lm_on_the_gpu(tmp_path):
     """--fp16 on the GPU: head dim 16 and window 16 take the one-kernel Triton path;
     nothing may fall back to the reference, the loss must fall, eval-lm must run there."""
-    from fairseq_clustered.ops import cuda_backend
+    from test_fairseq_cli import assert_trained_on_the_kernels
 
-    assert cuda_backend.load(), f"the CUDA kernels did not load: {cuda_backend.status()}"
-    num_symbols = write_character_corpus(tmp_path)
-    run([fairseq_command("fairseq-preprocess"), "--only-source", "--trainpref", "train.txt",
-         "--validpref", "valid.txt", "--testpref", "test.txt", "--destdir", "bin", "--workers", "1"], tmp_path)
+    num_symbols = preprocessed_corpus(tmp_path)
     user_dir = str(REPO / "fairseq_clustered")
     train_log = run([
         fairseq_command("fairseq-train"), "bin", "--user-dir", user_dir, "--task", "language_modeling",
@@ -110,9 +114,7 @@ def test_train_and_eval_lm_on_the_gpu(tmp_path):
         "--log-interval", "1", "--seed", "3", "--num-workers", "0",
     ], tmp_path, gpu=True)
     assert "layer 0 causal_clustered, layer 1 causal_clustered (window=16, C=4" in train_log
-    assert "runs the reference implementation on the GPU" not in train_log, train_log[-3000:]
-    losses = [float(x) for x in re.findall(r"\| train_inner \| .*? loss=(\d+\.\d+)", train_log)]
-    assert len(losses) >= 2 and losses[-1] < losses[0], losses
+    assert_trained_on_the_kernels(train_log, 12)
 
     eval_log = run([
         fairseq_command("fairseq-eval-lm"), "bin", "--user-dir", user_dir, "--fp16",
