@@ -176,20 +176,26 @@ def tone_utterances(rng, count, prefix, words, sample_rate=16000):
         yield f"{prefix}{index}", np.concatenate(pieces), sample_rate, " ".join(sentence)
 
 
-def test_speech_to_text_on_npy_filterbanks_with_wer(tmp_path):
-    rng = random.Random(0)
+# A smaller clustered_s2t_transformer_s for the speech tests.
+S2T_TINY = ["--arch", "clustered_s2t_transformer_s", "--encoder-layers", "2", "--decoder-layers", "1",
+            "--encoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128", "--encoder-attention-heads", "4",
+            "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "128", "--decoder-attention-heads", "4",
+            "--conv-channels", "64", "--clustered-num-clusters", "4", "--clustered-iterations", "3"]
+S2T_TASK = ["--config-yaml", "config.yaml", "--task", "speech_to_text", "--train-subset", "train",
+            "--valid-subset", "valid", "--criterion", "label_smoothed_cross_entropy"]
+
+
+def write_tone_dataset(directory, seed, splits):
+    """Tone utterances of six words, ``splits`` [(name, size)], as s2t_data's .npy filterbanks."""
+    rng = random.Random(seed)
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
-    s2t_data.write_dataset(tmp_path, {
-        split: list(tone_utterances(rng, size, split, words))
-        for split, size in [("train", 60), ("valid", 8), ("test", 8)]
-    })
-    model = ["--arch", "clustered_s2t_transformer_s", "--encoder-layers", "2", "--decoder-layers", "1",
-             "--encoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128", "--encoder-attention-heads", "4",
-             "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "128", "--decoder-attention-heads", "4",
-             "--conv-channels", "64", "--clustered-num-clusters", "4", "--clustered-iterations", "3"]
-    log = fairseq("train", tmp_path, "--config-yaml", "config.yaml", "--task", "speech_to_text",
-                  "--train-subset", "train", "--valid-subset", "valid", "--criterion", "label_smoothed_cross_entropy",
-                  *model, "--optimizer", "adam", "--lr", "2e-3",
+    s2t_data.write_dataset(directory, {split: list(tone_utterances(rng, size, split, words))
+                                       for split, size in splits})
+
+
+def test_speech_to_text_on_npy_filterbanks_with_wer(tmp_path):
+    write_tone_dataset(tmp_path, 0, [("train", 60), ("valid", 8), ("test", 8)])
+    log = fairseq("train", tmp_path, *S2T_TASK, *S2T_TINY, "--optimizer", "adam", "--lr", "2e-3",
                   "--max-tokens", "20000", "--max-update", "6", "--save-dir", tmp_path / "ckpt",
                   "--no-progress-bar", "--seed", "3", "--num-workers", "0", "--user-dir", USER_DIR, cwd=tmp_path)
     assert encoder_attention(log) == ["clustered", "clustered"]
@@ -248,18 +254,8 @@ def test_gpu_training_step_bf16(translation_data):
 @needs_cuda
 def test_gpu_speech_to_text_training_fp16(tmp_path):
     """``clustered_s2t_transformer_s`` (a smaller copy) with --fp16 on the GPU kernels."""
-    rng = random.Random(1)
-    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
-    s2t_data.write_dataset(tmp_path, {
-        split: list(tone_utterances(rng, size, split, words)) for split, size in [("train", 60), ("valid", 8)]
-    })
-    log = fairseq("train", tmp_path, "--config-yaml", "config.yaml", "--task", "speech_to_text",
-                  "--train-subset", "train", "--valid-subset", "valid", "--criterion", "label_smoothed_cross_entropy",
-                  "--arch", "clustered_s2t_transformer_s", "--encoder-layers", "2", "--decoder-layers", "1",
-                  "--encoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2",
-                  "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "128", "--decoder-attention-heads", "2",
-                  "--conv-channels", "64", "--clustered-num-clusters", "4", "--clustered-iterations", "3",
-                  "--optimizer", "adam", "--lr", "2e-3", "--fp16", "--max-tokens", "20000", "--max-update", "12",
+    write_tone_dataset(tmp_path, 1, [("train", 60), ("valid", 8)])
+    log = fairseq("train", tmp_path, *S2T_TASK, *S2T_TINY, "--optimizer", "adam", "--lr", "2e-3", "--fp16", "--max-tokens", "20000", "--max-update", "12",
                   "--log-format", "simple", "--log-interval", "1", "--disable-validation", "--no-save",
                   "--seed", "3", "--num-workers", "0", "--user-dir", USER_DIR, cwd=tmp_path)
     assert encoder_attention(log) == ["clustered", "clustered"]
