@@ -31,9 +31,9 @@ def train_records(path):
 
 def words_per_second(records):
     """Total target words over total time of ``records``; an update lasts 1 / ups seconds."""
+    records = [r for r in records if float(r["ups"]) > 0]  # fairseq logs 0 before a first interval
     if not records:
         raise SystemExit("no updates left after the warm-up: raise --max-update or lower --warmup")
-    records = [r for r in records if float(r["ups"]) > 0]  # fairseq logs 0 before a first interval
     return sum(float(r["wpb"]) for r in records) / sum(1 / float(r["ups"]) for r in records)
 
 
