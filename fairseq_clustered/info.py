@@ -32,10 +32,6 @@ def report() -> str:
     ]
     for name, where in cuda_backend.status().items():
         lines.append(f"  {name:34s} {where}")
-    from .ops import topk_triton
-
-    if topk_triton.ENABLED:
-        lines.append("experimental: the improved variant's top-k runs in Triton (FAIRSEQ_CLUSTERED_TRITON_TOPK=1)")
     return "\n".join(lines)
 
 

@@ -211,8 +211,12 @@ FALLBACK = "runs the reference implementation on the GPU"  # cuda_kernels.warn_f
 
 
 def train_losses(log):
-    """The training losses fairseq logged, in order (``--log-interval 1``: one per update)."""
-    losses = [float(x) for x in re.findall(r"\| train_inner \| .*? loss=(\d+\.\d+)", log)]
+    """The training losses fairseq logged, in order (``--log-interval 1``: one per update).
+
+    fairseq-train's logger writes ``| train_inner | epoch 001: ... loss=5.083, ...``;
+    fairseq-hydra-train's (hydra's job logging) ``[train_inner][INFO] - epoch 001: ... loss=5.083, ...``.
+    """
+    losses = [float(x) for x in re.findall(r"(?:\| train_inner \||\[train_inner\]).*? loss=(\d+\.\d+)", log)]
     assert losses and all(np.isfinite(losses)), log[-2000:]
     return losses
 
@@ -227,6 +231,19 @@ def assert_trained_on_the_kernels(log, updates):
     assert f"num_updates {updates}" in log
     losses = train_losses(log)
     assert losses[-1] < losses[0], f"the loss did not fall: {losses}"
+
+
+def test_train_losses_reads_both_log_formats():
+    cli = ("2026-11-24 08:59:30 | INFO | train_inner | epoch 001:      1 / 2 loss=5.083, nll_loss=5.07, wps=0\n"
+           "2026-11-24 08:59:30 | INFO | train | epoch 001 | loss 5.085 | num_updates 2\n"
+           "2026-11-24 08:59:31 | INFO | train_inner | epoch 002:      1 / 2 loss=4.5, nll_loss=4.49, wps=7.1\n")
+    hydra = ("[2026-11-24 08:59:30,430][train_inner][INFO] - epoch 001:      1 / 2 loss=5.083, nll_loss=5.07\n"
+             "[2026-11-24 08:59:30,570][valid][INFO] - epoch 001 | valid on 'valid' subset | loss 5.011\n"
+             "[2026-11-24 08:59:30,707][train_inner][INFO] - epoch 002:      1 / 2 loss=5.01, nll_loss=4.991\n")
+    assert train_losses(cli) == [5.083, 4.5]
+    assert train_losses(hydra) == [5.083, 5.01]
+    with pytest.raises(AssertionError):
+        train_losses("[2026-11-24 08:59:30,570][valid][INFO] - epoch 001 | loss 5.011\n")
 
 
 @needs_cuda

@@ -1,6 +1,5 @@
 """`python -m fairseq_clustered.info` reports versions and, per kernel, where it runs or why not."""
 
-import os
 import subprocess
 import sys
 
@@ -23,14 +22,6 @@ def test_info_lists_versions_and_every_kernel():
     for name in cuda_backend.KERNELS:
         line = next(line for line in result.stdout.splitlines() if line.strip().startswith(name))
         assert line.split(None, 1)[1].startswith(("cuda", "reference only (")), line
-
-
-@pytest.mark.parametrize("switch", ["0", "1"])
-def test_info_says_when_the_experimental_topk_is_on(switch):
-    env = {**os.environ, "FAIRSEQ_CLUSTERED_TRITON_TOPK": switch}
-    result = subprocess.run([sys.executable, "-m", "fairseq_clustered.info"], capture_output=True, text=True,
-                            check=True, env=env)
-    assert ("top-k runs in Triton" in result.stdout) == (switch == "1")
 
 
 def test_status_gives_a_reason_without_kernels():
@@ -62,11 +53,3 @@ def test_importing_the_ops_registers_the_cuda_kernels():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0 and "kernels registered" in result.stdout, result.stderr[-2000:]
-
-
-def test_a_bad_value_of_the_experimental_switch_is_named():
-    env = {**os.environ, "FAIRSEQ_CLUSTERED_TRITON_TOPK": "yes"}
-    result = subprocess.run([sys.executable, "-m", "fairseq_clustered.info"], capture_output=True, text=True,
-                            env=env)
-    assert result.returncode != 0
-    assert "FAIRSEQ_CLUSTERED_TRITON_TOPK must be 0 or 1" in result.stderr

@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import causal_fused, custom_ops, hash_triton, reference, topk_triton
+from . import causal_fused, custom_ops, hash_triton, reference
 from .flash import flash_backward, flash_forward
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -477,15 +477,12 @@ class CudaOps:
         rows, keys = batch * heads, key.shape[2]
         k_rows = key.reshape(rows, keys, dim)
         v_rows = value.reshape(rows, keys, dim)
-        if topk_triton.ENABLED and topk_triton.triton_topk_unavailable(k_rows, top_k) is None:
-            lse, top = topk_triton.centroid_logsumexp_topk(qbar, k_rows, top_k, scale)  # experimental
-        else:
-            lse = qbar.new_empty(rows, num_clusters)
-            top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=query.device)
-            for r0, r1 in _row_chunks(rows, num_clusters, keys):
-                logits = torch.bmm(qbar[r0:r1], k_rows[r0:r1].float().transpose(1, 2)).mul_(scale)
-                lse[r0:r1] = torch.logsumexp(logits, dim=-1)
-                top[r0:r1] = torch.topk(logits, top_k, dim=-1).indices
+        lse = qbar.new_empty(rows, num_clusters)
+        top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=query.device)
+        for r0, r1 in _row_chunks(rows, num_clusters, keys):
+            logits = torch.bmm(qbar[r0:r1], k_rows[r0:r1].float().transpose(1, 2)).mul_(scale)
+            lse[r0:r1] = torch.logsumexp(logits, dim=-1)
+            top[r0:r1] = torch.topk(logits, top_k, dim=-1).indices
         out_c, _, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
         centroid_values = out_c.reshape(rows, num_clusters, dim).float()
         top_probs = torch.exp(torch.einsum("rcd,rckd->rck", qbar, self._top_rows(k_rows, top)) * scale
