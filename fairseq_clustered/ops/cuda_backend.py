@@ -67,8 +67,12 @@ KERNEL_NOTES = {
     "lloyd_kmeans": "num_clusters <= 6144, batch*heads <= 65535",
     "clustered_attention_fwd": "fp32/fp16/bf16, head dims <= 128; flash for fp16/bf16 without padding or dropout",
     "clustered_attention_bwd": "fp32/fp16/bf16, head dims <= 128; flash for fp16/bf16 without padding or dropout",
-    "improved_clustered_attention_fwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128",
-    "improved_clustered_attention_bwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128",
+    "improved_clustered_attention_fwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128; fp16/bf16 without "
+                                        "padding or dropout: flash, exact top-key products on tensor cores (Triton, "
+                                        "top-k <= 128)",
+    "improved_clustered_attention_bwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128; fp16/bf16 without "
+                                        "padding or dropout: flash, exact top-key products on tensor cores (Triton, "
+                                        "top-k <= 128)",
     "causal_key_clusters": "codebook assignment kernel; num_clusters <= 6144, batch*heads <= 65535",
     "causal_clustered_attention": "fp16/bf16, no key padding or dropout: one Triton kernel where window and head "
                                   "dim are powers of two in 16..128 and C <= 256, else flash attention in three "

@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import causal_fused, custom_ops, hash_triton, reference
+from . import causal_fused, custom_ops, hash_triton, improved_triton, reference
 from .flash import flash_backward, flash_forward
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -353,7 +353,8 @@ class CudaOps:
         order, seg_start, _ = _segments(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
         if self._flash_ok(query, value, key_padding_mask, keep):
-            return self._improved_fwd_flash(query, key, value, assignments, order, qbar, num_clusters, top_k, scale)
+            return self._improved_fwd_flash(query, key, value, assignments, order, seg_start, qbar, num_clusters,
+                                            top_k, scale)
         k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
             key, value, key_padding_mask, keep, num_clusters, dropout_p)
         rows = batch * heads
@@ -472,7 +473,18 @@ class CudaOps:
         flat = top.reshape(rows, clusters * top_k, 1).expand(-1, -1, width)
         return rows_tensor.gather(1, flat).reshape(rows, clusters, top_k, width).float()
 
-    def _improved_fwd_flash(self, query, key, value, assignments, order, qbar, num_clusters, top_k, scale):
+    def _exact_top_keys_fwd(self, query, key, value, grad_out, assignments, order, seg_start, top, mass, rest,
+                            scale):
+        """The flash path's exact top-key part (tensor cores in Triton where it can, else the
+        extension's kernel): ``out`` (``grad_out`` None) or ``grad_out . exact`` per query."""
+        if improved_triton.triton_exact_unavailable(query, value, top.shape[-1]) is None:
+            return improved_triton.exact_top_keys_fwd(query, key, value, order, seg_start, top, mass, rest, scale,
+                                                      grad_out)
+        return self.ext.improved_exact_fwd(query, key, value, grad_out, assignments, order, top, None, None,
+                                           mass.contiguous(), rest.contiguous(), scale)
+
+    def _improved_fwd_flash(self, query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k,
+                            scale):
         batch, heads, length, dim = query.shape
         rows, keys = batch * heads, key.shape[2]
         k_rows = key.reshape(rows, keys, dim)
@@ -489,8 +501,8 @@ class CudaOps:
                               - lse.unsqueeze(-1))
         mass = top_probs.sum(-1)
         rest = centroid_values - torch.einsum("rck,rckd->rcd", top_probs, self._top_rows(v_rows, top))
-        out = self.ext.improved_exact_fwd(query, key, value, None, assignments, order, top, None, None,
-                                          mass.contiguous(), rest.contiguous(), scale)
+        out = self._exact_top_keys_fwd(query, key, value, None, assignments, order, seg_start, top, mass, rest,
+                                       scale)
         return out, lse.reshape(batch, heads, num_clusters), top.reshape(batch, heads, num_clusters, top_k)
 
     def _improved_bwd_flash(self, grad_out, query, key, value, assignments, order, seg_start, counts, qbar, lse,
@@ -507,8 +519,8 @@ class CudaOps:
         mass = top_probs.sum(-1).contiguous()
 
         grad_rest = self.ext.segment_sum(grad_out, order, seg_start, False)  # G_j (rows, C, D)
-        gm = self.ext.improved_exact_fwd(query, key, value, grad_out, assignments, order, top, None, None,
-                                         mass, grad_rest, scale)  # grad_out_i . exact_i
+        gm = self._exact_top_keys_fwd(query, key, value, grad_out, assignments, order, seg_start, top, mass,
+                                      grad_rest, scale)  # grad_out_i . exact_i
         grad_mass = self.ext.segment_sum(gm.reshape(batch, heads, length, 1), order, seg_start, False)
 
         # V_bar part: flash backward with dO = G.
@@ -537,9 +549,13 @@ class CudaOps:
         dv32 = dv32.contiguous()
 
         dq_bar = (grad_centroids / counts.clamp(min=1).unsqueeze(-1)).contiguous()
-        # The kernel adds the exact top-key parts into dk32 / dv32 in place.
-        dq = self.ext.improved_exact_bwd(grad_out, query, key, value, assignments, order, top, None, None, mass,
-                                         dq_bar, scale, dk32, dv32)
+        # The kernels add the exact top-key parts into dk32 / dv32 in place.
+        if improved_triton.triton_exact_unavailable(query, value, top_k) is None:
+            dq = improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, dq_bar,
+                                                    scale, dk32, dv32)
+        else:
+            dq = self.ext.improved_exact_bwd(grad_out, query, key, value, assignments, order, top, None, None, mass,
+                                             dq_bar, scale, dk32, dv32)
         return dq, dk32.reshape(key.shape).to(key.dtype), dv32.reshape(value.shape).to(value.dtype)
 
 

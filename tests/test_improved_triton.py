@@ -1,0 +1,108 @@
+"""The improved variant's exact top-key products in Triton (ops/improved_triton.py).
+
+Checked against a brute-force computation in float64 (each query's softmax over its
+cluster's top keys, gradients by autograd): without a GPU in Triton's interpreter on
+CPU tensors (fp16: the interpreter's bf16 products are not reliable), on a GPU compiled,
+in bf16 and fp16. The whole improved op on the GPU, which uses these kernels, is checked
+against the reference in test_cuda_kernels.py.
+"""
+
+import os
+
+import pytest
+import torch
+
+from fairseq_clustered.ops import improved_triton
+from fairseq_clustered.ops.cuda_kernels import _segments
+
+on_gpu = torch.cuda.is_available()
+runs_here = pytest.mark.skipif(
+    improved_triton.triton is None or not (on_gpu or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs triton and a GPU, or Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py without a GPU)",
+)
+DEVICE = "cuda" if on_gpu else "cpu"
+DTYPES = [torch.bfloat16, torch.float16] if on_gpu else [torch.float16]
+
+
+def problem(length, keys, dim, num_clusters, top_k, dtype, seed):
+    """Random inputs with some empty clusters and one large one; top keys distinct per cluster."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2
+    q, k, v, grad_out = (torch.randn(1, rows, n, dim, generator=gen).to(DEVICE, dtype)
+                         for n in (length, keys, keys, length))
+    assignments = torch.randint(0, num_clusters - 2, (1, rows, length), generator=gen)  # the last two empty
+    assignments[..., : length // 3] = 0  # one cluster larger than a block of members
+    assignments = assignments.to(DEVICE)
+    top = torch.stack([torch.randperm(keys, generator=gen)[:top_k] for _ in range(rows * num_clusters)])
+    top = top.reshape(rows, num_clusters, top_k).to(DEVICE)
+    mass = torch.rand(rows, num_clusters, generator=gen).to(DEVICE)
+    rest = torch.randn(rows, num_clusters, dim, generator=gen).to(DEVICE)
+    grad_centroids = torch.randn(rows, num_clusters, dim, generator=gen).to(DEVICE)
+    return q, k, v, grad_out, assignments, top, mass, rest, grad_centroids
+
+
+def brute_force_exact(q, k, v, assignments, top, scale):
+    """exact_i = softmax_t(scale q_i . k_t) v_t over the top keys of i's cluster, float64."""
+    rows = top.shape[0]
+    q, k, v = (x.double().reshape(rows, -1, x.shape[-1]) for x in (q, k, v))
+    clusters = assignments.reshape(rows, -1)
+    top_of_query = top.gather(1, clusters[..., None].expand(-1, -1, top.shape[-1]))  # (rows, N, K)
+    k_top = k.gather(1, top_of_query.reshape(rows, -1, 1).expand(-1, -1, k.shape[-1])).reshape(*top_of_query.shape, -1)
+    v_top = v.gather(1, top_of_query.reshape(rows, -1, 1).expand(-1, -1, v.shape[-1])).reshape(*top_of_query.shape, -1)
+    probs = torch.softmax(scale * torch.einsum("rnd,rnkd->rnk", q, k_top), dim=-1)
+    return torch.einsum("rnk,rnkd->rnd", probs, v_top), clusters
+
+
+def assert_close(actual, expected, dtype):
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= tol * (1 + expected.abs().max().item()), f"max error {err}"
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length,keys,dim,num_clusters,top_k", [
+    (97, 80, 32, 7, 5),      # top-k below the smallest tile (masked slots), 97 = 64 + 33 members
+    (200, 150, 64, 12, 16),
+    (130, 40, 16, 20, 33),   # 33 top keys in a 64-slot tile
+])
+def test_exact_products_match_brute_force(dtype, length, keys, dim, num_clusters, top_k):
+    q, k, v, grad_out, assignments, top, mass, rest, grad_centroids = problem(
+        length, keys, dim, num_clusters, top_k, dtype, seed=length)
+    scale = dim ** -0.5
+    order, seg_start, _ = _segments(assignments, num_clusters)
+    rows = top.shape[0]
+
+    out = improved_triton.exact_top_keys_fwd(q, k, v, order, seg_start, top, mass, rest, scale)
+    exact, clusters = brute_force_exact(q, k, v, assignments, top, scale)
+    per_query = lambda t: t.double().gather(1, clusters[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+    expected = per_query(mass[..., None]) * exact + per_query(rest)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out.reshape(rows, length, dim), expected, dtype)
+
+    grad_dot = improved_triton.exact_top_keys_fwd(q, k, v, order, seg_start, top, mass, rest, scale, grad_out)
+    assert_close(grad_dot, (grad_out.double().reshape(rows, length, dim) * exact).sum(-1), dtype)
+
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    exact64, _ = brute_force_exact(*leaves, assignments, top, scale)
+    (per_query(mass[..., None]) * exact64 * grad_out.double().reshape(rows, length, dim)).sum().backward()
+    grad_key = torch.zeros(rows, keys, dim, device=DEVICE)
+    grad_value = torch.zeros_like(grad_key)
+    grad_query = improved_triton.exact_top_keys_bwd(grad_out, q, k, v, order, seg_start, top, mass, grad_centroids,
+                                                    scale, grad_key, grad_value)
+    assert grad_query.dtype == dtype
+    assert_close(grad_query.reshape(rows, length, dim), leaves[0].grad.reshape(rows, length, dim)
+                 + per_query(grad_centroids), dtype)
+    assert_close(grad_key, leaves[1].grad.reshape(rows, keys, dim), dtype)
+    assert_close(grad_value, leaves[2].grad.reshape(rows, keys, dim), dtype)
+
+
+@pytest.mark.skipif(improved_triton.triton is None, reason="needs triton")
+def test_what_the_triton_path_does_not_take():
+    meta = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, device="meta", dtype=dtype)  # noqa: E731
+    assert improved_triton.triton_exact_unavailable(meta(1, 2, 8, 64), meta(1, 2, 8, 64), 32) is None
+    assert "dtype torch.float32" in improved_triton.triton_exact_unavailable(
+        meta(1, 2, 8, 64, dtype=torch.float32), meta(1, 2, 8, 64, dtype=torch.float32), 32)
+    assert "head dim 48" in improved_triton.triton_exact_unavailable(meta(1, 2, 8, 48), meta(1, 2, 8, 48), 32)
+    assert "value dim 32" in improved_triton.triton_exact_unavailable(meta(1, 2, 8, 64), meta(1, 2, 8, 32), 32)
+    assert "top-k 129" in improved_triton.triton_exact_unavailable(meta(1, 2, 8, 64), meta(1, 2, 8, 64), 129)
