@@ -106,3 +106,37 @@ def test_what_the_triton_path_does_not_take():
     assert "head dim 48" in improved_triton.triton_exact_unavailable(meta(1, 2, 8, 48), meta(1, 2, 8, 48), 32)
     assert "value dim 32" in improved_triton.triton_exact_unavailable(meta(1, 2, 8, 64), meta(1, 2, 8, 32), 32)
     assert "top-k 129" in improved_triton.triton_exact_unavailable(meta(1, 2, 8, 64), meta(1, 2, 8, 64), 129)
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("keys,dim,num_clusters,top_k", [
+    (300, 32, 7, 2),     # 3 key blocks, 2 of them candidates; partial last block
+    (1000, 64, 100, 5),  # 8 blocks, 5 candidates
+    (70, 16, 130, 4),    # one partial block: every key a candidate
+])
+def test_centroid_logits_and_top_keys_match_fp64(dtype, keys, dim, num_clusters, top_k):
+    """Logits and log-sum-exp as from float64 products of the fp32 centroids and the keys
+    (the three-part split keeps every product exact: error at fp32 rounding, not the
+    dtype's); the top keys are those of the float64 logits."""
+    gen = torch.Generator().manual_seed(keys)
+    qbar = (3 * torch.randn(3, num_clusters, dim, generator=gen)).to(DEVICE)
+    key = torch.randn(3, keys, dim, generator=gen).to(DEVICE, dtype)
+    scale = dim ** -0.5
+    expected = scale * torch.einsum("rcd,rsd->rcs", qbar.double(), key.double())
+    tol = 1e-5 * (1 + expected.abs().max().item())
+
+    logits, block_max, lse = improved_triton.centroid_logits(qbar, key, scale)
+    blocks, block_n = logits.shape[2:]
+    assert logits.dtype == lse.dtype == torch.float32 and blocks == -(-keys // block_n)
+    flat = logits.reshape(3, num_clusters, blocks * block_n)
+    assert (flat[..., :keys].double() - expected).abs().max().item() <= tol
+    assert torch.isneginf(flat[..., keys:]).all()
+    assert torch.equal(block_max, logits.amax(-1))
+    assert torch.allclose(lse.double(), torch.logsumexp(expected, -1), rtol=0, atol=1e-5)
+
+    lse_again, top = improved_triton.centroid_top_keys(qbar, key, scale, top_k)
+    assert torch.equal(lse_again, lse) and top.shape == (3, num_clusters, top_k)
+    assert all(len(set(row.tolist())) == top_k for row in top.reshape(-1, top_k))  # distinct keys
+    chosen = expected.gather(-1, top).sort(-1, descending=True).values
+    assert (chosen - expected.topk(top_k, dim=-1).values).abs().max().item() <= tol

@@ -491,10 +491,15 @@ class CudaOps:
         v_rows = value.reshape(rows, keys, dim)
         lse = qbar.new_empty(rows, num_clusters)
         top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=query.device)
+        fused_logits = improved_triton.triton_exact_unavailable(query, value, top_k) is None
         for r0, r1 in _row_chunks(rows, num_clusters, keys):
-            logits = torch.bmm(qbar[r0:r1], k_rows[r0:r1].float().transpose(1, 2)).mul_(scale)
-            lse[r0:r1] = torch.logsumexp(logits, dim=-1)
-            top[r0:r1] = torch.topk(logits, top_k, dim=-1).indices
+            if fused_logits:  # no fp32 copy of the keys, no passes over the logits for the lse
+                lse[r0:r1], top[r0:r1] = improved_triton.centroid_top_keys(qbar[r0:r1], k_rows[r0:r1], scale,
+                                                                            top_k)
+            else:
+                logits = torch.bmm(qbar[r0:r1], k_rows[r0:r1].float().transpose(1, 2)).mul_(scale)
+                lse[r0:r1] = torch.logsumexp(logits, dim=-1)
+                top[r0:r1] = torch.topk(logits, top_k, dim=-1).indices
         out_c, _, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
         centroid_values = out_c.reshape(rows, num_clusters, dim).float()
         top_probs = torch.exp(torch.einsum("rcd,rckd->rck", qbar, self._top_rows(k_rows, top)) * scale

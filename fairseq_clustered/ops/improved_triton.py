@@ -12,6 +12,13 @@ The CUDA kernels of ``cuda/attention.cu`` compute it one query per warp with fp3
 multiply-adds and a shared-memory cache of the cluster's rows; they stay the path for
 key padding, dropout, fp32 and top-k > 128.
 
+The forward's top-k selection needs the centroids' fp32 logits over all keys and their
+log-sum-exp: :func:`centroid_logits` computes both in one pass on tensor cores (the fp32
+centroids split into three half-precision parts, so products stay exact), instead of an
+fp32 copy of the keys, an fp32 matrix product and three passes of ``torch.logsumexp``;
+:func:`centroid_top_keys` then selects the top keys among the key blocks with the largest
+maxima only.
+
 Work items. Cluster ``j`` of row ``r`` has ``ceil(n_j / BLOCK_M)`` member blocks; their
 count over the clusters of a row is at most ``ceil(N / BLOCK_M) + C``, so the grid is
 ``(ceil(N / BLOCK_M) + C, rows)`` and each program finds its (cluster, block) from the
@@ -30,20 +37,22 @@ with the CUDA kernel).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ._triton import MISSING, power_of_two_in, tl, triton
 
-__all__ = ["triton_exact_unavailable", "exact_top_keys_fwd", "exact_top_keys_bwd"]
+__all__ = ["triton_exact_unavailable", "centroid_logits", "centroid_top_keys", "exact_top_keys_fwd",
+           "exact_top_keys_bwd"]
 
 MAX_TOP_K = 128  # BLOCK_M x top-k fp32 logits must stay in registers
 MIN_TILE = 16  # tl.dot's smallest tile
 LOG2E = 1.4426950408889634
 # Members per program and warps; chosen on an H100 at N = 32k, D = 64, k = 32 (benchmarks/NOTES.md).
-LAUNCH = {"fwd": {"BLOCK_M": 64, "num_warps": 4}, "bwd": {"BLOCK_M": 64, "num_warps": 4}}
+LAUNCH = {"fwd": {"BLOCK_M": 64, "num_warps": 4}, "bwd": {"BLOCK_M": 64, "num_warps": 4},
+          "logits": {"BLOCK_N": 64, "BLOCK_C": 128, "num_warps": 4}}
 
 
 def triton_exact_unavailable(query: Tensor, value: Tensor, top_k: int) -> Optional[str]:
@@ -164,11 +173,103 @@ if triton is not None:
             tl.atomic_add(GRAD_V + top_rows, grad_v, mask=top_ok[:, None])
 
 
+    @triton.jit
+    def _centroid_logits_kernel(QBAR, K, LOGITS, BLOCK_MAX, BLOCK_SUM, num_clusters, keys, key_blocks, scale,
+                                DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (key block, row, centroid block): ``LOGITS (rows, C, key_blocks BLOCK_N)``
+        fp32 = scale qbar . k (-inf past the last key), and the block's softmax statistics
+        ``BLOCK_MAX``, ``BLOCK_SUM`` ``(rows, C, key_blocks)`` (max, sum of exp(logit - max)).
+
+        QBAR (rows, C, DIM) fp32 is split into three parts of K's dtype (hi + mid + lo),
+        so each product is exact and only the fp32 summation order differs from an fp32
+        matrix product."""
+        block = tl.program_id(0)
+        row = tl.program_id(1).to(tl.int64)
+        centroids = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        key_index = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        feats = tl.arange(0, DIM)
+        c_ok = centroids < num_clusters
+        k_ok = key_index < keys
+        qbar = tl.load(QBAR + (row * num_clusters + centroids)[:, None] * DIM + feats[None, :], mask=c_ok[:, None],
+                       other=0.0)
+        k = tl.load(K + (row * keys + key_index)[:, None] * DIM + feats[None, :], mask=k_ok[:, None], other=0.0)
+        k_t = tl.trans(k)
+        hi = qbar.to(k.dtype)
+        remainder = qbar - hi.to(tl.float32)
+        mid = remainder.to(k.dtype)
+        lo = (remainder - mid.to(tl.float32)).to(k.dtype)
+        logits = (tl.dot(hi, k_t) + tl.dot(mid, k_t) + tl.dot(lo, k_t)) * scale
+        logits = tl.where(k_ok[None, :], logits, float("-inf"))
+        tile = (row * num_clusters + centroids)[:, None] * (key_blocks * BLOCK_N) + key_index[None, :]
+        tl.store(LOGITS + tile, logits, mask=c_ok[:, None])
+        block_max = tl.max(logits, 1)
+        block_sum = tl.sum(tl.exp(logits - block_max[:, None]), 1)
+        stats = (row * num_clusters + centroids) * key_blocks + block
+        tl.store(BLOCK_MAX + stats, block_max, mask=c_ok)
+        tl.store(BLOCK_SUM + stats, block_sum, mask=c_ok)
+
+
+def centroid_logits(qbar: Tensor, key: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Scaled centroid logits, per key block, as an fp32 matrix product would give them.
+
+    Args:
+        qbar: ``(rows, C, D)`` fp32 centroids. key: ``(rows, S, D)`` fp16 / bf16.
+
+    Returns:
+        ``logits (rows, C, blocks, BLOCK_N)`` fp32 (-inf past key ``S``), each block's
+        largest logit ``(rows, C, blocks)`` and the log-sum-exp over all keys ``(rows, C)``.
+    """
+    rows, num_clusters, dim = qbar.shape
+    keys = key.shape[1]
+    qbar, key = qbar.contiguous(), key.contiguous()
+    options = dict(LAUNCH["logits"])
+    block_n, block_c = options.pop("BLOCK_N"), min(options.pop("BLOCK_C"), _tile(num_clusters))
+    key_blocks = triton.cdiv(keys, block_n)
+    logits = qbar.new_empty(rows, num_clusters, key_blocks, block_n)
+    block_max = qbar.new_empty(rows, num_clusters, key_blocks)
+    block_sum = torch.empty_like(block_max)
+    _centroid_logits_kernel[(key_blocks, rows, triton.cdiv(num_clusters, block_c))](
+        qbar, key, logits, block_max, block_sum, num_clusters, keys, key_blocks, scale,
+        DIM=dim, BLOCK_C=block_c, BLOCK_N=block_n, **options,
+    )
+    top = block_max.amax(-1, keepdim=True)
+    lse = (block_sum * torch.exp(block_max - top)).sum(-1).log_() + top.squeeze(-1)
+    return logits, block_max, lse
+
+
+def centroid_top_keys(qbar: Tensor, key: Tensor, scale: float, top_k: int) -> Tuple[Tensor, Tensor]:
+    """Each centroid's ``top_k`` keys by logit, and the log-sum-exp of its logits.
+
+    The ``top_k`` largest logits of a row lie in at most ``top_k`` key blocks, those with
+    the largest block maxima (a block whose maximum is below the ``top_k``-th largest
+    logit holds none of them), so the selection runs over those blocks' logits only:
+    ``top_k x BLOCK_N`` candidates instead of ``S``.
+
+    Args:
+        qbar: ``(rows, C, D)`` fp32. key: ``(rows, S, D)`` fp16 / bf16. top_k: ``<= S``.
+
+    Returns:
+        ``lse (rows, C)`` fp32 and ``top (rows, C, top_k)`` int64 key indices, largest first.
+    """
+    logits, block_max, lse = centroid_logits(qbar, key, scale)
+    rows, num_clusters, key_blocks, block_n = logits.shape
+    if top_k >= key_blocks:  # the candidates would be every key
+        flat = logits.reshape(rows, num_clusters, key_blocks * block_n)
+        return lse, torch.topk(flat, top_k, dim=-1).indices
+    blocks = torch.topk(block_max, top_k, dim=-1).indices  # (rows, C, top_k)
+    candidates = logits.gather(2, blocks.unsqueeze(-1).expand(-1, -1, -1, block_n))
+    best = torch.topk(candidates.reshape(rows, num_clusters, top_k * block_n), top_k, dim=-1).indices
+    return lse, blocks.gather(-1, best // block_n) * block_n + best % block_n
+
+
+def _tile(size: int) -> int:
+    return max(MIN_TILE, triton.next_power_of_2(size))
+
+
 def _grid_and_tiles(query: Tensor, num_clusters: int, top_k: int, block_m: int):
     rows, length = query.shape[0] * query.shape[1], query.shape[2]
     grid = (triton.cdiv(length, block_m) + num_clusters, rows)
-    tiles = dict(DIM=query.shape[-1], BLOCK_K=max(MIN_TILE, triton.next_power_of_2(top_k)),
-                 BLOCK_C=max(MIN_TILE, triton.next_power_of_2(num_clusters)))
+    tiles = dict(DIM=query.shape[-1], BLOCK_K=_tile(top_k), BLOCK_C=_tile(num_clusters))
     return grid, tiles
 
 
