@@ -25,13 +25,15 @@ DTYPES = [torch.bfloat16, torch.float16] if on_gpu else [torch.float16]
 
 
 def problem(length, keys, dim, num_clusters, top_k, dtype, seed):
-    """Random inputs with some empty clusters and one large one; top keys distinct per cluster."""
+    """Random inputs with some empty clusters, one large one and 1 in 10 queries in none
+    (padded: cluster -1); top keys distinct per cluster."""
     gen = torch.Generator().manual_seed(seed)
     rows = 2
     q, k, v, grad_out = (torch.randn(1, rows, n, dim, generator=gen).to(DEVICE, dtype)
                          for n in (length, keys, keys, length))
     assignments = torch.randint(0, num_clusters - 2, (1, rows, length), generator=gen)  # the last two empty
     assignments[..., : length // 3] = 0  # one cluster larger than a block of members
+    assignments[..., ::10] = -1
     assignments = assignments.to(DEVICE)
     top = torch.stack([torch.randperm(keys, generator=gen)[:top_k] for _ in range(rows * num_clusters)])
     top = top.reshape(rows, num_clusters, top_k).to(DEVICE)
@@ -45,7 +47,7 @@ def brute_force_exact(q, k, v, assignments, top, scale):
     """exact_i = softmax_t(scale q_i . k_t) v_t over the top keys of i's cluster, float64."""
     rows = top.shape[0]
     q, k, v = (x.double().reshape(rows, -1, x.shape[-1]) for x in (q, k, v))
-    clusters = assignments.reshape(rows, -1)
+    clusters = assignments.reshape(rows, -1).clamp(min=0)  # padded queries: masked by the caller
     top_of_query = top.gather(1, clusters[..., None].expand(-1, -1, top.shape[-1]))  # (rows, N, K)
     k_top = k.gather(1, top_of_query.reshape(rows, -1, 1).expand(-1, -1, k.shape[-1])).reshape(*top_of_query.shape, -1)
     v_top = v.gather(1, top_of_query.reshape(rows, -1, 1).expand(-1, -1, v.shape[-1])).reshape(*top_of_query.shape, -1)
@@ -75,13 +77,14 @@ def test_exact_products_match_brute_force(dtype, length, keys, dim, num_clusters
 
     out = improved_triton.exact_top_keys_fwd(q, k, v, order, seg_start, top, mass, rest, scale)
     exact, clusters = brute_force_exact(q, k, v, assignments, top, scale)
-    per_query = lambda t: t.double().gather(1, clusters[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+    clustered = (assignments.reshape(rows, length, 1) >= 0).double()
+    per_query = lambda t: clustered * t.double().gather(1, clusters[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
     expected = per_query(mass[..., None]) * exact + per_query(rest)
     assert out.dtype == dtype and out.shape == q.shape
     assert_close(out.reshape(rows, length, dim), expected, dtype)
 
     grad_dot = improved_triton.exact_top_keys_fwd(q, k, v, order, seg_start, top, mass, rest, scale, grad_out)
-    assert_close(grad_dot, (grad_out.double().reshape(rows, length, dim) * exact).sum(-1), dtype)
+    assert_close(grad_dot, (clustered * grad_out.double().reshape(rows, length, dim) * exact).sum(-1), dtype)
 
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
     exact64, _ = brute_force_exact(*leaves, assignments, top, scale)
@@ -111,14 +114,14 @@ def test_what_the_triton_path_does_not_take():
 @runs_here
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("keys,dim,num_clusters,top_k", [
-    (300, 32, 7, 2),     # 3 key blocks, 2 of them candidates; partial last block
-    (1000, 64, 100, 5),  # 8 blocks, 5 candidates
-    (70, 16, 130, 4),    # one partial block: every key a candidate
+    (300, 32, 7, 2),     # 5 key blocks of 64, 2 of them candidates; partial last block
+    (1000, 64, 100, 5),  # 16 blocks, 5 candidates
+    (70, 16, 130, 4),    # 2 blocks, the second partial: every key a candidate
 ])
-def test_centroid_logits_and_top_keys_match_fp64(dtype, keys, dim, num_clusters, top_k):
-    """Logits and log-sum-exp as from float64 products of the fp32 centroids and the keys
-    (the three-part split keeps every product exact: error at fp32 rounding, not the
-    dtype's); the top keys are those of the float64 logits."""
+def test_block_stats_candidates_and_top_keys_match_fp64(dtype, keys, dim, num_clusters, top_k):
+    """Block maxima, log-sum-exp and candidate logits as from float64 products of the fp32
+    centroids and the keys (error at fp32 rounding, not the dtype's: the three-part split
+    keeps every product exact); the top keys are those of the float64 logits."""
     gen = torch.Generator().manual_seed(keys)
     qbar = (3 * torch.randn(3, num_clusters, dim, generator=gen)).to(DEVICE)
     key = torch.randn(3, keys, dim, generator=gen).to(DEVICE, dtype)
@@ -126,17 +129,41 @@ def test_centroid_logits_and_top_keys_match_fp64(dtype, keys, dim, num_clusters,
     expected = scale * torch.einsum("rcd,rsd->rcs", qbar.double(), key.double())
     tol = 1e-5 * (1 + expected.abs().max().item())
 
-    logits, block_max, lse = improved_triton.centroid_logits(qbar, key, scale)
-    blocks, block_n = logits.shape[2:]
-    assert logits.dtype == lse.dtype == torch.float32 and blocks == -(-keys // block_n)
-    flat = logits.reshape(3, num_clusters, blocks * block_n)
-    assert (flat[..., :keys].double() - expected).abs().max().item() <= tol
-    assert torch.isneginf(flat[..., keys:]).all()
-    assert torch.equal(block_max, logits.amax(-1))
+    block_max, lse = improved_triton.centroid_block_stats(qbar, key, scale)
+    block_n = improved_triton.LAUNCH["logits"]["BLOCK_N"]
+    blocks = block_max.shape[-1]
+    assert block_max.dtype == lse.dtype == torch.float32 and blocks == -(-keys // block_n)
+    padded = torch.full((3, num_clusters, blocks * block_n), float("-inf"), dtype=torch.float64, device=DEVICE)
+    padded[..., :keys] = expected
+    padded = padded.reshape(3, num_clusters, blocks, block_n)
+    assert (block_max.double() - padded.amax(-1)).abs().max().item() <= tol
     assert torch.allclose(lse.double(), torch.logsumexp(expected, -1), rtol=0, atol=1e-5)
 
+    chosen_blocks = torch.randint(0, blocks, (3, num_clusters, 2), generator=gen).to(DEVICE)
+    candidates = improved_triton.candidate_logits(qbar, key, chosen_blocks, scale)
+    want = padded.gather(2, chosen_blocks[..., None].expand(-1, -1, -1, block_n))
+    assert torch.equal(torch.isneginf(candidates), torch.isneginf(want))
+    finite = torch.isfinite(want)
+    assert (candidates.double()[finite] - want[finite]).abs().max().item() <= tol
+
     lse_again, top = improved_triton.centroid_top_keys(qbar, key, scale, top_k)
-    assert torch.equal(lse_again, lse) and top.shape == (3, num_clusters, top_k)
+    assert torch.allclose(lse_again, lse) and top.shape == (3, num_clusters, top_k)
     assert all(len(set(row.tolist())) == top_k for row in top.reshape(-1, top_k))  # distinct keys
     chosen = expected.gather(-1, top).sort(-1, descending=True).values
     assert (chosen - expected.topk(top_k, dim=-1).values).abs().max().item() <= tol
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_second", [False, True])
+def test_sum_gradients_adds_in_fp32_and_rounds_once(dtype, with_second):
+    gen = torch.Generator().manual_seed(3)
+    batch, heads, keys, dim = 2, 3, 70, 32  # 70 keys: a partial block
+    sparse = torch.randn(batch * heads, keys, dim, generator=gen).to(DEVICE)
+    # flash returns (B, S, H, D) storage viewed as (B, H, S, D): non-contiguous inputs
+    first, second = (torch.randn(batch, keys, heads, dim, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+                     for _ in range(2))
+    out = improved_triton.sum_gradients(sparse, first, second if with_second else None)
+    expected = sparse.reshape(batch, heads, keys, dim) + first.float() + (second.float() if with_second else 0)
+    assert out.dtype == dtype and out.is_contiguous() and out.shape == first.shape
+    assert torch.equal(out, expected.to(dtype))

@@ -489,14 +489,12 @@ class CudaOps:
         rows, keys = batch * heads, key.shape[2]
         k_rows = key.reshape(rows, keys, dim)
         v_rows = value.reshape(rows, keys, dim)
-        lse = qbar.new_empty(rows, num_clusters)
-        top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=query.device)
-        fused_logits = improved_triton.triton_exact_unavailable(query, value, top_k) is None
-        for r0, r1 in _row_chunks(rows, num_clusters, keys):
-            if fused_logits:  # no fp32 copy of the keys, no passes over the logits for the lse
-                lse[r0:r1], top[r0:r1] = improved_triton.centroid_top_keys(qbar[r0:r1], k_rows[r0:r1], scale,
-                                                                            top_k)
-            else:
+        if improved_triton.triton_exact_unavailable(query, value, top_k) is None:  # no (C, S) logits
+            lse, top = improved_triton.centroid_top_keys(qbar, k_rows, scale, top_k)
+        else:
+            lse = qbar.new_empty(rows, num_clusters)
+            top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=query.device)
+            for r0, r1 in _row_chunks(rows, num_clusters, keys):
                 logits = torch.bmm(qbar[r0:r1], k_rows[r0:r1].float().transpose(1, 2)).mul_(scale)
                 lse[r0:r1] = torch.logsumexp(logits, dim=-1)
                 top[r0:r1] = torch.topk(logits, top_k, dim=-1).indices
@@ -533,8 +531,10 @@ class CudaOps:
         qb = ctx[0]
         dqb, dk, dv = self._attn_bwd(grad_rest.reshape(batch, heads, num_clusters, dim).to(query.dtype), ctx)
         grad_centroids = dqb.reshape(rows, num_clusters, dim).float()
-        dk32 = dk.reshape(rows, keys, dim).float()
-        dv32 = dv.reshape(rows, keys, dim).float()
+        # The top keys' gradients (sparse; the exact part's kernel adds into them too), in
+        # fp32, added to flash's dense key and value gradients at the end.
+        dk32 = qbar.new_zeros(rows, keys, dim)
+        dv32 = qbar.new_zeros(rows, keys, dim)
 
         # Top entries: f = sum_j gm_j m_j - G_j . sum_t A_jt v_t, so df/dA_jt = a_jt.
         a = grad_mass - torch.einsum("rcd,rckd->rck", grad_rest, top_values)
@@ -550,17 +550,17 @@ class CudaOps:
         grad_centroids = grad_centroids - scale * c.unsqueeze(-1) * k_out.reshape(rows, num_clusters, dim).float()
         x = (-scale * c.unsqueeze(-1) * qbar).reshape(batch, heads, num_clusters, dim).to(query.dtype)
         _, _, dk_lse = self._attn_bwd(x, k_ctx)
-        dk32 = (dk32 + dk_lse.reshape(rows, keys, dim).float()).contiguous()
-        dv32 = dv32.contiguous()
 
         dq_bar = (grad_centroids / counts.clamp(min=1).unsqueeze(-1)).contiguous()
         # The kernels add the exact top-key parts into dk32 / dv32 in place.
         if improved_triton.triton_exact_unavailable(query, value, top_k) is None:
             dq = improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, dq_bar,
                                                     scale, dk32, dv32)
-        else:
-            dq = self.ext.improved_exact_bwd(grad_out, query, key, value, assignments, order, top, None, None, mass,
-                                             dq_bar, scale, dk32, dv32)
+            return dq, improved_triton.sum_gradients(dk32, dk, dk_lse), improved_triton.sum_gradients(dv32, dv)
+        dq = self.ext.improved_exact_bwd(grad_out, query, key, value, assignments, order, top, None, None, mass,
+                                         dq_bar, scale, dk32, dv32)
+        dk32 += dk.reshape(dk32.shape).float() + dk_lse.reshape(dk32.shape).float()
+        dv32 += dv.reshape(dv32.shape).float()
         return dq, dk32.reshape(key.shape).to(key.dtype), dv32.reshape(value.shape).to(value.dtype)
 
 

@@ -13,17 +13,19 @@ multiply-adds and a shared-memory cache of the cluster's rows; they stay the pat
 key padding, dropout, fp32 and top-k > 128.
 
 The forward's top-k selection needs the centroids' fp32 logits over all keys and their
-log-sum-exp: :func:`centroid_logits` computes both in one pass on tensor cores (the fp32
-centroids split into three half-precision parts, so products stay exact), instead of an
-fp32 copy of the keys, an fp32 matrix product and three passes of ``torch.logsumexp``;
-:func:`centroid_top_keys` then selects the top keys among the key blocks with the largest
-maxima only.
+log-sum-exp. :func:`centroid_top_keys` gets them without the ``(C, S)`` fp32 matrix: one
+pass on tensor cores (the fp32 centroids split into three half-precision parts, so
+products stay exact) gives each key block's largest logit and the log-sum-exp; the top
+keys lie in the ``top_k`` blocks with the largest maxima, whose logits are recomputed and
+searched. It replaces an fp32 copy of the keys, an fp32 matrix product, three passes of
+``torch.logsumexp`` and ``torch.topk`` over all keys.
 
-Work items. Cluster ``j`` of row ``r`` has ``ceil(n_j / BLOCK_M)`` member blocks; their
-count over the clusters of a row is at most ``ceil(N / BLOCK_M) + C``, so the grid is
-``(ceil(N / BLOCK_M) + C, rows)`` and each program finds its (cluster, block) from the
-prefix sum of the per-cluster block counts (``C`` values, one vector in registers);
-programs past the row's last block return at once. No host synchronisation.
+Work items. Cluster ``j`` of row ``r`` has ``ceil(n_j / BLOCK_M)`` member blocks, and the
+queries in no cluster (padded; zeros out, no gradient) one more run; the count of blocks
+over a row is at most ``ceil(N / BLOCK_M) + C + 1``, so that is the grid's first dim and
+each program finds its (cluster, block) from the prefix sum of the per-cluster block
+counts (``C`` values, one vector in registers); programs past the row's last block
+return at once. No host synchronisation.
 
 Forward (:func:`exact_top_keys_fwd`): ``out_i`` above, or, given ``grad_out``, the
 per-query ``grad_out_i . exact_i`` the backward needs for the gradient of the mass.
@@ -32,7 +34,8 @@ Backward (:func:`exact_top_keys_bwd`): with ``p`` the top-key softmax and
 ``dq_i = scale ds K_T + dq_bar_j`` (written, one writer per query),
 ``dK_T += scale ds^T Q``, ``dV_T += mass_j p^T grad_out`` (atomically added to fp32
 buffers: clusters can share keys; the backward is therefore not bit-reproducible, as
-with the CUDA kernel).
+with the CUDA kernel). :func:`sum_gradients` adds those buffers to flash attention's
+half-precision key and value gradients and rounds once, in one pass.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ from torch import Tensor
 
 from ._triton import MISSING, power_of_two_in, tl, triton
 
-__all__ = ["triton_exact_unavailable", "centroid_logits", "centroid_top_keys", "exact_top_keys_fwd",
-           "exact_top_keys_bwd"]
+__all__ = ["triton_exact_unavailable", "centroid_block_stats", "candidate_logits", "centroid_top_keys",
+           "exact_top_keys_fwd", "exact_top_keys_bwd", "sum_gradients"]
 
 MAX_TOP_K = 128  # BLOCK_M x top-k fp32 logits must stay in registers
 MIN_TILE = 16  # tl.dot's smallest tile
@@ -74,8 +77,10 @@ if triton is not None:
 
     @triton.jit
     def _work_item(SEG_START, row, num_clusters, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        """-> (cluster, first sorted position, end of the cluster's positions, live) of
-        this program's member block (``live`` False past the row's last block)."""
+        """-> (cluster, first sorted position, end of the run, active) of this program's
+        member block. Cluster -1: a block of the queries in no cluster (padded), which
+        sort first, before ``SEG_START[row, 0]``, and get zeros; ``active`` is False past
+        the row's last block."""
         clusters = tl.arange(0, BLOCK_C)
         in_range = clusters < num_clusters
         starts = tl.load(SEG_START + row * (num_clusters + 1) + clusters, mask=in_range, other=0)
@@ -88,7 +93,12 @@ if triton is not None:
         block = item - tl.sum(tl.where(mine, through - blocks, 0), 0)
         start = tl.sum(tl.where(mine, starts, 0), 0) + block * BLOCK_M
         end = tl.sum(tl.where(mine, ends, 0), 0)
-        return cluster, start, end, cluster < num_clusters
+        if cluster >= num_clusters:  # past the clusters' blocks: the unclustered run, if any
+            unclustered = tl.load(SEG_START + row * (num_clusters + 1))
+            start = (item - tl.sum(blocks, 0)) * BLOCK_M
+            end = unclustered
+            cluster = -1
+        return cluster, start, end, start < end
 
     @triton.jit
     def _top_softmax(q, k_top, top_ok, qk_scale):
@@ -107,13 +117,18 @@ if triton is not None:
         SEG_START: (rows, C + 1) int64; TOP: (rows, C, top_k) int64; MASS: (rows, C) fp32;
         REST: (rows, C, DIM) fp32; GRAD_DOT: (rows, N) fp32. All contiguous."""
         row = tl.program_id(1).to(tl.int64)
-        cluster, start, end, live = _work_item(SEG_START, row, num_clusters, BLOCK_M, BLOCK_C)
-        if live:
-            feats = tl.arange(0, DIM)
-            positions = start + tl.arange(0, BLOCK_M)
-            member = positions < end
-            queries = tl.load(ORDER + row * length + positions, mask=member, other=0)
-            query_rows = (row * length + queries)[:, None] * DIM + feats[None, :]
+        cluster, start, end, active = _work_item(SEG_START, row, num_clusters, BLOCK_M, BLOCK_C)
+        feats = tl.arange(0, DIM)
+        positions = start + tl.arange(0, BLOCK_M)
+        member = positions < end
+        queries = tl.load(ORDER + row * length + positions, mask=member, other=0)  # all False when inactive
+        query_rows = (row * length + queries)[:, None] * DIM + feats[None, :]
+        if active and cluster < 0:  # queries in no cluster: zeros
+            if GRAD_MODE:
+                tl.store(GRAD_DOT + row * length + queries, tl.zeros((BLOCK_M,), tl.float32), mask=member)
+            else:
+                tl.store(OUT + query_rows, tl.zeros((BLOCK_M, DIM), OUT.dtype.element_ty), mask=member[:, None])
+        elif active:
             q = tl.load(Q + query_rows, mask=member[:, None], other=0.0)
             slots = tl.arange(0, BLOCK_K)
             top_ok = slots < top_k
@@ -141,13 +156,15 @@ if triton is not None:
         GRAD_Q: (rows, N, DIM) in the input dtype; GRAD_K, GRAD_V: (rows, S, DIM) fp32,
         added to."""
         row = tl.program_id(1).to(tl.int64)
-        cluster, start, end, live = _work_item(SEG_START, row, num_clusters, BLOCK_M, BLOCK_C)
-        if live:
-            feats = tl.arange(0, DIM)
-            positions = start + tl.arange(0, BLOCK_M)
-            member = positions < end
-            queries = tl.load(ORDER + row * length + positions, mask=member, other=0)
-            query_rows = (row * length + queries)[:, None] * DIM + feats[None, :]
+        cluster, start, end, active = _work_item(SEG_START, row, num_clusters, BLOCK_M, BLOCK_C)
+        feats = tl.arange(0, DIM)
+        positions = start + tl.arange(0, BLOCK_M)
+        member = positions < end
+        queries = tl.load(ORDER + row * length + positions, mask=member, other=0)  # all False when inactive
+        query_rows = (row * length + queries)[:, None] * DIM + feats[None, :]
+        if active and cluster < 0:  # queries in no cluster: no gradient
+            tl.store(GRAD_Q + query_rows, tl.zeros((BLOCK_M, DIM), GRAD_Q.dtype.element_ty), mask=member[:, None])
+        elif active:
             q = tl.load(Q + query_rows, mask=member[:, None], other=0.0)
             mass = tl.load(MASS + row * num_clusters + cluster)
             # The exact part enters the output scaled by the mass.
@@ -174,11 +191,11 @@ if triton is not None:
 
 
     @triton.jit
-    def _centroid_logits_kernel(QBAR, K, LOGITS, BLOCK_MAX, BLOCK_SUM, num_clusters, keys, key_blocks, scale,
-                                DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Program (key block, row, centroid block): ``LOGITS (rows, C, key_blocks BLOCK_N)``
-        fp32 = scale qbar . k (-inf past the last key), and the block's softmax statistics
-        ``BLOCK_MAX``, ``BLOCK_SUM`` ``(rows, C, key_blocks)`` (max, sum of exp(logit - max)).
+    def _centroid_block_stats_kernel(QBAR, K, BLOCK_MAX, BLOCK_SUM, num_clusters, keys, key_blocks, scale,
+                                     DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (key block, row, centroid block): the softmax statistics of the block's
+        logits ``scale qbar . k``, ``BLOCK_MAX``, ``BLOCK_SUM`` ``(rows, C, key_blocks)``
+        (max, sum of exp(logit - max)); the logits themselves are not stored.
 
         QBAR (rows, C, DIM) fp32 is split into three parts of K's dtype (hi + mid + lo),
         so each product is exact and only the fp32 summation order differs from an fp32
@@ -200,50 +217,125 @@ if triton is not None:
         lo = (remainder - mid.to(tl.float32)).to(k.dtype)
         logits = (tl.dot(hi, k_t) + tl.dot(mid, k_t) + tl.dot(lo, k_t)) * scale
         logits = tl.where(k_ok[None, :], logits, float("-inf"))
-        tile = (row * num_clusters + centroids)[:, None] * (key_blocks * BLOCK_N) + key_index[None, :]
-        tl.store(LOGITS + tile, logits, mask=c_ok[:, None])
         block_max = tl.max(logits, 1)
         block_sum = tl.sum(tl.exp(logits - block_max[:, None]), 1)
         stats = (row * num_clusters + centroids) * key_blocks + block
         tl.store(BLOCK_MAX + stats, block_max, mask=c_ok)
         tl.store(BLOCK_SUM + stats, block_sum, mask=c_ok)
 
+    @triton.jit
+    def _candidate_logits_kernel(QBAR, K, BLOCKS, CANDIDATES, num_clusters, keys, num_blocks, scale,
+                                 DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (centroid, row): the logits of the centroid's chosen key blocks,
+        ``BLOCKS (rows, C, num_blocks)`` -> ``CANDIDATES (rows, C, num_blocks BLOCK_N)``
+        fp32 (-inf past the last key), by fp32 multiply-adds."""
+        centroid = tl.program_id(0).to(tl.int64) + tl.program_id(1).to(tl.int64) * num_clusters  # row * C + c
+        row = tl.program_id(1).to(tl.int64)
+        feats = tl.arange(0, DIM)
+        qbar = tl.load(QBAR + centroid * DIM + feats)
+        for slot in range(num_blocks):
+            block = tl.load(BLOCKS + centroid * num_blocks + slot)
+            key_index = block * BLOCK_N + tl.arange(0, BLOCK_N)
+            k_ok = key_index < keys
+            k = tl.load(K + (row * keys + key_index)[:, None] * DIM + feats[None, :], mask=k_ok[:, None], other=0.0)
+            logits = tl.sum(k.to(tl.float32) * qbar[None, :], 1) * scale
+            tl.store(CANDIDATES + (centroid * num_blocks + slot) * BLOCK_N + tl.arange(0, BLOCK_N),
+                     tl.where(k_ok, logits, float("-inf")))
 
-def centroid_logits(qbar: Tensor, key: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Scaled centroid logits, per key block, as an fp32 matrix product would give them.
+
+    @triton.jit
+    def _sum_gradients_kernel(SPARSE, FIRST, SECOND, OUT, heads, keys, first_b, first_h, first_s, second_b,
+                              second_h, second_s, DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SECOND: tl.constexpr):
+        """Program (key block, row): OUT = SPARSE (rows, S, DIM) fp32 + FIRST (+ SECOND), the
+        latter (B, H, S, DIM) of the output's dtype with the given strides, the feature
+        dim contiguous; summed in fp32, rounded once."""
+        row = tl.program_id(1).to(tl.int64)
+        batch, head = row // heads, row % heads
+        keys_here = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = keys_here[:, None] < keys
+        feats = tl.arange(0, DIM)[None, :]
+        flat = (row * keys + keys_here)[:, None] * DIM + feats
+        total = tl.load(SPARSE + flat, mask=ok, other=0.0)
+        total += tl.load(FIRST + batch * first_b + head * first_h + keys_here[:, None] * first_s + feats, mask=ok,
+                         other=0.0).to(tl.float32)
+        if HAS_SECOND:
+            total += tl.load(SECOND + batch * second_b + head * second_h + keys_here[:, None] * second_s + feats,
+                             mask=ok, other=0.0).to(tl.float32)
+        tl.store(OUT + flat, total.to(OUT.dtype.element_ty), mask=ok)
+
+
+def sum_gradients(sparse: Tensor, first: Tensor, second: Optional[Tensor] = None) -> Tensor:
+    """``sparse + first (+ second)`` in fp32, rounded once to ``first``'s dtype.
+
+    Args:
+        sparse: ``(B H, S, D)`` fp32 contiguous (the top keys' gradients).
+        first, second: ``(B, H, S, D)`` fp16 / bf16 (flash attention's key or value
+            gradients), any strides.
+
+    Returns:
+        ``(B, H, S, D)`` contiguous, ``first``'s dtype.
+    """
+    batch, heads, keys, dim = first.shape
+    parts = [x if x.stride(-1) == 1 else x.contiguous() for x in (first, first if second is None else second)]
+    out = torch.empty(batch, heads, keys, dim, dtype=first.dtype, device=first.device)
+    block = 64
+    _sum_gradients_kernel[(triton.cdiv(keys, block), batch * heads)](
+        sparse.contiguous(), parts[0], parts[1], out, heads, keys, *parts[0].stride()[:3], *parts[1].stride()[:3],
+        DIM=dim, BLOCK=block, HAS_SECOND=second is not None, num_warps=4,
+    )
+    return out
+
+
+def centroid_block_stats(qbar: Tensor, key: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """Per key block, the largest centroid logit; and the log-sum-exp over all keys, as an
+    fp32 matrix product would give them.
 
     Args:
         qbar: ``(rows, C, D)`` fp32 centroids. key: ``(rows, S, D)`` fp16 / bf16.
 
     Returns:
-        ``logits (rows, C, blocks, BLOCK_N)`` fp32 (-inf past key ``S``), each block's
-        largest logit ``(rows, C, blocks)`` and the log-sum-exp over all keys ``(rows, C)``.
+        ``block_max (rows, C, blocks)`` (blocks of ``LAUNCH["logits"]["BLOCK_N"]`` keys) and
+        ``lse (rows, C)``, fp32.
     """
     rows, num_clusters, dim = qbar.shape
     keys = key.shape[1]
-    qbar, key = qbar.contiguous(), key.contiguous()
     options = dict(LAUNCH["logits"])
     block_n, block_c = options.pop("BLOCK_N"), min(options.pop("BLOCK_C"), _tile(num_clusters))
     key_blocks = triton.cdiv(keys, block_n)
-    logits = qbar.new_empty(rows, num_clusters, key_blocks, block_n)
     block_max = qbar.new_empty(rows, num_clusters, key_blocks)
     block_sum = torch.empty_like(block_max)
-    _centroid_logits_kernel[(key_blocks, rows, triton.cdiv(num_clusters, block_c))](
-        qbar, key, logits, block_max, block_sum, num_clusters, keys, key_blocks, scale,
+    _centroid_block_stats_kernel[(key_blocks, rows, triton.cdiv(num_clusters, block_c))](
+        qbar, key, block_max, block_sum, num_clusters, keys, key_blocks, scale,
         DIM=dim, BLOCK_C=block_c, BLOCK_N=block_n, **options,
     )
     top = block_max.amax(-1, keepdim=True)
     lse = (block_sum * torch.exp(block_max - top)).sum(-1).log_() + top.squeeze(-1)
-    return logits, block_max, lse
+    return block_max, lse
+
+
+def candidate_logits(qbar: Tensor, key: Tensor, blocks: Tensor, scale: float) -> Tensor:
+    """The centroid logits over chosen key blocks: ``blocks (rows, C, n)`` int64 block
+    indices -> ``(rows, C, n, BLOCK_N)`` fp32, -inf past the last key."""
+    rows, num_clusters, dim = qbar.shape
+    block_n = LAUNCH["logits"]["BLOCK_N"]
+    blocks = blocks.contiguous()
+    candidates = qbar.new_empty(*blocks.shape, block_n)
+    _candidate_logits_kernel[(num_clusters, rows)](
+        qbar, key, blocks, candidates, num_clusters, key.shape[1], blocks.shape[-1], scale,
+        DIM=dim, BLOCK_N=block_n, num_warps=4,
+    )
+    return candidates
 
 
 def centroid_top_keys(qbar: Tensor, key: Tensor, scale: float, top_k: int) -> Tuple[Tensor, Tensor]:
-    """Each centroid's ``top_k`` keys by logit, and the log-sum-exp of its logits.
+    """Each centroid's ``top_k`` keys by logit, and the log-sum-exp of its logits, without
+    a ``(C, S)`` matrix of logits.
 
     The ``top_k`` largest logits of a row lie in at most ``top_k`` key blocks, those with
     the largest block maxima (a block whose maximum is below the ``top_k``-th largest
-    logit holds none of them), so the selection runs over those blocks' logits only:
-    ``top_k x BLOCK_N`` candidates instead of ``S``.
+    logit holds none of them). A first pass finds every block's maximum and the
+    log-sum-exp; the logits of the chosen blocks are then recomputed, ``top_k x BLOCK_N``
+    candidates per centroid, and the selection runs over them.
 
     Args:
         qbar: ``(rows, C, D)`` fp32. key: ``(rows, S, D)`` fp16 / bf16. top_k: ``<= S``.
@@ -251,14 +343,16 @@ def centroid_top_keys(qbar: Tensor, key: Tensor, scale: float, top_k: int) -> Tu
     Returns:
         ``lse (rows, C)`` fp32 and ``top (rows, C, top_k)`` int64 key indices, largest first.
     """
-    logits, block_max, lse = centroid_logits(qbar, key, scale)
-    rows, num_clusters, key_blocks, block_n = logits.shape
-    if top_k >= key_blocks:  # the candidates would be every key
-        flat = logits.reshape(rows, num_clusters, key_blocks * block_n)
-        return lse, torch.topk(flat, top_k, dim=-1).indices
-    blocks = torch.topk(block_max, top_k, dim=-1).indices  # (rows, C, top_k)
-    candidates = logits.gather(2, blocks.unsqueeze(-1).expand(-1, -1, -1, block_n))
-    best = torch.topk(candidates.reshape(rows, num_clusters, top_k * block_n), top_k, dim=-1).indices
+    qbar, key = qbar.contiguous(), key.contiguous()
+    block_max, lse = centroid_block_stats(qbar, key, scale)
+    rows, num_clusters, key_blocks = block_max.shape
+    if top_k >= key_blocks:  # every block is a candidate
+        blocks = torch.arange(key_blocks, device=key.device).expand(rows, num_clusters, -1)
+    else:
+        blocks = torch.topk(block_max, top_k, dim=-1).indices  # (rows, C, top_k)
+    candidates = candidate_logits(qbar, key, blocks, scale)
+    block_n = candidates.shape[-1]
+    best = torch.topk(candidates.reshape(rows, num_clusters, -1), top_k, dim=-1).indices
     return lse, blocks.gather(-1, best // block_n) * block_n + best % block_n
 
 
@@ -268,7 +362,7 @@ def _tile(size: int) -> int:
 
 def _grid_and_tiles(query: Tensor, num_clusters: int, top_k: int, block_m: int):
     rows, length = query.shape[0] * query.shape[1], query.shape[2]
-    grid = (triton.cdiv(length, block_m) + num_clusters, rows)
+    grid = (triton.cdiv(length, block_m) + num_clusters + 1, rows)  # see _work_item
     tiles = dict(DIM=query.shape[-1], BLOCK_K=_tile(top_k), BLOCK_C=_tile(num_clusters))
     return grid, tiles
 
