@@ -168,12 +168,12 @@ def test_composition_matches_reference_cpu(pad, dropout):
             assert max_err(x, y) < 1e-5
 
         for topk in (3, 40):
-            out, lse, top = ops.improved_fwd(q, k, v, a, kmask, keep, 4, topk, scale, dropout)
+            out, lse, top, centroids = ops.improved_fwd(q, k, v, a, kmask, keep, 4, topk, scale, dropout)
             ref_out, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(
                 q, k, v, a, kmask, keep, 4, topk, scale, dropout)
             assert torch.equal(top.sort(-1).values, ref_top.sort(-1).values)
             assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
-            grads = ops.improved_bwd(g, q, k, v, a, kmask, keep, ref_lse, ref_top, 4, scale, dropout)
+            grads = ops.improved_bwd(g, q, k, v, a, kmask, keep, ref_lse, ref_top, centroids, 4, scale, dropout)
             ref_grads = reference.improved_clustered_attention_bwd_ref(
                 g, q, k, v, a, kmask, keep, ref_lse, ref_top, 4, scale, dropout)
             for x, y in zip(grads, ref_grads):
@@ -215,13 +215,13 @@ def test_flash_path_algebra_cpu(topk):
     ck.KERNEL_DTYPES = old + (torch.float64,)
     try:
         scale = 32 ** -0.5
-        out, lse, top = ops.improved_fwd(q, k, v, a, None, None, 4, topk, scale, 0.0)
+        out, lse, top, centroids = ops.improved_fwd(q, k, v, a, None, None, 4, topk, scale, 0.0)
         ref_out, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(q, k, v, a, None, None, 4, topk,
                                                                                    scale, 0.0)
         assert torch.equal(top.sort(-1).values, ref_top.sort(-1).values)
         assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
         g = torch.randn_like(out)
-        grads = ops.improved_bwd(g, q, k, v, a, None, None, ref_lse, ref_top, 4, scale, 0.0)
+        grads = ops.improved_bwd(g, q, k, v, a, None, None, ref_lse, ref_top, centroids, 4, scale, 0.0)
         ref_grads = reference.improved_clustered_attention_bwd_ref(g, q, k, v, a, None, None, ref_lse, ref_top, 4,
                                                                    scale, 0.0)
         for name, x, y in zip("qkv", grads, ref_grads):
@@ -312,7 +312,8 @@ def test_improved_gpu(dtype, length, dim, pad):
     q, k, v, qmask, kmask, a = make_inputs(2, 3, length, length + 7, dim, dtype, "cuda", C, pad=pad)
     scale = dim ** -0.5
     d64 = [t.double() for t in (q, k, v)]
-    out, lse, top = custom_ops.improved_clustered_attention_fwd(q, k, v, a, kmask, None, C, topk, scale, 0.0)
+    out, lse, top, centroids = custom_ops.improved_clustered_attention_fwd(q, k, v, a, kmask, None, C, topk, scale,
+                                                                           0.0)
     ref_out, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(*d64, a, kmask, None, C, topk,
                                                                                scale, 0.0)
     low_out, _, _ = _lowp(reference.improved_clustered_attention_fwd_ref, q, k, v, a, kmask, None, C, topk, scale,
@@ -323,8 +324,8 @@ def test_improved_gpu(dtype, length, dim, pad):
     assert same > 0.99, f"top-key sets agree on only {same:.3f} of the centroids"
     _check("out", out, ref_out, low_out)
     g = torch.randn_like(out)
-    grads = custom_ops.improved_clustered_attention_bwd(g, q, k, v, a, kmask, None, ref_lse.float(), ref_top, C,
-                                                        scale, 0.0)
+    grads = custom_ops.improved_clustered_attention_bwd(g, q, k, v, a, kmask, None, ref_lse.float(), ref_top,
+                                                        centroids, C, scale, 0.0)
     ref_grads = reference.improved_clustered_attention_bwd_ref(g.double(), *d64, a, kmask, None, ref_lse, ref_top,
                                                                C, scale, 0.0)
     low_grads = _lowp(reference.improved_clustered_attention_bwd_ref, g, q, k, v, a, kmask, None,
@@ -348,10 +349,12 @@ def test_dropout_gpu(variant):
         grads = custom_ops.clustered_attention_bwd(g, q, k, v, a, kmask, keep, out, lse, centroids, C, 0.125, p)
         ref_grads = reference.clustered_attention_bwd_ref(g.double(), *d64, a, kmask, keep, ref_lse, C, 0.125, p)
     else:
-        out, lse, top = custom_ops.improved_clustered_attention_fwd(q, k, v, a, kmask, keep, C, 16, 0.125, p)
+        out, lse, top, centroids = custom_ops.improved_clustered_attention_fwd(q, k, v, a, kmask, keep, C, 16, 0.125,
+                                                                               p)
         ref_out, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(*d64, a, kmask, keep, C, 16,
                                                                                    0.125, p)
-        grads = custom_ops.improved_clustered_attention_bwd(g, q, k, v, a, kmask, keep, lse, ref_top, C, 0.125, p)
+        grads = custom_ops.improved_clustered_attention_bwd(g, q, k, v, a, kmask, keep, lse, ref_top, centroids, C,
+                                                            0.125, p)
         ref_grads = reference.improved_clustered_attention_bwd_ref(g.double(), *d64, a, kmask, keep, ref_lse,
                                                                    ref_top, C, 0.125, p)
     assert max_err(out, ref_out) < 1e-4

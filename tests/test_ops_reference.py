@@ -314,7 +314,8 @@ def opcheck_samples():
     codes = hash_queries(q, draw_hash_planes(12, 8, torch.Generator().manual_seed(0)))
     grad = torch.randn(2, 2, 11, 8)
     out, lse, centroids = custom_ops.clustered_attention_fwd(q, k, v, clusters, key_mask, keep, 4, 0.3, 0.2)
-    _, lse_i, top = custom_ops.improved_clustered_attention_fwd(q, k, v, clusters, key_mask, keep, 4, 3, 0.3, 0.2)
+    _, lse_i, top, centroids_i = custom_ops.improved_clustered_attention_fwd(q, k, v, clusters, key_mask, keep, 4, 3,
+                                                                             0.3, 0.2)
     req = lambda t: t.clone().requires_grad_()
     return [
         (custom_ops.hash_codes, (q, draw_hash_planes(12, 8, torch.Generator()), torch.zeros(12))),
@@ -325,7 +326,7 @@ def opcheck_samples():
         (custom_ops.improved_clustered_attention_fwd,
          (req(q), req(k), req(v), clusters, key_mask, keep, 4, 3, 0.3, 0.2)),
         (custom_ops.improved_clustered_attention_bwd,
-         (grad, q, k, v, clusters, key_mask, keep, lse_i, top, 4, 0.3, 0.2)),
+         (grad, q, k, v, clusters, key_mask, keep, lse_i, top, centroids_i, 4, 0.3, 0.2)),
     ]
 
 

@@ -229,7 +229,7 @@ def improved_clustered_attention(
         query, key, value, key_padding_mask, query_padding_mask, num_clusters, iterations, bits,
         planes, generator, scale, dropout_p, clusters,
     )
-    out, _, _ = custom_ops.improved_clustered_attention_fwd(
+    out, *_ = custom_ops.improved_clustered_attention_fwd(
         query, key, value, clusters, key_padding_mask, keep, num_clusters, topk, scale, float(dropout_p)
     )
     return out

@@ -344,17 +344,19 @@ class CudaOps:
         why = self._why_not(query, value, improved=True)
         if why is not None:
             warn_fallback("improved_clustered_attention_fwd", why)
-            return reference.improved_clustered_attention_fwd_ref(
+            out, lse, top_index = reference.improved_clustered_attention_fwd_ref(
                 query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p)
+            return out, lse, top_index, reference.cluster_centroids_ref(query, assignments, num_clusters)
         batch, heads, length, dim = query.shape
         keys = key.shape[2]
         top_k = min(topk, keys)
         assignments = assignments.contiguous()
         order, seg_start, _ = _segments(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
+        centroids = qbar.reshape(batch, heads, num_clusters, dim)  # for the backward
         if self._flash_ok(query, value, key_padding_mask, keep):
-            return self._improved_fwd_flash(query, key, value, assignments, order, seg_start, qbar, num_clusters,
-                                            top_k, scale)
+            return (*self._improved_fwd_flash(query, key, value, assignments, order, seg_start, qbar, num_clusters,
+                                              top_k, scale), centroids)
         k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
             key, value, key_padding_mask, keep, num_clusters, dropout_p)
         rows = batch * heads
@@ -383,10 +385,11 @@ class CudaOps:
         out = self.ext.improved_exact_fwd(query, key, value, None, assignments, order, top_index, mask, drop_top,
                                           mass, rest, scale)
         return (out, lse.reshape(batch, heads, num_clusters),
-                top_index.reshape(batch, heads, num_clusters, top_k))
+                top_index.reshape(batch, heads, num_clusters, top_k), centroids)
 
     def improved_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
-                     num_clusters, scale, dropout_p):
+                     centroids, num_clusters, scale, dropout_p):
+        """Gradients; ``centroids`` are the forward's (not computed again)."""
         why = self._why_not(query, value, improved=True)
         if why is not None:
             warn_fallback("improved_clustered_attention_bwd", why)
@@ -399,7 +402,7 @@ class CudaOps:
         top_k = top_index.shape[-1]
         assignments = assignments.contiguous()
         order, seg_start, counts = _segments(assignments, num_clusters)
-        qbar = self._centroids(query, order, seg_start)
+        qbar = centroids.reshape(rows, num_clusters, dim).float().contiguous()
         if self._flash_ok(query, value, key_padding_mask, keep):
             return self._improved_bwd_flash(grad_out, query, key, value, assignments, order, seg_start, counts, qbar,
                                             lse, top_index, num_clusters, scale)

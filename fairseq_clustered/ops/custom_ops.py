@@ -14,8 +14,8 @@ Ops (shapes as in :mod:`.reference`):
 * ``clustered_attention_fwd(q, k, v, assignments, key_padding_mask, keep, C, scale, p) -> (out, lse, centroids)``
 * ``clustered_attention_bwd(dout, q, k, v, assignments, key_padding_mask, keep, out, lse, centroids, C, scale, p)
   -> (dq, dk, dv)``: the forward's output and centroids spare the backward computing them again
-* ``improved_clustered_attention_fwd(..., C, topk, scale, p) -> (out, lse, top_index)``
-* ``improved_clustered_attention_bwd(dout, ..., lse, top_index, C, scale, p) -> (dq, dk, dv)``
+* ``improved_clustered_attention_fwd(..., C, topk, scale, p) -> (out, lse, top_index, centroids)``
+* ``improved_clustered_attention_bwd(dout, ..., lse, top_index, centroids, C, scale, p) -> (dq, dk, dv)``
 
 The ``*_fwd`` ops are differentiable with respect to q, k and v through the
 matching ``*_bwd`` op; clusters, top-key indices and dropout masks are constants.
@@ -153,19 +153,21 @@ def improved_clustered_attention_fwd(
     topk: int,
     scale: float,
     dropout_p: float,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    return reference.improved_clustered_attention_fwd_ref(
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    out, lse, top_index = reference.improved_clustered_attention_fwd_ref(
         query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p
     )
+    return out, lse, top_index, reference.cluster_centroids_ref(query, assignments, num_clusters)
 
 
 @improved_clustered_attention_fwd.register_fake
 def _(query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p):
-    batch, heads, length, _ = query.shape
+    batch, heads, length, dim = query.shape
+    acc = reference._compute_dtype(query.dtype)
     out = query.new_empty(batch, heads, length, value.shape[-1])
-    lse = query.new_empty(batch, heads, num_clusters, dtype=reference._compute_dtype(query.dtype))
+    lse = query.new_empty(batch, heads, num_clusters, dtype=acc)
     top_index = query.new_empty(batch, heads, num_clusters, min(topk, key.shape[2]), dtype=torch.int64)
-    return out, lse, top_index
+    return out, lse, top_index, query.new_empty(batch, heads, num_clusters, dim, dtype=acc)
 
 
 @torch.library.custom_op(f"{LIBRARY}::improved_clustered_attention_bwd", mutates_args=())
@@ -179,6 +181,7 @@ def improved_clustered_attention_bwd(
     keep: Optional[Tensor],
     lse: Tensor,
     top_index: Tensor,
+    centroids: Tensor,
     num_clusters: int,
     scale: float,
     dropout_p: float,
@@ -196,16 +199,16 @@ def _(grad_out, query, key, value, *args):
 
 def _setup_improved(ctx, inputs, output):
     query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p = inputs
-    _, lse, top_index = output
-    ctx.mark_non_differentiable(lse, top_index)
-    ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, lse, top_index)
+    _, lse, top_index, centroids = output
+    ctx.mark_non_differentiable(lse, top_index, centroids)
+    ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids)
     ctx.hyper = (num_clusters, scale, dropout_p)
 
 
-def _backward_improved(ctx, grad_out, grad_lse, grad_top_index):
-    query, key, value, assignments, key_padding_mask, keep, lse, top_index = ctx.saved_tensors
+def _backward_improved(ctx, grad_out, grad_lse, grad_top_index, grad_centroids):
+    query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids = ctx.saved_tensors
     dq, dk, dv = improved_clustered_attention_bwd(
-        grad_out.contiguous(), query, key, value, assignments, key_padding_mask, keep, lse, top_index,
+        grad_out.contiguous(), query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
         *ctx.hyper,
     )
     return dq, dk, dv, None, None, None, None, None, None, None
