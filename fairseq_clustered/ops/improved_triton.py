@@ -1,4 +1,5 @@
-"""The improved variant's exact top-key products on tensor cores (Triton).
+"""The improved variant's fp16 / bf16 path on tensor cores (Triton): top keys, exact
+top-key products, gradient sums.
 
 Improved clustered attention gives query ``i`` of cluster ``j``
 
@@ -53,7 +54,9 @@ __all__ = ["triton_exact_unavailable", "centroid_block_stats", "candidate_logits
 MAX_TOP_K = 128  # BLOCK_M x top-k fp32 logits must stay in registers
 MIN_TILE = 16  # tl.dot's smallest tile
 LOG2E = 1.4426950408889634
-# Members per program and warps; chosen on an H100 at N = 32k, D = 64, k = 32 (benchmarks/NOTES.md).
+# Members per program and warps (fwd / bwd), keys and centroids per program of the block
+# statistics (logits); chosen by sweeps of the improved step on an H100 at N = 32k, D = 64,
+# k = 32 (benchmarks/NOTES.md; the logits sweep was within run-to-run noise of 1-2 ms).
 LAUNCH = {"fwd": {"BLOCK_M": 64, "num_warps": 4}, "bwd": {"BLOCK_M": 64, "num_warps": 4},
           "logits": {"BLOCK_N": 64, "BLOCK_C": 128, "num_warps": 4}}
 
