@@ -112,6 +112,27 @@ if triton is not None:
         return probs / tl.sum(probs, 1)[:, None]
 
     @triton.jit
+    def _member_rows(ORDER, row, length, start, end, DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+        """-> (member mask, query indices, offsets of their (BLOCK_M, DIM) rows) of the sorted
+        positions ``start .. start + BLOCK_M`` before ``end`` (no member when ``start >= end``)."""
+        positions = start + tl.arange(0, BLOCK_M)
+        member = positions < end
+        queries = tl.load(ORDER + row * length + positions, mask=member, other=0)
+        return member, queries, (row * length + queries)[:, None] * DIM + tl.arange(0, DIM)[None, :]
+
+    @triton.jit
+    def _cluster_top_rows(TOP, K, V, row, cluster, num_clusters, keys, top_k, DIM: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+        """-> (slot mask, row offsets, key rows, value rows) ``(BLOCK_K, DIM)`` of the cluster's top keys."""
+        slots = tl.arange(0, BLOCK_K)
+        top_ok = slots < top_k
+        top_keys = tl.load(TOP + (row * num_clusters + cluster) * top_k + slots, mask=top_ok, other=0)
+        top_rows = (row * keys + top_keys)[:, None] * DIM + tl.arange(0, DIM)[None, :]
+        k_top = tl.load(K + top_rows, mask=top_ok[:, None], other=0.0)
+        v_top = tl.load(V + top_rows, mask=top_ok[:, None], other=0.0)
+        return top_ok, top_rows, k_top, v_top
+
+    @triton.jit
     def _exact_fwd_kernel(Q, K, V, GRAD_OUT, ORDER, SEG_START, TOP, MASS, REST, OUT, GRAD_DOT,
                           length, keys, num_clusters, top_k, qk_scale,
                           DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -121,11 +142,7 @@ if triton is not None:
         REST: (rows, C, DIM) fp32; GRAD_DOT: (rows, N) fp32. All contiguous."""
         row = tl.program_id(1).to(tl.int64)
         cluster, start, end, active = _work_item(SEG_START, row, num_clusters, BLOCK_M, BLOCK_C)
-        feats = tl.arange(0, DIM)
-        positions = start + tl.arange(0, BLOCK_M)
-        member = positions < end
-        queries = tl.load(ORDER + row * length + positions, mask=member, other=0)  # all False when inactive
-        query_rows = (row * length + queries)[:, None] * DIM + feats[None, :]
+        member, queries, query_rows = _member_rows(ORDER, row, length, start, end, DIM, BLOCK_M)
         if active and cluster < 0:  # queries in no cluster: zeros
             if GRAD_MODE:
                 tl.store(GRAD_DOT + row * length + queries, tl.zeros((BLOCK_M,), tl.float32), mask=member)
@@ -133,12 +150,8 @@ if triton is not None:
                 tl.store(OUT + query_rows, tl.zeros((BLOCK_M, DIM), OUT.dtype.element_ty), mask=member[:, None])
         elif active:
             q = tl.load(Q + query_rows, mask=member[:, None], other=0.0)
-            slots = tl.arange(0, BLOCK_K)
-            top_ok = slots < top_k
-            top_keys = tl.load(TOP + (row * num_clusters + cluster) * top_k + slots, mask=top_ok, other=0)
-            top_rows = (row * keys + top_keys)[:, None] * DIM + feats[None, :]
-            k_top = tl.load(K + top_rows, mask=top_ok[:, None], other=0.0)
-            v_top = tl.load(V + top_rows, mask=top_ok[:, None], other=0.0)
+            top_ok, top_rows, k_top, v_top = _cluster_top_rows(TOP, K, V, row, cluster, num_clusters, keys, top_k,
+                                                               DIM, BLOCK_K)
             probs = _top_softmax(q, k_top, top_ok, qk_scale)
             exact = tl.dot(probs.to(v_top.dtype), v_top)  # (BLOCK_M, DIM) fp32
             if GRAD_MODE:
@@ -146,7 +159,7 @@ if triton is not None:
                 tl.store(GRAD_DOT + row * length + queries, tl.sum(grad_out.to(tl.float32) * exact, 1), mask=member)
             else:
                 mass = tl.load(MASS + row * num_clusters + cluster)
-                rest = tl.load(REST + (row * num_clusters + cluster) * DIM + feats)
+                rest = tl.load(REST + (row * num_clusters + cluster) * DIM + tl.arange(0, DIM))
                 out = mass * exact + rest[None, :]
                 tl.store(OUT + query_rows, out.to(OUT.dtype.element_ty), mask=member[:, None])
 
@@ -160,11 +173,7 @@ if triton is not None:
         added to."""
         row = tl.program_id(1).to(tl.int64)
         cluster, start, end, active = _work_item(SEG_START, row, num_clusters, BLOCK_M, BLOCK_C)
-        feats = tl.arange(0, DIM)
-        positions = start + tl.arange(0, BLOCK_M)
-        member = positions < end
-        queries = tl.load(ORDER + row * length + positions, mask=member, other=0)  # all False when inactive
-        query_rows = (row * length + queries)[:, None] * DIM + feats[None, :]
+        member, queries, query_rows = _member_rows(ORDER, row, length, start, end, DIM, BLOCK_M)
         if active and cluster < 0:  # queries in no cluster: no gradient
             tl.store(GRAD_Q + query_rows, tl.zeros((BLOCK_M, DIM), GRAD_Q.dtype.element_ty), mask=member[:, None])
         elif active:
@@ -173,17 +182,13 @@ if triton is not None:
             # The exact part enters the output scaled by the mass.
             grad_exact = (tl.load(GRAD_OUT + query_rows, mask=member[:, None], other=0.0).to(tl.float32)
                           * mass).to(q.dtype)
-            slots = tl.arange(0, BLOCK_K)
-            top_ok = slots < top_k
-            top_keys = tl.load(TOP + (row * num_clusters + cluster) * top_k + slots, mask=top_ok, other=0)
-            top_rows = (row * keys + top_keys)[:, None] * DIM + feats[None, :]
-            k_top = tl.load(K + top_rows, mask=top_ok[:, None], other=0.0)
-            v_top = tl.load(V + top_rows, mask=top_ok[:, None], other=0.0)
+            top_ok, top_rows, k_top, v_top = _cluster_top_rows(TOP, K, V, row, cluster, num_clusters, keys, top_k,
+                                                               DIM, BLOCK_K)
             probs = _top_softmax(q, k_top, top_ok, qk_scale)
             grad_probs = tl.dot(grad_exact, tl.trans(v_top))
             grad_logits = probs * (grad_probs - tl.sum(probs * grad_probs, 1)[:, None])
             grad_logits = tl.where(member[:, None], grad_logits, 0.0).to(q.dtype)
-            grad_centroid = tl.load(GRAD_CENTROIDS + (row * num_clusters + cluster) * DIM + feats)
+            grad_centroid = tl.load(GRAD_CENTROIDS + (row * num_clusters + cluster) * DIM + tl.arange(0, DIM))
             grad_q = tl.dot(grad_logits, k_top) * scale + grad_centroid[None, :]
             tl.store(GRAD_Q + query_rows, grad_q.to(GRAD_Q.dtype.element_ty), mask=member[:, None])
             # Rows of non-members are zero in grad_logits and grad_exact: they add nothing.
