@@ -32,7 +32,24 @@ def report() -> str:
     ]
     for name, where in cuda_backend.status().items():
         lines.append(f"  {name:34s} {where}")
+    lines.append(f"cuda graphs       {_graph_cache_line(cuda_backend)}")
     return "\n".join(lines)
+
+
+def _graph_cache_line(cuda_backend) -> str:
+    from .ops import graph_cache
+
+    if cuda_backend.graph_cache() is None:
+        return "not used (no CUDA kernels)"
+    try:
+        config = graph_cache.settings()
+    except ValueError as error:
+        return f"invalid setting: {error}"
+    if not config.enabled:
+        return "off (FAIRSEQ_CLUSTERED_CUDA_GRAPHS=0)"
+    return (f"on: the kernels' compositions replay from a CUDA graph once a call signature repeats (inputs up to "
+            f"{config.max_input_bytes >> 20} MiB, cache up to {config.budget_bytes >> 20} MiB; "
+            "FAIRSEQ_CLUSTERED_CUDA_GRAPHS=0 turns it off)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 _loaded: Optional[bool] = None
 _reason: str = "not loaded yet"
 _extension = None
+_ops = None  # the registered cuda_kernels.CudaOps
 
 # Names of the kernels the extension provides, for status reporting.
 KERNELS = (
@@ -35,7 +36,7 @@ def load() -> bool:
 
     Returns True when the CUDA kernels are registered.
     """
-    global _loaded, _reason, _extension
+    global _loaded, _reason, _extension, _ops
     if _loaded is not None:
         return _loaded
     if torch.version.cuda is None:
@@ -48,7 +49,7 @@ def load() -> bool:
         return _loaded
     from . import cuda_kernels  # registers the kernels; errors here are real bugs and propagate
 
-    cuda_kernels.register(extension)
+    _ops = cuda_kernels.register(extension)
     _loaded, _reason, _extension = True, "loaded", extension
     return _loaded
 
@@ -57,6 +58,13 @@ def extension():
     """The loaded ``fairseq_clustered._C`` module, or None (see :func:`status` for why)."""
     load()
     return _extension
+
+
+def graph_cache():
+    """The :class:`~fairseq_clustered.ops.graph_cache.GraphCache` of the registered CUDA ops
+    (``clear()`` frees its graphs, ``memory_bytes()`` says what they hold), or None without kernels."""
+    load()
+    return None if _ops is None else _ops.graphs
 
 
 # What each CUDA implementation covers; everything else runs the reference on the GPU

@@ -27,7 +27,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import causal_fused, custom_ops, hash_triton, improved_triton, reference
+from . import causal_fused, centroid_triton, custom_ops, hash_triton, improved_triton, reference
+from .graph_cache import GraphCache
 from .flash import flash_backward, flash_forward
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -77,11 +78,14 @@ class CudaOps:
     """The op implementations over a compiled extension ``ext`` (``fairseq_clustered._C``).
 
     ``use_flash`` lets the tests run the dense fp32 path where flash would be taken.
+    Where the kernels serve a call, its composition runs through ``graphs``, which
+    replays it from a CUDA graph once its signature repeats (:mod:`.graph_cache`).
     """
 
     def __init__(self, ext, use_flash: bool = True):
         self.ext = ext
         self.use_flash = use_flash
+        self.graphs = GraphCache()
 
     # ------------------------------------------------------------------ clustering
 
@@ -105,6 +109,10 @@ class CudaOps:
         if why is not None:
             warn_fallback("lloyd_kmeans", why)
             return reference.lloyd_kmeans_ref(codes, query_padding_mask, num_clusters, iterations, bits)
+        return self.graphs.run("lloyd_kmeans", self._lloyd_kmeans,
+                               (codes, query_padding_mask, num_clusters, iterations, bits))
+
+    def _lloyd_kmeans(self, codes, query_padding_mask, num_clusters, iterations, bits):
         return tuple(self.ext.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits))
 
     def chunk_cluster_sums(self, x, clusters, window, num_clusters):
@@ -143,6 +151,13 @@ class CudaOps:
             and query.shape[-1] == value.shape[-1]
             and query.shape[-1] % 8 == 0
         )
+
+    def _masked_triton_ok(self, query, value, num_clusters) -> bool:
+        """Whether the clustered variant's centroid attention with key padding or dropout (not
+        flash's case) runs on tensor cores in Triton (:mod:`.centroid_triton`) rather than
+        as fp32 products of a (C, S) matrix."""
+        return (self.use_flash and query.is_cuda
+                and centroid_triton.triton_centroid_unavailable(query, value, num_clusters) is None)
 
     def _centroids(self, query, order, seg_start) -> Tensor:
         """Mean member query of every cluster, fp32 ``(rows, C, D)`` (zeros when empty)."""
@@ -184,6 +199,11 @@ class CudaOps:
             out, lse = reference.clustered_attention_fwd_ref(
                 query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p)
             return out, lse, reference.cluster_centroids_ref(query, assignments, num_clusters)
+        return self.graphs.run("clustered_attention_fwd", self._clustered_fwd, (
+            query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p))
+
+    def _clustered_fwd(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, scale,
+                       dropout_p):
         batch, heads, length, dim = query.shape
         rows, value_dim = batch * heads, value.shape[-1]
         assignments = assignments.contiguous()
@@ -192,6 +212,9 @@ class CudaOps:
         if self._flash_ok(query, value, key_padding_mask, keep):
             out_c, lse, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
             centroid_values = out_c.reshape(rows, num_clusters, value_dim).float()
+        elif self._masked_triton_ok(query, value, num_clusters):
+            centroid_values, lse = centroid_triton.centroid_attention_fwd(
+                qbar, key, value, key_padding_mask, keep, scale, dropout_p)
         else:
             centroid_values, lse = self._dense_clustered_fwd(
                 qbar, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p)
@@ -285,6 +308,12 @@ class CudaOps:
             warn_fallback("clustered_attention_bwd", why)
             return reference.clustered_attention_bwd_ref(
                 grad_out, query, key, value, assignments, key_padding_mask, keep, lse, num_clusters, scale, dropout_p)
+        return self.graphs.run("clustered_attention_bwd", self._clustered_bwd, (
+            grad_out, query, key, value, assignments, key_padding_mask, keep, out, lse, centroids, num_clusters,
+            scale, dropout_p))
+
+    def _clustered_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, out, lse, centroids,
+                       num_clusters, scale, dropout_p):
         batch, heads, length, dim = query.shape
         rows, value_dim = batch * heads, value.shape[-1]
         assignments = assignments.contiguous()
@@ -292,16 +321,17 @@ class CudaOps:
         qbar = centroids.reshape(rows, num_clusters, dim).float()
         grad_centroid_values = self.ext.segment_sum(grad_out, order, seg_start, False)  # (rows, C, Dv)
         if self._flash_ok(query, value, key_padding_mask, keep):
-            # Each cluster's attention output is what its members received: read it from the
-            # first member (empty clusters read any row: their gradient rows are zero).
-            first = order.gather(1, seg_start[:, :num_clusters].clamp(max=length - 1).to(torch.int64))
-            out_c = out.reshape(rows, length, value_dim).gather(1, first.unsqueeze(-1).expand(-1, -1, value_dim))
+            out_c = self._cluster_outputs(out, order, seg_start, num_clusters)
             qb = qbar.reshape(batch, heads, num_clusters, dim).to(key.dtype)
             ctx = self._attn_ctx(qb, key, value, scale, out_c.reshape(batch, heads, num_clusters, value_dim),
                                  lse.float().contiguous())
             grad_c = grad_centroid_values.reshape(batch, heads, num_clusters, value_dim).to(query.dtype)
             dqb, dk, dv = self._attn_bwd(grad_c, ctx)
             grad_centroids = dqb.reshape(rows, num_clusters, dim).float()
+        elif self._masked_triton_ok(query, value, num_clusters):
+            grad_centroids, dk, dv = centroid_triton.centroid_attention_bwd(
+                grad_centroid_values, self._cluster_outputs(out, order, seg_start, num_clusters), qbar, key, value,
+                key_padding_mask, keep, lse.reshape(rows, num_clusters), scale, dropout_p)
         else:
             grad_centroids, dk, dv = self._dense_clustered_bwd(
                 grad_centroid_values, qbar, key, value, key_padding_mask, keep, lse, num_clusters, scale, dropout_p)
@@ -310,6 +340,16 @@ class CudaOps:
         grad_centroids = grad_centroids / counts.clamp(min=1).unsqueeze(-1)
         dq = self.ext.broadcast(grad_centroids.contiguous(), assignments, query.dtype)
         return dq, dk, dv
+
+    @staticmethod
+    def _cluster_outputs(out, order, seg_start, num_clusters) -> Tensor:
+        """Each cluster's attention output ``(rows, C, Dv)``, read from ``out (B, H, N, Dv)`` at the
+        cluster's first member: what its members received (empty clusters read any row; their
+        gradients are zero)."""
+        rows, length = order.shape
+        value_dim = out.shape[-1]
+        first = order.gather(1, seg_start[:, :num_clusters].clamp(max=length - 1).to(torch.int64))
+        return out.reshape(rows, length, value_dim).gather(1, first.unsqueeze(-1).expand(-1, -1, value_dim))
 
     def _dense_clustered_bwd(self, grad_cv, qbar, key, value, key_padding_mask, keep, lse, num_clusters, scale,
                              dropout_p):
@@ -347,6 +387,11 @@ class CudaOps:
             out, lse, top_index = reference.improved_clustered_attention_fwd_ref(
                 query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p)
             return out, lse, top_index, reference.cluster_centroids_ref(query, assignments, num_clusters)
+        return self.graphs.run("improved_clustered_attention_fwd", self._improved_fwd, (
+            query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p))
+
+    def _improved_fwd(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale,
+                      dropout_p):
         batch, heads, length, dim = query.shape
         keys = key.shape[2]
         top_k = min(topk, keys)
@@ -396,6 +441,12 @@ class CudaOps:
             return reference.improved_clustered_attention_bwd_ref(
                 grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, num_clusters,
                 scale, dropout_p)
+        return self.graphs.run("improved_clustered_attention_bwd", self._improved_bwd, (
+            grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
+            num_clusters, scale, dropout_p))
+
+    def _improved_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
+                      centroids, num_clusters, scale, dropout_p):
         batch, heads, length, dim = query.shape
         keys = key.shape[2]
         rows = batch * heads

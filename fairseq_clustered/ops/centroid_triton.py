@@ -1,0 +1,270 @@
+"""The clustered variant's centroid attention with key padding and dropout, on tensor cores (Triton).
+
+Clustered attention attends once per cluster: ``C`` centroids ``qbar`` against all ``S``
+keys. Without key padding and dropout PyTorch's flash kernel does it; fairseq's batches
+have both (padded sentences; RoBERTa's attention dropout of 0.1), and until now they
+took fp32 cuBLAS products over a ``(C, S)`` matrix in memory, several passes of it, in
+both directions. These two kernels take them on the flash path's terms instead: the
+centroids and keys in the inputs' half precision on tensor cores, softmax statistics and
+accumulation in fp32, no ``(C, S)`` matrix in memory.
+
+With ``A_j = softmax_l(scale qbar_j . k_l)`` over the unpadded keys and the keep mask
+``z_jl = keep_jl / (1 - p)`` of the clustered op (one dropout mask per centroid row, shared
+by the cluster's members)::
+
+    forward:   Vbar_j = sum_l A_jl z_jl v_l,       lse_j = log sum_l exp(scale qbar_j . k_l)
+    backward:  dv_l = sum_j A_jl z_jl g_j,         ds_jl = A_jl (z_jl g_j . v_l - g_j . Vbar_j)
+               dk_l = scale sum_j ds_jl qbar_j,    dqbar_j = scale sum_l ds_jl k_l
+
+for the gradient ``g_j`` of ``Vbar_j`` (``g . Vbar`` is flash attention's ``rowsum(dO * O)``,
+which holds with dropout too). A row whose keys are all padded gets ``Vbar = 0`` and
+``lse = +inf`` (so that ``exp(logit - lse) = 0``), as in the reference.
+
+Work split. The forward's program holds all ``C <= 128`` centroids of one (batch, head)
+and streams a range of the keys (the keys are split so that there are enough programs
+to fill the GPU); the partial outputs are merged by their log-sum-exps. The backward's
+program holds the centroids, their gradients and statistics and streams a range of keys,
+writing those keys' ``dk``, ``dv`` (each key has one writer) and its partial ``dqbar``,
+summed over the ranges afterwards: no atomics, so both directions are bit-reproducible.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._triton import MISSING, power_of_two_in, tl, triton
+
+__all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "centroid_attention_bwd"]
+
+MAX_CLUSTERS = 128  # all centroids of a (batch, head) in one tile
+MIN_TILE = 16  # tl.dot's smallest tile
+LOG2E = 1.4426950408889634
+BLOCK_N = 64  # keys per step
+# Enough programs for every SM of an H100 / H200 (132) twice, but no range shorter than this.
+TARGET_PROGRAMS = 264
+MIN_KEYS_PER_PROGRAM = 256
+
+
+def triton_centroid_unavailable(query: Tensor, value: Tensor, num_clusters: int) -> Optional[str]:
+    """Why these kernels cannot serve the centroid attention of these inputs (None if they can)."""
+    if MISSING is not None:
+        return MISSING
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {query.dtype} (the Triton centroid attention is for fp16 / bf16)"
+    dim = query.shape[-1]
+    if value.shape[-1] != dim or not power_of_two_in(dim, MIN_TILE, 128):
+        return f"head dim {dim} / value dim {value.shape[-1]}: both must be one power of two in 16..128"
+    if num_clusters > MAX_CLUSTERS:
+        return f"num_clusters {num_clusters} > {MAX_CLUSTERS}"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _key_tile(K, V, KEY_PADDING, KEEP, b, h, row, first, stop, clusters, cluster_ok, num_clusters, keys,
+                  stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                  DIM: tl.constexpr, BLOCK_N: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr):
+        """-> (key rows, value rows, key valid (BLOCK_N,), keep (C, BLOCK_N) as 0/1 fp32) of keys
+        ``first .. first + BLOCK_N`` before ``stop``."""
+        offs = first + tl.arange(0, BLOCK_N)
+        in_range = offs < stop
+        dims = tl.arange(0, DIM)
+        k = tl.load(K + b * stride_kb + h * stride_kh + offs[:, None] * stride_ks + dims[None, :],
+                    mask=in_range[:, None], other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + offs[:, None] * stride_vs + dims[None, :],
+                    mask=in_range[:, None], other=0.0)
+        valid = in_range
+        if PADDED:
+            padded = tl.load(KEY_PADDING + b * keys + offs, mask=in_range, other=1)
+            valid = valid & (padded == 0)
+        keep = valid[None, :].to(tl.float32)
+        if DROPOUT:
+            kept = tl.load(KEEP + (row * num_clusters + clusters)[:, None] * keys + offs[None, :],
+                           mask=cluster_ok[:, None] & in_range[None, :], other=0)
+            keep = keep * kept.to(tl.float32)
+        return k, v, valid, keep
+
+    @triton.jit
+    def _centroid_fwd_kernel(QBAR, K, V, KEY_PADDING, KEEP, OUT, LSE2,
+                             num_clusters, keys, heads, keys_per_program, qk_scale, drop_scale,
+                             stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                             DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                             PADDED: tl.constexpr, DROPOUT: tl.constexpr):
+        """QBAR: (rows, C, DIM) in the key dtype; OUT: (rows, programs, C, DIM) fp32 partial outputs
+        (normalised by their own sums); LSE2: (rows, programs, C) fp32 partial log-sum-exps in
+        base 2 (-inf where the range has no valid key)."""
+        row = tl.program_id(0)
+        part = tl.program_id(1)
+        parts = tl.num_programs(1)
+        b = row // heads
+        h = row % heads
+        clusters = tl.arange(0, BLOCK_C)
+        cluster_ok = clusters < num_clusters
+        dims = tl.arange(0, DIM)
+        q = tl.load(QBAR + (row * num_clusters + clusters)[:, None] * DIM + dims[None, :],
+                    mask=cluster_ok[:, None], other=0.0)
+        running_max = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+        running_sum = tl.zeros((BLOCK_C,), tl.float32)
+        acc = tl.zeros((BLOCK_C, DIM), tl.float32)
+        start = part * keys_per_program
+        stop = tl.minimum(start + keys_per_program, keys)
+        for first in range(start, stop, BLOCK_N):
+            k, v, valid, keep = _key_tile(K, V, KEY_PADDING, KEEP, b, h, row, first, stop, clusters, cluster_ok,
+                                          num_clusters, keys, stride_kb, stride_kh, stride_ks, stride_vb,
+                                          stride_vh, stride_vs, DIM, BLOCK_N, PADDED, DROPOUT)
+            logits = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain
+            logits = tl.where(valid[None, :], logits, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(logits, 1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no valid key yet: all terms 0
+            probs = tl.exp2(logits - safe_max[:, None])
+            rescale = tl.exp2(running_max - safe_max)
+            running_sum = running_sum * rescale + tl.sum(probs, 1)
+            acc = acc * rescale[:, None] + tl.dot((probs * keep).to(v.dtype), v)
+            running_max = new_max
+        nonempty = running_sum > 0
+        out = acc / tl.where(nonempty, running_sum, 1.0)[:, None] * drop_scale
+        lse2 = tl.where(nonempty, running_max + tl.log2(tl.where(nonempty, running_sum, 1.0)), float("-inf"))
+        slot = row * parts + part
+        tl.store(OUT + (slot * num_clusters + clusters)[:, None] * DIM + dims[None, :], out,
+                 mask=cluster_ok[:, None])
+        tl.store(LSE2 + slot * num_clusters + clusters, lse2, mask=cluster_ok)
+
+    @triton.jit
+    def _centroid_bwd_kernel(QBAR, K, V, KEY_PADDING, KEEP, GRAD, DELTA, LSE2, GRAD_QBAR, GRAD_K, GRAD_V,
+                             num_clusters, keys, heads, keys_per_program, qk_scale, scale, drop_scale,
+                             stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                             DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                             PADDED: tl.constexpr, DROPOUT: tl.constexpr):
+        """QBAR, GRAD: (rows, C, DIM) in the key dtype (GRAD: the gradient of Vbar); DELTA: (rows, C)
+        fp32 ``GRAD . Vbar``; LSE2: (rows, C) fp32 log-sum-exps in base 2 (+inf for rows without
+        a valid key);
+        GRAD_QBAR: (rows, programs, C, DIM) fp32 partial sums; GRAD_K, GRAD_V: (rows, S, DIM)."""
+        row = tl.program_id(0)
+        part = tl.program_id(1)
+        parts = tl.num_programs(1)
+        b = row // heads
+        h = row % heads
+        clusters = tl.arange(0, BLOCK_C)
+        cluster_ok = clusters < num_clusters
+        dims = tl.arange(0, DIM)
+        centroid_rows = (row * num_clusters + clusters)[:, None] * DIM + dims[None, :]
+        q = tl.load(QBAR + centroid_rows, mask=cluster_ok[:, None], other=0.0)
+        g = tl.load(GRAD + centroid_rows, mask=cluster_ok[:, None], other=0.0)
+        lse2 = tl.load(LSE2 + row * num_clusters + clusters, mask=cluster_ok, other=float("inf"))
+        delta = tl.load(DELTA + row * num_clusters + clusters, mask=cluster_ok, other=0.0)
+        grad_q = tl.zeros((BLOCK_C, DIM), tl.float32)
+        start = part * keys_per_program
+        stop = tl.minimum(start + keys_per_program, keys)
+        for first in range(start, stop, BLOCK_N):
+            k, v, valid, keep = _key_tile(K, V, KEY_PADDING, KEEP, b, h, row, first, stop, clusters, cluster_ok,
+                                          num_clusters, keys, stride_kb, stride_kh, stride_ks, stride_vb,
+                                          stride_vh, stride_vs, DIM, BLOCK_N, PADDED, DROPOUT)
+            logits = tl.dot(q, tl.trans(k)) * qk_scale
+            probs = tl.where(valid[None, :], tl.exp2(logits - lse2[:, None]), 0.0)  # A, (C, BLOCK_N)
+            kept = probs * keep * drop_scale  # A z
+            grad_probs = tl.dot(g, tl.trans(v)) * keep * drop_scale  # z g . v
+            grad_logits = probs * (grad_probs - delta[:, None])
+            grad_v = tl.dot(tl.trans(kept.to(g.dtype)), g)
+            grad_k = tl.dot(tl.trans(grad_logits.to(q.dtype)), q) * scale
+            grad_q += tl.dot(grad_logits.to(k.dtype), k)
+            offs = first + tl.arange(0, BLOCK_N)
+            key_rows = (row * keys + offs)[:, None] * DIM + dims[None, :]
+            in_range = (offs < stop)[:, None]
+            tl.store(GRAD_K + key_rows, grad_k.to(GRAD_K.dtype.element_ty), mask=in_range)
+            tl.store(GRAD_V + key_rows, grad_v.to(GRAD_V.dtype.element_ty), mask=in_range)
+        slot = row * parts + part
+        tl.store(GRAD_QBAR + (slot * num_clusters + clusters)[:, None] * DIM + dims[None, :], grad_q * scale,
+                 mask=cluster_ok[:, None])
+
+
+
+def _programs_per_row(rows: int, keys: int) -> Tuple[int, int]:
+    """(programs per (batch, head), keys per program): enough programs to fill the GPU, each
+    over a whole number of key steps and at least ``MIN_KEYS_PER_PROGRAM`` keys."""
+    wanted = max(1, min(triton.cdiv(TARGET_PROGRAMS, rows), triton.cdiv(keys, MIN_KEYS_PER_PROGRAM)))
+    per_program = triton.cdiv(triton.cdiv(keys, wanted), BLOCK_N) * BLOCK_N
+    return triton.cdiv(keys, per_program), per_program
+
+
+def _key_args(key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], keep: Optional[Tensor]):
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
+    padding = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+    kept = None if keep is None else keep.to(torch.uint8).contiguous()
+    strides = (*key.stride()[:3], *value.stride()[:3])
+    return key, value, padding, kept, strides
+
+
+def _tile(num_clusters: int) -> int:
+    return max(MIN_TILE, triton.next_power_of_2(num_clusters))
+
+
+def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+                           keep: Optional[Tensor], scale: float, dropout_p: float) -> Tuple[Tensor, Tensor]:
+    """``Vbar`` and ``lse`` of the centroids.
+
+    Args:
+        qbar: ``(B H, C, D)`` fp32 centroids. key, value: ``(B, H, S, D)`` fp16 / bf16 (any
+            strides with a contiguous last dim).
+        key_padding_mask: ``(B, S)`` bool (True = padded) or None.
+        keep: ``(B, H, C, S)`` bool dropout keep mask or None; dropout_p: its rate.
+
+    Returns:
+        ``Vbar (B H, C, D)`` fp32 and ``lse (B H, C)`` fp32 (+inf for rows without a valid key).
+    """
+    batch, heads, keys, dim = key.shape
+    rows, num_clusters = qbar.shape[:2]
+    key, value, padding, kept, strides = _key_args(key, value, key_padding_mask, keep)
+    parts, per_program = _programs_per_row(rows, keys)
+    out = qbar.new_empty(rows, parts, num_clusters, dim)
+    lse = qbar.new_empty(rows, parts, num_clusters)
+    _centroid_fwd_kernel[(rows, parts)](
+        qbar.to(key.dtype).contiguous(), key, value, key if padding is None else padding,
+        key if kept is None else kept, out, lse,
+        num_clusters, keys, heads, per_program, scale * LOG2E, 1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
+        *strides, DIM=dim, BLOCK_C=_tile(num_clusters), BLOCK_N=BLOCK_N, PADDED=padding is not None,
+        DROPOUT=kept is not None, num_warps=4,
+    )
+    lse = lse / LOG2E
+    if parts == 1:
+        total, values = lse[:, 0], out[:, 0]
+    else:
+        total = torch.logsumexp(lse, dim=1)
+        weights = torch.exp(lse - torch.where(torch.isneginf(total), 0.0, total).unsqueeze(1))
+        values = (weights.unsqueeze(-1) * out).sum(1)
+    return values, torch.where(torch.isneginf(total), float("inf"), total)
+
+
+def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, key: Tensor, value: Tensor,
+                           key_padding_mask: Optional[Tensor], keep: Optional[Tensor], lse: Tensor, scale: float,
+                           dropout_p: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`centroid_attention_fwd` for ``grad_values (B H, C, D)`` (fp32 or the key
+    dtype), given its ``values`` (``Vbar``, any float dtype) and ``lse``.
+
+    Returns:
+        ``dqbar (B H, C, D)`` fp32, ``dk``, ``dv`` ``(B, H, S, D)`` in the key dtype.
+    """
+    batch, heads, keys, dim = key.shape
+    rows, num_clusters = qbar.shape[:2]
+    key, value, padding, kept, strides = _key_args(key, value, key_padding_mask, keep)
+    parts, per_program = _programs_per_row(rows, keys)
+    grad = grad_values.to(key.dtype).contiguous()
+    # flash attention's rowsum(dO * O), from the gradient as the kernel sees it (half precision)
+    delta = (grad.float() * values.float()).sum(-1).contiguous()
+    grad_qbar = qbar.new_empty(rows, parts, num_clusters, dim)
+    grad_key = torch.empty(batch, heads, keys, dim, dtype=key.dtype, device=key.device)
+    grad_value = torch.empty_like(grad_key)
+    _centroid_bwd_kernel[(rows, parts)](
+        qbar.to(key.dtype).contiguous(), key, value, key if padding is None else padding,
+        key if kept is None else kept, grad, delta, (lse.float() * LOG2E).contiguous(), grad_qbar, grad_key,
+        grad_value,
+        num_clusters, keys, heads, per_program, scale * LOG2E, scale,
+        1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
+        *strides, DIM=dim, BLOCK_C=_tile(num_clusters), BLOCK_N=BLOCK_N, PADDED=padding is not None,
+        DROPOUT=kept is not None, num_warps=4,
+    )
+    return grad_qbar.sum(1), grad_key, grad_value

@@ -1,0 +1,242 @@
+"""Replaying the CUDA compositions of the ops from CUDA graphs, one graph per call signature.
+
+At short and medium lengths a clustered-attention step is bound by the host, not the
+GPU: each op's composition (:mod:`.cuda_kernels`) issues tens of torch ops and kernel
+launches, and on a GPU server's CPU each costs more time to issue than its kernel takes
+to run. :class:`GraphCache` records a composition in a CUDA graph the second time it meets
+the same *signature* (every tensor argument's shape, strides, dtype and device, the
+current stream, and the non-tensor arguments) and from then on runs it as: one fused copy
+of the tensor arguments into the graph's static inputs, one replay, one copy per output.
+The same kernels run on the same values, so the results are bit-identical to the eager
+composition.
+
+Outputs are always fresh copies, never the graph's own buffers: the 12 layers of a model
+that share a shape share one graph, and each layer's saved outputs must survive the next
+layer's replay.
+
+What it costs and where it steps aside (:func:`settings`):
+
+* memory: each graph keeps its static inputs and a private pool for the composition's
+  intermediates. The cache holds at most ``FAIRSEQ_CLUSTERED_GRAPH_CACHE_MB`` (default
+  1024) of them and at most ``MAX_ENTRIES`` graphs, evicting the least recently used;
+* each signature is captured at most once: one that was evicted, or whose graph alone
+  exceeds the budget, runs eagerly from then on. So a run with many shapes (fairseq's
+  length-bucketed batches) pays a bounded number of captures and never thrashes;
+* calls whose tensor arguments exceed ``FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB`` (default
+  256) run eagerly: at those sizes the GPU time dominates, and copies and memory grow
+  with the inputs while the launches they save do not;
+* ``FAIRSEQ_CLUSTERED_CUDA_GRAPHS=0`` switches the cache off;
+* inside a CUDA graph capture (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``)
+  the composition runs eagerly, so that the outer capture records it;
+* CPU tensors always run eagerly.
+
+A capture that fails (a composition that cannot be captured) is reported once with a
+warning and that signature runs eagerly from then on; results do not change.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+MAX_ENTRIES = 48
+# A signature is captured on its second call: the first runs eagerly, which compiles
+# Triton kernels and creates library handles outside the capture.
+CAPTURE_ON_CALL = 2
+MAX_SIGNATURES_TRACKED = 4096
+
+
+@dataclass(frozen=True)
+class Settings:
+    enabled: bool
+    budget_bytes: int
+    max_input_bytes: int
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer (megabytes), got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 (megabytes), got {value}")
+    return value
+
+
+def settings() -> Settings:
+    """The cache's settings from the environment (read at every call: cheap, and tests can change them)."""
+    switch = os.environ.get("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "1")
+    if switch not in ("0", "1"):
+        raise ValueError(f"FAIRSEQ_CLUSTERED_CUDA_GRAPHS must be 0 (off) or 1 (on), got {switch!r}")
+    return Settings(
+        enabled=switch == "1",
+        budget_bytes=_env_int("FAIRSEQ_CLUSTERED_GRAPH_CACHE_MB", 1024) * 2**20,
+        max_input_bytes=_env_int("FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB", 256) * 2**20,
+    )
+
+
+class _Entry:
+    """One captured composition: its graph, static inputs and (graph-owned) outputs."""
+
+    def __init__(self, graph, static_tensors: List[Tensor], outputs: Tuple[Tensor, ...], single: bool, nbytes: int):
+        self.graph = graph
+        self.static_tensors = static_tensors
+        self.outputs = outputs
+        self.single = single
+        self.nbytes = nbytes
+
+
+class GraphCache:
+    """Per-signature CUDA graphs of functions ``fn(*args) -> Tensor | tuple of Tensors``.
+
+    ``fn`` must be a pure function of its arguments that issues only capturable work (no
+    host synchronisation, no data-dependent Python control flow): the compositions of
+    :mod:`.cuda_kernels` are written that way. Arguments are tensors, None, and hashable
+    Python scalars.
+    """
+
+    def __init__(self):
+        self._entries: "OrderedDict[Hashable, _Entry]" = OrderedDict()  # least recently used first
+        self._calls: "OrderedDict[Hashable, int]" = OrderedDict()  # signatures not captured yet
+        self._eager: "OrderedDict[Hashable, None]" = OrderedDict()  # evicted, too large or not capturable
+        self._streams: Dict[int, torch.cuda.Stream] = {}
+        self._warned = set()
+        self.captures = 0
+        self.replays = 0
+
+    # ----------------------------------------------------------------- public
+
+    def run(self, name: str, fn: Callable, args: Sequence):
+        """``fn(*args)``, from a cached graph where the rules of the module allow."""
+        config = settings()
+        if not config.enabled:
+            return fn(*args)
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        if not tensors or not all(t.is_cuda for t in tensors):
+            return fn(*args)
+        if sum(t.numel() * t.element_size() for t in tensors) > config.max_input_bytes:
+            return fn(*args)
+        device = tensors[0].device
+        if torch.cuda.is_current_stream_capturing():
+            return fn(*args)
+        key = (name, torch.cuda.current_stream(device).cuda_stream,
+               *(_describe(a) for a in args))
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return self._replay(entry, tensors)
+        if key in self._eager:
+            return fn(*args)
+        calls = self._calls.pop(key, 0) + 1
+        if calls < CAPTURE_ON_CALL:
+            self._remember(self._calls, key, calls)
+            return fn(*args)
+        entry = self._capture(name, fn, args, device)
+        if entry is None:
+            self._remember(self._eager, key, None)
+            return fn(*args)
+        if entry.nbytes > config.budget_bytes:  # used for this call only
+            self._remember(self._eager, key, None)
+            return self._replay(entry, tensors)
+        self._entries[key] = entry
+        self._evict(config)
+        return self._replay(entry, tensors)
+
+    def memory_bytes(self) -> int:
+        """Bytes the cached graphs hold on the GPU (static inputs and private pools)."""
+        return sum(e.nbytes for e in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Drop every graph (their memory returns to PyTorch's caching allocator) and forget
+        every signature, so that each may be captured again."""
+        self._entries.clear()
+        self._calls.clear()
+        self._eager.clear()
+
+    # ---------------------------------------------------------------- private
+
+    def _replay(self, entry: _Entry, tensors: List[Tensor]):
+        torch._foreach_copy_(entry.static_tensors, tensors)
+        entry.graph.replay()
+        self.replays += 1
+        outputs = tuple(o.clone() for o in entry.outputs)
+        return outputs[0] if entry.single else outputs
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._streams:
+            self._streams[index] = torch.cuda.Stream(device)
+        return self._streams[index]
+
+    @staticmethod
+    def _remember(table: "OrderedDict", key, value) -> None:
+        table[key] = value
+        while len(table) > MAX_SIGNATURES_TRACKED:
+            table.popitem(last=False)
+
+    def _capture(self, name, fn, args, device) -> Optional[_Entry]:
+        """A new :class:`_Entry` for ``fn(*args)`` (its outputs are computed by the first replay),
+        or None if the capture failed."""
+        static_args = [_static_copy(a) for a in args]
+        static_tensors = [a for a in static_args if isinstance(a, Tensor)]
+        current = torch.cuda.current_stream(device)
+        stream = self._stream(device)
+        torch.cuda.synchronize(device)
+        reserved = torch.cuda.memory_reserved(device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    outputs = fn(*static_args)
+                finally:
+                    graph.capture_end()
+        except Exception as error:  # a composition that cannot be captured: keep it eager
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            if name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(f"fairseq_clustered: {name} cannot be captured in a CUDA graph ({reason}); "
+                              "it runs eagerly (same results)", stacklevel=4)
+            current.wait_stream(stream)
+            return None
+        current.wait_stream(stream)
+        single = isinstance(outputs, Tensor)
+        outputs = (outputs,) if single else tuple(outputs)
+        pool = torch.cuda.memory_reserved(device) - reserved
+        nbytes = max(0, pool) + sum(t.numel() * t.element_size() for t in static_tensors)
+        self.captures += 1
+        return _Entry(graph, static_tensors, outputs, single, nbytes)
+
+    def _evict(self, config: Settings) -> None:
+        """Drop the least recently used graphs until the cache is within its limits."""
+        while len(self._entries) > 1 and (len(self._entries) > MAX_ENTRIES
+                                          or self.memory_bytes() > config.budget_bytes):
+            key, _ = self._entries.popitem(last=False)
+            self._remember(self._eager, key, None)
+
+
+def _describe(arg) -> Hashable:
+    if isinstance(arg, Tensor):
+        return (tuple(arg.shape), arg.stride(), arg.dtype, arg.device)
+    return (type(arg), arg)
+
+
+def _static_copy(arg):
+    """A graph-owned copy of a tensor argument (same layout where that is dense); others as they are."""
+    if not isinstance(arg, Tensor):
+        return arg
+    static = torch.empty_like(arg, memory_format=torch.preserve_format)
+    static.copy_(arg)
+    return static

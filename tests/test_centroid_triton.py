@@ -1,0 +1,125 @@
+"""The centroid attention with key padding and dropout in Triton (ops/centroid_triton.py).
+
+Oracle: a brute-force float64 computation of ``Vbar = (softmax(scale qbar K^T) * z) V`` over
+the unpadded keys (``z = keep / (1 - p)``) and its gradients by autograd, from the same
+half-precision centroids the kernels read. Without a GPU in Triton's interpreter on CPU
+tensors (fp16), on a GPU compiled in bf16 and fp16. The clustered op that uses these
+kernels is checked against the reference in test_cuda_kernels.py.
+"""
+
+import os
+
+import pytest
+import torch
+
+from fairseq_clustered.ops import centroid_triton
+
+on_gpu = torch.cuda.is_available()
+runs_here = pytest.mark.skipif(
+    centroid_triton.triton is None or not (on_gpu or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs triton and a GPU, or Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py without a GPU)",
+)
+DEVICE = "cuda" if on_gpu else "cpu"
+DTYPES = [torch.bfloat16, torch.float16] if on_gpu else [torch.float16]
+
+
+def problem(keys, dim, num_clusters, dtype, pad, dropout_p, seed):
+    """Centroids, keys and values (viewed from (B, S, H, D) memory, as fairseq's are), a
+    padding mask whose batch 1 loses its last third (batch 0 loses every key with
+    ``pad == "all"``), a keep mask and the gradient of Vbar."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads = 2, 2
+    rows = batch * heads
+    qbar = torch.randn(rows, num_clusters, dim, generator=gen).to(DEVICE)
+    key, value = (torch.randn(batch, keys, heads, dim, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+                  for _ in range(2))
+    padding = None
+    if pad:
+        padding = torch.zeros(batch, keys, dtype=torch.bool)
+        padding[1, keys - keys // 3:] = True
+        if pad == "all":
+            padding[0] = True
+        padding = padding.to(DEVICE)
+    keep = None
+    if dropout_p > 0:
+        keep = (torch.rand(batch, heads, num_clusters, keys, generator=gen) >= dropout_p).to(DEVICE)
+    grad = torch.randn(rows, num_clusters, dim, generator=gen).to(DEVICE)
+    return qbar, key, value, padding, keep, grad
+
+
+def brute_force(qbar, key, value, padding, keep, dropout_p, scale, grad):
+    """Vbar, lse (+inf for rows without a valid key) and the gradients, in float64."""
+    rows, num_clusters, dim = qbar.shape
+    batch, heads, keys, _ = key.shape
+    q = qbar.to(key.dtype).double().requires_grad_(True)  # the kernels read half-precision centroids
+    k = key.double().reshape(rows, keys, dim).requires_grad_(True)
+    v = value.double().reshape(rows, keys, dim).requires_grad_(True)
+    logits = scale * q @ k.transpose(1, 2)
+    if padding is not None:
+        logits = logits.masked_fill(padding.repeat_interleave(heads, 0)[:, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, -1)
+    probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
+    if keep is not None:
+        probs = probs * keep.reshape(rows, num_clusters, keys).double() / (1 - dropout_p)
+    values = probs @ v
+    grads = torch.autograd.grad((values * grad.double()).sum(), (q, k, v))
+    return values.detach(), torch.where(torch.isneginf(lse), float("inf"), lse).detach(), grads
+
+
+def assert_close(name, actual, expected, dtype):
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= tol * (1 + expected.abs().max().item()), f"{name}: max error {err}"
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("keys,dim,num_clusters,pad,dropout_p", [
+    (97, 32, 5, True, 0.0),       # fewer centroids than the smallest tile, one key range
+    (300, 16, 20, False, 0.3),    # two key ranges merged by their log-sum-exps; dropout alone
+    (1100, 32, 100, True, 0.1),   # the default C, five ranges, padding and dropout
+    (130, 64, 7, "all", 0.2),     # batch 0 has no valid key: zeros, lse = +inf, zero gradients
+])
+def test_matches_brute_force(dtype, keys, dim, num_clusters, pad, dropout_p):
+    qbar, key, value, padding, keep, grad = problem(keys, dim, num_clusters, dtype, pad, dropout_p, seed=keys)
+    scale = dim ** -0.5
+    values, lse = centroid_triton.centroid_attention_fwd(qbar, key, value, padding, keep, scale, dropout_p)
+    ref_values, ref_lse, (ref_dq, ref_dk, ref_dv) = brute_force(qbar, key, value, padding, keep, dropout_p, scale,
+                                                                grad)
+    assert values.dtype == lse.dtype == torch.float32
+    assert_close("values", values, ref_values, dtype)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert_close("lse", lse[finite], ref_lse[finite], dtype)
+
+    dq, dk, dv = centroid_triton.centroid_attention_bwd(grad, values, qbar, key, value, padding, keep, lse, scale,
+                                                        dropout_p)
+    assert dq.dtype == torch.float32 and dk.dtype == dv.dtype == dtype and dk.shape == key.shape
+    assert_close("dqbar", dq, ref_dq, dtype)
+    assert_close("dk", dk.reshape(ref_dk.shape), ref_dk, dtype)
+    assert_close("dv", dv.reshape(ref_dv.shape), ref_dv, dtype)
+    if pad == "all":
+        heads = key.shape[1]
+        assert (values[:heads] == 0).all() and (dq[:heads] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
+
+
+@runs_here
+def test_bit_reproducible():
+    qbar, key, value, padding, keep, grad = problem(300, 32, 20, DTYPES[0], True, 0.2, seed=1)
+    runs = []
+    for _ in range(2):
+        values, lse = centroid_triton.centroid_attention_fwd(qbar, key, value, padding, keep, 0.2, 0.2)
+        runs.append((values, lse, *centroid_triton.centroid_attention_bwd(grad, values, qbar, key, value, padding,
+                                                                          keep, lse, 0.2, 0.2)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_unavailable_reasons():
+    q = torch.zeros(1, 1, 4, 64, dtype=torch.float16)
+    if centroid_triton.MISSING is not None:
+        assert centroid_triton.triton_centroid_unavailable(q, q, 100) == centroid_triton.MISSING
+        return
+    assert centroid_triton.triton_centroid_unavailable(q, q, 128) is None
+    assert "num_clusters 129" in centroid_triton.triton_centroid_unavailable(q, q, 129)
+    assert "dtype" in centroid_triton.triton_centroid_unavailable(q.float(), q.float(), 100)
+    assert "head dim 48" in centroid_triton.triton_centroid_unavailable(q[..., :48], q[..., :48], 100)

@@ -1,0 +1,198 @@
+"""The CUDA-graph cache of the ops' compositions (``fairseq_clustered/ops/graph_cache.py``).
+
+Oracle: the same composition run eagerly (the cache switched off) on the same inputs.
+Replays must give the eager results, on fresh inputs at every call (a replay that read
+stale static inputs would fail), and outputs handed out earlier must survive later
+replays. The GPU tests skip without CUDA and the compiled extension.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fairseq_clustered.ops import clustered_attention, cuda_backend, graph_cache, improved_clustered_attention
+
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_backend.load()),
+                               reason="needs a CUDA GPU and the compiled fairseq_clustered._C")
+
+
+# -------------------------------------------------------------------- CPU
+
+
+@pytest.mark.parametrize("name,value,words", [
+    ("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "yes", "0 (off) or 1 (on)"),
+    ("FAIRSEQ_CLUSTERED_GRAPH_CACHE_MB", "lots", "an integer"),
+    ("FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB", "-1", ">= 0"),
+])
+def test_bad_settings_name_the_variable(monkeypatch, name, value, words):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError) as error:
+        graph_cache.settings()
+    assert name in str(error.value) and words in str(error.value)
+
+
+def test_defaults(monkeypatch):
+    for name in ("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "FAIRSEQ_CLUSTERED_GRAPH_CACHE_MB",
+                 "FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB"):
+        monkeypatch.delenv(name, raising=False)
+    config = graph_cache.settings()
+    assert config.enabled and config.budget_bytes == 1024 * 2**20 and config.max_input_bytes == 256 * 2**20
+
+
+def test_cpu_tensors_run_eagerly():
+    cache = graph_cache.GraphCache()
+    calls = []
+
+    def double(x, factor):
+        calls.append(1)
+        return x * factor
+
+    for _ in range(4):
+        x = torch.randn(5)
+        assert torch.equal(cache.run("double", double, (x, 2)), x * 2)
+    assert len(calls) == 4 and cache.captures == 0 and len(cache) == 0
+
+
+# -------------------------------------------------------------------- GPU
+
+
+def _inputs(seed, dtype, length=300, pad=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 3, length, 64, generator=g).to("cuda", dtype).requires_grad_(True) for _ in range(3))
+    kmask = qmask = None
+    if pad:
+        kmask = torch.zeros(2, length, dtype=torch.bool)
+        kmask[1, length - 40:] = True
+        qmask = kmask.clone()
+        kmask, qmask = kmask.cuda(), qmask.cuda()
+    return q, k, v, kmask, qmask
+
+
+def _step(variant, seed, dtype, pad, dropout):
+    """Output and gradients of one forward + backward on fresh inputs (planes from the seed)."""
+    q, k, v, kmask, qmask = _inputs(seed, dtype, pad=pad)
+    fn = clustered_attention if variant == "clustered" else improved_clustered_attention
+    generator = torch.Generator().manual_seed(seed)
+    out = fn(q, k, v, kmask, qmask, num_clusters=20, generator=generator, dropout_p=dropout)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out))
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def _assert_same(graphed, eager, exact_grads):
+    assert torch.equal(graphed[0], eager[0]), "output differs from the eager composition"
+    for name, got, want in zip(("dq", "dk", "dv"), graphed[1:], eager[1:]):
+        if exact_grads:
+            assert torch.equal(got, want), name
+        else:  # atomically accumulated gradients: the order of fp32 additions may differ
+            scale = 1 + want.double().abs().max().item()
+            assert (got.double() - want.double()).abs().max().item() <= 1e-2 * scale, name
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", ["clustered", "improved"])
+@pytest.mark.parametrize("dtype,pad,dropout", [(torch.bfloat16, False, 0.0), (torch.float32, True, 0.2)],
+                         ids=["bf16-flash", "fp32-padding-dropout"])
+def test_replays_match_eager_gpu(monkeypatch, variant, dtype, pad, dropout):
+    cache = cuda_backend.graph_cache()
+    cache.clear()
+    captures, replays = cache.captures, cache.replays
+    graphed = [_step(variant, seed, dtype, pad, dropout) for seed in range(4)]
+    assert cache.captures > captures and cache.replays > replays, "nothing was captured or replayed"
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "0")
+    replays = cache.replays
+    eager = [_step(variant, seed, dtype, pad, dropout) for seed in range(4)]
+    assert cache.replays == replays
+    for g, e in zip(graphed, eager):
+        _assert_same(g, e, exact_grads=False)
+
+
+@needs_gpu
+def test_outputs_survive_later_replays_gpu():
+    from fairseq_clustered.ops import custom_ops
+    cache = cuda_backend.graph_cache()
+    cache.clear()
+    planes = torch.randn(63, 64, device="cuda")
+    kept = []
+    for seed in range(4):
+        q, k, v, _, _ = _inputs(seed, torch.bfloat16)
+        a, _ = custom_ops.lloyd_kmeans(custom_ops.hash_codes(q.detach(), planes, torch.zeros(63, device="cuda")),
+                                       None, 20, 10, 63)
+        out, lse, centroids = custom_ops.clustered_attention_fwd(q, k, v, a, None, None, 20, 0.125, 0.0)
+        kept.append((out, out.clone(), a, a.clone()))
+    assert cache.replays >= 2
+    for out, out_copy, a, a_copy in kept:
+        assert torch.equal(out, out_copy) and torch.equal(a, a_copy)
+    assert not torch.equal(kept[2][0], kept[3][0])
+
+
+@needs_gpu
+def test_limits_gpu(monkeypatch):
+    cache = cuda_backend.graph_cache()
+    eager = [_step("clustered", seed, torch.bfloat16, False, 0.0) for seed in range(3)]
+    # Inputs above the size limit run eagerly: nothing is captured.
+    cache.clear()
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB", "0")
+    captures = cache.captures
+    for seed in range(3):
+        _assert_same(_step("clustered", seed, torch.bfloat16, False, 0.0), eager[seed], exact_grads=False)
+    assert cache.captures == captures and len(cache) == 0
+    # A graph larger than the whole budget is used once and not kept.
+    monkeypatch.delenv("FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB")
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_CACHE_MB", "0")
+    for seed in range(3):
+        _assert_same(_step("clustered", seed, torch.bfloat16, False, 0.0), eager[seed], exact_grads=False)
+    assert cache.captures > captures and len(cache) == 0 and cache.memory_bytes() == 0
+    # Within the budget graphs are kept, and their memory is counted.
+    monkeypatch.delenv("FAIRSEQ_CLUSTERED_GRAPH_CACHE_MB")
+    cache.clear()
+    for seed in range(3):
+        _step("clustered", seed, torch.bfloat16, False, 0.0)
+    assert len(cache) >= 3 and cache.memory_bytes() > 0
+    cache.clear()
+    assert len(cache) == 0 and cache.memory_bytes() == 0
+
+
+@needs_gpu
+def test_nothing_is_captured_inside_an_outer_capture_gpu():
+    """Inside a user's CUDA graph the composition runs eagerly, so the outer graph records it."""
+    cache = cuda_backend.graph_cache()
+    cache.clear()
+    q, k, v, _, _ = _inputs(0, torch.bfloat16)
+    planes = torch.randn(63, 64, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        clustered_attention(q, k, v, num_clusters=20, planes=planes)
+    torch.cuda.current_stream().wait_stream(stream)
+    captures, replays = cache.captures, cache.replays
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = clustered_attention(q, k, v, num_clusters=20, planes=planes)
+    graph.replay()
+    assert cache.captures == captures and cache.replays == replays
+    assert torch.equal(static_out, clustered_attention(q, k, v, num_clusters=20, planes=planes))
+
+
+@needs_gpu
+def test_each_signature_is_captured_at_most_once_gpu(monkeypatch):
+    """With room for one graph, two alternating signatures do not thrash: the evicted one
+    runs eagerly from then on, and every result is still right."""
+    monkeypatch.setattr(graph_cache, "MAX_ENTRIES", 1)
+    cache = graph_cache.GraphCache()
+    calls = []
+
+    def affine(x, shift):
+        calls.append(1)
+        return x * 2 + shift
+
+    for step in range(6):
+        for length in (10, 20):
+            x = torch.randn(length, device="cuda")
+            assert torch.equal(cache.run("affine", affine, (x, 1.5)), x * 2 + 1.5)
+    assert cache.captures == 2 and len(cache) == 1
+    # The kept graph replays (no call of affine); the evicted signature runs it each time.
+    before = len(calls)
+    cache.run("affine", affine, (torch.randn(20, device="cuda"), 1.5))
+    cache.run("affine", affine, (torch.randn(10, device="cuda"), 1.5))
+    assert len(calls) == before + 1
