@@ -81,6 +81,9 @@ def parse_args():
     p.add_argument("--graph", action="store_true",
                    help="also time forward+backward captured in a CUDA graph (GPU time without launch overhead)")
     p.add_argument("--profile", default="", help="comma-separated N: print the top CUDA kernels per method")
+    p.add_argument("--host-profile", default="",
+                   help="comma-separated N: print where the host (CPU) time of a forward+backward goes per method "
+                        "(Python functions by own time, torch ops by count)")
     return p.parse_args()
 
 
@@ -129,9 +132,50 @@ def profile(name, fn):
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     events.sort(key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in events) / 3 / 1e3
-    print(f"  profile {name}: GPU {total:.3f} ms per fwd+bwd, {sum(e.count for e in events) // 3} kernels")
-    for e in events[:10]:
+    print(f"  profile {name}: GPU {total:.3f} ms per step, {sum(e.count for e in events) // 3} kernels")
+    for e in events[:12]:
         print(f"    {e.self_device_time_total / 3 / 1e3:8.3f} ms {e.count // 3:4d}x  {e.key[:90]}")
+
+
+def host_profile(name, fn, steps=10):
+    """Where the CPU time of ``fn`` goes: the Python functions with the most own time
+    (cProfile) and the torch ops issued per step (torch profiler, CPU only)."""
+    import cProfile
+    import io
+    import pstats
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    issue_ms = (time.perf_counter() - start) * 1e3 / steps
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+    print(f"  host profile {name}: {issue_ms:.3f} ms to issue a step, {wall_ms:.3f} ms per step with its GPU work")
+    lines = text.getvalue().splitlines()
+    start_at = next((i for i, line in enumerate(lines) if "ncalls" in line), 0)
+    for line in lines[start_at:start_at + 19]:
+        print("    " + line[:150])
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ops = [e for e in prof.key_averages() if e.key.startswith(("aten::", "fairseq_clustered::", "triton", "cuda"))]
+    ops.sort(key=lambda e: -e.self_cpu_time_total)
+    print(f"    torch ops per step: {sum(e.count for e in ops if e.key.startswith('aten::'))} aten calls; "
+          "by own CPU time:")
+    for e in ops[:14]:
+        print(f"      {e.self_cpu_time_total / 1e3:7.3f} ms {e.count:4d}x  {e.key[:80]}")
 
 
 def make_methods(args, planes):
@@ -218,6 +262,8 @@ def measure(args, name, fn, q, k, v, repeats):
             row["graph_ms"] = graph_time(fwd_bwd, repeats)
         if str(q.shape[2]) in args.profile.split(",") and name != "reference":
             profile(name, fwd_bwd)
+        if str(q.shape[2]) in args.host_profile.split(",") and name != "reference":
+            host_profile(name, fwd_bwd)
         if args.device == "cuda":
             # Peak of one forward+backward counting its inputs (q, k, v, grad_out) but
             # nothing else that happens to be alive in the process.
@@ -231,14 +277,30 @@ def measure(args, name, fn, q, k, v, repeats):
             torch.cuda.synchronize()
             inputs = 4 * q.numel() * q.element_size()
             row["peak_mb"] = (torch.cuda.max_memory_allocated() - base + inputs) / 2**20
+        cache = cuda_graph_cache(args)
+        if cache is not None:
+            # What the cached CUDA graphs of the ops hold at the end (shared by every
+            # caller of the same shape, so not multiplied by the layers of a model).
+            row["graph_cache_mb"] = cache.memory_bytes() / 2**20
     except torch.cuda.OutOfMemoryError:
         row = {"fwd_ms": math.nan, "fwdbwd_ms": math.nan, "peak_mb": math.nan, "note": "OOM"}
     finally:
         for t in (q, k, v):
             t.grad = None
+        cache = cuda_graph_cache(args)
+        if cache is not None:
+            cache.clear()  # each method and length starts without graphs
         if args.device == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def cuda_graph_cache(args):
+    """The ops' CUDA-graph cache (``fairseq_clustered/ops/graph_cache.py``), or None on the CPU."""
+    if args.device != "cuda":
+        return None
+    from fairseq_clustered.ops import cuda_backend
+    return cuda_backend.graph_cache()
 
 
 def main():
@@ -257,6 +319,8 @@ def main():
         loaded = all(where.startswith("cuda") for where in status.values())
         print("kernels:", "cuda" if loaded else status)
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        from fairseq_clustered.info import _graph_cache_line
+        print("cuda graphs of the ops:", _graph_cache_line(cuda_backend))
     print(f"B={batch} H={heads} D={args.dim} {str(dtype).replace('torch.', '')} C={args.clusters} "
           f"I={args.iterations} bits={args.bits} " + (f"causal, W={args.window}" if args.causal else f"k={args.topk}"))
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -293,7 +357,7 @@ def main():
 
 def write_outputs(args, results):
     keys = ["n", "method", "fwd_ms", "fwd_ratio", "fwdbwd_ms", "fwdbwd_ratio", "graph_ms", "peak_mb", "io_mb",
-            "vs_fast_transformers", "note"]
+            "graph_cache_mb", "vs_fast_transformers", "note"]
     with open(args.out + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
@@ -332,6 +396,7 @@ def print_table(results):
         print(f"{r['n']:6d} {r['method']:16s} {r['fwd_ms']:8.3f} {ratio('fwd_ratio')} {r['fwdbwd_ms']:10.3f} "
               f"{ratio('fwdbwd_ratio')} {peak:9.1f} {peak / r['io_mb']:7.2f}"
               + (f"  graph {r['graph_ms']:.3f} ms" if "graph_ms" in r else "")
+              + (f"  cached graphs {r['graph_cache_mb']:.0f} MB" if r.get("graph_cache_mb") else "")
               + (f"  {r['vs_fast_transformers']:.0f}x faster than fast-transformers"
                  if "vs_fast_transformers" in r else ""))
 

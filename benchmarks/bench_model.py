@@ -91,8 +91,10 @@ def build_model(variant, max_length, vocab_size, small, num_clusters, topk, atte
     return model, dictionary
 
 
-def measure(model, dictionary, length, batch, steps, warmup, device, dtype):
-    """Median tokens/s and peak memory (bytes) of training steps on random tokens."""
+def measure(model, dictionary, length, batch, steps, warmup, device, dtype, profile_name=None):
+    """Median tokens/s and peak memory (bytes) of training steps on random tokens.
+
+    ``profile_name``: also print the step's top CUDA kernels under that name."""
     model = model.to(device=device, dtype=dtype).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -128,6 +130,9 @@ def measure(model, dictionary, length, batch, steps, warmup, device, dtype):
             step()
             times.append(time.perf_counter() - begin)
     peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
+    if profile_name and cuda:
+        from bench_attention import profile  # benchmarks/ is this script's directory
+        profile(profile_name, step)
     return batch * length / statistics.median(times), peak
 
 
@@ -145,6 +150,8 @@ def main():
     parser.add_argument("--attention-dropout", type=float, default=None,
                         help="attention dropout of every variant (default: RoBERTa's 0.1)")
     parser.add_argument("--csv", default="bench_model.csv")
+    parser.add_argument("--profile", default="", help="comma-separated lengths: print each variant's top CUDA "
+                                                      "kernels per training step (GPU)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny model, lengths 64,128, fp32 on the CPU (checks the script runs)")
     args = parser.parse_args()
@@ -176,7 +183,9 @@ def main():
             model, dictionary = build_model(variant, length, vocab, small, num_clusters, topk,
                                             args.attention_dropout)
             try:
-                results[variant] = measure(model, dictionary, length, batch, steps, warmup, device, dtype)
+                profile_name = f"{variant} at {length}" if str(length) in args.profile.split(",") else None
+                results[variant] = measure(model, dictionary, length, batch, steps, warmup, device, dtype,
+                                           profile_name)
             except torch.cuda.OutOfMemoryError:
                 results[variant] = (float("nan"), float("nan"))
             del model
