@@ -410,6 +410,28 @@ def test_lloyd_gpu(length, clusters, pad):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cluster_queries_is_hash_then_lloyd_gpu(dtype):
+    """The fused clustering op gives what its two steps give on the GPU, and the reference's
+    clusters for the GPU's hashes."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 1025, 64, generator=g).to("cuda", dtype)
+    mask = torch.zeros(2, 1025, dtype=torch.bool)
+    mask[1, 700:] = True
+    mask = mask.cuda()
+    planes = torch.randn(63, 64, generator=g).cuda()
+    offsets = torch.zeros(63, device="cuda")
+    for _ in range(3):  # the second call and later replay a cached graph
+        a, c = custom_ops.cluster_queries(x, planes, offsets, mask, 30, 10, 63)
+        codes = custom_ops.hash_codes(x, planes, offsets)
+        ea, ec = custom_ops.lloyd_kmeans(codes, mask, 30, 10, 63)
+        assert torch.equal(a, ea) and torch.equal(c, ec)
+        ra, rc = reference.lloyd_kmeans_ref(codes, mask, 30, 10, 63)
+        assert torch.equal(a, ra) and torch.equal(c, rc)
+        x = torch.randn(x.shape, generator=g).to("cuda", dtype)
+
+
+@needs_gpu
 def test_edge_cases_gpu():
     """All-padded rows finite, C larger than N, topk larger than S (exact), bit-identical reruns."""
     from fairseq_clustered.ops import clustered_attention, improved_clustered_attention
@@ -475,6 +497,8 @@ def test_opcheck_gpu(mask):
     torch.library.opcheck(custom_ops.hash_codes, (q.detach(), planes, torch.zeros(63, device="cuda")))
     codes = custom_ops.hash_codes(q.detach(), planes, torch.zeros(63, device="cuda"))
     torch.library.opcheck(custom_ops.lloyd_kmeans, (codes, qmask, 6, 10, 63))
+    torch.library.opcheck(custom_ops.cluster_queries,
+                          (q.detach(), planes, torch.zeros(63, device="cuda"), qmask, 6, 10, 63))
     torch.library.opcheck(custom_ops.clustered_attention_fwd, (q, k, v, a, kmask, None, 6, 0.125, 0.0))
     torch.library.opcheck(custom_ops.improved_clustered_attention_fwd, (q, k, v, a, kmask, None, 6, 8, 0.125, 0.0))
 

@@ -320,6 +320,8 @@ def opcheck_samples():
     return [
         (custom_ops.hash_codes, (q, draw_hash_planes(12, 8, torch.Generator()), torch.zeros(12))),
         (custom_ops.lloyd_kmeans, (codes, query_mask, 4, 3, 12)),
+        (custom_ops.cluster_queries,
+         (q, draw_hash_planes(12, 8, torch.Generator()), torch.zeros(12), query_mask, 4, 3, 12)),
         (custom_ops.clustered_attention_fwd, (req(q), req(k), req(v), clusters, key_mask, keep, 4, 0.3, 0.2)),
         (custom_ops.clustered_attention_bwd,
          (grad, q, k, v, clusters, key_mask, keep, out, lse, centroids, 4, 0.3, 0.2)),
@@ -330,7 +332,7 @@ def opcheck_samples():
     ]
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(7))
 def test_opcheck(index):
     op, args = opcheck_samples()[index]
     torch.library.opcheck(op, args)

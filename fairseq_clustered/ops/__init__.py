@@ -67,15 +67,20 @@ def hash_queries(x: Tensor, planes: Tensor, offsets: Optional[Tensor] = None) ->
     """
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"x must have shape (batch, heads, length, dim), got {getattr(x, 'shape', x)}")
+    # Codes are integers, constants for autograd: detached, the backward gets no node that
+    # would only add a zero gradient of x's size.
+    return custom_ops.hash_codes(x.detach(), *_hash_planes(x, planes, offsets))
+
+
+def _hash_planes(x: Tensor, planes: Tensor, offsets: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Checked ``planes (bits, D)`` and ``offsets (bits,)``, fp32 and contiguous on ``x``'s device."""
     bits = planes.shape[0] if isinstance(planes, Tensor) and planes.dim() == 2 else -1
     check_int_range("bits (planes.shape[0])", bits, 1, 63)
     check_planes(planes, bits, x.shape[-1], offsets)
     planes = planes.to(device=x.device, dtype=torch.float32).contiguous()
     if offsets is None:
-        offsets = planes.new_zeros(bits)
-    # Codes are integers, constants for autograd: detached, the backward gets no node that
-    # would only add a zero gradient of x's size.
-    return custom_ops.hash_codes(x.detach(), planes, offsets.to(device=x.device, dtype=torch.float32).contiguous())
+        return planes, planes.new_zeros(bits)
+    return planes, offsets.to(device=x.device, dtype=torch.float32).contiguous()
 
 
 def _resolve_planes(query: Tensor, bits: int, planes: Optional[Tensor], generator) -> Tensor:
@@ -118,8 +123,9 @@ def cluster_queries(
     if not isinstance(query, Tensor) or query.dim() != 4:
         raise ValueError(f"query must have shape (batch, heads, length, dim), got {getattr(query, 'shape', query)}")
     check_padding_mask("query_padding_mask", query_padding_mask, query.shape[0], query.shape[2], query.device)
-    codes = hash_queries(query, _resolve_planes(query, bits, planes, generator))
-    return custom_ops.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits)
+    planes, offsets = _hash_planes(query, _resolve_planes(query, bits, planes, generator), None)
+    return custom_ops.cluster_queries(query.detach(), planes, offsets, query_padding_mask, num_clusters,
+                                      iterations, bits)
 
 
 def _prepare(

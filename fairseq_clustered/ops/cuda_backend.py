@@ -22,6 +22,7 @@ _ops = None  # the registered cuda_kernels.CudaOps
 KERNELS = (
     "hash_codes",
     "lloyd_kmeans",
+    "cluster_queries",
     "clustered_attention_fwd",
     "clustered_attention_bwd",
     "improved_clustered_attention_fwd",
@@ -73,8 +74,11 @@ KERNEL_NOTES = {
     "hash_codes": "fp32/fp16/bf16, dim <= 800; fp16/bf16 with a power-of-two dim 16..256 on tensor cores "
                   "(Triton)",
     "lloyd_kmeans": "num_clusters <= 6144, batch*heads <= 65535",
-    "clustered_attention_fwd": "fp32/fp16/bf16, head dims <= 128; flash for fp16/bf16 without padding or dropout",
-    "clustered_attention_bwd": "fp32/fp16/bf16, head dims <= 128; flash for fp16/bf16 without padding or dropout",
+    "cluster_queries": "hash_codes then lloyd_kmeans in one composition (same coverage)",
+    "clustered_attention_fwd": "fp32/fp16/bf16, head dims <= 128; fp16/bf16: flash without padding or dropout, "
+                               "with them Triton on tensor cores (head dim a power of two 16..128, C <= 128)",
+    "clustered_attention_bwd": "fp32/fp16/bf16, head dims <= 128; fp16/bf16: flash without padding or dropout, "
+                               "with them Triton on tensor cores (head dim a power of two 16..128, C <= 128)",
     "improved_clustered_attention_fwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128; fp16/bf16 without "
                                         "padding or dropout: flash, exact top-key products on tensor cores (Triton, "
                                         "top-k <= 128)",

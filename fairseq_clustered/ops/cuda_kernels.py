@@ -89,23 +89,36 @@ class CudaOps:
 
     # ------------------------------------------------------------------ clustering
 
-    def hash_codes(self, x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
+    @staticmethod
+    def _hash_why_not(x: Tensor) -> Optional[str]:
         if x.dtype not in KERNEL_DTYPES:
-            warn_fallback("hash_codes", f"dtype {x.dtype} has no kernel")
-            return reference.hash_codes_ref(x, planes, offsets)
+            return f"dtype {x.dtype} has no kernel"
         if x.shape[-1] > MAX_HASH_DIM:
-            warn_fallback("hash_codes", f"dim {x.shape[-1]} > {MAX_HASH_DIM}")
+            return f"dim {x.shape[-1]} > {MAX_HASH_DIM}"
+        return None
+
+    @staticmethod
+    def _lloyd_why_not(codes: Tensor, num_clusters: int) -> Optional[str]:
+        if num_clusters > MAX_KERNEL_CLUSTERS:
+            return f"num_clusters {num_clusters} > {MAX_KERNEL_CLUSTERS}"
+        if codes.shape[0] * codes.shape[1] > MAX_ROWS:
+            return f"batch * heads = {codes.shape[0] * codes.shape[1]} > {MAX_ROWS}"
+        return None
+
+    def hash_codes(self, x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
+        why = self._hash_why_not(x)
+        if why is not None:
+            warn_fallback("hash_codes", why)
             return reference.hash_codes_ref(x, planes, offsets)
+        return self._hash_codes(x, planes, offsets)
+
+    def _hash_codes(self, x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
         if hash_triton.triton_hash_unavailable(x) is None:  # tensor cores, fp32-exact products
             return hash_triton.hash_codes_triton(x, planes, offsets)
         return self.ext.hash_codes(x, planes, offsets)
 
     def lloyd_kmeans(self, codes, query_padding_mask, num_clusters, iterations, bits):
-        why = None
-        if num_clusters > MAX_KERNEL_CLUSTERS:
-            why = f"num_clusters {num_clusters} > {MAX_KERNEL_CLUSTERS}"
-        elif codes.shape[0] * codes.shape[1] > MAX_ROWS:
-            why = f"batch * heads = {codes.shape[0] * codes.shape[1]} > {MAX_ROWS}"
+        why = self._lloyd_why_not(codes, num_clusters)
         if why is not None:
             warn_fallback("lloyd_kmeans", why)
             return reference.lloyd_kmeans_ref(codes, query_padding_mask, num_clusters, iterations, bits)
@@ -114,6 +127,18 @@ class CudaOps:
 
     def _lloyd_kmeans(self, codes, query_padding_mask, num_clusters, iterations, bits):
         return tuple(self.ext.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits))
+
+    def cluster_queries(self, x, planes, offsets, query_padding_mask, num_clusters, iterations, bits):
+        """Hashing and Lloyd's k-means as one composition (one graph replay where they repeat)."""
+        if self._hash_why_not(x) is not None or self._lloyd_why_not(x, num_clusters) is not None:
+            codes = self.hash_codes(x, planes, offsets)  # these warn and take the reference
+            return self.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits)
+        return self.graphs.run("cluster_queries", self._cluster_queries,
+                               (x, planes, offsets, query_padding_mask, num_clusters, iterations, bits))
+
+    def _cluster_queries(self, x, planes, offsets, query_padding_mask, num_clusters, iterations, bits):
+        return self._lloyd_kmeans(self._hash_codes(x, planes, offsets), query_padding_mask, num_clusters,
+                                  iterations, bits)
 
     def chunk_cluster_sums(self, x, clusters, window, num_clusters):
         if x.dtype not in KERNEL_DTYPES:
@@ -623,6 +648,7 @@ def register(extension) -> CudaOps:
     ops = CudaOps(extension)
     custom_ops.hash_codes.register_kernel("cuda")(ops.hash_codes)
     custom_ops.lloyd_kmeans.register_kernel("cuda")(ops.lloyd_kmeans)
+    custom_ops.cluster_queries.register_kernel("cuda")(ops.cluster_queries)
     custom_ops.clustered_attention_fwd.register_kernel("cuda")(ops.clustered_fwd)
     custom_ops.clustered_attention_bwd.register_kernel("cuda")(ops.clustered_bwd)
     custom_ops.improved_clustered_attention_fwd.register_kernel("cuda")(ops.improved_fwd)

@@ -11,6 +11,8 @@ Ops (shapes as in :mod:`.reference`):
 
 * ``hash_codes(x, planes, offsets) -> codes``
 * ``lloyd_kmeans(codes, query_padding_mask, C, iterations, bits) -> (assignments, centroid_codes)``
+* ``cluster_queries(x, planes, offsets, query_padding_mask, C, iterations, bits) -> (assignments,
+  centroid_codes)``: the two above as one op (one call, and on CUDA one composition)
 * ``clustered_attention_fwd(q, k, v, assignments, key_padding_mask, keep, C, scale, p) -> (out, lse, centroids)``
 * ``clustered_attention_bwd(dout, q, k, v, assignments, key_padding_mask, keep, out, lse, centroids, C, scale, p)
   -> (dq, dk, dv)``: the forward's output and centroids spare the backward computing them again
@@ -60,6 +62,22 @@ def lloyd_kmeans(
 def _(codes, query_padding_mask, num_clusters, iterations, bits):
     batch, heads, _ = codes.shape
     return torch.empty_like(codes), codes.new_empty(batch, heads, num_clusters)
+
+
+@torch.library.custom_op(f"{LIBRARY}::cluster_queries", mutates_args=())
+def cluster_queries(
+    x: Tensor, planes: Tensor, offsets: Tensor, query_padding_mask: Optional[Tensor], num_clusters: int,
+    iterations: int, bits: int
+) -> Tuple[Tensor, Tensor]:
+    codes = reference.hash_codes_ref(x, planes, offsets)
+    return reference.lloyd_kmeans_ref(codes, query_padding_mask, num_clusters, iterations, bits)
+
+
+@cluster_queries.register_fake
+def _(x, planes, offsets, query_padding_mask, num_clusters, iterations, bits):
+    batch, heads, length, _ = x.shape
+    return x.new_empty(batch, heads, length, dtype=torch.int64), x.new_empty(batch, heads, num_clusters,
+                                                                             dtype=torch.int64)
 
 
 # ------------------------------------------------------------- clustered attention
@@ -220,6 +238,7 @@ improved_clustered_attention_fwd.register_autograd(_backward_improved, setup_con
 ALL_OPS = (
     hash_codes,
     lloyd_kmeans,
+    cluster_queries,
     clustered_attention_fwd,
     clustered_attention_bwd,
     improved_clustered_attention_fwd,
