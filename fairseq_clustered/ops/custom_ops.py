@@ -140,11 +140,14 @@ def _setup_clustered(ctx, inputs, output):
     query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p = inputs
     out, lse, centroids = output
     ctx.mark_non_differentiable(lse, centroids)
+    ctx.set_materialize_grads(False)  # no zero gradients built for lse and centroids
     ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, out, lse, centroids)
     ctx.hyper = (num_clusters, scale, dropout_p)
 
 
 def _backward_clustered(ctx, grad_out, grad_lse, grad_centroids):
+    if grad_out is None:  # the output does not reach the loss
+        return (None,) * 9
     query, key, value, assignments, key_padding_mask, keep, out, lse, centroids = ctx.saved_tensors
     dq, dk, dv = clustered_attention_bwd(
         grad_out.contiguous(), query, key, value, assignments, key_padding_mask, keep, out, lse, centroids,
@@ -219,11 +222,14 @@ def _setup_improved(ctx, inputs, output):
     query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p = inputs
     _, lse, top_index, centroids = output
     ctx.mark_non_differentiable(lse, top_index, centroids)
+    ctx.set_materialize_grads(False)  # no zero gradients built for lse, top_index and centroids
     ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids)
     ctx.hyper = (num_clusters, scale, dropout_p)
 
 
 def _backward_improved(ctx, grad_out, grad_lse, grad_top_index, grad_centroids):
+    if grad_out is None:  # the output does not reach the loss
+        return (None,) * 10
     query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids = ctx.saved_tensors
     dq, dk, dv = improved_clustered_attention_bwd(
         grad_out.contiguous(), query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
