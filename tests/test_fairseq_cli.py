@@ -208,6 +208,7 @@ def test_speech_to_text_on_npy_filterbanks_with_wer(tmp_path):
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16/bf16 training steps)")
 FALLBACK = "runs the reference implementation on the GPU"  # cuda_kernels.warn_fallback's message
+CAPTURE_FAILED = "cannot be captured in a CUDA graph"  # graph_cache's warning
 
 
 def train_losses(log):
@@ -228,6 +229,7 @@ def assert_trained_on_the_kernels(log, updates):
 
     assert cuda_backend.load(), f"the CUDA kernels did not load: {cuda_backend.status()}"
     assert FALLBACK not in log, log[-3000:]
+    assert CAPTURE_FAILED not in log, log[-3000:]
     assert f"num_updates {updates}" in log
     losses = train_losses(log)
     assert losses[-1] < losses[0], f"the loss did not fall: {losses}"
