@@ -237,6 +237,35 @@ def test_flash_path_algebra_cpu(topk):
         ck.KERNEL_DTYPES = old
 
 
+@pytest.mark.parametrize("variant", ["clustered", "improved"])
+def test_eager_path_matches_the_custom_ops_cpu(monkeypatch, variant):
+    """The public functions' eager CUDA path (ops/eager.py) wires the CUDA implementations as
+    the custom ops' registered autograd does: run here over the CPU stand-in of the
+    extension, it gives the custom ops' (the reference's) outputs and gradients."""
+    from fairseq_clustered import ops
+    q, k, v, qmask, kmask, _ = make_inputs(2, 2, 33, 29, 16, torch.float32, "cpu", 5)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    fn = ops.clustered_attention if variant == "clustered" else ops.improved_clustered_attention
+    extra = {} if variant == "clustered" else {"topk": 4}
+    planes = torch.randn(12, 16, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*inputs, kmask, qmask, num_clusters=5, iterations=3, bits=12, planes=planes, dropout_p=0.2,
+                 generator=torch.Generator().manual_seed(3), **extra)
+        out.backward(grad)
+        return [out.detach()] + [t.grad for t in inputs]
+
+    expected = run()
+    used = []
+    stand_in = CudaOps(EmulatedExtension(), use_flash=False)
+    monkeypatch.setattr(ops.eager, "implementations", lambda query: used.append(query) or stand_in)
+    got = run()
+    assert used, "the eager path was not taken"
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+
+
 def test_segments_cpu():
     a = torch.tensor([[[2, -1, 0, 2, 0, 1]]])
     order, seg_start, counts = _segments(a, 4)

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import custom_ops, reference
+from . import custom_ops, eager, reference
 from .validation import (
     check_attention_inputs,
     check_clustering_args,
@@ -124,8 +124,9 @@ def cluster_queries(
         raise ValueError(f"query must have shape (batch, heads, length, dim), got {getattr(query, 'shape', query)}")
     check_padding_mask("query_padding_mask", query_padding_mask, query.shape[0], query.shape[2], query.device)
     planes, offsets = _hash_planes(query, _resolve_planes(query, bits, planes, generator), None)
-    return custom_ops.cluster_queries(query.detach(), planes, offsets, query_padding_mask, num_clusters,
-                                      iterations, bits)
+    args = (query.detach(), planes, offsets, query_padding_mask, num_clusters, iterations, bits)
+    ops = eager.implementations(query)
+    return custom_ops.cluster_queries(*args) if ops is None else ops.cluster_queries(*args)
 
 
 def _prepare(
@@ -195,9 +196,11 @@ def clustered_attention(
         query, key, value, key_padding_mask, query_padding_mask, num_clusters, iterations, bits,
         planes, generator, scale, dropout_p, clusters,
     )
-    out, _, _ = custom_ops.clustered_attention_fwd(
-        query, key, value, clusters, key_padding_mask, keep, num_clusters, scale, float(dropout_p)
-    )
+    args = (query, key, value, clusters, key_padding_mask, keep, num_clusters, scale, float(dropout_p))
+    ops = eager.implementations(query)
+    if ops is not None:
+        return eager.ClusteredAttention.apply(ops, *args)
+    out, _, _ = custom_ops.clustered_attention_fwd(*args)
     return out
 
 
@@ -235,9 +238,11 @@ def improved_clustered_attention(
         query, key, value, key_padding_mask, query_padding_mask, num_clusters, iterations, bits,
         planes, generator, scale, dropout_p, clusters,
     )
-    out, *_ = custom_ops.improved_clustered_attention_fwd(
-        query, key, value, clusters, key_padding_mask, keep, num_clusters, topk, scale, float(dropout_p)
-    )
+    args = (query, key, value, clusters, key_padding_mask, keep, num_clusters, topk, scale, float(dropout_p))
+    ops = eager.implementations(query)
+    if ops is not None:
+        return eager.ImprovedClusteredAttention.apply(ops, *args)
+    out, *_ = custom_ops.improved_clustered_attention_fwd(*args)
     return out
 from .causal import causal_clustered_attention, causal_key_clusters  # noqa: E402  (leak-free causal variant)
 from . import cuda_backend  # noqa: E402

@@ -61,11 +61,17 @@ def extension():
     return _extension
 
 
+def cuda_ops():
+    """The registered :class:`~fairseq_clustered.ops.cuda_kernels.CudaOps`, or None without kernels."""
+    load()
+    return _ops
+
+
 def graph_cache():
     """The :class:`~fairseq_clustered.ops.graph_cache.GraphCache` of the registered CUDA ops
     (``clear()`` frees its graphs, ``memory_bytes()`` says what they hold), or None without kernels."""
-    load()
-    return None if _ops is None else _ops.graphs
+    ops = cuda_ops()
+    return None if ops is None else ops.graphs
 
 
 # What each CUDA implementation covers; everything else runs the reference on the GPU

@@ -1,0 +1,74 @@
+"""Eager CUDA calls of the attention ops without torch.library's Python dispatch.
+
+A call of a ``torch.library`` custom op with registered autograd goes through several
+layers of Python (argument defaults, the autograd wrapper's ``setup_context``, the
+redispatch to the device kernel, the aliasing checks of the result), which costs more
+CPU time than the replay of the op's cached CUDA graph it ends in (:mod:`.graph_cache`).
+In eager mode on CUDA tensors the public functions therefore call the registered CUDA
+implementations (:class:`~.cuda_kernels.CudaOps`) directly, through the small
+``torch.autograd.Function`` subclasses below, which save and pass exactly what the custom
+ops' registered autograd does. The kernels, and so the results, are the same.
+
+The custom ops stay the path everywhere else: on the CPU and other devices, without the
+compiled extension, under ``torch.compile`` (which needs their fake kernels) and under
+functorch transforms.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import cuda_backend
+
+
+def implementations(query: Tensor):
+    """The registered :class:`~.cuda_kernels.CudaOps` when this call may use them directly, else None."""
+    if not query.is_cuda or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    return cuda_backend.cuda_ops()
+
+
+class ClusteredAttention(torch.autograd.Function):
+    """``out`` of ``CudaOps.clustered_fwd``; backward through ``CudaOps.clustered_bwd``."""
+
+    @staticmethod
+    def forward(ctx, ops, query, key, value, assignments, key_padding_mask: Optional[Tensor],
+                keep: Optional[Tensor], num_clusters: int, scale: float, dropout_p: float):
+        out, lse, centroids = ops.clustered_fwd(query, key, value, assignments, key_padding_mask, keep,
+                                                num_clusters, scale, dropout_p)
+        ctx.ops, ctx.hyper = ops, (num_clusters, scale, dropout_p)
+        ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, out, lse, centroids)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, assignments, key_padding_mask, keep, out, lse, centroids = ctx.saved_tensors
+        dq, dk, dv = ctx.ops.clustered_bwd(grad_out.contiguous(), query, key, value, assignments, key_padding_mask,
+                                           keep, out, lse, centroids, *ctx.hyper)
+        return None, dq, dk, dv, None, None, None, None, None, None
+
+
+class ImprovedClusteredAttention(torch.autograd.Function):
+    """``out`` of ``CudaOps.improved_fwd``; backward through ``CudaOps.improved_bwd``."""
+
+    @staticmethod
+    def forward(ctx, ops, query, key, value, assignments, key_padding_mask: Optional[Tensor],
+                keep: Optional[Tensor], num_clusters: int, topk: int, scale: float, dropout_p: float):
+        out, lse, top_index, centroids = ops.improved_fwd(query, key, value, assignments, key_padding_mask, keep,
+                                                          num_clusters, topk, scale, dropout_p)
+        ctx.ops, ctx.hyper = ops, (num_clusters, scale, dropout_p)
+        ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids = ctx.saved_tensors
+        dq, dk, dv = ctx.ops.improved_bwd(grad_out.contiguous(), query, key, value, assignments, key_padding_mask,
+                                          keep, lse, top_index, centroids, *ctx.hyper)
+        return None, dq, dk, dv, None, None, None, None, None, None, None
