@@ -7,20 +7,11 @@ tensors (fp16), on a GPU compiled in bf16 and fp16. The clustered op that uses t
 kernels is checked against the reference in test_cuda_kernels.py.
 """
 
-import os
-
 import pytest
 import torch
 
-from fairseq_clustered.ops import centroid_triton
-
-on_gpu = torch.cuda.is_available()
-runs_here = pytest.mark.skipif(
-    centroid_triton.triton is None or not (on_gpu or os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs triton and a GPU, or Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py without a GPU)",
-)
-DEVICE = "cuda" if on_gpu else "cpu"
-DTYPES = [torch.bfloat16, torch.float16] if on_gpu else [torch.float16]
+from fairseq_clustered.ops import _triton, centroid_triton
+from triton_support import DEVICE, DTYPES, runs_here  # tests/: on the path under pytest
 
 
 def problem(keys, dim, num_clusters, dtype, pad, dropout_p, seed):
@@ -116,8 +107,8 @@ def test_bit_reproducible():
 
 def test_unavailable_reasons():
     q = torch.zeros(1, 1, 4, 64, dtype=torch.float16)
-    if centroid_triton.MISSING is not None:
-        assert centroid_triton.triton_centroid_unavailable(q, q, 100) == centroid_triton.MISSING
+    if _triton.MISSING is not None:
+        assert centroid_triton.triton_centroid_unavailable(q, q, 100) == _triton.MISSING
         return
     assert centroid_triton.triton_centroid_unavailable(q, q, 128) is None
     assert "num_clusters 129" in centroid_triton.triton_centroid_unavailable(q, q, 129)

@@ -7,21 +7,12 @@ in bf16 and fp16. The whole improved op on the GPU, which uses these kernels, is
 against the reference in test_cuda_kernels.py.
 """
 
-import os
-
 import pytest
 import torch
 
 from fairseq_clustered.ops import improved_triton
 from fairseq_clustered.ops.cuda_kernels import _segments
-
-on_gpu = torch.cuda.is_available()
-runs_here = pytest.mark.skipif(
-    improved_triton.triton is None or not (on_gpu or os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs triton and a GPU, or Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py without a GPU)",
-)
-DEVICE = "cuda" if on_gpu else "cpu"
-DTYPES = [torch.bfloat16, torch.float16] if on_gpu else [torch.float16]
+from triton_support import DEVICE, DTYPES, runs_here  # tests/: on the path under pytest
 
 
 def problem(length, keys, dim, num_clusters, top_k, dtype, seed):

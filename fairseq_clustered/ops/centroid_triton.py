@@ -35,12 +35,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import MISSING, power_of_two_in, tl, triton
+from ._triton import MIN_TILE, half_precision_tiles_unavailable, tl, triton
 
 __all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "centroid_attention_bwd"]
 
 MAX_CLUSTERS = 128  # all centroids of a (batch, head) in one tile
-MIN_TILE = 16  # tl.dot's smallest tile
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per step
 # Enough programs for every SM of an H100 / H200 (132) twice, but no range shorter than this.
@@ -50,16 +49,10 @@ MIN_KEYS_PER_PROGRAM = 256
 
 def triton_centroid_unavailable(query: Tensor, value: Tensor, num_clusters: int) -> Optional[str]:
     """Why these kernels cannot serve the centroid attention of these inputs (None if they can)."""
-    if MISSING is not None:
-        return MISSING
-    if query.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {query.dtype} (the Triton centroid attention is for fp16 / bf16)"
-    dim = query.shape[-1]
-    if value.shape[-1] != dim or not power_of_two_in(dim, MIN_TILE, 128):
-        return f"head dim {dim} / value dim {value.shape[-1]}: both must be one power of two in 16..128"
-    if num_clusters > MAX_CLUSTERS:
-        return f"num_clusters {num_clusters} > {MAX_CLUSTERS}"
-    return None
+    why = half_precision_tiles_unavailable(query, value, "the Triton centroid attention kernels")
+    if why is None and num_clusters > MAX_CLUSTERS:
+        why = f"num_clusters {num_clusters} > {MAX_CLUSTERS}"
+    return why
 
 
 if triton is not None:

@@ -46,13 +46,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import MISSING, power_of_two_in, tl, triton
+from ._triton import MIN_TILE, half_precision_tiles_unavailable, tl, triton
 
 __all__ = ["triton_exact_unavailable", "centroid_block_stats", "candidate_logits", "centroid_top_keys",
            "exact_top_keys_fwd", "exact_top_keys_bwd", "sum_gradients"]
 
 MAX_TOP_K = 128  # BLOCK_M x top-k fp32 logits must stay in registers
-MIN_TILE = 16  # tl.dot's smallest tile
 LOG2E = 1.4426950408889634
 # Members per program and warps (fwd / bwd), keys and centroids per program of the block
 # statistics (logits); chosen by sweeps of the improved step on an H100 at N = 32k, D = 64,
@@ -64,16 +63,10 @@ LAUNCH = {"fwd": {"BLOCK_M": 64, "num_warps": 4}, "bwd": {"BLOCK_M": 64, "num_wa
 def triton_exact_unavailable(query: Tensor, value: Tensor, top_k: int) -> Optional[str]:
     """Why the Triton exact products cannot serve these inputs (None if they can); the
     caller has already excluded key padding and dropout (the flash path)."""
-    if MISSING is not None:
-        return MISSING
-    if query.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {query.dtype} (the Triton exact products are for fp16 / bf16)"
-    dim = query.shape[-1]
-    if value.shape[-1] != dim or not power_of_two_in(dim, MIN_TILE, 128):
-        return f"head dim {dim} / value dim {value.shape[-1]}: both must be one power of two in 16..128"
-    if top_k > MAX_TOP_K:
-        return f"top-k {top_k} > {MAX_TOP_K}"
-    return None
+    why = half_precision_tiles_unavailable(query, value, "the Triton exact products")
+    if why is None and top_k > MAX_TOP_K:
+        why = f"top-k {top_k} > {MAX_TOP_K}"
+    return why
 
 
 if triton is not None:
