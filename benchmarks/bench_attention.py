@@ -319,8 +319,8 @@ def main():
         loaded = all(where.startswith("cuda") for where in status.values())
         print("kernels:", "cuda" if loaded else status)
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-        from fairseq_clustered.info import _graph_cache_line
-        print("cuda graphs of the ops:", _graph_cache_line(cuda_backend))
+        from fairseq_clustered.info import graph_cache_line
+        print("cuda graphs of the ops:", graph_cache_line(cuda_backend))
     print(f"B={batch} H={heads} D={args.dim} {str(dtype).replace('torch.', '')} C={args.clusters} "
           f"I={args.iterations} bits={args.bits} " + (f"causal, W={args.window}" if args.causal else f"k={args.topk}"))
     gen = torch.Generator(device="cpu").manual_seed(0)

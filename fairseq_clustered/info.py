@@ -32,11 +32,13 @@ def report() -> str:
     ]
     for name, where in cuda_backend.status().items():
         lines.append(f"  {name:34s} {where}")
-    lines.append(f"cuda graphs       {_graph_cache_line(cuda_backend)}")
+    lines.append(f"cuda graphs       {graph_cache_line(cuda_backend)}")
     return "\n".join(lines)
 
 
-def _graph_cache_line(cuda_backend) -> str:
+def graph_cache_line(cuda_backend) -> str:
+    """One line on the CUDA-graph cache of the ops (``ops/graph_cache.py``): off, on with
+    its limits, or not used."""
     from .ops import graph_cache
 
     if cuda_backend.graph_cache() is None:
