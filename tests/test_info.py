@@ -1,5 +1,6 @@
 """`python -m fairseq_clustered.info` reports versions and, per kernel, where it runs or why not."""
 
+import os
 import subprocess
 import sys
 
@@ -22,6 +23,17 @@ def test_info_lists_versions_and_every_kernel():
     for name in cuda_backend.KERNELS:
         line = next(line for line in result.stdout.splitlines() if line.strip().startswith(name))
         assert line.split(None, 1)[1].startswith(("cuda", "reference only (")), line
+    graphs = next(line for line in result.stdout.splitlines() if line.startswith("cuda graphs "))
+    expected = "not used (no CUDA kernels)" if not cuda_backend.load() else "on: "
+    assert graphs.split(None, 2)[2].startswith(expected), graphs
+
+
+def test_info_says_when_the_graph_cache_is_off():
+    env = {**os.environ, "FAIRSEQ_CLUSTERED_CUDA_GRAPHS": "0"}
+    result = subprocess.run([sys.executable, "-m", "fairseq_clustered.info"], capture_output=True, text=True,
+                            check=True, env=env)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("cuda graphs "))
+    assert ("off (FAIRSEQ_CLUSTERED_CUDA_GRAPHS=0)" if cuda_backend.load() else "not used") in line
 
 
 def test_status_gives_a_reason_without_kernels():
