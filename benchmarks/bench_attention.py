@@ -254,6 +254,7 @@ def measure(args, name, fn, q, k, v, repeats):
         fn(q, k, v).backward(grad)
 
     row = {}
+    cache = cuda_graph_cache(args)
     try:
         row["fwd_ms"] = timer(args.device, fwd, repeats)
         row["fwdbwd_ms"] = timer(args.device, fwd_bwd, repeats)
@@ -277,7 +278,6 @@ def measure(args, name, fn, q, k, v, repeats):
             torch.cuda.synchronize()
             inputs = 4 * q.numel() * q.element_size()
             row["peak_mb"] = (torch.cuda.max_memory_allocated() - base + inputs) / 2**20
-        cache = cuda_graph_cache(args)
         if cache is not None:
             # What the cached CUDA graphs of the ops hold at the end (shared by every
             # caller of the same shape, so not multiplied by the layers of a model).
@@ -287,7 +287,6 @@ def measure(args, name, fn, q, k, v, repeats):
     finally:
         for t in (q, k, v):
             t.grad = None
-        cache = cuda_graph_cache(args)
         if cache is not None:
             cache.clear()  # each method and length starts without graphs
         if args.device == "cuda":
