@@ -256,14 +256,61 @@ def test_public_function_takes_the_triton_path_on_cuda(monkeypatch):
     q, k, v = random_inputs(1, 2, 300, 64, seed=2, dtype=torch.bfloat16, device="cuda")
     assert causal_triton.triton_path_unavailable(q, q, None, 0.0, 64, 10) is None
     calls = []
-    real = causal_triton.causal_clustered_attention_triton
-    monkeypatch.setattr(causal_triton, "causal_clustered_attention_triton",
-                        lambda *args: calls.append(args) or real(*args))
+    real = causal_triton.forward
+    monkeypatch.setattr(causal_triton, "forward", lambda *args: calls.append(args) or real(*args))
     causal_clustered_attention(q, k, v, window=64, num_clusters=10, generator=torch.Generator("cuda").manual_seed(0))
     assert len(calls) == 1
     assert "window 48" in causal_triton.triton_path_unavailable(q, q, None, 0.0, 48, 10)
     assert "head dim 40" in causal_triton.triton_path_unavailable(q[..., :40], q[..., :40], None, 0.0, 64, 10)
     assert "num_clusters 300" in causal_triton.triton_path_unavailable(q, q, None, 0.0, 64, 300)
+
+
+def _public_output_and_grads(q, k, v, grad_out, clusters, window, num_clusters):
+    planes = torch.randn(63, q.shape[-1], generator=torch.Generator().manual_seed(9)).cuda()
+    return output_and_grads(
+        lambda a, b, c: causal_clustered_attention(a, b, c, window=window, num_clusters=num_clusters, planes=planes,
+                                                   clusters=clusters),
+        (q, k, v), grad_out)
+
+
+@needs_kernels
+@pytest.mark.parametrize("given_clusters", [False, True])
+@pytest.mark.parametrize("n,window", [(1000, 64), (200, 128)])  # (200, 128): no summary, nothing to cluster
+def test_eager_path_equals_the_custom_ops_bit_for_bit(monkeypatch, given_clusters, n, window):
+    """In eager mode on CUDA the public function calls the kernels through ops/eager.py, the
+    key clustering in the attention's composition, replayed from a CUDA graph from the third
+    call on: outputs and gradients are the custom ops' path's, bit for bit, on every call."""
+    from fairseq_clustered.ops import eager
+    num_clusters = 20
+    q, k, v = random_inputs(2, 3, n, 64, seed=n, dtype=torch.bfloat16, device="cuda")
+    grad_out = torch.randn_like(q)
+    clusters = clusters_for(k, window, num_clusters) if given_clusters else None
+    monkeypatch.setattr(eager, "implementations", lambda query: None)
+    expected = _public_output_and_grads(q, k, v, grad_out, clusters, window, num_clusters)
+    monkeypatch.undo()
+    graphs = cuda_backend.graph_cache()
+    replays = graphs.replays
+    for call in range(3):
+        got = _public_output_and_grads(q, k, v, grad_out, clusters, window, num_clusters)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+            assert torch.equal(a, b), f"{name} differs on call {call}"
+    assert graphs.replays > replays, "the eager path was not replayed from a graph"
+
+
+@needs_kernels
+def test_public_function_does_not_leak_on_cuda():
+    """The leak test through the public function (eager path, key clustering and graph
+    replays included), bf16, at random positions."""
+    n, window, num_clusters = 700, 64, 16
+    q, k, v = random_inputs(1, 4, n, 64, seed=11, dtype=torch.bfloat16, device="cuda")
+    planes = torch.randn(63, 64, generator=torch.Generator().manual_seed(2)).cuda()
+
+    def attention(a, b, c, mask):
+        return causal_clustered_attention(a, b, c, mask, window=window, num_clusters=num_clusters, planes=planes)
+
+    positions = torch.randint(0, n - 1, (4,), generator=torch.Generator().manual_seed(3)).tolist()
+    for position in positions + [2 * window + 5]:
+        assert not leaks(attention, q, k, v, None, position, seed=position), f"leak at position {position}"
 
 
 @needs_cuda

@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 
-from fairseq_clustered.ops import custom_ops, reference
+from fairseq_clustered.ops import _triton, custom_ops, reference
 from fairseq_clustered.ops.cuda_kernels import CudaOps, _segments
 
 SANITIZE = os.environ.get("FCL_SANITIZE") == "1"
@@ -42,6 +42,10 @@ class EmulatedExtension:
     @staticmethod
     def lloyd_kmeans(codes, mask, num_clusters, iterations, bits):
         return reference.lloyd_kmeans_ref(codes, mask, num_clusters, iterations, bits)
+
+    @staticmethod
+    def codebook_assign(codes, codebook):
+        return reference.hamming_distance_ref(codes, codebook, 63).argmin(-1)
 
     @staticmethod
     def segment_sum(x, order, seg_start, mean):
@@ -264,6 +268,41 @@ def test_eager_path_matches_the_custom_ops_cpu(monkeypatch, variant):
     assert used, "the eager path was not taken"
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or _triton.triton is None,
+                    reason="the causal Triton kernels run on CPU tensors only in Triton's interpreter "
+                           "(TRITON_INTERPRET=1, set by conftest.py without a GPU)")
+@pytest.mark.parametrize("given_clusters", [False, True])
+def test_causal_eager_path_matches_the_custom_ops_cpu(monkeypatch, given_clusters):
+    """causal_clustered_attention's eager CUDA path (the key clustering and the Triton kernels
+    in one composition of CudaOps, ops/eager.py's autograd Function) gives the custom ops'
+    outputs and gradients: run here over the CPU stand-in of the extension, with the Triton
+    kernels in the interpreter, against the reference path of the same call."""
+    from fairseq_clustered import ops
+    from fairseq_clustered.ops import causal_triton
+    gen = torch.Generator().manual_seed(4)
+    n, window, num_clusters, bits = 80, 16, 5, 12
+    q, k, v, grad = (torch.randn(1, 2, n, 16, generator=gen) for _ in range(4))
+    planes = torch.randn(bits, 16, generator=gen)
+    clusters = torch.randint(-1, num_clusters, (1, 2, n), generator=gen) if given_clusters else None
+
+    def run():
+        inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = ops.causal_clustered_attention(*inputs, window=window, num_clusters=num_clusters, iterations=3,
+                                             bits=bits, planes=planes, clusters=clusters)
+        out.backward(grad)
+        return [out.detach()] + [t.grad for t in inputs]
+
+    expected = run()  # CPU: the reference path
+    used = []
+    stand_in = CudaOps(EmulatedExtension(), use_flash=False)
+    monkeypatch.setattr(ops.eager, "implementations", lambda query: used.append(query) or stand_in)
+    monkeypatch.setattr(causal_triton, "triton_path_unavailable", lambda *args: None)
+    got = run()
+    assert used, "the eager path was not taken"
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=name)
 
 
 def test_segments_cpu():

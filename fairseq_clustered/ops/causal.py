@@ -47,7 +47,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import cuda_backend, custom_ops, reference
+from . import cuda_backend, custom_ops, eager, reference
 from .validation import (
     check_attention_inputs,
     check_clustering_args,
@@ -581,6 +581,34 @@ def causal_key_clusters(
     return causal_key_clusters_op(codes, key_padding_mask, window, num_clusters, iterations, bits)
 
 
+def _check_clusters(clusters, query: Tensor) -> None:
+    batch, heads, length, _ = query.shape
+    if not isinstance(clusters, Tensor) or tuple(clusters.shape) != (batch, heads, length) \
+            or clusters.dtype != torch.int64 or clusters.device != query.device:
+        raise ValueError(
+            f"clusters must be an int64 tensor of shape {(batch, heads, length)} (batch, heads, keys) on "
+            f"{query.device} with ids in [0, num_clusters) and -1 for no cluster, got "
+            f"{getattr(clusters, 'shape', clusters)}"
+        )
+
+
+def _eager_triton_attention(ops, query, key, value, clusters, window, num_clusters, iterations, bits, planes,
+                            generator, scale) -> Tensor:
+    """The Triton path in eager mode on CUDA: the registered kernels called without
+    torch.library's dispatch, with the key clustering in the attention's own composition
+    (one CUDA graph replay where it repeats) unless the clustering kernels cannot take it."""
+    from . import _hash_planes, _resolve_planes  # the package imports this module last
+
+    hash_planes = hash_offsets = None
+    if clusters is None and ops.causal_clustering_why_not(key, num_clusters) is None:
+        hash_planes, hash_offsets = _hash_planes(key, _resolve_planes(key, bits, planes, generator), None)
+    elif clusters is None:
+        clusters = causal_key_clusters(key, None, window=window, num_clusters=num_clusters, iterations=iterations,
+                                       bits=bits, planes=planes, generator=generator)
+    return eager.CausalClusteredAttention.apply(ops, query, key, value, clusters, hash_planes, hash_offsets, window,
+                                                num_clusters, iterations, bits, scale)
+
+
 def causal_clustered_attention(
     query: Tensor,
     key: Tensor,
@@ -633,25 +661,23 @@ def causal_clustered_attention(
     check_probability("dropout_p", dropout_p)
     scale = resolve_scale(scale, query.shape[-1])
     batch, heads, length, _ = query.shape
-    if clusters is None:
-        if length > 2 * window:
-            clusters = causal_key_clusters(
-                key, key_padding_mask, window=window, num_clusters=num_clusters, iterations=iterations,
-                bits=bits, planes=planes, generator=generator,
-            )
-        else:  # no query reads a summary: nothing to cluster
-            clusters = torch.full((batch, heads, length), -1, dtype=torch.int64, device=query.device)
-    elif not isinstance(clusters, Tensor) or tuple(clusters.shape) != (batch, heads, length) \
-            or clusters.dtype != torch.int64 or clusters.device != query.device:
-        raise ValueError(
-            f"clusters must be an int64 tensor of shape {(batch, heads, length)} (batch, heads, keys) on "
-            f"{query.device} with ids in [0, num_clusters) and -1 for no cluster, got "
-            f"{getattr(clusters, 'shape', clusters)}"
-        )
+    if clusters is not None:
+        _check_clusters(clusters, query)
+    elif length <= 2 * window:  # no query reads a summary: nothing to cluster
+        clusters = torch.full((batch, heads, length), -1, dtype=torch.int64, device=query.device)
     from . import causal_fused, causal_triton, cuda_kernels  # they build on this module
 
     # Fastest first: one Triton kernel; else three flash-attention calls; else the reference.
-    if causal_triton.triton_path_unavailable(query, value, key_padding_mask, dropout_p, window, num_clusters) is None:
+    triton_ok = causal_triton.triton_path_unavailable(query, value, key_padding_mask, dropout_p, window,
+                                                      num_clusters) is None
+    ops = eager.implementations(query) if triton_ok else None
+    if ops is not None:
+        return _eager_triton_attention(ops, query, key, value, clusters, window, num_clusters, iterations, bits,
+                                       planes, generator, scale)
+    if clusters is None:
+        clusters = causal_key_clusters(key, key_padding_mask, window=window, num_clusters=num_clusters,
+                                       iterations=iterations, bits=bits, planes=planes, generator=generator)
+    if triton_ok:
         return causal_triton.causal_clustered_attention_triton(query, key, value, clusters, window, num_clusters,
                                                               scale)
     why_not_fused = causal_fused.fused_path_unavailable(query, value, key_padding_mask, dropout_p, window)

@@ -380,12 +380,11 @@ def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
 
-@torch.library.custom_op(f"{LIBRARY}::causal_triton_fwd", mutates_args=())
-def causal_triton_fwd(query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, window: int, num_clusters: int,
-                      scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> ``out (B, H, N, D)``, ``lse (G, T W)`` fp32, and, for the backward, the summary
-    keys and values ``(G, T - 2, C, D)`` and their counts ``(B, H, T, C)`` (empty when
-    ``T <= 2``: no chunk reads a summary)."""
+def forward(query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, window: int, num_clusters: int,
+            scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward kernels -> ``out (B, H, N, D)``, ``lse (G, T W)`` fp32, and, for the
+    backward, the summary keys and values ``(G, T - 2, C, D)`` and their counts
+    ``(B, H, T, C)`` (empty when ``T <= 2``: no chunk reads a summary)."""
     batch, heads, length, dim = query.shape
     query, key, value, clusters = (x.contiguous() for x in (query, key, value, clusters))
     chunks = -(-length // window)
@@ -404,6 +403,13 @@ def causal_triton_fwd(query: Tensor, key: Tensor, value: Tensor, clusters: Tenso
     return out, lse, summary_keys, summary_values, counts
 
 
+@torch.library.custom_op(f"{LIBRARY}::causal_triton_fwd", mutates_args=())
+def causal_triton_fwd(query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, window: int, num_clusters: int,
+                      scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`forward` as a custom op (the path under ``torch.compile`` and functorch)."""
+    return forward(query, key, value, clusters, window, num_clusters, scale)
+
+
 @causal_triton_fwd.register_fake
 def _(query, key, value, clusters, window, num_clusters, scale):
     batch, heads, length, dim = query.shape
@@ -416,10 +422,10 @@ def _(query, key, value, clusters, window, num_clusters, scale):
     return torch.empty_like(query), lse, query.new_empty(0), query.new_empty(0), lse.new_empty(0)
 
 
-@torch.library.custom_op(f"{LIBRARY}::causal_triton_bwd", mutates_args=())
-def causal_triton_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, out: Tensor,
-                      lse: Tensor, summary_keys: Tensor, summary_values: Tensor, counts: Tensor, window: int,
-                      num_clusters: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, out: Tensor,
+             lse: Tensor, summary_keys: Tensor, summary_values: Tensor, counts: Tensor, window: int,
+             num_clusters: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """The backward kernels: ``grad_out`` and what :func:`forward` saved -> ``dq, dk, dv``."""
     batch, heads, length, dim = query.shape
     grad_out, query, key, value, clusters = (x.contiguous() for x in (grad_out, query, key, value, clusters))
     chunks = -(-length // window)
@@ -447,6 +453,14 @@ def causal_triton_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tenso
         WINDOW=window, DIM=dim, HAS_SUMMARIES=has_summaries, **options,
     )
     return grad_q, grad_k, grad_v
+
+
+@torch.library.custom_op(f"{LIBRARY}::causal_triton_bwd", mutates_args=())
+def causal_triton_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, out: Tensor,
+                      lse: Tensor, summary_keys: Tensor, summary_values: Tensor, counts: Tensor, window: int,
+                      num_clusters: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return backward(grad_out, query, key, value, clusters, out, lse, summary_keys, summary_values, counts, window,
+                    num_clusters, scale)
 
 
 def _chunk_sum_grads(grad_keys: Tensor, grad_values: Tensor, counts: Tensor, window: int) -> Tuple[Tensor, Tensor]:

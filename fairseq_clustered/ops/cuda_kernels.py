@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import causal_fused, centroid_triton, custom_ops, hash_triton, improved_triton, reference
+from . import causal, causal_fused, causal_triton, centroid_triton, custom_ops, hash_triton, improved_triton, reference
 from .graph_cache import GraphCache
 from .flash import flash_backward, flash_forward
 
@@ -145,6 +145,41 @@ class CudaOps:
             warn_fallback("chunk_cluster_sums", f"dtype {x.dtype} has no kernel")
             return causal_fused.chunk_cluster_sums_ref(x, clusters, window, num_clusters)
         return self.ext.chunk_cluster_sums(x, clusters, window, num_clusters)
+
+    # ------------------------------------------------------------------ causal
+
+    def causal_clustering_why_not(self, key: Tensor, num_clusters: int) -> Optional[str]:
+        """Why :meth:`causal_fwd` cannot hash and cluster these keys itself (None if it can)."""
+        return self._hash_why_not(key) or self._lloyd_why_not(key, num_clusters)
+
+    def causal_fwd(self, query, key, value, clusters, planes, offsets, window, num_clusters, iterations, bits,
+                   scale):
+        """The one-kernel Triton path of causal clustered attention (:mod:`.causal_triton`, whose
+        requirements the caller has checked) as one composition; with ``clusters`` None the keys
+        are hashed with ``planes (bits, D)`` / ``offsets (bits,)`` and clustered inside it (see
+        :meth:`causal_clustering_why_not`).
+
+        Returns ``out``, ``lse``, the summary keys, values and counts, and the ``(B, H, N)`` key
+        cluster ids: what :meth:`causal_bwd` takes.
+        """
+        return self.graphs.run("causal_clustered_attention_fwd", self._causal_fwd, (
+            query, key, value, clusters, planes, offsets, window, num_clusters, iterations, bits, scale))
+
+    def _causal_fwd(self, query, key, value, clusters, planes, offsets, window, num_clusters, iterations, bits,
+                    scale):
+        if clusters is None:  # causal.causal_key_clusters_ref on the kernels
+            codes = self._hash_codes(key, planes, offsets)
+            fit = causal.codebook_fit_range(window, key.shape[2])
+            _, codebook = self._lloyd_kmeans(codes[:, :, :fit].contiguous(), None, num_clusters, iterations, bits)
+            clusters = self.ext.codebook_assign(codes, codebook)
+        return (*causal_triton.forward(query, key, value, clusters, window, num_clusters, scale), clusters)
+
+    def causal_bwd(self, grad_out, query, key, value, clusters, out, lse, summary_keys, summary_values, counts,
+                   window, num_clusters, scale):
+        """``dq, dk, dv`` of :meth:`causal_fwd` as one composition."""
+        return self.graphs.run("causal_clustered_attention_bwd", causal_triton.backward, (
+            grad_out, query, key, value, clusters, out, lse, summary_keys, summary_values, counts, window,
+            num_clusters, scale))
 
     # ------------------------------------------------------------------ shared
 

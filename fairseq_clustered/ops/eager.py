@@ -72,3 +72,25 @@ class ImprovedClusteredAttention(torch.autograd.Function):
         dq, dk, dv = ctx.ops.improved_bwd(grad_out.contiguous(), query, key, value, assignments, key_padding_mask,
                                           keep, lse, top_index, centroids, *ctx.hyper)
         return None, dq, dk, dv, None, None, None, None, None, None, None
+
+
+class CausalClusteredAttention(torch.autograd.Function):
+    """``out`` of ``CudaOps.causal_fwd`` (the one-kernel Triton path of the causal variant;
+    with ``clusters`` None the keys are clustered in the same composition); backward through
+    ``CudaOps.causal_bwd``. Saves what the ``causal_triton_fwd`` op's autograd saves."""
+
+    @staticmethod
+    def forward(ctx, ops, query, key, value, clusters: Optional[Tensor], planes: Optional[Tensor],
+                offsets: Optional[Tensor], window: int, num_clusters: int, iterations: int, bits: int,
+                scale: float):
+        out, lse, summary_keys, summary_values, counts, clusters = ops.causal_fwd(
+            query, key, value, clusters, planes, offsets, window, num_clusters, iterations, bits, scale)
+        ctx.ops, ctx.hyper = ops, (window, num_clusters, scale)
+        ctx.save_for_backward(query, key, value, clusters, out, lse, summary_keys, summary_values, counts)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        dq, dk, dv = ctx.ops.causal_bwd(grad_out.contiguous(), *ctx.saved_tensors, *ctx.hyper)
+        return None, dq, dk, dv, None, None, None, None, None, None, None, None
