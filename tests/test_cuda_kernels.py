@@ -106,10 +106,11 @@ class EmulatedExtension:
                            scale, dk32, dv32):
         rows, length = q.shape[0] * q.shape[1], q.shape[2]
         qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-        exact = self._exact(qf, kf, vf, assignments, top_index, key_mask, drop_top, scale)
-        a = assignments.reshape(rows, length).clamp(min=0)
-        weight = mass.gather(1, a).unsqueeze(-1) * grad_out.reshape(rows, length, -1).float()
-        dq, dk, dv = torch.autograd.grad((exact * weight).sum(), (qf, kf, vf))
+        with torch.enable_grad():  # an autograd backward (the eager path's) runs without grad
+            exact = self._exact(qf, kf, vf, assignments, top_index, key_mask, drop_top, scale)
+            a = assignments.reshape(rows, length).clamp(min=0)
+            weight = mass.gather(1, a).unsqueeze(-1) * grad_out.reshape(rows, length, -1).float()
+            dq, dk, dv = torch.autograd.grad((exact * weight).sum(), (qf, kf, vf))
         dk32 += dk.reshape(dk32.shape)
         dv32 += dv.reshape(dv32.shape)
         dq_centroid = self.broadcast(dq_bar, assignments, torch.float32)
@@ -247,11 +248,12 @@ def test_eager_path_matches_the_custom_ops_cpu(monkeypatch, variant):
     the custom ops' registered autograd does: run here over the CPU stand-in of the
     extension, it gives the custom ops' (the reference's) outputs and gradients."""
     from fairseq_clustered import ops
-    q, k, v, qmask, kmask, _ = make_inputs(2, 2, 33, 29, 16, torch.float32, "cpu", 5)
+    dim = 16 if variant == "clustered" else 32  # the improved variant's kernels take 32, 64, 128
+    q, k, v, qmask, kmask, _ = make_inputs(2, 2, 33, 29, dim, torch.float32, "cpu", 5)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
     fn = ops.clustered_attention if variant == "clustered" else ops.improved_clustered_attention
     extra = {} if variant == "clustered" else {"topk": 4}
-    planes = torch.randn(12, 16, generator=torch.Generator().manual_seed(2))
+    planes = torch.randn(12, dim, generator=torch.Generator().manual_seed(2))
 
     def run():
         inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]

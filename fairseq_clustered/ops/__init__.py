@@ -130,15 +130,23 @@ def cluster_queries(
 
 
 def _prepare(
-    query, key, value, key_padding_mask, query_padding_mask, num_clusters, iterations, bits,
+    ops, query, key, value, key_padding_mask, query_padding_mask, num_clusters, iterations, bits,
     planes, generator, scale, dropout_p, clusters,
 ):
-    """Shared validation and clustering of both attention variants."""
+    """Shared validation and clustering of both attention variants -> ``clusters, keep, scale,
+    clustering``. With the eager CUDA ``ops`` and no ``clusters`` given, the queries are not
+    clustered here: ``clusters`` is None and ``clustering = (planes, offsets, query_padding_mask,
+    iterations, bits)`` is handed to the attention, whose composition clusters them (one graph
+    replay less per step); otherwise ``clustering`` is None."""
     check_attention_inputs(query, key, value, key_padding_mask, query_padding_mask)
     check_clustering_args(num_clusters, iterations, bits)
     check_probability("dropout_p", dropout_p)
     scale = resolve_scale(scale, query.shape[-1])
-    if clusters is None:
+    clustering = None
+    if clusters is None and ops is not None:
+        planes, offsets = _hash_planes(query, _resolve_planes(query, bits, planes, generator), None)
+        clustering = (planes, offsets, query_padding_mask, iterations, bits)
+    elif clusters is None:
         clusters, _ = cluster_queries(
             query, query_padding_mask, num_clusters=num_clusters, iterations=iterations, bits=bits,
             planes=planes, generator=generator,
@@ -151,7 +159,7 @@ def _prepare(
         )
     keep = dropout_keep_mask((query.shape[0], query.shape[1], num_clusters, key.shape[2]), dropout_p, generator,
                              query.device)
-    return clusters, keep, scale
+    return clusters, keep, scale, clustering
 
 
 def clustered_attention(
@@ -192,14 +200,14 @@ def clustered_attention(
         ``(B, H, N, Dv)`` in the query dtype. Exact attention when ``num_clusters``
         is at least the number of valid queries.
     """
-    clusters, keep, scale = _prepare(
-        query, key, value, key_padding_mask, query_padding_mask, num_clusters, iterations, bits,
+    ops = eager.implementations(query)
+    clusters, keep, scale, clustering = _prepare(
+        ops, query, key, value, key_padding_mask, query_padding_mask, num_clusters, iterations, bits,
         planes, generator, scale, dropout_p, clusters,
     )
     args = (query, key, value, clusters, key_padding_mask, keep, num_clusters, scale, float(dropout_p))
-    ops = eager.implementations(query)
     if ops is not None:
-        return eager.ClusteredAttention.apply(ops, *args)
+        return eager.ClusteredAttention.apply(ops, *args, clustering)
     out, _, _ = custom_ops.clustered_attention_fwd(*args)
     return out
 
@@ -234,14 +242,14 @@ def improved_clustered_attention(
         least the number of keys, for any ``num_clusters``.
     """
     check_int_range("topk", topk, 1)
-    clusters, keep, scale = _prepare(
-        query, key, value, key_padding_mask, query_padding_mask, num_clusters, iterations, bits,
+    ops = eager.implementations(query)
+    clusters, keep, scale, clustering = _prepare(
+        ops, query, key, value, key_padding_mask, query_padding_mask, num_clusters, iterations, bits,
         planes, generator, scale, dropout_p, clusters,
     )
     args = (query, key, value, clusters, key_padding_mask, keep, num_clusters, topk, scale, float(dropout_p))
-    ops = eager.implementations(query)
     if ops is not None:
-        return eager.ImprovedClusteredAttention.apply(ops, *args)
+        return eager.ImprovedClusteredAttention.apply(ops, *args, clustering)
     out, *_ = custom_ops.improved_clustered_attention_fwd(*args)
     return out
 from .causal import causal_clustered_attention, causal_key_clusters  # noqa: E402  (leak-free causal variant)

@@ -600,7 +600,7 @@ def _eager_triton_attention(ops, query, key, value, clusters, window, num_cluste
     from . import _hash_planes, _resolve_planes  # the package imports this module last
 
     hash_planes = hash_offsets = None
-    if clusters is None and ops.causal_clustering_why_not(key, num_clusters) is None:
+    if clusters is None and ops.clustering_why_not(key, num_clusters) is None:
         hash_planes, hash_offsets = _hash_planes(key, _resolve_planes(key, bits, planes, generator), None)
     elif clusters is None:
         clusters = causal_key_clusters(key, None, window=window, num_clusters=num_clusters, iterations=iterations,

@@ -136,6 +136,11 @@ class CudaOps:
         return self.graphs.run("cluster_queries", self._cluster_queries,
                                (x, planes, offsets, query_padding_mask, num_clusters, iterations, bits))
 
+    def clustering_why_not(self, x: Tensor, num_clusters: int) -> Optional[str]:
+        """Why the kernels cannot hash and cluster ``x (B, H, N, D)`` into ``num_clusters``
+        inside an attention composition (None if they can: see :meth:`fwd_with_clustering`)."""
+        return self._hash_why_not(x) or self._lloyd_why_not(x, num_clusters)
+
     def _cluster_queries(self, x, planes, offsets, query_padding_mask, num_clusters, iterations, bits):
         return self._lloyd_kmeans(self._hash_codes(x, planes, offsets), query_padding_mask, num_clusters,
                                   iterations, bits)
@@ -148,16 +153,12 @@ class CudaOps:
 
     # ------------------------------------------------------------------ causal
 
-    def causal_clustering_why_not(self, key: Tensor, num_clusters: int) -> Optional[str]:
-        """Why :meth:`causal_fwd` cannot hash and cluster these keys itself (None if it can)."""
-        return self._hash_why_not(key) or self._lloyd_why_not(key, num_clusters)
-
     def causal_fwd(self, query, key, value, clusters, planes, offsets, window, num_clusters, iterations, bits,
                    scale):
         """The one-kernel Triton path of causal clustered attention (:mod:`.causal_triton`, whose
         requirements the caller has checked) as one composition; with ``clusters`` None the keys
         are hashed with ``planes (bits, D)`` / ``offsets (bits,)`` and clustered inside it (see
-        :meth:`causal_clustering_why_not`).
+        :meth:`clustering_why_not`).
 
         Returns ``out``, ``lse``, the summary keys, values and counts, and the ``(B, H, N)`` key
         cluster ids: what :meth:`causal_bwd` takes.
@@ -182,6 +183,29 @@ class CudaOps:
             num_clusters, scale))
 
     # ------------------------------------------------------------------ shared
+
+    def fwd_with_clustering(self, improved: bool, query, key, value, planes, offsets, query_padding_mask, iterations,
+                            bits, *attention):
+        """:meth:`cluster_queries`, then :meth:`clustered_fwd` (``improved`` False) or
+        :meth:`improved_fwd` on the assignments, as one composition (one graph replay where it
+        repeats, one less than two calls); ``attention`` are their arguments after
+        ``assignments``. Returns their outputs and then the assignments."""
+        num_clusters = attention[2]
+        if self._why_not(query, value, improved) or self.clustering_why_not(query, num_clusters):
+            assignments, _ = self.cluster_queries(query, planes, offsets, query_padding_mask, num_clusters,
+                                                  iterations, bits)  # these warn and take the reference
+            attend = self.improved_fwd if improved else self.clustered_fwd
+            return (*attend(query, key, value, assignments, *attention), assignments)
+        name = ("improved_" if improved else "") + "clustered_attention_fwd_with_clustering"
+        return self.graphs.run(name, self._fwd_with_clustering, (
+            improved, query, key, value, planes, offsets, query_padding_mask, iterations, bits, *attention))
+
+    def _fwd_with_clustering(self, improved, query, key, value, planes, offsets, query_padding_mask, iterations,
+                             bits, *attention):
+        assignments, _ = self._cluster_queries(query, planes, offsets, query_padding_mask, attention[2], iterations,
+                                               bits)
+        attend = self._improved_fwd if improved else self._clustered_fwd
+        return (*attend(query, key, value, assignments, *attention), assignments)
 
     def _why_not(self, query: Tensor, value: Tensor, improved: bool) -> Optional[str]:
         """Why the kernels cannot serve these inputs (None when they can).

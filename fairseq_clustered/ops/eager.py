@@ -33,13 +33,23 @@ def implementations(query: Tensor):
 
 
 class ClusteredAttention(torch.autograd.Function):
-    """``out`` of ``CudaOps.clustered_fwd``; backward through ``CudaOps.clustered_bwd``."""
+    """``out`` of ``CudaOps.clustered_fwd``; backward through ``CudaOps.clustered_bwd``.
+
+    With ``assignments`` None the queries are clustered in the forward's own composition
+    (``CudaOps.fwd_with_clustering``) from ``clustering = (planes, offsets,
+    query_padding_mask, iterations, bits)``; otherwise ``clustering`` is None.
+    """
 
     @staticmethod
-    def forward(ctx, ops, query, key, value, assignments, key_padding_mask: Optional[Tensor],
-                keep: Optional[Tensor], num_clusters: int, scale: float, dropout_p: float):
-        out, lse, centroids = ops.clustered_fwd(query, key, value, assignments, key_padding_mask, keep,
-                                                num_clusters, scale, dropout_p)
+    def forward(ctx, ops, query, key, value, assignments: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                keep: Optional[Tensor], num_clusters: int, scale: float, dropout_p: float,
+                clustering: Optional[tuple]):
+        if assignments is None:
+            out, lse, centroids, assignments = ops.fwd_with_clustering(
+                False, query, key, value, *clustering, key_padding_mask, keep, num_clusters, scale, dropout_p)
+        else:
+            out, lse, centroids = ops.clustered_fwd(query, key, value, assignments, key_padding_mask, keep,
+                                                    num_clusters, scale, dropout_p)
         ctx.ops, ctx.hyper = ops, (num_clusters, scale, dropout_p)
         ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, out, lse, centroids)
         return out
@@ -50,17 +60,23 @@ class ClusteredAttention(torch.autograd.Function):
         query, key, value, assignments, key_padding_mask, keep, out, lse, centroids = ctx.saved_tensors
         dq, dk, dv = ctx.ops.clustered_bwd(grad_out.contiguous(), query, key, value, assignments, key_padding_mask,
                                            keep, out, lse, centroids, *ctx.hyper)
-        return None, dq, dk, dv, None, None, None, None, None, None
+        return None, dq, dk, dv, None, None, None, None, None, None, None
 
 
 class ImprovedClusteredAttention(torch.autograd.Function):
-    """``out`` of ``CudaOps.improved_fwd``; backward through ``CudaOps.improved_bwd``."""
+    """``out`` of ``CudaOps.improved_fwd``; backward through ``CudaOps.improved_bwd``
+    (``assignments`` None and ``clustering``: as :class:`ClusteredAttention`)."""
 
     @staticmethod
-    def forward(ctx, ops, query, key, value, assignments, key_padding_mask: Optional[Tensor],
-                keep: Optional[Tensor], num_clusters: int, topk: int, scale: float, dropout_p: float):
-        out, lse, top_index, centroids = ops.improved_fwd(query, key, value, assignments, key_padding_mask, keep,
-                                                          num_clusters, topk, scale, dropout_p)
+    def forward(ctx, ops, query, key, value, assignments: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                keep: Optional[Tensor], num_clusters: int, topk: int, scale: float, dropout_p: float,
+                clustering: Optional[tuple]):
+        if assignments is None:
+            out, lse, top_index, centroids, assignments = ops.fwd_with_clustering(
+                True, query, key, value, *clustering, key_padding_mask, keep, num_clusters, topk, scale, dropout_p)
+        else:
+            out, lse, top_index, centroids = ops.improved_fwd(query, key, value, assignments, key_padding_mask, keep,
+                                                              num_clusters, topk, scale, dropout_p)
         ctx.ops, ctx.hyper = ops, (num_clusters, scale, dropout_p)
         ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids)
         return out
@@ -71,7 +87,7 @@ class ImprovedClusteredAttention(torch.autograd.Function):
         query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids = ctx.saved_tensors
         dq, dk, dv = ctx.ops.improved_bwd(grad_out.contiguous(), query, key, value, assignments, key_padding_mask,
                                           keep, lse, top_index, centroids, *ctx.hyper)
-        return None, dq, dk, dv, None, None, None, None, None, None, None
+        return None, dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 class CausalClusteredAttention(torch.autograd.Function):
