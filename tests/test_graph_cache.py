@@ -148,7 +148,7 @@ def test_limits_gpu(monkeypatch):
     cache.clear()
     for seed in range(3):
         _step("clustered", seed, torch.bfloat16, False, 0.0)
-    assert len(cache) >= 3 and cache.memory_bytes() > 0
+    assert len(cache) >= 2 and cache.memory_bytes() > 0  # the forward (clustering included), the backward
     cache.clear()
     assert len(cache) == 0 and cache.memory_bytes() == 0
 
