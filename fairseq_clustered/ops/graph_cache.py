@@ -171,8 +171,10 @@ class GraphCache:
         torch._foreach_copy_(entry.static_tensors, tensors)
         entry.graph.replay()
         self.replays += 1
-        outputs = tuple(o.clone() for o in entry.outputs)
-        return outputs[0] if entry.single else outputs
+        # Fresh copies in one fused launch rather than a clone (a launch) per output.
+        outputs = [torch.empty_like(o) for o in entry.outputs]
+        torch._foreach_copy_(outputs, entry.outputs)
+        return outputs[0] if entry.single else tuple(outputs)
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         index = device.index if device.index is not None else torch.cuda.current_device()
