@@ -82,6 +82,15 @@ if triton is not None:
         return k, v, valid, keep
 
     @triton.jit
+    def _program_row(num_clusters, heads, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
+        """-> the program's (batch, head) row, key range index and count, b, h, the centroid
+        indices (BLOCK_C,), which of them exist, and the feature indices (DIM,)."""
+        row = tl.program_id(0)
+        clusters = tl.arange(0, BLOCK_C)
+        return (row, tl.program_id(1), tl.num_programs(1), row // heads, row % heads, clusters,
+                clusters < num_clusters, tl.arange(0, DIM))
+
+    @triton.jit
     def _centroid_fwd_kernel(QBAR, K, V, KEY_PADDING, KEEP, OUT, LSE2,
                              num_clusters, keys, heads, keys_per_program, qk_scale, drop_scale,
                              stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
@@ -90,14 +99,7 @@ if triton is not None:
         """QBAR: (rows, C, DIM) in the key dtype; OUT: (rows, programs, C, DIM) fp32 partial outputs
         (normalised by their own sums); LSE2: (rows, programs, C) fp32 partial log-sum-exps in
         base 2 (-inf where the range has no valid key)."""
-        row = tl.program_id(0)
-        part = tl.program_id(1)
-        parts = tl.num_programs(1)
-        b = row // heads
-        h = row % heads
-        clusters = tl.arange(0, BLOCK_C)
-        cluster_ok = clusters < num_clusters
-        dims = tl.arange(0, DIM)
+        row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM)
         q = tl.load(QBAR + (row * num_clusters + clusters)[:, None] * DIM + dims[None, :],
                     mask=cluster_ok[:, None], other=0.0)
         running_max = tl.full((BLOCK_C,), float("-inf"), tl.float32)
@@ -136,14 +138,7 @@ if triton is not None:
         fp32 ``GRAD . Vbar``; LSE2: (rows, C) fp32 log-sum-exps in base 2 (+inf for rows without
         a valid key);
         GRAD_QBAR: (rows, programs, C, DIM) fp32 partial sums; GRAD_K, GRAD_V: (rows, S, DIM)."""
-        row = tl.program_id(0)
-        part = tl.program_id(1)
-        parts = tl.num_programs(1)
-        b = row // heads
-        h = row % heads
-        clusters = tl.arange(0, BLOCK_C)
-        cluster_ok = clusters < num_clusters
-        dims = tl.arange(0, DIM)
+        row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM)
         centroid_rows = (row * num_clusters + clusters)[:, None] * DIM + dims[None, :]
         q = tl.load(QBAR + centroid_rows, mask=cluster_ok[:, None], other=0.0)
         g = tl.load(GRAD + centroid_rows, mask=cluster_ok[:, None], other=0.0)

@@ -7,7 +7,10 @@ CPU time than the replay of the op's cached CUDA graph it ends in (:mod:`.graph_
 In eager mode on CUDA tensors the public functions therefore call the registered CUDA
 implementations (:class:`~.cuda_kernels.CudaOps`) directly, through the small
 ``torch.autograd.Function`` subclasses below, which save and pass exactly what the custom
-ops' registered autograd does. The kernels, and so the results, are the same.
+ops' registered autograd does. The kernels, and so the results, are the same. Where the
+caller has not clustered yet, the clustering runs inside the forward's composition (the
+queries of the clustered variants, the keys of the causal one), so a step replays two
+graphs: the forward with its clustering, and the backward.
 
 The custom ops stay the path everywhere else: on the CPU and other devices, without the
 compiled extension, under ``torch.compile`` (which needs their fake kernels) and under
