@@ -135,9 +135,17 @@ def causal_key_clusters_ref(
         ``(B, H, N)`` int64 cluster ids in ``[0, C)``, -1 for padded keys. The id of key
         ``l`` depends only on ``codes[..., l]`` and on the keys at positions ``< 2 W``.
     """
+    return key_clusters_from_codes(codes, key_padding_mask, window, num_clusters, iterations, bits,
+                                   reference.lloyd_kmeans_ref)
+
+
+def key_clusters_from_codes(codes: Tensor, key_padding_mask: Optional[Tensor], window: int, num_clusters: int,
+                            iterations: int, bits: int, lloyd_kmeans) -> Tensor:
+    """:func:`causal_key_clusters_ref` with the codebook fitted by ``lloyd_kmeans`` (the
+    reference, the ``lloyd_kmeans`` op, or the CUDA composition's own call of the kernel)."""
     fit = codebook_fit_range(window, codes.shape[2])
-    fit_mask = None if key_padding_mask is None else key_padding_mask[:, :fit]
-    _, codebook = reference.lloyd_kmeans_ref(codes[:, :, :fit], fit_mask, num_clusters, iterations, bits)
+    fit_mask = None if key_padding_mask is None else key_padding_mask[:, :fit].contiguous()
+    _, codebook = lloyd_kmeans(codes[:, :, :fit].contiguous(), fit_mask, num_clusters, iterations, bits)
     return _assign_to_codebook(codes, codebook, key_padding_mask, bits)
 
 
@@ -447,12 +455,10 @@ def _fold_window_into(grad_chunks: Tensor, grad_window: Tensor, group: slice) ->
 def causal_key_clusters_op(
     codes: Tensor, key_padding_mask: Optional[Tensor], window: int, num_clusters: int, iterations: int, bits: int
 ) -> Tensor:
-    # causal_key_clusters_ref, with the codebook fitted by the lloyd_kmeans op: on GPUs where
-    # the extension is built its kernel fits and _assign_to_codebook's kernel assigns.
-    fit = codebook_fit_range(window, codes.shape[2])
-    fit_mask = None if key_padding_mask is None else key_padding_mask[:, :fit].contiguous()
-    _, codebook = custom_ops.lloyd_kmeans(codes[:, :, :fit].contiguous(), fit_mask, num_clusters, iterations, bits)
-    return _assign_to_codebook(codes, codebook, key_padding_mask, bits)
+    # On GPUs where the extension is built the lloyd_kmeans op's kernel fits and
+    # _assign_to_codebook's kernel assigns.
+    return key_clusters_from_codes(codes, key_padding_mask, window, num_clusters, iterations, bits,
+                                   custom_ops.lloyd_kmeans)
 
 
 @causal_key_clusters_op.register_fake

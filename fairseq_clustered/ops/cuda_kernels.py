@@ -168,11 +168,9 @@ class CudaOps:
 
     def _causal_fwd(self, query, key, value, clusters, planes, offsets, window, num_clusters, iterations, bits,
                     scale):
-        if clusters is None:  # causal.causal_key_clusters_ref on the kernels
-            codes = self._hash_codes(key, planes, offsets)
-            fit = causal.codebook_fit_range(window, key.shape[2])
-            _, codebook = self._lloyd_kmeans(codes[:, :, :fit].contiguous(), None, num_clusters, iterations, bits)
-            clusters = self.ext.codebook_assign(codes, codebook)
+        if clusters is None:  # the Lloyd kernel called directly (no op dispatch, no graph of its own)
+            clusters = causal.key_clusters_from_codes(self._hash_codes(key, planes, offsets), None, window,
+                                                      num_clusters, iterations, bits, self._lloyd_kmeans)
         return (*causal_triton.forward(query, key, value, clusters, window, num_clusters, scale), clusters)
 
     def causal_bwd(self, grad_out, query, key, value, clusters, out, lse, summary_keys, summary_values, counts,
