@@ -33,6 +33,8 @@ at::Tensor improved_exact_bwd_cuda(const at::Tensor& grad_out, const at::Tensor&
                                    const at::Tensor& top_index, const c10::optional<at::Tensor>& key_mask,
                                    const c10::optional<at::Tensor>& drop_top, const at::Tensor& mass,
                                    const at::Tensor& dq_bar, double scale, at::Tensor dk32, at::Tensor dv32);
+void copy_tensors_cuda(const std::vector<at::Tensor>& dsts, const std::vector<at::Tensor>& srcs);
+std::vector<at::Tensor> fresh_copies_cuda(const std::vector<at::Tensor>& srcs);
 }  // namespace fcl
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -54,4 +56,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("broadcast", &fcl::broadcast_cuda, "per-cluster rows to their members (B, H, N, E)");
   m.def("improved_exact_fwd", &fcl::improved_exact_fwd_cuda, "exact top-key part of improved clustered attention");
   m.def("improved_exact_bwd", &fcl::improved_exact_bwd_cuda, "backward of the exact top-key part");
+  m.def("copy_tensors", &fcl::copy_tensors_cuda,
+        "dsts[i].copy_(srcs[i]) for every i, the dense same-layout pairs of any dtypes in one launch");
+  m.def("fresh_copies", &fcl::fresh_copies_cuda, "empty_like copies of the tensors, filled in one launch");
 }

@@ -196,3 +196,61 @@ def test_each_signature_is_captured_at_most_once_gpu(monkeypatch):
     cache.run("affine", affine, (torch.randn(20, device="cuda"), 1.5))
     cache.run("affine", affine, (torch.randn(10, device="cuda"), 1.5))
     assert len(calls) == before + 1
+
+
+def _copy_cases():
+    """Tensors of every layout the graph cache hands to its copies: four dtypes, a dense but
+    permuted view, a view off a 16-byte boundary, a non-dense (strided) view, an empty
+    tensor, one spanning many blocks, and more than one launch's table (16) in all."""
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(2, 3, 7, 64, generator=g).to(dtype) for dtype in (torch.bfloat16, torch.float16,
+                                                                             torch.float32)]
+    cases += [torch.randint(-5, 100, (2, 3, 333), generator=g), torch.rand(5, 9, generator=g) > 0.5]
+    cases += [torch.randn(4, 5, 6, generator=g).permute(2, 0, 1), torch.randn(1001, generator=g)[1:],
+              torch.randn(6, 8, generator=g)[:, ::2], torch.empty(0, 4), torch.randn(3, 70001, generator=g)]
+    cases += [torch.randn(i + 1, generator=g).to(torch.bfloat16) for i in range(8)]
+    return [c.cuda() for c in cases]
+
+
+@needs_gpu
+def test_extension_copies_equal_torch_copies_gpu():
+    """``copy_tensors`` / ``fresh_copies`` of the extension (one launch for the dense pairs)
+    against torch's copy_: every element of every layout, and fresh tensors that do not alias."""
+    extension = cuda_backend.extension()
+    sources = _copy_cases()
+    destinations = [torch.full_like(s, 7) for s in sources]
+    extension.copy_tensors(destinations, sources)
+    for i, (got, want) in enumerate(zip(destinations, sources)):
+        assert torch.equal(got, want), i
+    fresh = extension.fresh_copies(sources)
+    for i, (got, want) in enumerate(zip(fresh, sources)):
+        assert torch.equal(got, want) and got.dtype == want.dtype and got.shape == want.shape, i
+        assert want.numel() == 0 or got.data_ptr() != want.data_ptr(), i
+    with pytest.raises(RuntimeError, match="destinations"):
+        extension.copy_tensors(destinations[:2], sources[:3])
+    with pytest.raises(RuntimeError, match="sizes"):
+        extension.copy_tensors([destinations[0]], [sources[1][:, :2]])
+
+
+@needs_gpu
+@pytest.mark.parametrize("copies", ["extension", "torch"])
+def test_mixed_dtype_replays_equal_eager_gpu(copies):
+    """A composition of mixed-dtype arguments and outputs (including views the one-launch copy
+    cannot take) replayed on fresh inputs at every call equals its eager run, with the
+    extension's copies and with torch's."""
+    cache = graph_cache.GraphCache(copies=cuda_backend.extension() if copies == "extension" else None)
+
+    def composition(a, b, c, flags, scale):
+        return (a * scale).to(torch.bfloat16), b + c.float().sum(), c * 3, ~flags
+
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        a = torch.randn(3, 5, 8, generator=g).cuda().transpose(0, 2)  # dense, permuted
+        b = torch.randn(101, generator=g).cuda()[1:]  # off a 16-byte boundary
+        c = torch.randint(0, 9, (4, 6), generator=g).cuda()[:, ::2]  # strided
+        flags = (torch.rand(7, generator=g) > 0.5).cuda()
+        got = cache.run("mixed", composition, (a, b, c, flags, 0.5))
+        want = composition(a, b, c, flags, 0.5)
+        for x, y in zip(got, want):
+            assert torch.equal(x, y)
+    assert cache.captures == 1 and cache.replays == 3

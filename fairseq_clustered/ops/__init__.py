@@ -77,10 +77,28 @@ def _hash_planes(x: Tensor, planes: Tensor, offsets: Optional[Tensor]) -> Tuple[
     bits = planes.shape[0] if isinstance(planes, Tensor) and planes.dim() == 2 else -1
     check_int_range("bits (planes.shape[0])", bits, 1, 63)
     check_planes(planes, bits, x.shape[-1], offsets)
-    planes = planes.to(device=x.device, dtype=torch.float32).contiguous()
+    if planes.device != x.device or planes.dtype != torch.float32 or not planes.is_contiguous():
+        planes = planes.to(device=x.device, dtype=torch.float32).contiguous()
     if offsets is None:
-        return planes, planes.new_zeros(bits)
+        return planes, _zero_offsets(bits, x.device)
     return planes, offsets.to(device=x.device, dtype=torch.float32).contiguous()
+
+
+_ZERO_OFFSETS = {}
+
+
+def _zero_offsets(bits: int, device: torch.device) -> Tensor:
+    """``(bits,)`` fp32 zeros on ``device``, made once per (bits, device): every call without
+    offsets needs them, and on a GPU allocating and zero-filling them is a kernel launch that
+    costs more CPU time than the hashing call's own Python. Never written (the kernels read
+    offsets only)."""
+    if torch.compiler.is_compiling():  # no module state inside a traced graph
+        return torch.zeros(bits, device=device)
+    zeros = _ZERO_OFFSETS.get((bits, device))
+    if zeros is None:
+        with torch.inference_mode(False):  # usable outside inference mode too
+            zeros = _ZERO_OFFSETS[(bits, device)] = torch.zeros(bits, device=device)
+    return zeros
 
 
 def _resolve_planes(query: Tensor, bits: int, planes: Optional[Tensor], generator) -> Tensor:

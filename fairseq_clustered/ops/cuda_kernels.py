@@ -85,7 +85,9 @@ class CudaOps:
     def __init__(self, ext, use_flash: bool = True):
         self.ext = ext
         self.use_flash = use_flash
-        self.graphs = GraphCache()
+        # The extension's one-launch copies (cuda/copies.cu) where it has them; an extension
+        # built before them (or a stand-in) leaves the graph cache to torch's copies.
+        self.graphs = GraphCache(copies=ext if hasattr(ext, "fresh_copies") else None)
 
     # ------------------------------------------------------------------ clustering
 

@@ -8,7 +8,10 @@ the same *signature* (every tensor argument's shape, strides, dtype and device, 
 current stream, and the non-tensor arguments) and from then on runs it as: one fused copy
 of the tensor arguments into the graph's static inputs, one replay, one copy per output.
 The same kernels run on the same values, so the results are bit-identical to the eager
-composition.
+composition. Where the compiled extension is loaded, the copies in and the copies out take
+one kernel launch each, whatever the dtypes (``copy_tensors`` / ``fresh_copies`` in
+``cuda/copies.cu``); torch's fused copy takes one per dtype, and each launch through the
+dispatcher costs more CPU time than the replay itself.
 
 Outputs are always fresh copies, never the graph's own buffers: the 12 layers of a model
 that share a shape share one graph, and each layer's saved outputs must survive the next
@@ -72,8 +75,22 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
+_ENVIRONMENT = ("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "FAIRSEQ_CLUSTERED_GRAPH_CACHE_MB",
+                "FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB")
+_parsed: Dict[Tuple[Optional[str], ...], Settings] = {}
+
+
 def settings() -> Settings:
-    """The cache's settings from the environment (read at every call: cheap, and tests can change them)."""
+    """The cache's settings from the environment, looked up at every call (tests and users
+    may change them between calls) and parsed once per distinct value."""
+    raw = tuple(os.environ.get(name) for name in _ENVIRONMENT)
+    config = _parsed.get(raw)
+    if config is None:
+        config = _parsed[raw] = _parse_settings()
+    return config
+
+
+def _parse_settings() -> Settings:
     switch = os.environ.get("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "1")
     if switch not in ("0", "1"):
         raise ValueError(f"FAIRSEQ_CLUSTERED_CUDA_GRAPHS must be 0 (off) or 1 (on), got {switch!r}")
@@ -102,9 +119,15 @@ class GraphCache:
     host synchronisation, no data-dependent Python control flow): the compositions of
     :mod:`.cuda_kernels` are written that way. Arguments are tensors, None, and hashable
     Python scalars.
+
+    ``copies``: an object with ``copy_tensors(destinations, sources)`` and
+    ``fresh_copies(tensors) -> list`` that does each in one launch (the compiled extension),
+    or None for torch's copies (one launch per dtype).
     """
 
-    def __init__(self):
+    def __init__(self, copies=None):
+        self._copy_into = copies.copy_tensors if copies is not None else _copy_all
+        self._fresh_copies = copies.fresh_copies if copies is not None else _fresh_copies
         self._entries: "OrderedDict[Hashable, _Entry]" = OrderedDict()  # least recently used first
         self._calls: "OrderedDict[Hashable, int]" = OrderedDict()  # signatures not captured yet
         self._eager: "OrderedDict[Hashable, None]" = OrderedDict()  # evicted, too large or not capturable
@@ -120,16 +143,9 @@ class GraphCache:
         config = settings()
         if not config.enabled:
             return fn(*args)
-        tensors = [a for a in args if isinstance(a, Tensor)]
-        if not tensors or not all(t.is_cuda for t in tensors):
+        key, tensors, nbytes = _signature(name, args)
+        if key is None or nbytes > config.max_input_bytes or torch.cuda.is_current_stream_capturing():
             return fn(*args)
-        if sum(t.numel() * t.element_size() for t in tensors) > config.max_input_bytes:
-            return fn(*args)
-        device = tensors[0].device
-        if torch.cuda.is_current_stream_capturing():
-            return fn(*args)
-        key = (name, torch.cuda.current_stream(device).cuda_stream,
-               *(_describe(a) for a in args))
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
@@ -140,7 +156,7 @@ class GraphCache:
         if calls < CAPTURE_ON_CALL:
             self._remember(self._calls, key, calls)
             return fn(*args)
-        entry = self._capture(name, fn, args, device)
+        entry = self._capture(name, fn, args, tensors[0].device)
         if entry is None:
             self._remember(self._eager, key, None)
             return fn(*args)
@@ -168,11 +184,10 @@ class GraphCache:
     # ---------------------------------------------------------------- private
 
     def _replay(self, entry: _Entry, tensors: List[Tensor]):
-        _copy_all(entry.static_tensors, tensors)
+        self._copy_into(entry.static_tensors, tensors)
         entry.graph.replay()
         self.replays += 1
-        outputs = [torch.empty_like(o) for o in entry.outputs]  # fresh copies: see the module's docstring
-        _copy_all(outputs, entry.outputs)
+        outputs = self._fresh_copies(entry.outputs)  # fresh copies: see the module's docstring
         return outputs[0] if entry.single else tuple(outputs)
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -244,10 +259,37 @@ def _copy_all(destinations: List[Tensor], sources: List[Tensor]) -> None:
         torch._foreach_copy_(group_destinations, group_sources)
 
 
-def _describe(arg) -> Hashable:
-    if isinstance(arg, Tensor):
-        return (tuple(arg.shape), arg.stride(), arg.dtype, arg.device)
-    return (type(arg), arg)
+def _fresh_copies(tensors: Sequence[Tensor]) -> List[Tensor]:
+    copies = [torch.empty_like(t) for t in tensors]
+    _copy_all(copies, list(tensors))
+    return copies
+
+
+def _signature(name: str, args: Sequence) -> Tuple[Optional[Hashable], List[Tensor], int]:
+    """``(key, tensor arguments, their bytes)`` of a call; the key is None when a call has no
+    tensor or a tensor off the GPU (such calls run eagerly).
+
+    The key holds the current stream, and every argument's description: shape, strides,
+    dtype and device of a tensor; type and value of anything else. It is built on every
+    call, so it takes the cheapest calls that identify these (the raw stream handle, not a
+    ``torch.cuda.Stream`` object)."""
+    tensors: List[Tensor] = []
+    parts: List[Hashable] = [name, None]
+    nbytes = 0
+    for arg in args:
+        if isinstance(arg, Tensor):
+            if not arg.is_cuda:
+                return None, tensors, 0
+            tensors.append(arg)
+            nbytes += arg.numel() * arg.element_size()
+            parts.append((arg.shape, arg.stride(), arg.dtype, arg.get_device()))
+        else:
+            parts.append((type(arg), arg))
+    if not tensors:
+        return None, tensors, 0
+    device = tensors[0].get_device()
+    parts[1] = (device, torch._C._cuda_getCurrentRawStream(device))
+    return tuple(parts), tensors, nbytes
 
 
 def _static_copy(arg):

@@ -1,0 +1,306 @@
+"""Where the CPU time of an eager clustered-attention step goes, layer by layer (CUDA only).
+
+Below 8k positions an eager forward+backward of our ops is bound by the host issuing it,
+not by the GPU (benchmarks/NOTES.md). This script peels the step apart: the public
+function with autograd, the registered CUDA compositions called directly, the graph
+cache's replays (copies included) and the bare graph replays, plus the CPU cost of the
+single CUDA calls they are made of. Each figure is the CPU time to *issue* the work,
+measured over short bursts (so that the GPU's queue never fills and blocks the host),
+median over bursts, in microseconds.
+
+    python benchmarks/host_overhead.py --lengths 1024,4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from fairseq_clustered import ops
+from fairseq_clustered.ops import cuda_backend, graph_cache
+
+
+def issue_us(fn, burst: int = 10, bursts: int = 15) -> float:
+    """Median CPU microseconds to issue one ``fn()`` (bursts of ``burst`` calls, synchronised between)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(bursts):
+        start = time.perf_counter()
+        for _ in range(burst):
+            fn()
+        times.append((time.perf_counter() - start) / burst * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def latest_entry(cache, name):
+    """The most recently replayed graph of composition ``name``."""
+    return [entry for key, entry in cache._entries.items() if key[0] == name][-1]
+
+
+def layers(variant: str, q, k, v, planes, args):
+    """(label, fn) pairs from the whole step down to the bare replays."""
+    cuda_ops = cuda_backend.cuda_ops()
+    grad = torch.randn_like(q)
+    if variant == "causal":
+        def public():
+            return ops.causal_clustered_attention(q, k, v, window=args.window, num_clusters=args.clusters,
+                                                  iterations=args.iterations, bits=args.bits, planes=planes)
+    else:
+        def public():
+            return ops.clustered_attention(q, k, v, num_clusters=args.clusters, iterations=args.iterations,
+                                           bits=args.bits, planes=planes)
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        public().backward(grad)
+
+    def forward_no_grad():
+        with torch.no_grad():
+            public()
+
+    step()
+    step()  # the signatures are captured now
+    offsets = torch.zeros(args.bits, device=q.device)
+    scale = q.shape[-1] ** -0.5
+    if variant == "causal":
+        fwd_args = (q.detach(), k.detach(), v.detach(), None, planes, offsets, args.window, args.clusters,
+                    args.iterations, args.bits, scale)
+        saved = cuda_ops.causal_fwd(*fwd_args)
+
+        def compositions():
+            out, lse, sk, sv, counts, clusters = cuda_ops.causal_fwd(*fwd_args)
+            cuda_ops.causal_bwd(grad, q.detach(), k.detach(), v.detach(), clusters, out, lse, sk, sv, counts,
+                                args.window, args.clusters, scale)
+        fwd_name, bwd_name = "causal_clustered_attention_fwd", "causal_clustered_attention_bwd"
+        bwd_tensors = [grad, q.detach(), k.detach(), v.detach(), saved[5], *saved[:5]]
+    else:
+        fwd_args = (False, q.detach(), k.detach(), v.detach(), planes, offsets, None, args.iterations, args.bits,
+                    None, None, args.clusters, scale, 0.0)
+        saved = cuda_ops.fwd_with_clustering(*fwd_args)
+
+        def compositions():
+            out, lse, centroids, assignments = cuda_ops.fwd_with_clustering(*fwd_args)
+            cuda_ops.clustered_bwd(grad, q.detach(), k.detach(), v.detach(), assignments, None, None, out, lse,
+                                   centroids, args.clusters, scale, 0.0)
+        fwd_name, bwd_name = "clustered_attention_fwd_with_clustering", "clustered_attention_bwd"
+        bwd_tensors = [grad, q.detach(), k.detach(), v.detach(), saved[3], saved[0], saved[1], saved[2]]
+    compositions()
+    compositions()
+    cache = cuda_ops.graphs
+    fwd_entry, bwd_entry = latest_entry(cache, fwd_name), latest_entry(cache, bwd_name)
+    fwd_tensors = [a for a in fwd_args if isinstance(a, torch.Tensor)]
+
+    def replays():
+        cache._replay(fwd_entry, fwd_tensors)
+        cache._replay(bwd_entry, bwd_tensors)
+
+    def bare_replays():
+        fwd_entry.graph.replay()
+        bwd_entry.graph.replay()
+
+    def copies():
+        cache._copy_into(fwd_entry.static_tensors, fwd_tensors)
+        cache._copy_into(bwd_entry.static_tensors, bwd_tensors)
+        for entry in (fwd_entry, bwd_entry):
+            cache._fresh_copies(entry.outputs)
+
+    saved_for_backward = [t for t in bwd_tensors[1:]]
+
+    class Trivial(torch.autograd.Function):
+        """Autograd alone: saves as many tensors as ours, returns fresh outputs, no work."""
+
+        @staticmethod
+        def forward(ctx, query, key, value):
+            ctx.save_for_backward(*saved_for_backward)
+            return torch.empty_like(query)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            ctx.saved_tensors
+            return torch.empty_like(grad_out), torch.empty_like(grad_out), torch.empty_like(grad_out)
+
+    def autograd_only():
+        for t in (q, k, v):
+            t.grad = None
+        Trivial.apply(q, k, v).backward(grad)
+
+    memo = {}
+    real_run = cache.run
+
+    def memo_run(name, fn, call_args):
+        if name not in memo:
+            memo[name] = real_run(name, fn, call_args)
+        return memo[name]
+
+    def python_only():
+        cache.run = memo_run
+        try:
+            step()
+        finally:
+            cache.run = real_run
+
+    def cache_keys():
+        for name, call_args in ((fwd_name, fwd_args), (bwd_name, bwd_tensors)):
+            graph_cache._signature(name, call_args)
+            graph_cache.settings()
+
+    if args.trace:
+        trace(f"{variant} N={q.shape[2]}", step)
+    timeline(variant, step)
+    return [("step: public function + backward", step), ("forward only, no_grad", forward_no_grad),
+            ("compositions called directly (no autograd)", compositions),
+            ("graph cache replays (copies in/out, replay)", replays), ("bare graph replays", bare_replays),
+            ("copies in and out only", copies), ("cache keys + settings only", cache_keys),
+            ("step with the compositions memoised (Python only)", python_only),
+            ("autograd alone (a Function doing nothing)", autograd_only)], \
+        (len(fwd_entry.static_tensors), len(fwd_entry.outputs), len(bwd_entry.static_tensors),
+         len(bwd_entry.outputs))
+
+
+def timeline(variant: str, step, steps: int = 60):
+    """Median CPU microseconds of the segments of one step (synchronised before each step, so
+    that no queued GPU work can hold the host up): the forward's autograd Function, the time
+    from ``.backward()`` to the Function's backward on the autograd engine's thread, the
+    backward's composition there, and the return."""
+    cuda_ops = cuda_backend.cuda_ops()
+    function = {"clustered": ops.eager.ClusteredAttention, "causal": ops.eager.CausalClusteredAttention}[variant]
+    method = {"clustered": "clustered_bwd", "causal": "causal_bwd"}[variant]
+    stamps = {}
+    original_backward, original_method = function.backward, getattr(cuda_ops, method)
+    original_apply, raw_backward = function.apply, function.__dict__["backward"]
+
+    def backward(ctx, grad_out):
+        stamps["backward in"] = time.perf_counter()
+        result = original_backward(ctx, grad_out)
+        stamps["backward out"] = time.perf_counter()
+        return result
+
+    def composition(*call_args):
+        stamps["composition in"] = time.perf_counter()
+        result = original_method(*call_args)
+        stamps["composition out"] = time.perf_counter()
+        return result
+
+    def apply(*call_args):
+        stamps["apply in"] = time.perf_counter()
+        result = original_apply(*call_args)
+        stamps["apply out"] = time.perf_counter()
+        return result
+
+    function.backward, function.apply = staticmethod(backward), apply
+    setattr(cuda_ops, method, composition)
+    segments = {}
+    try:
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            stamps["start"] = time.perf_counter()
+            step()
+            stamps["end"] = time.perf_counter()
+            order = ["start", "apply in", "apply out", "backward in", "composition in", "composition out",
+                     "backward out", "end"]
+            for a, b in zip(order, order[1:]):
+                segments.setdefault(f"{a} -> {b}", []).append((stamps[b] - stamps[a]) * 1e6)
+    finally:
+        function.backward = raw_backward
+        del function.apply  # the inherited classmethod again
+        delattr(cuda_ops, method)
+    print(f"  timeline of a {variant} step (synchronised before each step), median us:")
+    for label, values in segments.items():
+        print(f"    {label:48s} {statistics.median(values):8.1f}")
+
+
+def trace(label, fn, steps=5):
+    """The CPU-side events (torch ops and CUDA runtime calls) of ``steps`` calls of ``fn``, by own time."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    print(f"  trace of {label}: CPU events by own time, per step")
+    for e in events[:22]:
+        print(f"    {e.self_cpu_time_total / steps:8.1f} us {e.count / steps:5.1f}x  {e.key[:80]}")
+
+
+def single_calls(q):
+    small = torch.zeros(64, device=q.device)
+    other = torch.zeros(64, device=q.device)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        small.add_(1)
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        small.add_(1)
+    return [("small kernel (add_)", lambda: small.add_(1)),
+            ("empty_like of q", lambda: torch.empty_like(q)),
+            ("_foreach_copy_ of one small tensor", lambda: torch._foreach_copy_([small], [other])),
+            ("copy_ of one small tensor", lambda: small.copy_(other)),
+            ("replay of a one-kernel graph", graph.replay),
+            ("current_stream().cuda_stream", lambda: torch.cuda.current_stream(q.device).cuda_stream),
+            ("_cuda_getCurrentRawStream", lambda: torch._C._cuda_getCurrentRawStream(q.device.index)),
+            ("q.view(torch.uint8)", lambda: q.view(torch.uint8)),
+            ("torch.empty of 1 MB", lambda: torch.empty(2**20, dtype=torch.uint8, device=q.device)),
+            ("torch.is_grad_enabled + is_compiling", lambda: (torch.is_grad_enabled(), torch.compiler.is_compiling())),
+            ("Python call + tuple(q.shape), stride, dtype", lambda: (tuple(q.shape), q.stride(), q.dtype, q.device))]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="1024,4096")
+    p.add_argument("--variants", default="clustered,causal")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--clusters", type=int, default=100)
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--bits", type=int, default=63)
+    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--torch-copies", action="store_true",
+                   help="the graph cache copies with torch's per-dtype copies, not the extension's one launch")
+    p.add_argument("--trace", action="store_true", help="also print the torch profiler's CPU events of a step")
+    args = p.parse_args()
+    if not torch.cuda.is_available() or cuda_backend.cuda_ops() is None:
+        raise SystemExit("host_overhead.py needs a GPU and the compiled extension (python -m fairseq_clustered.info)")
+    if args.torch_copies:
+        cache = cuda_backend.cuda_ops().graphs
+        cache._copy_into, cache._fresh_copies = graph_cache._copy_all, graph_cache._fresh_copies
+    gen = torch.Generator().manual_seed(0)
+    planes = torch.randn(args.bits, args.dim, generator=gen).cuda()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; CPU microseconds to issue (median of bursts); "
+          f"graph cache copies: {'torch' if args.torch_copies else 'extension'}")
+    for length in map(int, args.lengths.split(",")):
+        shape = (args.batch, args.heads, length, args.dim)
+        q, k, v = (torch.randn(shape, generator=gen).to("cuda", torch.bfloat16).requires_grad_(True)
+                   for _ in range(3))
+        grad = torch.randn_like(q)
+
+        def sdpa_step():
+            for t in (q, k, v):
+                t.grad = None
+            torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(grad)
+        print(f"N = {length}: sdpa step {issue_us(sdpa_step):8.1f}")
+        for variant in args.variants.split(","):
+            rows, counts = layers(variant, q, k, v, planes, args)
+            print(f"  {variant} (fwd graph: {counts[0]} inputs, {counts[1]} outputs; bwd: {counts[2]}, {counts[3]})")
+            for label, fn in rows:
+                print(f"    {label:48s} {issue_us(fn):8.1f}")
+            graphs = cuda_backend.cuda_ops().graphs
+            print(f"    (graph cache so far: {graphs.captures} captures, {graphs.replays} replays)")
+    print("single calls:")
+    for label, fn in single_calls(q):
+        print(f"    {label:48s} {issue_us(fn, burst=50):8.1f}")
+
+
+if __name__ == "__main__":
+    main()
