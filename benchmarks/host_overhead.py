@@ -165,55 +165,51 @@ def layers(variant: str, q, k, v, planes, args):
 
 
 def timeline(variant: str, step, steps: int = 60):
-    """Median CPU microseconds of the segments of one step (synchronised before each step, so
-    that no queued GPU work can hold the host up): the forward's autograd Function, the time
-    from ``.backward()`` to the Function's backward on the autograd engine's thread, the
-    backward's composition there, and the return."""
+    """Median CPU microseconds between the landmarks of one step (synchronised before each
+    step, so that no queued GPU work can hold the host up): the autograd Function's forward
+    and backward, the compositions inside them, and the graph cache's replays inside those."""
     cuda_ops = cuda_backend.cuda_ops()
     function = {"clustered": ops.eager.ClusteredAttention, "causal": ops.eager.CausalClusteredAttention}[variant]
-    method = {"clustered": "clustered_bwd", "causal": "causal_bwd"}[variant]
-    stamps = {}
-    original_backward, original_method = function.backward, getattr(cuda_ops, method)
-    original_apply, raw_backward = function.apply, function.__dict__["backward"]
+    forward_method = {"clustered": "fwd_with_clustering", "causal": "causal_fwd"}[variant]
+    backward_method = {"clustered": "clustered_bwd", "causal": "causal_bwd"}[variant]
+    stamps = []
 
-    def backward(ctx, grad_out):
-        stamps["backward in"] = time.perf_counter()
-        result = original_backward(ctx, grad_out)
-        stamps["backward out"] = time.perf_counter()
-        return result
+    def stamped(label, fn):
+        def wrapper(*call_args):
+            stamps.append((f"{label} in", time.perf_counter()))
+            result = fn(*call_args)
+            stamps.append((f"{label} out", time.perf_counter()))
+            return result
+        return wrapper
 
-    def composition(*call_args):
-        stamps["composition in"] = time.perf_counter()
-        result = original_method(*call_args)
-        stamps["composition out"] = time.perf_counter()
-        return result
-
-    def apply(*call_args):
-        stamps["apply in"] = time.perf_counter()
-        result = original_apply(*call_args)
-        stamps["apply out"] = time.perf_counter()
-        return result
-
-    function.backward, function.apply = staticmethod(backward), apply
-    setattr(cuda_ops, method, composition)
+    raw_backward = function.__dict__["backward"]
+    function.apply = stamped("apply", function.apply)
+    function.backward = staticmethod(stamped("backward", function.backward))
+    for method in (forward_method, backward_method):
+        setattr(cuda_ops, method, stamped(method, getattr(cuda_ops, method)))
+    cuda_ops.graphs._replay = stamped("replay", cuda_ops.graphs._replay)
     segments = {}
     try:
         for _ in range(steps):
             torch.cuda.synchronize()
-            stamps["start"] = time.perf_counter()
+            stamps.clear()
+            stamps.append(("start", time.perf_counter()))
             step()
-            stamps["end"] = time.perf_counter()
-            order = ["start", "apply in", "apply out", "backward in", "composition in", "composition out",
-                     "backward out", "end"]
-            for a, b in zip(order, order[1:]):
-                segments.setdefault(f"{a} -> {b}", []).append((stamps[b] - stamps[a]) * 1e6)
+            stamps.append(("end", time.perf_counter()))
+            seen = {}
+            for i, (label, t) in enumerate(stamps):  # the second replay of a step is "replay in #2"
+                seen[label] = seen.get(label, 0) + 1
+                stamps[i] = (label if seen[label] == 1 else f"{label} #{seen[label]}", t)
+            for (a, ta), (b, tb) in zip(stamps, stamps[1:]):
+                segments.setdefault(f"{a} -> {b}", []).append((tb - ta) * 1e6)
     finally:
         function.backward = raw_backward
         del function.apply  # the inherited classmethod again
-        delattr(cuda_ops, method)
+        for name in (forward_method, backward_method, "_replay"):
+            delattr(cuda_ops if name != "_replay" else cuda_ops.graphs, name)
     print(f"  timeline of a {variant} step (synchronised before each step), median us:")
     for label, values in segments.items():
-        print(f"    {label:48s} {statistics.median(values):8.1f}")
+        print(f"    {label:60s} {statistics.median(values):8.1f}")
 
 
 def trace(label, fn, steps=5):

@@ -144,7 +144,9 @@ class GraphCache:
         if not config.enabled:
             return fn(*args)
         key, tensors, nbytes = _signature(name, args)
-        if key is None or nbytes > config.max_input_bytes or torch.cuda.is_current_stream_capturing():
+        # CUDA is initialised (the call has CUDA tensors): ask torch._C directly, not through
+        # torch.cuda's wrapper, which checks that first on every call.
+        if key is None or nbytes > config.max_input_bytes or torch._C._cuda_isCurrentStreamCapturing():
             return fn(*args)
         entry = self._entries.get(key)
         if entry is not None:
