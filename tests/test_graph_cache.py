@@ -54,7 +54,32 @@ def test_cpu_tensors_run_eagerly():
     assert len(calls) == 4 and cache.captures == 0 and len(cache) == 0
 
 
+def test_zero_hash_offsets_are_made_once(monkeypatch):
+    """The hash's default offsets: zeros, made once per (bits, device) and then reused."""
+    from fairseq_clustered import ops
+    monkeypatch.setattr(ops, "_ZERO_OFFSETS", {})
+    x, planes = torch.randn(2, 3, 10, 8), torch.randn(5, 8)
+    _, first = ops._hash_planes(x, planes, None)
+    assert torch.equal(first, torch.zeros(5)) and ops._hash_planes(x, planes, None)[1] is first
+    assert ops._hash_planes(x, planes[:4], None)[1].shape == (4,)
+
+
 # -------------------------------------------------------------------- GPU
+
+
+@needs_gpu
+def test_zero_offsets_made_inside_a_capture_are_not_kept_gpu(monkeypatch):
+    """Zeros first needed inside a user's CUDA graph capture are filled only when that graph
+    replays and live in its pool: they must not be kept for later calls."""
+    from fairseq_clustered import ops
+    monkeypatch.setattr(ops, "_ZERO_OFFSETS", {})
+    x, planes = torch.randn(2, 3, 40, 64, device="cuda"), torch.randn(17, 64, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops._hash_planes(x, planes, None)
+    assert not ops._ZERO_OFFSETS, "zeros made inside a capture were kept"
+    _, outside = ops._hash_planes(x, planes, None)
+    assert torch.equal(outside, torch.zeros(17, device="cuda")) and ops._hash_planes(x, planes, None)[1] is outside
 
 
 def _inputs(seed, dtype, length=300, pad=False):

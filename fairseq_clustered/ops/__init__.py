@@ -96,6 +96,10 @@ def _zero_offsets(bits: int, device: torch.device) -> Tensor:
         return torch.zeros(bits, device=device)
     zeros = _ZERO_OFFSETS.get((bits, device))
     if zeros is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Made inside someone's CUDA graph capture, the zeros would be filled only when that
+            # graph replays and would live in its private pool: not kept.
+            return torch.zeros(bits, device=device)
         with torch.inference_mode(False):  # usable outside inference mode too
             zeros = _ZERO_OFFSETS[(bits, device)] = torch.zeros(bits, device=device)
     return zeros

@@ -5,13 +5,13 @@ GPU: each op's composition (:mod:`.cuda_kernels`) issues tens of torch ops and k
 launches, and on a GPU server's CPU each costs more time to issue than its kernel takes
 to run. :class:`GraphCache` records a composition in a CUDA graph the second time it meets
 the same *signature* (every tensor argument's shape, strides, dtype and device, the
-current stream, and the non-tensor arguments) and from then on runs it as: one fused copy
-of the tensor arguments into the graph's static inputs, one replay, one copy per output.
-The same kernels run on the same values, so the results are bit-identical to the eager
-composition. Where the compiled extension is loaded, the copies in and the copies out take
-one kernel launch each, whatever the dtypes (``copy_tensors`` / ``fresh_copies`` in
-``cuda/copies.cu``); torch's fused copy takes one per dtype, and each launch through the
-dispatcher costs more CPU time than the replay itself.
+current stream, and the non-tensor arguments) and from then on runs it as: one copy of
+the tensor arguments into the graph's static inputs, one replay, one copy of the outputs
+into fresh tensors. The same kernels run on the same values, so the results are
+bit-identical to the eager composition. Where the compiled extension is loaded, each of
+the two copies is one kernel launch whatever the dtypes (``copy_tensors`` /
+``fresh_copies`` in ``cuda/copies.cu``); torch's fused copy takes one per dtype, and each
+launch through the dispatcher costs more CPU time than the replay itself.
 
 Outputs are always fresh copies, never the graph's own buffers: the 12 layers of a model
 that share a shape share one graph, and each layer's saved outputs must survive the next
