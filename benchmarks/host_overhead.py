@@ -1,12 +1,24 @@
 """Where the CPU time of an eager clustered-attention step goes, layer by layer (CUDA only).
 
 Below 8k positions an eager forward+backward of our ops is bound by the host issuing it,
-not by the GPU (benchmarks/NOTES.md). This script peels the step apart: the public
-function with autograd, the registered CUDA compositions called directly, the graph
-cache's replays (copies included) and the bare graph replays, plus the CPU cost of the
-single CUDA calls they are made of. Each figure is the CPU time to *issue* the work,
-measured over short bursts (so that the GPU's queue never fills and blocks the host),
-median over bursts, in microseconds.
+not by the GPU (benchmarks/NOTES.md). For the clustered and the causal variant this script
+prints:
+
+* a timeline of one step, synchronised before each step: the public function's checks,
+  the autograd Function's forward, the composition and the graph replay inside it,
+  autograd's way to the backward, the backward's composition and replay, and the way back;
+* layers of the step, each timed alone: the whole step, the registered CUDA compositions
+  called directly, the graph cache's replays (copies included), the bare graph replays,
+  the copies, the cache keys, the step with the compositions memoised, and an autograd
+  Function that does nothing;
+* the CPU cost of the single calls these are made of (a launch, an allocation, a copy, a
+  replay, the stream handle).
+
+Layers and single calls are the CPU time to *issue* the work, over short bursts (so that
+the GPU's queue never fills and blocks the host), median over bursts, in microseconds.
+``--torch-copies`` makes the graph cache copy with torch's per-dtype copies instead of
+the extension's one launch, to compare the two in one process; ``--trace`` adds the torch
+profiler's CPU events of a step.
 
     python benchmarks/host_overhead.py --lengths 1024,4096
 """
@@ -44,7 +56,8 @@ def latest_entry(cache, name):
 
 
 def layers(variant: str, q, k, v, planes, args):
-    """(label, fn) pairs from the whole step down to the bare replays."""
+    """(label, fn) pairs from the whole step down to the bare replays, and the input and output
+    counts of the forward and backward graphs."""
     cuda_ops = cuda_backend.cuda_ops()
     grad = torch.randn_like(q)
     if variant == "causal":
@@ -111,7 +124,7 @@ def layers(variant: str, q, k, v, planes, args):
         for entry in (fwd_entry, bwd_entry):
             cache._fresh_copies(entry.outputs)
 
-    saved_for_backward = [t for t in bwd_tensors[1:]]
+    saved_for_backward = bwd_tensors[1:]
 
     class Trivial(torch.autograd.Function):
         """Autograd alone: saves as many tensors as ours, returns fresh outputs, no work."""
@@ -151,9 +164,6 @@ def layers(variant: str, q, k, v, planes, args):
             graph_cache._signature(name, call_args)
             graph_cache.settings()
 
-    if args.trace:
-        trace(f"{variant} N={q.shape[2]}", step)
-    timeline(variant, step)
     return [("step: public function + backward", step), ("forward only, no_grad", forward_no_grad),
             ("compositions called directly (no autograd)", compositions),
             ("graph cache replays (copies in/out, replay)", replays), ("bare graph replays", bare_replays),
@@ -288,6 +298,10 @@ def main():
         print(f"N = {length}: sdpa step {issue_us(sdpa_step):8.1f}")
         for variant in args.variants.split(","):
             rows, counts = layers(variant, q, k, v, planes, args)
+            step = rows[0][1]
+            if args.trace:
+                trace(f"{variant} N={length}", step)
+            timeline(variant, step)
             print(f"  {variant} (fwd graph: {counts[0]} inputs, {counts[1]} outputs; bwd: {counts[2]}, {counts[3]})")
             for label, fn in rows:
                 print(f"    {label:48s} {issue_us(fn):8.1f}")
