@@ -185,7 +185,7 @@ def test_causal_key_clusters_kernel_matches_the_reference():
 @pytest.mark.parametrize("path", GPU_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,window,num_clusters,dim", [(300, 32, 10, 64), (1025, 64, 20, 32), (517, 128, 100, 128),
-                                                       (4099, 128, 100, 64)])
+                                                       (4099, 128, 100, 64), (1300, 256, 100, 64)])
 def test_gpu_path_matches_the_cpu_reference(path, dtype, n, window, num_clusters, dim):
     """Output and gradients on the GPU against the fp32 CPU reference, within 3x the error
     of half-precision SDPA causal attention against fp32."""
@@ -231,7 +231,7 @@ def test_gpu_path_is_exact_causal_when_no_summary_is_needed(path, dtype, n, wind
 @pytest.mark.parametrize("path", GPU_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,window,num_clusters", [(600, 64, 20), (1000, 128, 100), (97, 8, 5),
-                                                    (97, 16, 5)])
+                                                    (97, 16, 5), (1100, 256, 50)])
 def test_gpu_path_does_not_leak(path, dtype, n, window, num_clusters):
     """The leak test on each GPU path, key clustering included: outputs up to i
     bit-identical, zero gradients after i, at random positions (and in the first chunks,
@@ -261,6 +261,8 @@ def test_public_function_takes_the_triton_path_on_cuda(monkeypatch):
     causal_clustered_attention(q, k, v, window=64, num_clusters=10, generator=torch.Generator("cuda").manual_seed(0))
     assert len(calls) == 1
     assert "window 48" in causal_triton.triton_path_unavailable(q, q, None, 0.0, 48, 10)
+    assert causal_triton.triton_path_unavailable(q, q, None, 0.0, 256, 10) is None  # in blocks of 128
+    assert "window 512" in causal_triton.triton_path_unavailable(q, q, None, 0.0, 512, 10)
     assert "head dim 40" in causal_triton.triton_path_unavailable(q[..., :40], q[..., :40], None, 0.0, 64, 10)
     assert "num_clusters 300" in causal_triton.triton_path_unavailable(q, q, None, 0.0, 64, 300)
 

@@ -56,19 +56,32 @@ def test_triton_kernels_equal_the_reference(n, window, num_clusters, dim):
         torch.testing.assert_close(a.double(), b.double(), atol=2e-5, rtol=1e-4)
 
 
-@interpreted
-def test_triton_kernels_with_chunks_sliced_over_programs(monkeypatch):
-    """The forward and key-gradient kernels can give each program a slice of a chunk
-    (``LAUNCH[...]["rows"] < window``); same results as whole chunks."""
-    monkeypatch.setitem(causal_triton.LAUNCH, "fwd", {"num_warps": 4, "rows": 16})
-    monkeypatch.setitem(causal_triton.LAUNCH, "bwd_key", {"num_warps": 4, "rows": 16})
-    test_triton_kernels_equal_the_reference(130, 32, 7, 16)
-    test_triton_kernels_equal_the_reference(100, 64, 20, 16)
+def _blocks_of(monkeypatch, rows):
+    """Every kernel in blocks of ``rows`` rows: chunks sliced over programs, keys streamed in blocks."""
+    for kernel in ("sums", "fwd", "bwd_query", "bwd_key"):
+        monkeypatch.setitem(causal_triton.LAUNCH, kernel, {"num_warps": 4, "rows": rows})
 
 
 @interpreted
-def test_triton_kernels_do_not_leak():
-    n, window, num_clusters = 90, 16, 4
+@pytest.mark.parametrize("n,window,num_clusters,dim", [
+    (130, 32, 7, 16),   # two blocks per chunk, the last chunk's second block partial
+    (100, 64, 20, 16),  # four blocks per chunk
+    (200, 64, 5, 32),   # the last chunk (192..199) holds one partial block and three past the end
+])
+def test_triton_kernels_in_blocks_smaller_than_the_window(monkeypatch, n, window, num_clusters, dim):
+    """Windows larger than a block (as 256 on the GPU, in blocks of 128): each program takes
+    a slice of a chunk and the keys stream through in blocks; the same results as the
+    reference, gradients included (the summary gradients summed over the slices)."""
+    _blocks_of(monkeypatch, 16)
+    test_triton_kernels_equal_the_reference(n, window, num_clusters, dim)
+
+
+@interpreted
+@pytest.mark.parametrize("rows", [None, 16])
+def test_triton_kernels_do_not_leak(monkeypatch, rows):
+    if rows is not None:
+        _blocks_of(monkeypatch, rows)
+    n, window, num_clusters = 90, 16 if rows is None else 32, 4
     q, k, v = random_inputs(1, 2, n, 16, seed=3)
 
     def attention(a, b, c, mask):

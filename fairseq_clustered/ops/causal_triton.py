@@ -3,11 +3,13 @@
 :mod:`.causal_fused` computes the attention of a chunk with three flash-attention calls
 (own chunk, previous chunk, summaries) and merges them; every part writes its output,
 log-sum-exp and fp32 gradients, and the summaries carry their ``log n_j`` offsets in
-padded feature columns. This module does the same in one pass: the program of chunk
-``t`` holds its ``W`` queries and streams three key blocks through one online softmax:
+padded feature columns. This module does the same in one pass: the program of a slice of
+chunk ``t`` (all its ``W`` queries up to ``W = 128``; a block of 128 of them for larger
+windows) streams the keys it sees through one online softmax, in blocks of the slice's
+size:
 
-* chunk ``t``'s own keys, with the causal mask (first, so the running max is finite from
-  the start: every query sees itself);
+* its own positions, with the causal mask (first, so the running max is finite from the
+  start: every query sees itself), then the chunk's earlier slices, unmasked;
 * chunk ``t - 1``'s keys, unmasked (``t >= 1``);
 * the ``C`` cluster summaries of chunks ``0 .. t - 2`` (``t >= 2``), whose logits get the
   offset ``log n_j`` added in fp32 (``-inf`` for an empty cluster, so it gets weight 0).
@@ -20,19 +22,20 @@ slower, in one pass or in two over segments of chunks: benchmarks/NOTES.md.)
 
 Backward (the joint softmax, ``P = exp(S - lse)``, ``dS = P (dP - rowsum(dO * O))``):
 
-* a query kernel, per chunk: ``dq`` over the three blocks, and the gradients of the
-  chunk's summary keys and values, which no other chunk reads (so they are written, not
-  accumulated, and the result is deterministic);
+* a query kernel, per slice of a chunk as in the forward: ``dq`` over the same blocks,
+  and the slice's part of the gradients of the chunk's summary keys and values, which no
+  other program writes (the parts of a chunk's slices are summed afterwards, in a fixed
+  order: the result is deterministic);
 * the summaries' gradients go back through the prefix means to per-(chunk, cluster)
   sums: a scan walking the chunks backwards (elementwise, 2x faster than the
   extension's adjoint kernel);
-* a key kernel, per chunk ``j``: ``dk``, ``dv`` from the queries of chunks ``j``
-  (causally) and ``j + 1``, plus the gradient of the (chunk, cluster) sum each key is a
-  member of, written once in the input dtype.
+* a key kernel, per slice of chunk ``j``: ``dk``, ``dv`` from the queries of chunks ``j``
+  (causally) and ``j + 1``, in blocks, plus the gradient of the (chunk, cluster) sum each
+  key is a member of, written once in the input dtype.
 
 Requirements (:func:`triton_path_unavailable` says which one fails): CUDA, fp16 / bf16,
-no key padding, no dropout, ``window`` and the head dim powers of two in 16..128, query
-and value head dims equal, ``num_clusters <= 256``, Triton importable. Otherwise
+no key padding, no dropout, ``window`` a power of two in 16..256 and the head dim one in
+16..128, query and value head dims equal, ``num_clusters <= 256``, Triton importable. Otherwise
 :mod:`.causal_fused` (three flash calls) or the reference serves the call.
 
 The kernels run unchanged in Triton's interpreter (``TRITON_INTERPRET=1``) on CPU
@@ -55,6 +58,7 @@ from .custom_ops import LIBRARY
 __all__ = ["triton_path_unavailable", "causal_clustered_attention_triton"]
 
 MIN_BLOCK, MAX_BLOCK = 16, 128  # tensor-core tiles need >= 16; > 128 spills registers
+MAX_WINDOW = 256  # larger windows stream through the kernels in blocks of at most MAX_BLOCK
 MAX_CLUSTERS = 256
 LOG2E = 1.4426950408889634
 
@@ -67,8 +71,8 @@ def triton_path_unavailable(query: Tensor, value: Tensor, key_padding_mask: Opti
         return reason
     if _TRITON_MISSING is not None:
         return _TRITON_MISSING
-    if not power_of_two_in(window, MIN_BLOCK, MAX_BLOCK):
-        return f"window {window} is not a power of two in {MIN_BLOCK}..{MAX_BLOCK}"
+    if not power_of_two_in(window, MIN_BLOCK, MAX_WINDOW):
+        return f"window {window} is not a power of two in {MIN_BLOCK}..{MAX_WINDOW}"
     if not power_of_two_in(query.shape[-1], MIN_BLOCK, MAX_BLOCK):
         return f"head dim {query.shape[-1]} is not a power of two in {MIN_BLOCK}..{MAX_BLOCK}"
     if num_clusters > MAX_CLUSTERS:
@@ -93,28 +97,36 @@ if triton is not None:
 
     @triton.jit
     def _chunk_cluster_sums(K, V, CLUSTERS, SUMS_K, SUMS_V, COUNTS, length, num_chunks, num_clusters,
-                            WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
+                            WINDOW: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                            DIM: tl.constexpr):
         """Program (chunk t, group g): the sums of the chunk's keys and values per cluster,
         ``(G, T, C, DIM)`` fp32, and the member counts ``(G, C, T)`` fp32, as one-hot matrix
-        products (exact products, fp32 accumulation in a fixed order: reproducible)."""
+        products over the chunk's blocks of BLOCK rows (exact products, fp32 accumulation in
+        a fixed order: reproducible)."""
         chunk = tl.program_id(0)
         group = tl.program_id(1).to(tl.int64)
-        rows = chunk * WINDOW + tl.arange(0, WINDOW)
         feats = tl.arange(0, DIM)
-        row_ok = rows < length
-        tile = group * length * DIM + rows[:, None] * DIM + feats[None, :]
-        cluster = tl.load(CLUSTERS + group * length + rows, mask=row_ok, other=-1)
         slots = tl.arange(0, BLOCK_C)
-        members = slots[:, None] == cluster[None, :]  # (BLOCK_C, WINDOW); -1 matches no slot
-        k = tl.load(K + tile, mask=row_ok[:, None], other=0.0)
-        v = tl.load(V + tile, mask=row_ok[:, None], other=0.0)
+        sum_k = tl.zeros((BLOCK_C, DIM), tl.float32)
+        sum_v = tl.zeros((BLOCK_C, DIM), tl.float32)
+        count = tl.zeros((BLOCK_C,), tl.float32)
+        for block in tl.static_range(WINDOW // BLOCK):
+            rows = chunk * WINDOW + block * BLOCK + tl.arange(0, BLOCK)
+            row_ok = rows < length
+            tile = group * length * DIM + rows[:, None] * DIM + feats[None, :]
+            cluster = tl.load(CLUSTERS + group * length + rows, mask=row_ok, other=-1)
+            members = slots[:, None] == cluster[None, :]  # (BLOCK_C, BLOCK); -1 matches no slot
+            k = tl.load(K + tile, mask=row_ok[:, None], other=0.0)
+            v = tl.load(V + tile, mask=row_ok[:, None], other=0.0)
+            sum_k += tl.dot(members.to(k.dtype), k)
+            sum_v += tl.dot(members.to(v.dtype), v)
+            count += tl.sum(members.to(tl.float32), 1)
         slot_ok = slots < num_clusters
         first_slot = (group * num_chunks + chunk) * num_clusters
         out = (first_slot + slots[:, None]) * DIM + feats[None, :]
-        tl.store(SUMS_K + out, tl.dot(members.to(k.dtype), k).to(SUMS_K.dtype.element_ty), mask=slot_ok[:, None])
-        tl.store(SUMS_V + out, tl.dot(members.to(v.dtype), v).to(SUMS_V.dtype.element_ty), mask=slot_ok[:, None])
-        tl.store(COUNTS + (group * num_clusters + slots) * num_chunks + chunk, tl.sum(members.to(tl.float32), 1),
-                 mask=slot_ok)
+        tl.store(SUMS_K + out, sum_k.to(SUMS_K.dtype.element_ty), mask=slot_ok[:, None])
+        tl.store(SUMS_V + out, sum_v.to(SUMS_V.dtype.element_ty), mask=slot_ok[:, None])
+        tl.store(COUNTS + (group * num_clusters + slots) * num_chunks + chunk, count, mask=slot_ok)
 
     @triton.jit
     def _summary_grads_scan(GRAD_MEAN_K, GRAD_MEAN_V, COUNTS, GRAD_SUMS_K, GRAD_SUMS_V, num_chunks,
@@ -169,15 +181,13 @@ if triton is not None:
     @triton.jit
     def _program_tiles(length, WINDOW: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr):
         """For program (p, g) of a kernel that gives each program a ROWS-row slice of a chunk:
-        its chunk, group, the group's offset in (G, N, DIM) tensors, the slice's positions
-        (ROWS,), the chunk's positions (WINDOW,), and both as (.., DIM) element offsets."""
+        its chunk, the slice's index in the chunk, the group, the group's offset in (G, N, DIM)
+        tensors, the slice's positions (ROWS,) and their (ROWS, DIM) element offsets."""
         chunk = tl.program_id(0) // (WINDOW // ROWS)
+        part = tl.program_id(0) % (WINDOW // ROWS)
         group = tl.program_id(1).to(tl.int64)
-        part = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        whole = chunk * WINDOW + tl.arange(0, WINDOW)
-        feats = tl.arange(0, DIM)
-        return (chunk, group, group * length * DIM, part, whole, part[:, None] * DIM + feats[None, :],
-                whole[:, None] * DIM + feats[None, :])
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        return chunk, part, group, group * length * DIM, rows, rows[:, None] * DIM + tl.arange(0, DIM)[None, :]
 
     @triton.jit
     def _window_attention_fwd(Q, K, V, SUM_K, SUM_V, COUNTS, OUT, LSE,
@@ -185,29 +195,41 @@ if triton is not None:
                               WINDOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
                               DIM: tl.constexpr):
         """Program (p, group g), p = t W / ROWS + s: out and natural-log lse of ROWS queries
-        of chunk t (its s-th slice).
+        of chunk t (its s-th slice). The keys stream through one online softmax in blocks of
+        ROWS: the slice's own positions (causally), the chunk's earlier slices, the previous
+        chunk's slices, then the summaries.
 
         Q, K, V, OUT: (G, N, DIM) contiguous. SUM_K, SUM_V: (G, T - 2, C, DIM); COUNTS:
         (G, T, C) fp32 members of chunks 0 .. t - 2. LSE: (G, T W) fp32. qk_scale = scale log2(e).
         """
-        chunk, group, base, rows, cols, row_tile, col_tile = _program_tiles(length, WINDOW, ROWS, DIM)
-        row_ok, col_ok = rows < length, cols < length
-        q = tl.load(Q + base + row_tile, mask=row_ok[:, None], other=0.0)
+        chunk, part, group, base, rows, tile = _program_tiles(length, WINDOW, ROWS, DIM)
+        row_ok = rows < length
+        q = tl.load(Q + base + tile, mask=row_ok[:, None], other=0.0)
 
-        # Own chunk, causally: the diagonal makes every row's max finite.
-        k = tl.load(K + base + col_tile, mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + base + col_tile, mask=col_ok[:, None], other=0.0)
+        # The diagonal block first, causally: every row sees itself, so its max is finite.
+        k = tl.load(K + base + tile, mask=row_ok[:, None], other=0.0)
+        v = tl.load(V + base + tile, mask=row_ok[:, None], other=0.0)
         logits = tl.dot(q, tl.trans(k)) * qk_scale
-        logits = tl.where(rows[:, None] >= cols[None, :], logits, float("-inf"))
+        logits = tl.where(rows[:, None] >= rows[None, :], logits, float("-inf"))
         row_max = tl.max(logits, 1)
         probs = tl.exp2(logits - row_max[:, None])
         row_sum = tl.sum(probs, 1)
         acc = tl.dot(probs.to(v.dtype), v)
 
-        if chunk > 0:  # previous chunk: complete, no mask
-            k = tl.load(K + base + col_tile - WINDOW * DIM)
-            v = tl.load(V + base + col_tile - WINDOW * DIM)
+        for earlier in range(0, part):  # the chunk's earlier slices: complete, before every row
+            shift = (earlier - part) * ROWS
+            col_ok = (rows + shift < length)[:, None]  # (a slice past the end reads nothing)
+            k = tl.load(K + base + tile + shift * DIM, mask=col_ok, other=0.0)
+            v = tl.load(V + base + tile + shift * DIM, mask=col_ok, other=0.0)
             acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, tl.dot(q, tl.trans(k)) * qk_scale, v)
+
+        if chunk > 0:  # previous chunk: complete, no mask
+            for block in tl.static_range(WINDOW // ROWS):
+                shift = (block - part) * ROWS - WINDOW
+                k = tl.load(K + base + tile + shift * DIM)
+                v = tl.load(V + base + tile + shift * DIM)
+                acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum,
+                                                             tl.dot(q, tl.trans(k)) * qk_scale, v)
 
         if chunk > 1:  # summaries of chunks 0 .. t - 2
             # (Names of their own: Triton wants a variable's shape the same on both sides of an if.)
@@ -216,7 +238,7 @@ if triton is not None:
             acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, summary_logits, summary_v)
 
         out = acc / row_sum[:, None]
-        tl.store(OUT + base + row_tile, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(OUT + base + tile, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
         tl.store(LSE + group * num_chunks * WINDOW + rows, (row_max + tl.log2(row_sum)) * 0.6931471805599453)
 
     @triton.jit
@@ -230,16 +252,15 @@ if triton is not None:
     def _window_attention_bwd_query(Q, K, V, SUM_K, SUM_V, COUNTS, OUT, GRAD_OUT, LSE,
                                     DELTA, GRAD_Q, GRAD_SUM_K, GRAD_SUM_V,
                                     length, num_chunks, num_clusters, qk_scale, scale,
-                                    WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
-        """Program (chunk t, group g): dq of the chunk's queries, the gradients of its summary
-        keys / values ((G, T - 2, C, DIM), in q's dtype like dq) and delta = rowsum(dO * O)."""
-        chunk = tl.program_id(0)
-        group = tl.program_id(1).to(tl.int64)
-        base = group * length * DIM
-        rows = chunk * WINDOW + tl.arange(0, WINDOW)
-        feats = tl.arange(0, DIM)
+                                    WINDOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                                    DIM: tl.constexpr):
+        """Program (p, group g), p = t W / ROWS + s: dq of ROWS queries of chunk t (its s-th
+        slice; keys in the forward's blocks), delta = rowsum(dO * O), and the slice's part of
+        the gradients of the chunk's summary keys / values, (G, T - 2, W / ROWS, C, DIM) in q's
+        dtype like dq: no other program writes them (deterministic); the caller sums the
+        slices."""
+        chunk, part, group, base, rows, tile = _program_tiles(length, WINDOW, ROWS, DIM)
         row_ok = rows < length
-        tile = rows[:, None] * DIM + feats[None, :]
         q = tl.load(Q + base + tile, mask=row_ok[:, None], other=0.0)
         grad_out = tl.load(GRAD_OUT + base + tile, mask=row_ok[:, None], other=0.0)
         out = tl.load(OUT + base + tile, mask=row_ok[:, None], other=0.0)
@@ -254,22 +275,34 @@ if triton is not None:
         _, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, keep)
         grad_q = tl.dot(grad_logits.to(k.dtype), k)
 
-        if chunk > 0:
-            k = tl.load(K + base + tile - WINDOW * DIM)
-            v = tl.load(V + base + tile - WINDOW * DIM)
+        for earlier in range(0, part):
+            shift = (earlier - part) * ROWS
+            col_ok = (rows + shift < length)[:, None]
+            k = tl.load(K + base + tile + shift * DIM, mask=col_ok, other=0.0)
+            v = tl.load(V + base + tile + shift * DIM, mask=col_ok, other=0.0)
             _, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok[:, None])
             grad_q += tl.dot(grad_logits.to(k.dtype), k)
 
+        if chunk > 0:
+            for block in tl.static_range(WINDOW // ROWS):
+                shift = (block - part) * ROWS - WINDOW
+                k = tl.load(K + base + tile + shift * DIM)
+                v = tl.load(V + base + tile + shift * DIM)
+                _, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok[:, None])
+                grad_q += tl.dot(grad_logits.to(k.dtype), k)
+
         if chunk > 1:
-            summary_v, summary_k, summary_logits, summary_tile, slot_ok = _summary_block(
+            summary_v, summary_k, summary_logits, _, slot_ok = _summary_block(
                 SUM_K, SUM_V, COUNTS, q, group, chunk, num_chunks, num_clusters, qk_scale, BLOCK_C, DIM)
             summary_probs = tl.where(row_ok[:, None], tl.exp2(summary_logits - lse2[:, None]), 0.0)
             summary_grad_logits = summary_probs * (tl.dot(grad_out, tl.trans(summary_v)) - delta[:, None])
             grad_q += tl.dot(summary_grad_logits.to(summary_k.dtype), summary_k)
             grad_summary_k = tl.dot(tl.trans(summary_grad_logits.to(q.dtype)), q) * scale
             grad_summary_v = tl.dot(tl.trans(summary_probs.to(grad_out.dtype)), grad_out)
-            tl.store(GRAD_SUM_K + summary_tile, grad_summary_k.to(GRAD_SUM_K.dtype.element_ty), mask=slot_ok[:, None])
-            tl.store(GRAD_SUM_V + summary_tile, grad_summary_v.to(GRAD_SUM_V.dtype.element_ty), mask=slot_ok[:, None])
+            first_slot = ((group * (num_chunks - 2) + chunk - 2) * (WINDOW // ROWS) + part) * num_clusters
+            grad_tile = (first_slot + tl.arange(0, BLOCK_C)[:, None]) * DIM + tl.arange(0, DIM)[None, :]
+            tl.store(GRAD_SUM_K + grad_tile, grad_summary_k.to(GRAD_SUM_K.dtype.element_ty), mask=slot_ok[:, None])
+            tl.store(GRAD_SUM_V + grad_tile, grad_summary_v.to(GRAD_SUM_V.dtype.element_ty), mask=slot_ok[:, None])
 
         tl.store(GRAD_Q + base + tile, (grad_q * scale).to(GRAD_Q.dtype.element_ty), mask=row_ok[:, None])
 
@@ -279,36 +312,50 @@ if triton is not None:
                                   WINDOW: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
                                   HAS_SUMMARIES: tl.constexpr):
         """Program (p, group g), p = j W / ROWS + s: dk, dv of ROWS keys of chunk j (its s-th
-        slice) from the queries of chunks j (causally) and j + 1, plus, with summaries, the
-        gradient of each key's (chunk, cluster) sum: GRAD_SUMS_K / _V (G, T, C, DIM),
-        CLUSTERS (G, N) int64."""
-        # keys: this program's slice; rows: the queries of the same chunk.
-        chunk, group, base, keys, rows, key_tile, row_tile = _program_tiles(length, WINDOW, ROWS, DIM)
+        slice) from the queries that see them exactly, in blocks of ROWS: the slice's own
+        positions (causally), the chunk's later slices and the next chunk's slices; plus, with
+        summaries, the gradient of each key's (chunk, cluster) sum: GRAD_SUMS_K / _V (G, T, C,
+        DIM), CLUSTERS (G, N) int64."""
+        chunk, part, group, base, keys, tile = _program_tiles(length, WINDOW, ROWS, DIM)
         feats = tl.arange(0, DIM)
-        key_ok, row_ok = keys < length, rows < length
-        k = tl.load(K + base + key_tile, mask=key_ok[:, None], other=0.0)
-        v = tl.load(V + base + key_tile, mask=key_ok[:, None], other=0.0)
+        key_ok = keys < length
+        k = tl.load(K + base + tile, mask=key_ok[:, None], other=0.0)
+        v = tl.load(V + base + tile, mask=key_ok[:, None], other=0.0)
+        row_index = group * num_chunks * WINDOW + keys  # LSE and DELTA of the queries at these positions
 
-        # Queries of the same chunk (causal): (WINDOW, ROWS) blocks, rows are queries.
-        q = tl.load(Q + base + row_tile, mask=row_ok[:, None], other=0.0)
-        grad_out = tl.load(GRAD_OUT + base + row_tile, mask=row_ok[:, None], other=0.0)
-        row_index = group * num_chunks * WINDOW + rows
+        # Queries at the same positions, causally: (ROWS, ROWS) blocks, rows are queries.
+        q = tl.load(Q + base + tile, mask=key_ok[:, None], other=0.0)
+        grad_out = tl.load(GRAD_OUT + base + tile, mask=key_ok[:, None], other=0.0)
         lse2 = tl.load(LSE + row_index) * 1.4426950408889634
         delta = tl.load(DELTA + row_index)
-        keep = (rows[:, None] >= keys[None, :]) & row_ok[:, None]
+        keep = (keys[:, None] >= keys[None, :]) & key_ok[:, None]
         probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, keep)
         grad_v = tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
         grad_k = tl.dot(tl.trans(grad_logits.to(q.dtype)), q)
 
-        if chunk + 1 < num_chunks:  # queries of the next chunk see all of these keys
-            next_ok = rows + WINDOW < length
-            q = tl.load(Q + base + row_tile + WINDOW * DIM, mask=next_ok[:, None], other=0.0)
-            grad_out = tl.load(GRAD_OUT + base + row_tile + WINDOW * DIM, mask=next_ok[:, None], other=0.0)
-            lse2 = tl.load(LSE + row_index + WINDOW) * 1.4426950408889634
-            delta = tl.load(DELTA + row_index + WINDOW)
-            probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, next_ok[:, None])
+        # The chunk's later slices (while they hold queries), then the next chunk's: every
+        # one of their queries sees all of these keys.
+        for later in range(part + 1, WINDOW // ROWS):
+            shift = (later - part) * ROWS
+            row_ok = (keys + shift < length)[:, None]
+            q = tl.load(Q + base + tile + shift * DIM, mask=row_ok, other=0.0)
+            grad_out = tl.load(GRAD_OUT + base + tile + shift * DIM, mask=row_ok, other=0.0)
+            lse2 = tl.load(LSE + row_index + shift) * 1.4426950408889634
+            delta = tl.load(DELTA + row_index + shift)
+            probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok)
             grad_v += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
             grad_k += tl.dot(tl.trans(grad_logits.to(q.dtype)), q)
+        if chunk + 1 < num_chunks:
+            for block in tl.static_range(WINDOW // ROWS):
+                shift = (block - part) * ROWS + WINDOW
+                row_ok = (keys + shift < length)[:, None]
+                q = tl.load(Q + base + tile + shift * DIM, mask=row_ok, other=0.0)
+                grad_out = tl.load(GRAD_OUT + base + tile + shift * DIM, mask=row_ok, other=0.0)
+                lse2 = tl.load(LSE + row_index + shift) * 1.4426950408889634
+                delta = tl.load(DELTA + row_index + shift)
+                probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok)
+                grad_v += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
+                grad_k += tl.dot(tl.trans(grad_logits.to(q.dtype)), q)
 
         grad_k = grad_k * scale
         if HAS_SUMMARIES:  # each key receives the gradient of its (chunk, cluster) sum
@@ -317,24 +364,24 @@ if triton is not None:
             sum_tile = ((group * num_chunks + chunk) * num_clusters + cluster[:, None]) * DIM + feats[None, :]
             grad_k += tl.load(GRAD_SUMS_K + sum_tile, mask=member, other=0.0)
             grad_v += tl.load(GRAD_SUMS_V + sum_tile, mask=member, other=0.0)
-        tl.store(GRAD_K + base + key_tile, grad_k.to(GRAD_K.dtype.element_ty), mask=key_ok[:, None])
-        tl.store(GRAD_V + base + key_tile, grad_v.to(GRAD_V.dtype.element_ty), mask=key_ok[:, None])
+        tl.store(GRAD_K + base + tile, grad_k.to(GRAD_K.dtype.element_ty), mask=key_ok[:, None])
+        tl.store(GRAD_V + base + tile, grad_v.to(GRAD_V.dtype.element_ty), mask=key_ok[:, None])
 
 
 # ================================================================ the op
 
 
-# Launch shapes: warps per program; for the forward and key-gradient kernels the query
-# (key) rows per program (a slice of the chunk); for the gradient scan the features per
-# program. One stage: the attention kernels have no loops, and deeper pipelines did not
-# change the scan's time. Chosen on an H100 at N = 64k, W = 128, D = 64 (benchmarks/NOTES.md);
-# windows below 128 use 4 warps.
+# Launch shapes: warps per program; the rows of a block: the slice of a chunk each program
+# of the attention kernels takes, and the blocks in which keys stream (windows above it
+# take several; the sums kernel adds the chunk's blocks); for the gradient scan the
+# features per program. One stage: deeper pipelines did not change the times. Chosen on an
+# H100 at N = 64k, W = 128, D = 64 (benchmarks/NOTES.md); windows below 128 use 4 warps.
 LAUNCH = {
-    "sums": {"num_warps": 4},
+    "sums": {"num_warps": 4, "rows": MAX_BLOCK},
     "grads_scan": {"num_warps": 8, "features": 16},
-    "fwd": {"num_warps": 4, "rows": 128},
-    "bwd_query": {"num_warps": 8},
-    "bwd_key": {"num_warps": 8, "rows": 128},
+    "fwd": {"num_warps": 4, "rows": MAX_BLOCK},
+    "bwd_query": {"num_warps": 8, "rows": MAX_BLOCK},
+    "bwd_key": {"num_warps": 8, "rows": MAX_BLOCK},
 }
 
 
@@ -366,9 +413,10 @@ def _summaries(key: Tensor, value: Tensor, clusters: Tensor, window: int, num_cl
     # Counts per (cluster, chunk): the prefix over chunks is then a scan along the last,
     # contiguous dim (a scan along an outer dim took 0.2 ms at 64k).
     chunk_counts = torch.empty(batch, heads, num_clusters, chunks, dtype=torch.float32, device=key.device)
+    options = _launch("sums", window, dim)
     _chunk_cluster_sums[(chunks, batch * heads)](
         key, value, clusters, sums_k, sums_v, chunk_counts, length, chunks, num_clusters,
-        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **_launch("sums", window, dim),
+        WINDOW=window, BLOCK=options.pop("ROWS"), BLOCK_C=_cluster_block(num_clusters), DIM=dim, **options,
     )
     older = F.pad(chunk_counts.cumsum(-1), (2, 0))[..., :chunks]  # chunks 0 .. t - 2
     counts = older.transpose(2, 3).contiguous()
@@ -432,17 +480,22 @@ def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, cluste
     has_summaries = chunks > 2
     delta = torch.empty_like(lse)
     grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-    if has_summaries:
-        grad_summary_keys, grad_summary_values = torch.empty_like(summary_keys), torch.empty_like(summary_values)
+    options = _launch("bwd_query", window, dim)
+    slices = window // options["ROWS"]
+    if has_summaries:  # each slice of a chunk writes its part of the chunk's summary gradients
+        groups, readers = summary_keys.shape[:2]
+        grad_summary_keys = summary_keys.new_empty(groups, readers, slices, num_clusters, dim)
+        grad_summary_values = torch.empty_like(grad_summary_keys)
     else:
         grad_summary_keys, grad_summary_values = _empty(query), _empty(query)
-    _window_attention_bwd_query[(chunks, batch * heads)](
+    _window_attention_bwd_query[(chunks * slices, batch * heads)](
         query, key, value, summary_keys, summary_values, counts, out, grad_out, lse,
         delta, grad_q, grad_summary_keys, grad_summary_values,
         length, chunks, num_clusters, scale * LOG2E, scale,
-        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **_launch("bwd_query", window, dim),
+        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **options,
     )
     if has_summaries:
+        grad_summary_keys, grad_summary_values = (_sum_slices(x) for x in (grad_summary_keys, grad_summary_values))
         grad_sums_k, grad_sums_v = _chunk_sum_grads(grad_summary_keys, grad_summary_values, counts, window)
     else:
         grad_sums_k = grad_sums_v = _empty(lse)
@@ -461,6 +514,14 @@ def causal_triton_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tenso
                       num_clusters: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     return backward(grad_out, query, key, value, clusters, out, lse, summary_keys, summary_values, counts, window,
                     num_clusters, scale)
+
+
+def _sum_slices(parts: Tensor) -> Tensor:
+    """``(G, T - 2, S, C, D)`` per-slice parts -> ``(G, T - 2, C, D)``: a view for one slice,
+    else their sum in fp32 (a fixed order: deterministic), in the parts' dtype."""
+    if parts.shape[2] == 1:
+        return parts.squeeze(2)
+    return parts.float().sum(2).to(parts.dtype)
 
 
 def _chunk_sum_grads(grad_keys: Tensor, grad_values: Tensor, counts: Tensor, window: int) -> Tuple[Tensor, Tensor]:
@@ -510,7 +571,7 @@ def causal_clustered_attention_triton(query: Tensor, key: Tensor, value: Tensor,
 
     Args:
         query, key, value: ``(B, H, N, D)`` fp16 / bf16 on CUDA (CPU tensors under Triton's
-            interpreter), ``D`` and ``window`` powers of two in 16..128.
+            interpreter), ``D`` a power of two in 16..128, ``window`` one in 16..256.
         clusters: ``(B, H, N)`` int64 leak-free key cluster ids (-1: no cluster).
         window, num_clusters, scale: as :func:`fairseq_clustered.ops.causal_clustered_attention`.
 

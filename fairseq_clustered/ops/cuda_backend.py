@@ -92,8 +92,8 @@ KERNEL_NOTES = {
                                         "padding or dropout: flash, exact top-key products on tensor cores (Triton, "
                                         "top-k <= 128)",
     "causal_key_clusters": "codebook assignment kernel; num_clusters <= 6144, batch*heads <= 65535",
-    "causal_clustered_attention": "fp16/bf16, no key padding or dropout: one Triton kernel where window and head "
-                                  "dim are powers of two in 16..128 and C <= 256, else flash attention in three "
+    "causal_clustered_attention": "fp16/bf16, no key padding or dropout: one Triton kernel where the window is a "
+                                  "power of two in 16..256, the head dim one in 16..128 and C <= 256, else flash attention in three "
                                   "parts (head dim a multiple of 8, <= 248); summary kernels; otherwise the "
                                   "reference (tensor cores for half precision)",
 }
