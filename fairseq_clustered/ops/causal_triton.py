@@ -164,9 +164,9 @@ if triton is not None:
     @triton.jit
     def _summary_block(SUM_K, SUM_V, COUNTS, q, group, chunk, num_chunks, num_clusters, qk_scale,
                        BLOCK_C: tl.constexpr, DIM: tl.constexpr):
-        """Chunk t's summaries: values and keys (BLOCK_C, DIM), base-2 logits of ``q`` with the
-        ``log n`` offsets (-inf for empty clusters and absent slots), the block's element
-        offsets in SUM_K / SUM_V (G, T - 2, C, DIM), and which slots are clusters."""
+        """Chunk t's summaries: values and keys (BLOCK_C, DIM) from SUM_K / SUM_V (G, T - 2, C,
+        DIM), base-2 logits of ``q`` with the ``log n`` offsets (-inf for empty clusters and
+        absent slots), and which slots are clusters."""
         slots = tl.arange(0, BLOCK_C)
         slot_ok = slots < num_clusters
         first_slot = (group * (num_chunks - 2) + chunk - 2) * num_clusters
@@ -176,7 +176,7 @@ if triton is not None:
         count = tl.load(COUNTS + (group * num_chunks + chunk) * num_clusters + slots, mask=slot_ok, other=0.0)
         # log(0) = -inf: weight exp(-inf) = 0.
         logits = tl.dot(q, tl.trans(keys)) * qk_scale + tl.log(count)[None, :] * 1.4426950408889634
-        return values, keys, logits, tile, slot_ok
+        return values, keys, logits, slot_ok
 
     @triton.jit
     def _program_tiles(length, WINDOW: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr):
@@ -233,7 +233,7 @@ if triton is not None:
 
         if chunk > 1:  # summaries of chunks 0 .. t - 2
             # (Names of their own: Triton wants a variable's shape the same on both sides of an if.)
-            summary_v, _, summary_logits, _, _ = _summary_block(SUM_K, SUM_V, COUNTS, q, group, chunk, num_chunks,
+            summary_v, _, summary_logits, _ = _summary_block(SUM_K, SUM_V, COUNTS, q, group, chunk, num_chunks,
                                                                 num_clusters, qk_scale, BLOCK_C, DIM)
             acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, summary_logits, summary_v)
 
@@ -292,7 +292,7 @@ if triton is not None:
                 grad_q += tl.dot(grad_logits.to(k.dtype), k)
 
         if chunk > 1:
-            summary_v, summary_k, summary_logits, _, slot_ok = _summary_block(
+            summary_v, summary_k, summary_logits, slot_ok = _summary_block(
                 SUM_K, SUM_V, COUNTS, q, group, chunk, num_chunks, num_clusters, qk_scale, BLOCK_C, DIM)
             summary_probs = tl.where(row_ok[:, None], tl.exp2(summary_logits - lse2[:, None]), 0.0)
             summary_grad_logits = summary_probs * (tl.dot(grad_out, tl.trans(summary_v)) - delta[:, None])
