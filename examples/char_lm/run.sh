@@ -33,7 +33,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
 else
   # 6 x 384 (10.7M parameters), 16 sequences of 2048 characters per update, fp16 (fairseq
   # 0.12's --bf16 switches on its TPU code paths). Window 256: with 128 the last validation
-  # was 4.2% behind full attention, with 256 1.6% (README, results_h200_w256/).
+  # was 4.9% behind full attention, with 256 2.3% (README, results_h200/).
   OUT=${OUT:-runs/char_lm}; CONTEXT=${CONTEXT:-2048}; WINDOW=${WINDOW:-256}; CLUSTERS=${CLUSTERS:-100}
   LAYERS=${LAYERS:-6}; DIM=${DIM:-384}; HEADS=${HEADS:-6}; UPDATES=${UPDATES:-3000}
   MAX_TOKENS=${MAX_TOKENS:-32768}; VALIDATE_EVERY=${VALIDATE_EVERY:-250}; DEVICE=(--fp16); SUBSET=()
