@@ -22,10 +22,24 @@ GPU (with fairseq carried there: ``source benchmarks/gpu_fairseq_env.sh``)::
 CPU smoke run (tiny model, fp32)::
 
     .venv/bin/python benchmarks/bench_model.py --cpu-smoke
+
+``--shapes P --epochs E``: batches of varied shape, as fairseq's length-bucketed batching
+gives on real data (every batch padded to its longest sequence, so nearly every batch has
+a shape of its own). A pool of ``P`` lengths is drawn uniformly from ``[length / 2,
+length]``, each with ``tokens-per-batch // n`` sequences; every epoch trains one batch of
+each, in a new order, and is timed by the wall clock (synchronised at both ends). The
+clustered variants run with the ops' CUDA graph cache on and off
+(``FAIRSEQ_CLUSTERED_CUDA_GRAPHS``), from an empty cache: the first epoch pays the
+captures (a signature is captured on its second call), later ones replay::
+
+    python3 benchmarks/bench_model.py --lengths 4096,8192 --shapes 24 --epochs 3 \
+        --variants sdpa,clustered --csv bench_model_shapes.csv
 """
 
 import argparse
 import csv
+import os
+import random
 import statistics
 import sys
 import time
@@ -97,11 +111,8 @@ def measure(model, dictionary, length, batch, steps, warmup, device, dtype, prof
     ``profile_name``: also print the step's top CUDA kernels under that name."""
     model = model.to(device=device, dtype=dtype).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    tokens = torch.randint(dictionary.nspecial, len(dictionary), (batch, length), generator=generator).to(device)
-    masked = (torch.rand(batch, length, generator=generator) < 0.15).to(device)
-    targets = tokens[masked]
-    inputs = tokens.masked_fill(masked, dictionary.unk())  # stands in for <mask>
+    inputs, masked, targets = random_batch(dictionary, batch, length, torch.Generator(device="cpu").manual_seed(0),
+                                           device)
 
     def step():
         logits, _ = model(inputs, masked_tokens=masked)
@@ -136,6 +147,88 @@ def measure(model, dictionary, length, batch, steps, warmup, device, dtype, prof
     return batch * length / statistics.median(times), peak
 
 
+def random_batch(dictionary, batch, length, generator, device):
+    """Masked-LM inputs, the mask and the targets of ``batch`` random sequences of ``length`` tokens."""
+    tokens = torch.randint(dictionary.nspecial, len(dictionary), (batch, length), generator=generator).to(device)
+    masked = (torch.rand(batch, length, generator=generator) < 0.15).to(device)
+    return tokens.masked_fill(masked, dictionary.unk()), masked, tokens[masked]  # unk stands in for <mask>
+
+
+def measure_varied_shapes(model, dictionary, shapes, epochs, device, dtype, seed=0):
+    """Tokens/s of each epoch over batches of the given ``(batch, length)`` shapes, one
+    batch of each per epoch in a fresh order (wall clock, synchronised at both ends)."""
+    model = model.to(device=device, dtype=dtype).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    batches = [random_batch(dictionary, batch, length, generator, device) for batch, length in shapes]
+    order = random.Random(seed)
+    rates = []
+    for _ in range(epochs):
+        indices = list(range(len(batches)))
+        order.shuffle(indices)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        for index in indices:
+            inputs, masked, targets = batches[index]
+            logits, _ = model(inputs, masked_tokens=masked)
+            loss = F.cross_entropy(logits.float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(sum(b * n for b, n in shapes) / (time.perf_counter() - begin))
+    return rates
+
+
+def varied_shapes(length, count, tokens_per_batch, seed=0):
+    """``count`` distinct ``(batch, n)`` shapes, n uniform in ``[length // 2, length]``."""
+    lengths = random.Random(seed).sample(range(length // 2, length + 1), count)
+    return [(max(1, tokens_per_batch // n), n) for n in lengths]
+
+
+def run_varied_shapes(args, lengths, variants, tokens_per_batch, vocab, small, num_clusters, topk,
+                      device, dtype):
+    """The ``--shapes`` mode: rows of per-epoch tokens/s, graphs on and off for our variants."""
+    from fairseq_clustered.ops.cuda_backend import graph_cache
+
+    rows = []
+    for length in lengths:
+        shapes = varied_shapes(length, args.shapes, tokens_per_batch)
+        for variant in variants:
+            ours_on_cuda = variant not in EXACT_VARIANTS and device.type == "cuda"
+            for graphs in (("on", "off") if ours_on_cuda else ("",)):
+                os.environ["FAIRSEQ_CLUSTERED_CUDA_GRAPHS"] = "0" if graphs == "off" else "1"
+                cache = graph_cache() if device.type == "cuda" else None
+                if cache is not None:
+                    cache.clear()
+                    captures_before = cache.captures
+                torch.manual_seed(0)
+                model, dictionary = build_model(variant, length, vocab, small, num_clusters, topk,
+                                                args.attention_dropout)
+                rates = measure_varied_shapes(model, dictionary, shapes, args.epochs, device, dtype)
+                rows.append({
+                    "length": length, "shapes": len(shapes), "variant": variant, "graphs": graphs,
+                    **{f"epoch{i + 1}_tokens_per_s": round(rate, 1) for i, rate in enumerate(rates)},
+                    "captures": cache.captures - captures_before if cache is not None else "",
+                    "graph_cache_mib": round(cache.memory_bytes() / 2**20, 1) if cache is not None else "",
+                })
+                del model
+                if cache is not None:
+                    cache.clear()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    os.environ.pop("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", None)
+    print(f"{'length':>7} {'shapes':>6} {'variant':>10} {'graphs':>6} "
+          + " ".join(f"{'epoch ' + str(i + 1):>10}" for i in range(args.epochs)) + f" {'captures':>8} {'cache MiB':>9}")
+    for row in rows:
+        rates = [row[f"epoch{i + 1}_tokens_per_s"] for i in range(args.epochs)]
+        print(f"{row['length']:>7} {row['shapes']:>6} {row['variant']:>10} {row['graphs']:>6} "
+              + " ".join(f"{rate:>10.0f}" for rate in rates) + f" {row['captures']!s:>8} {row['graph_cache_mib']!s:>9}")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
@@ -152,6 +245,10 @@ def main():
     parser.add_argument("--csv", default="bench_model.csv")
     parser.add_argument("--profile", default="", help="comma-separated lengths: print each variant's top CUDA "
                                                       "kernels per training step (GPU)")
+    parser.add_argument("--shapes", type=int, default=0,
+                        help="train on batches of this many distinct shapes (lengths in [N/2, N]) instead of "
+                             "one fixed shape; see the module docstring")
+    parser.add_argument("--epochs", type=int, default=3, help="with --shapes: passes over the shapes")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny model, lengths 64,128, fp32 on the CPU (checks the script runs)")
     args = parser.parse_args()
@@ -173,6 +270,21 @@ def main():
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+
+    if args.shapes < 0 or args.epochs < 1:
+        raise SystemExit(f"--shapes must be >= 0 and --epochs >= 1, got {args.shapes} and {args.epochs}")
+    if args.shapes > min(lengths) // 2 + 1:
+        raise SystemExit(f"--shapes {args.shapes}: at most {min(lengths) // 2 + 1} distinct lengths fit in "
+                         f"[{min(lengths) // 2}, {min(lengths)}]")
+
+    if args.shapes:
+        print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+              f"RoBERTa-{'tiny' if small else 'base'} masked LM, C={num_clusters}, k={topk}, {tokens_per_batch} "
+              f"tokens/batch, {args.shapes} shapes per length, tokens/s per epoch (wall clock)")
+        rows = run_varied_shapes(args, lengths, variants, tokens_per_batch, vocab, small, num_clusters, topk,
+                                 device, dtype)
+        write_csv(args.csv, rows)
+        return
 
     rows = []
     for length in lengths:
@@ -210,11 +322,15 @@ def main():
     for row in rows:
         print(f"{row['length']:>7} {row['batch']:>5} {row['variant']:>10} {row['tokens_per_s']:>12} "
               f"{row['speedup_vs_best_exact']!s:>14} {row['peak_mem_gib']!s:>9}")
-    with open(args.csv, "w", newline="") as handle:
+    write_csv(args.csv, rows)
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {args.csv}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
