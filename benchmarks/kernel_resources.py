@@ -1,0 +1,253 @@
+"""Registers, spills and shared memory of our Triton kernels on Hopper, without a GPU.
+
+Device time is scarce; whether a kernel variant spills registers is not. This script runs
+an op's host code on CPU tensors with every Triton kernel of its module replaced by a
+recorder, so each launch is captured with its real arguments, grid, constexprs, warps and
+stages; then compiles each distinct launch for ``sm_90a`` (H100 / H200) with the
+argument types and the 16-divisibility specialisation a GPU launch would get, and runs
+``ptxas -v`` on the PTX. The table gives, per kernel: registers per thread, spill stores
+and loads (bytes per thread), shared memory, and how many programs fit on one SM by
+registers and by shared memory.
+
+Compile with the Triton of the GPU machine (3.6.0 there; the version is printed): the
+register allocation changes between versions. Its wheel installs anywhere, e.g.
+
+    pip download --no-deps --only-binary=:all: --python-version 3.11 \\
+        --platform manylinux_2_28_x86_64 -d /tmp/wheels triton==3.6.0
+    pip install --no-deps --target /tmp/triton36 /tmp/wheels/triton-3.6.0-*.whl
+    PYTHONPATH=/tmp/triton36 .venv/bin/python benchmarks/kernel_resources.py --window 128
+
+Ops covered: ``causal`` (``fairseq_clustered/ops/causal_triton.py``, forward and
+backward). ``--module PATH`` compiles that file's kernels instead of the package's (say,
+a variant under test, or main's copy), imported under a private name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REGISTERS_PER_SM = 65536
+SHARED_MEMORY_PER_SM = 227 * 1024  # per block on sm_90 at most; what one SM offers programs
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch: the kernel (a ``triton.JITFunction``), grid and arguments."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records, runs nothing."""
+
+    def __init__(self, kernel, launches: List[Launch]):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(Launch(self.kernel, tuple(grid), args, dict(kwargs)))
+        return launch
+
+
+def load_module(path: Optional[str], default: str):
+    """The module at ``path`` (imported under a private name, inside the package so that
+    its relative imports resolve), or the package module ``default``."""
+    if path is None:
+        return importlib.import_module(default)
+    package = default.rsplit(".", 1)[0]
+    name = f"{package}._kernel_resources_{Path(path).stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = package
+    spec.loader.exec_module(module)
+    return module
+
+
+def record_launches(module, run) -> List[Launch]:
+    """The launches ``run()`` makes with every top-level Triton kernel of ``module`` recorded."""
+    import triton
+
+    launches: List[Launch] = []
+    kernels = {name: obj for name, obj in vars(module).items() if isinstance(obj, triton.runtime.jit.JITFunction)}
+    try:
+        for name, kernel in kernels.items():
+            setattr(module, name, _Recorder(kernel, launches))
+        run()
+    finally:
+        for name, kernel in kernels.items():
+            setattr(module, name, kernel)
+    return launches
+
+
+def causal_launches(module, length: int, window: int, num_clusters: int, dim: int, dtype: torch.dtype,
+                    groups: int) -> List[Launch]:
+    """The launches of causal_triton's forward and backward on ``(1, groups, length, dim)``
+    CPU inputs (the kernels do not run: the values are irrelevant, the shapes are real)."""
+    generator = torch.Generator().manual_seed(0)
+    query, key, value, grad_out = (torch.randn(1, groups, length, dim, generator=generator).to(dtype)
+                                   for _ in range(4))
+    clusters = torch.randint(0, num_clusters, (1, groups, length), generator=generator)
+    scale = dim ** -0.5
+
+    def run():
+        out, lse, summary_keys, summary_values, counts = module.forward(query, key, value, clusters, window,
+                                                                        num_clusters, scale)
+        module.backward(grad_out, query, key, value, clusters, out, lse, summary_keys, summary_values, counts,
+                        window, num_clusters, scale)
+
+    return record_launches(module, run)
+
+
+def compile_launch(launch: Launch):
+    """``launch`` compiled for sm_90a as a GPU launch would be -> (compiled kernel, its
+    constexprs, its options)."""
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = launch.kernel
+    names = [p.name for p in kernel.params]
+    values = dict(zip(names, launch.args))
+    values.update({k: v for k, v in launch.kwargs.items() if k in names})
+    options = {k: v for k, v in launch.kwargs.items() if k not in names}
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(kernel.params):
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+            continue
+        # The runtime's own specialisation: the type, and "D" where a pointer is 16-byte
+        # aligned or an integer a multiple of 16 (integers equal to 1 become constants).
+        kind, specialization = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[param.name] = value
+        elif specialization:
+            attrs[(index,)] = BaseBackend.parse_attr(specialization)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return compiled, {k: v for k, v in constexprs.items()}, options
+
+
+def _ptxas() -> str:
+    """The ptxas Triton itself assembles sm_90 code with (it chose the PTX version to match)."""
+    from triton import knobs
+    from triton.backends.nvidia import compiler
+
+    if hasattr(compiler, "get_ptxas"):  # newer Triton: a separate ptxas for sm_90 and up
+        return compiler.get_ptxas(90).path
+    return knobs.nvidia.ptxas.path
+
+
+def ptxas_report(ptx: str) -> Dict[str, int]:
+    """``ptxas -v`` on ``ptx`` -> registers, spill_stores, spill_loads, stack (bytes per thread)."""
+    ptxas = _ptxas()
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        result = subprocess.run([ptxas, "-arch=sm_90a", "-v", source, "-o", os.path.join(folder, "kernel.cubin")],
+                                capture_output=True, text=True)
+    text = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {text.strip()}")
+
+    def number(pattern):
+        match = re.search(pattern, text)
+        return int(match.group(1)) if match else 0
+
+    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+            "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame")}
+
+
+def report(launches: List[Launch]) -> List[dict]:
+    """One row per distinct launch configuration, in launch order."""
+    rows, seen = [], set()
+    for launch in launches:
+        compiled, constexprs, options = compile_launch(launch)
+        key = (launch.kernel.__name__, tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        resources = ptxas_report(compiled.asm["ptx"])
+        warps = options.get("num_warps", 4)
+        shared = compiled.metadata.shared
+        by_registers = REGISTERS_PER_SM // max(1, resources["registers"] * 32 * warps)
+        by_shared = SHARED_MEMORY_PER_SM // shared if shared else None
+        rows.append({"kernel": launch.kernel.__name__, "grid": "x".join(str(g) for g in launch.grid),
+                     "warps": warps, "stages": options.get("num_stages", ""),
+                     "constexprs": " ".join(f"{k}={v}" for k, v in constexprs.items()),
+                     **resources, "shared_kib": round(shared / 1024, 1),
+                     "programs_per_sm": min(by_registers, by_shared) if by_shared is not None else by_registers})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--op", choices=["causal"], default="causal")
+    parser.add_argument("--module", default=None, help="compile this file's kernels instead of the package's")
+    parser.add_argument("--length", type=int, default=65536)
+    parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--clusters", type=int, default=100)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--groups", type=int, default=2, help="batch x heads of the recorded call")
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    parser.add_argument("--launches-only", action="store_true",
+                        help="list the recorded launches (grid, warps, constexprs) without compiling")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("TRITON_INTERPRET=1 is set: the interpreter's kernels cannot be compiled; unset it")
+    for option in ("length", "window", "clusters", "dim", "groups"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be positive, got {getattr(args, option)}")
+
+    import triton
+
+    module = load_module(args.module, "fairseq_clustered.ops.causal_triton")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    launches = causal_launches(module, args.length, args.window, args.clusters, args.dim, dtype, args.groups)
+    print(f"# triton {triton.__version__}, sm_90a; causal_triton from {module.__file__}; N={args.length} "
+          f"W={args.window} C={args.clusters} D={args.dim} {args.dtype}, B*H={args.groups}")
+    if args.launches_only:
+        rows = [{"kernel": launch.kernel.__name__, "grid": list(launch.grid),
+                 "kwargs": {k: v for k, v in launch.kwargs.items()}} for launch in launches]
+        for row in rows:
+            print(f"{row['kernel']:<30} grid {'x'.join(map(str, row['grid'])):<12} {row['kwargs']}")
+        write_json(args.json, rows)
+        return rows
+    rows = report(launches)
+    print(f"{'kernel':<30} {'warps':>5} {'regs':>5} {'spill st':>8} {'spill ld':>8} {'smem KiB':>8} "
+          f"{'progs/SM':>8}  constexprs")
+    for row in rows:
+        print(f"{row['kernel']:<30} {row['warps']:>5} {row['registers']:>5} {row['spill_stores']:>8} "
+              f"{row['spill_loads']:>8} {row['shared_kib']:>8} {row['programs_per_sm']:>8}  {row['constexprs']}")
+    write_json(args.json, rows)
+    return rows
+
+
+def write_json(path: Optional[str], rows: List[dict]) -> None:
+    if path:
+        with open(path, "w") as handle:
+            json.dump(rows, handle, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
