@@ -17,9 +17,11 @@ register allocation changes between versions. Its wheel installs anywhere, e.g.
     pip install --no-deps --target /tmp/triton36 /tmp/wheels/triton-3.6.0-*.whl
     PYTHONPATH=/tmp/triton36 .venv/bin/python benchmarks/kernel_resources.py --window 128
 
-Ops covered: ``causal`` (``fairseq_clustered/ops/causal_triton.py``, forward and
-backward). ``--module PATH`` compiles that file's kernels instead of the package's (say,
-a variant under test, or main's copy), imported under a private name.
+Ops: ``--op causal`` (``fairseq_clustered/ops/causal_triton.py``, forward and backward;
+``--module PATH`` compiles that file's kernels instead, say a variant under test or
+main's copy, imported under a private name) and ``--op clustered`` (the Triton kernels of
+the non-causal GPU path: hash, centroid attention, the improved variant's top keys and
+exact products; ``--dropout`` for the centroid kernels with a keep mask).
 """
 
 from __future__ import annotations
@@ -114,6 +116,51 @@ def causal_launches(module, length: int, window: int, num_clusters: int, dim: in
     return record_launches(module, run)
 
 
+def clustered_launches(length: int, num_clusters: int, dim: int, top_k: int, dtype: torch.dtype,
+                       groups: int, dropout: bool) -> List[Launch]:
+    """The Triton launches of (improved) clustered attention's GPU path on ``(1, groups,
+    length, dim)`` CPU inputs: the hash, the centroid attention forward and backward
+    (``dropout``: with a keep mask, as in training), the improved variant's centroid top
+    keys, exact top-key products forward and backward, and its gradient sums. (Lloyd,
+    the sort and the broadcast are CUDA kernels of the extension: not covered.)"""
+    from fairseq_clustered.ops import centroid_triton, hash_triton, improved_triton
+
+    generator = torch.Generator().manual_seed(0)
+    query, key, value, grad_out = (torch.randn(1, groups, length, dim, generator=generator).to(dtype)
+                                   for _ in range(4))
+    rows = groups
+    qbar = torch.randn(rows, num_clusters, dim, generator=generator)
+    keep = torch.rand(1, groups, num_clusters, length, generator=generator) > 0.1 if dropout else None
+    order = torch.arange(length).repeat(rows, 1)
+    seg_start = torch.linspace(0, length, num_clusters + 1).long().repeat(rows, 1)
+    top = torch.randint(0, length, (rows, num_clusters, top_k), generator=generator)
+    mass = torch.rand(rows, num_clusters, generator=generator)
+    rest = torch.randn(rows, num_clusters, dim, generator=generator)
+    scale = dim ** -0.5
+    launches: List[Launch] = []
+
+    def run_hash():
+        hash_triton.hash_codes_triton(query, torch.randn(63, dim, generator=generator), torch.zeros(63))
+
+    def run_centroids():
+        values, lse = centroid_triton.centroid_attention_fwd(qbar, key, value, None, keep, scale,
+                                                             0.1 if dropout else 0.0)
+        centroid_triton.centroid_attention_bwd(values, values, qbar, key, value, None, keep, lse, scale,
+                                               0.1 if dropout else 0.0)
+
+    def run_improved():
+        improved_triton.centroid_top_keys(qbar, key.reshape(rows, length, dim), scale, top_k)
+        improved_triton.exact_top_keys_fwd(query, key, value, order, seg_start, top, mass, rest, scale)
+        grad_key = torch.zeros(rows, length, dim)
+        improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, rest, scale,
+                                           grad_key, torch.zeros_like(grad_key))
+        improved_triton.sum_gradients(grad_key, key)
+
+    for module, run in ((hash_triton, run_hash), (centroid_triton, run_centroids), (improved_triton, run_improved)):
+        launches += record_launches(module, run)
+    return launches
+
+
 def compile_launch(launch: Launch):
     """``launch`` compiled for sm_90a as a GPU launch would be -> (compiled kernel, its
     constexprs, its options)."""
@@ -201,11 +248,14 @@ def report(launches: List[Launch]) -> List[dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--op", choices=["causal"], default="causal")
-    parser.add_argument("--module", default=None, help="compile this file's kernels instead of the package's")
+    parser.add_argument("--op", choices=["causal", "clustered"], default="causal")
+    parser.add_argument("--module", default=None,
+                        help="causal: compile this file's kernels instead of causal_triton's")
     parser.add_argument("--length", type=int, default=65536)
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--clusters", type=int, default=100)
+    parser.add_argument("--topk", type=int, default=32, help="clustered: the improved variant's top keys")
+    parser.add_argument("--dropout", action="store_true", help="clustered: centroid attention with dropout")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--groups", type=int, default=2, help="batch x heads of the recorded call")
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
@@ -215,17 +265,25 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set: the interpreter's kernels cannot be compiled; unset it")
-    for option in ("length", "window", "clusters", "dim", "groups"):
+    for option in ("length", "window", "clusters", "dim", "groups", "topk"):
         if getattr(args, option) < 1:
             parser.error(f"--{option} must be positive, got {getattr(args, option)}")
 
     import triton
 
-    module = load_module(args.module, "fairseq_clustered.ops.causal_triton")
+    if args.module is not None and args.op != "causal":
+        parser.error("--module applies to --op causal")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    launches = causal_launches(module, args.length, args.window, args.clusters, args.dim, dtype, args.groups)
-    print(f"# triton {triton.__version__}, sm_90a; causal_triton from {module.__file__}; N={args.length} "
-          f"W={args.window} C={args.clusters} D={args.dim} {args.dtype}, B*H={args.groups}")
+    if args.op == "causal":
+        module = load_module(args.module, "fairseq_clustered.ops.causal_triton")
+        launches = causal_launches(module, args.length, args.window, args.clusters, args.dim, dtype, args.groups)
+        what = f"causal_triton from {module.__file__}; W={args.window}"
+    else:
+        launches = clustered_launches(args.length, args.clusters, args.dim, args.topk, dtype, args.groups,
+                                      args.dropout)
+        what = f"clustered (hash, centroid and improved kernels); k={args.topk}, dropout {args.dropout}"
+    print(f"# triton {triton.__version__}, sm_90a; {what}; N={args.length} C={args.clusters} D={args.dim} "
+          f"{args.dtype}, B*H={args.groups}")
     if args.launches_only:
         rows = [{"kernel": launch.kernel.__name__, "grid": list(launch.grid),
                  "kwargs": {k: v for k, v in launch.kwargs.items()}} for launch in launches]

@@ -42,6 +42,10 @@ __all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "centroid_at
 MAX_CLUSTERS = 128  # all centroids of a (batch, head) in one tile
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per step
+# Warps per program: 4, as earlier sessions measured and kept. On Hopper the backward
+# spills registers with 4 (~200 bytes per thread; ptxas, Triton 3.6) and none with 8;
+# which is faster is not measured yet (benchmarks/launch_sweep.py, benchmarks/NOTES.md).
+LAUNCH = {"fwd": {"num_warps": 4}, "bwd": {"num_warps": 4}}
 # Enough programs for every SM of an H100 / H200 (132) twice, but no range shorter than this.
 TARGET_PROGRAMS = 264
 MIN_KEYS_PER_PROGRAM = 256
@@ -215,7 +219,7 @@ def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding
         key if kept is None else kept, out, lse,
         num_clusters, keys, heads, per_program, scale * LOG2E, 1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
         *strides, DIM=dim, BLOCK_C=_tile(num_clusters), BLOCK_N=BLOCK_N, PADDED=padding is not None,
-        DROPOUT=kept is not None, num_warps=4,
+        DROPOUT=kept is not None, **LAUNCH["fwd"],
     )
     lse = lse / LOG2E
     if parts == 1:
@@ -253,6 +257,6 @@ def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, ke
         num_clusters, keys, heads, per_program, scale * LOG2E, scale,
         1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
         *strides, DIM=dim, BLOCK_C=_tile(num_clusters), BLOCK_N=BLOCK_N, PADDED=padding is not None,
-        DROPOUT=kept is not None, num_warps=4,
+        DROPOUT=kept is not None, **LAUNCH["bwd"],
     )
     return grad_qbar.sum(1), grad_key, grad_value
