@@ -15,7 +15,7 @@ this script says which is faster.
 ``causal_triton.LAUNCH``; ``centroid``: ``centroid_triton.LAUNCH``; ``improved``:
 ``improved_triton.LAUNCH``), an entry and an option. The ops' graph cache is cleared
 between combinations (a cached graph would replay the previous kernels). B = 4, H = 8,
-D = 64, bf16, C = 100, 10 Lloyd iterations, 63 bits, as ``bench_attention.py``.
+D = 64 (``--dim``), bf16, C = 100, 10 Lloyd iterations, 63 bits, as ``bench_attention.py``.
 """
 
 import argparse
@@ -72,6 +72,7 @@ def main(argv=None):
     parser.add_argument("--set", action="append", required=True, metavar="TABLE.KERNEL.OPTION=V1,V2")
     parser.add_argument("--lengths", default="4096,16384,65536")
     parser.add_argument("--window", type=int, default=128, help="causal: the window")
+    parser.add_argument("--dim", type=int, default=64, help="head dim")
     parser.add_argument("--clusters", type=int, default=100)
     parser.add_argument("--topk", type=int, default=32, help="improved: the top keys")
     parser.add_argument("--dropout", type=float, default=0.0, help="clustered / improved: attention dropout")
@@ -83,7 +84,7 @@ def main(argv=None):
     from bench_attention import timer
     from fairseq_clustered.ops.cuda_backend import graph_cache
 
-    batch, heads, dim = 4, 8, 64
+    batch, heads, dim = 4, 8, args.dim
     op = make_op(args, dim)
     names = [text.partition("=")[0] for text in args.set]
     originals = [entry.get(option) for entry, option, _ in settings]
