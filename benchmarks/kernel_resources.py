@@ -6,8 +6,10 @@ recorder, so each launch is captured with its real arguments, grid, constexprs, 
 stages; then compiles each distinct launch for ``sm_90a`` (H100 / H200) with the
 argument types and the 16-divisibility specialisation a GPU launch would get, and runs
 ``ptxas -v`` on the PTX. The table gives, per kernel: registers per thread, spill stores
-and loads (bytes per thread), shared memory, and how many programs fit on one SM by
-registers and by shared memory.
+and loads (bytes per thread), shared memory, how many programs fit on one SM by
+registers and by shared memory, and a hash of the SASS instructions: a refactoring that
+leaves the hash unchanged leaves the machine code unchanged, so it needs no GPU to show
+that it costs nothing.
 
 Compile with the Triton of the GPU machine (3.6.0 there; the version is printed): the
 register allocation changes between versions. Its wheel installs anywhere, e.g.
@@ -27,6 +29,7 @@ exact products; ``--dropout`` for the centroid kernels with a keep mask).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -224,6 +227,20 @@ def ptxas_report(ptx: str) -> Dict[str, int]:
             "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame")}
 
 
+def machine_code_hash(cubin: bytes) -> str:
+    """A hash of the kernel's SASS instructions alone (``cuobjdump -sass``, addresses and
+    line information left out): a refactoring that leaves it unchanged runs the same."""
+    tool = os.path.join(os.path.dirname(_ptxas()), "cuobjdump")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(cubin)
+        listing = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    instructions = [re.sub(r"/\*[0-9a-f]+\*/", "", line).split(";")[0].strip()
+                    for line in listing.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+    return hashlib.sha256("\n".join(instructions).encode()).hexdigest()[:12]
+
+
 def report(launches: List[Launch]) -> List[dict]:
     """One row per distinct launch configuration, in launch order."""
     rows, seen = [], set()
@@ -238,11 +255,13 @@ def report(launches: List[Launch]) -> List[dict]:
         shared = compiled.metadata.shared
         by_registers = REGISTERS_PER_SM // max(1, resources["registers"] * 32 * warps)
         by_shared = SHARED_MEMORY_PER_SM // shared if shared else None
+        sass_hash = machine_code_hash(compiled.asm["cubin"])
         rows.append({"kernel": launch.kernel.__name__, "grid": "x".join(str(g) for g in launch.grid),
                      "warps": warps, "stages": options.get("num_stages", ""),
                      "constexprs": " ".join(f"{k}={v}" for k, v in constexprs.items()),
                      **resources, "shared_kib": round(shared / 1024, 1),
-                     "programs_per_sm": min(by_registers, by_shared) if by_shared is not None else by_registers})
+                     "programs_per_sm": min(by_registers, by_shared) if by_shared is not None else by_registers,
+                     "sass_sha256": sass_hash})
     return rows
 
 
@@ -293,10 +312,11 @@ def main(argv=None):
         return rows
     rows = report(launches)
     print(f"{'kernel':<30} {'warps':>5} {'regs':>5} {'spill st':>8} {'spill ld':>8} {'smem KiB':>8} "
-          f"{'progs/SM':>8}  constexprs")
+          f"{'progs/SM':>8} {'SASS hash':>12}  constexprs")
     for row in rows:
         print(f"{row['kernel']:<30} {row['warps']:>5} {row['registers']:>5} {row['spill_stores']:>8} "
-              f"{row['spill_loads']:>8} {row['shared_kib']:>8} {row['programs_per_sm']:>8}  {row['constexprs']}")
+              f"{row['spill_loads']:>8} {row['shared_kib']:>8} {row['programs_per_sm']:>8} {row['sass_sha256']:>12}"
+              f"  {row['constexprs']}")
     write_json(args.json, rows)
     return rows
 

@@ -320,6 +320,23 @@ if triton is not None:
         tl.store(GRAD_Q + base + tile, (grad_q * scale).to(GRAD_Q.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
+    def _grads_from_later_queries(Q, GRAD_OUT, LSE, DELTA, k, v, grad_k, grad_v, base, tile, row_index, keys, shift,
+                                  length, qk_scale, DIM: tl.constexpr):
+        """``grad_k``, ``grad_v`` of the keys ``k``, ``v`` (ROWS, DIM) plus what the ROWS queries
+        ``shift`` positions after them give: queries that see every one of these keys (no
+        causal mask; positions past the end read nothing). ``tile``, ``row_index``: the keys'
+        element offsets and LSE / DELTA indices."""
+        row_ok = (keys + shift < length)[:, None]
+        q = tl.load(Q + base + tile + shift * DIM, mask=row_ok, other=0.0)
+        grad_out = tl.load(GRAD_OUT + base + tile + shift * DIM, mask=row_ok, other=0.0)
+        lse2 = tl.load(LSE + row_index + shift) * 1.4426950408889634
+        delta = tl.load(DELTA + row_index + shift)
+        probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok)
+        grad_v += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
+        grad_k += tl.dot(tl.trans(grad_logits.to(q.dtype)), q)
+        return grad_k, grad_v
+
+    @triton.jit
     def _window_attention_bwd_key(Q, K, V, GRAD_OUT, LSE, DELTA, CLUSTERS, GRAD_SUMS_K, GRAD_SUMS_V,
                                   GRAD_K, GRAD_V, length, num_chunks, num_clusters, qk_scale, scale,
                                   WINDOW: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
@@ -350,26 +367,14 @@ if triton is not None:
         # one of their queries sees all of these keys.
         if WINDOW > ROWS:
             for later in range(part + 1, WINDOW // ROWS):
-                shift = (later - part) * ROWS
-                row_ok = (keys + shift < length)[:, None]
-                q = tl.load(Q + base + tile + shift * DIM, mask=row_ok, other=0.0)
-                grad_out = tl.load(GRAD_OUT + base + tile + shift * DIM, mask=row_ok, other=0.0)
-                lse2 = tl.load(LSE + row_index + shift) * 1.4426950408889634
-                delta = tl.load(DELTA + row_index + shift)
-                probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok)
-                grad_v += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
-                grad_k += tl.dot(tl.trans(grad_logits.to(q.dtype)), q)
+                grad_k, grad_v = _grads_from_later_queries(Q, GRAD_OUT, LSE, DELTA, k, v, grad_k, grad_v, base, tile,
+                                                           row_index, keys, (later - part) * ROWS, length, qk_scale,
+                                                           DIM)
         if chunk + 1 < num_chunks:
             for block in tl.static_range(WINDOW // ROWS):
-                shift = (block - part) * ROWS + WINDOW
-                row_ok = (keys + shift < length)[:, None]
-                q = tl.load(Q + base + tile + shift * DIM, mask=row_ok, other=0.0)
-                grad_out = tl.load(GRAD_OUT + base + tile + shift * DIM, mask=row_ok, other=0.0)
-                lse2 = tl.load(LSE + row_index + shift) * 1.4426950408889634
-                delta = tl.load(DELTA + row_index + shift)
-                probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok)
-                grad_v += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
-                grad_k += tl.dot(tl.trans(grad_logits.to(q.dtype)), q)
+                grad_k, grad_v = _grads_from_later_queries(Q, GRAD_OUT, LSE, DELTA, k, v, grad_k, grad_v, base, tile,
+                                                           row_index, keys, (block - part) * ROWS + WINDOW, length,
+                                                           qk_scale, DIM)
 
         grad_k = grad_k * scale
         if HAS_SUMMARIES:  # each key receives the gradient of its (chunk, cluster) sum
