@@ -52,6 +52,7 @@ def test_launches_compile_for_hopper_with_a_ptxas_report(tmp_path):
     for row in rows:
         assert 0 < row["registers"] <= 255 and row["programs_per_sm"] >= 1
         assert row["spill_stores"] >= 0 and row["shared_kib"] >= 0
+        assert len(row["sass_sha256"]) == 12
     # The scan is elementwise with a small state: far below the register limit, no spills.
     scan = next(row for row in rows if row["kernel"] == "_summary_grads_scan")
     assert scan["registers"] < 128 and scan["spill_stores"] == 0
