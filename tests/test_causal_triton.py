@@ -77,6 +77,15 @@ def test_triton_kernels_in_blocks_smaller_than_the_window(monkeypatch, n, window
 
 
 @interpreted
+def test_forward_with_a_runtime_loop_over_the_previous_chunk(monkeypatch):
+    """``LAUNCH["fwd"]["unroll"] = 0`` (the previous chunk's blocks in a runtime loop, a launch
+    option for windows above a block): the same results as the reference, gradients included."""
+    _blocks_of(monkeypatch, 16)
+    monkeypatch.setitem(causal_triton.LAUNCH, "fwd", {"num_warps": 4, "rows": 16, "unroll": 0})
+    test_triton_kernels_equal_the_reference(100, 64, 20, 16)
+
+
+@interpreted
 @pytest.mark.parametrize("rows", [None, 16])
 def test_triton_kernels_do_not_leak(monkeypatch, rows):
     if rows is not None:

@@ -200,10 +200,18 @@ if triton is not None:
         return chunk, part, group, group * length * DIM, rows, rows[:, None] * DIM + tl.arange(0, DIM)[None, :]
 
     @triton.jit
+    def _complete_block_step(K, V, base, tile, q, shift, acc, row_max, row_sum, qk_scale, DIM: tl.constexpr):
+        """One online-softmax step of the queries ``q`` over the ROWS keys ``shift`` positions
+        from theirs (``tile``: their (ROWS, DIM) element offsets), a block they see whole."""
+        k = tl.load(K + base + tile + shift * DIM)
+        v = tl.load(V + base + tile + shift * DIM)
+        return _online_softmax_step(acc, row_max, row_sum, tl.dot(q, tl.trans(k)) * qk_scale, v)
+
+    @triton.jit
     def _window_attention_fwd(Q, K, V, SUM_K, SUM_V, COUNTS, OUT, LSE,
                               length, num_chunks, num_clusters, qk_scale,
                               WINDOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                              DIM: tl.constexpr):
+                              DIM: tl.constexpr, UNROLL: tl.constexpr = True):
         """Program (p, group g), p = t W / ROWS + s: out and natural-log lse of ROWS queries
         of chunk t (its s-th slice). The keys stream through one online softmax in blocks of
         ROWS: the slice's own positions (causally), the chunk's earlier slices, the previous
@@ -236,12 +244,14 @@ if triton is not None:
                                                              tl.dot(q, tl.trans(k)) * qk_scale, v)
 
         if chunk > 0:  # previous chunk: complete, no mask
-            for block in tl.static_range(WINDOW // ROWS):
-                shift = (block - part) * ROWS - WINDOW
-                k = tl.load(K + base + tile + shift * DIM)
-                v = tl.load(V + base + tile + shift * DIM)
-                acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum,
-                                                             tl.dot(q, tl.trans(k)) * qk_scale, v)
+            if UNROLL:
+                for block in tl.static_range(WINDOW // ROWS):
+                    acc, row_max, row_sum = _complete_block_step(K, V, base, tile, q, (block - part) * ROWS - WINDOW,
+                                                                 acc, row_max, row_sum, qk_scale, DIM)
+            else:  # a runtime loop: fewer registers live across the blocks
+                for block in range(0, WINDOW // ROWS):
+                    acc, row_max, row_sum = _complete_block_step(K, V, base, tile, q, (block - part) * ROWS - WINDOW,
+                                                                 acc, row_max, row_sum, qk_scale, DIM)
 
         if chunk > 1:  # summaries of chunks 0 .. t - 2
             # (Names of their own: Triton wants a variable's shape the same on both sides of an if.)
@@ -395,10 +405,13 @@ if triton is not None:
 # take several; the sums kernel adds the chunk's blocks); for the gradient scan the
 # features per program. One stage: deeper pipelines did not change the times. Chosen on an
 # H100 at N = 64k, W = 128, D = 64 (benchmarks/NOTES.md); windows below 128 use 4 warps.
+# The forward's "unroll": its loop over the previous chunk's blocks unrolled (1) or a
+# runtime loop (0). The same machine code at windows up to 128; at 256 the runtime loop
+# spills 108 bytes per thread instead of 520 (ptxas, Triton 3.6), its time not measured yet.
 LAUNCH = {
     "sums": {"num_warps": 4, "rows": MAX_BLOCK},
     "grads_scan": {"num_warps": 8, "features": 16},
-    "fwd": {"num_warps": 4, "rows": MAX_BLOCK},
+    "fwd": {"num_warps": 4, "rows": MAX_BLOCK, "unroll": 1},
     "bwd_query": {"num_warps": 8, "rows": MAX_BLOCK},
     "bwd_key": {"num_warps": 8, "rows": MAX_BLOCK},
 }
@@ -413,6 +426,8 @@ def _launch(kernel: str, window: int, dim: int) -> dict:
         options["ROWS"] = min(options.pop("rows"), window)
     if "features" in options:
         options["BLOCK_D"] = min(options.pop("features"), dim)
+    if "unroll" in options:
+        options["UNROLL"] = bool(options.pop("unroll"))
     return dict({"num_stages": 1}, **options)
 
 
