@@ -193,7 +193,7 @@ def compile_launch(launch: Launch):
             attrs[(index,)] = BaseBackend.parse_attr(specialization)
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    return compiled, {k: v for k, v in constexprs.items()}, options
+    return compiled, constexprs, options
 
 
 def _ptxas() -> str:
@@ -206,39 +206,33 @@ def _ptxas() -> str:
     return knobs.nvidia.ptxas.path
 
 
-def ptxas_report(ptx: str) -> Dict[str, int]:
-    """``ptxas -v`` on ``ptx`` -> registers, spill_stores, spill_loads, stack (bytes per thread)."""
+def assemble(ptx: str) -> Dict[str, object]:
+    """``ptx`` assembled for sm_90a once (Triton's ptxas, as Triton itself does: the same
+    SASS) -> registers, spill_stores, spill_loads, stack (bytes per thread) from ``ptxas
+    -v``, and ``sass_sha256``: a hash of that binary's SASS instructions alone
+    (``cuobjdump -sass``, addresses and line information left out), so that a refactoring
+    that leaves it unchanged runs the same."""
     ptxas = _ptxas()
     with tempfile.TemporaryDirectory() as folder:
-        source = os.path.join(folder, "kernel.ptx")
+        source, binary = os.path.join(folder, "kernel.ptx"), os.path.join(folder, "kernel.cubin")
         with open(source, "w") as handle:
             handle.write(ptx)
-        result = subprocess.run([ptxas, "-arch=sm_90a", "-v", source, "-o", os.path.join(folder, "kernel.cubin")],
-                                capture_output=True, text=True)
-    text = result.stdout + result.stderr
-    if result.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {text.strip()}")
+        result = subprocess.run([ptxas, "-arch=sm_90a", "-v", source, "-o", binary], capture_output=True, text=True)
+        text = result.stdout + result.stderr
+        if result.returncode != 0:
+            raise RuntimeError(f"ptxas failed: {text.strip()}")
+        listing = subprocess.run([os.path.join(os.path.dirname(ptxas), "cuobjdump"), "-sass", binary],
+                                 capture_output=True, text=True, check=True).stdout
 
     def number(pattern):
         match = re.search(pattern, text)
         return int(match.group(1)) if match else 0
 
-    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
-            "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame")}
-
-
-def machine_code_hash(cubin: bytes) -> str:
-    """A hash of the kernel's SASS instructions alone (``cuobjdump -sass``, addresses and
-    line information left out): a refactoring that leaves it unchanged runs the same."""
-    tool = os.path.join(os.path.dirname(_ptxas()), "cuobjdump")
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "kernel.cubin")
-        with open(path, "wb") as handle:
-            handle.write(cubin)
-        listing = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
     instructions = [re.sub(r"/\*[0-9a-f]+\*/", "", line).split(";")[0].strip()
                     for line in listing.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
-    return hashlib.sha256("\n".join(instructions).encode()).hexdigest()[:12]
+    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+            "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame"),
+            "sass_sha256": hashlib.sha256("\n".join(instructions).encode()).hexdigest()[:12]}
 
 
 def report(launches: List[Launch]) -> List[dict]:
@@ -250,18 +244,16 @@ def report(launches: List[Launch]) -> List[dict]:
         if key in seen:
             continue
         seen.add(key)
-        resources = ptxas_report(compiled.asm["ptx"])
+        resources = assemble(compiled.asm["ptx"])
         warps = options.get("num_warps", 4)
         shared = compiled.metadata.shared
         by_registers = REGISTERS_PER_SM // max(1, resources["registers"] * 32 * warps)
         by_shared = SHARED_MEMORY_PER_SM // shared if shared else None
-        sass_hash = machine_code_hash(compiled.asm["cubin"])
         rows.append({"kernel": launch.kernel.__name__, "grid": "x".join(str(g) for g in launch.grid),
                      "warps": warps, "stages": options.get("num_stages", ""),
                      "constexprs": " ".join(f"{k}={v}" for k, v in constexprs.items()),
                      **resources, "shared_kib": round(shared / 1024, 1),
-                     "programs_per_sm": min(by_registers, by_shared) if by_shared is not None else by_registers,
-                     "sass_sha256": sass_hash})
+                     "programs_per_sm": min(by_registers, by_shared) if by_shared is not None else by_registers})
     return rows
 
 
@@ -305,7 +297,7 @@ def main(argv=None):
           f"{args.dtype}, B*H={args.groups}")
     if args.launches_only:
         rows = [{"kernel": launch.kernel.__name__, "grid": list(launch.grid),
-                 "kwargs": {k: v for k, v in launch.kwargs.items()}} for launch in launches]
+                 "kwargs": dict(launch.kwargs)} for launch in launches]
         for row in rows:
             print(f"{row['kernel']:<30} grid {'x'.join(map(str, row['grid'])):<12} {row['kwargs']}")
         write_json(args.json, rows)
