@@ -109,17 +109,12 @@ def measure(model, dictionary, length, batch, steps, warmup, device, dtype, prof
     """Median tokens/s and peak memory (bytes) of training steps on random tokens.
 
     ``profile_name``: also print the step's top CUDA kernels under that name."""
-    model = model.to(device=device, dtype=dtype).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    train_step = trainer(model, device, dtype)
     inputs, masked, targets = random_batch(dictionary, batch, length, torch.Generator(device="cpu").manual_seed(0),
                                            device)
 
     def step():
-        logits, _ = model(inputs, masked_tokens=masked)
-        loss = F.cross_entropy(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(inputs, masked, targets)
 
     cuda = device.type == "cuda"
     for _ in range(warmup):
@@ -147,6 +142,22 @@ def measure(model, dictionary, length, batch, steps, warmup, device, dtype, prof
     return batch * length / statistics.median(times), peak
 
 
+def trainer(model, device, dtype):
+    """``model`` moved to ``device`` / ``dtype`` in training mode -> ``step(inputs, masked,
+    targets)``: forward, masked-LM loss, backward and an SGD update."""
+    model = model.to(device=device, dtype=dtype).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step(inputs, masked, targets):
+        logits, _ = model(inputs, masked_tokens=masked)
+        loss = F.cross_entropy(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def random_batch(dictionary, batch, length, generator, device):
     """Masked-LM inputs, the mask and the targets of ``batch`` random sequences of ``length`` tokens."""
     tokens = torch.randint(dictionary.nspecial, len(dictionary), (batch, length), generator=generator).to(device)
@@ -157,8 +168,7 @@ def random_batch(dictionary, batch, length, generator, device):
 def measure_varied_shapes(model, dictionary, shapes, epochs, device, dtype, seed=0):
     """Tokens/s of each epoch over batches of the given ``(batch, length)`` shapes, one
     batch of each per epoch in a fresh order (wall clock, synchronised at both ends)."""
-    model = model.to(device=device, dtype=dtype).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    train_step = trainer(model, device, dtype)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     batches = [random_batch(dictionary, batch, length, generator, device) for batch, length in shapes]
     order = random.Random(seed)
@@ -170,12 +180,7 @@ def measure_varied_shapes(model, dictionary, shapes, epochs, device, dtype, seed
             torch.cuda.synchronize()
         begin = time.perf_counter()
         for index in indices:
-            inputs, masked, targets = batches[index]
-            logits, _ = model(inputs, masked_tokens=masked)
-            loss = F.cross_entropy(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(*batches[index])
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates.append(sum(b * n for b, n in shapes) / (time.perf_counter() - begin))
