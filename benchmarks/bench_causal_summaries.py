@@ -4,10 +4,13 @@
 The numbers of benchmarks/NOTES.md (ninth session, runs 4 and 8: 0.94 -> 0.61 ms for the
 sums kernel at N = 64k, W = 128) came from this code. B = 4, H = 8, D = 64, bf16, C = 100,
 random cluster ids; the median of 30 CUDA-event-timed calls after 3 warm-up calls.
+``--sweep`` times the sums kernel with 4 and 8 warps and 1 and 2 stages (run 4's sweep).
 
-    python benchmarks/bench_causal_summaries.py
+    python benchmarks/bench_causal_summaries.py [--sweep]
 """
 
+import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -32,7 +35,10 @@ def median_ms(fn, repeats=30, warmup=3):
     return sorted(times)[repeats // 2]
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sweep", action="store_true", help="the sums kernel under warps 4 / 8 and stages 1 / 2")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_causal_summaries.py times kernels on the GPU: no CUDA device here")
     from fairseq_clustered.ops import causal_triton
@@ -46,15 +52,17 @@ def main():
         sums_k = torch.empty(BATCH, HEADS, chunks, CLUSTERS, DIM, dtype=torch.float32, device="cuda")
         sums_v = torch.empty_like(sums_k)
         counts = torch.empty(BATCH, HEADS, CLUSTERS, chunks, dtype=torch.float32, device="cuda")
-        options = causal_triton._launch("sums", window, DIM)
-        block = options.pop("ROWS")
+        default = causal_triton._launch("sums", window, DIM)
+        block = default.pop("ROWS")
+        variants = ([{"num_warps": w, "num_stages": st} for w, st in itertools.product((4, 8), (1, 2))]
+                    if args.sweep else [default])
+        for options in variants:
+            def sums_kernel():
+                causal_triton._chunk_cluster_sums[(chunks, BATCH * HEADS)](
+                    key, value, clusters, sums_k, sums_v, counts, LENGTH, chunks, CLUSTERS, WINDOW=window,
+                    BLOCK=block, BLOCK_C=causal_triton._cluster_block(CLUSTERS), DIM=DIM, **options)
 
-        def sums_kernel():
-            causal_triton._chunk_cluster_sums[(chunks, BATCH * HEADS)](
-                key, value, clusters, sums_k, sums_v, counts, LENGTH, chunks, CLUSTERS, WINDOW=window, BLOCK=block,
-                BLOCK_C=causal_triton._cluster_block(CLUSTERS), DIM=DIM, **options)
-
-        print(f"W={window} {options}: sums kernel {median_ms(sums_kernel):.3f} ms")
+            print(f"W={window} {options}: sums kernel {median_ms(sums_kernel):.3f} ms")
         summaries_ms = median_ms(lambda: causal_triton._summaries(key, value, clusters, window, CLUSTERS))
         print(f"W={window}: _summaries {summaries_ms:.3f} ms")
 
