@@ -159,7 +159,10 @@ def clustered_launches(length: int, num_clusters: int, dim: int, top_k: int, dty
                                            grad_key, torch.zeros_like(grad_key))
         improved_triton.sum_gradients(grad_key, key)
 
-    for module, run in ((hash_triton, run_hash), (centroid_triton, run_centroids), (improved_triton, run_improved)):
+    runs = ((hash_triton, run_hash), (centroid_triton, run_centroids), (improved_triton, run_improved))
+    if dtype == torch.float32:  # of these, only the centroid attention takes fp32 inputs
+        runs = runs[1:2]
+    for module, run in runs:
         launches += record_launches(module, run)
     return launches
 
@@ -269,7 +272,8 @@ def main(argv=None):
     parser.add_argument("--dropout", action="store_true", help="clustered: centroid attention with dropout")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--groups", type=int, default=2, help="batch x heads of the recorded call")
-    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                        help="fp32: clustered only, its centroid attention")
     parser.add_argument("--launches-only", action="store_true",
                         help="list the recorded launches (grid, warps, constexprs) without compiling")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -284,7 +288,9 @@ def main(argv=None):
 
     if args.module is not None and args.op != "causal":
         parser.error("--module applies to --op causal")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if args.dtype == "fp32" and args.op != "clustered":
+        parser.error("--dtype fp32 applies to --op clustered (the causal kernels take fp16 / bf16)")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if args.op == "causal":
         module = load_module(args.module, "fairseq_clustered.ops.causal_triton")
         launches = causal_launches(module, args.length, args.window, args.clusters, args.dim, dtype, args.groups)

@@ -13,9 +13,11 @@ this script says which is faster.
 
 ``--set TABLE.KERNEL.OPTION=V1,V2,...`` (repeatable) names a launch table (``causal``:
 ``causal_triton.LAUNCH``; ``centroid``: ``centroid_triton.LAUNCH``; ``improved``:
-``improved_triton.LAUNCH``), an entry and an option. The ops' graph cache is cleared
-between combinations (a cached graph would replay the previous kernels). B = 4, H = 8,
-D = 64 (``--dim``), bf16, C = 100, 10 Lloyd iterations, 63 bits, as ``bench_attention.py``.
+``improved_triton.LAUNCH``), an entry and an option; values are integers or, where the
+option takes a name (the centroid kernels' fp32 ``precision``), names. The ops' graph cache
+is cleared between combinations (a cached graph would replay the previous kernels). B = 4,
+H = 8, D = 64 (``--dim``), bf16 (``--dtype``), C = 100, 10 Lloyd iterations, 63 bits, as
+``bench_attention.py``.
 """
 
 import argparse
@@ -45,11 +47,7 @@ def parse_setting(text: str):
     launch = importlib.import_module(TABLES[table]).LAUNCH
     if kernel not in launch:
         raise SystemExit(f"--set {text!r}: {table} has no entry {kernel!r}; its entries: {', '.join(launch)}")
-    try:
-        numbers = [int(v) for v in values.split(",")]
-    except ValueError:
-        raise SystemExit(f"--set {text!r}: values must be integers") from None
-    return launch[kernel], option, numbers
+    return launch[kernel], option, [int(v) if v.lstrip("-").isdigit() else v for v in values.split(",")]
 
 
 def make_op(args, dim):
@@ -73,6 +71,7 @@ def main(argv=None):
     parser.add_argument("--lengths", default="4096,16384,65536")
     parser.add_argument("--window", type=int, default=128, help="causal: the window")
     parser.add_argument("--dim", type=int, default=64, help="head dim")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--clusters", type=int, default=100)
     parser.add_argument("--topk", type=int, default=32, help="improved: the top keys")
     parser.add_argument("--dropout", type=float, default=0.0, help="clustered / improved: attention dropout")
@@ -85,16 +84,17 @@ def main(argv=None):
     from fairseq_clustered.ops.cuda_backend import graph_cache
 
     batch, heads, dim = 4, 8, args.dim
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     op = make_op(args, dim)
     names = [text.partition("=")[0] for text in args.set]
     originals = [entry.get(option) for entry, option, _ in settings]
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.op}, B={batch} H={heads} D={dim} "
-          f"bf16 C={args.clusters}" + (f" W={args.window}" if args.op == "causal" else f" dropout={args.dropout}"))
+          f"{args.dtype} C={args.clusters}" + (f" W={args.window}" if args.op == "causal" else f" dropout={args.dropout}"))
     print(f"{'N':>6}  {'  '.join(names)}  {'fwd+bwd ms':>10}  {'max |out - first|':>17}")
     try:
         for length in (int(n) for n in args.lengths.split(",")):
             generator = torch.Generator("cuda").manual_seed(1)
-            q, k, v, grad = (torch.randn(batch, heads, length, dim, device="cuda", dtype=torch.bfloat16,
+            q, k, v, grad = (torch.randn(batch, heads, length, dim, device="cuda", dtype=dtype,
                                          generator=generator) for _ in range(4))
             for x in (q, k, v):
                 x.requires_grad_(True)

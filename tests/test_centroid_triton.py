@@ -2,8 +2,9 @@
 
 Oracle: a brute-force float64 computation of ``Vbar = (softmax(scale qbar K^T) * z) V`` over
 the unpadded keys (``z = keep / (1 - p)``) and its gradients by autograd, from the same
-half-precision centroids the kernels read. Without a GPU in Triton's interpreter on CPU
-tensors (fp16), on a GPU compiled in bf16 and fp16. The clustered op that uses these
+centroids the kernels read (rounded to the key dtype). Without a GPU in Triton's interpreter
+on CPU tensors (fp16 and fp32), on a GPU compiled in bf16, fp16 and fp32 (products as three
+TF32 products: near fp32's accuracy, which the fp32 tolerance checks). The clustered op that uses these
 kernels is checked against the reference in test_cuda_kernels.py.
 """
 
@@ -42,7 +43,7 @@ def brute_force(qbar, key, value, padding, keep, dropout_p, scale, grad):
     """Vbar, lse (+inf for rows without a valid key) and the gradients, in float64."""
     rows, num_clusters, dim = qbar.shape
     batch, heads, keys, _ = key.shape
-    q = qbar.to(key.dtype).double().requires_grad_(True)  # the kernels read half-precision centroids
+    q = qbar.to(key.dtype).double().requires_grad_(True)  # the kernels read the centroids in the key dtype
     k = key.double().reshape(rows, keys, dim).requires_grad_(True)
     v = value.double().reshape(rows, keys, dim).requires_grad_(True)
     logits = scale * q @ k.transpose(1, 2)
@@ -57,14 +58,17 @@ def brute_force(qbar, key, value, padding, keep, dropout_p, scale, grad):
     return values.detach(), torch.where(torch.isneginf(lse), float("inf"), lse).detach(), grads
 
 
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-5}
+
+
 def assert_close(name, actual, expected, dtype):
-    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    tol = TOLERANCE[dtype]
     err = (actual.double() - expected).abs().max().item()
     assert err <= tol * (1 + expected.abs().max().item()), f"{name}: max error {err}"
 
 
 @runs_here
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
 @pytest.mark.parametrize("keys,dim,num_clusters,pad,dropout_p", [
     (97, 32, 5, True, 0.0),       # fewer centroids than the smallest tile, one key range
     (300, 16, 20, False, 0.3),    # two key ranges merged by their log-sum-exps; dropout alone
@@ -112,5 +116,6 @@ def test_unavailable_reasons():
         return
     assert centroid_triton.triton_centroid_unavailable(q, q, 128) is None
     assert "num_clusters 129" in centroid_triton.triton_centroid_unavailable(q, q, 129)
-    assert "dtype" in centroid_triton.triton_centroid_unavailable(q.float(), q.float(), 100)
+    assert centroid_triton.triton_centroid_unavailable(q.float(), q.float(), 100) is None
+    assert "dtype" in centroid_triton.triton_centroid_unavailable(q.double(), q.double(), 100)
     assert "head dim 48" in centroid_triton.triton_centroid_unavailable(q[..., :48], q[..., :48], 100)

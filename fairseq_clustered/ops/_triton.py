@@ -4,6 +4,8 @@
 report when they step aside.
 """
 
+from typing import Optional
+
 try:
     import triton
     import triton.language as tl
@@ -13,7 +15,7 @@ except ImportError as error:  # pragma: no cover - depends on the install
 else:
     MISSING = None
 
-__all__ = ["triton", "tl", "MISSING", "power_of_two_in", "half_precision_tiles_unavailable"]
+__all__ = ["triton", "tl", "MISSING", "power_of_two_in", "half_precision_tiles_unavailable", "dot_precision"]
 
 MIN_TILE = 16  # tl.dot's smallest tile
 
@@ -23,17 +25,44 @@ def power_of_two_in(value: int, low: int, high: int) -> bool:
     return low <= value <= high and value & (value - 1) == 0
 
 
-def half_precision_tiles_unavailable(query, value, kernels: str):
-    """Why fp16 / bf16 tile kernels (named ``kernels`` in the reason) cannot take ``query`` and
-    ``value (..., D)``: Triton missing, another dtype, or head dims that are not one power of
-    two in 16..128. None when they can."""
+def half_precision_tiles_unavailable(query, value, kernels: str, fp32: bool = False):
+    """Why fp16 / bf16 tile kernels (named ``kernels`` in the reason; ``fp32``: they take fp32
+    too) cannot take ``query`` and ``value (..., D)``: Triton missing, another dtype, or head
+    dims that are not one power of two in 16..128. None when they can."""
     import torch
 
     if MISSING is not None:
         return MISSING
-    if query.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {query.dtype} ({kernels} are for fp16 / bf16)"
+    dtypes = (torch.float16, torch.bfloat16) + ((torch.float32,) if fp32 else ())
+    if query.dtype not in dtypes:
+        return f"dtype {query.dtype} ({kernels} are for fp16 / bf16{' / fp32' if fp32 else ''})"
     dim = query.shape[-1]
     if value.shape[-1] != dim or not power_of_two_in(dim, MIN_TILE, 128):
         return f"head dim {dim} / value dim {value.shape[-1]}: both must be one power of two in 16..128"
     return None
+
+
+def dot_precision(dtype, fp32: Optional[str] = None) -> str:
+    """``tl.dot``'s ``input_precision`` for operands of ``dtype``. fp32 operands take ``fp32``
+    (for example ``"bf16x6"``: each operand split into three bf16 parts and six bf16 products
+    summed, about fp32's accuracy on tensor cores, where Triton's default TF32 keeps 10
+    mantissa bits) where this Triton compiles it for CUDA, else ``"ieee"`` (fp32 multiply-adds,
+    as in Triton's interpreter, whose products are numpy's fp32). Other dtypes ignore it."""
+    import torch
+
+    if dtype != torch.float32 or fp32 is None:
+        return "tf32"
+    return fp32 if fp32 in _cuda_dot_precisions() else "ieee"
+
+
+def _cuda_dot_precisions() -> tuple:
+    """The input precisions this Triton's CUDA backend compiles (none under the interpreter)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return ()
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover - a Triton without the CUDA backend
+        return ()
+    return tuple(CUDAOptions.allowed_dot_input_precisions)

@@ -6,7 +6,10 @@ have both (padded sentences; RoBERTa's attention dropout of 0.1), and until now 
 took fp32 cuBLAS products over a ``(C, S)`` matrix in memory, several passes of it, in
 both directions. These two kernels take them on the flash path's terms instead: the
 centroids and keys in the inputs' half precision on tensor cores, softmax statistics and
-accumulation in fp32, no ``(C, S)`` matrix in memory.
+accumulation in fp32, no ``(C, S)`` matrix in memory. fp32 inputs, which flash does not
+take at all, run the same kernels with each product as three TF32 products (``tf32x3``:
+the operands split into a high and a low TF32 part, the low-times-low product dropped),
+close to fp32's accuracy at tensor-core speed.
 
 With ``A_j = softmax_l(scale qbar_j . k_l)`` over the unpadded keys and the keep mask
 ``z_jl = keep_jl / (1 - p)`` of the clustered op (one dropout mask per centroid row, shared
@@ -35,17 +38,28 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import MIN_TILE, half_precision_tiles_unavailable, tl, triton
+from ._triton import MIN_TILE, dot_precision, half_precision_tiles_unavailable, tl, triton
 
 __all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "centroid_attention_bwd"]
 
 MAX_CLUSTERS = 128  # all centroids of a (batch, head) in one tile
 LOG2E = 1.4426950408889634
-BLOCK_N = 64  # keys per step
-# Warps per program: 4, as earlier sessions measured and kept. On Hopper the backward
-# spills registers with 4 (~200 bytes per thread; ptxas, Triton 3.6) and none with 8;
-# which is faster is not measured yet (benchmarks/launch_sweep.py, benchmarks/NOTES.md).
-LAUNCH = {"fwd": {"num_warps": 4}, "bwd": {"num_warps": 4}}
+MAX_FP32_DIM = 64  # fp32 tiles of wider heads exceed shared memory in the backward
+# Launch settings: "keys" per step, warps per program and, for fp32 operands, the products'
+# input precision (see dot_precision). "fwd" / "bwd" serve fp16 / bf16, with "_d128" entries
+# for 128-wide heads and "_fp32" entries for fp32 operands. Half precision: 4 warps (earlier
+# sessions); at D = 128 the backward is 1-5% faster with 8 (the backward spills registers
+# with 4, ~200 bytes per thread at D = 64 and 1.2 KB at 128; ptxas, Triton 3.6; at D = 64 the
+# two counts were within 3% either way; benchmarks/NOTES.md, tenth session). fp32: the
+# smallest key step and 8 warps, the only settings without spills whose backward fits in
+# shared memory (kernel_resources.py --dtype fp32).
+LAUNCH = {
+    "fwd": {"num_warps": 4, "keys": 64},
+    "bwd": {"num_warps": 4, "keys": 64},
+    "bwd_d128": {"num_warps": 8, "keys": 64},
+    "fwd_fp32": {"num_warps": 8, "keys": 16, "precision": "bf16x6"},
+    "bwd_fp32": {"num_warps": 8, "keys": 16, "precision": "bf16x6"},
+}
 # Enough programs for every SM of an H100 / H200 (132) twice, but no range shorter than this.
 TARGET_PROGRAMS = 264
 MIN_KEYS_PER_PROGRAM = 256
@@ -53,9 +67,11 @@ MIN_KEYS_PER_PROGRAM = 256
 
 def triton_centroid_unavailable(query: Tensor, value: Tensor, num_clusters: int) -> Optional[str]:
     """Why these kernels cannot serve the centroid attention of these inputs (None if they can)."""
-    why = half_precision_tiles_unavailable(query, value, "the Triton centroid attention kernels")
+    why = half_precision_tiles_unavailable(query, value, "the Triton centroid attention kernels", fp32=True)
     if why is None and num_clusters > MAX_CLUSTERS:
         why = f"num_clusters {num_clusters} > {MAX_CLUSTERS}"
+    if why is None and query.dtype == torch.float32 and query.shape[-1] > MAX_FP32_DIM:
+        why = f"head dim {query.shape[-1]} in fp32 (fp32 tiles take head dims up to {MAX_FP32_DIM})"
     return why
 
 
@@ -99,7 +115,7 @@ if triton is not None:
                              num_clusters, keys, heads, keys_per_program, qk_scale, drop_scale,
                              stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                              DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-                             PADDED: tl.constexpr, DROPOUT: tl.constexpr):
+                             PADDED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
         """QBAR: (rows, C, DIM) in the key dtype; OUT: (rows, programs, C, DIM) fp32 partial outputs
         (normalised by their own sums); LSE2: (rows, programs, C) fp32 partial log-sum-exps in
         base 2 (-inf where the range has no valid key)."""
@@ -115,14 +131,14 @@ if triton is not None:
             k, v, valid, keep = _key_tile(K, V, KEY_PADDING, KEEP, b, h, row, first, stop, clusters, cluster_ok,
                                           num_clusters, keys, stride_kb, stride_kh, stride_ks, stride_vb,
                                           stride_vh, stride_vs, DIM, BLOCK_N, PADDED, DROPOUT)
-            logits = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain
+            logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 domain
             logits = tl.where(valid[None, :], logits, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(logits, 1))
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no valid key yet: all terms 0
             probs = tl.exp2(logits - safe_max[:, None])
             rescale = tl.exp2(running_max - safe_max)
             running_sum = running_sum * rescale + tl.sum(probs, 1)
-            acc = acc * rescale[:, None] + tl.dot((probs * keep).to(v.dtype), v)
+            acc = acc * rescale[:, None] + tl.dot((probs * keep).to(v.dtype), v, input_precision=PRECISION)
             running_max = new_max
         nonempty = running_sum > 0
         out = acc / tl.where(nonempty, running_sum, 1.0)[:, None] * drop_scale
@@ -137,7 +153,7 @@ if triton is not None:
                              num_clusters, keys, heads, keys_per_program, qk_scale, scale, drop_scale,
                              stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                              DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-                             PADDED: tl.constexpr, DROPOUT: tl.constexpr):
+                             PADDED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
         """QBAR, GRAD: (rows, C, DIM) in the key dtype (GRAD: the gradient of Vbar); DELTA: (rows, C)
         fp32 ``GRAD . Vbar``; LSE2: (rows, C) fp32 log-sum-exps in base 2 (+inf for rows without
         a valid key);
@@ -155,14 +171,14 @@ if triton is not None:
             k, v, valid, keep = _key_tile(K, V, KEY_PADDING, KEEP, b, h, row, first, stop, clusters, cluster_ok,
                                           num_clusters, keys, stride_kb, stride_kh, stride_ks, stride_vb,
                                           stride_vh, stride_vs, DIM, BLOCK_N, PADDED, DROPOUT)
-            logits = tl.dot(q, tl.trans(k)) * qk_scale
+            logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             probs = tl.where(valid[None, :], tl.exp2(logits - lse2[:, None]), 0.0)  # A, (C, BLOCK_N)
             kept = probs * keep * drop_scale  # A z
-            grad_probs = tl.dot(g, tl.trans(v)) * keep * drop_scale  # z g . v
+            grad_probs = tl.dot(g, tl.trans(v), input_precision=PRECISION) * keep * drop_scale  # z g . v
             grad_logits = probs * (grad_probs - delta[:, None])
-            grad_v = tl.dot(tl.trans(kept.to(g.dtype)), g)
-            grad_k = tl.dot(tl.trans(grad_logits.to(q.dtype)), q) * scale
-            grad_q += tl.dot(grad_logits.to(k.dtype), k)
+            grad_v = tl.dot(tl.trans(kept.to(g.dtype)), g, input_precision=PRECISION)
+            grad_k = tl.dot(tl.trans(grad_logits.to(q.dtype)), q, input_precision=PRECISION) * scale
+            grad_q += tl.dot(grad_logits.to(k.dtype), k, input_precision=PRECISION)
             offs = first + tl.arange(0, BLOCK_N)
             key_rows = (row * keys + offs)[:, None] * DIM + dims[None, :]
             in_range = (offs < stop)[:, None]
@@ -174,11 +190,23 @@ if triton is not None:
 
 
 
-def _programs_per_row(rows: int, keys: int) -> Tuple[int, int]:
+def _launch(kernel: str, dtype: torch.dtype, dim: int) -> dict:
+    """Keyword arguments of ``kernel``'s (``"fwd"`` / ``"bwd"``) launch for operands of ``dtype``
+    and head dim ``dim``, ``BLOCK_N`` and ``PRECISION`` among them."""
+    if dtype == torch.float32:
+        options = dict(LAUNCH[f"{kernel}_fp32"])
+    else:
+        options = dict(LAUNCH.get(f"{kernel}_d{dim}", LAUNCH[kernel]))
+    options["BLOCK_N"] = options.pop("keys")
+    options["PRECISION"] = dot_precision(dtype, options.pop("precision", None))
+    return options
+
+
+def _programs_per_row(rows: int, keys: int, block_n: int) -> Tuple[int, int]:
     """(programs per (batch, head), keys per program): enough programs to fill the GPU, each
-    over a whole number of key steps and at least ``MIN_KEYS_PER_PROGRAM`` keys."""
+    over a whole number of key steps of ``block_n`` and at least ``MIN_KEYS_PER_PROGRAM`` keys."""
     wanted = max(1, min(triton.cdiv(TARGET_PROGRAMS, rows), triton.cdiv(keys, MIN_KEYS_PER_PROGRAM)))
-    per_program = triton.cdiv(triton.cdiv(keys, wanted), BLOCK_N) * BLOCK_N
+    per_program = triton.cdiv(triton.cdiv(keys, wanted), block_n) * block_n
     return triton.cdiv(keys, per_program), per_program
 
 
@@ -200,8 +228,8 @@ def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding
     """``Vbar`` and ``lse`` of the centroids.
 
     Args:
-        qbar: ``(B H, C, D)`` fp32 centroids. key, value: ``(B, H, S, D)`` fp16 / bf16 (any
-            strides with a contiguous last dim).
+        qbar: ``(B H, C, D)`` fp32 centroids. key, value: ``(B, H, S, D)`` fp16 / bf16 / fp32
+            (any strides with a contiguous last dim).
         key_padding_mask: ``(B, S)`` bool (True = padded) or None.
         keep: ``(B, H, C, S)`` bool dropout keep mask or None; dropout_p: its rate.
 
@@ -211,15 +239,16 @@ def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding
     batch, heads, keys, dim = key.shape
     rows, num_clusters = qbar.shape[:2]
     key, value, padding, kept, strides = _key_args(key, value, key_padding_mask, keep)
-    parts, per_program = _programs_per_row(rows, keys)
+    launch = _launch("fwd", key.dtype, dim)
+    parts, per_program = _programs_per_row(rows, keys, launch["BLOCK_N"])
     out = qbar.new_empty(rows, parts, num_clusters, dim)
     lse = qbar.new_empty(rows, parts, num_clusters)
     _centroid_fwd_kernel[(rows, parts)](
         qbar.to(key.dtype).contiguous(), key, value, key if padding is None else padding,
         key if kept is None else kept, out, lse,
         num_clusters, keys, heads, per_program, scale * LOG2E, 1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
-        *strides, DIM=dim, BLOCK_C=_tile(num_clusters), BLOCK_N=BLOCK_N, PADDED=padding is not None,
-        DROPOUT=kept is not None, **LAUNCH["fwd"],
+        *strides, DIM=dim, BLOCK_C=_tile(num_clusters), PADDED=padding is not None, DROPOUT=kept is not None,
+        **launch,
     )
     lse = lse / LOG2E
     if parts == 1:
@@ -243,9 +272,10 @@ def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, ke
     batch, heads, keys, dim = key.shape
     rows, num_clusters = qbar.shape[:2]
     key, value, padding, kept, strides = _key_args(key, value, key_padding_mask, keep)
-    parts, per_program = _programs_per_row(rows, keys)
+    launch = _launch("bwd", key.dtype, dim)
+    parts, per_program = _programs_per_row(rows, keys, launch["BLOCK_N"])
     grad = grad_values.to(key.dtype).contiguous()
-    # flash attention's rowsum(dO * O), from the gradient as the kernel sees it (half precision)
+    # flash attention's rowsum(dO * O), from the gradient as the kernel sees it (the key dtype)
     delta = (grad.float() * values.float()).sum(-1).contiguous()
     grad_qbar = qbar.new_empty(rows, parts, num_clusters, dim)
     grad_key = torch.empty(batch, heads, keys, dim, dtype=key.dtype, device=key.device)
@@ -256,7 +286,7 @@ def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, ke
         grad_value,
         num_clusters, keys, heads, per_program, scale * LOG2E, scale,
         1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
-        *strides, DIM=dim, BLOCK_C=_tile(num_clusters), BLOCK_N=BLOCK_N, PADDED=padding is not None,
-        DROPOUT=kept is not None, **LAUNCH["bwd"],
+        *strides, DIM=dim, BLOCK_C=_tile(num_clusters), PADDED=padding is not None, DROPOUT=kept is not None,
+        **launch,
     )
     return grad_qbar.sum(1), grad_key, grad_value

@@ -5,8 +5,11 @@ has loaded. Each op's CUDA implementation composes the compiled kernels (hashing
 Lloyd's k-means, per-cluster sums, broadcasts, the per-query exact top-key products
 of the improved variant) with torch ops where those are the fast choice: the
 centroid attention of C centroids against all S keys is small dense work done by
-PyTorch's flash-attention kernel (bf16/fp16, no key padding, no dropout) or by fp32
-cuBLAS products in chunks of (batch x head) rows that bound the scratch memory.
+PyTorch's flash-attention kernel (bf16/fp16, no key padding, no dropout), by the
+Triton kernels of :mod:`.centroid_triton` (key padding or dropout; and fp32, with
+products as three TF32 products), or, where neither applies (C > 128, head dims that
+are not powers of two), by fp32 cuBLAS products in chunks of (batch x head) rows that
+bound the scratch memory.
 
 Nothing here synchronises with the host, so a forward + backward can be captured
 in a CUDA graph. Configurations without a kernel (fp64, head dims other than 32,
@@ -236,10 +239,10 @@ class CudaOps:
             and query.shape[-1] % 8 == 0
         )
 
-    def _masked_triton_ok(self, query, value, num_clusters) -> bool:
-        """Whether the clustered variant's centroid attention with key padding or dropout (not
-        flash's case) runs on tensor cores in Triton (:mod:`.centroid_triton`) rather than
-        as fp32 products of a (C, S) matrix."""
+    def _centroid_triton_ok(self, query, value, num_clusters) -> bool:
+        """Whether the clustered variant's centroid attention, where flash cannot take it (key
+        padding, dropout, fp32), runs on tensor cores in Triton (:mod:`.centroid_triton`)
+        rather than as fp32 products of a (C, S) matrix."""
         return (self.use_flash and query.is_cuda
                 and centroid_triton.triton_centroid_unavailable(query, value, num_clusters) is None)
 
@@ -296,7 +299,7 @@ class CudaOps:
         if self._flash_ok(query, value, key_padding_mask, keep):
             out_c, lse, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
             centroid_values = out_c.reshape(rows, num_clusters, value_dim).float()
-        elif self._masked_triton_ok(query, value, num_clusters):
+        elif self._centroid_triton_ok(query, value, num_clusters):
             centroid_values, lse = centroid_triton.centroid_attention_fwd(
                 qbar, key, value, key_padding_mask, keep, scale, dropout_p)
         else:
@@ -412,7 +415,7 @@ class CudaOps:
             grad_c = grad_centroid_values.reshape(batch, heads, num_clusters, value_dim).to(query.dtype)
             dqb, dk, dv = self._attn_bwd(grad_c, ctx)
             grad_centroids = dqb.reshape(rows, num_clusters, dim).float()
-        elif self._masked_triton_ok(query, value, num_clusters):
+        elif self._centroid_triton_ok(query, value, num_clusters):
             grad_centroids, dk, dv = centroid_triton.centroid_attention_bwd(
                 grad_centroid_values, self._cluster_outputs(out, order, seg_start, num_clusters), qbar, key, value,
                 key_padding_mask, keep, lse.reshape(rows, num_clusters), scale, dropout_p)
