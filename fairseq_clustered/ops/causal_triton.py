@@ -404,14 +404,18 @@ if triton is not None:
 # of the attention kernels takes, and the blocks in which keys stream (windows above it
 # take several; the sums kernel adds the chunk's blocks); for the gradient scan the
 # features per program. One stage: deeper pipelines did not change the times. Chosen on an
-# H100 at N = 64k, W = 128, D = 64 (benchmarks/NOTES.md); windows below 128 use 4 warps.
-# The forward's "unroll": its loop over the previous chunk's blocks unrolled (1) or a
-# runtime loop (0). The same machine code at windows up to 128; at 256 the runtime loop
-# spills 108 bytes per thread instead of 520 (ptxas, Triton 3.6), its time not measured yet.
+# H100 at N = 64k, W = 128, D = 64 (benchmarks/NOTES.md); windows below 128 use 4 warps;
+# a "_d128" entry serves 128-wide heads instead. The forward's "unroll": its loop over the
+# previous chunk's blocks unrolled (1) or a runtime loop (0). The same machine code at
+# windows up to 128; at 256 the runtime loop spills 108 bytes per thread instead of 520
+# (ptxas, Triton 3.6) and was 1-3% faster (H200, tenth session). At D = 128 the forward is
+# 3-4% faster with 8 warps (it spills 1.8 KB with 4, nothing with 8); the gradient kernels
+# were 10-50% slower with 64 rows, though they spill less (benchmarks/NOTES.md).
 LAUNCH = {
     "sums": {"num_warps": 4, "rows": MAX_BLOCK},
     "grads_scan": {"num_warps": 8, "features": 16},
-    "fwd": {"num_warps": 4, "rows": MAX_BLOCK, "unroll": 1},
+    "fwd": {"num_warps": 4, "rows": MAX_BLOCK, "unroll": 0},
+    "fwd_d128": {"num_warps": 8, "rows": MAX_BLOCK, "unroll": 0},
     "bwd_query": {"num_warps": 8, "rows": MAX_BLOCK},
     "bwd_key": {"num_warps": 8, "rows": MAX_BLOCK},
 }
@@ -419,7 +423,7 @@ LAUNCH = {
 
 def _launch(kernel: str, window: int, dim: int) -> dict:
     """Keyword arguments of ``kernel``'s launch (``ROWS`` / ``BLOCK_D`` where it takes one)."""
-    options = dict(LAUNCH[kernel])
+    options = dict(LAUNCH.get(f"{kernel}_d{dim}", LAUNCH[kernel]))
     if window < 128:
         options["num_warps"] = 4
     if "rows" in options:
