@@ -82,9 +82,13 @@ KERNEL_NOTES = {
     "lloyd_kmeans": "num_clusters <= 6144, batch*heads <= 65535",
     "cluster_queries": "hash_codes then lloyd_kmeans in one composition (same coverage)",
     "clustered_attention_fwd": "fp32/fp16/bf16, head dims <= 128; fp16/bf16: flash without padding or dropout, "
-                               "with them Triton on tensor cores (head dim a power of two 16..128, C <= 128)",
+                               "with them Triton on tensor cores (head dim a power of two 16..128, C <= 128); "
+                               "fp32: Triton on tensor cores with bf16x6 products (head dim a power of two "
+                               "16..64, C <= 128); else fp32 cuBLAS",
     "clustered_attention_bwd": "fp32/fp16/bf16, head dims <= 128; fp16/bf16: flash without padding or dropout, "
-                               "with them Triton on tensor cores (head dim a power of two 16..128, C <= 128)",
+                               "with them Triton on tensor cores (head dim a power of two 16..128, C <= 128); "
+                               "fp32: Triton on tensor cores with bf16x6 products (head dim a power of two "
+                               "16..64, C <= 128); else fp32 cuBLAS",
     "improved_clustered_attention_fwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128; fp16/bf16 without "
                                         "padding or dropout: flash, exact top-key products on tensor cores (Triton, "
                                         "top-k <= 128)",
