@@ -160,8 +160,8 @@ def clustered_launches(length: int, num_clusters: int, dim: int, top_k: int, dty
         improved_triton.sum_gradients(grad_key, key)
 
     runs = ((hash_triton, run_hash), (centroid_triton, run_centroids), (improved_triton, run_improved))
-    if dtype == torch.float32:  # of these, only the centroid attention takes fp32 inputs
-        runs = runs[1:2]
+    if dtype == torch.float32:  # the improved variant's kernels take fp16 / bf16 only
+        runs = runs[:2]
     for module, run in runs:
         launches += record_launches(module, run)
     return launches
@@ -273,7 +273,7 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--groups", type=int, default=2, help="batch x heads of the recorded call")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
-                        help="fp32: clustered only, its centroid attention")
+                        help="fp32: clustered only, its hash and centroid attention")
     parser.add_argument("--launches-only", action="store_true",
                         help="list the recorded launches (grid, warps, constexprs) without compiling")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")

@@ -135,12 +135,13 @@ def hash_inputs(bits, dim, n, dtype, device):
     return x, torch.randn(bits, dim, generator=gen).to(device), (torch.randn(bits, generator=gen) * 0.1).to(device)
 
 
-@interpreted  # fp16 only: Triton's interpreter gets bf16 products wrong (the GPU test below covers bf16)
+@interpreted  # fp16 and fp32: Triton's interpreter gets bf16 products wrong (the GPU tests cover bf16)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("bits,dim,n", [(63, 64, 300), (16, 32, 129), (1, 16, 5)])
-def test_triton_hash_matches_the_reference(bits, dim, n):
+def test_triton_hash_matches_the_reference(bits, dim, n, dtype):
     from fairseq_clustered.ops import hash_triton, reference
 
-    x, planes, offsets = hash_inputs(bits, dim, n, torch.float16, "cpu")
+    x, planes, offsets = hash_inputs(bits, dim, n, dtype, "cpu")
     assert hash_triton.triton_hash_unavailable(x) is None
     expected = reference.hash_codes_ref(x, planes, offsets)
     assert_codes_match_up_to_rounding(hash_triton.hash_codes_triton(x, planes, offsets), expected, x, planes, offsets)
@@ -156,7 +157,9 @@ def test_triton_hash_reasons():
     if hash_triton.MISSING is not None:
         assert hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 16, dtype=torch.bfloat16)) == hash_triton.MISSING
         return
-    assert "float32" in hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 16))
+    assert hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 16)) is None
+    assert "float64" in hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 16, dtype=torch.float64))
+    assert "16..128 (fp32)" in hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 256))
     assert "dim 40" in hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 40, dtype=torch.bfloat16))
     assert "contiguous" in hash_triton.triton_hash_unavailable(
         torch.zeros(1, 1, 16, 2, dtype=torch.bfloat16).transpose(-1, -2))

@@ -1,4 +1,4 @@
-"""Random-hyperplane hashing of half-precision vectors on tensor cores (Triton).
+"""Random-hyperplane hashing on tensor cores (Triton).
 
 The CUDA kernel of ``hash_codes`` (``cuda/clustering.cu``) runs the ``(N, D) x (D, bits)``
 products as fp32 multiply-adds, one vector per thread; at N = 64k keys per head it takes
@@ -8,7 +8,9 @@ plane is split into three parts of that dtype (``hi + mid + lo``, each the round
 remainder of the previous ones), so ``x . hi + x . mid + x . lo`` has exact products and
 fp32 accumulation. Only the order of the fp32 additions differs from the kernel (and from
 the reference), so a bit can differ only where a projection lies within rounding
-(~1e-6 relative) of its threshold; the tests check exactly that.
+(~1e-6 relative) of its threshold; the tests check exactly that. fp32 vectors take one
+product with both operands split into three bf16 parts (Triton's ``bf16x6``: six of the
+nine part products, the three dropped ones below fp32's rounding), so the same holds.
 
 Used by :class:`fairseq_clustered.ops.cuda_kernels.CudaOps` where
 :func:`triton_hash_unavailable` returns None; the CUDA kernel serves the rest.
@@ -21,24 +23,26 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._triton import MISSING, power_of_two_in, tl, triton
+from ._triton import MISSING, dot_precision, power_of_two_in, tl, triton
 
 __all__ = ["triton_hash_unavailable", "hash_codes_triton"]
 
 MAX_BITS = 64  # the bit block of the kernel; bits 1..63 are used
 ROWS_PER_PROGRAM = 128
 SPLIT_PARTS = 3
+MAX_FP32_DIM = 128  # wider fp32 tiles spill kilobytes of registers (ptxas, Triton 3.6)
 
 
 def triton_hash_unavailable(x: Tensor) -> Optional[str]:
     """Why :func:`hash_codes_triton` cannot hash ``x (B, H, N, D)`` (None if it can)."""
     if MISSING is not None:
         return MISSING
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {x.dtype} (tensor-core hashing is for fp16 / bf16)"
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {x.dtype} (tensor-core hashing is for fp16 / bf16 / fp32)"
     dim = x.shape[-1]
-    if not power_of_two_in(dim, 16, 256):
-        return f"dim {dim} is not a power of two in 16..256"
+    widest = MAX_FP32_DIM if x.dtype == torch.float32 else 256
+    if not power_of_two_in(dim, 16, widest):
+        return f"dim {dim} is not a power of two in 16..{widest}" + (" (fp32)" if x.dtype == torch.float32 else "")
     if x.stride(-1) != 1:
         return "the feature dim is not contiguous"
     return None
@@ -48,11 +52,13 @@ if triton is not None:
 
     @triton.jit
     def _hash_kernel(X, PLANES, OFFSETS, CODES, total, length, heads, stride_b, stride_h, stride_n, bits,
-                     DIM: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, PARTS: tl.constexpr):
+                     DIM: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, PARTS: tl.constexpr,
+                     PRECISION: tl.constexpr):
         """Program p: the codes of vectors p ROWS .. (p + 1) ROWS of the flattened (B, H, N).
 
-        PLANES: (bits, DIM) fp32 contiguous, split here into PARTS parts of x's dtype;
-        OFFSETS: (bits,) fp32. Bits >= ``bits`` get a zero plane and an infinite threshold."""
+        PLANES: (bits, DIM) fp32 contiguous, split here into PARTS parts of x's dtype (fp16 /
+        bf16 x), or one product in ``PRECISION`` (fp32 x); OFFSETS: (bits,) fp32. Bits >=
+        ``bits`` get a zero plane and an infinite threshold."""
         items = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         ok = items < total
         n = items % length
@@ -63,11 +69,14 @@ if triton is not None:
         planes_t = tl.arange(0, BITS)
         used = planes_t < bits
         rest = tl.load(PLANES + planes_t[None, :] * DIM + feats[:, None], mask=used[None, :], other=0.0)  # (DIM, BITS)
-        projections = tl.zeros((ROWS, BITS), dtype=tl.float32)
-        for _ in tl.static_range(PARTS):  # exact products of x with each rounded remainder
-            part = rest.to(x.dtype)
-            projections += tl.dot(x, part)
-            rest = rest - part.to(tl.float32)
+        if X.dtype.element_ty == tl.float32:
+            projections = tl.dot(x, rest, input_precision=PRECISION)
+        else:
+            projections = tl.zeros((ROWS, BITS), dtype=tl.float32)
+            for _ in tl.static_range(PARTS):  # exact products of x with each rounded remainder
+                part = rest.to(x.dtype)
+                projections += tl.dot(x, part)
+                rest = rest - part.to(tl.float32)
         offsets = tl.load(OFFSETS + planes_t, mask=used, other=float("inf"))
         weights = tl.full((BITS,), 1, tl.int64) << planes_t.to(tl.int64)
         codes = tl.sum(tl.where(projections > offsets[None, :], weights[None, :], 0), axis=1)
@@ -79,7 +88,8 @@ def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
     on tensor cores.
 
     Args:
-        x: ``(B, H, N, D)`` fp16 / bf16, feature dim contiguous, ``D`` a power of two in 16..256.
+        x: ``(B, H, N, D)`` fp16 / bf16 / fp32, feature dim contiguous, ``D`` a power of two in
+            16..256 (fp32: 16..128).
         planes: ``(bits, D)``, ``1 <= bits <= 63``. offsets: ``(bits,)``.
 
     Returns:
@@ -93,6 +103,7 @@ def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
     planes, offsets = planes.to(torch.float32).contiguous(), offsets.to(torch.float32).contiguous()
     _hash_kernel[(triton.cdiv(total, ROWS_PER_PROGRAM),)](
         x, planes, offsets, codes, total, length, heads, x.stride(0), x.stride(1), x.stride(2), planes.shape[0],
-        DIM=dim, ROWS=ROWS_PER_PROGRAM, BITS=MAX_BITS, PARTS=SPLIT_PARTS, num_warps=4,
+        DIM=dim, ROWS=ROWS_PER_PROGRAM, BITS=MAX_BITS, PARTS=SPLIT_PARTS,
+        PRECISION=dot_precision(x.dtype, "bf16x6"), num_warps=4,
     )
     return codes
