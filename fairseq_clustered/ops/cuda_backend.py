@@ -77,8 +77,8 @@ def graph_cache():
 # What each CUDA implementation covers; everything else runs the reference on the GPU
 # with one warning naming the reason (see fairseq_clustered/ops/cuda_kernels.py).
 KERNEL_NOTES = {
-    "hash_codes": "fp32/fp16/bf16, dim <= 800; fp16/bf16 with a power-of-two dim 16..256 on tensor cores "
-                  "(Triton)",
+    "hash_codes": "fp32/fp16/bf16, dim <= 800; on tensor cores (Triton) with a power-of-two dim 16..256 "
+                  "(fp32: 16..128)",
     "lloyd_kmeans": "num_clusters <= 6144, batch*heads <= 65535",
     "cluster_queries": "hash_codes then lloyd_kmeans in one composition (same coverage)",
     "clustered_attention_fwd": "fp32/fp16/bf16, head dims <= 128; fp16/bf16: flash without padding or dropout, "
