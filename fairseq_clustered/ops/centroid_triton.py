@@ -7,9 +7,10 @@ took fp32 cuBLAS products over a ``(C, S)`` matrix in memory, several passes of 
 both directions. These two kernels take them on the flash path's terms instead: the
 centroids and keys in the inputs' half precision on tensor cores, softmax statistics and
 accumulation in fp32, no ``(C, S)`` matrix in memory. fp32 inputs, which flash does not
-take at all, run the same kernels with each product as three TF32 products (``tf32x3``:
-the operands split into a high and a low TF32 part, the low-times-low product dropped),
-close to fp32's accuracy at tensor-core speed.
+take at all, run the same kernels with each product as six bf16 products (Triton's
+``bf16x6``: both operands split into three bf16 parts, the three smallest of the nine
+part products dropped), close to fp32's accuracy at tensor-core speed. (Triton's
+``tf32x3`` needs more shared memory in the backward than an SM has.)
 
 With ``A_j = softmax_l(scale qbar_j . k_l)`` over the unpadded keys and the keep mask
 ``z_jl = keep_jl / (1 - p)`` of the clustered op (one dropout mask per centroid row, shared

@@ -6,10 +6,10 @@ Lloyd's k-means, per-cluster sums, broadcasts, the per-query exact top-key produ
 of the improved variant) with torch ops where those are the fast choice: the
 centroid attention of C centroids against all S keys is small dense work done by
 PyTorch's flash-attention kernel (bf16/fp16, no key padding, no dropout), by the
-Triton kernels of :mod:`.centroid_triton` (key padding or dropout; and fp32, with
-products as three TF32 products), or, where neither applies (C > 128, head dims that
-are not powers of two), by fp32 cuBLAS products in chunks of (batch x head) rows that
-bound the scratch memory.
+Triton kernels of :mod:`.centroid_triton` (key padding or dropout; and fp32, each
+product as six bf16 products of three-part splits), or, where neither applies (C > 128,
+head dims that are not powers of two, fp32 heads wider than 64), by fp32 cuBLAS products
+in chunks of (batch x head) rows that bound the scratch memory.
 
 Nothing here synchronises with the host, so a forward + backward can be captured
 in a CUDA graph. Configurations without a kernel (fp64, head dims other than 32,
@@ -118,7 +118,7 @@ class CudaOps:
         return self._hash_codes(x, planes, offsets)
 
     def _hash_codes(self, x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
-        if hash_triton.triton_hash_unavailable(x) is None:  # tensor cores, fp32-exact products
+        if hash_triton.triton_hash_unavailable(x) is None:  # tensor cores, fp32's accuracy
             return hash_triton.hash_codes_triton(x, planes, offsets)
         return self.ext.hash_codes(x, planes, offsets)
 
