@@ -147,14 +147,17 @@ def test_block_stats_candidates_and_top_keys_match_fp64(dtype, keys, dim, num_cl
 @runs_here
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_second", [False, True])
-def test_sum_gradients_adds_in_fp32_and_rounds_once(dtype, with_second):
+@pytest.mark.parametrize("reuse_first", [False, True])
+def test_sum_gradients_adds_in_fp32_and_rounds_once(dtype, with_second, reuse_first):
     gen = torch.Generator().manual_seed(3)
     batch, heads, keys, dim = 2, 3, 70, 32  # 70 keys: a partial block
     sparse = torch.randn(batch * heads, keys, dim, generator=gen).to(DEVICE)
     # flash returns (B, S, H, D) storage viewed as (B, H, S, D): non-contiguous inputs
     first, second = (torch.randn(batch, keys, heads, dim, generator=gen).to(DEVICE, dtype).transpose(1, 2)
                      for _ in range(2))
-    out = improved_triton.sum_gradients(sparse, first, second if with_second else None)
     expected = sparse.reshape(batch, heads, keys, dim) + first.float() + (second.float() if with_second else 0)
-    assert out.dtype == dtype and out.is_contiguous() and out.shape == first.shape
+    out = improved_triton.sum_gradients(sparse, first, second if with_second else None, reuse_first=reuse_first)
+    assert out.dtype == dtype and out.shape == first.shape
+    # reused: the sum over first's own (non-contiguous) storage; else a new contiguous tensor
+    assert (out is first) if reuse_first else (out.is_contiguous() and out.data_ptr() != first.data_ptr())
     assert torch.equal(out, expected.to(dtype))

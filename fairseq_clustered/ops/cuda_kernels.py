@@ -690,14 +690,18 @@ class CudaOps:
         k_out, _, k_ctx = self._attn_fwd(qb, key, key, scale)
         grad_centroids = grad_centroids - scale * c.unsqueeze(-1) * k_out.reshape(rows, num_clusters, dim).float()
         x = (-scale * c.unsqueeze(-1) * qbar).reshape(batch, heads, num_clusters, dim).to(query.dtype)
-        _, _, dk_lse = self._attn_bwd(x, k_ctx)
+        dk_lse = self._attn_bwd(x, k_ctx)[2]  # (indexed: the other key-sized gradient is freed at once)
 
         dq_bar = (grad_centroids / counts.clamp(min=1).unsqueeze(-1)).contiguous()
         # The kernels add the exact top-key parts into dk32 / dv32 in place.
         if improved_triton.triton_exact_unavailable(query, value, top_k) is None:
             dq = improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, dq_bar,
                                                     scale, dk32, dv32)
-            return dq, improved_triton.sum_gradients(dk32, dk, dk_lse), improved_triton.sum_gradients(dv32, dv)
+            # Summed over flash's buffers, and the key side's fp32 buffer freed before the value
+            # side's sum: the backward's memory peak is here.
+            dk = improved_triton.sum_gradients(dk32, dk, dk_lse, reuse_first=True)
+            del dk32, dk_lse
+            return dq, dk, improved_triton.sum_gradients(dv32, dv, reuse_first=True)
         dq = self.ext.improved_exact_bwd(grad_out, query, key, value, assignments, order, top, None, None, mass,
                                          dq_bar, scale, dk32, dv32)
         dk32 += dk.reshape(dk32.shape).float() + dk_lse.reshape(dk32.shape).float()

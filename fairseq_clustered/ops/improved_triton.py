@@ -246,10 +246,12 @@ if triton is not None:
 
     @triton.jit
     def _sum_gradients_kernel(SPARSE, FIRST, SECOND, OUT, heads, keys, first_b, first_h, first_s, second_b,
-                              second_h, second_s, DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SECOND: tl.constexpr):
+                              second_h, second_s, out_b, out_h, out_s, DIM: tl.constexpr, BLOCK: tl.constexpr,
+                              HAS_SECOND: tl.constexpr):
         """Program (key block, row): OUT = SPARSE (rows, S, DIM) fp32 + FIRST (+ SECOND), the
-        latter (B, H, S, DIM) of the output's dtype with the given strides, the feature
-        dim contiguous; summed in fp32, rounded once."""
+        latter and OUT (B, H, S, DIM) of the output's dtype with the given strides, the feature
+        dim contiguous; summed in fp32, rounded once. OUT may be FIRST: each element is read
+        before it is written, by the same program."""
         row = tl.program_id(1).to(tl.int64)
         batch, head = row // heads, row % heads
         keys_here = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -262,27 +264,36 @@ if triton is not None:
         if HAS_SECOND:
             total += tl.load(SECOND + batch * second_b + head * second_h + keys_here[:, None] * second_s + feats,
                              mask=ok, other=0.0).to(tl.float32)
-        tl.store(OUT + flat, total.to(OUT.dtype.element_ty), mask=ok)
+        tl.store(OUT + batch * out_b + head * out_h + keys_here[:, None] * out_s + feats,
+                 total.to(OUT.dtype.element_ty), mask=ok)
 
 
-def sum_gradients(sparse: Tensor, first: Tensor, second: Optional[Tensor] = None) -> Tensor:
+def sum_gradients(sparse: Tensor, first: Tensor, second: Optional[Tensor] = None, *,
+                  reuse_first: bool = False) -> Tensor:
     """``sparse + first (+ second)`` in fp32, rounded once to ``first``'s dtype.
 
     Args:
         sparse: ``(B H, S, D)`` fp32 contiguous (the top keys' gradients).
         first, second: ``(B, H, S, D)`` fp16 / bf16 (flash attention's key or value
             gradients), any strides.
+        reuse_first: write the sum over ``first`` (which the caller no longer needs) where its
+            feature dim is contiguous, rather than into a new tensor: one key-sized buffer
+            less at the improved backward's memory peak.
 
     Returns:
-        ``(B, H, S, D)`` contiguous, ``first``'s dtype.
+        ``(B, H, S, D)`` in ``first``'s dtype: ``first`` itself where it was reused, else a new
+        contiguous tensor.
     """
     batch, heads, keys, dim = first.shape
     parts = [x if x.stride(-1) == 1 else x.contiguous() for x in (first, first if second is None else second)]
-    out = torch.empty(batch, heads, keys, dim, dtype=first.dtype, device=first.device)
+    if reuse_first and first.stride(-1) == 1:
+        out = first
+    else:
+        out = torch.empty(batch, heads, keys, dim, dtype=first.dtype, device=first.device)
     block = 64
     _sum_gradients_kernel[(triton.cdiv(keys, block), batch * heads)](
         sparse.contiguous(), parts[0], parts[1], out, heads, keys, *parts[0].stride()[:3], *parts[1].stride()[:3],
-        DIM=dim, BLOCK=block, HAS_SECOND=second is not None, num_warps=4,
+        *out.stride()[:3], DIM=dim, BLOCK=block, HAS_SECOND=second is not None, num_warps=4,
     )
     return out
 
