@@ -152,17 +152,26 @@ def test_triton_hash_matches_the_reference(bits, dim, n, dtype):
 
 
 def test_triton_hash_reasons():
-    from fairseq_clustered.ops import hash_triton
+    from fairseq_clustered.ops import _triton, hash_triton
 
     if hash_triton.MISSING is not None:
         assert hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 16, dtype=torch.bfloat16)) == hash_triton.MISSING
         return
-    assert hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 16)) is None
-    assert "float64" in hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 16, dtype=torch.float64))
-    assert "16..128 (fp32)" in hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 256))
-    assert "dim 40" in hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 40, dtype=torch.bfloat16))
+    if not _triton.interpreted():  # compiled kernels: CUDA tensors only
+        assert "cpu" in hash_triton.triton_hash_unavailable(torch.zeros(1, 1, 2, 16, dtype=torch.bfloat16))
+        if not torch.cuda.is_available():
+            return
+    device = "cpu" if _triton.interpreted() else "cuda"
+
+    def why(*shape, dtype=torch.float32):
+        return hash_triton.triton_hash_unavailable(torch.zeros(*shape, dtype=dtype, device=device))
+
+    assert why(1, 1, 2, 16) is None and why(1, 1, 2, 256, dtype=torch.bfloat16) is None
+    assert "float64" in why(1, 1, 2, 16, dtype=torch.float64)
+    assert "16..128 (fp32)" in why(1, 1, 2, 256)
+    assert "dim 40" in why(1, 1, 2, 40, dtype=torch.bfloat16)
     assert "contiguous" in hash_triton.triton_hash_unavailable(
-        torch.zeros(1, 1, 16, 2, dtype=torch.bfloat16).transpose(-1, -2))
+        torch.zeros(1, 1, 16, 2, dtype=torch.bfloat16, device=device).transpose(-1, -2))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or causal_triton.triton is None, reason="needs a CUDA GPU and triton")

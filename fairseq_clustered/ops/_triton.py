@@ -15,7 +15,8 @@ except ImportError as error:  # pragma: no cover - depends on the install
 else:
     MISSING = None
 
-__all__ = ["triton", "tl", "MISSING", "power_of_two_in", "half_precision_tiles_unavailable", "dot_precision"]
+__all__ = ["triton", "tl", "MISSING", "power_of_two_in", "half_precision_tiles_unavailable", "dot_precision",
+           "interpreted"]
 
 MIN_TILE = 16  # tl.dot's smallest tile
 
@@ -55,11 +56,16 @@ def dot_precision(dtype, fp32: Optional[str] = None) -> str:
     return fp32 if fp32 in _cuda_dot_precisions() else "ieee"
 
 
-def _cuda_dot_precisions() -> tuple:
-    """The input precisions this Triton's CUDA backend compiles (none under the interpreter)."""
+def interpreted() -> bool:
+    """Whether kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, on CPU tensors)."""
     import os
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _cuda_dot_precisions() -> tuple:
+    """The input precisions this Triton's CUDA backend compiles (none under the interpreter)."""
+    if interpreted():
         return ()
     try:
         from triton.backends.nvidia.compiler import CUDAOptions

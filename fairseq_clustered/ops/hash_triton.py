@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._triton import MISSING, dot_precision, power_of_two_in, tl, triton
+from ._triton import MISSING, dot_precision, interpreted, power_of_two_in, tl, triton
 
 __all__ = ["triton_hash_unavailable", "hash_codes_triton"]
 
@@ -37,6 +37,8 @@ def triton_hash_unavailable(x: Tensor) -> Optional[str]:
     """Why :func:`hash_codes_triton` cannot hash ``x (B, H, N, D)`` (None if it can)."""
     if MISSING is not None:
         return MISSING
+    if not x.is_cuda and not interpreted():
+        return f"a tensor on {x.device} (the kernel runs on CUDA, or in Triton's interpreter)"
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {x.dtype} (tensor-core hashing is for fp16 / bf16 / fp32)"
     dim = x.shape[-1]
