@@ -242,6 +242,41 @@ def test_flash_path_algebra_cpu(topk):
         ck.KERNEL_DTYPES = old
 
 
+@pytest.mark.skipif(_triton.MISSING is not None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py without a GPU)")
+def test_flash_path_with_the_triton_kernels_cpu(monkeypatch):
+    """The improved flash path in half precision, whose exact top-key products, their
+    gradients and the final gradient sums (written over the dense gradients' buffers) run
+    as the Triton kernels, here in Triton's interpreter, against the float64 reference."""
+    from fairseq_clustered.ops import improved_triton
+
+    sums = []
+    real_sum = improved_triton.sum_gradients
+    monkeypatch.setattr(improved_triton, "sum_gradients",
+                        lambda sparse, first, *rest, **kw: sums.append(first) or real_sum(sparse, first, *rest, **kw))
+    ops = MathAttentionOps(EmulatedExtension())
+    q, k, v, _, _, a = make_inputs(2, 2, 70, 66, 32, torch.float16, "cpu", clusters=4, pad=False)
+    scale, topk = 32 ** -0.5, 8
+    d64 = [t.double() for t in (q, k, v)]
+    out, lse, top, centroids = ops.improved_fwd(q, k, v, a, None, None, 4, topk, scale, 0.0)
+    ref_out, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(*d64, a, None, None, 4, topk, scale,
+                                                                               0.0)
+    assert out.dtype == torch.float16
+    assert max_err(out, ref_out) < 1e-2 and max_err(lse, ref_lse) < 1e-2
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    grads = ops.improved_bwd(g, q, k, v, a, None, None, lse, top, centroids, 4, scale, 0.0)
+    ref_grads = reference.improved_clustered_attention_bwd_ref(g.double(), *d64, a, None, None, lse.double(), top, 4,
+                                                               scale, 0.0)
+    for name, x, y in zip("qkv", grads, ref_grads):
+        assert x.dtype == torch.float16 and max_err(x, y) < 2e-2 * (1 + y.abs().max().item()), name
+    # the Triton sums, written over the dense gradients' buffers where their feature dim is
+    # contiguous (flash's are; this emulation's key gradient is not: a new tensor there)
+    assert len(sums) == 2
+    for grad, dense in zip(grads[1:], sums):
+        assert (grad is dense) == (dense.stride(-1) == 1)
+    assert any(grad is dense for grad, dense in zip(grads[1:], sums))
+
+
 @pytest.mark.parametrize("variant", ["clustered", "improved"])
 def test_eager_path_matches_the_custom_ops_cpu(monkeypatch, variant):
     """The public functions' eager CUDA path (ops/eager.py) wires the CUDA implementations as
