@@ -57,8 +57,7 @@ def test_triton_kernels_equal_the_reference(n, window, num_clusters, dim):
 
 
 def _blocks_of(monkeypatch, rows):
-    """Every kernel in blocks of ``rows`` rows: chunks sliced over programs, keys streamed in blocks
-    (the forward's previous-chunk loop unrolled, the kernel's default: no ``unroll`` entry)."""
+    """Every kernel in blocks of ``rows`` rows: chunks sliced over programs, keys streamed in blocks."""
     for kernel in ("sums", "fwd", "bwd_query", "bwd_key"):
         monkeypatch.setitem(causal_triton.LAUNCH, kernel, {"num_warps": 4, "rows": rows})
 
@@ -75,16 +74,6 @@ def test_triton_kernels_in_blocks_smaller_than_the_window(monkeypatch, n, window
     reference, gradients included (the summary gradients summed over the slices)."""
     _blocks_of(monkeypatch, 16)
     test_triton_kernels_equal_the_reference(n, window, num_clusters, dim)
-
-
-@interpreted
-def test_forward_with_a_runtime_loop_over_the_previous_chunk(monkeypatch):
-    """``LAUNCH["fwd"]["unroll"] = 0`` (the previous chunk's blocks in a runtime loop, the launch
-    table's choice for windows above a block): the same results as the reference, gradients
-    included."""
-    _blocks_of(monkeypatch, 16)
-    monkeypatch.setitem(causal_triton.LAUNCH, "fwd", {"num_warps": 4, "rows": 16, "unroll": 0})
-    test_triton_kernels_equal_the_reference(100, 64, 20, 16)
 
 
 @interpreted

@@ -211,7 +211,7 @@ if triton is not None:
     def _window_attention_fwd(Q, K, V, SUM_K, SUM_V, COUNTS, OUT, LSE,
                               length, num_chunks, num_clusters, qk_scale,
                               WINDOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                              DIM: tl.constexpr, UNROLL: tl.constexpr = True):
+                              DIM: tl.constexpr):
         """Program (p, group g), p = t W / ROWS + s: out and natural-log lse of ROWS queries
         of chunk t (its s-th slice). The keys stream through one online softmax in blocks of
         ROWS: the slice's own positions (causally), the chunk's earlier slices, the previous
@@ -244,14 +244,12 @@ if triton is not None:
                                                              tl.dot(q, tl.trans(k)) * qk_scale, v)
 
         if chunk > 0:  # previous chunk: complete, no mask
-            if UNROLL:
-                for block in tl.static_range(WINDOW // ROWS):
-                    acc, row_max, row_sum = _complete_block_step(K, V, base, tile, q, (block - part) * ROWS - WINDOW,
-                                                                 acc, row_max, row_sum, qk_scale, DIM)
-            else:  # a runtime loop: fewer registers live across the blocks
-                for block in range(0, WINDOW // ROWS):
-                    acc, row_max, row_sum = _complete_block_step(K, V, base, tile, q, (block - part) * ROWS - WINDOW,
-                                                                 acc, row_max, row_sum, qk_scale, DIM)
+            # A runtime loop, not an unrolled one: fewer registers live across the blocks (at
+            # W = 256, 108 bytes of spills per thread against 520 and 1-3% faster on an H200;
+            # at W <= 128, one block, the same machine code as unrolled).
+            for block in range(0, WINDOW // ROWS):
+                acc, row_max, row_sum = _complete_block_step(K, V, base, tile, q, (block - part) * ROWS - WINDOW,
+                                                             acc, row_max, row_sum, qk_scale, DIM)
 
         if chunk > 1:  # summaries of chunks 0 .. t - 2
             # (Names of their own: Triton wants a variable's shape the same on both sides of an if.)
@@ -405,17 +403,14 @@ if triton is not None:
 # take several; the sums kernel adds the chunk's blocks); for the gradient scan the
 # features per program. One stage: deeper pipelines did not change the times. Chosen on an
 # H100 at N = 64k, W = 128, D = 64 (benchmarks/NOTES.md); windows below 128 use 4 warps;
-# a "_d128" entry serves 128-wide heads instead. The forward's "unroll": its loop over the
-# previous chunk's blocks unrolled (1) or a runtime loop (0). The same machine code at
-# windows up to 128; at 256 the runtime loop spills 108 bytes per thread instead of 520
-# (ptxas, Triton 3.6) and was 1-3% faster (H200, tenth session). At D = 128 the forward is
+# a "_d128" entry serves 128-wide heads instead. At D = 128 the forward is
 # 3-4% faster with 8 warps (it spills 1.8 KB with 4, nothing with 8); the gradient kernels
 # were 10-50% slower with 64 rows, though they spill less (benchmarks/NOTES.md).
 LAUNCH = {
     "sums": {"num_warps": 4, "rows": MAX_BLOCK},
     "grads_scan": {"num_warps": 8, "features": 16},
-    "fwd": {"num_warps": 4, "rows": MAX_BLOCK, "unroll": 0},
-    "fwd_d128": {"num_warps": 8, "rows": MAX_BLOCK, "unroll": 0},
+    "fwd": {"num_warps": 4, "rows": MAX_BLOCK},
+    "fwd_d128": {"num_warps": 8, "rows": MAX_BLOCK},
     "bwd_query": {"num_warps": 8, "rows": MAX_BLOCK},
     "bwd_key": {"num_warps": 8, "rows": MAX_BLOCK},
 }
@@ -430,8 +425,6 @@ def _launch(kernel: str, window: int, dim: int) -> dict:
         options["ROWS"] = min(options.pop("rows"), window)
     if "features" in options:
         options["BLOCK_D"] = min(options.pop("features"), dim)
-    if "unroll" in options:
-        options["UNROLL"] = bool(options.pop("unroll"))
     return dict({"num_stages": 1}, **options)
 
 
