@@ -15,7 +15,7 @@ except ImportError as error:  # pragma: no cover - depends on the install
 else:
     MISSING = None
 
-__all__ = ["triton", "tl", "MISSING", "power_of_two_in", "half_precision_tiles_unavailable", "dot_precision",
+__all__ = ["triton", "tl", "MISSING", "power_of_two_in", "tiles_unavailable", "dot_precision",
            "interpreted"]
 
 MIN_TILE = 16  # tl.dot's smallest tile
@@ -26,10 +26,10 @@ def power_of_two_in(value: int, low: int, high: int) -> bool:
     return low <= value <= high and value & (value - 1) == 0
 
 
-def half_precision_tiles_unavailable(query, value, kernels: str, fp32: bool = False):
-    """Why fp16 / bf16 tile kernels (named ``kernels`` in the reason; ``fp32``: they take fp32
-    too) cannot take ``query`` and ``value (..., D)``: Triton missing, another dtype, or head
-    dims that are not one power of two in 16..128. None when they can."""
+def tiles_unavailable(query, value, kernels: str, fp32: bool = False):
+    """Why tensor-core tile kernels for fp16 / bf16 (and, with ``fp32``, fp32) operands, named
+    ``kernels`` in the reason, cannot take ``query`` and ``value (..., D)``: Triton missing,
+    another dtype, or head dims that are not one power of two in 16..128. None when they can."""
     import torch
 
     if MISSING is not None:

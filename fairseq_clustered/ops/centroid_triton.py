@@ -39,7 +39,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import MIN_TILE, dot_precision, half_precision_tiles_unavailable, tl, triton
+from ._triton import MIN_TILE, dot_precision, tiles_unavailable, tl, triton
 
 __all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "centroid_attention_bwd"]
 
@@ -68,7 +68,7 @@ MIN_KEYS_PER_PROGRAM = 256
 
 def triton_centroid_unavailable(query: Tensor, value: Tensor, num_clusters: int) -> Optional[str]:
     """Why these kernels cannot serve the centroid attention of these inputs (None if they can)."""
-    why = half_precision_tiles_unavailable(query, value, "the Triton centroid attention kernels", fp32=True)
+    why = tiles_unavailable(query, value, "the Triton centroid attention kernels", fp32=True)
     if why is None and num_clusters > MAX_CLUSTERS:
         why = f"num_clusters {num_clusters} > {MAX_CLUSTERS}"
     if why is None and query.dtype == torch.float32 and query.shape[-1] > MAX_FP32_DIM:

@@ -46,7 +46,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import MIN_TILE, half_precision_tiles_unavailable, tl, triton
+from ._triton import MIN_TILE, tiles_unavailable, tl, triton
 
 __all__ = ["triton_exact_unavailable", "centroid_block_stats", "candidate_logits", "centroid_top_keys",
            "exact_top_keys_fwd", "exact_top_keys_bwd", "sum_gradients"]
@@ -63,7 +63,7 @@ LAUNCH = {"fwd": {"BLOCK_M": 64, "num_warps": 4}, "bwd": {"BLOCK_M": 64, "num_wa
 def triton_exact_unavailable(query: Tensor, value: Tensor, top_k: int) -> Optional[str]:
     """Why the Triton exact products cannot serve these inputs (None if they can); the
     caller has already excluded key padding and dropout (the flash path)."""
-    why = half_precision_tiles_unavailable(query, value, "the Triton exact products")
+    why = tiles_unavailable(query, value, "the Triton exact products")
     if why is None and top_k > MAX_TOP_K:
         why = f"top-k {top_k} > {MAX_TOP_K}"
     return why
