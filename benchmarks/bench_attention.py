@@ -120,7 +120,8 @@ def graph_time(fn, repeats):
     return timer("cuda", graph.replay, repeats)
 
 
-def profile(name, fn):
+def profile(name, fn, top=12):
+    """Print the GPU time per call of ``fn`` and its ``top`` kernels by time (torch profiler, 3 calls)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     fn()
@@ -133,7 +134,7 @@ def profile(name, fn):
     events.sort(key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in events) / 3 / 1e3
     print(f"  profile {name}: GPU {total:.3f} ms per step, {sum(e.count for e in events) // 3} kernels")
-    for e in events[:12]:
+    for e in events[:top]:
         print(f"    {e.self_device_time_total / 3 / 1e3:8.3f} ms {e.count // 3:4d}x  {e.key[:90]}")
 
 

@@ -138,7 +138,7 @@ def measure(model, dictionary, length, batch, steps, warmup, device, dtype, prof
     peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
     if profile_name and cuda:
         from bench_attention import profile  # benchmarks/ is this script's directory
-        profile(profile_name, step)
+        profile(profile_name, step, top=40)  # a model step has many kernels besides the attention
     return batch * length / statistics.median(times), peak
 
 

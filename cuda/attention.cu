@@ -66,11 +66,13 @@ __global__ void segment_sum_kernel(Rows<const scalar_t> x, int width, const int6
   }
 }
 
-// out[b, h, n, :] = src[bh, assignment, :] (zeros for padded queries). Each thread
-// writes VEC consecutive values (16 bytes for bf16 / fp16 when the width allows it).
+// out[b, h, n, :] = src[bh, assignment, :] (zeros for padded queries), out addressed through
+// its strides (the caller's layout: fairseq's (T, B, H * E) gives (B, H, N, E) views whose
+// rows are not consecutive). Each thread writes VEC consecutive values (16 bytes for bf16 /
+// fp16 when the width and the strides allow it).
 template <int VEC, typename scalar_t>
 __global__ void broadcast_kernel(const float* __restrict__ src, const int64_t* __restrict__ assignments,
-                                 int64_t queries, int length, int clusters, int width, scalar_t* __restrict__ out) {
+                                 int64_t queries, int length, int clusters, int width, Rows<scalar_t> out) {
   const int per_row = width / VEC;
   const int64_t total = queries * per_row;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
@@ -78,7 +80,8 @@ __global__ void broadcast_kernel(const float* __restrict__ src, const int64_t* _
     const int64_t q = idx / per_row;
     const int e0 = static_cast<int>(idx - q * per_row) * VEC;
     const int64_t a = assignments[q];
-    const float* row = src + ((q / length) * clusters + (a < 0 ? 0 : a)) * width + e0;
+    const int64_t bh = q / length;
+    const float* row = src + (bh * clusters + (a < 0 ? 0 : a)) * width + e0;
     float vals[VEC];
 #pragma unroll
     for (int u = 0; u < VEC; ++u) vals[u] = a < 0 ? 0.f : row[u];
@@ -86,7 +89,7 @@ __global__ void broadcast_kernel(const float* __restrict__ src, const int64_t* _
     scalar_t* packed = reinterpret_cast<scalar_t*>(raw);
 #pragma unroll
     for (int u = 0; u < VEC; ++u) packed[u] = from_float<scalar_t>(vals[u]);
-    scalar_t* dst = out + q * width + e0;
+    scalar_t* dst = out.row(bh, q - bh * length) + e0;
     if (VEC * sizeof(scalar_t) == 16) {
       *reinterpret_cast<uint4*>(dst) = raw[0];
     } else {
@@ -530,32 +533,48 @@ at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, con
   return out;
 }
 
-// (B, H, N, E) in `dtype`: row assignments[b, h, n] of src (B*H, C, E) fp32; zeros for -1.
-at::Tensor broadcast_cuda(const at::Tensor& src, const at::Tensor& assignments, at::ScalarType dtype) {
+// out (B, H, N, E), any strides with a contiguous last dim: row assignments[b, h, n] of
+// src (B*H, C, E) fp32, in out's dtype; zeros for -1.
+void broadcast_into_cuda(const at::Tensor& src, const at::Tensor& assignments, const at::Tensor& out) {
   FCL_CHECK_CUDA(src, "broadcast: src");
   TORCH_CHECK(src.dim() == 3 && src.scalar_type() == at::kFloat && src.is_contiguous(),
               "broadcast: src must be a contiguous fp32 (B*H, C, E), got ", src.sizes(), " ", src.scalar_type());
   TORCH_CHECK(assignments.dim() == 3 && assignments.scalar_type() == at::kLong &&
                   assignments.size(0) * assignments.size(1) == src.size(0),
               "broadcast: assignments must be int64 (B, H, N) with B*H = ", src.size(0), ", got ", assignments.sizes());
+  const int64_t C = src.size(1), E = src.size(2), N = assignments.size(2);
+  check_rows(out, "broadcast: out", assignments.size(0), assignments.size(1), N, E);
+  TORCH_CHECK(out.device() == src.device(), "broadcast: out must be on ", src.device(), ", got ", out.device());
+  TORCH_CHECK(E <= 1 || out.stride(3) == 1, "broadcast: out's last dim must be contiguous, got strides ",
+              out.strides());
   const c10::cuda::CUDAGuard guard(src.device());
   const at::Tensor a = assignments.contiguous();
-  const int64_t rows = src.size(0), C = src.size(1), E = src.size(2), N = a.size(2);
-  at::Tensor out = at::empty({a.size(0), a.size(1), N, E}, src.options().dtype(dtype));
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return;
   const int64_t queries = a.numel();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  FCL_DISPATCH_FLOAT(dtype, "broadcast", [&] {
+  FCL_DISPATCH_FLOAT(out.scalar_type(), "broadcast", [&] {
     constexpr int VEC16 = 16 / sizeof(scalar_t);
-    const bool wide = E % VEC16 == 0;
+    // 16-byte stores need every row start 16-byte aligned: the base and every stride.
+    constexpr int64_t ALIGN = 16 / sizeof(scalar_t);
+    const bool wide = E % VEC16 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 &&
+                      out.stride(0) % ALIGN == 0 && out.stride(1) % ALIGN == 0 && out.stride(2) % ALIGN == 0;
     const int64_t threads_total = queries * (wide ? E / VEC16 : E);
     const int blocks = static_cast<int>(std::min<int64_t>((threads_total + 255) / 256, 64LL * num_sms()));
     auto kernel = wide ? broadcast_kernel<VEC16, scalar_t> : broadcast_kernel<1, scalar_t>;
     kernel<<<std::max(blocks, 1), 256, 0, stream>>>(src.data_ptr<float>(), a.data_ptr<int64_t>(), queries,
                                                      static_cast<int>(N), static_cast<int>(C), static_cast<int>(E),
-                                                     out.data_ptr<scalar_t>());
+                                                     make_rows<scalar_t>(out));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+// (B, H, N, E) contiguous in `dtype`: row assignments[b, h, n] of src (B*H, C, E) fp32; zeros for -1.
+at::Tensor broadcast_cuda(const at::Tensor& src, const at::Tensor& assignments, at::ScalarType dtype) {
+  TORCH_CHECK(assignments.dim() == 3, "broadcast: assignments must be (B, H, N), got ", assignments.sizes());
+  TORCH_CHECK(src.dim() == 3, "broadcast: src must be (B*H, C, E), got ", src.sizes());
+  at::Tensor out = at::empty({assignments.size(0), assignments.size(1), assignments.size(2), src.size(2)},
+                             src.options().dtype(dtype));
+  broadcast_into_cuda(src, assignments, out);
   return out;
 }
 

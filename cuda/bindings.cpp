@@ -23,6 +23,7 @@ std::tuple<at::Tensor, at::Tensor> merge_parts_cuda(const std::vector<at::Tensor
                                                     int64_t dim);
 at::Tensor segment_sum_cuda(const at::Tensor& x, const at::Tensor& order, const at::Tensor& seg_start, bool mean);
 at::Tensor broadcast_cuda(const at::Tensor& src, const at::Tensor& assignments, at::ScalarType dtype);
+void broadcast_into_cuda(const at::Tensor& src, const at::Tensor& assignments, const at::Tensor& out);
 at::Tensor improved_exact_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const c10::optional<at::Tensor>& grad_out, const at::Tensor& assignments,
                                    const at::Tensor& order, const at::Tensor& top_index,
@@ -54,6 +55,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "merge up to 3 attention parts by log-sum-exp -> (out (G, N, D), lse (G, T, W))");
   m.def("segment_sum", &fcl::segment_sum_cuda, "per-cluster sum / mean of rows, fp32 (B*H, C, E)");
   m.def("broadcast", &fcl::broadcast_cuda, "per-cluster rows to their members (B, H, N, E)");
+  m.def("broadcast_into", &fcl::broadcast_into_cuda,
+        "per-cluster rows to their members, written into out (B, H, N, E) of any strides (last dim contiguous)");
   m.def("improved_exact_fwd", &fcl::improved_exact_fwd_cuda, "exact top-key part of improved clustered attention");
   m.def("improved_exact_bwd", &fcl::improved_exact_bwd_cuda, "backward of the exact top-key part");
   m.def("copy_tensors", &fcl::copy_tensors_cuda,

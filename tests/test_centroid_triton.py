@@ -3,9 +3,9 @@
 Oracle: a brute-force float64 computation of ``Vbar = (softmax(scale qbar K^T) * z) V`` over
 the unpadded keys (``z = keep / (1 - p)``) and its gradients by autograd, from the same
 centroids the kernels read (rounded to the key dtype). Without a GPU in Triton's interpreter
-on CPU tensors (fp16 and fp32), on a GPU compiled in bf16, fp16 and fp32 (products as three
-TF32 products: near fp32's accuracy, which the fp32 tolerance checks). The clustered op that uses these
-kernels is checked against the reference in test_cuda_kernels.py.
+on CPU tensors (fp16 and fp32), on a GPU compiled in bf16, fp16 and fp32 (each fp32 product
+as six bf16 products of three-part splits, Triton's ``bf16x6``: near fp32's accuracy, which the
+fp32 tolerance checks). The clustered op that uses these kernels is checked against the reference in test_cuda_kernels.py.
 """
 
 import pytest

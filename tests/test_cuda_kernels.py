@@ -70,6 +70,10 @@ class EmulatedExtension:
         return out.reshape(batch, heads, length, -1).to(dtype)
 
     @staticmethod
+    def broadcast_into(src, assignments, out):
+        out.copy_(EmulatedExtension.broadcast(src, assignments, out.dtype))
+
+    @staticmethod
     def _exact(q, k, v, assignments, top_index, key_mask, drop_top, scale):
         """Per-query exact part (rows, N, D) in fp32, differentiable w.r.t. q, k, v."""
         batch, heads, length, dim = q.shape
@@ -305,6 +309,61 @@ def test_eager_path_matches_the_custom_ops_cpu(monkeypatch, variant):
     assert used, "the eager path was not taken"
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+
+
+def _fairseq_layout(x):
+    """``(B, H, N, D)`` as fairseq's attention sees it: a view of an ``(N, B, H * D)`` tensor."""
+    batch, heads, length, dim = x.shape
+    return x.permute(2, 0, 1, 3).reshape(length, batch, heads * dim).view(length, batch, heads, dim).permute(1, 2, 0, 3)
+
+
+def _folds_back(x):
+    """Whether ``x (B, H, N, D)`` folds back into ``(N, B, H * D)`` as a view (no copy)."""
+    return x.permute(2, 0, 1, 3).is_contiguous()
+
+
+@pytest.mark.parametrize("path", ["custom_op", "eager"])
+def test_results_in_the_inputs_layout_cpu(monkeypatch, path):
+    """Given fairseq's layout (views of ``(N, B, H D)`` projections), the clustered op returns the
+    output and the gradients in that layout (so the model folds them back without a copy), with
+    the values of the same call on contiguous inputs. ``custom_op``: the op's CPU (reference)
+    implementation; ``eager``: the CUDA composition over the CPU stand-in of the extension."""
+    from fairseq_clustered import ops
+    if path == "eager":
+        stand_in = CudaOps(EmulatedExtension(), use_flash=False)
+        monkeypatch.setattr(ops.eager, "implementations", lambda query: stand_in)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 3, 40, 16, generator=gen) for _ in range(4))
+    planes = torch.randn(12, 16, generator=gen)
+
+    def run(leaves):
+        out = ops.clustered_attention(*leaves, num_clusters=5, iterations=3, bits=12, planes=planes, dropout_p=0.2,
+                                      generator=torch.Generator().manual_seed(3))
+        out.backward(grad)
+        return [out] + [t.grad for t in leaves]
+
+    contiguous = run([t.clone().requires_grad_(True) for t in (q, k, v)])
+    leaves = [_fairseq_layout(t).detach().requires_grad_(True) for t in (q, k, v)]
+    laid_out = run(leaves)
+    assert _folds_back(laid_out[0]), f"output strides {laid_out[0].stride()}"
+    for name, got, expected in zip(("out", "dq", "dk", "dv"), laid_out, contiguous):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+    for name, leaf, got in zip("qkv", leaves, [t.grad for t in leaves]):
+        assert got.stride() == leaf.stride(), f"d{name} strides {got.stride()}, {name} {leaf.stride()}"
+
+
+def test_fake_kernels_follow_the_inputs_layout_cpu():
+    """The clustered ops' fake kernels (what torch.compile plans with) give the strides the real
+    ones return, for fairseq's layout: opcheck compares them."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (_fairseq_layout(torch.randn(2, 3, 24, 16, generator=gen)) for _ in range(3))
+    a = torch.randint(-1, 4, (2, 3, 24), generator=gen)
+    out, lse, centroids = custom_ops.clustered_attention_fwd(q, k, v, a, None, None, 4, 0.25, 0.0)
+    assert _folds_back(out)
+    torch.library.opcheck(custom_ops.clustered_attention_fwd, (q, k, v, a, None, None, 4, 0.25, 0.0))
+    g = _fairseq_layout(torch.randn(2, 3, 24, 16, generator=gen))
+    torch.library.opcheck(custom_ops.clustered_attention_bwd,
+                          (g, q, k, v, a, None, None, out, lse, centroids, 4, 0.25, 0.0))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or _triton.triton is None,
@@ -585,6 +644,55 @@ def test_extension_errors_gpu():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "raised" in result.stdout, (result.returncode, result.stderr[-500:])
+
+
+@needs_gpu
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["flash", "triton"])
+@pytest.mark.parametrize("pad", [False, True])
+def test_results_in_the_inputs_layout_gpu(dropout, pad):
+    """fairseq's layout (views of (N, B, H D) projections) on the GPU: the output and the gradients
+    come back in that layout, with the values of the same call on contiguous inputs."""
+    from fairseq_clustered.ops import clustered_attention
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 4, 1025, 64, generator=gen).to("cuda", torch.bfloat16) for _ in range(4))
+    kmask = (torch.arange(1025) >= torch.tensor([[1025], [900]])).cuda() if pad else None
+    planes = torch.randn(63, 64, device="cuda")
+
+    def run(leaves):
+        out = clustered_attention(*leaves, kmask, kmask, num_clusters=50, planes=planes, dropout_p=dropout,
+                                  generator=torch.Generator(device="cuda").manual_seed(1))
+        out.backward(grad)
+        return [out] + [t.grad for t in leaves]
+
+    expected = run([t.clone().requires_grad_(True) for t in (q, k, v)])
+    leaves = [_fairseq_layout(t).detach().requires_grad_(True) for t in (q, k, v)]
+    got = run(leaves)
+    assert _folds_back(got[0]), f"output strides {got[0].stride()}"
+    for name, leaf, g in zip("qkv", leaves, got[1:]):
+        assert g.stride() == leaf.stride(), f"d{name} strides {g.stride()}, {name} {leaf.stride()}"
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2, msg=name)
+        if dropout:  # the Triton kernels read and write through strides: the same sums in the same order
+            assert torch.equal(a, b), name
+
+
+@needs_gpu
+@pytest.mark.parametrize("width,dtype", [(64, torch.bfloat16), (33, torch.float16), (40, torch.float32)])
+def test_broadcast_into_gpu(width, dtype):
+    """broadcast_into writes the rows through out's strides (16-byte stores only where every row
+    start is aligned), the same values as broadcast's contiguous output; other elements untouched."""
+    from fairseq_clustered.ops import cuda_backend
+    ext = cuda_backend.cuda_ops().ext
+    src = torch.randn(6, 9, width, device="cuda")
+    a = torch.randint(-1, 9, (2, 3, 50), device="cuda")
+    expected = ext.broadcast(src, a, dtype)
+    storage = torch.full((50, 2, 3, width + 3), 7.0, device="cuda", dtype=dtype)  # odd row stride
+    out = storage[..., 1:width + 1].permute(1, 2, 0, 3)
+    ext.broadcast_into(src, a, out)
+    assert torch.equal(out, expected)
+    assert (storage[..., 0] == 7).all() and (storage[..., width + 1:] == 7).all()
+    with pytest.raises(RuntimeError, match="last dim must be contiguous"):
+        ext.broadcast_into(src, a, torch.empty(2, 3, width, 50, device="cuda", dtype=dtype).transpose(2, 3))
 
 
 def _op_args(dtype=torch.bfloat16):

@@ -153,12 +153,14 @@ if triton is not None:
     def _centroid_bwd_kernel(QBAR, K, V, KEY_PADDING, KEEP, GRAD, DELTA, LSE2, GRAD_QBAR, GRAD_K, GRAD_V,
                              num_clusters, keys, heads, keys_per_program, qk_scale, scale, drop_scale,
                              stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                             stride_gkb, stride_gkh, stride_gks, stride_gvb, stride_gvh, stride_gvs,
                              DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
                              PADDED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
         """QBAR, GRAD: (rows, C, DIM) in the key dtype (GRAD: the gradient of Vbar); DELTA: (rows, C)
         fp32 ``GRAD . Vbar``; LSE2: (rows, C) fp32 log-sum-exps in base 2 (+inf for rows without
         a valid key);
-        GRAD_QBAR: (rows, programs, C, DIM) fp32 partial sums; GRAD_K, GRAD_V: (rows, S, DIM)."""
+        GRAD_QBAR: (rows, programs, C, DIM) fp32 partial sums; GRAD_K, GRAD_V: (B, H, S, DIM) with the
+        strides given (feature dim contiguous)."""
         row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM)
         centroid_rows = (row * num_clusters + clusters)[:, None] * DIM + dims[None, :]
         q = tl.load(QBAR + centroid_rows, mask=cluster_ok[:, None], other=0.0)
@@ -181,10 +183,11 @@ if triton is not None:
             grad_k = tl.dot(tl.trans(grad_logits.to(q.dtype)), q, input_precision=PRECISION) * scale
             grad_q += tl.dot(grad_logits.to(k.dtype), k, input_precision=PRECISION)
             offs = first + tl.arange(0, BLOCK_N)
-            key_rows = (row * keys + offs)[:, None] * DIM + dims[None, :]
             in_range = (offs < stop)[:, None]
-            tl.store(GRAD_K + key_rows, grad_k.to(GRAD_K.dtype.element_ty), mask=in_range)
-            tl.store(GRAD_V + key_rows, grad_v.to(GRAD_V.dtype.element_ty), mask=in_range)
+            tl.store(GRAD_K + b * stride_gkb + h * stride_gkh + offs[:, None] * stride_gks + dims[None, :],
+                     grad_k.to(GRAD_K.dtype.element_ty), mask=in_range)
+            tl.store(GRAD_V + b * stride_gvb + h * stride_gvh + offs[:, None] * stride_gvs + dims[None, :],
+                     grad_v.to(GRAD_V.dtype.element_ty), mask=in_range)
         slot = row * parts + part
         tl.store(GRAD_QBAR + (slot * num_clusters + clusters)[:, None] * DIM + dims[None, :], grad_q * scale,
                  mask=cluster_ok[:, None])
@@ -211,13 +214,26 @@ def _programs_per_row(rows: int, keys: int, block_n: int) -> Tuple[int, int]:
     return triton.cdiv(keys, per_program), per_program
 
 
+def _bytes(mask: Tensor) -> Tensor:
+    """A bool / integer mask as contiguous uint8 for the kernels: a bool tensor is viewed as bytes
+    (the keep mask is ``(B, H, C, S)``, as large as the keys; converting it would be a full copy)."""
+    mask = mask.contiguous()
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask.to(torch.uint8)
+
+
 def _key_args(key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], keep: Optional[Tensor]):
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
-    padding = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
-    kept = None if keep is None else keep.to(torch.uint8).contiguous()
+    padding = None if key_padding_mask is None else _bytes(key_padding_mask)
+    kept = None if keep is None else _bytes(keep)
     strides = (*key.stride()[:3], *value.stride()[:3])
     return key, value, padding, kept, strides
+
+
+def _feature_contiguous_like(x: Tensor) -> Tensor:
+    """``torch.empty_like(x)``, or a contiguous tensor where that would not have a contiguous feature dim."""
+    like = torch.empty_like(x)
+    return like if like.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _tile(num_clusters: int) -> int:
@@ -268,7 +284,9 @@ def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, ke
     dtype), given its ``values`` (``Vbar``, any float dtype) and ``lse``.
 
     Returns:
-        ``dqbar (B H, C, D)`` fp32, ``dk``, ``dv`` ``(B, H, S, D)`` in the key dtype.
+        ``dqbar (B H, C, D)`` fp32, ``dk``, ``dv`` ``(B, H, S, D)`` in the key dtype, laid out as
+        ``torch.empty_like`` of ``key`` / ``value`` (a model's views of ``(S, B, H * D)`` projections
+        get gradients that fold back into that shape without a copy).
     """
     batch, heads, keys, dim = key.shape
     rows, num_clusters = qbar.shape[:2]
@@ -279,15 +297,14 @@ def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, ke
     # flash attention's rowsum(dO * O), from the gradient as the kernel sees it (the key dtype)
     delta = (grad.float() * values.float()).sum(-1).contiguous()
     grad_qbar = qbar.new_empty(rows, parts, num_clusters, dim)
-    grad_key = torch.empty(batch, heads, keys, dim, dtype=key.dtype, device=key.device)
-    grad_value = torch.empty_like(grad_key)
+    grad_key, grad_value = _feature_contiguous_like(key), _feature_contiguous_like(value)
     _centroid_bwd_kernel[(rows, parts)](
         qbar.to(key.dtype).contiguous(), key, value, key if padding is None else padding,
         key if kept is None else kept, grad, delta, (lse.float() * LOG2E).contiguous(), grad_qbar, grad_key,
         grad_value,
         num_clusters, keys, heads, per_program, scale * LOG2E, scale,
         1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
-        *strides, DIM=dim, BLOCK_C=_tile(num_clusters), PADDED=padding is not None, DROPOUT=kept is not None,
+        *strides, *grad_key.stride()[:3], *grad_value.stride()[:3], DIM=dim, BLOCK_C=_tile(num_clusters), PADDED=padding is not None, DROPOUT=kept is not None,
         **launch,
     )
     return grad_qbar.sum(1), grad_key, grad_value

@@ -285,6 +285,7 @@ class CudaOps:
             warn_fallback("clustered_attention_fwd", why)
             out, lse = reference.clustered_attention_fwd_ref(
                 query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p)
+            out = custom_ops.laid_out_as(out, custom_ops.attention_output_like(query, out.shape[-1], out.dtype))
             return out, lse, reference.cluster_centroids_ref(query, assignments, num_clusters)
         return self.graphs.run("clustered_attention_fwd", self._clustered_fwd, (
             query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p))
@@ -305,7 +306,7 @@ class CudaOps:
         else:
             centroid_values, lse = self._dense_clustered_fwd(
                 qbar, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p)
-        out = self.ext.broadcast(centroid_values.contiguous(), assignments, query.dtype)
+        out = self._broadcast(centroid_values, assignments, custom_ops.attention_output_like(query, value_dim))
         return (out, lse.reshape(batch, heads, num_clusters).float().contiguous(),
                 qbar.reshape(batch, heads, num_clusters, dim))
 
@@ -393,8 +394,9 @@ class CudaOps:
         why = self._why_not(query, value, improved=False)
         if why is not None:
             warn_fallback("clustered_attention_bwd", why)
-            return reference.clustered_attention_bwd_ref(
+            grads = reference.clustered_attention_bwd_ref(
                 grad_out, query, key, value, assignments, key_padding_mask, keep, lse, num_clusters, scale, dropout_p)
+            return tuple(custom_ops.laid_out_as(g, x) for g, x in zip(grads, (query, key, value)))
         return self.graphs.run("clustered_attention_bwd", self._clustered_bwd, (
             grad_out, query, key, value, assignments, key_padding_mask, keep, out, lse, centroids, num_clusters,
             scale, dropout_p))
@@ -425,18 +427,31 @@ class CudaOps:
             dk = dk.reshape(key.shape).to(key.dtype)
             dv = dv.reshape(value.shape).to(value.dtype)
         grad_centroids = grad_centroids / counts.clamp(min=1).unsqueeze(-1)
-        dq = self.ext.broadcast(grad_centroids.contiguous(), assignments, query.dtype)
-        return dq, dk, dv
+        dq = self._broadcast(grad_centroids, assignments, torch.empty_like(query))
+        # the Triton kernels write dk, dv in these layouts already (no copy); flash and the dense path may not
+        return dq, custom_ops.laid_out_as(dk, key), custom_ops.laid_out_as(dv, value)
+
+    def _broadcast(self, rows: Tensor, assignments: Tensor, out: Tensor) -> Tensor:
+        """``out (B, H, N, E)`` filled with the row ``rows[b * H + h, assignments[b, h, n]]`` of
+        ``rows (B H, C, E)`` (zeros for -1), in ``out``'s own layout: the caller's, so that a model's
+        ``(B, H, N, E)`` views of ``(N, B, H E)`` tensors get results that fold back without a copy."""
+        if out.stride(-1) != 1:  # the kernel writes rows with a contiguous feature dim
+            return out.copy_(self.ext.broadcast(rows.contiguous(), assignments, out.dtype))
+        self.ext.broadcast_into(rows.contiguous(), assignments, out)
+        return out
 
     @staticmethod
     def _cluster_outputs(out, order, seg_start, num_clusters) -> Tensor:
         """Each cluster's attention output ``(rows, C, Dv)``, read from ``out (B, H, N, Dv)`` at the
         cluster's first member: what its members received (empty clusters read any row; their
         gradients are zero)."""
-        rows, length = order.shape
-        value_dim = out.shape[-1]
+        batch, heads, length, value_dim = out.shape
         first = order.gather(1, seg_start[:, :num_clusters].clamp(max=length - 1).to(torch.int64))
-        return out.reshape(rows, length, value_dim).gather(1, first.unsqueeze(-1).expand(-1, -1, value_dim))
+        # Indexed per (batch, head), not through out.reshape(B H, N, Dv): in the layout of a model's
+        # (N, B, H Dv) tensors that reshape is a view, in others a copy of the whole output.
+        b = torch.arange(batch, device=out.device).view(batch, 1, 1)
+        h = torch.arange(heads, device=out.device).view(1, heads, 1)
+        return out[b, h, first.view(batch, heads, num_clusters)].reshape(batch * heads, num_clusters, value_dim)
 
     def _dense_clustered_bwd(self, grad_cv, qbar, key, value, key_padding_mask, keep, lse, num_clusters, scale,
                              dropout_p):

@@ -21,6 +21,11 @@ Ops (shapes as in :mod:`.reference`):
 
 The ``*_fwd`` ops are differentiable with respect to q, k and v through the
 matching ``*_bwd`` op; clusters, top-key indices and dropout masks are constants.
+
+Layouts: the clustered ops' ``out`` follows the query's memory layout
+(:func:`attention_output_like`) and their ``dq, dk, dv`` those of ``q, k, v``
+(``torch.empty_like``), so that a model's ``(B, H, N, D)`` views of its ``(N, B, H D)``
+projections get results that fold back into that shape without a transposing copy.
 """
 
 from __future__ import annotations
@@ -33,6 +38,23 @@ from torch import Tensor
 from . import reference
 
 LIBRARY = "fairseq_clustered"
+
+
+def attention_output_like(query: Tensor, value_dim: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An empty ``(B, H, N, value_dim)`` tensor (query's dtype by default) whose batch, head and
+    position dims lie in memory in the query's order, the feature dim innermost."""
+    outer = sorted(range(3), key=lambda d: -query.stride(d))  # outermost first; stable for ties
+    empty = query.new_empty([query.shape[d] for d in outer] + [value_dim], dtype=dtype)
+    return empty.permute(*(outer.index(d) for d in range(3)), 3)
+
+
+def laid_out_as(result: Tensor, like: Tensor) -> Tensor:
+    """``result`` in the layout that ``torch.empty_like(like)`` has (``like`` of ``result``'s shape);
+    a copy only where they differ."""
+    if result.stride() == like.stride():
+        return result
+    layout = torch.empty_like(like, dtype=result.dtype)
+    return result if result.stride() == layout.stride() else layout.copy_(result)
 
 
 # ------------------------------------------------------------------------ hashing
@@ -98,6 +120,7 @@ def clustered_attention_fwd(
     out, lse = reference.clustered_attention_fwd_ref(
         query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p
     )
+    out = laid_out_as(out, attention_output_like(query, out.shape[-1], out.dtype))
     return out, lse, reference.cluster_centroids_ref(query, assignments, num_clusters)
 
 
@@ -105,7 +128,7 @@ def clustered_attention_fwd(
 def _(query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p):
     batch, heads, length, dim = query.shape
     acc = reference._compute_dtype(query.dtype)
-    out = query.new_empty(batch, heads, length, value.shape[-1])
+    out = attention_output_like(query, value.shape[-1])
     lse = query.new_empty(batch, heads, num_clusters, dtype=acc)
     return out, lse, query.new_empty(batch, heads, num_clusters, dim, dtype=acc)
 
@@ -126,9 +149,10 @@ def clustered_attention_bwd(
     scale: float,
     dropout_p: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return reference.clustered_attention_bwd_ref(
+    grads = reference.clustered_attention_bwd_ref(
         grad_out, query, key, value, assignments, key_padding_mask, keep, lse, num_clusters, scale, dropout_p
     )
+    return tuple(laid_out_as(g, x) for g, x in zip(grads, (query, key, value)))
 
 
 @clustered_attention_bwd.register_fake
@@ -150,7 +174,7 @@ def _backward_clustered(ctx, grad_out, grad_lse, grad_centroids):
         return (None,) * 9
     query, key, value, assignments, key_padding_mask, keep, out, lse, centroids = ctx.saved_tensors
     dq, dk, dv = clustered_attention_bwd(
-        grad_out.contiguous(), query, key, value, assignments, key_padding_mask, keep, out, lse, centroids,
+        grad_out, query, key, value, assignments, key_padding_mask, keep, out, lse, centroids,
         *ctx.hyper
     )
     return dq, dk, dv, None, None, None, None, None, None

@@ -61,7 +61,9 @@ class ClusteredAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         query, key, value, assignments, key_padding_mask, keep, out, lse, centroids = ctx.saved_tensors
-        dq, dk, dv = ctx.ops.clustered_bwd(grad_out.contiguous(), query, key, value, assignments, key_padding_mask,
+        # grad_out as it comes (a model's is a view of an (N, B, H Dv) gradient): the kernels
+        # read it through its strides, a contiguous copy would cost a pass over it
+        dq, dk, dv = ctx.ops.clustered_bwd(grad_out, query, key, value, assignments, key_padding_mask,
                                            keep, out, lse, centroids, *ctx.hyper)
         return None, dq, dk, dv, None, None, None, None, None, None, None
 

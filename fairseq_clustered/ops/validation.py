@@ -47,7 +47,10 @@ def dropout_keep_mask(shape, dropout_p: float, generator, device) -> Optional[Te
         return None
     if generator is None:
         raise ValueError("dropout_p > 0 needs generator= (a torch.Generator) to draw the dropout mask")
-    return (torch.rand(shape, generator=generator, device=generator.device) >= dropout_p).to(device)
+    # One kernel writing the bool mask (uniform draws compared inside it), not an fp32 tensor of
+    # draws four times the mask's size written and read again by a comparison.
+    keep = torch.empty(shape, dtype=torch.bool, device=generator.device)
+    return keep.bernoulli_(1.0 - dropout_p, generator=generator).to(device)
 
 
 def check_clustering_args(num_clusters, iterations, bits) -> None:
