@@ -284,9 +284,14 @@ at::Tensor hash_codes_cuda(const at::Tensor& x_in, const at::Tensor& planes_in, 
   return codes;
 }
 
+// queries_per_block: how many queries each block of the assign kernels takes (0: enough
+// blocks to fill the GPU twice, 256..4096 queries each). Every block adds its shared-memory
+// bit counts to the row's global counters once per iteration, so more blocks per row mean
+// more global atomics; fewer blocks, less parallelism. Results do not depend on it.
 std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
                                                      const c10::optional<at::Tensor>& mask_in,
-                                                     int64_t num_clusters, int64_t iterations, int64_t bits) {
+                                                     int64_t num_clusters, int64_t iterations, int64_t bits,
+                                                     int64_t queries_per_block) {
   FCL_CHECK_CUDA(codes_in, "lloyd_kmeans: codes");
   TORCH_CHECK(codes_in.dim() == 3 && codes_in.scalar_type() == at::kLong,
               "lloyd_kmeans: codes must be (B, H, N) int64, got ", codes_in.sizes(), " ", codes_in.scalar_type());
@@ -294,6 +299,8 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
               "lloyd_kmeans: num_clusters must be in 1..", MAX_SMEM_CLUSTERS, " for the kernel, got ", num_clusters);
   TORCH_CHECK(iterations >= 0, "lloyd_kmeans: iterations must be >= 0, got ", iterations);
   TORCH_CHECK(bits >= 1 && bits <= 63, "lloyd_kmeans: bits must be in 1..63, got ", bits);
+  TORCH_CHECK(queries_per_block >= 0 && queries_per_block <= (1 << 30),
+              "lloyd_kmeans: queries_per_block must be 0 (automatic) or a positive count, got ", queries_per_block);
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous();
   const int64_t B = codes.size(0), H = codes.size(1), N = codes.size(2);
@@ -318,10 +325,12 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
   lloyd_init_kernel<<<small_grid, 128, 0, stream>>>(info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // Chunks: enough blocks to fill the GPU twice over, at most 4096 queries each.
-  const int64_t target_blocks = 2 * num_sms();
-  int64_t chunk = (B * H * N + target_blocks - 1) / target_blocks;
-  chunk = std::min<int64_t>(std::max<int64_t>(chunk, 256), 4096);
+  int64_t chunk = queries_per_block;
+  if (chunk == 0) {  // enough blocks to fill the GPU twice over, at most 4096 queries each
+    const int64_t target_blocks = 2 * num_sms();
+    chunk = std::min<int64_t>(std::max<int64_t>((B * H * N + target_blocks - 1) / target_blocks, 256), 4096);
+  }
+  chunk = std::min<int64_t>(chunk, std::max<int64_t>(N, 1));
   const dim3 grid(static_cast<unsigned>((N + chunk - 1) / chunk), static_cast<unsigned>(B * H));
   constexpr int threads = 512;
   const dim3 update_grid(static_cast<unsigned>((C + 1) / 2), static_cast<unsigned>(B * H));

@@ -40,7 +40,7 @@ class EmulatedExtension:
         return reference.hash_codes_ref(x, planes, offsets)
 
     @staticmethod
-    def lloyd_kmeans(codes, mask, num_clusters, iterations, bits):
+    def lloyd_kmeans(codes, mask, num_clusters, iterations, bits, queries_per_block=0):
         return reference.lloyd_kmeans_ref(codes, mask, num_clusters, iterations, bits)
 
     @staticmethod
@@ -571,6 +571,25 @@ def test_lloyd_gpu(length, clusters, pad):
     a, c = custom_ops.lloyd_kmeans(codes, mask, clusters, 10, 31)
     ra, rc = reference.lloyd_kmeans_ref(codes, mask, clusters, 10, 31)
     assert torch.equal(a, ra) and torch.equal(c, rc)
+
+
+@needs_gpu
+@pytest.mark.parametrize("queries_per_block", [1, 97, 512, 4096, 1 << 20])
+def test_lloyd_queries_per_block_gpu(queries_per_block):
+    """The kernels' work split (queries per block, hence how many blocks add their bit counts
+    into a row's counters) does not change the result: the reference's, bit for bit."""
+    from fairseq_clustered.ops import cuda_backend
+    ext = cuda_backend.cuda_ops().ext
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 3001, 32, generator=g).cuda()
+    codes = reference.hash_codes_ref(x, torch.randn(63, 32, generator=g).cuda(), torch.zeros(63, device="cuda"))
+    mask = torch.zeros(2, 3001, dtype=torch.bool, device="cuda")
+    mask[0, 2000:] = True
+    a, c = ext.lloyd_kmeans(codes, mask, 40, 10, 63, queries_per_block=queries_per_block)
+    ra, rc = reference.lloyd_kmeans_ref(codes, mask, 40, 10, 63)
+    assert torch.equal(a, ra) and torch.equal(c, rc)
+    with pytest.raises(RuntimeError, match="queries_per_block"):
+        ext.lloyd_kmeans(codes, mask, 40, 10, 63, queries_per_block=-1)
 
 
 @needs_gpu
