@@ -76,19 +76,24 @@ def lloyd_queries_per_block(rows: int, length: int, sms: int) -> int:
     queries on a GPU of ``sms`` multiprocessors.
 
     Every block adds its shared-memory bit counts into its row's counters once per iteration,
-    and two blocks of the kernel fit on an SM: 512 queries per block, 256 where that leaves
-    most SMs idle, 2048 where that still fills every SM twice. Against the extension's own
-    choice (as many queries per block as fill the SMs twice, one wave, which a few blocks more
-    turn into two), 10 iterations at C = 100 (H200, rows 24 and 32, N = 1k..64k,
-    benchmarks/NOTES.md): 6.19 ms summed over the 14 shapes against 6.94, within 1% of the best
-    setting per shape; 32 rows of 8k: 358 -> 258 us, of 32k: 1177 -> 817 us.
+    and two blocks of the kernel are resident per SM, so a few blocks past a whole wave cost a
+    wave more. 256 queries per block where 512 would leave most SMs idle; otherwise 512 or
+    2048, whichever gives fewer whole waves times the per-block work (queries + 128). Measured
+    (``benchmarks/lloyd_sweep.py``, H200, C = 100, 10 iterations, rows 24 / 32 / 256 / 288 of
+    1k..64k queries, benchmarks/NOTES.md): 56.9 ms summed over the 28 shapes, against 59.1 for
+    the extension's own choice (enough blocks for one wave) and 56.1 for the best setting of
+    each shape; at most 1.12x the best (24 rows of 4k); 32 rows of 8k 358 -> 258 us, of 32k
+    1177 -> 817 us.
     """
-    queries = rows * length
-    if 512 * sms >= 2 * queries:
+    if 2 * rows * length <= 512 * sms:
         return 256
-    if queries >= 2048 * 2 * sms:
-        return 2048
-    return 512
+    resident = 2 * sms
+
+    def cost(per_block: int) -> int:
+        waves = -(-rows * -(-length // per_block) // resident)
+        return waves * (per_block + 128)
+
+    return 2048 if cost(2048) <= cost(512) else 512
 
 
 @functools.lru_cache(maxsize=None)

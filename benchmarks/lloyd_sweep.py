@@ -1,0 +1,79 @@
+"""Time Lloyd's k-means kernels against their work split (queries per block), on the GPU.
+
+Every block of the assign kernel adds its shared-memory bit counts into its row's global
+counters once per iteration, so the split trades global atomics against parallelism, and
+the number of blocks against whole waves of the GPU. For each shape (rows = B * H of N
+queries hashed from random bf16 vectors, C = 100, 10 iterations, 63 bits) this prints the
+microseconds of one ``lloyd_kmeans`` (graph-replayed, so without launch overhead) for each
+setting, 0 being the extension's own choice, and checks that every setting gives the same
+assignments and centroids. ``ops.cuda_kernels.lloyd_queries_per_block`` is the policy the
+kernels' callers use::
+
+    python benchmarks/lloyd_sweep.py
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fairseq_clustered.ops import cuda_backend  # noqa: E402
+from fairseq_clustered.ops.cuda_kernels import lloyd_queries_per_block  # noqa: E402
+
+
+def graph_microseconds(fn, repeats=20):
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) / repeats * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="2x12,4x8,24x12,32x8", help="comma-separated BxH shapes (rows = B * H)")
+    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
+    parser.add_argument("--settings", default="0,256,512,1024,2048,4096,8192,16384,65536")
+    parser.add_argument("--clusters", type=int, default=100)
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or not cuda_backend.load():
+        sys.exit("needs a CUDA GPU and the compiled fairseq_clustered._C")
+    ext = cuda_backend.cuda_ops().ext
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    settings = [int(s) for s in args.settings.split(",")]
+    print(f"# {torch.cuda.get_device_name()}, {sms} SMs, torch {torch.__version__}; C={args.clusters}, 10 iterations")
+    print("rows      N  policy | us by queries per block " + " ".join(f"{s:>7d}" for s in settings))
+    for shape in args.rows.split(","):
+        batch, heads = (int(x) for x in shape.split("x"))
+        for length in (int(n) for n in args.lengths.split(",")):
+            x = torch.randn(batch, heads, length, 64, device="cuda", dtype=torch.bfloat16)
+            codes = ext.hash_codes(x, torch.randn(63, 64, device="cuda"), torch.zeros(63, device="cuda"))
+            expected = ext.lloyd_kmeans(codes, None, args.clusters, 10, 63)
+            cells = []
+            for setting in settings:
+                if setting > 2 * length:
+                    cells.append(f"{'-':>7}")
+                    continue
+                got = ext.lloyd_kmeans(codes, None, args.clusters, 10, 63, queries_per_block=setting)
+                assert all(torch.equal(a, b) for a, b in zip(got, expected)), f"setting {setting} changed the result"
+                us = graph_microseconds(lambda: ext.lloyd_kmeans(codes, None, args.clusters, 10, 63,
+                                                                 queries_per_block=setting))
+                cells.append(f"{us:7.1f}")
+            policy = lloyd_queries_per_block(batch * heads, length, sms)
+            print(f"{batch * heads:4d} {length:6d} {policy:7d} | {' ' * 25}" + " ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
