@@ -352,6 +352,34 @@ def test_results_in_the_inputs_layout_cpu(monkeypatch, path):
         assert got.stride() == leaf.stride(), f"d{name} strides {got.stride()}, {name} {leaf.stride()}"
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or _triton.triton is None,
+                    reason="the Triton centroid kernels run on CPU tensors only in Triton's interpreter")
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_backward_from_the_kept_forward_parts_cpu(monkeypatch, dropout):
+    """The eager backward from what the forward kept (each cluster's output and the sort:
+    ``clustered_bwd_kept``) equals the op's backward from the queries and the output, bit for bit,
+    with padded queries and empty clusters; run over the CPU stand-in of the extension, the
+    centroid attention in Triton's interpreter (the GPU's kernel path for key padding / dropout)."""
+    from fairseq_clustered.ops import centroid_triton
+    ops = CudaOps(EmulatedExtension())
+    monkeypatch.setattr(ops, "_centroid_triton_ok",  # on CUDA tensors only, otherwise
+                        lambda query, value, clusters: centroid_triton.triton_centroid_unavailable(
+                            query, value, clusters) is None)
+    q, k, v, qmask, kmask, a = make_inputs(2, 2, 37, 41, 16, torch.float32, "cpu", 9, seed=3)
+    a[:, :, :5] = -1  # padded queries; with 9 clusters over ~30 queries some are empty
+    keep = torch.rand(2, 2, 9, 41, generator=torch.Generator().manual_seed(1)) >= dropout if dropout else None
+    grad = _fairseq_layout(torch.randn(2, 2, 37, 16, generator=torch.Generator().manual_seed(2)))
+    out, lse, centroids, cluster_outputs, order, seg_start = ops._clustered_fwd_keeping(
+        q, k, v, a, kmask, keep, 9, 0.25, dropout)
+    assert ops._centroid_triton_ok(q, v, 9)
+    expected = ops.clustered_bwd(grad, q, k, v, a, kmask, keep, out, lse, centroids, 9, 0.25, dropout)
+    got = ops.clustered_bwd_kept(grad, q.shape, custom_ops.dense_strides_like(q, 16), q.dtype, k, v, a, kmask, keep,
+                                 lse, centroids, cluster_outputs, order, seg_start, 9, 0.25, dropout)
+    for name, x, y in zip(("dq", "dk", "dv"), got, expected):
+        assert torch.equal(x, y), name
+    assert got[0].stride() == q.stride()
+
+
 def test_fake_kernels_follow_the_inputs_layout_cpu():
     """The clustered ops' fake kernels (what torch.compile plans with) give the strides the real
     ones return, for fairseq's layout: opcheck compares them."""
@@ -764,6 +792,8 @@ def test_eager_path_gpu(monkeypatch, variant, dropout):
     expected = run()
     assert torch.equal(got[0], expected[0])
     for name, a, b in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
+        if variant == "clustered":  # no atomics: the backward from the forward's kept parts is the op's, exactly
+            assert torch.equal(a, b), name
         assert max_err(a, b) <= 1e-2 * (1 + b.double().abs().max().item()), name
 
 

@@ -225,7 +225,8 @@ class CudaOps:
         """:meth:`cluster_queries`, then :meth:`clustered_fwd` (``improved`` False) or
         :meth:`improved_fwd` on the assignments, as one composition (one graph replay where it
         repeats, one less than two calls); ``attention`` are their arguments after
-        ``assignments``. Returns their outputs and then the assignments."""
+        ``assignments``. Returns their outputs and then the assignments; the clustered variant's
+        kernel path then what :meth:`clustered_bwd_kept` takes (see :meth:`_clustered_fwd_keeping`)."""
         num_clusters = attention[2]
         if self._why_not(query, value, improved) or self.clustering_why_not(query, num_clusters):
             assignments, _ = self.cluster_queries(query, planes, offsets, query_padding_mask, num_clusters,
@@ -240,8 +241,10 @@ class CudaOps:
                              bits, *attention):
         assignments, _ = self._cluster_queries(query, planes, offsets, query_padding_mask, attention[2], iterations,
                                                bits)
-        attend = self._improved_fwd if improved else self._clustered_fwd
-        return (*attend(query, key, value, assignments, *attention), assignments)
+        if improved:
+            return (*self._improved_fwd(query, key, value, assignments, *attention), assignments)
+        out, lse, centroids, *kept = self._clustered_fwd_keeping(query, key, value, assignments, *attention)
+        return (out, lse, centroids, assignments, *kept)
 
     def _why_not(self, query: Tensor, value: Tensor, improved: bool) -> Optional[str]:
         """Why the kernels cannot serve these inputs (None when they can).
@@ -325,6 +328,14 @@ class CudaOps:
 
     def _clustered_fwd(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, scale,
                        dropout_p):
+        return self._clustered_fwd_keeping(query, key, value, assignments, key_padding_mask, keep, num_clusters,
+                                           scale, dropout_p)[:3]
+
+    def _clustered_fwd_keeping(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, scale,
+                               dropout_p):
+        """:meth:`_clustered_fwd`'s ``out, lse, centroids``, then what :meth:`clustered_bwd_kept` takes
+        instead of the queries and the output: each cluster's output ``(B H, C, Dv)`` (what its
+        members received) and the sort of the queries by cluster (``order``, ``seg_start``)."""
         batch, heads, length, dim = query.shape
         rows, value_dim = batch * heads, value.shape[-1]
         assignments = assignments.contiguous()
@@ -341,7 +352,7 @@ class CudaOps:
                 qbar, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p)
         out = self._broadcast(centroid_values, assignments, custom_ops.attention_output_like(query, value_dim))
         return (out, lse.reshape(batch, heads, num_clusters).float().contiguous(),
-                qbar.reshape(batch, heads, num_clusters, dim))
+                qbar.reshape(batch, heads, num_clusters, dim), centroid_values.to(query.dtype), order, seg_start)
 
     def _flash_fwd(self, qbar, key, value, scale, batch, heads):
         """Centroid attention through flash: ``(out (B, H, C, Dv), lse (B, H, C), ctx for _flash_bwd)``."""
@@ -436,31 +447,58 @@ class CudaOps:
 
     def _clustered_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, out, lse, centroids,
                        num_clusters, scale, dropout_p):
-        batch, heads, length, dim = query.shape
-        rows, value_dim = batch * heads, value.shape[-1]
         assignments = assignments.contiguous()
-        order, seg_start, counts = _segments(assignments, num_clusters)
+        order, seg_start, _ = _segments(assignments, num_clusters)
+        return self._clustered_bwd_sorted(
+            grad_out, torch.empty_like(query), key, value, assignments, key_padding_mask, keep, lse, centroids,
+            self._cluster_outputs(out, order, seg_start, num_clusters), order, seg_start, num_clusters, scale,
+            dropout_p)
+
+    def clustered_bwd_kept(self, grad_out, query_shape, query_strides, query_dtype, key, value, assignments,
+                           key_padding_mask, keep, lse, centroids, cluster_outputs, order, seg_start, num_clusters,
+                           scale, dropout_p):
+        """:meth:`clustered_bwd` from what :meth:`_clustered_fwd_keeping` kept (the eager path's
+        backward, as one composition): neither the queries nor the output are read, so neither is
+        copied into the graph, and the sort is not done again. ``dq`` is made with the given
+        shape, strides (dense) and dtype."""
+        return self.graphs.run("clustered_attention_bwd_kept", self._clustered_bwd_kept, (
+            grad_out, tuple(query_shape), tuple(query_strides), query_dtype, key, value, assignments,
+            key_padding_mask, keep, lse, centroids, cluster_outputs, order, seg_start, num_clusters, scale,
+            dropout_p))
+
+    def _clustered_bwd_kept(self, grad_out, query_shape, query_strides, query_dtype, key, value, *rest):
+        dq = torch.empty_strided(query_shape, query_strides, dtype=query_dtype, device=key.device)
+        return self._clustered_bwd_sorted(grad_out, dq, key, value, *rest)
+
+    def _clustered_bwd_sorted(self, grad_out, dq, key, value, assignments, key_padding_mask, keep, lse, centroids,
+                              cluster_outputs, order, seg_start, num_clusters, scale, dropout_p):
+        """The gradients, given the queries' sort by cluster, each cluster's output ``(B H, C, Dv)``
+        and an empty ``dq (B, H, N, D)`` in the layout wanted (it stands for the queries in the
+        checks: only their shape and dtype matter here)."""
+        batch, heads, length, dim = dq.shape
+        rows, value_dim = batch * heads, value.shape[-1]
+        counts = (seg_start[:, 1:] - seg_start[:, :-1]).to(torch.float32)
         qbar = centroids.reshape(rows, num_clusters, dim).float()
         grad_centroid_values = self.ext.segment_sum(grad_out, order, seg_start, False)  # (rows, C, Dv)
-        if self._flash_ok(query, value, key_padding_mask, keep):
-            out_c = self._cluster_outputs(out, order, seg_start, num_clusters)
+        if self._flash_ok(dq, value, key_padding_mask, keep):
             qb = qbar.reshape(batch, heads, num_clusters, dim).to(key.dtype)
-            ctx = self._attn_ctx(qb, key, value, scale, out_c.reshape(batch, heads, num_clusters, value_dim),
+            ctx = self._attn_ctx(qb, key, value, scale,
+                                 cluster_outputs.reshape(batch, heads, num_clusters, value_dim),
                                  lse.float().contiguous())
-            grad_c = grad_centroid_values.reshape(batch, heads, num_clusters, value_dim).to(query.dtype)
+            grad_c = grad_centroid_values.reshape(batch, heads, num_clusters, value_dim).to(dq.dtype)
             dqb, dk, dv = self._attn_bwd(grad_c, ctx)
             grad_centroids = dqb.reshape(rows, num_clusters, dim).float()
-        elif self._centroid_triton_ok(query, value, num_clusters):
+        elif self._centroid_triton_ok(dq, value, num_clusters):
             grad_centroids, dk, dv = centroid_triton.centroid_attention_bwd(
-                grad_centroid_values, self._cluster_outputs(out, order, seg_start, num_clusters), qbar, key, value,
-                key_padding_mask, keep, lse.reshape(rows, num_clusters), scale, dropout_p)
+                grad_centroid_values, cluster_outputs, qbar, key, value, key_padding_mask, keep,
+                lse.reshape(rows, num_clusters), scale, dropout_p)
         else:
             grad_centroids, dk, dv = self._dense_clustered_bwd(
                 grad_centroid_values, qbar, key, value, key_padding_mask, keep, lse, num_clusters, scale, dropout_p)
             dk = dk.reshape(key.shape).to(key.dtype)
             dv = dv.reshape(value.shape).to(value.dtype)
         grad_centroids = grad_centroids / counts.clamp(min=1).unsqueeze(-1)
-        dq = self._broadcast(grad_centroids, assignments, torch.empty_like(query))
+        dq = self._broadcast(grad_centroids, assignments.contiguous(), dq)
         # the Triton kernels write dk, dv in these layouts already (no copy); flash and the dense path may not
         return dq, custom_ops.laid_out_as(dk, key), custom_ops.laid_out_as(dv, value)
 

@@ -40,12 +40,22 @@ from . import reference
 LIBRARY = "fairseq_clustered"
 
 
+def dense_strides_like(query: Tensor, value_dim: int) -> Tuple[int, ...]:
+    """Strides of a dense ``(B, H, N, value_dim)`` tensor whose batch, head and position dims lie in
+    memory in the query's order (outermost first, by the query's strides), the feature dim innermost."""
+    outer = sorted(range(3), key=lambda d: -query.stride(d))  # stable for ties
+    strides, step = [0, 0, 0, 1], value_dim
+    for d in reversed(outer):
+        strides[d] = step
+        step *= query.shape[d]
+    return tuple(strides)
+
+
 def attention_output_like(query: Tensor, value_dim: int, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """An empty ``(B, H, N, value_dim)`` tensor (query's dtype by default) whose batch, head and
-    position dims lie in memory in the query's order, the feature dim innermost."""
-    outer = sorted(range(3), key=lambda d: -query.stride(d))  # outermost first; stable for ties
-    empty = query.new_empty([query.shape[d] for d in outer] + [value_dim], dtype=dtype)
-    return empty.permute(*(outer.index(d) for d in range(3)), 3)
+    """An empty ``(B, H, N, value_dim)`` tensor (query's dtype by default) laid out as
+    :func:`dense_strides_like` says."""
+    return torch.empty_strided((*query.shape[:3], value_dim), dense_strides_like(query, value_dim),
+                               dtype=dtype or query.dtype, device=query.device)
 
 
 def laid_out_as(result: Tensor, like: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import cuda_backend
+from . import cuda_backend, custom_ops
 
 
 def implementations(query: Tensor):
@@ -40,31 +40,42 @@ class ClusteredAttention(torch.autograd.Function):
 
     With ``assignments`` None the queries are clustered in the forward's own composition
     (``CudaOps.fwd_with_clustering``) from ``clustering = (planes, offsets,
-    query_padding_mask, iterations, bits)``; otherwise ``clustering`` is None.
+    query_padding_mask, iterations, bits)``; otherwise ``clustering`` is None. Where that
+    composition ran the kernels it also returns each cluster's output and the queries' sort by
+    cluster, and the backward takes those (``CudaOps.clustered_bwd_kept``) instead of the
+    queries and the output: neither is copied into the backward's graph, nor is the sort redone.
     """
 
     @staticmethod
     def forward(ctx, ops, query, key, value, assignments: Optional[Tensor], key_padding_mask: Optional[Tensor],
                 keep: Optional[Tensor], num_clusters: int, scale: float, dropout_p: float,
                 clustering: Optional[tuple]):
+        kept = ()
         if assignments is None:
-            out, lse, centroids, assignments = ops.fwd_with_clustering(
+            out, lse, centroids, assignments, *kept = ops.fwd_with_clustering(
                 False, query, key, value, *clustering, key_padding_mask, keep, num_clusters, scale, dropout_p)
         else:
             out, lse, centroids = ops.clustered_fwd(query, key, value, assignments, key_padding_mask, keep,
                                                     num_clusters, scale, dropout_p)
         ctx.ops, ctx.hyper = ops, (num_clusters, scale, dropout_p)
-        ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, out, lse, centroids)
+        ctx.query_layout = None
+        if kept:
+            # dq in the queries' layout (a model's (N, B, H D) views), made in the backward's graph
+            ctx.query_layout = (query.shape, custom_ops.dense_strides_like(query, query.shape[-1]), query.dtype)
+            ctx.save_for_backward(key, value, assignments, key_padding_mask, keep, lse, centroids, *kept)
+        else:
+            ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, out, lse, centroids)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        query, key, value, assignments, key_padding_mask, keep, out, lse, centroids = ctx.saved_tensors
         # grad_out as it comes (a model's is a view of an (N, B, H Dv) gradient): the kernels
         # read it through its strides, a contiguous copy would cost a pass over it
-        dq, dk, dv = ctx.ops.clustered_bwd(grad_out, query, key, value, assignments, key_padding_mask,
-                                           keep, out, lse, centroids, *ctx.hyper)
+        if ctx.query_layout is not None:
+            dq, dk, dv = ctx.ops.clustered_bwd_kept(grad_out, *ctx.query_layout, *ctx.saved_tensors, *ctx.hyper)
+        else:
+            dq, dk, dv = ctx.ops.clustered_bwd(grad_out, *ctx.saved_tensors, *ctx.hyper)
         return None, dq, dk, dv, None, None, None, None, None, None, None
 
 
