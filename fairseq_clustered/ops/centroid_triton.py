@@ -304,7 +304,7 @@ def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, ke
         grad_value,
         num_clusters, keys, heads, per_program, scale * LOG2E, scale,
         1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
-        *strides, *grad_key.stride()[:3], *grad_value.stride()[:3], DIM=dim, BLOCK_C=_tile(num_clusters), PADDED=padding is not None, DROPOUT=kept is not None,
-        **launch,
+        *strides, *grad_key.stride()[:3], *grad_value.stride()[:3],
+        DIM=dim, BLOCK_C=_tile(num_clusters), PADDED=padding is not None, DROPOUT=kept is not None, **launch,
     )
     return grad_qbar.sum(1), grad_key, grad_value
