@@ -322,6 +322,24 @@ def _folds_back(x):
     return x.permute(2, 0, 1, 3).is_contiguous()
 
 
+def _in_both_layouts(attend, q, k, v, grad):
+    """``[out, dq, dk, dv]`` of ``attend(q, k, v)`` backpropagating ``grad``, on contiguous inputs
+    and on fairseq-layout views of the same values; checks that the second call's output folds
+    back into ``(N, B, H * D)`` and that its gradients have their inputs' strides."""
+    def run(leaves):
+        out = attend(*leaves)
+        out.backward(grad)
+        return [out] + [t.grad for t in leaves]
+
+    contiguous = run([t.clone().requires_grad_(True) for t in (q, k, v)])
+    leaves = [_fairseq_layout(t).detach().requires_grad_(True) for t in (q, k, v)]
+    laid_out = run(leaves)
+    assert _folds_back(laid_out[0]), f"output strides {laid_out[0].stride()}"
+    for name, leaf, got in zip("qkv", leaves, laid_out[1:]):
+        assert got.stride() == leaf.stride(), f"d{name} strides {got.stride()}, {name} {leaf.stride()}"
+    return contiguous, laid_out
+
+
 @pytest.mark.parametrize("path", ["custom_op", "eager"])
 def test_results_in_the_inputs_layout_cpu(monkeypatch, path):
     """Given fairseq's layout (views of ``(N, B, H D)`` projections), the clustered op returns the
@@ -336,20 +354,12 @@ def test_results_in_the_inputs_layout_cpu(monkeypatch, path):
     q, k, v, grad = (torch.randn(2, 3, 40, 16, generator=gen) for _ in range(4))
     planes = torch.randn(12, 16, generator=gen)
 
-    def run(leaves):
-        out = ops.clustered_attention(*leaves, num_clusters=5, iterations=3, bits=12, planes=planes, dropout_p=0.2,
-                                      generator=torch.Generator().manual_seed(3))
-        out.backward(grad)
-        return [out] + [t.grad for t in leaves]
-
-    contiguous = run([t.clone().requires_grad_(True) for t in (q, k, v)])
-    leaves = [_fairseq_layout(t).detach().requires_grad_(True) for t in (q, k, v)]
-    laid_out = run(leaves)
-    assert _folds_back(laid_out[0]), f"output strides {laid_out[0].stride()}"
+    contiguous, laid_out = _in_both_layouts(
+        lambda *qkv: ops.clustered_attention(*qkv, num_clusters=5, iterations=3, bits=12, planes=planes,
+                                             dropout_p=0.2, generator=torch.Generator().manual_seed(3)),
+        q, k, v, grad)
     for name, got, expected in zip(("out", "dq", "dk", "dv"), laid_out, contiguous):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
-    for name, leaf, got in zip("qkv", leaves, [t.grad for t in leaves]):
-        assert got.stride() == leaf.stride(), f"d{name} strides {got.stride()}, {name} {leaf.stride()}"
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or _triton.triton is None,
@@ -705,18 +715,10 @@ def test_results_in_the_inputs_layout_gpu(dropout, pad):
     kmask = (torch.arange(1025) >= torch.tensor([[1025], [900]])).cuda() if pad else None
     planes = torch.randn(63, 64, device="cuda")
 
-    def run(leaves):
-        out = clustered_attention(*leaves, kmask, kmask, num_clusters=50, planes=planes, dropout_p=dropout,
-                                  generator=torch.Generator(device="cuda").manual_seed(1))
-        out.backward(grad)
-        return [out] + [t.grad for t in leaves]
-
-    expected = run([t.clone().requires_grad_(True) for t in (q, k, v)])
-    leaves = [_fairseq_layout(t).detach().requires_grad_(True) for t in (q, k, v)]
-    got = run(leaves)
-    assert _folds_back(got[0]), f"output strides {got[0].stride()}"
-    for name, leaf, g in zip("qkv", leaves, got[1:]):
-        assert g.stride() == leaf.stride(), f"d{name} strides {g.stride()}, {name} {leaf.stride()}"
+    expected, got = _in_both_layouts(
+        lambda *qkv: clustered_attention(*qkv, kmask, kmask, num_clusters=50, planes=planes, dropout_p=dropout,
+                                         generator=torch.Generator(device="cuda").manual_seed(1)),
+        q, k, v, grad)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2, msg=name)
         if dropout:  # the Triton kernels read and write through strides: the same sums in the same order
