@@ -24,11 +24,11 @@ Backward (the joint softmax, ``P = exp(S - lse)``, ``dS = P (dP - rowsum(dO * O)
 
 * a query kernel, per slice of a chunk as in the forward: ``dq`` over the same blocks,
   and the slice's part of the gradients of the chunk's summary keys and values, which no
-  other program writes (the parts of a chunk's slices are summed afterwards, in a fixed
-  order: the result is deterministic);
+  other program writes (the parts of a chunk's slices are summed by the scan below, in
+  a fixed order: the result is deterministic);
 * the summaries' gradients go back through the prefix means to per-(chunk, cluster)
   sums: a scan walking the chunks backwards (elementwise, 2x faster than the
-  extension's adjoint kernel);
+  extension's adjoint kernel), which adds each chunk's slice parts as it reads them;
 * a key kernel, per slice of chunk ``j``: ``dk``, ``dv`` from the queries of chunks ``j``
   (causally) and ``j + 1``, in blocks, plus the gradient of the (chunk, cluster) sum each
   key is a member of, written once in the input dtype.
@@ -140,13 +140,17 @@ if triton is not None:
 
     @triton.jit
     def _summary_grads_scan(GRAD_MEAN_K, GRAD_MEAN_V, COUNTS, GRAD_SUMS_K, GRAD_SUMS_V, num_chunks,
-                            num_clusters, BLOCK_C: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                            num_clusters, SLICES: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
         """Adjoint of the prefix means, program (feature block f, group g): the
         gradient of chunk s's per-cluster sums is the sum over its readers t >= s + 2 of
-        grad_mean_t / max(n_t, 1), a scan walking the chunks backwards.
+        grad_mean_t / max(n_t, 1), a scan walking the chunks backwards. Each reader's
+        grad_mean_t comes in SLICES parts (one per query slice of chunk t), added here in
+        fp32 in a fixed order (deterministic; a separate fp32 sum of the parts took 0.6 ms
+        at W = 256, N = 32k on an H200, more than this scan).
 
-        GRAD_MEAN_K, GRAD_MEAN_V: (G, T - 2, C, DIM); COUNTS: (G, T, C) fp32; GRAD_SUMS_K,
-        GRAD_SUMS_V: (G, T, C, DIM), zero for chunks T - 2 and T - 1 (no reader)."""
+        GRAD_MEAN_K, GRAD_MEAN_V: (G, T - 2, SLICES, C, DIM); COUNTS: (G, T, C) fp32;
+        GRAD_SUMS_K, GRAD_SUMS_V: (G, T, C, DIM), zero for chunks T - 2 and T - 1 (no reader)."""
         group = tl.program_id(1).to(tl.int64)
         feats = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         slots = tl.arange(0, BLOCK_C)
@@ -164,9 +168,14 @@ if triton is not None:
             reader = num_chunks - 1 - step  # T - 1 down to 2
             count = tl.load(COUNTS + (group * num_chunks + reader) * num_clusters + slots, mask=slot_ok, other=1.0)
             inverse = 1.0 / tl.maximum(count, 1.0)[:, None]
-            src = (group * (num_chunks - 2) + reader - 2) * num_clusters * DIM + tile
-            grad_k += tl.load(GRAD_MEAN_K + src, mask=slot_ok[:, None], other=0.0).to(tl.float32) * inverse
-            grad_v += tl.load(GRAD_MEAN_V + src, mask=slot_ok[:, None], other=0.0).to(tl.float32) * inverse
+            parts_k = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+            parts_v = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+            for part in tl.static_range(SLICES):
+                src = ((group * (num_chunks - 2) + reader - 2) * SLICES + part) * num_clusters * DIM + tile
+                parts_k += tl.load(GRAD_MEAN_K + src, mask=slot_ok[:, None], other=0.0).to(tl.float32)
+                parts_v += tl.load(GRAD_MEAN_V + src, mask=slot_ok[:, None], other=0.0).to(tl.float32)
+            grad_k += parts_k * inverse
+            grad_v += parts_v * inverse
             dst = (group * num_chunks + reader - 2) * num_clusters * DIM + tile
             tl.store(GRAD_SUMS_K + dst, grad_k.to(GRAD_SUMS_K.dtype.element_ty), mask=slot_ok[:, None])
             tl.store(GRAD_SUMS_V + dst, grad_v.to(GRAD_SUMS_V.dtype.element_ty), mask=slot_ok[:, None])
@@ -277,8 +286,8 @@ if triton is not None:
         """Program (p, group g), p = t W / ROWS + s: dq of ROWS queries of chunk t (its s-th
         slice; keys in the forward's blocks), delta = rowsum(dO * O), and the slice's part of
         the gradients of the chunk's summary keys / values, (G, T - 2, W / ROWS, C, DIM) in q's
-        dtype like dq: no other program writes them (deterministic); the caller sums the
-        slices."""
+        dtype like dq: no other program writes them (deterministic); the gradient scan sums
+        the slices."""
         chunk, part, group, base, rows, tile = _program_tiles(length, WINDOW, ROWS, DIM)
         row_ok = rows < length
         q = tl.load(Q + base + tile, mask=row_ok[:, None], other=0.0)
@@ -526,7 +535,6 @@ def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, cluste
         WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **options,
     )
     if has_summaries:
-        grad_summary_keys, grad_summary_values = (_sum_slices(x) for x in (grad_summary_keys, grad_summary_values))
         grad_sums_k, grad_sums_v = _chunk_sum_grads(grad_summary_keys, grad_summary_values, counts, window)
     else:
         grad_sums_k = grad_sums_v = _empty(lse)
@@ -547,18 +555,11 @@ def causal_triton_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tenso
                     num_clusters, scale)
 
 
-def _sum_slices(parts: Tensor) -> Tensor:
-    """``(G, T - 2, S, C, D)`` per-slice parts -> ``(G, T - 2, C, D)``: a view for one slice,
-    else their sum in fp32 (a fixed order: deterministic), in the parts' dtype."""
-    if parts.shape[2] == 1:
-        return parts.squeeze(2)
-    return parts.float().sum(2).to(parts.dtype)
-
-
 def _chunk_sum_grads(grad_keys: Tensor, grad_values: Tensor, counts: Tensor, window: int) -> Tuple[Tensor, Tensor]:
-    """Adjoint of the summary means: their gradients ``(G, T - 2, C, D)`` -> the gradients
-    of every per-(chunk, cluster) key and value sum, ``(G, T, C, D)`` each."""
-    groups, readers, num_clusters, dim = grad_keys.shape
+    """Adjoint of the summary means: their gradients ``(G, T - 2, S, C, D)``, in parts from
+    the S query slices of each chunk -> the gradients of every per-(chunk, cluster) key and
+    value sum, ``(G, T, C, D)`` each."""
+    groups, readers, slices, num_clusters, dim = grad_keys.shape
     # bf16 halves the traffic of these sums; fp16 keeps fp32, since a suffix sum over
     # hundreds of chunks of loss-scaled gradients can leave fp16's range.
     dtype = torch.bfloat16 if grad_keys.dtype == torch.bfloat16 else torch.float32
@@ -566,7 +567,7 @@ def _chunk_sum_grads(grad_keys: Tensor, grad_values: Tensor, counts: Tensor, win
     grad_sums_v = torch.empty_like(grad_sums_k)
     options = _launch("grads_scan", window, dim)
     _summary_grads_scan[(dim // options["BLOCK_D"], groups)](
-        grad_keys, grad_values, counts, grad_sums_k, grad_sums_v, readers + 2, num_clusters,
+        grad_keys, grad_values, counts, grad_sums_k, grad_sums_v, readers + 2, num_clusters, SLICES=slices,
         BLOCK_C=_cluster_block(num_clusters), DIM=dim, **options,
     )
     return grad_sums_k, grad_sums_v
