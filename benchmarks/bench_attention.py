@@ -10,7 +10,8 @@ For each N it times, in one process on the same inputs, forward and forward+back
   (hashing and clustering included);
 * ``reference``: the pure-PyTorch reference (small N only).
 
-``--causal`` times the causal setting instead (issue 5): ``sdpa`` and ``flash`` with
+``--causal`` times the causal setting instead (issue 5; by default its window 256 and 64
+clusters): ``sdpa`` and ``flash`` with
 ``is_causal=True`` (the baseline), ``causal_clustered`` (the leak-free variant of
 ``fairseq_clustered.ops.causal``, key clustering included; on CUDA its one-kernel Triton
 path), ``causal_flash_parts`` (the same with the attention as three flash-attention calls,
@@ -66,14 +67,16 @@ def parse_args():
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--clusters", type=int, default=100)
+    p.add_argument("--clusters", type=int, default=None,
+                   help=f"C (default 100; with --causal {causal_ops.DEFAULT_NUM_CLUSTERS}, the causal default)")
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--bits", type=int, default=63)
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
     p.add_argument("--max-reference-n", type=int, default=None, help="largest N for the reference")
     p.add_argument("--causal", action="store_true", help="the causal setting (see above)")
-    p.add_argument("--window", type=int, default=causal_ops.DEFAULT_WINDOW, help="causal: chunk size W")
+    p.add_argument("--window", type=int, default=causal_ops.DEFAULT_WINDOW,
+                   help=f"causal: chunk size W (default {causal_ops.DEFAULT_WINDOW})")
     p.add_argument("--methods", default=None,
                    help="comma-separated (default sdpa,flash,clustered,improved,reference; "
                         "with --causal sdpa,flash,causal_clustered,causal_flash_parts,causal_reference)")
@@ -84,7 +87,10 @@ def parse_args():
     p.add_argument("--host-profile", default="",
                    help="comma-separated N: print where the host (CPU) time of a forward+backward goes per method "
                         "(Python functions by own time, torch ops by count)")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.clusters is None:
+        args.clusters = causal_ops.DEFAULT_NUM_CLUSTERS if args.causal else 100
+    return args
 
 
 def timer(device, fn, repeats, warmup=2):

@@ -100,7 +100,7 @@ def plot(runs: List[Run], out: Path) -> None:
     axes.set_ylabel("validation bits per character")
     axes.set_title("Shakespeare character LM (2048-character contexts)")
     axes.set_ylim(top=min(3.0, axes.get_ylim()[1]))
-    axes.legend()
+    axes.legend(fontsize=8, loc="upper right")
     figure.tight_layout()
     figure.savefig(out / "curves.png", dpi=120)
     print(f"wrote {out / 'curves.png'} and {out / 'summary.csv'}")

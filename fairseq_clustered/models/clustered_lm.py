@@ -42,8 +42,8 @@ from ..modules.causal_attention import (
     CausalClusteredTransformerDecoderLayerBase,
 )
 from ..modules.transformer_layer import wrap_layer_like_fairseq
-from ..ops import DEFAULT_BITS, DEFAULT_ITERATIONS, DEFAULT_NUM_CLUSTERS
-from ..ops.causal import DEFAULT_WINDOW
+from ..ops import DEFAULT_BITS, DEFAULT_ITERATIONS
+from ..ops.causal import DEFAULT_NUM_CLUSTERS, DEFAULT_WINDOW
 
 logger = logging.getLogger(__name__)
 

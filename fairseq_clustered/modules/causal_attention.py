@@ -77,7 +77,7 @@ class CausalClusteredMultiheadAttention(ClusteredMultiheadAttention):
         *,
         attention: str = "causal_clustered",
         window: int = causal_ops.DEFAULT_WINDOW,
-        num_clusters: int = ops.DEFAULT_NUM_CLUSTERS,
+        num_clusters: int = causal_ops.DEFAULT_NUM_CLUSTERS,
         iterations: int = ops.DEFAULT_ITERATIONS,
         bits: int = ops.DEFAULT_BITS,
         seed: int = 1,
@@ -212,7 +212,7 @@ class CausalClusteredAttentionSettings:
 
     attention: str = "causal_clustered"
     window: int = causal_ops.DEFAULT_WINDOW
-    num_clusters: int = ops.DEFAULT_NUM_CLUSTERS
+    num_clusters: int = causal_ops.DEFAULT_NUM_CLUSTERS
     iterations: int = ops.DEFAULT_ITERATIONS
     bits: int = ops.DEFAULT_BITS
     layers: str = "all"
