@@ -116,6 +116,14 @@ def measure(model, dictionary, length, batch, steps, warmup, device, dtype, prof
     def step():
         train_step(inputs, masked, targets)
 
+    seconds, peak = time_steps(step, steps, warmup, device, profile_name)
+    return batch * length / seconds, peak
+
+
+def time_steps(step, steps, warmup, device, profile_name=None):
+    """Median seconds of ``step()`` over ``steps`` calls after ``warmup`` ones (CUDA events on
+    the GPU) and the peak memory in bytes (nan on the CPU); ``profile_name``: also print the
+    step's top CUDA kernels under that name."""
     cuda = device.type == "cuda"
     for _ in range(warmup):
         step()
@@ -139,7 +147,7 @@ def measure(model, dictionary, length, batch, steps, warmup, device, dtype, prof
     if profile_name and cuda:
         from bench_attention import profile  # benchmarks/ is this script's directory
         profile(profile_name, step, top=40)  # a model step has many kernels besides the attention
-    return batch * length / statistics.median(times), peak
+    return statistics.median(times), peak
 
 
 def trainer(model, device, dtype):
@@ -291,24 +299,42 @@ def main():
         write_csv(args.csv, rows)
         return
 
+    def measure_variant(variant, length, batch, profile_name):
+        model, dictionary = build_model(variant, length, vocab, small, num_clusters, topk, args.attention_dropout)
+        try:
+            return measure(model, dictionary, length, batch, steps, warmup, device, dtype, profile_name)
+        finally:
+            del model
+
+    rows = compare_variants(lengths, variants, EXACT_VARIANTS, tokens_per_batch, measure_variant, args.profile,
+                            device, dtype)
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print_rows(rows, f"# {device_name}, torch {torch.__version__}, RoBERTa-{'tiny' if small else 'base'} masked LM, "
+                     f"C={num_clusters}, k={topk}, {tokens_per_batch} tokens/batch, attention dropout "
+                     f"{'default' if args.attention_dropout is None else args.attention_dropout} "
+                     "(nan = out of memory)")
+    write_csv(args.csv, rows)
+
+
+def compare_variants(lengths, variants, exact_variants, tokens_per_batch, measure_variant, profile, device, dtype):
+    """For each length (batches of ``tokens_per_batch // length`` sequences), each variant's
+    ``measure_variant(variant, length, batch, profile_name) -> (tokens/s, peak bytes)``, from
+    the same seed, as rows with the ratio to the fastest of ``exact_variants`` at that length
+    (out of memory: nan)."""
     rows = []
     for length in lengths:
         batch = max(1, tokens_per_batch // length)
         results = {}
         for variant in variants:
             torch.manual_seed(0)
-            model, dictionary = build_model(variant, length, vocab, small, num_clusters, topk,
-                                            args.attention_dropout)
+            profile_name = f"{variant} at {length}" if str(length) in profile.split(",") else None
             try:
-                profile_name = f"{variant} at {length}" if str(length) in args.profile.split(",") else None
-                results[variant] = measure(model, dictionary, length, batch, steps, warmup, device, dtype,
-                                           profile_name)
+                results[variant] = measure_variant(variant, length, batch, profile_name)
             except torch.cuda.OutOfMemoryError:
                 results[variant] = (float("nan"), float("nan"))
-            del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        exact = [results[v][0] for v in EXACT_VARIANTS if v in results and results[v][0] == results[v][0]]
+        exact = [results[v][0] for v in exact_variants if v in results and results[v][0] == results[v][0]]
         best_exact = max(exact) if exact else float("nan")
         for variant, (tokens_per_s, peak) in results.items():
             rows.append({
@@ -317,17 +343,17 @@ def main():
                 "speedup_vs_best_exact": round(tokens_per_s / best_exact, 3) if best_exact == best_exact else "",
                 "peak_mem_gib": round(peak / 2**30, 3) if peak == peak else "",
             })
+    return rows
 
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"# {device_name}, torch {torch.__version__}, RoBERTa-{'tiny' if small else 'base'} masked LM, "
-          f"C={num_clusters}, k={topk}, {tokens_per_batch} tokens/batch, attention dropout "
-          f"{'default' if args.attention_dropout is None else args.attention_dropout} (nan = out of memory)")
-    header = f"{'length':>7} {'batch':>5} {'variant':>10} {'tokens/s':>12} {'vs best exact':>14} {'peak GiB':>9}"
-    print(header)
+
+def print_rows(rows, title):
+    """The rows of :func:`compare_variants` as a table under ``title``."""
+    width = max(10, *(len(row["variant"]) for row in rows))
+    print(title)
+    print(f"{'length':>7} {'batch':>5} {'variant':>{width}} {'tokens/s':>12} {'vs best exact':>14} {'peak GiB':>9}")
     for row in rows:
-        print(f"{row['length']:>7} {row['batch']:>5} {row['variant']:>10} {row['tokens_per_s']:>12} "
+        print(f"{row['length']:>7} {row['batch']:>5} {row['variant']:>{width}} {row['tokens_per_s']:>12} "
               f"{row['speedup_vs_best_exact']!s:>14} {row['peak_mem_gib']!s:>9}")
-    write_csv(args.csv, rows)
 
 
 def write_csv(path, rows):

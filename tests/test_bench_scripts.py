@@ -1,0 +1,59 @@
+"""benchmarks/bench_lm.py and bench_model.py: the exact baselines compute fairseq's attention,
+and the CPU smoke runs produce their tables."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fairseq")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+
+def test_lm_sdpa_baseline_equals_fairseq_attention():
+    """The ``sdpa`` variant (SDPA with is_causal, no future mask built) gives the logits of
+    the ``full`` variant (fairseq's MultiheadAttention with its future mask), same weights."""
+    import bench_lm
+
+    outputs = {}
+    for variant in ("full", "sdpa"):
+        torch.manual_seed(0)
+        decoder, dictionary = bench_lm.build_decoder(variant, 48, 40, small=True, window=8, num_clusters=4)
+        decoder = decoder.double().eval()
+        if variant == "sdpa":
+            assert decoder.buffered_future_mask(torch.zeros(48, 2, 64)) is None
+        tokens = torch.randint(dictionary.nspecial, len(dictionary), (2, 48),
+                               generator=torch.Generator().manual_seed(1))
+        outputs[variant] = decoder(tokens)[0]
+    torch.testing.assert_close(outputs["sdpa"], outputs["full"], rtol=1e-9, atol=1e-9)
+
+
+def test_lm_clustered_variant_uses_the_causal_clustered_attention():
+    import bench_lm
+
+    decoder, _ = bench_lm.build_decoder("causal_clustered", 64, 40, small=True, window=8, num_clusters=4)
+    attentions = decoder.self_attentions()
+    assert attentions and all(a.attention == "causal_clustered" and a.window == 8 and a.num_clusters == 4
+                              for a in attentions)
+    assert all(a.dropout_module.p == 0.0 for a in attentions)
+
+
+@pytest.mark.parametrize("script,variants", [("bench_lm.py", ["full", "sdpa", "causal_clustered"]),
+                                             ("bench_model.py", ["fairseq", "sdpa", "clustered", "improved"])])
+def test_cpu_smoke_run_writes_its_table(tmp_path, script, variants):
+    out = tmp_path / "rows.csv"
+    run = subprocess.run([sys.executable, str(BENCHMARKS / script), "--cpu-smoke", "--csv", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [(int(r["length"]), r["variant"]) for r in rows] == [(n, v) for n in (64, 128) for v in variants]
+    assert all(float(r["tokens_per_s"]) > 0 for r in rows)
+    for length in (64, 128):  # the fastest exact variant is the reference of its length
+        exact = [float(r["speedup_vs_best_exact"]) for r in rows
+                 if int(r["length"]) == length and r["variant"] in variants[:2]]
+        assert max(exact) == 1.0
