@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fairseq_clustered.ops import causal_clustered_attention, causal_key_clusters
-from fairseq_clustered.ops import causal_triton
+from fairseq_clustered.ops import causal_triton, custom_ops
 from fairseq_clustered.ops._triton import power_of_two_in
 
 from test_causal import leaks, random_inputs
@@ -106,6 +106,84 @@ def test_triton_ops_opcheck(n):
     torch.library.opcheck(causal_triton.causal_triton_bwd,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), clusters, out.detach(),
                            lse, keys, values, counts, 16, 3, 0.3))
+
+
+def _in_fairseq_layout(x):
+    """``x (B, H, N, D)`` as fairseq's attention hands it over: a view of an ``(N, B, H D)``
+    projection output (non-contiguous, dense) that is a leaf of its own; (leaf, view)."""
+    batch, heads, length, dim = x.shape
+    projection = x.permute(2, 0, 1, 3).reshape(length, batch, heads * dim).detach().requires_grad_()
+    return projection, projection.view(length, batch, heads, dim).permute(1, 2, 0, 3)
+
+
+def _layout_run(attention, q, k, v, grad_out, layouts):
+    """Output and input gradients of ``attention`` with q, k, v passed contiguous ('c'), as
+    fairseq's views ('f'), or all three as views of one packed ``(N, B, 3 H D)`` projection
+    ('ppp': shared strides, not dense); the inputs as passed."""
+    if layouts == "ppp":
+        batch, heads, length, dim = q.shape
+        packed = torch.cat([x.permute(2, 0, 1, 3).reshape(length, batch, heads * dim) for x in (q, k, v)], -1)
+        packed = packed.detach().requires_grad_()
+        views = [packed[..., i * heads * dim:(i + 1) * heads * dim].view(length, batch, heads, dim).permute(1, 2, 0, 3)
+                 for i in range(3)]
+    else:
+        views = [_in_fairseq_layout(x)[1] if layout == "f" else x.detach().clone().requires_grad_()
+                 for x, layout in zip((q, k, v), layouts)]
+    out = attention(*views)
+    grads = torch.autograd.grad(out, views, grad_out)
+    return out.detach(), grads, views
+
+
+def _check_layouts(attention, q, k, v, grad_out, exact):
+    """fairseq's layout for all three inputs: the output and the gradients come back in it
+    (the queries' strides) with the values of contiguous inputs. Mixed layouts (contiguous
+    copies inside) and views of one packed projection (read through their strides, results
+    dense in their order) give the same values too."""
+    out, grads, _ = _layout_run(attention, q, k, v, grad_out, "ccc")
+    for layouts in ("fff", "fcf", "ppp"):
+        got_out, got_grads, views = _layout_run(attention, q, k, v, grad_out, layouts)
+        for a, b in zip((got_out, *got_grads), (out, *grads)):
+            torch.testing.assert_close(a, b, **({"atol": 0, "rtol": 0} if exact else {}))
+        if layouts != "fcf":
+            expected = custom_ops.dense_strides_like(views[0], views[0].shape[-1])
+            assert got_out.stride() == expected and all(g.stride() == expected for g in got_grads)
+        if layouts == "fff":
+            assert got_out.stride() == views[0].stride()
+
+
+@interpreted
+@pytest.mark.parametrize("n,window,rows", [(90, 16, None), (130, 32, 16)])
+def test_triton_kernels_read_and_write_fairseq_layout(monkeypatch, n, window, rows):
+    """The kernels read q, k, v and the incoming gradient through their strides and write
+    the output and the gradients in the queries' layout (no transposing copies around the op)."""
+    if rows is not None:
+        _blocks_of(monkeypatch, rows)
+    gen = torch.Generator().manual_seed(n)
+    q, k, v, grad_out = (torch.randn(2, 3, n, 16, generator=gen) for _ in range(4))
+    clusters = torch.randint(-1, 5, (2, 3, n), generator=gen)
+    grad_out = grad_out.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)  # as a model's gradient comes
+
+    def attention(a, b, c):
+        return causal_triton.causal_clustered_attention_triton(a, b, c, clusters, window, 5, 0.3)
+
+    _check_layouts(attention, q, k, v, grad_out, exact=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or causal_triton.triton is None, reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("window,n", [(128, 1000), (256, 2100)])
+def test_fairseq_layout_gpu(window, n):
+    """The public function on the GPU (eager path, graph cache) in fairseq's layout: the same
+    bits as on contiguous inputs, results in the queries' layout."""
+    gen = torch.Generator().manual_seed(n)
+    q, k, v, grad_out = (torch.randn(2, 4, n, 64, generator=gen).to("cuda", torch.bfloat16) for _ in range(4))
+    grad_out = grad_out.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+    planes = torch.randn(63, 64, generator=gen).to("cuda")
+
+    def attention(a, b, c):
+        return causal_clustered_attention(a, b, c, window=window, num_clusters=64, planes=planes)
+
+    for _ in range(3):  # the graph cache captures a signature on its second call
+        _check_layouts(attention, q, k, v, grad_out, exact=True)
 
 
 def test_triton_path_reasons_off_cuda():

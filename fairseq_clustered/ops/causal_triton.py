@@ -53,7 +53,7 @@ from torch import Tensor
 from .causal_fused import fused_path_unavailable, summary_means_from_sums
 from ._triton import MISSING as _TRITON_MISSING
 from ._triton import power_of_two_in, tl, triton
-from .custom_ops import LIBRARY
+from .custom_ops import LIBRARY, attention_output_like, laid_out_as
 
 __all__ = ["triton_path_unavailable", "causal_clustered_attention_triton"]
 
@@ -96,11 +96,17 @@ if triton is not None:
         return acc, new_max, row_sum
 
     @triton.jit
-    def _one_hot_sums(X, CLUSTERS, chunk, group, length, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
+    def _group_start(group, heads, stride_b, stride_h):
+        """Element offset of (batch, head) group ``group`` in a (B, H, N, D) tensor with these strides."""
+        return (group // heads) * stride_b + (group % heads) * stride_h
+
+    @triton.jit
+    def _one_hot_sums(X, CLUSTERS, chunk, group, length, base, stride_n, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
                       BLOCK_C: tl.constexpr, DIM: tl.constexpr):
-        """The rows of chunk ``t`` of X (G, N, DIM) summed per cluster slot, (BLOCK_C, DIM) fp32,
-        and the slots' member counts (BLOCK_C,): one-hot products over the chunk's blocks of
-        BLOCK rows (exact products, fp32 accumulation in a fixed order: reproducible)."""
+        """The rows of chunk ``t`` of group ``group`` of X (its rows at ``base + n stride_n``)
+        summed per cluster slot, (BLOCK_C, DIM) fp32, and the slots' member counts (BLOCK_C,):
+        one-hot products over the chunk's blocks of BLOCK rows (exact products, fp32
+        accumulation in a fixed order: reproducible)."""
         feats = tl.arange(0, DIM)
         slots = tl.arange(0, BLOCK_C)
         total = tl.zeros((BLOCK_C, DIM), tl.float32)
@@ -110,8 +116,7 @@ if triton is not None:
             row_ok = rows < length
             cluster = tl.load(CLUSTERS + group * length + rows, mask=row_ok, other=-1)
             members = slots[:, None] == cluster[None, :]  # (BLOCK_C, BLOCK); -1 matches no slot
-            x = tl.load(X + group * length * DIM + rows[:, None] * DIM + feats[None, :], mask=row_ok[:, None],
-                        other=0.0)
+            x = tl.load(X + base + rows[:, None] * stride_n + feats[None, :], mask=row_ok[:, None], other=0.0)
             total = tl.dot(members.to(x.dtype), x, total)
             # A histogram, not a row sum of the one-hot: the sum took registers enough to
             # spill (ptxas, sm_90a: 132 bytes against 32; benchmarks/kernel_resources.py), and
@@ -121,21 +126,23 @@ if triton is not None:
 
     @triton.jit
     def _chunk_cluster_sums(K, V, CLUSTERS, SUMS_K, SUMS_V, COUNTS, length, num_chunks, num_clusters,
-                            WINDOW: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
-                            DIM: tl.constexpr):
+                            heads, in_b, in_h, in_n, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
+                            BLOCK_C: tl.constexpr, DIM: tl.constexpr):
         """Program (chunk t, group g): the sums of the chunk's keys and values per cluster,
-        ``(G, T, C, DIM)`` fp32, and the member counts ``(G, C, T)`` fp32."""
+        ``(G, T, C, DIM)`` fp32, and the member counts ``(G, C, T)`` fp32. K, V: (B, H, N, DIM)
+        with strides (in_b, in_h, in_n, 1)."""
         chunk = tl.program_id(0)
         group = tl.program_id(1).to(tl.int64)
+        base = _group_start(group, heads, in_b, in_h)
         slots = tl.arange(0, BLOCK_C)
         slot_ok = slots < num_clusters
         out = ((group * num_chunks + chunk) * num_clusters + slots[:, None]) * DIM + tl.arange(0, DIM)[None, :]
         # Keys, then values: one fp32 accumulator live at a time (with both at once the
         # kernel took 1.6x the time, N = 64k on an H200).
-        sum_k, count = _one_hot_sums(K, CLUSTERS, chunk, group, length, WINDOW, BLOCK, BLOCK_C, DIM)
+        sum_k, count = _one_hot_sums(K, CLUSTERS, chunk, group, length, base, in_n, WINDOW, BLOCK, BLOCK_C, DIM)
         tl.store(SUMS_K + out, sum_k.to(SUMS_K.dtype.element_ty), mask=slot_ok[:, None])
         tl.store(COUNTS + (group * num_clusters + slots) * num_chunks + chunk, count, mask=slot_ok)
-        sum_v, _ = _one_hot_sums(V, CLUSTERS, chunk, group, length, WINDOW, BLOCK, BLOCK_C, DIM)
+        sum_v, _ = _one_hot_sums(V, CLUSTERS, chunk, group, length, base, in_n, WINDOW, BLOCK, BLOCK_C, DIM)
         tl.store(SUMS_V + out, sum_v.to(SUMS_V.dtype.element_ty), mask=slot_ok[:, None])
 
     @triton.jit
@@ -198,27 +205,38 @@ if triton is not None:
         return values, keys, logits, slot_ok
 
     @triton.jit
-    def _program_tiles(length, WINDOW: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr):
+    def _program_tiles(heads, stride_b, stride_h, stride_n, WINDOW: tl.constexpr, ROWS: tl.constexpr,
+                       DIM: tl.constexpr):
         """For program (p, g) of a kernel that gives each program a ROWS-row slice of a chunk:
-        its chunk, the slice's index in the chunk, the group, the group's offset in (G, N, DIM)
-        tensors, the slice's positions (ROWS,) and their (ROWS, DIM) element offsets."""
+        its chunk, the slice's index in the chunk, the group, the slice's positions (ROWS,),
+        and in a (B, H, N, DIM) tensor with the given strides the group's offset and the
+        slice's (ROWS, DIM) element offsets from it."""
         chunk = tl.program_id(0) // (WINDOW // ROWS)
         part = tl.program_id(0) % (WINDOW // ROWS)
         group = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        return chunk, part, group, group * length * DIM, rows, rows[:, None] * DIM + tl.arange(0, DIM)[None, :]
+        base, tile = _tile(group, rows, heads, stride_b, stride_h, stride_n, DIM)
+        return chunk, part, group, rows, base, tile
 
     @triton.jit
-    def _complete_block_step(K, V, base, tile, q, shift, acc, row_max, row_sum, qk_scale, DIM: tl.constexpr):
+    def _tile(group, rows, heads, stride_b, stride_h, stride_n, DIM: tl.constexpr):
+        """The offset of group ``group`` in a (B, H, N, DIM) tensor with these strides, and the
+        (len(rows), DIM) element offsets of its ``rows`` from there."""
+        return (_group_start(group, heads, stride_b, stride_h),
+                rows[:, None] * stride_n + tl.arange(0, DIM)[None, :])
+
+    @triton.jit
+    def _complete_block_step(K, V, base, tile, stride_n, q, shift, acc, row_max, row_sum, qk_scale):
         """One online-softmax step of the queries ``q`` over the ROWS keys ``shift`` positions
         from theirs (``tile``: their (ROWS, DIM) element offsets), a block they see whole."""
-        k = tl.load(K + base + tile + shift * DIM)
-        v = tl.load(V + base + tile + shift * DIM)
+        k = tl.load(K + base + tile + shift * stride_n)
+        v = tl.load(V + base + tile + shift * stride_n)
         return _online_softmax_step(acc, row_max, row_sum, tl.dot(q, tl.trans(k)) * qk_scale, v)
 
     @triton.jit
     def _window_attention_fwd(Q, K, V, SUM_K, SUM_V, COUNTS, OUT, LSE,
                               length, num_chunks, num_clusters, qk_scale,
+                              heads, in_b, in_h, in_n, out_b, out_h, out_n,
                               WINDOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
                               DIM: tl.constexpr):
         """Program (p, group g), p = t W / ROWS + s: out and natural-log lse of ROWS queries
@@ -226,10 +244,12 @@ if triton is not None:
         ROWS: the slice's own positions (causally), the chunk's earlier slices, the previous
         chunk's slices, then the summaries.
 
-        Q, K, V, OUT: (G, N, DIM) contiguous. SUM_K, SUM_V: (G, T - 2, C, DIM); COUNTS:
-        (G, T, C) fp32 members of chunks 0 .. t - 2. LSE: (G, T W) fp32. qk_scale = scale log2(e).
+        Q, K, V: (B, H, N, DIM) with strides (in_b, in_h, in_n, 1); OUT: (B, H, N, DIM) with
+        strides (out_b, out_h, out_n, 1); G = B H groups. SUM_K, SUM_V: (G, T - 2, C, DIM);
+        COUNTS: (G, T, C) fp32 members of chunks 0 .. t - 2. LSE: (G, T W) fp32. qk_scale =
+        scale log2(e).
         """
-        chunk, part, group, base, rows, tile = _program_tiles(length, WINDOW, ROWS, DIM)
+        chunk, part, group, rows, base, tile = _program_tiles(heads, in_b, in_h, in_n, WINDOW, ROWS, DIM)
         row_ok = rows < length
         q = tl.load(Q + base + tile, mask=row_ok[:, None], other=0.0)
 
@@ -247,8 +267,8 @@ if triton is not None:
             for earlier in range(0, part):  # the chunk's earlier slices: complete, before every row
                 shift = (earlier - part) * ROWS
                 col_ok = (rows + shift < length)[:, None]  # (a slice past the end reads nothing)
-                k = tl.load(K + base + tile + shift * DIM, mask=col_ok, other=0.0)
-                v = tl.load(V + base + tile + shift * DIM, mask=col_ok, other=0.0)
+                k = tl.load(K + base + tile + shift * in_n, mask=col_ok, other=0.0)
+                v = tl.load(V + base + tile + shift * in_n, mask=col_ok, other=0.0)
                 acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum,
                                                              tl.dot(q, tl.trans(k)) * qk_scale, v)
 
@@ -257,8 +277,9 @@ if triton is not None:
             # W = 256, 108 bytes of spills per thread against 520 and 1-3% faster on an H200;
             # at W <= 128, one block, the same machine code as unrolled).
             for block in range(0, WINDOW // ROWS):
-                acc, row_max, row_sum = _complete_block_step(K, V, base, tile, q, (block - part) * ROWS - WINDOW,
-                                                             acc, row_max, row_sum, qk_scale, DIM)
+                acc, row_max, row_sum = _complete_block_step(K, V, base, tile, in_n, q,
+                                                             (block - part) * ROWS - WINDOW, acc, row_max, row_sum,
+                                                             qk_scale)
 
         if chunk > 1:  # summaries of chunks 0 .. t - 2
             # (Names of their own: Triton wants a variable's shape the same on both sides of an if.)
@@ -267,7 +288,8 @@ if triton is not None:
             acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, summary_logits, summary_v)
 
         out = acc / row_sum[:, None]
-        tl.store(OUT + base + tile, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        out_base, out_tile = _tile(group, rows, heads, out_b, out_h, out_n, DIM)
+        tl.store(OUT + out_base + out_tile, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
         tl.store(LSE + group * num_chunks * WINDOW + rows, (row_max + tl.log2(row_sum)) * 0.6931471805599453)
 
     @triton.jit
@@ -281,18 +303,21 @@ if triton is not None:
     def _window_attention_bwd_query(Q, K, V, SUM_K, SUM_V, COUNTS, OUT, GRAD_OUT, LSE,
                                     DELTA, GRAD_Q, GRAD_SUM_K, GRAD_SUM_V,
                                     length, num_chunks, num_clusters, qk_scale, scale,
+                                    heads, in_b, in_h, in_n, out_b, out_h, out_n,
                                     WINDOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
                                     DIM: tl.constexpr):
         """Program (p, group g), p = t W / ROWS + s: dq of ROWS queries of chunk t (its s-th
         slice; keys in the forward's blocks), delta = rowsum(dO * O), and the slice's part of
         the gradients of the chunk's summary keys / values, (G, T - 2, W / ROWS, C, DIM) in q's
         dtype like dq: no other program writes them (deterministic); the gradient scan sums
-        the slices."""
-        chunk, part, group, base, rows, tile = _program_tiles(length, WINDOW, ROWS, DIM)
+        the slices. Q, K, V in the input layout (in_*), OUT, GRAD_OUT and GRAD_Q in the output
+        layout (out_*), as in the forward."""
+        chunk, part, group, rows, base, tile = _program_tiles(heads, in_b, in_h, in_n, WINDOW, ROWS, DIM)
+        out_base, out_tile = _tile(group, rows, heads, out_b, out_h, out_n, DIM)
         row_ok = rows < length
         q = tl.load(Q + base + tile, mask=row_ok[:, None], other=0.0)
-        grad_out = tl.load(GRAD_OUT + base + tile, mask=row_ok[:, None], other=0.0)
-        out = tl.load(OUT + base + tile, mask=row_ok[:, None], other=0.0)
+        grad_out = tl.load(GRAD_OUT + out_base + out_tile, mask=row_ok[:, None], other=0.0)
+        out = tl.load(OUT + out_base + out_tile, mask=row_ok[:, None], other=0.0)
         delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
         row_index = group * num_chunks * WINDOW + rows
         tl.store(DELTA + row_index, delta)
@@ -308,16 +333,16 @@ if triton is not None:
             for earlier in range(0, part):
                 shift = (earlier - part) * ROWS
                 col_ok = (rows + shift < length)[:, None]
-                k = tl.load(K + base + tile + shift * DIM, mask=col_ok, other=0.0)
-                v = tl.load(V + base + tile + shift * DIM, mask=col_ok, other=0.0)
+                k = tl.load(K + base + tile + shift * in_n, mask=col_ok, other=0.0)
+                v = tl.load(V + base + tile + shift * in_n, mask=col_ok, other=0.0)
                 _, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok[:, None])
                 grad_q += tl.dot(grad_logits.to(k.dtype), k)
 
         if chunk > 0:
             for block in tl.static_range(WINDOW // ROWS):
                 shift = (block - part) * ROWS - WINDOW
-                k = tl.load(K + base + tile + shift * DIM)
-                v = tl.load(V + base + tile + shift * DIM)
+                k = tl.load(K + base + tile + shift * in_n)
+                v = tl.load(V + base + tile + shift * in_n)
                 _, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok[:, None])
                 grad_q += tl.dot(grad_logits.to(k.dtype), k)
 
@@ -334,18 +359,19 @@ if triton is not None:
             tl.store(GRAD_SUM_K + grad_tile, grad_summary_k.to(GRAD_SUM_K.dtype.element_ty), mask=slot_ok[:, None])
             tl.store(GRAD_SUM_V + grad_tile, grad_summary_v.to(GRAD_SUM_V.dtype.element_ty), mask=slot_ok[:, None])
 
-        tl.store(GRAD_Q + base + tile, (grad_q * scale).to(GRAD_Q.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(GRAD_Q + out_base + out_tile, (grad_q * scale).to(GRAD_Q.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _grads_from_later_queries(Q, GRAD_OUT, LSE, DELTA, k, v, grad_k, grad_v, base, tile, row_index, keys, shift,
-                                  length, qk_scale, DIM: tl.constexpr):
+    def _grads_from_later_queries(Q, GRAD_OUT, LSE, DELTA, k, v, grad_k, grad_v, base, tile, in_n, out_base,
+                                  out_tile, out_n, row_index, keys, shift, length, qk_scale):
         """``grad_k``, ``grad_v`` of the keys ``k``, ``v`` (ROWS, DIM) plus what the ROWS queries
         ``shift`` positions after them give: queries that see every one of these keys (no
-        causal mask; positions past the end read nothing). ``tile``, ``row_index``: the keys'
-        element offsets and LSE / DELTA indices."""
+        causal mask; positions past the end read nothing). ``base + tile``, ``out_base +
+        out_tile``, ``row_index``: the keys' element offsets in the input and the output
+        layouts (rows ``in_n`` / ``out_n`` apart) and their LSE / DELTA indices."""
         row_ok = (keys + shift < length)[:, None]
-        q = tl.load(Q + base + tile + shift * DIM, mask=row_ok, other=0.0)
-        grad_out = tl.load(GRAD_OUT + base + tile + shift * DIM, mask=row_ok, other=0.0)
+        q = tl.load(Q + base + tile + shift * in_n, mask=row_ok, other=0.0)
+        grad_out = tl.load(GRAD_OUT + out_base + out_tile + shift * out_n, mask=row_ok, other=0.0)
         lse2 = tl.load(LSE + row_index + shift) * 1.4426950408889634
         delta = tl.load(DELTA + row_index + shift)
         probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok)
@@ -356,14 +382,17 @@ if triton is not None:
     @triton.jit
     def _window_attention_bwd_key(Q, K, V, GRAD_OUT, LSE, DELTA, CLUSTERS, GRAD_SUMS_K, GRAD_SUMS_V,
                                   GRAD_K, GRAD_V, length, num_chunks, num_clusters, qk_scale, scale,
+                                  heads, in_b, in_h, in_n, out_b, out_h, out_n,
                                   WINDOW: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
                                   HAS_SUMMARIES: tl.constexpr):
         """Program (p, group g), p = j W / ROWS + s: dk, dv of ROWS keys of chunk j (its s-th
         slice) from the queries that see them exactly, in blocks of ROWS: the slice's own
         positions (causally), the chunk's later slices and the next chunk's slices; plus, with
         summaries, the gradient of each key's (chunk, cluster) sum: GRAD_SUMS_K / _V (G, T, C,
-        DIM), CLUSTERS (G, N) int64."""
-        chunk, part, group, base, keys, tile = _program_tiles(length, WINDOW, ROWS, DIM)
+        DIM), CLUSTERS (G, N) int64. Q, K, V in the input layout (in_*), GRAD_OUT, GRAD_K and
+        GRAD_V in the output layout (out_*)."""
+        chunk, part, group, keys, base, tile = _program_tiles(heads, in_b, in_h, in_n, WINDOW, ROWS, DIM)
+        out_base, out_tile = _tile(group, keys, heads, out_b, out_h, out_n, DIM)
         feats = tl.arange(0, DIM)
         key_ok = keys < length
         k = tl.load(K + base + tile, mask=key_ok[:, None], other=0.0)
@@ -372,7 +401,7 @@ if triton is not None:
 
         # Queries at the same positions, causally: (ROWS, ROWS) blocks, rows are queries.
         q = tl.load(Q + base + tile, mask=key_ok[:, None], other=0.0)
-        grad_out = tl.load(GRAD_OUT + base + tile, mask=key_ok[:, None], other=0.0)
+        grad_out = tl.load(GRAD_OUT + out_base + out_tile, mask=key_ok[:, None], other=0.0)
         lse2 = tl.load(LSE + row_index) * 1.4426950408889634
         delta = tl.load(DELTA + row_index)
         keep = (keys[:, None] >= keys[None, :]) & key_ok[:, None]
@@ -385,13 +414,13 @@ if triton is not None:
         if WINDOW > ROWS:
             for later in range(part + 1, WINDOW // ROWS):
                 grad_k, grad_v = _grads_from_later_queries(Q, GRAD_OUT, LSE, DELTA, k, v, grad_k, grad_v, base, tile,
-                                                           row_index, keys, (later - part) * ROWS, length, qk_scale,
-                                                           DIM)
+                                                           in_n, out_base, out_tile, out_n, row_index, keys,
+                                                           (later - part) * ROWS, length, qk_scale)
         if chunk + 1 < num_chunks:
             for block in tl.static_range(WINDOW // ROWS):
                 grad_k, grad_v = _grads_from_later_queries(Q, GRAD_OUT, LSE, DELTA, k, v, grad_k, grad_v, base, tile,
-                                                           row_index, keys, (block - part) * ROWS + WINDOW, length,
-                                                           qk_scale, DIM)
+                                                           in_n, out_base, out_tile, out_n, row_index, keys,
+                                                           (block - part) * ROWS + WINDOW, length, qk_scale)
 
         grad_k = grad_k * scale
         if HAS_SUMMARIES:  # each key receives the gradient of its (chunk, cluster) sum
@@ -400,8 +429,8 @@ if triton is not None:
             sum_tile = ((group * num_chunks + chunk) * num_clusters + cluster[:, None]) * DIM + feats[None, :]
             grad_k += tl.load(GRAD_SUMS_K + sum_tile, mask=member, other=0.0)
             grad_v += tl.load(GRAD_SUMS_V + sum_tile, mask=member, other=0.0)
-        tl.store(GRAD_K + base + tile, grad_k.to(GRAD_K.dtype.element_ty), mask=key_ok[:, None])
-        tl.store(GRAD_V + base + tile, grad_v.to(GRAD_V.dtype.element_ty), mask=key_ok[:, None])
+        tl.store(GRAD_K + out_base + out_tile, grad_k.to(GRAD_K.dtype.element_ty), mask=key_ok[:, None])
+        tl.store(GRAD_V + out_base + out_tile, grad_v.to(GRAD_V.dtype.element_ty), mask=key_ok[:, None])
 
 
 # ================================================================ the op
@@ -455,7 +484,7 @@ def _summaries(key: Tensor, value: Tensor, clusters: Tensor, window: int, num_cl
     chunk_counts = torch.empty(batch, heads, num_clusters, chunks, dtype=torch.float32, device=key.device)
     options = _launch("sums", window, dim)
     _chunk_cluster_sums[(chunks, batch * heads)](
-        key, value, clusters, sums_k, sums_v, chunk_counts, length, chunks, num_clusters,
+        key, value, clusters, sums_k, sums_v, chunk_counts, length, chunks, num_clusters, heads, *key.stride()[:3],
         WINDOW=window, BLOCK=options.pop("ROWS"), BLOCK_C=_cluster_block(num_clusters), DIM=dim, **options,
     )
     older = F.pad(chunk_counts.cumsum(-1), (2, 0))[..., :chunks]  # chunks 0 .. t - 2
@@ -468,15 +497,36 @@ def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
 
+def _input_layout(query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``query, key, value`` as the kernels read them, which is with one set of strides for
+    the three: as they are where they share theirs and the feature dim is contiguous (a
+    model's ``(B, H, N, D)`` views of its ``(N, B, H D)`` projections), else contiguous copies."""
+    if query.stride() == key.stride() == value.stride() and query.stride(-1) == 1:
+        return query, key, value
+    return query.contiguous(), key.contiguous(), value.contiguous()
+
+
+def _layout_args(inputs: Tensor, outputs: Tensor) -> Tuple[int, ...]:
+    """The kernels' layout arguments: heads, then the batch, head and position strides of
+    the input layout (``inputs``'s) and of the output layout (``outputs``'s)."""
+    return (inputs.shape[1], *inputs.stride()[:3], *outputs.stride()[:3])
+
+
 def forward(query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, window: int, num_clusters: int,
             scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward kernels -> ``out (B, H, N, D)``, ``lse (G, T W)`` fp32, and, for the
     backward, the summary keys and values ``(G, T - 2, C, D)`` and their counts
-    ``(B, H, T, C)`` (empty when ``T <= 2``: no chunk reads a summary)."""
+    ``(B, H, T, C)`` (empty when ``T <= 2``: no chunk reads a summary).
+
+    ``out`` is laid out like the queries (dense, its batch, head and position dims in the
+    queries' order: a model's ``(N, B, H D)`` output reshapes to it without a copy), and the
+    kernels read q, k, v through their strides where the three share them
+    (:func:`_input_layout`)."""
     batch, heads, length, dim = query.shape
-    query, key, value, clusters = (x.contiguous() for x in (query, key, value, clusters))
+    query, key, value = _input_layout(query, key, value)
+    clusters = clusters.contiguous()
     chunks = -(-length // window)
-    out = torch.empty_like(query)
+    out = attention_output_like(query, dim)
     lse = torch.empty(batch * heads, chunks * window, dtype=torch.float32, device=query.device)
     if chunks > 2:
         counts, summary_keys, summary_values = _summaries(key, value, clusters, window, num_clusters)
@@ -485,7 +535,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, window:
     options = _launch("fwd", window, dim)
     _window_attention_fwd[(chunks * (window // options["ROWS"]), batch * heads)](
         query, key, value, summary_keys, summary_values, counts, out, lse,
-        length, chunks, num_clusters, scale * LOG2E,
+        length, chunks, num_clusters, scale * LOG2E, *_layout_args(query, out),
         WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **options,
     )
     return out, lse, summary_keys, summary_values, counts
@@ -506,20 +556,24 @@ def _(query, key, value, clusters, window, num_clusters, scale):
     if chunks > 2:
         block = query.new_empty(batch * heads, chunks - 2, num_clusters, dim)
         counts = query.new_empty(batch, heads, chunks, num_clusters, dtype=torch.float32)
-        return torch.empty_like(query), lse, block, torch.empty_like(block), counts
-    return torch.empty_like(query), lse, query.new_empty(0), query.new_empty(0), lse.new_empty(0)
+        return attention_output_like(query, dim), lse, block, torch.empty_like(block), counts
+    return attention_output_like(query, dim), lse, query.new_empty(0), query.new_empty(0), lse.new_empty(0)
 
 
 def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, out: Tensor,
              lse: Tensor, summary_keys: Tensor, summary_values: Tensor, counts: Tensor, window: int,
              num_clusters: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """The backward kernels: ``grad_out`` and what :func:`forward` saved -> ``dq, dk, dv``."""
+    """The backward kernels: ``grad_out`` and what :func:`forward` saved -> ``dq, dk, dv``,
+    laid out like ``out`` (a model's ``(B, H, N, D)`` views of its projections' gradients take
+    them without a copy); ``grad_out`` is read as it comes where it has ``out``'s layout."""
     batch, heads, length, dim = query.shape
-    grad_out, query, key, value, clusters = (x.contiguous() for x in (grad_out, query, key, value, clusters))
+    query, key, value = _input_layout(query, key, value)
+    grad_out, clusters = laid_out_as(grad_out, out), clusters.contiguous()
     chunks = -(-length // window)
     has_summaries = chunks > 2
     delta = torch.empty_like(lse)
-    grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    grad_q, grad_k, grad_v = torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
+    layout = _layout_args(query, out)
     options = _launch("bwd_query", window, dim)
     slices = window // options["ROWS"]
     if has_summaries:  # each slice of a chunk writes its part of the chunk's summary gradients
@@ -531,7 +585,7 @@ def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, cluste
     _window_attention_bwd_query[(chunks * slices, batch * heads)](
         query, key, value, summary_keys, summary_values, counts, out, grad_out, lse,
         delta, grad_q, grad_summary_keys, grad_summary_values,
-        length, chunks, num_clusters, scale * LOG2E, scale,
+        length, chunks, num_clusters, scale * LOG2E, scale, *layout,
         WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **options,
     )
     if has_summaries:
@@ -541,7 +595,7 @@ def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, cluste
     options = _launch("bwd_key", window, dim)
     _window_attention_bwd_key[(chunks * (window // options["ROWS"]), batch * heads)](
         query, key, value, grad_out, lse, delta, clusters, grad_sums_k, grad_sums_v,
-        grad_k, grad_v, length, chunks, num_clusters, scale * LOG2E, scale,
+        grad_k, grad_v, length, chunks, num_clusters, scale * LOG2E, scale, *layout,
         WINDOW=window, DIM=dim, HAS_SUMMARIES=has_summaries, **options,
     )
     return grad_q, grad_k, grad_v
@@ -574,8 +628,8 @@ def _chunk_sum_grads(grad_keys: Tensor, grad_values: Tensor, counts: Tensor, win
 
 
 @causal_triton_bwd.register_fake
-def _(grad_out, query, key, value, *args):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+def _(grad_out, query, key, value, clusters, out, *args):
+    return torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
 
 
 def _setup(ctx, inputs, output):

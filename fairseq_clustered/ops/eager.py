@@ -124,5 +124,7 @@ class CausalClusteredAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        dq, dk, dv = ctx.ops.causal_bwd(grad_out.contiguous(), *ctx.saved_tensors, *ctx.hyper)
+        # grad_out as it comes: the kernels read it through its strides where it has the
+        # output's layout (a model's gradient does), and the backward copies it otherwise
+        dq, dk, dv = ctx.ops.causal_bwd(grad_out, *ctx.saved_tensors, *ctx.hyper)
         return None, dq, dk, dv, None, None, None, None, None, None, None, None
