@@ -10,6 +10,8 @@ kernels (per-chunk cluster sums, codebook assignment) are checked against the CP
 reference, bit-reproducibility and the leak test included.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -249,6 +251,56 @@ def test_gpu_path_does_not_leak(path, dtype, n, window, num_clusters):
     for position in positions:
         if position < n - 1:
             assert not leaks(clustered, q, k, v, None, position, seed=position), f"leak at position {position}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,window,num_clusters", [(1025, 64, 20), (1300, 256, 64), (4099, 128, 100)])
+def test_triton_path_with_dropout_matches_the_cpu_reference(dtype, n, window, num_clusters):
+    """Attention dropout on the Triton path: the reference's keep-mask gives the fp32 CPU
+    reference's output and gradients, within 3x the error of half-precision SDPA."""
+    q, k, v = random_inputs(2, 4, n, 64, seed=n)
+    gen = torch.Generator().manual_seed(7)
+    grad_out = torch.randn(2, 4, n, 64, generator=gen)
+    keep = torch.rand(2, 4, n, 2 * window + num_clusters, generator=gen) >= 0.1
+    clusters = clusters_for(k, window, num_clusters)
+
+    def reference(a, b, c):
+        return causal_ops.causal_clustered_attention_fwd(a, b, c, clusters, None, keep, window, num_clusters,
+                                                         0.125, 0.1)[0]
+
+    expected = output_and_grads(reference, (q, k, v), grad_out)
+    got = [x.float().cpu() for x in output_and_grads(
+        lambda a, b, c: causal_triton.causal_clustered_attention_triton(a, b, c, clusters.cuda(), window,
+                                                                        num_clusters, 0.125, keep.cuda(), 0.1),
+        [x.to("cuda", dtype) for x in (q, k, v)], grad_out.to("cuda", dtype))]
+    sdpa32 = output_and_grads(exact_causal, (q, k, v), grad_out)
+    sdpa_half = [x.float().cpu() for x in output_and_grads(
+        exact_causal, [x.to("cuda", dtype) for x in (q, k, v)], grad_out.to("cuda", dtype))]
+    for a, b, a_sdpa, b_sdpa in zip(got, expected, sdpa_half, sdpa32):
+        assert ((a - b).norm() / b.norm()).item() < 3 * ((a_sdpa - b_sdpa).norm() / b_sdpa.norm()).item() + 1e-3
+
+
+@needs_cuda
+def test_public_function_takes_the_triton_path_with_dropout(monkeypatch):
+    """With attention dropout the public function runs the Triton kernels, not the
+    reference, and a seed repeats its result (graphs off: every call reaches the kernels)."""
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "0")
+    q, k, v = random_inputs(1, 2, 700, 64, seed=3, dtype=torch.bfloat16, device="cuda")
+    assert causal_triton.triton_path_unavailable(q, q, None, 0.1, 64, 10) is None
+    calls = []
+    real = causal_triton.forward
+    monkeypatch.setattr(causal_triton, "forward", lambda *args: calls.append(args) or real(*args))
+
+    def run(seed):
+        return causal_clustered_attention(q, k, v, window=64, num_clusters=10, dropout_p=0.1,
+                                          generator=torch.Generator("cuda").manual_seed(seed))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        first, again, other = run(0), run(0), run(1)
+    assert len(calls) == 3 and all(call[-2] is not None and call[-1] == 0.1 for call in calls)
+    assert torch.equal(first, again) and not torch.equal(first, other)
 
 
 @needs_cuda

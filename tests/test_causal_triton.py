@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fairseq_clustered.ops import causal_clustered_attention, causal_key_clusters
+from fairseq_clustered.ops.causal import causal_clustered_attention_fwd
 from fairseq_clustered.ops import causal_triton, custom_ops
 from fairseq_clustered.ops._triton import power_of_two_in
 
@@ -63,6 +64,39 @@ def _blocks_of(monkeypatch, rows):
 
 
 @interpreted
+@pytest.mark.parametrize("n,window,num_clusters,rows", [
+    (40, 16, 20, None),  # three chunks, 20 clusters in a 32-slot block
+    (200, 16, 5, None),  # many chunks
+    (130, 32, 7, 16),    # two slices per chunk, the last one partial
+])
+def test_triton_kernels_with_dropout_equal_the_reference(monkeypatch, n, window, num_clusters, rows):
+    """Attention dropout: the kernels read the reference's keep-mask (every column kind:
+    the previous chunk, the own chunk, the summaries), so the same mask gives the reference's
+    output and gradients."""
+    if rows is not None:
+        _blocks_of(monkeypatch, rows)
+    gen = torch.Generator().manual_seed(n + 1)
+    q, k, v, grad_out = (torch.randn(2, 2, n, 16, generator=gen) for _ in range(4))
+    clusters = torch.randint(-1, num_clusters, (2, 2, n), generator=gen)
+    p = 0.3
+    keep = torch.rand(2, 2, n, 2 * window + num_clusters, generator=gen) >= p
+
+    def reference(a, b, c):
+        return causal_clustered_attention_fwd(a.double(), b.double(), c.double(), clusters, None, keep, window,
+                                              num_clusters, 0.3, p)[0]
+
+    expected = output_and_grads(reference, (q, k, v), grad_out.double())
+    got = output_and_grads(
+        lambda a, b, c: causal_triton.causal_clustered_attention_triton(a, b, c, clusters, window, num_clusters, 0.3,
+                                                                        keep, p),
+        (q, k, v), grad_out)
+    without = causal_triton.causal_clustered_attention_triton(q, k, v, clusters, window, num_clusters, 0.3)
+    assert not torch.allclose(got[0], without)  # the mask is used
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-5, rtol=1e-4)
+
+
+@interpreted
 @pytest.mark.parametrize("n,window,num_clusters,dim", [
     (130, 32, 7, 16),   # two blocks per chunk, the last chunk's second block partial
     (100, 64, 20, 16),  # four blocks per chunk
@@ -96,16 +130,18 @@ def test_triton_kernels_do_not_leak(monkeypatch, rows):
 @interpreted
 @pytest.mark.parametrize("n", [20, 50])
 def test_triton_ops_opcheck(n):
-    """Schemas, fake kernels (with and without summaries) and the registered autograd."""
+    """Schemas, fake kernels (with and without summaries, with and without dropout) and the
+    registered autograd."""
     gen = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(1, 2, n, 16, generator=gen).requires_grad_() for _ in range(3))
     clusters = torch.randint(-1, 3, (1, 2, n), generator=gen)
-    args = (q, k, v, clusters, 16, 3, 0.3)
-    torch.library.opcheck(causal_triton.causal_triton_fwd, args)
-    out, lse, keys, values, counts = causal_triton.causal_triton_fwd(*args)
-    torch.library.opcheck(causal_triton.causal_triton_bwd,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), clusters, out.detach(),
-                           lse, keys, values, counts, 16, 3, 0.3))
+    for keep, p in ((None, 0.0), (torch.rand(1, 2, n, 2 * 16 + 3, generator=gen) >= 0.25, 0.25)):
+        args = (q, k, v, clusters, 16, 3, 0.3, keep, p)
+        torch.library.opcheck(causal_triton.causal_triton_fwd, args)
+        out, lse, keys, values, counts = causal_triton.causal_triton_fwd(*args)
+        torch.library.opcheck(causal_triton.causal_triton_bwd,
+                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), clusters, out.detach(),
+                               lse, keys, values, counts, 16, 3, 0.3, keep, p))
 
 
 def _in_fairseq_layout(x):

@@ -605,7 +605,7 @@ def _check_clusters(clusters, query: Tensor) -> None:
 
 
 def _eager_triton_attention(ops, query, key, value, clusters, window, num_clusters, iterations, bits, planes,
-                            generator, scale) -> Tensor:
+                            generator, scale, dropout_p) -> Tensor:
     """The Triton path in eager mode on CUDA: the registered kernels called without
     torch.library's dispatch, with the key clustering in the attention's own composition
     (one CUDA graph replay where it repeats) unless the clustering kernels cannot take it."""
@@ -617,8 +617,17 @@ def _eager_triton_attention(ops, query, key, value, clusters, window, num_cluste
     elif clusters is None:
         clusters = causal_key_clusters(key, None, window=window, num_clusters=num_clusters, iterations=iterations,
                                        bits=bits, planes=planes, generator=generator)
+    keep = _keep_mask(query, window, num_clusters, dropout_p, generator)  # after the planes, as the reference
     return eager.CausalClusteredAttention.apply(ops, query, key, value, clusters, hash_planes, hash_offsets, window,
-                                                num_clusters, iterations, bits, scale)
+                                                num_clusters, iterations, bits, scale, keep, dropout_p)
+
+
+def _keep_mask(query: Tensor, window: int, num_clusters: int, dropout_p: float, generator) -> Optional[Tensor]:
+    """The dropout keep-mask ``(B, H, N, 2W + C)`` over every query's softmax columns, drawn
+    from ``generator`` (None without dropout): every path takes the same mask."""
+    batch, heads, length, _ = query.shape
+    return dropout_keep_mask((batch, heads, length, causal_logit_columns(window, num_clusters)), dropout_p,
+                             generator, query.device)
 
 
 def causal_clustered_attention(
@@ -685,21 +694,21 @@ def causal_clustered_attention(
     ops = eager.implementations(query) if triton_ok else None
     if ops is not None:
         return _eager_triton_attention(ops, query, key, value, clusters, window, num_clusters, iterations, bits,
-                                       planes, generator, scale)
+                                       planes, generator, scale, float(dropout_p))
     if clusters is None:
         clusters = causal_key_clusters(key, key_padding_mask, window=window, num_clusters=num_clusters,
                                        iterations=iterations, bits=bits, planes=planes, generator=generator)
     if triton_ok:
+        keep = _keep_mask(query, window, num_clusters, dropout_p, generator)
         return causal_triton.causal_clustered_attention_triton(query, key, value, clusters, window, num_clusters,
-                                                              scale)
+                                                              scale, keep, float(dropout_p))
     why_not_fused = causal_fused.fused_path_unavailable(query, value, key_padding_mask, dropout_p, window)
     if why_not_fused is None:
         return causal_fused.causal_clustered_attention_fused(query, key, value, clusters, window, num_clusters,
                                                             scale)
     if query.is_cuda:
         cuda_kernels.warn_fallback("causal_clustered_attention", why_not_fused)
-    keep = dropout_keep_mask((batch, heads, length, causal_logit_columns(window, num_clusters)), dropout_p,
-                             generator, query.device)
+    keep = _keep_mask(query, window, num_clusters, dropout_p, generator)
     out, _ = causal_clustered_attention_fwd(
         query, key, value, clusters, key_padding_mask, keep, window, num_clusters, scale, float(dropout_p)
     )

@@ -33,10 +33,16 @@ Backward (the joint softmax, ``P = exp(S - lse)``, ``dS = P (dP - rowsum(dO * O)
   (causally) and ``j + 1``, in blocks, plus the gradient of the (chunk, cluster) sum each
   key is a member of, written once in the input dtype.
 
+Attention dropout: the kernels read the reference's keep-mask ``(B, H, N, 2 W + C)`` (one
+byte per query and softmax column: key position ``p`` of a query of chunk ``t`` at column
+``p - (t - 1) W``, summary ``j`` at ``2 W + j``), so a seed gives the reference's result.
+The dropped probabilities weight the values; the normaliser and the lse are the undropped
+softmax's, and the backward's ``rowsum(dO * O)`` stays the right correction.
+
 Requirements (:func:`triton_path_unavailable` says which one fails): CUDA, fp16 / bf16,
-no key padding, no dropout, ``window`` a power of two in 16..256 and the head dim one in
-16..128, query and value head dims equal, ``num_clusters <= 256``, Triton importable. Otherwise
-:mod:`.causal_fused` (three flash calls) or the reference serves the call.
+no key padding, ``window`` a power of two in 16..256 and the head dim one in 16..128,
+query and value head dims equal, ``num_clusters <= 256``, Triton importable. Otherwise
+:mod:`.causal_fused` (three flash calls; no dropout) or the reference serves the call.
 
 The kernels run unchanged in Triton's interpreter (``TRITON_INTERPRET=1``) on CPU
 tensors, which is how the CPU tests check them against the reference.
@@ -65,8 +71,9 @@ LOG2E = 1.4426950408889634
 
 def triton_path_unavailable(query: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float,
                             window: int, num_clusters: int) -> Optional[str]:
-    """Why :func:`causal_clustered_attention_triton` cannot serve these inputs (None if it can)."""
-    reason = fused_path_unavailable(query, value, key_padding_mask, dropout_p, window)
+    """Why :func:`causal_clustered_attention_triton` cannot serve these inputs (None if it can);
+    attention dropout it takes (as a keep-mask), unlike the three-flash composition."""
+    reason = fused_path_unavailable(query, value, key_padding_mask, 0.0, window)
     if reason is not None:
         return reason
     if _TRITON_MISSING is not None:
@@ -85,15 +92,31 @@ def triton_path_unavailable(query: Tensor, value: Tensor, key_padding_mask: Opti
 if triton is not None:
 
     @triton.jit
-    def _online_softmax_step(acc, row_max, row_sum, logits, values):
+    def _online_softmax_step(acc, row_max, row_sum, logits, values, drop):
         """Fold one block of base-2 ``logits (M, L)`` and ``values (L, D)`` into the running
-        ``acc (M, D)``, ``row_max (M,)``, ``row_sum (M,)``; row_max must already be finite."""
+        ``acc (M, D)``, ``row_max (M,)``, ``row_sum (M,)``; row_max must already be finite.
+        ``drop``: the block's dropout multipliers (M, L), or 1.0; they weight the values
+        only, not the softmax's normaliser (dropout acts on the probabilities)."""
         new_max = tl.maximum(row_max, tl.max(logits, 1))
         rescale = tl.exp2(row_max - new_max)
         probs = tl.exp2(logits - new_max[:, None])
         row_sum = row_sum * rescale + tl.sum(probs, 1)
-        acc = acc * rescale[:, None] + tl.dot(probs.to(values.dtype), values)
+        acc = acc * rescale[:, None] + tl.dot((probs * drop).to(values.dtype), values)
         return acc, new_max, row_sum
+
+    @triton.jit
+    def _dropout(KEEP, group, length, rows, cols, columns, keep_scale, HAS_DROPOUT: tl.constexpr):
+        """Dropout multipliers of the queries at positions ``rows`` over softmax columns
+        ``cols`` (window keys ``0 .. 2W - 1``, then the summaries' slots): ``keep_scale`` =
+        1 / (1 - p) where the keep-mask KEEP (G, N, columns) uint8 keeps the entry, else 0;
+        1.0 without dropout. Rows past the end and columns past ``columns`` (absent summary
+        slots) read as dropped."""
+        drop = 1.0
+        if HAS_DROPOUT:
+            ok = (rows < length)[:, None] & (cols < columns)[None, :]
+            kept = tl.load(KEEP + (group * length + rows)[:, None] * columns + cols[None, :], mask=ok, other=0)
+            drop = tl.where(kept != 0, keep_scale, 0.0)
+        return drop
 
     @triton.jit
     def _group_start(group, heads, stride_b, stride_h):
@@ -226,19 +249,20 @@ if triton is not None:
                 rows[:, None] * stride_n + tl.arange(0, DIM)[None, :])
 
     @triton.jit
-    def _complete_block_step(K, V, base, tile, stride_n, q, shift, acc, row_max, row_sum, qk_scale):
+    def _complete_block_step(K, V, base, tile, stride_n, q, shift, acc, row_max, row_sum, qk_scale, drop):
         """One online-softmax step of the queries ``q`` over the ROWS keys ``shift`` positions
-        from theirs (``tile``: their (ROWS, DIM) element offsets), a block they see whole."""
+        from theirs (``tile``: their (ROWS, DIM) element offsets), a block they see whole;
+        ``drop``: its dropout multipliers (or 1.0)."""
         k = tl.load(K + base + tile + shift * stride_n)
         v = tl.load(V + base + tile + shift * stride_n)
-        return _online_softmax_step(acc, row_max, row_sum, tl.dot(q, tl.trans(k)) * qk_scale, v)
+        return _online_softmax_step(acc, row_max, row_sum, tl.dot(q, tl.trans(k)) * qk_scale, v, drop)
 
     @triton.jit
-    def _window_attention_fwd(Q, K, V, SUM_K, SUM_V, COUNTS, OUT, LSE,
-                              length, num_chunks, num_clusters, qk_scale,
+    def _window_attention_fwd(Q, K, V, SUM_K, SUM_V, COUNTS, OUT, LSE, KEEP,
+                              length, num_chunks, num_clusters, qk_scale, keep_scale,
                               heads, in_b, in_h, in_n, out_b, out_h, out_n,
                               WINDOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                              DIM: tl.constexpr):
+                              DIM: tl.constexpr, HAS_DROPOUT: tl.constexpr):
         """Program (p, group g), p = t W / ROWS + s: out and natural-log lse of ROWS queries
         of chunk t (its s-th slice). The keys stream through one online softmax in blocks of
         ROWS: the slice's own positions (causally), the chunk's earlier slices, the previous
@@ -247,11 +271,15 @@ if triton is not None:
         Q, K, V: (B, H, N, DIM) with strides (in_b, in_h, in_n, 1); OUT: (B, H, N, DIM) with
         strides (out_b, out_h, out_n, 1); G = B H groups. SUM_K, SUM_V: (G, T - 2, C, DIM);
         COUNTS: (G, T, C) fp32 members of chunks 0 .. t - 2. LSE: (G, T W) fp32. qk_scale =
-        scale log2(e).
+        scale log2(e). With HAS_DROPOUT, KEEP (G, N, 2 W + C) uint8: the keep-mask over each
+        query's softmax columns (key position p at column p - (t - 1) W, summary j at 2 W + j),
+        keep_scale = 1 / (1 - p); the lse is the undropped softmax's.
         """
         chunk, part, group, rows, base, tile = _program_tiles(heads, in_b, in_h, in_n, WINDOW, ROWS, DIM)
         row_ok = rows < length
         q = tl.load(Q + base + tile, mask=row_ok[:, None], other=0.0)
+        first_column = (chunk - 1) * WINDOW  # the key position at window column 0
+        columns = 2 * WINDOW + num_clusters
 
         # The diagonal block first, causally: every row sees itself, so its max is finite.
         k = tl.load(K + base + tile, mask=row_ok[:, None], other=0.0)
@@ -261,7 +289,8 @@ if triton is not None:
         row_max = tl.max(logits, 1)
         probs = tl.exp2(logits - row_max[:, None])
         row_sum = tl.sum(probs, 1)
-        acc = tl.dot(probs.to(v.dtype), v)
+        drop = _dropout(KEEP, group, length, rows, rows - first_column, columns, keep_scale, HAS_DROPOUT)
+        acc = tl.dot((probs * drop).to(v.dtype), v)
 
         if WINDOW > ROWS:  # (a constexpr test: windows of one block compile without these loops)
             for earlier in range(0, part):  # the chunk's earlier slices: complete, before every row
@@ -269,23 +298,30 @@ if triton is not None:
                 col_ok = (rows + shift < length)[:, None]  # (a slice past the end reads nothing)
                 k = tl.load(K + base + tile + shift * in_n, mask=col_ok, other=0.0)
                 v = tl.load(V + base + tile + shift * in_n, mask=col_ok, other=0.0)
+                drop = _dropout(KEEP, group, length, rows, rows + shift - first_column, columns, keep_scale,
+                                HAS_DROPOUT)
                 acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum,
-                                                             tl.dot(q, tl.trans(k)) * qk_scale, v)
+                                                             tl.dot(q, tl.trans(k)) * qk_scale, v, drop)
 
         if chunk > 0:  # previous chunk: complete, no mask
             # A runtime loop, not an unrolled one: fewer registers live across the blocks (at
             # W = 256, 108 bytes of spills per thread against 520 and 1-3% faster on an H200;
             # at W <= 128, one block, the same machine code as unrolled).
             for block in range(0, WINDOW // ROWS):
-                acc, row_max, row_sum = _complete_block_step(K, V, base, tile, in_n, q,
-                                                             (block - part) * ROWS - WINDOW, acc, row_max, row_sum,
-                                                             qk_scale)
+                shift = (block - part) * ROWS - WINDOW
+                drop = _dropout(KEEP, group, length, rows, rows + shift - first_column, columns, keep_scale,
+                                HAS_DROPOUT)
+                acc, row_max, row_sum = _complete_block_step(K, V, base, tile, in_n, q, shift, acc, row_max, row_sum,
+                                                             qk_scale, drop)
 
         if chunk > 1:  # summaries of chunks 0 .. t - 2
             # (Names of their own: Triton wants a variable's shape the same on both sides of an if.)
             summary_v, _, summary_logits, _ = _summary_block(SUM_K, SUM_V, COUNTS, q, group, chunk, num_chunks,
                                                                 num_clusters, qk_scale, BLOCK_C, DIM)
-            acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, summary_logits, summary_v)
+            summary_drop = _dropout(KEEP, group, length, rows, 2 * WINDOW + tl.arange(0, BLOCK_C), columns,
+                                    keep_scale, HAS_DROPOUT)
+            acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, summary_logits, summary_v,
+                                                         summary_drop)
 
         out = acc / row_sum[:, None]
         out_base, out_tile = _tile(group, rows, heads, out_b, out_h, out_n, DIM)
@@ -293,27 +329,31 @@ if triton is not None:
         tl.store(LSE + group * num_chunks * WINDOW + rows, (row_max + tl.log2(row_sum)) * 0.6931471805599453)
 
     @triton.jit
-    def _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, keep):
-        """Probabilities and logit gradients of one (M, L) block; ``keep`` masks entries."""
+    def _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, keep, drop):
+        """The dropped probabilities (the weights of the values) and the logit gradients of
+        one (M, L) block; ``keep`` masks entries, ``drop``: the dropout multipliers (or 1.0).
+        With O = (P * drop) V, dP = (dO V^T) * drop and rowsum(P * dP) = rowsum(dO * O) = delta."""
         probs = tl.where(keep, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None]), 0.0)
-        grad_logits = probs * (tl.dot(grad_out, tl.trans(v)) - delta[:, None])
-        return probs, grad_logits
+        grad_logits = probs * (tl.dot(grad_out, tl.trans(v)) * drop - delta[:, None])
+        return probs * drop, grad_logits
 
     @triton.jit
-    def _window_attention_bwd_query(Q, K, V, SUM_K, SUM_V, COUNTS, OUT, GRAD_OUT, LSE,
+    def _window_attention_bwd_query(Q, K, V, SUM_K, SUM_V, COUNTS, OUT, GRAD_OUT, LSE, KEEP,
                                     DELTA, GRAD_Q, GRAD_SUM_K, GRAD_SUM_V,
-                                    length, num_chunks, num_clusters, qk_scale, scale,
+                                    length, num_chunks, num_clusters, qk_scale, scale, keep_scale,
                                     heads, in_b, in_h, in_n, out_b, out_h, out_n,
                                     WINDOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                                    DIM: tl.constexpr):
+                                    DIM: tl.constexpr, HAS_DROPOUT: tl.constexpr):
         """Program (p, group g), p = t W / ROWS + s: dq of ROWS queries of chunk t (its s-th
         slice; keys in the forward's blocks), delta = rowsum(dO * O), and the slice's part of
         the gradients of the chunk's summary keys / values, (G, T - 2, W / ROWS, C, DIM) in q's
         dtype like dq: no other program writes them (deterministic); the gradient scan sums
         the slices. Q, K, V in the input layout (in_*), OUT, GRAD_OUT and GRAD_Q in the output
-        layout (out_*), as in the forward."""
+        layout (out_*), KEEP and keep_scale: as in the forward."""
         chunk, part, group, rows, base, tile = _program_tiles(heads, in_b, in_h, in_n, WINDOW, ROWS, DIM)
         out_base, out_tile = _tile(group, rows, heads, out_b, out_h, out_n, DIM)
+        first_column = (chunk - 1) * WINDOW
+        columns = 2 * WINDOW + num_clusters
         row_ok = rows < length
         q = tl.load(Q + base + tile, mask=row_ok[:, None], other=0.0)
         grad_out = tl.load(GRAD_OUT + out_base + out_tile, mask=row_ok[:, None], other=0.0)
@@ -326,7 +366,8 @@ if triton is not None:
         k = tl.load(K + base + tile, mask=row_ok[:, None], other=0.0)
         v = tl.load(V + base + tile, mask=row_ok[:, None], other=0.0)
         keep = (rows[:, None] >= rows[None, :]) & row_ok[:, None]
-        _, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, keep)
+        drop = _dropout(KEEP, group, length, rows, rows - first_column, columns, keep_scale, HAS_DROPOUT)
+        _, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, keep, drop)
         grad_q = tl.dot(grad_logits.to(k.dtype), k)
 
         if WINDOW > ROWS:
@@ -335,7 +376,9 @@ if triton is not None:
                 col_ok = (rows + shift < length)[:, None]
                 k = tl.load(K + base + tile + shift * in_n, mask=col_ok, other=0.0)
                 v = tl.load(V + base + tile + shift * in_n, mask=col_ok, other=0.0)
-                _, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok[:, None])
+                drop = _dropout(KEEP, group, length, rows, rows + shift - first_column, columns, keep_scale,
+                                HAS_DROPOUT)
+                _, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok[:, None], drop)
                 grad_q += tl.dot(grad_logits.to(k.dtype), k)
 
         if chunk > 0:
@@ -343,17 +386,22 @@ if triton is not None:
                 shift = (block - part) * ROWS - WINDOW
                 k = tl.load(K + base + tile + shift * in_n)
                 v = tl.load(V + base + tile + shift * in_n)
-                _, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok[:, None])
+                drop = _dropout(KEEP, group, length, rows, rows + shift - first_column, columns, keep_scale,
+                                HAS_DROPOUT)
+                _, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok[:, None], drop)
                 grad_q += tl.dot(grad_logits.to(k.dtype), k)
 
         if chunk > 1:
             summary_v, summary_k, summary_logits, slot_ok = _summary_block(
                 SUM_K, SUM_V, COUNTS, q, group, chunk, num_chunks, num_clusters, qk_scale, BLOCK_C, DIM)
             summary_probs = tl.where(row_ok[:, None], tl.exp2(summary_logits - lse2[:, None]), 0.0)
-            summary_grad_logits = summary_probs * (tl.dot(grad_out, tl.trans(summary_v)) - delta[:, None])
+            summary_drop = _dropout(KEEP, group, length, rows, 2 * WINDOW + tl.arange(0, BLOCK_C), columns,
+                                    keep_scale, HAS_DROPOUT)
+            summary_grad_logits = summary_probs * (tl.dot(grad_out, tl.trans(summary_v)) * summary_drop
+                                                   - delta[:, None])
             grad_q += tl.dot(summary_grad_logits.to(summary_k.dtype), summary_k)
             grad_summary_k = tl.dot(tl.trans(summary_grad_logits.to(q.dtype)), q) * scale
-            grad_summary_v = tl.dot(tl.trans(summary_probs.to(grad_out.dtype)), grad_out)
+            grad_summary_v = tl.dot(tl.trans((summary_probs * summary_drop).to(grad_out.dtype)), grad_out)
             first_slot = ((group * (num_chunks - 2) + chunk - 2) * (WINDOW // ROWS) + part) * num_clusters
             grad_tile = (first_slot + tl.arange(0, BLOCK_C)[:, None]) * DIM + tl.arange(0, DIM)[None, :]
             tl.store(GRAD_SUM_K + grad_tile, grad_summary_k.to(GRAD_SUM_K.dtype.element_ty), mask=slot_ok[:, None])
@@ -363,34 +411,36 @@ if triton is not None:
 
     @triton.jit
     def _grads_from_later_queries(Q, GRAD_OUT, LSE, DELTA, k, v, grad_k, grad_v, base, tile, in_n, out_base,
-                                  out_tile, out_n, row_index, keys, shift, length, qk_scale):
+                                  out_tile, out_n, row_index, keys, shift, length, qk_scale, drop):
         """``grad_k``, ``grad_v`` of the keys ``k``, ``v`` (ROWS, DIM) plus what the ROWS queries
         ``shift`` positions after them give: queries that see every one of these keys (no
         causal mask; positions past the end read nothing). ``base + tile``, ``out_base +
         out_tile``, ``row_index``: the keys' element offsets in the input and the output
-        layouts (rows ``in_n`` / ``out_n`` apart) and their LSE / DELTA indices."""
+        layouts (rows ``in_n`` / ``out_n`` apart) and their LSE / DELTA indices; ``drop``:
+        the (queries, keys) dropout multipliers (or 1.0)."""
         row_ok = (keys + shift < length)[:, None]
         q = tl.load(Q + base + tile + shift * in_n, mask=row_ok, other=0.0)
         grad_out = tl.load(GRAD_OUT + out_base + out_tile + shift * out_n, mask=row_ok, other=0.0)
         lse2 = tl.load(LSE + row_index + shift) * 1.4426950408889634
         delta = tl.load(DELTA + row_index + shift)
-        probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok)
+        probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, row_ok, drop)
         grad_v += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
         grad_k += tl.dot(tl.trans(grad_logits.to(q.dtype)), q)
         return grad_k, grad_v
 
     @triton.jit
-    def _window_attention_bwd_key(Q, K, V, GRAD_OUT, LSE, DELTA, CLUSTERS, GRAD_SUMS_K, GRAD_SUMS_V,
-                                  GRAD_K, GRAD_V, length, num_chunks, num_clusters, qk_scale, scale,
+    def _window_attention_bwd_key(Q, K, V, GRAD_OUT, LSE, DELTA, CLUSTERS, GRAD_SUMS_K, GRAD_SUMS_V, KEEP,
+                                  GRAD_K, GRAD_V, length, num_chunks, num_clusters, qk_scale, scale, keep_scale,
                                   heads, in_b, in_h, in_n, out_b, out_h, out_n,
                                   WINDOW: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
-                                  HAS_SUMMARIES: tl.constexpr):
+                                  HAS_SUMMARIES: tl.constexpr, HAS_DROPOUT: tl.constexpr):
         """Program (p, group g), p = j W / ROWS + s: dk, dv of ROWS keys of chunk j (its s-th
         slice) from the queries that see them exactly, in blocks of ROWS: the slice's own
         positions (causally), the chunk's later slices and the next chunk's slices; plus, with
         summaries, the gradient of each key's (chunk, cluster) sum: GRAD_SUMS_K / _V (G, T, C,
         DIM), CLUSTERS (G, N) int64. Q, K, V in the input layout (in_*), GRAD_OUT, GRAD_K and
-        GRAD_V in the output layout (out_*)."""
+        GRAD_V in the output layout (out_*); KEEP, keep_scale: as in the forward (a query of
+        chunk t sees key position p at column p - (t - 1) W)."""
         chunk, part, group, keys, base, tile = _program_tiles(heads, in_b, in_h, in_n, WINDOW, ROWS, DIM)
         out_base, out_tile = _tile(group, keys, heads, out_b, out_h, out_n, DIM)
         feats = tl.arange(0, DIM)
@@ -405,7 +455,10 @@ if triton is not None:
         lse2 = tl.load(LSE + row_index) * 1.4426950408889634
         delta = tl.load(DELTA + row_index)
         keep = (keys[:, None] >= keys[None, :]) & key_ok[:, None]
-        probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, keep)
+        columns = 2 * WINDOW + num_clusters
+        same_chunk_columns = keys - (chunk - 1) * WINDOW  # these keys' columns for queries of their chunk
+        drop = _dropout(KEEP, group, length, keys, same_chunk_columns, columns, keep_scale, HAS_DROPOUT)
+        probs, grad_logits = _block_grads(q, grad_out, lse2, delta, k, v, qk_scale, keep, drop)
         grad_v = tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
         grad_k = tl.dot(tl.trans(grad_logits.to(q.dtype)), q)
 
@@ -413,14 +466,20 @@ if triton is not None:
         # one of their queries sees all of these keys.
         if WINDOW > ROWS:
             for later in range(part + 1, WINDOW // ROWS):
+                shift = (later - part) * ROWS
+                drop = _dropout(KEEP, group, length, keys + shift, same_chunk_columns, columns, keep_scale,
+                                HAS_DROPOUT)
                 grad_k, grad_v = _grads_from_later_queries(Q, GRAD_OUT, LSE, DELTA, k, v, grad_k, grad_v, base, tile,
                                                            in_n, out_base, out_tile, out_n, row_index, keys,
-                                                           (later - part) * ROWS, length, qk_scale)
+                                                           shift, length, qk_scale, drop)
         if chunk + 1 < num_chunks:
             for block in tl.static_range(WINDOW // ROWS):
+                shift = (block - part) * ROWS + WINDOW
+                drop = _dropout(KEEP, group, length, keys + shift, same_chunk_columns - WINDOW, columns, keep_scale,
+                                HAS_DROPOUT)
                 grad_k, grad_v = _grads_from_later_queries(Q, GRAD_OUT, LSE, DELTA, k, v, grad_k, grad_v, base, tile,
                                                            in_n, out_base, out_tile, out_n, row_index, keys,
-                                                           (block - part) * ROWS + WINDOW, length, qk_scale)
+                                                           shift, length, qk_scale, drop)
 
         grad_k = grad_k * scale
         if HAS_SUMMARIES:  # each key receives the gradient of its (chunk, cluster) sum
@@ -513,10 +572,15 @@ def _layout_args(inputs: Tensor, outputs: Tensor) -> Tuple[int, ...]:
 
 
 def forward(query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, window: int, num_clusters: int,
-            scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            scale: float, keep: Optional[Tensor] = None,
+            dropout_p: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward kernels -> ``out (B, H, N, D)``, ``lse (G, T W)`` fp32, and, for the
     backward, the summary keys and values ``(G, T - 2, C, D)`` and their counts
     ``(B, H, T, C)`` (empty when ``T <= 2``: no chunk reads a summary).
+
+    ``keep``: the reference's dropout keep-mask ``(B, H, N, 2 W + C)`` bool over each query's
+    softmax columns (see :func:`fairseq_clustered.ops.causal.causal_clustered_attention_fwd_ref`)
+    for ``dropout_p``, or None.
 
     ``out`` is laid out like the queries (dense, its batch, head and position dims in the
     queries' order: a model's ``(N, B, H D)`` output reshapes to it without a copy), and the
@@ -534,22 +598,33 @@ def forward(query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, window:
         counts, summary_keys, summary_values = _empty(lse), _empty(query), _empty(query)
     options = _launch("fwd", window, dim)
     _window_attention_fwd[(chunks * (window // options["ROWS"]), batch * heads)](
-        query, key, value, summary_keys, summary_values, counts, out, lse,
-        length, chunks, num_clusters, scale * LOG2E, *_layout_args(query, out),
-        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **options,
+        query, key, value, summary_keys, summary_values, counts, out, lse, _keep_bytes(keep, lse),
+        length, chunks, num_clusters, scale * LOG2E, _keep_scale(dropout_p), *_layout_args(query, out),
+        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, HAS_DROPOUT=keep is not None, **options,
     )
     return out, lse, summary_keys, summary_values, counts
 
 
+def _keep_bytes(keep: Optional[Tensor], like: Tensor) -> Tensor:
+    """The keep-mask as the kernels read it: its bytes (a view, no conversion); an empty
+    tensor without dropout."""
+    return like.new_empty(0, dtype=torch.uint8) if keep is None else keep.contiguous().view(torch.uint8)
+
+
+def _keep_scale(dropout_p: float) -> float:
+    return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+
+
 @torch.library.custom_op(f"{LIBRARY}::causal_triton_fwd", mutates_args=())
 def causal_triton_fwd(query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, window: int, num_clusters: int,
-                      scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      scale: float, keep: Optional[Tensor],
+                      dropout_p: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`forward` as a custom op (the path under ``torch.compile`` and functorch)."""
-    return forward(query, key, value, clusters, window, num_clusters, scale)
+    return forward(query, key, value, clusters, window, num_clusters, scale, keep, dropout_p)
 
 
 @causal_triton_fwd.register_fake
-def _(query, key, value, clusters, window, num_clusters, scale):
+def _(query, key, value, clusters, window, num_clusters, scale, keep, dropout_p):
     batch, heads, length, dim = query.shape
     chunks = -(-length // window)
     lse = query.new_empty(batch * heads, chunks * window, dtype=torch.float32)
@@ -562,10 +637,12 @@ def _(query, key, value, clusters, window, num_clusters, scale):
 
 def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, out: Tensor,
              lse: Tensor, summary_keys: Tensor, summary_values: Tensor, counts: Tensor, window: int,
-             num_clusters: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """The backward kernels: ``grad_out`` and what :func:`forward` saved -> ``dq, dk, dv``,
-    laid out like ``out`` (a model's ``(B, H, N, D)`` views of its projections' gradients take
-    them without a copy); ``grad_out`` is read as it comes where it has ``out``'s layout."""
+             num_clusters: int, scale: float, keep: Optional[Tensor] = None,
+             dropout_p: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+    """The backward kernels: ``grad_out`` and what :func:`forward` saved (with its ``keep``
+    and ``dropout_p``) -> ``dq, dk, dv``, laid out like ``out`` (a model's ``(B, H, N, D)``
+    views of its projections' gradients take them without a copy); ``grad_out`` is read as
+    it comes where it has ``out``'s layout."""
     batch, heads, length, dim = query.shape
     query, key, value = _input_layout(query, key, value)
     grad_out, clusters = laid_out_as(grad_out, out), clusters.contiguous()
@@ -574,6 +651,7 @@ def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, cluste
     delta = torch.empty_like(lse)
     grad_q, grad_k, grad_v = torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
     layout = _layout_args(query, out)
+    keep_bytes, keep_scale = _keep_bytes(keep, lse), _keep_scale(dropout_p)
     options = _launch("bwd_query", window, dim)
     slices = window // options["ROWS"]
     if has_summaries:  # each slice of a chunk writes its part of the chunk's summary gradients
@@ -583,10 +661,10 @@ def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, cluste
     else:
         grad_summary_keys, grad_summary_values = _empty(query), _empty(query)
     _window_attention_bwd_query[(chunks * slices, batch * heads)](
-        query, key, value, summary_keys, summary_values, counts, out, grad_out, lse,
+        query, key, value, summary_keys, summary_values, counts, out, grad_out, lse, keep_bytes,
         delta, grad_q, grad_summary_keys, grad_summary_values,
-        length, chunks, num_clusters, scale * LOG2E, scale, *layout,
-        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, **options,
+        length, chunks, num_clusters, scale * LOG2E, scale, keep_scale, *layout,
+        WINDOW=window, BLOCK_C=_cluster_block(num_clusters), DIM=dim, HAS_DROPOUT=keep is not None, **options,
     )
     if has_summaries:
         grad_sums_k, grad_sums_v = _chunk_sum_grads(grad_summary_keys, grad_summary_values, counts, window)
@@ -594,9 +672,9 @@ def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, cluste
         grad_sums_k = grad_sums_v = _empty(lse)
     options = _launch("bwd_key", window, dim)
     _window_attention_bwd_key[(chunks * (window // options["ROWS"]), batch * heads)](
-        query, key, value, grad_out, lse, delta, clusters, grad_sums_k, grad_sums_v,
-        grad_k, grad_v, length, chunks, num_clusters, scale * LOG2E, scale, *layout,
-        WINDOW=window, DIM=dim, HAS_SUMMARIES=has_summaries, **options,
+        query, key, value, grad_out, lse, delta, clusters, grad_sums_k, grad_sums_v, keep_bytes,
+        grad_k, grad_v, length, chunks, num_clusters, scale * LOG2E, scale, keep_scale, *layout,
+        WINDOW=window, DIM=dim, HAS_SUMMARIES=has_summaries, HAS_DROPOUT=keep is not None, **options,
     )
     return grad_q, grad_k, grad_v
 
@@ -604,9 +682,10 @@ def backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, cluste
 @torch.library.custom_op(f"{LIBRARY}::causal_triton_bwd", mutates_args=())
 def causal_triton_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, out: Tensor,
                       lse: Tensor, summary_keys: Tensor, summary_values: Tensor, counts: Tensor, window: int,
-                      num_clusters: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                      num_clusters: int, scale: float, keep: Optional[Tensor],
+                      dropout_p: float) -> Tuple[Tensor, Tensor, Tensor]:
     return backward(grad_out, query, key, value, clusters, out, lse, summary_keys, summary_values, counts, window,
-                    num_clusters, scale)
+                    num_clusters, scale, keep, dropout_p)
 
 
 def _chunk_sum_grads(grad_keys: Tensor, grad_values: Tensor, counts: Tensor, window: int) -> Tuple[Tensor, Tensor]:
@@ -633,26 +712,29 @@ def _(grad_out, query, key, value, clusters, out, *args):
 
 
 def _setup(ctx, inputs, output):
-    query, key, value, clusters, window, num_clusters, scale = inputs
+    query, key, value, clusters, window, num_clusters, scale, keep, dropout_p = inputs
     out, lse, summary_keys, summary_values, counts = output
     ctx.mark_non_differentiable(lse, summary_keys, summary_values, counts)
     ctx.set_materialize_grads(False)  # no zero gradients for the saved tensors (0.13 ms at 64k)
-    ctx.save_for_backward(query, key, value, clusters, out, lse, summary_keys, summary_values, counts)
+    ctx.save_for_backward(query, key, value, clusters, out, lse, summary_keys, summary_values, counts, keep)
     ctx.hyper = (window, num_clusters, scale)
+    ctx.dropout_p = dropout_p
 
 
 def _backward(ctx, grad_out, *unused):
     if grad_out is None:  # only the non-differentiable outputs were used
-        return None, None, None, None, None, None, None
-    grads = causal_triton_bwd(grad_out, *ctx.saved_tensors, *ctx.hyper)
-    return (*grads, None, None, None, None)
+        return (None,) * 9
+    *saved, keep = ctx.saved_tensors
+    grads = causal_triton_bwd(grad_out, *saved, *ctx.hyper, keep, ctx.dropout_p)
+    return (*grads, None, None, None, None, None, None)
 
 
 causal_triton_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def causal_clustered_attention_triton(query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, window: int,
-                                      num_clusters: int, scale: float) -> Tensor:
+                                      num_clusters: int, scale: float, keep: Optional[Tensor] = None,
+                                      dropout_p: float = 0.0) -> Tensor:
     """Causal clustered attention through the one-kernel Triton path.
 
     Args:
@@ -660,8 +742,10 @@ def causal_clustered_attention_triton(query: Tensor, key: Tensor, value: Tensor,
             interpreter), ``D`` a power of two in 16..128, ``window`` one in 16..256.
         clusters: ``(B, H, N)`` int64 leak-free key cluster ids (-1: no cluster).
         window, num_clusters, scale: as :func:`fairseq_clustered.ops.causal_clustered_attention`.
+        keep, dropout_p: attention dropout, the reference's keep-mask ``(B, H, N, 2 W + C)``
+            bool (True = kept) drawn for ``dropout_p``; None and 0 for none.
 
     Returns:
         ``(B, H, N, D)`` in the query dtype, differentiable w.r.t. query, key and value.
     """
-    return causal_triton_fwd(query, key, value, clusters, window, num_clusters, scale)[0]
+    return causal_triton_fwd(query, key, value, clusters, window, num_clusters, scale, keep, float(dropout_p))[0]

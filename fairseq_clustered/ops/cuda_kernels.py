@@ -192,31 +192,34 @@ class CudaOps:
     # ------------------------------------------------------------------ causal
 
     def causal_fwd(self, query, key, value, clusters, planes, offsets, window, num_clusters, iterations, bits,
-                   scale):
+                   scale, keep=None, dropout_p=0.0):
         """The one-kernel Triton path of causal clustered attention (:mod:`.causal_triton`, whose
         requirements the caller has checked) as one composition; with ``clusters`` None the keys
         are hashed with ``planes (bits, D)`` / ``offsets (bits,)`` and clustered inside it (see
         :meth:`clustering_why_not`).
 
         Returns ``out``, ``lse``, the summary keys, values and counts, and the ``(B, H, N)`` key
-        cluster ids: what :meth:`causal_bwd` takes.
+        cluster ids: what :meth:`causal_bwd` takes (with ``keep`` and ``dropout_p``: attention
+        dropout, as :func:`.causal_triton.forward`).
         """
         return self.graphs.run("causal_clustered_attention_fwd", self._causal_fwd, (
-            query, key, value, clusters, planes, offsets, window, num_clusters, iterations, bits, scale))
+            query, key, value, clusters, planes, offsets, window, num_clusters, iterations, bits, scale, keep,
+            dropout_p))
 
     def _causal_fwd(self, query, key, value, clusters, planes, offsets, window, num_clusters, iterations, bits,
-                    scale):
+                    scale, keep, dropout_p):
         if clusters is None:  # the Lloyd kernel called directly (no op dispatch, no graph of its own)
             clusters = causal.key_clusters_from_codes(self._hash_codes(key, planes, offsets), None, window,
                                                       num_clusters, iterations, bits, self._lloyd_kmeans)
-        return (*causal_triton.forward(query, key, value, clusters, window, num_clusters, scale), clusters)
+        return (*causal_triton.forward(query, key, value, clusters, window, num_clusters, scale, keep, dropout_p),
+                clusters)
 
     def causal_bwd(self, grad_out, query, key, value, clusters, out, lse, summary_keys, summary_values, counts,
-                   window, num_clusters, scale):
+                   window, num_clusters, scale, keep=None, dropout_p=0.0):
         """``dq, dk, dv`` of :meth:`causal_fwd` as one composition."""
         return self.graphs.run("causal_clustered_attention_bwd", causal_triton.backward, (
             grad_out, query, key, value, clusters, out, lse, summary_keys, summary_values, counts, window,
-            num_clusters, scale))
+            num_clusters, scale, keep, dropout_p))
 
     # ------------------------------------------------------------------ shared
 

@@ -114,11 +114,13 @@ class CausalClusteredAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ops, query, key, value, clusters: Optional[Tensor], planes: Optional[Tensor],
                 offsets: Optional[Tensor], window: int, num_clusters: int, iterations: int, bits: int,
-                scale: float):
+                scale: float, keep: Optional[Tensor], dropout_p: float):
         out, lse, summary_keys, summary_values, counts, clusters = ops.causal_fwd(
-            query, key, value, clusters, planes, offsets, window, num_clusters, iterations, bits, scale)
+            query, key, value, clusters, planes, offsets, window, num_clusters, iterations, bits, scale, keep,
+            dropout_p)
         ctx.ops, ctx.hyper = ops, (window, num_clusters, scale)
-        ctx.save_for_backward(query, key, value, clusters, out, lse, summary_keys, summary_values, counts)
+        ctx.dropout_p = dropout_p
+        ctx.save_for_backward(query, key, value, clusters, out, lse, summary_keys, summary_values, counts, keep)
         return out
 
     @staticmethod
@@ -126,5 +128,6 @@ class CausalClusteredAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         # grad_out as it comes: the kernels read it through its strides where it has the
         # output's layout (a model's gradient does), and the backward copies it otherwise
-        dq, dk, dv = ctx.ops.causal_bwd(grad_out, *ctx.saved_tensors, *ctx.hyper)
-        return None, dq, dk, dv, None, None, None, None, None, None, None, None
+        *saved, keep = ctx.saved_tensors
+        dq, dk, dv = ctx.ops.causal_bwd(grad_out, *saved, *ctx.hyper, keep, ctx.dropout_p)
+        return None, dq, dk, dv, None, None, None, None, None, None, None, None, None, None
