@@ -13,9 +13,10 @@ output layer on slow unaligned kernels: 32 of 87 ms of a clustered step at 16k o
 * ``causal_clustered``: this plugin's leak-free causal clustered attention (by default the
   library's window and clusters, ``--window`` / ``--num-clusters`` to change them).
 
-The architecture's attention dropout of 0.1 is set to 0 for every variant: the causal
-clustered op's Triton kernels do not take attention dropout (with it the op runs its
-reference, slowly, with a warning). One training step = forward, next-token cross-entropy
+The architecture's attention dropout of 0.1 is set to 0 for every variant by default
+(``--attention-dropout P`` sets another: with dropout the causal clustered op draws and
+reads a keep-mask of one byte per query and softmax column, which costs it about as much
+as the attention itself; ``benchmarks/causal_dropout_cost.py``). One training step = forward, next-token cross-entropy
 over every position, backward and an SGD update, in fp16 as fairseq's ``--fp16`` runs it
 (as in ``bench_model.py``, whose timing and table this script shares). Each (variant,
 length) is timed over ``--steps`` steps after ``--warmup`` steps with CUDA events; the
@@ -73,9 +74,9 @@ class SDPACausalSelfAttention(CausalClusteredMultiheadAttention):
         return self.out_proj(out.permute(2, 0, 1, 3).reshape(length, batch, embed_dim)), None
 
 
-def build_decoder(variant, length, vocab_size, small, window, num_clusters):
+def build_decoder(variant, length, vocab_size, small, window, num_clusters, attention_dropout=0.0):
     """The decoder of a ``clustered_transformer_lm_gpt`` (or a tiny one with ``small``) with
-    the given attention, contexts of ``length`` tokens, no attention dropout."""
+    the given attention and attention dropout, contexts of ``length`` tokens."""
     dictionary = Dictionary()
     for index in range(vocab_size - len(dictionary)):
         dictionary.add_symbol(f"tok{index}")
@@ -90,7 +91,7 @@ def build_decoder(variant, length, vocab_size, small, window, num_clusters):
         base_lm_architecture(args)
     else:
         transformer_lm_gpt(args)
-    args.attention_dropout = 0.0
+    args.attention_dropout = attention_dropout
     embed_tokens = torch.nn.Embedding(len(dictionary), args.decoder_input_dim, dictionary.pad())
     decoder = ClusteredCausalTransformerDecoder(args, dictionary, embed_tokens, no_encoder_attn=True)
     if variant == "sdpa":
@@ -133,6 +134,8 @@ def main():
     parser.add_argument("--vocab", type=int, default=50304,
                         help="vocabulary size (default GPT-2's, padded to a multiple of 64)")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    parser.add_argument("--attention-dropout", type=float, default=0.0,
+                        help="attention dropout of every variant (default 0; GPT's is 0.1)")
     parser.add_argument("--csv", default="bench_lm.csv")
     parser.add_argument("--profile", default="", help="comma-separated lengths: print each variant's top CUDA "
                                                       "kernels per training step (GPU)")
@@ -159,7 +162,8 @@ def main():
         raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
 
     def measure_variant(variant, length, batch, profile_name):
-        decoder, dictionary = build_decoder(variant, length, vocab, small, window, num_clusters)
+        decoder, dictionary = build_decoder(variant, length, vocab, small, window, num_clusters,
+                                            args.attention_dropout)
         try:
             return measure(decoder, dictionary, length, batch, steps, warmup, device, dtype, profile_name)
         finally:
@@ -170,7 +174,7 @@ def main():
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print_rows(rows, f"# {device_name}, torch {torch.__version__}, GPT-{'tiny' if small else 'small'} causal LM, "
                      f"window {window}, C={num_clusters}, vocabulary {vocab}, {tokens_per_batch} tokens/batch, "
-                     "no attention dropout (nan = out of memory)")
+                     f"attention dropout {args.attention_dropout} (nan = out of memory)")
     write_csv(args.csv, rows)
 
 
