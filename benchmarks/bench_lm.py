@@ -154,8 +154,8 @@ def main():
         device = torch.device("cuda")
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
         lengths = [int(n) for n in args.lengths.split(",")]
-        tokens_per_batch, vocab, window, num_clusters = args.tokens_per_batch, args.vocab, args.window, args.num_clusters
-        steps, warmup = args.steps, args.warmup
+        tokens_per_batch, vocab, steps, warmup = args.tokens_per_batch, args.vocab, args.steps, args.warmup
+        window, num_clusters = args.window, args.num_clusters
     variants = args.variants.split(",")
     unknown = set(variants) - set(VARIANTS)
     if unknown:
