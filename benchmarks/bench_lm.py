@@ -42,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_model import compare_variants, print_rows, time_steps, write_csv  # noqa: E402
+from bench_model import add_training_arguments, compare_variants, report, time_steps, training_setup  # noqa: E402
 from fairseq.data import Dictionary  # noqa: E402
 from fairseq.models.transformer_lm import base_lm_architecture, transformer_lm_gpt  # noqa: E402
 
@@ -124,59 +124,32 @@ def measure(decoder, dictionary, length, batch, steps, warmup, device, dtype, pr
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", default="2048,4096,8192,16384")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--tokens-per-batch", type=int, default=16384, help="batch size = max(1, tokens // length)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    add_training_arguments(parser, "2048,4096,8192,16384", VARIANTS, "bench_lm.csv")
     parser.add_argument("--window", type=int, default=causal_ops.DEFAULT_WINDOW)
     parser.add_argument("--num-clusters", type=int, default=causal_ops.DEFAULT_NUM_CLUSTERS)
     parser.add_argument("--vocab", type=int, default=50304,
                         help="vocabulary size (default GPT-2's, padded to a multiple of 64)")
-    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     parser.add_argument("--attention-dropout", type=float, default=0.0,
                         help="attention dropout of every variant (default 0; GPT's is 0.1)")
-    parser.add_argument("--csv", default="bench_lm.csv")
-    parser.add_argument("--profile", default="", help="comma-separated lengths: print each variant's top CUDA "
-                                                      "kernels per training step (GPU)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny model, lengths 64,128, window 16, 8 clusters, fp32 on the CPU "
                              "(checks the script runs)")
     args = parser.parse_args()
 
     small = args.cpu_smoke
-    if args.cpu_smoke:
-        device, dtype = torch.device("cpu"), torch.float32
-        lengths, tokens_per_batch, vocab, window, num_clusters, steps, warmup = [64, 128], 256, 128, 16, 8, 2, 1
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA device: run on the GPU, or pass --cpu-smoke")
-        device = torch.device("cuda")
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-        lengths = [int(n) for n in args.lengths.split(",")]
-        tokens_per_batch, vocab, steps, warmup = args.tokens_per_batch, args.vocab, args.steps, args.warmup
-        window, num_clusters = args.window, args.num_clusters
-    variants = args.variants.split(",")
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    device, dtype, lengths, tokens_per_batch, steps, warmup, variants = training_setup(args, VARIANTS)
+    vocab, window, num_clusters = (128, 16, 8) if small else (args.vocab, args.window, args.num_clusters)
 
     def measure_variant(variant, length, batch, profile_name):
         decoder, dictionary = build_decoder(variant, length, vocab, small, window, num_clusters,
                                             args.attention_dropout)
-        try:
-            return measure(decoder, dictionary, length, batch, steps, warmup, device, dtype, profile_name)
-        finally:
-            del decoder
+        return measure(decoder, dictionary, length, batch, steps, warmup, device, dtype, profile_name)
 
     rows = compare_variants(lengths, variants, EXACT_VARIANTS, tokens_per_batch, measure_variant, args.profile,
                             device, dtype)
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print_rows(rows, f"# {device_name}, torch {torch.__version__}, GPT-{'tiny' if small else 'small'} causal LM, "
-                     f"window {window}, C={num_clusters}, vocabulary {vocab}, {tokens_per_batch} tokens/batch, "
-                     f"attention dropout {args.attention_dropout} (nan = out of memory)")
-    write_csv(args.csv, rows)
-
+    report(rows, device, args.csv,
+           f"GPT-{'tiny' if small else 'small'} causal LM, window {window}, C={num_clusters}, vocabulary {vocab}, "
+           f"{tokens_per_batch} tokens/batch, attention dropout {args.attention_dropout} (nan = out of memory)")
 
 if __name__ == "__main__":
     main()

@@ -242,22 +242,48 @@ def run_varied_shapes(args, lengths, variants, tokens_per_batch, vocab, small, n
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+def add_training_arguments(parser, lengths, variants, csv_path):
+    """The options every training benchmark takes (bench_model.py, bench_lm.py)."""
+    parser.add_argument("--lengths", default=lengths)
+    parser.add_argument("--variants", default=",".join(variants))
     parser.add_argument("--tokens-per-batch", type=int, default=16384,
                         help="batch size = max(1, tokens // length)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--num-clusters", type=int, default=100)
-    parser.add_argument("--topk", type=int, default=32)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
-    parser.add_argument("--attention-dropout", type=float, default=None,
-                        help="attention dropout of every variant (default: RoBERTa's 0.1)")
-    parser.add_argument("--csv", default="bench_model.csv")
+    parser.add_argument("--csv", default=csv_path)
     parser.add_argument("--profile", default="", help="comma-separated lengths: print each variant's top CUDA "
                                                       "kernels per training step (GPU)")
+
+
+def training_setup(args, known_variants):
+    """``(device, dtype, lengths, tokens_per_batch, steps, warmup, variants)`` from the options
+    of :func:`add_training_arguments`; with ``--cpu-smoke`` the CPU in fp32, lengths 64 and
+    128, 256 tokens per batch, 2 steps after 1 warm-up step."""
+    if args.cpu_smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        lengths, tokens_per_batch, steps, warmup = [64, 128], 256, 2, 1
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: run on the GPU, or pass --cpu-smoke")
+        device = torch.device("cuda")
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        lengths = [int(n) for n in args.lengths.split(",")]
+        tokens_per_batch, steps, warmup = args.tokens_per_batch, args.steps, args.warmup
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(known_variants)
+    if unknown:
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(known_variants)}")
+    return device, dtype, lengths, tokens_per_batch, steps, warmup, variants
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_training_arguments(parser, "1024,2048,4096,8192,16384", VARIANTS, "bench_model.csv")
+    parser.add_argument("--num-clusters", type=int, default=100)
+    parser.add_argument("--topk", type=int, default=32)
+    parser.add_argument("--attention-dropout", type=float, default=None,
+                        help="attention dropout of every variant (default: RoBERTa's 0.1)")
     parser.add_argument("--shapes", type=int, default=0,
                         help="train on batches of this many distinct shapes (lengths in [N/2, N]) instead of "
                              "one fixed shape; see the module docstring")
@@ -267,22 +293,8 @@ def main():
     args = parser.parse_args()
 
     small = args.cpu_smoke
-    if args.cpu_smoke:
-        device, dtype = torch.device("cpu"), torch.float32
-        lengths, tokens_per_batch, vocab = [64, 128], 256, 128
-        num_clusters, topk, steps, warmup = 16, 8, 2, 1
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA device: run on the GPU, or pass --cpu-smoke")
-        device = torch.device("cuda")
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-        lengths = [int(n) for n in args.lengths.split(",")]
-        tokens_per_batch, vocab = args.tokens_per_batch, 50265
-        num_clusters, topk, steps, warmup = args.num_clusters, args.topk, args.steps, args.warmup
-    variants = args.variants.split(",")
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    device, dtype, lengths, tokens_per_batch, steps, warmup, variants = training_setup(args, VARIANTS)
+    vocab, num_clusters, topk = (128, 16, 8) if small else (50265, args.num_clusters, args.topk)
 
     if args.shapes < 0 or args.epochs < 1:
         raise SystemExit(f"--shapes must be >= 0 and --epochs >= 1, got {args.shapes} and {args.epochs}")
@@ -301,19 +313,14 @@ def main():
 
     def measure_variant(variant, length, batch, profile_name):
         model, dictionary = build_model(variant, length, vocab, small, num_clusters, topk, args.attention_dropout)
-        try:
-            return measure(model, dictionary, length, batch, steps, warmup, device, dtype, profile_name)
-        finally:
-            del model
+        return measure(model, dictionary, length, batch, steps, warmup, device, dtype, profile_name)
 
     rows = compare_variants(lengths, variants, EXACT_VARIANTS, tokens_per_batch, measure_variant, args.profile,
                             device, dtype)
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print_rows(rows, f"# {device_name}, torch {torch.__version__}, RoBERTa-{'tiny' if small else 'base'} masked LM, "
-                     f"C={num_clusters}, k={topk}, {tokens_per_batch} tokens/batch, attention dropout "
-                     f"{'default' if args.attention_dropout is None else args.attention_dropout} "
-                     "(nan = out of memory)")
-    write_csv(args.csv, rows)
+    report(rows, device, args.csv,
+           f"RoBERTa-{'tiny' if small else 'base'} masked LM, C={num_clusters}, k={topk}, {tokens_per_batch} "
+           f"tokens/batch, attention dropout "
+           f"{'default' if args.attention_dropout is None else args.attention_dropout} (nan = out of memory)")
 
 
 def compare_variants(lengths, variants, exact_variants, tokens_per_batch, measure_variant, profile, device, dtype):
@@ -344,6 +351,14 @@ def compare_variants(lengths, variants, exact_variants, tokens_per_batch, measur
                 "peak_mem_gib": round(peak / 2**30, 3) if peak == peak else "",
             })
     return rows
+
+
+def report(rows, device, csv_path, description):
+    """The rows of :func:`compare_variants` as a table under a line naming the GPU, torch and
+    ``description``, and as a CSV at ``csv_path``."""
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print_rows(rows, f"# {device_name}, torch {torch.__version__}, {description}")
+    write_csv(csv_path, rows)
 
 
 def print_rows(rows, title):
