@@ -21,7 +21,7 @@ from fairseq_clustered.ops._triton import power_of_two_in
 
 from test_causal import leaks, random_inputs
 from test_causal_fused import output_and_grads
-from test_cuda_kernels import assert_codes_match_up_to_rounding
+from test_cuda_kernels import _fairseq_layout, assert_codes_match_up_to_rounding
 
 interpreted = pytest.mark.skipif(
     causal_triton.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
@@ -144,14 +144,6 @@ def test_triton_ops_opcheck(n):
                                lse, keys, values, counts, 16, 3, 0.3, keep, p))
 
 
-def _in_fairseq_layout(x):
-    """``x (B, H, N, D)`` as fairseq's attention hands it over: a view of an ``(N, B, H D)``
-    projection output (non-contiguous, dense) that is a leaf of its own; (leaf, view)."""
-    batch, heads, length, dim = x.shape
-    projection = x.permute(2, 0, 1, 3).reshape(length, batch, heads * dim).detach().requires_grad_()
-    return projection, projection.view(length, batch, heads, dim).permute(1, 2, 0, 3)
-
-
 def _layout_run(attention, q, k, v, grad_out, layouts):
     """Output and input gradients of ``attention`` with q, k, v passed contiguous ('c'), as
     fairseq's views ('f'), or all three as views of one packed ``(N, B, 3 H D)`` projection
@@ -163,7 +155,7 @@ def _layout_run(attention, q, k, v, grad_out, layouts):
         views = [packed[..., i * heads * dim:(i + 1) * heads * dim].view(length, batch, heads, dim).permute(1, 2, 0, 3)
                  for i in range(3)]
     else:
-        views = [_in_fairseq_layout(x)[1] if layout == "f" else x.detach().clone().requires_grad_()
+        views = [(_fairseq_layout(x) if layout == "f" else x.clone()).detach().requires_grad_()
                  for x, layout in zip((q, k, v), layouts)]
     out = attention(*views)
     grads = torch.autograd.grad(out, views, grad_out)
