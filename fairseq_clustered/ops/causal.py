@@ -73,7 +73,7 @@ LIBRARY = custom_ops.LIBRARY
 # 2026-12-01; README): a character LM within 3% of full attention's bits per character,
 # and forward+backward within 1.0 / 0.10 / 0.05 of exact causal attention's time at
 # 4k / 32k / 64k. Window 128 was faster but 4.9% behind at the last validation; 100
-# clusters took 1.14-1.18x the time of 64 for 0.2-0.6% fewer bits per character.
+# clusters took 1.14-1.18x the time of 64 for 0.2-0.7% fewer bits per character.
 DEFAULT_WINDOW = 256
 DEFAULT_NUM_CLUSTERS = 64
 DEFAULT_ITERATIONS = 10
