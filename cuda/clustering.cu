@@ -6,6 +6,13 @@
 // then one global atomic per non-zero counter); a small update launch turns the
 // counts into majority bits and zeroes the counters for the next iteration. Integer
 // atomics make the result independent of the execution order.
+//
+// Nearest centroids on tensor cores (C <= 128, sm_80 and newer): with a code's bits as +-1
+// bytes, the Hamming distance of two b-bit codes is (b - x . c) / 2, so a query's nearest
+// centroid is the one with the largest +-1 dot product. A warp takes 16 queries against
+// all centroids with int8 mma.sync (16 queries x 8 centroids x 32 bits per instruction,
+// exact in int32) where the fallback kernels compute two 32-bit population counts per
+// (query, centroid) pair, which issue at a quarter of the integer rate.
 #include "common.cuh"
 
 #include <algorithm>
@@ -125,6 +132,190 @@ __device__ __forceinline__ int nearest(int64_t code, const int64_t* cent, int C)
     if (d < best_d) { best_d = d; best = j; }  // strict: ties keep the lowest index
   }
   return best;
+}
+
+// ------------------------------------------------- nearest centroids on tensor cores
+constexpr int MMA_THREADS = 256;
+constexpr int MMA_MAX_CLUSTERS = 128;  // centroid tiles of 8, their fragments in registers
+constexpr int NO_CENTROID = -(1 << 30);  // key of a padded centroid column: never the largest
+
+// Bits p .. p + 3 of a code as four +-1 bytes, byte e for bit p + e (set: +1, clear: -1).
+__device__ __forceinline__ uint32_t sign_bytes(uint64_t code, int p) {
+  const uint32_t nibble = static_cast<uint32_t>(code >> p) & 0xFu;
+  const uint32_t spread = (nibble * 0x00204081u) & 0x01010101u;  // bit e -> bit 8 e, no carries
+  return ~(spread * 0xFEu);  // 0x00 -> 0xFF (-1), 0x01 -> 0x01
+}
+
+// Bytes of bits p .. p + 3 that are below `bits` (the rest are zeroed: no vote).
+__device__ __forceinline__ uint32_t used_bytes(int p, int bits) {
+  const int used = bits - p;
+  return used >= 4 ? 0xFFFFFFFFu : used <= 0 ? 0u : (1u << (8 * used)) - 1u;
+}
+
+// D += A (16 x 32 int8, row-major) x B (32 x 8 int8, column-major), int32 accumulators.
+__device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();  // the host launches these kernels on sm_80 and newer only
+#endif
+}
+
+// The lane's B fragments of the centroids (mma.m16n8k32 layout): for centroid tile `tile`,
+// column j = 8 tile + lane / 4, bits 32 s + 4 (lane % 4) + e in register 2 s and bits
+// 32 s + 16 + 4 (lane % 4) + e in register 2 s + 1. Padded centroids and bits >= `bits`
+// are zero bytes, so they add nothing to any product.
+template <int TILES>
+__device__ __forceinline__ void centroid_fragments(const int64_t* cent, int C, int bits, int lane,
+                                                   uint32_t (&frag)[TILES][4]) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int tile = 0; tile < TILES; ++tile) {
+    const int j = tile * 8 + g;
+    const uint64_t code = j < C ? static_cast<uint64_t>(cent[j]) : 0;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int p = 32 * (r >> 1) + 16 * (r & 1) + 4 * t;
+      frag[tile][r] = j < C ? sign_bytes(code, p) & used_bytes(p, bits) : 0u;
+    }
+  }
+}
+
+// Nearest centroid (ties: lowest id) of the warp's queries lane / 4 (code `lo`) and lane / 4 + 8
+// (code `hi`); every lane of a quad gets both. Keys are agreement * 128 + 127 - id, so the
+// largest key has the most agreeing bits and, among those, the lowest id.
+template <int TILES>
+__device__ __forceinline__ void nearest16(uint64_t lo, uint64_t hi, const uint32_t (&frag)[TILES][4], int C,
+                                          int lane, int& nearest_lo, int& nearest_hi) {
+  const int t = lane & 3;
+  uint32_t a[2][4];
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int p = 32 * s + 4 * t;
+    a[s][0] = sign_bytes(lo, p);  // rows lane / 4, bits p .. p + 3
+    a[s][1] = sign_bytes(hi, p);  // rows lane / 4 + 8
+    a[s][2] = sign_bytes(lo, p + 16);
+    a[s][3] = sign_bytes(hi, p + 16);
+  }
+  int best_lo = NO_CENTROID, best_hi = NO_CENTROID;
+#pragma unroll
+  for (int tile = 0; tile < TILES; ++tile) {
+    int d[4] = {0, 0, 0, 0};  // (lo, id 2t), (lo, 2t + 1), (hi, 2t), (hi, 2t + 1) of the tile
+    mma_s8(d, a[0], frag[tile][0], frag[tile][1]);
+    mma_s8(d, a[1], frag[tile][2], frag[tile][3]);
+    // 127 - id without this lane's 2t, subtracted once below (the same for all its keys).
+    const int tie = 127 - tile * 8;
+    int k0 = d[0] * 128 + tie, k1 = d[1] * 128 + tie - 1, k2 = d[2] * 128 + tie, k3 = d[3] * 128 + tie - 1;
+    if (tile * 8 + 7 >= C) {  // a tile with padded centroid columns
+      const int id = tile * 8 + 2 * t;
+      if (id >= C) k0 = k2 = NO_CENTROID;
+      if (id + 1 >= C) k1 = k3 = NO_CENTROID;
+    }
+    best_lo = max(best_lo, max(k0, k1));
+    best_hi = max(best_hi, max(k2, k3));
+  }
+  best_lo -= 2 * t;
+  best_hi -= 2 * t;
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    best_lo = max(best_lo, __shfl_xor_sync(FULL_MASK, best_lo, off));
+    best_hi = max(best_hi, __shfl_xor_sync(FULL_MASK, best_hi, off));
+  }
+  nearest_lo = 127 - (best_lo & 127);
+  nearest_hi = 127 - (best_hi & 127);
+}
+
+// Lloyd's assign + count (FINAL false) or final assignment (FINAL true) with nearest16: the
+// same contract as lloyd_assign_kernel<true> / lloyd_final_kernel. Warps take 16 consecutive
+// queries at a time; the four lanes of a quad split the counting of the two queries they
+// share (lane t the bits 16 t .. 16 t + 15 of both).
+template <int TILES, bool FINAL>
+__global__ void __launch_bounds__(MMA_THREADS) lloyd_mma_kernel(RowInfo info, const int64_t* __restrict__ codes,
+                                                                const int64_t* __restrict__ centroids, int chunk,
+                                                                int bits, int* __restrict__ counters,
+                                                                int64_t* __restrict__ assignments) {
+  extern __shared__ int64_t smem_mma[];
+  const int64_t bh = blockIdx.y;
+  const int b = static_cast<int>(bh / info.heads);
+  const bool single = info.singleton(b);  // uniform over the block
+  if (!FINAL && single) return;
+  const int C = info.clusters;
+  int64_t* cent = smem_mma;
+  int* counts = reinterpret_cast<int*>(smem_mma + ((C + 1) / 2) * 2 + 2);
+  if (!single) {
+    for (int j = threadIdx.x; j < C; j += blockDim.x) cent[j] = centroids[bh * C + j];
+  }
+  if (!FINAL) {
+    for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += blockDim.x) counts[i] = 0;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  uint32_t frag[TILES][4];
+  if (!single) centroid_fragments<TILES>(cent, C, bits, lane, frag);
+  const int start = blockIdx.x * chunk;
+  const int stop = min(start + chunk, info.length);
+  const int64_t* row_codes = codes + bh * info.length;
+  for (int base = start + 16 * warp; base < stop; base += 16 * (MMA_THREADS / 32)) {  // uniform per warp
+    const int n_lo = base + g, n_hi = base + g + 8;
+    const uint64_t lo = n_lo < stop ? static_cast<uint64_t>(row_codes[n_lo]) : 0;
+    const uint64_t hi = n_hi < stop ? static_cast<uint64_t>(row_codes[n_hi]) : 0;
+    int nearest_lo = 0, nearest_hi = 0;
+    if (!single) nearest16<TILES>(lo, hi, frag, C, lane, nearest_lo, nearest_hi);
+    if (FINAL) {
+      if (t < 2) {  // lane t = 0 writes query lo, t = 1 query hi
+        const int n = t == 0 ? n_lo : n_hi;
+        if (n < stop) {
+          int64_t a = -1;
+          if (info.valid(b, n)) a = single ? info.rank(b, n) : (t == 0 ? nearest_lo : nearest_hi);
+          assignments[bh * info.length + n] = a;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = h ? n_hi : n_lo;
+        if (n >= stop || !info.valid(b, n)) continue;
+        const int j = h ? nearest_hi : nearest_lo;
+        int* cj = counts + j * COUNTER_STRIDE;
+        if (t == 0) atomicAdd(cj + COUNT_SLOT, 1);
+        // Bits where the member differs from its centroid, as in lloyd_assign_kernel.
+        uint32_t rest = static_cast<uint32_t>(((h ? hi : lo) ^ static_cast<uint64_t>(cent[j])) >> (16 * t)) & 0xFFFFu;
+        while (rest) {
+          atomicAdd(cj + 16 * t + (__ffs(rest) - 1), 1);
+          rest &= rest - 1;
+        }
+      }
+    }
+  }
+  if (!FINAL) {
+    __syncthreads();
+    int* gcount = counters + bh * C * MAX_BITS;
+    for (int i = threadIdx.x; i < C * MAX_BITS; i += blockDim.x) {
+      const int j = i / MAX_BITS, s = i % MAX_BITS;
+      const int v = counts[j * COUNTER_STRIDE + s];
+      if (v != 0) atomicAdd(gcount + i, v);
+    }
+  }
+}
+
+// Launches lloyd_mma_kernel with the fewest centroid tiles of {2, 4, 8, 13, 16} that hold C.
+template <bool FINAL>
+void launch_lloyd_mma(const dim3& grid, size_t smem, cudaStream_t stream, const RowInfo& info,
+                      const int64_t* codes, const int64_t* centroids, int chunk, int bits, int* counters,
+                      int64_t* assignments) {
+  auto launch = [&](auto kernel) {
+    ensure_smem(kernel, smem);
+    kernel<<<grid, MMA_THREADS, smem, stream>>>(info, codes, centroids, chunk, bits, counters, assignments);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  const int C = info.clusters;
+  if (C <= 16) launch(lloyd_mma_kernel<2, FINAL>);
+  else if (C <= 32) launch(lloyd_mma_kernel<4, FINAL>);
+  else if (C <= 64) launch(lloyd_mma_kernel<8, FINAL>);
+  else if (C <= 104) launch(lloyd_mma_kernel<13, FINAL>);
+  else launch(lloyd_mma_kernel<16, FINAL>);
 }
 
 // Assign + accumulate counts (SMEM_COUNTS: counters in shared memory, else global).
@@ -288,10 +479,12 @@ at::Tensor hash_codes_cuda(const at::Tensor& x_in, const at::Tensor& planes_in, 
 // blocks to fill the GPU twice, 256..4096 queries each). Every block adds its shared-memory
 // bit counts to the row's global counters once per iteration, so more blocks per row mean
 // more global atomics; fewer blocks, less parallelism. Results do not depend on it.
+// tensor_cores: the nearest centroids by int8 products where C <= 128 on sm_80 and newer (false:
+// by population counts everywhere; the results are the same, the tests compare them).
 std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
                                                      const c10::optional<at::Tensor>& mask_in,
                                                      int64_t num_clusters, int64_t iterations, int64_t bits,
-                                                     int64_t queries_per_block) {
+                                                     int64_t queries_per_block, bool tensor_cores) {
   FCL_CHECK_CUDA(codes_in, "lloyd_kmeans: codes");
   TORCH_CHECK(codes_in.dim() == 3 && codes_in.scalar_type() == at::kLong,
               "lloyd_kmeans: codes must be (B, H, N) int64, got ", codes_in.sizes(), " ", codes_in.scalar_type());
@@ -334,6 +527,7 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
   const dim3 grid(static_cast<unsigned>((N + chunk - 1) / chunk), static_cast<unsigned>(B * H));
   constexpr int threads = 512;
   const dim3 update_grid(static_cast<unsigned>((C + 1) / 2), static_cast<unsigned>(B * H));
+  const bool mma = tensor_cores && C <= MMA_MAX_CLUSTERS && compute_major() >= 8;
 
   if (iterations > 0) {
     at::Tensor counters = at::zeros({B * H, C, MAX_BITS}, codes.options().dtype(at::kInt));
@@ -345,9 +539,14 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
     auto kernel = use_smem ? lloyd_assign_kernel<true> : lloyd_assign_kernel<false>;
     ensure_smem(kernel, smem);
     for (int64_t it = 0; it < iterations; ++it) {
-      kernel<<<grid, threads, smem, stream>>>(info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>(),
-                                              static_cast<int>(chunk), counters.data_ptr<int>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (mma) {  // C <= 128: the counters fit in shared memory
+        launch_lloyd_mma<false>(grid, smem_counts, stream, info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>(),
+                                static_cast<int>(chunk), static_cast<int>(bits), counters.data_ptr<int>(), nullptr);
+      } else {
+        kernel<<<grid, threads, smem, stream>>>(info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>(),
+                                                static_cast<int>(chunk), counters.data_ptr<int>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       lloyd_update_kernel<<<update_grid, 128, 0, stream>>>(info, static_cast<int>(bits), centroids.data_ptr<int64_t>(),
                                                            counters.data_ptr<int>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -355,10 +554,15 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
   }
   // Padded: the compiler reads the centroids in 16-byte pairs.
   const size_t smem_final = static_cast<size_t>(C + 2) * sizeof(int64_t);
-  ensure_smem(lloyd_final_kernel, std::max<size_t>(smem_final, 1));
-  lloyd_final_kernel<<<grid, threads, smem_final, stream>>>(info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>(),
-                                                            static_cast<int>(chunk), assignments.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (mma) {
+    launch_lloyd_mma<true>(grid, smem_final, stream, info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>(),
+                           static_cast<int>(chunk), static_cast<int>(bits), nullptr, assignments.data_ptr<int64_t>());
+  } else {
+    ensure_smem(lloyd_final_kernel, std::max<size_t>(smem_final, 1));
+    lloyd_final_kernel<<<grid, threads, smem_final, stream>>>(info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>(),
+                                                              static_cast<int>(chunk), assignments.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {assignments, centroids};
 }
 

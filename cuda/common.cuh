@@ -112,6 +112,18 @@ inline int num_sms() {
   return sms;
 }
 
+// Compute capability major version of the current device (queried once per device).
+inline int compute_major() {
+  static int cached[64] = {0};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 64 && cached[dev] > 0) return cached[dev];
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  if (dev < 64) cached[dev] = major;
+  return major;
+}
+
 // Raise a kernel's dynamic shared-memory limit when a launch needs more than 48 KB.
 // Each (kernel, device) is raised once, to the device's opt-in maximum, on its first
 // use (before any CUDA graph capture in practice).

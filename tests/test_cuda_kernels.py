@@ -631,6 +631,30 @@ def test_lloyd_queries_per_block_gpu(queries_per_block):
 
 
 @needs_gpu
+@pytest.mark.parametrize("clusters", [1, 8, 9, 40, 100, 104, 105, 128])
+@pytest.mark.parametrize("bits", [63, 31, 8])
+def test_lloyd_tensor_cores_gpu(clusters, bits):
+    """The nearest centroids by int8 tensor-core products (C <= 128) give the assignments and
+    centroids of the population-count kernels and of the reference, bit for bit: every
+    centroid-tile count, a padded last tile (C not a multiple of 8), few bits (many ties), a
+    row with fewer valid queries than clusters, ragged padding."""
+    from fairseq_clustered.ops import cuda_backend
+    ext = cuda_backend.cuda_ops().ext
+    g = torch.Generator().manual_seed(clusters * 100 + bits)
+    length = 300 if SANITIZE else 2500
+    centres = torch.randn(2, 3, 6, 32, generator=g)
+    x = centres[:, :, torch.randint(0, 6, (length,), generator=g)] + 0.5 * torch.randn(2, 3, length, 32, generator=g)
+    codes = reference.hash_codes_ref(x, torch.randn(bits, 32, generator=g), torch.zeros(bits)).cuda()
+    for mask in (None, torch.arange(length)[None, :] >= torch.tensor([[length - 77], [min(clusters, 60)]])):
+        mask = None if mask is None else mask.cuda()
+        got = ext.lloyd_kmeans(codes, mask, clusters, 10, bits, 0, tensor_cores=True)
+        counted = ext.lloyd_kmeans(codes, mask, clusters, 10, bits, 0, tensor_cores=False)
+        expected = reference.lloyd_kmeans_ref(codes, mask, clusters, 10, bits)
+        for a, b, c in zip(got, counted, expected):
+            assert torch.equal(a, c) and torch.equal(b, c)
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cluster_queries_is_hash_then_lloyd_gpu(dtype):
     """The fused clustering op gives what its two steps give on the GPU, and the reference's
