@@ -7,9 +7,13 @@ queries hashed from random bf16 vectors, C = 100, 10 iterations, 63 bits) this p
 microseconds of one ``lloyd_kmeans`` (graph-replayed, so without launch overhead) for each
 setting, 0 being the extension's own choice, and checks that every setting gives the same
 assignments and centroids. ``ops.cuda_kernels.lloyd_queries_per_block`` is the policy the
-kernels' callers use::
+kernels' callers use. ``--tensor-cores`` picks the nearest-centroid kernels: ``auto`` as the
+ops do (``ops.cuda_kernels.lloyd_tensor_core_split``: int8 tensor-core products from 16k queries
+per row where one wave of blocks takes at most 4096 queries each), ``on`` or ``off`` everywhere; ``both`` prints a row for each (``off`` giving the expected
+result of both)::
 
     python benchmarks/lloyd_sweep.py
+    python benchmarks/lloyd_sweep.py --tensor-cores both --settings 0,512,2048
 """
 
 import argparse
@@ -21,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fairseq_clustered.ops import cuda_backend  # noqa: E402
-from fairseq_clustered.ops.cuda_kernels import lloyd_queries_per_block  # noqa: E402
+from fairseq_clustered.ops.cuda_kernels import lloyd_queries_per_block, lloyd_tensor_core_split  # noqa: E402
 
 
 def graph_microseconds(fn, repeats=20):
@@ -47,6 +51,7 @@ def main():
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
     parser.add_argument("--settings", default="0,256,512,1024,2048,4096,8192,16384,65536")
     parser.add_argument("--clusters", type=int, default=100)
+    parser.add_argument("--tensor-cores", choices=("auto", "on", "off", "both"), default="auto")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not cuda_backend.load():
         sys.exit("needs a CUDA GPU and the compiled fairseq_clustered._C")
@@ -54,25 +59,31 @@ def main():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     settings = [int(s) for s in args.settings.split(",")]
     print(f"# {torch.cuda.get_device_name()}, {sms} SMs, torch {torch.__version__}; C={args.clusters}, 10 iterations")
-    print("rows      N  policy | us by queries per block " + " ".join(f"{s:>7d}" for s in settings))
+    print("rows      N  tensor cores  policy | us by queries per block " + " ".join(f"{s:>7d}" for s in settings))
     for shape in args.rows.split(","):
         batch, heads = (int(x) for x in shape.split("x"))
         for length in (int(n) for n in args.lengths.split(",")):
             x = torch.randn(batch, heads, length, 64, device="cuda", dtype=torch.bfloat16)
             codes = ext.hash_codes(x, torch.randn(63, 64, device="cuda"), torch.zeros(63, device="cuda"))
-            expected = ext.lloyd_kmeans(codes, None, args.clusters, 10, 63)
-            cells = []
-            for setting in settings:
-                if setting > 2 * length:
-                    cells.append(f"{'-':>7}")
-                    continue
-                got = ext.lloyd_kmeans(codes, None, args.clusters, 10, 63, queries_per_block=setting)
-                assert all(torch.equal(a, b) for a, b in zip(got, expected)), f"setting {setting} changed the result"
-                us = graph_microseconds(lambda: ext.lloyd_kmeans(codes, None, args.clusters, 10, 63,
-                                                                 queries_per_block=setting))
-                cells.append(f"{us:7.1f}")
-            policy = lloyd_queries_per_block(batch * heads, length, sms)
-            print(f"{batch * heads:4d} {length:6d} {policy:7d} | {' ' * 25}" + " ".join(cells), flush=True)
+            expected = ext.lloyd_kmeans(codes, None, args.clusters, 10, 63, tensor_cores=False)
+            split = lloyd_tensor_core_split(batch * heads, length, sms)
+            choices = {"auto": [split > 0], "on": [True], "off": [False], "both": [False, True]}
+            for tensor_cores in choices[args.tensor_cores]:
+                def lloyd(setting):
+                    return ext.lloyd_kmeans(codes, None, args.clusters, 10, 63, queries_per_block=setting,
+                                            tensor_cores=tensor_cores)
+
+                cells = []
+                for setting in settings:
+                    if setting > 2 * length:
+                        cells.append(f"{'-':>7}")
+                        continue
+                    got = lloyd(setting)
+                    assert all(torch.equal(a, b) for a, b in zip(got, expected)), f"setting {setting} changed the result"
+                    cells.append(f"{graph_microseconds(lambda: lloyd(setting)):7.1f}")
+                policy = split if tensor_cores and split else lloyd_queries_per_block(batch * heads, length, sms)
+                print(f"{batch * heads:4d} {length:6d} {'on' if tensor_cores else 'off':>13} {policy:7d} | {' ' * 25}"
+                      + " ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

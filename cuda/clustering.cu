@@ -257,10 +257,16 @@ __global__ void __launch_bounds__(MMA_THREADS) lloyd_mma_kernel(RowInfo info, co
   const int start = blockIdx.x * chunk;
   const int stop = min(start + chunk, info.length);
   const int64_t* row_codes = codes + bh * info.length;
-  for (int base = start + 16 * warp; base < stop; base += 16 * (MMA_THREADS / 32)) {  // uniform per warp
+  constexpr int STRIDE = 16 * (MMA_THREADS / 32);
+  auto code_at = [&](int n) { return n < stop ? static_cast<uint64_t>(row_codes[n]) : uint64_t(0); };
+  // The next tile's codes are loaded before this tile's products: the warp's loop is a chain
+  // of short tiles, and a load's latency would otherwise stall each of them.
+  uint64_t next_lo = code_at(start + 16 * warp + g), next_hi = code_at(start + 16 * warp + g + 8);
+  for (int base = start + 16 * warp; base < stop; base += STRIDE) {  // uniform per warp
     const int n_lo = base + g, n_hi = base + g + 8;
-    const uint64_t lo = n_lo < stop ? static_cast<uint64_t>(row_codes[n_lo]) : 0;
-    const uint64_t hi = n_hi < stop ? static_cast<uint64_t>(row_codes[n_hi]) : 0;
+    const uint64_t lo = next_lo, hi = next_hi;
+    next_lo = code_at(n_lo + STRIDE);
+    next_hi = code_at(n_hi + STRIDE);
     int nearest_lo = 0, nearest_hi = 0;
     if (!single) nearest16<TILES>(lo, hi, frag, C, lane, nearest_lo, nearest_hi);
     if (FINAL) {

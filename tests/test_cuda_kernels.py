@@ -40,7 +40,7 @@ class EmulatedExtension:
         return reference.hash_codes_ref(x, planes, offsets)
 
     @staticmethod
-    def lloyd_kmeans(codes, mask, num_clusters, iterations, bits, queries_per_block=0):
+    def lloyd_kmeans(codes, mask, num_clusters, iterations, bits, queries_per_block=0, tensor_cores=True):
         return reference.lloyd_kmeans_ref(codes, mask, num_clusters, iterations, bits)
 
     @staticmethod
@@ -446,6 +446,22 @@ def test_segments_cpu():
     assert seg_start.tolist() == [[1, 3, 4, 6, 6]]
     assert counts.tolist() == [[2.0, 1.0, 2.0, 0.0]]
 
+
+
+def test_lloyd_tensor_core_split_cpu():
+    """Tensor-core Lloyd from 16k queries per row, one wave of blocks (two per SM) with whole
+    blocks per row and 512..4096 queries each; elsewhere the population-count kernels (0)."""
+    from fairseq_clustered.ops.cuda_kernels import lloyd_tensor_core_split
+    sms = 132
+    assert lloyd_tensor_core_split(32, 8192, sms) == 0  # shorter rows: population counts
+    assert lloyd_tensor_core_split(32, 65536, sms) == 0  # one wave would take 8192 per block
+    assert lloyd_tensor_core_split(288, 16384, sms) == 0  # more rows than resident blocks
+    for rows, length in ((32, 16384), (32, 32768), (24, 16384), (24, 32768), (8, 65536), (1, 16384)):
+        per_block = lloyd_tensor_core_split(rows, length, sms)
+        assert 512 <= per_block <= 4096
+        blocks = rows * -(-length // per_block)
+        assert blocks <= 2 * sms or per_block == 512, (rows, length, per_block)
+    assert lloyd_tensor_core_split(32, 16384, sms) == 2048 and lloyd_tensor_core_split(24, 16384, sms) == 1490
 
 # ------------------------------------------------------------------ GPU
 

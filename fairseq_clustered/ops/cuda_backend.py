@@ -79,7 +79,8 @@ def graph_cache():
 KERNEL_NOTES = {
     "hash_codes": "fp32/fp16/bf16, dim <= 800; on tensor cores (Triton) with a power-of-two dim 16..256 "
                   "(fp32: 16..128)",
-    "lloyd_kmeans": "num_clusters <= 6144, batch*heads <= 65535",
+    "lloyd_kmeans": ("num_clusters <= 6144, batch*heads <= 65535; nearest centroids by int8 tensor-core "
+                     "products where C <= 128 on sm_80+ from 16k queries per row, else population counts"),
     "cluster_queries": "hash_codes then lloyd_kmeans in one composition (same coverage)",
     "clustered_attention_fwd": "fp32/fp16/bf16, head dims <= 128; fp16/bf16: flash without padding or dropout, "
                                "with them Triton on tensor cores (head dim a power of two 16..128, C <= 128); "

@@ -71,6 +71,31 @@ def _segments(assignments: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor, T
     return order.contiguous(), seg_start.contiguous(), counts
 
 
+TENSOR_CORE_LLOYD_MIN_LENGTH = 16384
+TENSOR_CORE_LLOYD_MAX_PER_BLOCK = 4096
+TENSOR_CORE_LLOYD_MIN_PER_BLOCK = 512  # a block's set-up (counters, fragments) needs work to pay for
+
+
+def lloyd_tensor_core_split(rows: int, length: int, sms: int) -> int:
+    """Queries per block for Lloyd's tensor-core kernels (the extension's ``tensor_cores``:
+    nearest centroids by int8 products, C <= 128 on sm_80+) on ``rows = B * H`` rows of
+    ``length`` queries, or 0 where the population-count kernels are the faster choice.
+
+    One wave of blocks (two per SM, whole blocks per row, at least 512 queries each), from 16k
+    queries per row and while a block takes at most 4096 queries. Measured (``benchmarks/lloyd_sweep.py --tensor-cores
+    both``, H200, C = 100, 10 iterations; benchmarks/NOTES.md): 32 rows of 16k 456 -> 424 us,
+    of 32k 816 -> 737; 24 rows of 16k 354 -> 341, of 32k 634 -> 573. Below 16k the per-block
+    set-up and the bit counting (shared-memory atomics, unchanged) dominate an iteration and
+    the population counts were as fast or faster; at 24 rows of 64k (a one-wave block would take
+    5958 queries) 4096 queries per block lost 7%.
+    """
+    if length < TENSOR_CORE_LLOYD_MIN_LENGTH:
+        return 0
+    per_row = max(1, (2 * sms) // rows)
+    per_block = max(-(-length // per_row), TENSOR_CORE_LLOYD_MIN_PER_BLOCK)
+    return per_block if per_block <= TENSOR_CORE_LLOYD_MAX_PER_BLOCK else 0
+
+
 def lloyd_queries_per_block(rows: int, length: int, sms: int) -> int:
     """Queries per block of Lloyd's assign kernels for ``rows = B * H`` rows of ``length``
     queries on a GPU of ``sms`` multiprocessors.
@@ -163,8 +188,14 @@ class CudaOps:
 
     def _lloyd_kmeans(self, codes, query_padding_mask, num_clusters, iterations, bits):
         rows, length = codes.shape[0] * codes.shape[1], codes.shape[2]
-        per_block = lloyd_queries_per_block(rows, length, _multiprocessors(codes.get_device())) if codes.is_cuda else 0
-        return tuple(self.ext.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits, per_block))
+        per_block, tensor_cores = 0, False
+        if codes.is_cuda:
+            sms = _multiprocessors(codes.get_device())
+            per_block = lloyd_tensor_core_split(rows, length, sms)
+            tensor_cores = per_block > 0
+            per_block = per_block or lloyd_queries_per_block(rows, length, sms)
+        return tuple(self.ext.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits, per_block,
+                                           tensor_cores))
 
     def cluster_queries(self, x, planes, offsets, query_padding_mask, num_clusters, iterations, bits):
         """Hashing and Lloyd's k-means as one composition (one graph replay where they repeat)."""
