@@ -72,6 +72,7 @@ def _segments(assignments: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor, T
 
 
 TENSOR_CORE_LLOYD_MIN_LENGTH = 16384
+TENSOR_CORE_LLOYD_MAX_CLUSTERS = 128  # the kernels keep every centroid's fragments in registers
 TENSOR_CORE_LLOYD_MAX_PER_BLOCK = 4096
 TENSOR_CORE_LLOYD_MIN_PER_BLOCK = 512  # a block's set-up (counters, fragments) needs work to pay for
 
@@ -82,12 +83,12 @@ def lloyd_tensor_core_split(rows: int, length: int, sms: int) -> int:
     ``length`` queries, or 0 where the population-count kernels are the faster choice.
 
     One wave of blocks (two per SM, whole blocks per row, at least 512 queries each), from 16k
-    queries per row and while a block takes at most 4096 queries. Measured (``benchmarks/lloyd_sweep.py --tensor-cores
-    both``, H200, C = 100, 10 iterations; benchmarks/NOTES.md): 32 rows of 16k 456 -> 424 us,
-    of 32k 816 -> 737; 24 rows of 16k 354 -> 341, of 32k 634 -> 573. Below 16k the per-block
-    set-up and the bit counting (shared-memory atomics, unchanged) dominate an iteration and
-    the population counts were as fast or faster; at 24 rows of 64k (a one-wave block would take
-    5958 queries) 4096 queries per block lost 7%.
+    queries per row and while a block takes at most 4096 queries. Measured
+    (``benchmarks/lloyd_sweep.py --tensor-cores both``, H200, C = 100, 10 iterations;
+    benchmarks/NOTES.md): 32 rows of 16k 456 -> 424 us, of 32k 816 -> 737; 24 rows of 16k
+    354 -> 341, of 32k 634 -> 573. Below 16k the population counts were as fast or faster; at
+    24 rows of 64k (a one-wave block would take 5958 queries) 4096 queries per block lost 7%.
+    The 512-query floor (rows so few that a wave would give each block less) is not measured.
     """
     if length < TENSOR_CORE_LLOYD_MIN_LENGTH:
         return 0
@@ -191,7 +192,8 @@ class CudaOps:
         per_block, tensor_cores = 0, False
         if codes.is_cuda:
             sms = _multiprocessors(codes.get_device())
-            per_block = lloyd_tensor_core_split(rows, length, sms)
+            if num_clusters <= TENSOR_CORE_LLOYD_MAX_CLUSTERS:
+                per_block = lloyd_tensor_core_split(rows, length, sms)
             tensor_cores = per_block > 0
             per_block = per_block or lloyd_queries_per_block(rows, length, sms)
         return tuple(self.ext.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits, per_block,
