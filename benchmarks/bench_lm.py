@@ -42,8 +42,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_model import add_training_arguments, compare_variants, report, time_steps, training_setup  # noqa: E402
-from fairseq.data import Dictionary  # noqa: E402
+from bench_model import (  # noqa: E402
+    add_training_arguments, compare_variants, report, synthetic_dictionary, time_steps, training_setup)
 from fairseq.models.transformer_lm import base_lm_architecture, transformer_lm_gpt  # noqa: E402
 
 from fairseq_clustered.models.clustered_lm import ClusteredCausalTransformerDecoder  # noqa: E402
@@ -77,9 +77,7 @@ class SDPACausalSelfAttention(CausalClusteredMultiheadAttention):
 def build_decoder(variant, length, vocab_size, small, window, num_clusters, attention_dropout=0.0):
     """The decoder of a ``clustered_transformer_lm_gpt`` (or a tiny one with ``small``) with
     the given attention and attention dropout, contexts of ``length`` tokens."""
-    dictionary = Dictionary()
-    for index in range(vocab_size - len(dictionary)):
-        dictionary.add_symbol(f"tok{index}")
+    dictionary = synthetic_dictionary(vocab_size)
     args = argparse.Namespace(
         clustered_causal_attention="full" if variant in EXACT_VARIANTS else variant,
         clustered_window=window, clustered_num_clusters=num_clusters,

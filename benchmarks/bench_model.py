@@ -76,13 +76,19 @@ class SDPASelfAttention(ClusteredMultiheadAttention):
         return self.out_proj(out.permute(2, 0, 1, 3).reshape(length, batch, embed_dim)), None
 
 
+def synthetic_dictionary(vocab_size: int) -> Dictionary:
+    """A fairseq dictionary of ``vocab_size`` symbols (its specials and made-up tokens)."""
+    dictionary = Dictionary()
+    for index in range(vocab_size - len(dictionary)):
+        dictionary.add_symbol(f"tok{index}")
+    return dictionary
+
+
 def build_model(variant, max_length, vocab_size, small, num_clusters, topk, attention_dropout=None):
     """A RoBERTa masked LM (base size, or tiny with ``small``) with the given attention.
 
     ``attention_dropout`` None keeps the architecture's default (0.1 for RoBERTa)."""
-    dictionary = Dictionary()
-    for index in range(vocab_size - len(dictionary)):
-        dictionary.add_symbol(f"tok{index}")
+    dictionary = synthetic_dictionary(vocab_size)
     args = argparse.Namespace(
         clustered_attention="full" if variant in EXACT_VARIANTS else variant,
         clustered_num_clusters=num_clusters, clustered_topk=topk,
