@@ -8,9 +8,10 @@ microseconds of one ``lloyd_kmeans`` (graph-replayed, so without launch overhead
 setting, 0 being the extension's own choice, and checks that every setting gives the same
 assignments and centroids. ``ops.cuda_kernels.lloyd_queries_per_block`` is the policy the
 kernels' callers use. ``--tensor-cores`` picks the nearest-centroid kernels: ``auto`` as the
-ops do (``ops.cuda_kernels.lloyd_tensor_core_split``: int8 tensor-core products from 16k queries
-per row where one wave of blocks takes at most 4096 queries each), ``on`` or ``off`` everywhere; ``both`` prints a row for each (``off`` giving the expected
-result of both)::
+ops do (``ops.cuda_kernels.lloyd_launch_settings``: int8 tensor-core products from 16k queries
+per row where one wave of blocks takes at most 4096 queries each), ``on`` or ``off``
+everywhere; ``both`` prints a row for each (``off`` giving the expected result of both). The
+``policy`` column is the ops' split, on the row of the kernels they take::
 
     python benchmarks/lloyd_sweep.py
     python benchmarks/lloyd_sweep.py --tensor-cores both --settings 0,512,2048
@@ -25,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fairseq_clustered.ops import cuda_backend  # noqa: E402
-from fairseq_clustered.ops.cuda_kernels import lloyd_queries_per_block, lloyd_tensor_core_split  # noqa: E402
+from fairseq_clustered.ops.cuda_kernels import lloyd_launch_settings  # noqa: E402
 
 
 def graph_microseconds(fn, repeats=20):
@@ -66,8 +67,8 @@ def main():
             x = torch.randn(batch, heads, length, 64, device="cuda", dtype=torch.bfloat16)
             codes = ext.hash_codes(x, torch.randn(63, 64, device="cuda"), torch.zeros(63, device="cuda"))
             expected = ext.lloyd_kmeans(codes, None, args.clusters, 10, 63, tensor_cores=False)
-            split = lloyd_tensor_core_split(batch * heads, length, sms)
-            choices = {"auto": [split > 0], "on": [True], "off": [False], "both": [False, True]}
+            policy, policy_tensor_cores = lloyd_launch_settings(batch * heads, length, args.clusters, sms)
+            choices = {"auto": [policy_tensor_cores], "on": [True], "off": [False], "both": [False, True]}
             for tensor_cores in choices[args.tensor_cores]:
                 def lloyd(setting):
                     return ext.lloyd_kmeans(codes, None, args.clusters, 10, 63, queries_per_block=setting,
@@ -81,8 +82,8 @@ def main():
                     got = lloyd(setting)
                     assert all(torch.equal(a, b) for a, b in zip(got, expected)), f"setting {setting} changed the result"
                     cells.append(f"{graph_microseconds(lambda: lloyd(setting)):7.1f}")
-                policy = split if tensor_cores and split else lloyd_queries_per_block(batch * heads, length, sms)
-                print(f"{batch * heads:4d} {length:6d} {'on' if tensor_cores else 'off':>13} {policy:7d} | {' ' * 25}"
+                shown = f"{policy:7d}" if tensor_cores == policy_tensor_cores else f"{'-':>7}"
+                print(f"{batch * heads:4d} {length:6d} {'on' if tensor_cores else 'off':>13} {shown} | {' ' * 25}"
                       + " ".join(cells), flush=True)
 
 

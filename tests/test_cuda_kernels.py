@@ -463,6 +463,17 @@ def test_lloyd_tensor_core_split_cpu():
         assert blocks <= 2 * sms or per_block == 512, (rows, length, per_block)
     assert lloyd_tensor_core_split(32, 16384, sms) == 2048 and lloyd_tensor_core_split(24, 16384, sms) == 1490
 
+
+def test_lloyd_launch_settings_cpu():
+    """The ops' choice: the tensor-core kernels and their split where the rule takes them and
+    C <= 128, else the population counts and their split."""
+    from fairseq_clustered.ops.cuda_kernels import (lloyd_launch_settings, lloyd_queries_per_block,
+                                                    lloyd_tensor_core_split)
+    sms = 132
+    assert lloyd_launch_settings(32, 16384, 100, sms) == (lloyd_tensor_core_split(32, 16384, sms), True)
+    assert lloyd_launch_settings(32, 16384, 129, sms) == (lloyd_queries_per_block(32, 16384, sms), False)
+    assert lloyd_launch_settings(32, 8192, 100, sms) == (lloyd_queries_per_block(32, 8192, sms), False)
+
 # ------------------------------------------------------------------ GPU
 
 

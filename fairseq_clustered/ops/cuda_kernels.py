@@ -97,6 +97,15 @@ def lloyd_tensor_core_split(rows: int, length: int, sms: int) -> int:
     return per_block if per_block <= TENSOR_CORE_LLOYD_MAX_PER_BLOCK else 0
 
 
+def lloyd_launch_settings(rows: int, length: int, num_clusters: int, sms: int) -> Tuple[int, bool]:
+    """``(queries_per_block, tensor_cores)`` for the extension's ``lloyd_kmeans`` on ``rows``
+    rows of ``length`` queries and ``num_clusters``: the tensor-core kernels and their split
+    where :func:`lloyd_tensor_core_split` takes them (C <= 128), else the population counts and
+    :func:`lloyd_queries_per_block`."""
+    split = lloyd_tensor_core_split(rows, length, sms) if num_clusters <= TENSOR_CORE_LLOYD_MAX_CLUSTERS else 0
+    return (split, True) if split else (lloyd_queries_per_block(rows, length, sms), False)
+
+
 def lloyd_queries_per_block(rows: int, length: int, sms: int) -> int:
     """Queries per block of Lloyd's assign kernels for ``rows = B * H`` rows of ``length``
     queries on a GPU of ``sms`` multiprocessors.
@@ -191,11 +200,8 @@ class CudaOps:
         rows, length = codes.shape[0] * codes.shape[1], codes.shape[2]
         per_block, tensor_cores = 0, False
         if codes.is_cuda:
-            sms = _multiprocessors(codes.get_device())
-            if num_clusters <= TENSOR_CORE_LLOYD_MAX_CLUSTERS:
-                per_block = lloyd_tensor_core_split(rows, length, sms)
-            tensor_cores = per_block > 0
-            per_block = per_block or lloyd_queries_per_block(rows, length, sms)
+            per_block, tensor_cores = lloyd_launch_settings(rows, length, num_clusters,
+                                                            _multiprocessors(codes.get_device()))
         return tuple(self.ext.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits, per_block,
                                            tensor_cores))
 
