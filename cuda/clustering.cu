@@ -17,6 +17,8 @@
 
 #include <algorithm>
 
+#include <cooperative_groups.h>
+
 namespace fcl {
 namespace {
 
@@ -107,6 +109,29 @@ struct RowInfo {
   __device__ __forceinline__ bool singleton(int b) const { return num_valid(b) <= clusters; }
 };
 
+// Bit `bit` of a centroid after the majority update, from its old code `old`, its member count
+// and how many members differ from `old` in that bit: set where more than half of the members
+// have it set, cleared where fewer than half do; ties, empty clusters and bits >= `bits` keep
+// the old bit.
+__device__ __forceinline__ bool majority_bit(int64_t old, int bit, int bits, int members, int differ) {
+  bool set = (static_cast<uint64_t>(old) >> bit) & 1;
+  const int ones = set ? members - differ : differ;
+  if (bit < bits) {
+    if (2 * ones > members) set = true;
+    else if (2 * ones < members) set = false;
+  }
+  return set;
+}
+
+// Centroid j's initial code: the code of the valid query of rank floor(j * valid / C), or in
+// rows with at most C valid queries, of rank j (0 past the last one). `row_codes`: the row's N.
+__device__ __forceinline__ int64_t initial_centroid(const RowInfo& info, int b, int j, int nv,
+                                                   const int64_t* row_codes) {
+  if (nv <= info.clusters) return j < nv ? row_codes[info.position_of_rank(b, j)] : 0;
+  const int r = static_cast<int>((static_cast<int64_t>(j) * nv) / info.clusters);
+  return row_codes[info.position_of_rank(b, r)];
+}
+
 __global__ void lloyd_init_kernel(RowInfo info, const int64_t* __restrict__ codes,
                                   int64_t* __restrict__ centroids) {
   const int64_t bh = blockIdx.y;
@@ -114,14 +139,7 @@ __global__ void lloyd_init_kernel(RowInfo info, const int64_t* __restrict__ code
   const int nv = info.num_valid(b);
   const int C = info.clusters;
   for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < C; j += gridDim.x * blockDim.x) {
-    int64_t code = 0;
-    if (nv <= C) {
-      if (j < nv) code = codes[bh * info.length + info.position_of_rank(b, j)];
-    } else {
-      const int r = static_cast<int>((static_cast<int64_t>(j) * nv) / C);
-      code = codes[bh * info.length + info.position_of_rank(b, r)];
-    }
-    centroids[bh * C + j] = code;
+    centroids[bh * C + j] = initial_centroid(info, b, j, nv, codes + bh * info.length);
   }
 }
 
@@ -133,6 +151,10 @@ __device__ __forceinline__ int nearest(int64_t code, const int64_t* cent, int C)
   }
   return best;
 }
+
+// Centroid slots in shared memory: C padded to an even count plus one pair, since the compiler
+// reads them in 16-byte pairs.
+__host__ __device__ __forceinline__ int padded_clusters(int C) { return ((C + 1) / 2) * 2 + 2; }
 
 // ------------------------------------------------- nearest centroids on tensor cores
 constexpr int MMA_THREADS = 256;
@@ -227,6 +249,60 @@ __device__ __forceinline__ void nearest16(uint64_t lo, uint64_t hi, const uint32
   nearest_hi = 127 - (best_hi & 127);
 }
 
+// The final assignments of a warp's 16 queries lane / 4 (`n_lo`, code `lo`) and lane / 4 + 8
+// (`n_hi`, code `hi`) of row bh, those below `stop`: -1 for padded queries, the rank in a row
+// with at most C valid queries (`single`), else the nearest centroid.
+template <int TILES>
+__device__ __forceinline__ void assign16(const RowInfo& info, int b, int64_t bh, bool single, int n_lo, int n_hi,
+                                         int stop, uint64_t lo, uint64_t hi, const uint32_t (&frag)[TILES][4],
+                                         int64_t* assignments, int lane) {
+  const int t = lane & 3;
+  int nearest_lo = 0, nearest_hi = 0;
+  if (!single) nearest16<TILES>(lo, hi, frag, info.clusters, lane, nearest_lo, nearest_hi);
+  if (t < 2) {  // lane t = 0 writes query lo, t = 1 query hi
+    const int n = t == 0 ? n_lo : n_hi;
+    if (n < stop) {
+      int64_t a = -1;
+      if (info.valid(b, n)) a = single ? info.rank(b, n) : (t == 0 ? nearest_lo : nearest_hi);
+      assignments[bh * info.length + n] = a;
+    }
+  }
+}
+
+// A warp's counting of its 16 queries lane / 4 (`n_lo`, code `lo`) and lane / 4 + 8 (`n_hi`,
+// code `hi`) of row b, those valid and below `stop`, into a block's shared counters `counts`
+// (COUNTER_STRIDE per cluster): each member adds one to its cluster's member count and one per
+// bit in which it differs from the centroid `cent[j]` (far fewer than its set bits once the
+// centroids settle, so far fewer atomics). The four lanes of a quad split the bits: lane t
+// counts bits 16 t .. 16 t + 15 of both queries.
+__device__ __forceinline__ void count_members16(const RowInfo& info, int b, int n_lo, int n_hi, int stop,
+                                                uint64_t lo, uint64_t hi, int nearest_lo, int nearest_hi,
+                                                const int64_t* cent, int* counts, int lane) {
+  const int t = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int n = h ? n_hi : n_lo;
+    if (n >= stop || !info.valid(b, n)) continue;
+    const int j = h ? nearest_hi : nearest_lo;
+    int* cj = counts + j * COUNTER_STRIDE;
+    if (t == 0) atomicAdd(cj + COUNT_SLOT, 1);
+    uint32_t rest = static_cast<uint32_t>(((h ? hi : lo) ^ static_cast<uint64_t>(cent[j])) >> (16 * t)) & 0xFFFFu;
+    while (rest) {
+      atomicAdd(cj + 16 * t + (__ffs(rest) - 1), 1);
+      rest &= rest - 1;
+    }
+  }
+}
+
+// Adds a block's shared counters (C x COUNTER_STRIDE) into the row's global ones (C x MAX_BITS),
+// one atomic per non-zero counter. After the block's counting and a barrier.
+__device__ __forceinline__ void add_block_counts(const int* counts, int* row_counters, int C) {
+  for (int i = threadIdx.x; i < C * MAX_BITS; i += blockDim.x) {
+    const int v = counts[(i / MAX_BITS) * COUNTER_STRIDE + i % MAX_BITS];
+    if (v != 0) atomicAdd(row_counters + i, v);
+  }
+}
+
 // Lloyd's assign + count (FINAL false) or final assignment (FINAL true) with nearest16: the
 // same contract as lloyd_assign_kernel<true> / lloyd_final_kernel. Warps take 16 consecutive
 // queries at a time; the four lanes of a quad split the counting of the two queries they
@@ -243,7 +319,7 @@ __global__ void __launch_bounds__(MMA_THREADS) lloyd_mma_kernel(RowInfo info, co
   if (!FINAL && single) return;
   const int C = info.clusters;
   int64_t* cent = smem_mma;
-  int* counts = reinterpret_cast<int*>(smem_mma + ((C + 1) / 2) * 2 + 2);
+  int* counts = reinterpret_cast<int*>(smem_mma + padded_clusters(C));
   if (!single) {
     for (int j = threadIdx.x; j < C; j += blockDim.x) cent[j] = centroids[bh * C + j];
   }
@@ -251,7 +327,7 @@ __global__ void __launch_bounds__(MMA_THREADS) lloyd_mma_kernel(RowInfo info, co
     for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += blockDim.x) counts[i] = 0;
   }
   __syncthreads();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
   uint32_t frag[TILES][4];
   if (!single) centroid_fragments<TILES>(cent, C, bits, lane, frag);
   const int start = blockIdx.x * chunk;
@@ -267,42 +343,17 @@ __global__ void __launch_bounds__(MMA_THREADS) lloyd_mma_kernel(RowInfo info, co
     const uint64_t lo = next_lo, hi = next_hi;
     next_lo = code_at(n_lo + STRIDE);
     next_hi = code_at(n_hi + STRIDE);
-    int nearest_lo = 0, nearest_hi = 0;
-    if (!single) nearest16<TILES>(lo, hi, frag, C, lane, nearest_lo, nearest_hi);
     if (FINAL) {
-      if (t < 2) {  // lane t = 0 writes query lo, t = 1 query hi
-        const int n = t == 0 ? n_lo : n_hi;
-        if (n < stop) {
-          int64_t a = -1;
-          if (info.valid(b, n)) a = single ? info.rank(b, n) : (t == 0 ? nearest_lo : nearest_hi);
-          assignments[bh * info.length + n] = a;
-        }
-      }
+      assign16<TILES>(info, b, bh, single, n_lo, n_hi, stop, lo, hi, frag, assignments, lane);
     } else {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = h ? n_hi : n_lo;
-        if (n >= stop || !info.valid(b, n)) continue;
-        const int j = h ? nearest_hi : nearest_lo;
-        int* cj = counts + j * COUNTER_STRIDE;
-        if (t == 0) atomicAdd(cj + COUNT_SLOT, 1);
-        // Bits where the member differs from its centroid, as in lloyd_assign_kernel.
-        uint32_t rest = static_cast<uint32_t>(((h ? hi : lo) ^ static_cast<uint64_t>(cent[j])) >> (16 * t)) & 0xFFFFu;
-        while (rest) {
-          atomicAdd(cj + 16 * t + (__ffs(rest) - 1), 1);
-          rest &= rest - 1;
-        }
-      }
+      int nearest_lo, nearest_hi;
+      nearest16<TILES>(lo, hi, frag, C, lane, nearest_lo, nearest_hi);
+      count_members16(info, b, n_lo, n_hi, stop, lo, hi, nearest_lo, nearest_hi, cent, counts, lane);
     }
   }
   if (!FINAL) {
     __syncthreads();
-    int* gcount = counters + bh * C * MAX_BITS;
-    for (int i = threadIdx.x; i < C * MAX_BITS; i += blockDim.x) {
-      const int j = i / MAX_BITS, s = i % MAX_BITS;
-      const int v = counts[j * COUNTER_STRIDE + s];
-      if (v != 0) atomicAdd(gcount + i, v);
-    }
+    add_block_counts(counts, counters + bh * C * MAX_BITS, C);
   }
 }
 
@@ -324,6 +375,139 @@ void launch_lloyd_mma(const dim3& grid, size_t smem, cudaStream_t stream, const 
   else launch(lloyd_mma_kernel<16, FINAL>);
 }
 
+// ------------------------------------------- all of Lloyd in one launch, a cluster per row
+// On sm_90 a row's queries are split over the blocks of one thread-block cluster (2-8 blocks,
+// a chunk of at most CLUSTER_MAX_CHUNK queries each), which run every iteration in one launch:
+// each block keeps its chunk's codes, the centroids (two buffers) and its own counters in
+// shared memory; after counting, a cluster barrier; then each block takes a share of the
+// clusters, sums their counters over the blocks through distributed shared memory, and writes
+// their new codes into every block's second buffer; another cluster barrier, and the buffers
+// swap. This replaces the per-iteration launches, global counters and global atomics of the
+// kernels above, whose fixed costs dominate below 16k queries per row. Results are the same.
+constexpr int CLUSTER_THREADS = 512;      // 1024 would cap registers at 64 and spill the fragments
+constexpr int CLUSTER_MAX_CHUNK = 8192;   // queries per block: 64 KB of codes
+constexpr int CLUSTER_MAX_BLOCKS = 8;     // the portable cluster size
+
+// Shared memory: two centroid buffers, the chunk's codes, the block's counters.
+inline size_t lloyd_cluster_smem(int chunk, int C) {
+  return static_cast<size_t>(chunk + 2 * padded_clusters(C)) * sizeof(int64_t) +
+         static_cast<size_t>(C) * COUNTER_STRIDE * sizeof(int);
+}
+
+template <int TILES>
+__global__ void __launch_bounds__(CLUSTER_THREADS) lloyd_cluster_kernel(RowInfo info, const int64_t* __restrict__ codes,
+                                                                        int iterations, int bits,
+                                                                        int64_t* __restrict__ centroids,
+                                                                        int64_t* __restrict__ assignments) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  extern __shared__ int64_t smem_cluster[];
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int blocks = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+  const int64_t bh = blockIdx.y;
+  const int b = static_cast<int>(bh / info.heads);
+  const int C = info.clusters, N = info.length;
+  const int chunk = (N + blocks - 1) / blocks;
+  const int start = rank * chunk, stop = min(start + chunk, N);
+  const int64_t* row_codes = codes + bh * N;
+  int64_t* cent = smem_cluster;                                 // C: this iteration's centroids
+  int64_t* next = cent + padded_clusters(C);                    // C: the update's
+  int64_t* chunk_codes = next + padded_clusters(C);             // stop - start
+  int* counts = reinterpret_cast<int*>(chunk_codes + chunk);    // C x COUNTER_STRIDE
+  for (int n = start + threadIdx.x; n < stop; n += CLUSTER_THREADS) chunk_codes[n - start] = row_codes[n];
+  for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += CLUSTER_THREADS) counts[i] = 0;
+  const int nv = info.num_valid(b);
+  const bool single = nv <= C;  // uniform over the cluster
+  for (int j = threadIdx.x; j < C; j += CLUSTER_THREADS) cent[j] = initial_centroid(info, b, j, nv, row_codes);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
+  constexpr int STRIDE = 16 * (CLUSTER_THREADS / 32);
+  auto code_at = [&](int n) { return n < stop ? static_cast<uint64_t>(chunk_codes[n - start]) : uint64_t(0); };
+  // This block's share of the update: clusters [first, last).
+  const int share = (C + blocks - 1) / blocks;
+  const int first = min(rank * share, C), last = min(first + share, C);
+  uint32_t frag[TILES][4];
+  for (int it = 0; it < (single ? 0 : iterations); ++it) {
+    __syncthreads();  // the centroids current, the counters zeroed
+    centroid_fragments<TILES>(cent, C, bits, lane, frag);
+    for (int base = start + 16 * warp; base < stop; base += STRIDE) {  // uniform per warp
+      const int n_lo = base + g, n_hi = base + g + 8;
+      const uint64_t lo = code_at(n_lo), hi = code_at(n_hi);
+      int nearest_lo, nearest_hi;
+      nearest16<TILES>(lo, hi, frag, C, lane, nearest_lo, nearest_hi);
+      count_members16(info, b, n_lo, n_hi, stop, lo, hi, nearest_lo, nearest_hi, cent, counts, lane);
+    }
+    cluster.sync();  // every block's counting done and visible
+    // The majority update of this block's clusters, a thread per (cluster, bit), two warps per
+    // cluster (each packs 32 bits by ballot), the counters summed over the cluster's blocks.
+    for (int j0 = first; j0 < last; j0 += CLUSTER_THREADS / MAX_BITS) {
+      const int j = j0 + threadIdx.x / MAX_BITS, bit = threadIdx.x % MAX_BITS;
+      const bool active = j < last;  // uniform per warp
+      int members = 0, differ = 0;
+      if (active) {
+        for (int r = 0; r < blocks; ++r) {
+          const int* remote = cluster.map_shared_rank(counts, r) + j * COUNTER_STRIDE;
+          members += remote[COUNT_SLOT];
+          differ += remote[bit];
+        }
+      }
+      const bool new_bit = active && majority_bit(cent[j], bit, bits, members, differ);
+      const unsigned word = __ballot_sync(FULL_MASK, new_bit);
+      if (active && lane == 0) {
+        for (int r = 0; r < blocks; ++r) {
+          reinterpret_cast<unsigned*>(cluster.map_shared_rank(next, r) + j)[bit / 32] = word;
+        }
+      }
+    }
+    cluster.sync();  // every new code written, every counter read
+    for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += CLUSTER_THREADS) counts[i] = 0;
+    int64_t* old = cent;
+    cent = next;
+    next = old;
+  }
+  // No block reads another's shared memory past the last cluster barrier: each may finish alone.
+  __syncthreads();  // the final centroids (or, in a row of single queries, the initial ones)
+  if (!single) centroid_fragments<TILES>(cent, C, bits, lane, frag);
+  for (int base = start + 16 * warp; base < stop; base += STRIDE) {
+    const int n_lo = base + g, n_hi = base + g + 8;
+    assign16<TILES>(info, b, bh, single, n_lo, n_hi, stop, code_at(n_lo), code_at(n_hi), frag, assignments, lane);
+  }
+  if (rank == 0) {
+    for (int j = threadIdx.x; j < C; j += CLUSTER_THREADS) centroids[bh * C + j] = cent[j];
+  }
+#else
+  __trap();  // the host launches this kernel on sm_90 and newer only
+#endif
+}
+
+// Launches lloyd_cluster_kernel on `rows` rows, `blocks` blocks (a cluster) per row.
+void launch_lloyd_cluster(int blocks, int64_t rows, cudaStream_t stream, const RowInfo& info, const int64_t* codes,
+                          int iterations, int bits, int64_t* centroids, int64_t* assignments) {
+  const int chunk = (info.length + blocks - 1) / blocks;
+  const size_t smem = lloyd_cluster_smem(chunk, info.clusters);
+  auto launch = [&](auto kernel) {
+    ensure_smem(kernel, smem);
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(rows));
+    config.blockDim = dim3(CLUSTER_THREADS);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = static_cast<unsigned>(blocks);
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, info, codes, iterations, bits, centroids, assignments));
+  };
+  const int C = info.clusters;
+  if (C <= 16) launch(lloyd_cluster_kernel<2>);
+  else if (C <= 32) launch(lloyd_cluster_kernel<4>);
+  else if (C <= 64) launch(lloyd_cluster_kernel<8>);
+  else if (C <= 104) launch(lloyd_cluster_kernel<13>);
+  else launch(lloyd_cluster_kernel<16>);
+}
+
 // Assign + accumulate counts (SMEM_COUNTS: counters in shared memory, else global).
 template <bool SMEM_COUNTS>
 __global__ void lloyd_assign_kernel(RowInfo info, const int64_t* __restrict__ codes,
@@ -335,7 +519,7 @@ __global__ void lloyd_assign_kernel(RowInfo info, const int64_t* __restrict__ co
   if (info.singleton(b)) return;  // uniform over the block
   const int C = info.clusters;
   int64_t* cent = smem_lloyd;
-  int* counts = reinterpret_cast<int*>(smem_lloyd + ((C + 1) / 2) * 2 + 2);
+  int* counts = reinterpret_cast<int*>(smem_lloyd + padded_clusters(C));
   for (int j = threadIdx.x; j < C; j += blockDim.x) cent[j] = centroids[bh * C + j];
   if (SMEM_COUNTS) {
     for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += blockDim.x) counts[i] = 0;
@@ -364,11 +548,7 @@ __global__ void lloyd_assign_kernel(RowInfo info, const int64_t* __restrict__ co
   }
   if (SMEM_COUNTS) {
     __syncthreads();
-    for (int i = threadIdx.x; i < C * MAX_BITS; i += blockDim.x) {
-      const int j = i / MAX_BITS, s = i % MAX_BITS;
-      const int v = counts[j * COUNTER_STRIDE + s];
-      if (v != 0) atomicAdd(gcount + i, v);
-    }
+    add_block_counts(counts, gcount, C);
   }
 }
 
@@ -384,17 +564,7 @@ __global__ void lloyd_update_kernel(RowInfo info, int bits, int64_t* __restrict_
   const int bit = threadIdx.x % MAX_BITS;
   const bool active = j < C;  // uniform per warp (64 threads per cluster)
   int* cj = counters + (bh * C + (active ? j : 0)) * MAX_BITS;
-  bool new_bit = false;
-  if (active) {
-    const int members = cj[COUNT_SLOT];
-    const int differ = cj[bit];  // members whose bit differs from the centroid's
-    new_bit = (static_cast<uint64_t>(centroids[bh * C + j]) >> bit) & 1;
-    const int ones = new_bit ? members - differ : differ;
-    if (bit < bits) {
-      if (2 * ones > members) new_bit = true;
-      else if (2 * ones < members) new_bit = false;
-    }
-  }
+  const bool new_bit = active && majority_bit(centroids[bh * C + j], bit, bits, cj[COUNT_SLOT], cj[bit]);
   const unsigned word = __ballot_sync(FULL_MASK, new_bit);
   __syncthreads();  // every thread has read the counters and the old code
   if (active) {
@@ -487,10 +657,14 @@ at::Tensor hash_codes_cuda(const at::Tensor& x_in, const at::Tensor& planes_in, 
 // more global atomics; fewer blocks, less parallelism. Results do not depend on it.
 // tensor_cores: the nearest centroids by int8 products where C <= 128 on sm_80 and newer (false:
 // by population counts everywhere; the results are the same, the tests compare them).
+// cluster_blocks: 1..8 runs all of Lloyd in one launch of that many blocks per row
+// (lloyd_cluster_kernel: sm_90, C <= 128, at most 8192 queries per block; queries_per_block and
+// tensor_cores are then unused), 0 the separate launches above.
 std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
                                                      const c10::optional<at::Tensor>& mask_in,
                                                      int64_t num_clusters, int64_t iterations, int64_t bits,
-                                                     int64_t queries_per_block, bool tensor_cores) {
+                                                     int64_t queries_per_block, bool tensor_cores,
+                                                     int64_t cluster_blocks) {
   FCL_CHECK_CUDA(codes_in, "lloyd_kmeans: codes");
   TORCH_CHECK(codes_in.dim() == 3 && codes_in.scalar_type() == at::kLong,
               "lloyd_kmeans: codes must be (B, H, N) int64, got ", codes_in.sizes(), " ", codes_in.scalar_type());
@@ -500,10 +674,20 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
   TORCH_CHECK(bits >= 1 && bits <= 63, "lloyd_kmeans: bits must be in 1..63, got ", bits);
   TORCH_CHECK(queries_per_block >= 0 && queries_per_block <= (1 << 30),
               "lloyd_kmeans: queries_per_block must be 0 (automatic) or a positive count, got ", queries_per_block);
+  TORCH_CHECK(cluster_blocks >= 0 && cluster_blocks <= CLUSTER_MAX_BLOCKS,
+              "lloyd_kmeans: cluster_blocks must be 0 (separate launches) or 1..", CLUSTER_MAX_BLOCKS, ", got ",
+              cluster_blocks);
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous();
   const int64_t B = codes.size(0), H = codes.size(1), N = codes.size(2);
   const int C = static_cast<int>(num_clusters);
+  if (cluster_blocks > 0) {
+    TORCH_CHECK(C <= MMA_MAX_CLUSTERS && (N + cluster_blocks - 1) / cluster_blocks <= CLUSTER_MAX_CHUNK &&
+                    compute_major() >= 9,
+                "lloyd_kmeans: cluster_blocks > 0 needs num_clusters <= ", MMA_MAX_CLUSTERS, ", at most ",
+                CLUSTER_MAX_CHUNK, " queries per block and a GPU of compute capability 9.0 or newer; got num_clusters ",
+                C, ", ", N, " queries over ", cluster_blocks, " blocks, compute capability ", compute_major(), ".x");
+  }
   at::Tensor assignments = at::empty_like(codes);
   at::Tensor centroids = at::empty({B, H, C}, codes.options());
   if (B * H == 0 || N == 0) { centroids.zero_(); return {assignments, centroids}; }
@@ -520,6 +704,12 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
     info.cum = cum.data_ptr<int>();
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
+  if (cluster_blocks > 0) {
+    launch_lloyd_cluster(static_cast<int>(cluster_blocks), B * H, stream, info, codes.data_ptr<int64_t>(),
+                         static_cast<int>(iterations), static_cast<int>(bits), centroids.data_ptr<int64_t>(),
+                         assignments.data_ptr<int64_t>());
+    return {assignments, centroids};
+  }
   const dim3 small_grid(static_cast<unsigned>((C + 127) / 128), static_cast<unsigned>(B * H));
   lloyd_init_kernel<<<small_grid, 128, 0, stream>>>(info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -537,8 +727,8 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
 
   if (iterations > 0) {
     at::Tensor counters = at::zeros({B * H, C, MAX_BITS}, codes.options().dtype(at::kInt));
-    // Centroids (C, padded to an even count plus one pair) then the counters.
-    const size_t cent_bytes = static_cast<size_t>(((C + 1) / 2) * 2 + 2) * sizeof(int64_t);
+    // Centroids then the counters.
+    const size_t cent_bytes = static_cast<size_t>(padded_clusters(C)) * sizeof(int64_t);
     const size_t smem_counts = cent_bytes + static_cast<size_t>(C) * COUNTER_STRIDE * sizeof(int);
     const bool use_smem = smem_counts <= 200 * 1024;
     const size_t smem = use_smem ? smem_counts : cent_bytes;
