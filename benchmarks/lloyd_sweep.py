@@ -14,11 +14,12 @@ everywhere; ``both`` prints a row for each (``off`` giving the expected result o
 ``policy`` column is the ops' split, on the row of the kernels they take. ``--cluster-blocks``
 adds a row for the one-launch kernel (the extension's ``cluster_blocks``: all iterations in
 one launch of a thread-block cluster per row, sm_90), one time per cluster size, and its
-``policy`` column is the size the ops take (0: the separate launches above)::
+``policy`` column is the ops' choice (-1: the one-launch kernel with the extension's cluster
+size, 0: the separate launches above)::
 
     python benchmarks/lloyd_sweep.py
     python benchmarks/lloyd_sweep.py --tensor-cores both --settings 0,512,2048
-    python benchmarks/lloyd_sweep.py --settings 512,2048 --cluster-blocks 1,2,4,8
+    python benchmarks/lloyd_sweep.py --settings 512,2048 --cluster-blocks 1,2,4,8,-1
 """
 
 import argparse
@@ -59,7 +60,7 @@ def main():
     parser.add_argument("--clusters", type=int, default=100)
     parser.add_argument("--tensor-cores", choices=("auto", "on", "off", "both"), default="auto")
     parser.add_argument("--cluster-blocks", default="", help="comma-separated blocks per row of the one-launch "
-                        "kernel to time (1..8; sm_90), e.g. 1,2,4,8")
+                        "kernel to time (1..8, or -1: the extension's choice; sm_90), e.g. 1,2,4,8,-1")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not cuda_backend.load():
         sys.exit("needs a CUDA GPU and the compiled fairseq_clustered._C")
@@ -99,7 +100,8 @@ def main():
                       + " ".join(cells), flush=True)
             cells = []
             for blocks in cluster_blocks:
-                if -(-length // blocks) > LLOYD_CLUSTER_MAX_CHUNK or args.clusters > TENSOR_CORE_LLOYD_MAX_CLUSTERS:
+                most = blocks if blocks > 0 else 8
+                if -(-length // most) > LLOYD_CLUSTER_MAX_CHUNK or args.clusters > TENSOR_CORE_LLOYD_MAX_CLUSTERS:
                     cells.append(f"{blocks}: {'-':>7}")
                     continue
 

@@ -384,9 +384,11 @@ void launch_lloyd_mma(const dim3& grid, size_t smem, cudaStream_t stream, const 
 // their new codes into every block's second buffer; another cluster barrier, and the buffers
 // swap. This replaces the per-iteration launches, global counters and global atomics of the
 // kernels above, whose fixed costs dominate below 16k queries per row. Results are the same.
-constexpr int CLUSTER_THREADS = 512;      // 1024 would cap registers at 64 and spill the fragments
+constexpr int CLUSTER_THREADS = 256;      // two blocks per SM at up to 128 registers (the fragments)
 constexpr int CLUSTER_MAX_CHUNK = 8192;   // queries per block: 64 KB of codes
 constexpr int CLUSTER_MAX_BLOCKS = 8;     // the portable cluster size
+constexpr int CLUSTERS_PER_PASS = CLUSTER_THREADS / MAX_BITS;
+constexpr int UPDATE_BATCH = 4;
 
 // Shared memory: two centroid buffers, the chunk's codes, the block's counters.
 inline size_t lloyd_cluster_smem(int chunk, int C) {
@@ -395,7 +397,7 @@ inline size_t lloyd_cluster_smem(int chunk, int C) {
 }
 
 template <int TILES>
-__global__ void __launch_bounds__(CLUSTER_THREADS) lloyd_cluster_kernel(RowInfo info, const int64_t* __restrict__ codes,
+__global__ void __launch_bounds__(CLUSTER_THREADS, 2) lloyd_cluster_kernel(RowInfo info, const int64_t* __restrict__ codes,
                                                                         int iterations, int bits,
                                                                         int64_t* __restrict__ centroids,
                                                                         int64_t* __restrict__ assignments) {
@@ -419,7 +421,7 @@ __global__ void __launch_bounds__(CLUSTER_THREADS) lloyd_cluster_kernel(RowInfo 
   const int nv = info.num_valid(b);
   const bool single = nv <= C;  // uniform over the cluster
   for (int j = threadIdx.x; j < C; j += CLUSTER_THREADS) cent[j] = initial_centroid(info, b, j, nv, row_codes);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, bit = threadIdx.x % MAX_BITS;
   constexpr int STRIDE = 16 * (CLUSTER_THREADS / 32);
   auto code_at = [&](int n) { return n < stop ? static_cast<uint64_t>(chunk_codes[n - start]) : uint64_t(0); };
   // This block's share of the update: clusters [first, last).
@@ -439,22 +441,35 @@ __global__ void __launch_bounds__(CLUSTER_THREADS) lloyd_cluster_kernel(RowInfo 
     cluster.sync();  // every block's counting done and visible
     // The majority update of this block's clusters, a thread per (cluster, bit), two warps per
     // cluster (each packs 32 bits by ballot), the counters summed over the cluster's blocks.
-    for (int j0 = first; j0 < last; j0 += CLUSTER_THREADS / MAX_BITS) {
-      const int j = j0 + threadIdx.x / MAX_BITS, bit = threadIdx.x % MAX_BITS;
-      const bool active = j < last;  // uniform per warp
-      int members = 0, differ = 0;
-      if (active) {
-        for (int r = 0; r < blocks; ++r) {
-          const int* remote = cluster.map_shared_rank(counts, r) + j * COUNTER_STRIDE;
-          members += remote[COUNT_SLOT];
-          differ += remote[bit];
+    // Other blocks' shared memory is far (hundreds of cycles), so a thread loads the counters
+    // of UPDATE_BATCH clusters from every block before it adds any.
+    for (int batch = first; batch < last; batch += UPDATE_BATCH * CLUSTERS_PER_PASS) {
+      int members[UPDATE_BATCH] = {}, differ[UPDATE_BATCH] = {};
+#pragma unroll
+      for (int r = 0; r < CLUSTER_MAX_BLOCKS; ++r) {
+        if (r < blocks) {
+          const int* source = r == rank ? counts : cluster.map_shared_rank(counts, r);
+#pragma unroll
+          for (int u = 0; u < UPDATE_BATCH; ++u) {
+            const int j = batch + u * CLUSTERS_PER_PASS + threadIdx.x / MAX_BITS;
+            if (j < last) {
+              members[u] += source[j * COUNTER_STRIDE + COUNT_SLOT];
+              differ[u] += source[j * COUNTER_STRIDE + bit];
+            }
+          }
         }
       }
-      const bool new_bit = active && majority_bit(cent[j], bit, bits, members, differ);
-      const unsigned word = __ballot_sync(FULL_MASK, new_bit);
-      if (active && lane == 0) {
-        for (int r = 0; r < blocks; ++r) {
-          reinterpret_cast<unsigned*>(cluster.map_shared_rank(next, r) + j)[bit / 32] = word;
+#pragma unroll
+      for (int u = 0; u < UPDATE_BATCH; ++u) {
+        const int j = batch + u * CLUSTERS_PER_PASS + threadIdx.x / MAX_BITS;
+        const bool active = j < last;  // uniform per warp
+        const bool new_bit = active && majority_bit(cent[j], bit, bits, members[u], differ[u]);
+        const unsigned word = __ballot_sync(FULL_MASK, new_bit);
+        if (active && lane == 0) {
+          for (int r = 0; r < blocks; ++r) {
+            int64_t* target = r == rank ? next : cluster.map_shared_rank(next, r);
+            reinterpret_cast<unsigned*>(target + j)[bit / 32] = word;
+          }
         }
       }
     }
@@ -479,25 +494,39 @@ __global__ void __launch_bounds__(CLUSTER_THREADS) lloyd_cluster_kernel(RowInfo 
 #endif
 }
 
-// Launches lloyd_cluster_kernel on `rows` rows, `blocks` blocks (a cluster) per row.
+// Launches lloyd_cluster_kernel on `rows` rows with `blocks` blocks (a cluster) per row, or
+// with blocks = -1 the most blocks per row (8, 4, 2, 1) that keep every row's cluster resident
+// at once (cudaOccupancyMaxActiveClusters: clusters are placed whole within a GPC, so a
+// cluster size that looks like one wave by block count can take two).
 void launch_lloyd_cluster(int blocks, int64_t rows, cudaStream_t stream, const RowInfo& info, const int64_t* codes,
                           int iterations, int bits, int64_t* centroids, int64_t* assignments) {
-  const int chunk = (info.length + blocks - 1) / blocks;
-  const size_t smem = lloyd_cluster_smem(chunk, info.clusters);
   auto launch = [&](auto kernel) {
-    ensure_smem(kernel, smem);
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(rows));
-    config.blockDim = dim3(CLUSTER_THREADS);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
     cudaLaunchAttribute attribute[1];
     attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = static_cast<unsigned>(blocks);
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t config = {};
+    config.blockDim = dim3(CLUSTER_THREADS);
+    config.stream = stream;
     config.attrs = attribute;
     config.numAttrs = 1;
+    auto configure = [&](int k) {
+      config.gridDim = dim3(static_cast<unsigned>(k), static_cast<unsigned>(rows));
+      config.dynamicSmemBytes = lloyd_cluster_smem((info.length + k - 1) / k, info.clusters);
+      attribute[0].val.clusterDim.x = static_cast<unsigned>(k);
+      attribute[0].val.clusterDim.y = 1;
+      attribute[0].val.clusterDim.z = 1;
+      ensure_smem(kernel, config.dynamicSmemBytes);
+    };
+    if (blocks < 0) {
+      for (int k = CLUSTER_MAX_BLOCKS; k >= 1; k /= 2) {
+        if ((info.length + k - 1) / k > CLUSTER_MAX_CHUNK) break;
+        blocks = k;  // the smallest that holds the row, if none keeps every row resident
+        configure(k);
+        int resident = 0;
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&resident, kernel, &config));
+        if (rows <= resident) break;
+      }
+    }
+    configure(blocks);
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, info, codes, iterations, bits, centroids, assignments));
   };
   const int C = info.clusters;
@@ -659,7 +688,8 @@ at::Tensor hash_codes_cuda(const at::Tensor& x_in, const at::Tensor& planes_in, 
 // by population counts everywhere; the results are the same, the tests compare them).
 // cluster_blocks: 1..8 runs all of Lloyd in one launch of that many blocks per row
 // (lloyd_cluster_kernel: sm_90, C <= 128, at most 8192 queries per block; queries_per_block and
-// tensor_cores are then unused), 0 the separate launches above.
+// tensor_cores are then unused), -1 the same with the blocks per row chosen by
+// launch_lloyd_cluster, 0 the separate launches above.
 std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
                                                      const c10::optional<at::Tensor>& mask_in,
                                                      int64_t num_clusters, int64_t iterations, int64_t bits,
@@ -674,19 +704,21 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
   TORCH_CHECK(bits >= 1 && bits <= 63, "lloyd_kmeans: bits must be in 1..63, got ", bits);
   TORCH_CHECK(queries_per_block >= 0 && queries_per_block <= (1 << 30),
               "lloyd_kmeans: queries_per_block must be 0 (automatic) or a positive count, got ", queries_per_block);
-  TORCH_CHECK(cluster_blocks >= 0 && cluster_blocks <= CLUSTER_MAX_BLOCKS,
-              "lloyd_kmeans: cluster_blocks must be 0 (separate launches) or 1..", CLUSTER_MAX_BLOCKS, ", got ",
-              cluster_blocks);
+  TORCH_CHECK(cluster_blocks >= -1 && cluster_blocks <= CLUSTER_MAX_BLOCKS,
+              "lloyd_kmeans: cluster_blocks must be 0 (separate launches), 1..", CLUSTER_MAX_BLOCKS,
+              " or -1 (one launch, automatic), got ", cluster_blocks);
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous();
   const int64_t B = codes.size(0), H = codes.size(1), N = codes.size(2);
   const int C = static_cast<int>(num_clusters);
-  if (cluster_blocks > 0) {
-    TORCH_CHECK(C <= MMA_MAX_CLUSTERS && (N + cluster_blocks - 1) / cluster_blocks <= CLUSTER_MAX_CHUNK &&
+  if (cluster_blocks != 0) {
+    const int64_t most_blocks = cluster_blocks > 0 ? cluster_blocks : CLUSTER_MAX_BLOCKS;
+    TORCH_CHECK(C <= MMA_MAX_CLUSTERS && (N + most_blocks - 1) / most_blocks <= CLUSTER_MAX_CHUNK &&
                     compute_major() >= 9,
-                "lloyd_kmeans: cluster_blocks > 0 needs num_clusters <= ", MMA_MAX_CLUSTERS, ", at most ",
-                CLUSTER_MAX_CHUNK, " queries per block and a GPU of compute capability 9.0 or newer; got num_clusters ",
-                C, ", ", N, " queries over ", cluster_blocks, " blocks, compute capability ", compute_major(), ".x");
+                "lloyd_kmeans: cluster_blocks ", cluster_blocks, " (one launch) needs num_clusters <= ", MMA_MAX_CLUSTERS,
+                ", at most ", CLUSTER_MAX_CHUNK, " queries per block (", most_blocks,
+                " blocks per row) and a GPU of compute capability 9.0 or newer; got num_clusters ", C, ", ", N,
+                " queries per row, compute capability ", compute_major(), ".x");
   }
   at::Tensor assignments = at::empty_like(codes);
   at::Tensor centroids = at::empty({B, H, C}, codes.options());
@@ -704,7 +736,7 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
     info.cum = cum.data_ptr<int>();
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (cluster_blocks > 0) {
+  if (cluster_blocks != 0) {
     launch_lloyd_cluster(static_cast<int>(cluster_blocks), B * H, stream, info, codes.data_ptr<int64_t>(),
                          static_cast<int>(iterations), static_cast<int>(bits), centroids.data_ptr<int64_t>(),
                          assignments.data_ptr<int64_t>());

@@ -466,21 +466,19 @@ def test_lloyd_tensor_core_split_cpu():
 
 
 def test_lloyd_launch_settings_cpu():
-    """The ops' choice: on sm_90 the one-launch kernel with the smallest cluster that gives every
-    SM a block, where a block holds its queries (rows up to 16k, C <= 128); elsewhere the
-    tensor-core kernels and their split where that rule takes them and C <= 128, else the
-    population counts and their split."""
+    """The ops' choice: on sm_90 the one-launch kernel (-1: its blocks per row chosen by the
+    extension) for rows of at most 8192 queries and C <= 128; elsewhere the tensor-core kernels
+    and their split where that rule takes them and C <= 128, else the population counts and
+    their split."""
     from fairseq_clustered.ops.cuda_kernels import (lloyd_launch_settings, lloyd_queries_per_block,
                                                     lloyd_tensor_core_split)
     sms = 132
-    assert lloyd_launch_settings(32, 16384, 100, sms, 8) == (lloyd_tensor_core_split(32, 16384, sms), True, 0)
+    assert lloyd_launch_settings(32, 16384, 100, sms, 9) == (lloyd_tensor_core_split(32, 16384, sms), True, 0)
     assert lloyd_launch_settings(32, 16384, 129, sms, 9) == (lloyd_queries_per_block(32, 16384, sms), False, 0)
     assert lloyd_launch_settings(32, 8192, 100, sms, 8) == (lloyd_queries_per_block(32, 8192, sms), False, 0)
-    assert lloyd_launch_settings(32, 32768, 100, sms, 9) == (lloyd_tensor_core_split(32, 32768, sms), True, 0)
-    assert lloyd_launch_settings(32, 2048, 100, sms, 9) == (0, True, 8)
-    assert lloyd_launch_settings(48, 2048, 100, sms, 9) == (0, True, 4)
-    assert lloyd_launch_settings(288, 16384, 100, sms, 9) == (0, True, 2)  # 8192 queries per block at most
-    assert lloyd_launch_settings(2, 1024, 100, sms, 9) == (0, True, 8)
+    assert lloyd_launch_settings(32, 8192, 129, sms, 9) == (lloyd_queries_per_block(32, 8192, sms), False, 0)
+    assert lloyd_launch_settings(32, 8192, 100, sms, 9) == (0, True, -1)
+    assert lloyd_launch_settings(2, 5, 128, sms, 9) == (0, True, -1)
 
 # ------------------------------------------------------------------ GPU
 
@@ -670,7 +668,8 @@ def test_lloyd_queries_per_block_gpu(queries_per_block):
 @pytest.mark.parametrize("bits", [63, 31, 8])
 def test_lloyd_tensor_cores_gpu(clusters, bits):
     """The nearest centroids by int8 tensor-core products (C <= 128), in the separate launches
-    and in the one-launch kernel (a thread-block cluster of 1, 3 or 8 blocks per row, sm_90),
+    and in the one-launch kernel (a thread-block cluster of 1, 3 or 8 blocks per row, or as many
+    as the extension chooses, sm_90),
     give the assignments and centroids of the population-count kernels and of the reference,
     bit for bit: every centroid-tile count, a padded last tile (C not a multiple of 8), few
     bits (many ties), a row with fewer valid queries than clusters, ragged padding, blocks
@@ -689,7 +688,7 @@ def test_lloyd_tensor_cores_gpu(clusters, bits):
             expected = reference.lloyd_kmeans_ref(codes, mask, clusters, 10, bits)
             runs = {"tensor cores": ext.lloyd_kmeans(codes, mask, clusters, 10, bits, 0, tensor_cores=True),
                     "population counts": ext.lloyd_kmeans(codes, mask, clusters, 10, bits, 0, tensor_cores=False)}
-            for blocks in (1, 3, 8) if sm90 else ():
+            for blocks in (1, 3, 8, -1) if sm90 else ():
                 runs[f"{blocks} blocks per row"] = ext.lloyd_kmeans(codes, mask, clusters, 10, bits,
                                                                      cluster_blocks=blocks)
             for name, got in runs.items():
@@ -701,6 +700,9 @@ def test_lloyd_tensor_cores_gpu(clusters, bits):
         with pytest.raises(RuntimeError, match="at most 8192 queries per block"):
             ext.lloyd_kmeans(torch.zeros(1, 1, 8193, dtype=torch.int64, device="cuda"), None, clusters, 10, bits,
                              cluster_blocks=1)
+        with pytest.raises(RuntimeError, match="at most 8192 queries per block"):
+            ext.lloyd_kmeans(torch.zeros(1, 1, 65537, dtype=torch.int64, device="cuda"), None, clusters, 10, bits,
+                             cluster_blocks=-1)
         with pytest.raises(RuntimeError, match="cluster_blocks must be 0"):
             ext.lloyd_kmeans(codes, None, clusters, 10, bits, cluster_blocks=9)
 

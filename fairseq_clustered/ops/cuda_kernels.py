@@ -98,24 +98,23 @@ def lloyd_tensor_core_split(rows: int, length: int, sms: int) -> int:
 
 
 LLOYD_CLUSTER_MAX_CHUNK = 8192  # queries per block of the one-launch kernel (its codes in shared memory)
-LLOYD_CLUSTER_MAX_LENGTH = 16384
-LLOYD_CLUSTER_SIZES = (1, 2, 4, 8)  # 8: the portable cluster size
+LLOYD_CLUSTER_MAX_LENGTH = 8192
 
 
-def lloyd_cluster_blocks(rows: int, length: int, num_clusters: int, sms: int, major: int) -> int:
-    """Blocks per row for the extension's one-launch Lloyd (``cluster_blocks``: a thread-block
-    cluster per row runs every iteration, with the counters in shared memory and summed over the
-    cluster's blocks through distributed shared memory; sm_90, C <= 128), or 0 for the separate
-    launches of :func:`lloyd_launch_settings`.
+def lloyd_cluster_blocks(rows: int, length: int, num_clusters: int, major: int) -> int:
+    """The extension's ``cluster_blocks`` for ``rows`` rows of ``length`` queries and
+    ``num_clusters`` on a GPU of compute capability ``major``.x: -1 for the one-launch Lloyd (a
+    thread-block cluster per row runs every iteration with its counters in shared memory,
+    summed over the cluster's blocks through distributed shared memory; the extension picks the
+    most blocks per row that keep every row resident at once; sm_90, C <= 128), or 0 for the
+    separate launches of :func:`lloyd_launch_settings`.
 
-    Provisional: the smallest cluster size that gives every SM a block, for rows of at most
-    16k queries, where the separate launches' fixed costs dominate.
+    Provisional: rows of at most 8192 queries, where the separate launches' fixed costs
+    dominate.
     """
     if major < 9 or num_clusters > TENSOR_CORE_LLOYD_MAX_CLUSTERS or length > LLOYD_CLUSTER_MAX_LENGTH:
         return 0
-    fits = [k for k in LLOYD_CLUSTER_SIZES if -(-length // k) <= LLOYD_CLUSTER_MAX_CHUNK]
-    filling = [k for k in fits if rows * k >= sms]
-    return (filling or fits[-1:] or [0])[0]
+    return -1
 
 
 def lloyd_launch_settings(rows: int, length: int, num_clusters: int, sms: int,
@@ -126,7 +125,7 @@ def lloyd_launch_settings(rows: int, length: int, num_clusters: int, sms: int,
     :func:`lloyd_cluster_blocks` takes it; else the tensor-core kernels and their split where
     :func:`lloyd_tensor_core_split` takes them (C <= 128); else the population counts and
     :func:`lloyd_queries_per_block`."""
-    blocks = lloyd_cluster_blocks(rows, length, num_clusters, sms, major)
+    blocks = lloyd_cluster_blocks(rows, length, num_clusters, major)
     if blocks:
         return 0, True, blocks
     split = lloyd_tensor_core_split(rows, length, sms) if num_clusters <= TENSOR_CORE_LLOYD_MAX_CLUSTERS else 0
