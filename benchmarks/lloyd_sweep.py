@@ -11,15 +11,10 @@ kernels' callers use. ``--tensor-cores`` picks the nearest-centroid kernels: ``a
 ops do (``ops.cuda_kernels.lloyd_launch_settings``: int8 tensor-core products from 16k queries
 per row where one wave of blocks takes at most 4096 queries each), ``on`` or ``off``
 everywhere; ``both`` prints a row for each (``off`` giving the expected result of both). The
-``policy`` column is the ops' split, on the row of the kernels they take. ``--cluster-blocks``
-adds a row for the one-launch kernel (the extension's ``cluster_blocks``: all iterations in
-one launch of a thread-block cluster per row, sm_90), one time per cluster size, and its
-``policy`` column is the ops' choice (-1: the one-launch kernel with the extension's cluster
-size, 0: the separate launches above)::
+``policy`` column is the ops' split, on the row of the kernels they take::
 
     python benchmarks/lloyd_sweep.py
     python benchmarks/lloyd_sweep.py --tensor-cores both --settings 0,512,2048
-    python benchmarks/lloyd_sweep.py --settings 512,2048 --cluster-blocks 1,2,4,8,-1
 """
 
 import argparse
@@ -31,8 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fairseq_clustered.ops import cuda_backend  # noqa: E402
-from fairseq_clustered.ops.cuda_kernels import (  # noqa: E402
-    LLOYD_CLUSTER_MAX_CHUNK, TENSOR_CORE_LLOYD_MAX_CLUSTERS, lloyd_launch_settings)
+from fairseq_clustered.ops.cuda_kernels import lloyd_launch_settings  # noqa: E402
 
 
 def graph_microseconds(fn, repeats=20):
@@ -59,18 +53,12 @@ def main():
     parser.add_argument("--settings", default="0,256,512,1024,2048,4096,8192,16384,65536")
     parser.add_argument("--clusters", type=int, default=100)
     parser.add_argument("--tensor-cores", choices=("auto", "on", "off", "both"), default="auto")
-    parser.add_argument("--cluster-blocks", default="", help="comma-separated blocks per row of the one-launch "
-                        "kernel to time (1..8, or -1: the extension's choice; sm_90), e.g. 1,2,4,8,-1")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not cuda_backend.load():
         sys.exit("needs a CUDA GPU and the compiled fairseq_clustered._C")
     ext = cuda_backend.cuda_ops().ext
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     settings = [int(s) for s in args.settings.split(",")]
-    major = torch.cuda.get_device_properties(0).major
-    cluster_blocks = [int(k) for k in args.cluster_blocks.split(",") if k]
-    if cluster_blocks and major < 9:
-        sys.exit("--cluster-blocks: the one-launch kernel needs a GPU of compute capability 9.0 or newer")
     print(f"# {torch.cuda.get_device_name()}, {sms} SMs, torch {torch.__version__}; C={args.clusters}, 10 iterations")
     print("rows      N  tensor cores  policy | us by queries per block " + " ".join(f"{s:>7d}" for s in settings))
     for shape in args.rows.split(","):
@@ -79,8 +67,7 @@ def main():
             x = torch.randn(batch, heads, length, 64, device="cuda", dtype=torch.bfloat16)
             codes = ext.hash_codes(x, torch.randn(63, 64, device="cuda"), torch.zeros(63, device="cuda"))
             expected = ext.lloyd_kmeans(codes, None, args.clusters, 10, 63, tensor_cores=False)
-            policy, policy_tensor_cores, policy_blocks = lloyd_launch_settings(batch * heads, length, args.clusters,
-                                                                               sms, major)
+            policy, policy_tensor_cores = lloyd_launch_settings(batch * heads, length, args.clusters, sms)
             choices = {"auto": [policy_tensor_cores], "on": [True], "off": [False], "both": [False, True]}
             for tensor_cores in choices[args.tensor_cores]:
                 def lloyd(setting):
@@ -98,21 +85,6 @@ def main():
                 shown = f"{policy:7d}" if tensor_cores == policy_tensor_cores else f"{'-':>7}"
                 print(f"{batch * heads:4d} {length:6d} {'on' if tensor_cores else 'off':>13} {shown} | {' ' * 25}"
                       + " ".join(cells), flush=True)
-            cells = []
-            for blocks in cluster_blocks:
-                most = blocks if blocks > 0 else 8
-                if -(-length // most) > LLOYD_CLUSTER_MAX_CHUNK or args.clusters > TENSOR_CORE_LLOYD_MAX_CLUSTERS:
-                    cells.append(f"{blocks}: {'-':>7}")
-                    continue
-
-                def lloyd():
-                    return ext.lloyd_kmeans(codes, None, args.clusters, 10, 63, cluster_blocks=blocks)
-
-                assert all(torch.equal(a, b) for a, b in zip(lloyd(), expected)), f"{blocks} blocks per row differ"
-                cells.append(f"{blocks}: {graph_microseconds(lloyd):7.1f}")
-            if cells:
-                print(f"{batch * heads:4d} {length:6d} {'cluster':>13} {policy_blocks:7d} | us by blocks per row "
-                      + "  ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@
 
 #include <algorithm>
 
-#include <cooperative_groups.h>
-
 namespace fcl {
 namespace {
 
@@ -375,168 +373,6 @@ void launch_lloyd_mma(const dim3& grid, size_t smem, cudaStream_t stream, const 
   else launch(lloyd_mma_kernel<16, FINAL>);
 }
 
-// ------------------------------------------- all of Lloyd in one launch, a cluster per row
-// On sm_90 a row's queries are split over the blocks of one thread-block cluster (2-8 blocks,
-// a chunk of at most CLUSTER_MAX_CHUNK queries each), which run every iteration in one launch:
-// each block keeps its chunk's codes, the centroids (two buffers) and its own counters in
-// shared memory; after counting, a cluster barrier; then each block takes a share of the
-// clusters, sums their counters over the blocks through distributed shared memory, and writes
-// their new codes into every block's second buffer; another cluster barrier, and the buffers
-// swap. This replaces the per-iteration launches, global counters and global atomics of the
-// kernels above, whose fixed costs dominate below 16k queries per row. Results are the same.
-constexpr int CLUSTER_THREADS = 256;      // two blocks per SM at up to 128 registers (the fragments)
-constexpr int CLUSTER_MAX_CHUNK = 8192;   // queries per block: 64 KB of codes
-constexpr int CLUSTER_MAX_BLOCKS = 8;     // the portable cluster size
-constexpr int CLUSTERS_PER_PASS = CLUSTER_THREADS / MAX_BITS;
-constexpr int UPDATE_BATCH = 4;
-
-// Shared memory: two centroid buffers, the chunk's codes, the block's counters.
-inline size_t lloyd_cluster_smem(int chunk, int C) {
-  return static_cast<size_t>(chunk + 2 * padded_clusters(C)) * sizeof(int64_t) +
-         static_cast<size_t>(C) * COUNTER_STRIDE * sizeof(int);
-}
-
-template <int TILES>
-__global__ void __launch_bounds__(CLUSTER_THREADS, 2) lloyd_cluster_kernel(RowInfo info, const int64_t* __restrict__ codes,
-                                                                        int iterations, int bits,
-                                                                        int64_t* __restrict__ centroids,
-                                                                        int64_t* __restrict__ assignments) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  extern __shared__ int64_t smem_cluster[];
-  const cg::cluster_group cluster = cg::this_cluster();
-  const int blocks = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
-  const int64_t bh = blockIdx.y;
-  const int b = static_cast<int>(bh / info.heads);
-  const int C = info.clusters, N = info.length;
-  const int chunk = (N + blocks - 1) / blocks;
-  const int start = rank * chunk, stop = min(start + chunk, N);
-  const int64_t* row_codes = codes + bh * N;
-  int64_t* cent = smem_cluster;                                 // C: this iteration's centroids
-  int64_t* next = cent + padded_clusters(C);                    // C: the update's
-  int64_t* chunk_codes = next + padded_clusters(C);             // stop - start
-  int* counts = reinterpret_cast<int*>(chunk_codes + chunk);    // C x COUNTER_STRIDE
-  for (int n = start + threadIdx.x; n < stop; n += CLUSTER_THREADS) chunk_codes[n - start] = row_codes[n];
-  for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += CLUSTER_THREADS) counts[i] = 0;
-  const int nv = info.num_valid(b);
-  const bool single = nv <= C;  // uniform over the cluster
-  for (int j = threadIdx.x; j < C; j += CLUSTER_THREADS) cent[j] = initial_centroid(info, b, j, nv, row_codes);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, bit = threadIdx.x % MAX_BITS;
-  constexpr int STRIDE = 16 * (CLUSTER_THREADS / 32);
-  auto code_at = [&](int n) { return n < stop ? static_cast<uint64_t>(chunk_codes[n - start]) : uint64_t(0); };
-  // This block's share of the update: clusters [first, last).
-  const int share = (C + blocks - 1) / blocks;
-  const int first = min(rank * share, C), last = min(first + share, C);
-  uint32_t frag[TILES][4];
-  for (int it = 0; it < (single ? 0 : iterations); ++it) {
-    __syncthreads();  // the centroids current, the counters zeroed
-    centroid_fragments<TILES>(cent, C, bits, lane, frag);
-    for (int base = start + 16 * warp; base < stop; base += STRIDE) {  // uniform per warp
-      const int n_lo = base + g, n_hi = base + g + 8;
-      const uint64_t lo = code_at(n_lo), hi = code_at(n_hi);
-      int nearest_lo, nearest_hi;
-      nearest16<TILES>(lo, hi, frag, C, lane, nearest_lo, nearest_hi);
-      count_members16(info, b, n_lo, n_hi, stop, lo, hi, nearest_lo, nearest_hi, cent, counts, lane);
-    }
-    cluster.sync();  // every block's counting done and visible
-    // The majority update of this block's clusters, a thread per (cluster, bit), two warps per
-    // cluster (each packs 32 bits by ballot), the counters summed over the cluster's blocks.
-    // Other blocks' shared memory is far (hundreds of cycles), so a thread loads the counters
-    // of UPDATE_BATCH clusters from every block before it adds any.
-    for (int batch = first; batch < last; batch += UPDATE_BATCH * CLUSTERS_PER_PASS) {
-      int members[UPDATE_BATCH] = {}, differ[UPDATE_BATCH] = {};
-#pragma unroll
-      for (int r = 0; r < CLUSTER_MAX_BLOCKS; ++r) {
-        if (r < blocks) {
-          const int* source = r == rank ? counts : cluster.map_shared_rank(counts, r);
-#pragma unroll
-          for (int u = 0; u < UPDATE_BATCH; ++u) {
-            const int j = batch + u * CLUSTERS_PER_PASS + threadIdx.x / MAX_BITS;
-            if (j < last) {
-              members[u] += source[j * COUNTER_STRIDE + COUNT_SLOT];
-              differ[u] += source[j * COUNTER_STRIDE + bit];
-            }
-          }
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < UPDATE_BATCH; ++u) {
-        const int j = batch + u * CLUSTERS_PER_PASS + threadIdx.x / MAX_BITS;
-        const bool active = j < last;  // uniform per warp
-        const bool new_bit = active && majority_bit(cent[j], bit, bits, members[u], differ[u]);
-        const unsigned word = __ballot_sync(FULL_MASK, new_bit);
-        if (active && lane == 0) {
-          for (int r = 0; r < blocks; ++r) {
-            int64_t* target = r == rank ? next : cluster.map_shared_rank(next, r);
-            reinterpret_cast<unsigned*>(target + j)[bit / 32] = word;
-          }
-        }
-      }
-    }
-    cluster.sync();  // every new code written, every counter read
-    for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += CLUSTER_THREADS) counts[i] = 0;
-    int64_t* old = cent;
-    cent = next;
-    next = old;
-  }
-  // No block reads another's shared memory past the last cluster barrier: each may finish alone.
-  __syncthreads();  // the final centroids (or, in a row of single queries, the initial ones)
-  if (!single) centroid_fragments<TILES>(cent, C, bits, lane, frag);
-  for (int base = start + 16 * warp; base < stop; base += STRIDE) {
-    const int n_lo = base + g, n_hi = base + g + 8;
-    assign16<TILES>(info, b, bh, single, n_lo, n_hi, stop, code_at(n_lo), code_at(n_hi), frag, assignments, lane);
-  }
-  if (rank == 0) {
-    for (int j = threadIdx.x; j < C; j += CLUSTER_THREADS) centroids[bh * C + j] = cent[j];
-  }
-#else
-  __trap();  // the host launches this kernel on sm_90 and newer only
-#endif
-}
-
-// Launches lloyd_cluster_kernel on `rows` rows with `blocks` blocks (a cluster) per row, or
-// with blocks = -1 the most blocks per row (8, 4, 2, 1) that keep every row's cluster resident
-// at once (cudaOccupancyMaxActiveClusters: clusters are placed whole within a GPC, so a
-// cluster size that looks like one wave by block count can take two).
-void launch_lloyd_cluster(int blocks, int64_t rows, cudaStream_t stream, const RowInfo& info, const int64_t* codes,
-                          int iterations, int bits, int64_t* centroids, int64_t* assignments) {
-  auto launch = [&](auto kernel) {
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    cudaLaunchConfig_t config = {};
-    config.blockDim = dim3(CLUSTER_THREADS);
-    config.stream = stream;
-    config.attrs = attribute;
-    config.numAttrs = 1;
-    auto configure = [&](int k) {
-      config.gridDim = dim3(static_cast<unsigned>(k), static_cast<unsigned>(rows));
-      config.dynamicSmemBytes = lloyd_cluster_smem((info.length + k - 1) / k, info.clusters);
-      attribute[0].val.clusterDim.x = static_cast<unsigned>(k);
-      attribute[0].val.clusterDim.y = 1;
-      attribute[0].val.clusterDim.z = 1;
-      ensure_smem(kernel, config.dynamicSmemBytes);
-    };
-    if (blocks < 0) {
-      for (int k = CLUSTER_MAX_BLOCKS; k >= 1; k /= 2) {
-        if ((info.length + k - 1) / k > CLUSTER_MAX_CHUNK) break;
-        blocks = k;  // the smallest that holds the row, if none keeps every row resident
-        configure(k);
-        int resident = 0;
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&resident, kernel, &config));
-        if (rows <= resident) break;
-      }
-    }
-    configure(blocks);
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, info, codes, iterations, bits, centroids, assignments));
-  };
-  const int C = info.clusters;
-  if (C <= 16) launch(lloyd_cluster_kernel<2>);
-  else if (C <= 32) launch(lloyd_cluster_kernel<4>);
-  else if (C <= 64) launch(lloyd_cluster_kernel<8>);
-  else if (C <= 104) launch(lloyd_cluster_kernel<13>);
-  else launch(lloyd_cluster_kernel<16>);
-}
-
 // Assign + accumulate counts (SMEM_COUNTS: counters in shared memory, else global).
 template <bool SMEM_COUNTS>
 __global__ void lloyd_assign_kernel(RowInfo info, const int64_t* __restrict__ codes,
@@ -686,15 +522,10 @@ at::Tensor hash_codes_cuda(const at::Tensor& x_in, const at::Tensor& planes_in, 
 // more global atomics; fewer blocks, less parallelism. Results do not depend on it.
 // tensor_cores: the nearest centroids by int8 products where C <= 128 on sm_80 and newer (false:
 // by population counts everywhere; the results are the same, the tests compare them).
-// cluster_blocks: 1..8 runs all of Lloyd in one launch of that many blocks per row
-// (lloyd_cluster_kernel: sm_90, C <= 128, at most 8192 queries per block; queries_per_block and
-// tensor_cores are then unused), -1 the same with the blocks per row chosen by
-// launch_lloyd_cluster, 0 the separate launches above.
 std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
                                                      const c10::optional<at::Tensor>& mask_in,
                                                      int64_t num_clusters, int64_t iterations, int64_t bits,
-                                                     int64_t queries_per_block, bool tensor_cores,
-                                                     int64_t cluster_blocks) {
+                                                     int64_t queries_per_block, bool tensor_cores) {
   FCL_CHECK_CUDA(codes_in, "lloyd_kmeans: codes");
   TORCH_CHECK(codes_in.dim() == 3 && codes_in.scalar_type() == at::kLong,
               "lloyd_kmeans: codes must be (B, H, N) int64, got ", codes_in.sizes(), " ", codes_in.scalar_type());
@@ -704,22 +535,10 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
   TORCH_CHECK(bits >= 1 && bits <= 63, "lloyd_kmeans: bits must be in 1..63, got ", bits);
   TORCH_CHECK(queries_per_block >= 0 && queries_per_block <= (1 << 30),
               "lloyd_kmeans: queries_per_block must be 0 (automatic) or a positive count, got ", queries_per_block);
-  TORCH_CHECK(cluster_blocks >= -1 && cluster_blocks <= CLUSTER_MAX_BLOCKS,
-              "lloyd_kmeans: cluster_blocks must be 0 (separate launches), 1..", CLUSTER_MAX_BLOCKS,
-              " or -1 (one launch, automatic), got ", cluster_blocks);
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous();
   const int64_t B = codes.size(0), H = codes.size(1), N = codes.size(2);
   const int C = static_cast<int>(num_clusters);
-  if (cluster_blocks != 0) {
-    const int64_t most_blocks = cluster_blocks > 0 ? cluster_blocks : CLUSTER_MAX_BLOCKS;
-    TORCH_CHECK(C <= MMA_MAX_CLUSTERS && (N + most_blocks - 1) / most_blocks <= CLUSTER_MAX_CHUNK &&
-                    compute_major() >= 9,
-                "lloyd_kmeans: cluster_blocks ", cluster_blocks, " (one launch) needs num_clusters <= ", MMA_MAX_CLUSTERS,
-                ", at most ", CLUSTER_MAX_CHUNK, " queries per block (", most_blocks,
-                " blocks per row) and a GPU of compute capability 9.0 or newer; got num_clusters ", C, ", ", N,
-                " queries per row, compute capability ", compute_major(), ".x");
-  }
   at::Tensor assignments = at::empty_like(codes);
   at::Tensor centroids = at::empty({B, H, C}, codes.options());
   if (B * H == 0 || N == 0) { centroids.zero_(); return {assignments, centroids}; }
@@ -736,12 +555,6 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
     info.cum = cum.data_ptr<int>();
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (cluster_blocks != 0) {
-    launch_lloyd_cluster(static_cast<int>(cluster_blocks), B * H, stream, info, codes.data_ptr<int64_t>(),
-                         static_cast<int>(iterations), static_cast<int>(bits), centroids.data_ptr<int64_t>(),
-                         assignments.data_ptr<int64_t>());
-    return {assignments, centroids};
-  }
   const dim3 small_grid(static_cast<unsigned>((C + 127) / 128), static_cast<unsigned>(B * H));
   lloyd_init_kernel<<<small_grid, 128, 0, stream>>>(info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

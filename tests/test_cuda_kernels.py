@@ -40,8 +40,7 @@ class EmulatedExtension:
         return reference.hash_codes_ref(x, planes, offsets)
 
     @staticmethod
-    def lloyd_kmeans(codes, mask, num_clusters, iterations, bits, queries_per_block=0, tensor_cores=True,
-                     cluster_blocks=0):
+    def lloyd_kmeans(codes, mask, num_clusters, iterations, bits, queries_per_block=0, tensor_cores=True):
         return reference.lloyd_kmeans_ref(codes, mask, num_clusters, iterations, bits)
 
     @staticmethod
@@ -466,19 +465,14 @@ def test_lloyd_tensor_core_split_cpu():
 
 
 def test_lloyd_launch_settings_cpu():
-    """The ops' choice: on sm_90 the one-launch kernel (-1: its blocks per row chosen by the
-    extension) for rows of at most 8192 queries and C <= 128; elsewhere the tensor-core kernels
-    and their split where that rule takes them and C <= 128, else the population counts and
-    their split."""
+    """The ops' choice: the tensor-core kernels and their split where the rule takes them and
+    C <= 128, else the population counts and their split."""
     from fairseq_clustered.ops.cuda_kernels import (lloyd_launch_settings, lloyd_queries_per_block,
                                                     lloyd_tensor_core_split)
     sms = 132
-    assert lloyd_launch_settings(32, 16384, 100, sms, 9) == (lloyd_tensor_core_split(32, 16384, sms), True, 0)
-    assert lloyd_launch_settings(32, 16384, 129, sms, 9) == (lloyd_queries_per_block(32, 16384, sms), False, 0)
-    assert lloyd_launch_settings(32, 8192, 100, sms, 8) == (lloyd_queries_per_block(32, 8192, sms), False, 0)
-    assert lloyd_launch_settings(32, 8192, 129, sms, 9) == (lloyd_queries_per_block(32, 8192, sms), False, 0)
-    assert lloyd_launch_settings(32, 8192, 100, sms, 9) == (0, True, -1)
-    assert lloyd_launch_settings(2, 5, 128, sms, 9) == (0, True, -1)
+    assert lloyd_launch_settings(32, 16384, 100, sms) == (lloyd_tensor_core_split(32, 16384, sms), True)
+    assert lloyd_launch_settings(32, 16384, 129, sms) == (lloyd_queries_per_block(32, 16384, sms), False)
+    assert lloyd_launch_settings(32, 8192, 100, sms) == (lloyd_queries_per_block(32, 8192, sms), False)
 
 # ------------------------------------------------------------------ GPU
 
@@ -667,44 +661,24 @@ def test_lloyd_queries_per_block_gpu(queries_per_block):
 @pytest.mark.parametrize("clusters", [1, 8, 9, 40, 100, 104, 105, 128])
 @pytest.mark.parametrize("bits", [63, 31, 8])
 def test_lloyd_tensor_cores_gpu(clusters, bits):
-    """The nearest centroids by int8 tensor-core products (C <= 128), in the separate launches
-    and in the one-launch kernel (a thread-block cluster of 1, 3 or 8 blocks per row, or as many
-    as the extension chooses, sm_90),
-    give the assignments and centroids of the population-count kernels and of the reference,
-    bit for bit: every centroid-tile count, a padded last tile (C not a multiple of 8), few
-    bits (many ties), a row with fewer valid queries than clusters, ragged padding, blocks
-    with no queries (8 blocks of a 5-query row)."""
+    """The nearest centroids by int8 tensor-core products (C <= 128) give the assignments and
+    centroids of the population-count kernels and of the reference, bit for bit: every
+    centroid-tile count, a padded last tile (C not a multiple of 8), few bits (many ties), a
+    row with fewer valid queries than clusters, ragged padding."""
     from fairseq_clustered.ops import cuda_backend
     ext = cuda_backend.cuda_ops().ext
-    sm90 = torch.cuda.get_device_properties(0).major >= 9
     g = torch.Generator().manual_seed(clusters * 100 + bits)
-    for length in (300 if SANITIZE else 2500, 5):
-        centres = torch.randn(2, 3, 6, 32, generator=g)
-        x = centres[:, :, torch.randint(0, 6, (length,), generator=g)] + 0.5 * torch.randn(2, 3, length, 32,
-                                                                                          generator=g)
-        codes = reference.hash_codes_ref(x, torch.randn(bits, 32, generator=g), torch.zeros(bits)).cuda()
-        ragged = torch.arange(length)[None, :] >= torch.tensor([[max(length - 77, 2)], [min(clusters, 60, length)]])
-        for mask in (None, ragged.cuda()):
-            expected = reference.lloyd_kmeans_ref(codes, mask, clusters, 10, bits)
-            runs = {"tensor cores": ext.lloyd_kmeans(codes, mask, clusters, 10, bits, 0, tensor_cores=True),
-                    "population counts": ext.lloyd_kmeans(codes, mask, clusters, 10, bits, 0, tensor_cores=False)}
-            for blocks in (1, 3, 8, -1) if sm90 else ():
-                runs[f"{blocks} blocks per row"] = ext.lloyd_kmeans(codes, mask, clusters, 10, bits,
-                                                                     cluster_blocks=blocks)
-            for name, got in runs.items():
-                assert all(torch.equal(a, b) for a, b in zip(got, expected)), (name, length, mask is None)
-    if sm90:
-        # No iteration: the initial centroids and the assignment to them.
-        got = ext.lloyd_kmeans(codes, None, clusters, 0, bits, cluster_blocks=2)
-        assert all(torch.equal(a, b) for a, b in zip(got, reference.lloyd_kmeans_ref(codes, None, clusters, 0, bits)))
-        with pytest.raises(RuntimeError, match="at most 8192 queries per block"):
-            ext.lloyd_kmeans(torch.zeros(1, 1, 8193, dtype=torch.int64, device="cuda"), None, clusters, 10, bits,
-                             cluster_blocks=1)
-        with pytest.raises(RuntimeError, match="at most 8192 queries per block"):
-            ext.lloyd_kmeans(torch.zeros(1, 1, 65537, dtype=torch.int64, device="cuda"), None, clusters, 10, bits,
-                             cluster_blocks=-1)
-        with pytest.raises(RuntimeError, match="cluster_blocks must be 0"):
-            ext.lloyd_kmeans(codes, None, clusters, 10, bits, cluster_blocks=9)
+    length = 300 if SANITIZE else 2500
+    centres = torch.randn(2, 3, 6, 32, generator=g)
+    x = centres[:, :, torch.randint(0, 6, (length,), generator=g)] + 0.5 * torch.randn(2, 3, length, 32, generator=g)
+    codes = reference.hash_codes_ref(x, torch.randn(bits, 32, generator=g), torch.zeros(bits)).cuda()
+    for mask in (None, torch.arange(length)[None, :] >= torch.tensor([[length - 77], [min(clusters, 60)]])):
+        mask = None if mask is None else mask.cuda()
+        got = ext.lloyd_kmeans(codes, mask, clusters, 10, bits, 0, tensor_cores=True)
+        counted = ext.lloyd_kmeans(codes, mask, clusters, 10, bits, 0, tensor_cores=False)
+        expected = reference.lloyd_kmeans_ref(codes, mask, clusters, 10, bits)
+        for a, b, c in zip(got, counted, expected):
+            assert torch.equal(a, c) and torch.equal(b, c)
 
 
 @needs_gpu

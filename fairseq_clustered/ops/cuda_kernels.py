@@ -97,39 +97,13 @@ def lloyd_tensor_core_split(rows: int, length: int, sms: int) -> int:
     return per_block if per_block <= TENSOR_CORE_LLOYD_MAX_PER_BLOCK else 0
 
 
-LLOYD_CLUSTER_MAX_CHUNK = 8192  # queries per block of the one-launch kernel (its codes in shared memory)
-LLOYD_CLUSTER_MAX_LENGTH = 8192
-
-
-def lloyd_cluster_blocks(rows: int, length: int, num_clusters: int, major: int) -> int:
-    """The extension's ``cluster_blocks`` for ``rows`` rows of ``length`` queries and
-    ``num_clusters`` on a GPU of compute capability ``major``.x: -1 for the one-launch Lloyd (a
-    thread-block cluster per row runs every iteration with its counters in shared memory,
-    summed over the cluster's blocks through distributed shared memory; the extension picks the
-    most blocks per row that keep every row resident at once; sm_90, C <= 128), or 0 for the
-    separate launches of :func:`lloyd_launch_settings`.
-
-    Provisional: rows of at most 8192 queries, where the separate launches' fixed costs
-    dominate.
-    """
-    if major < 9 or num_clusters > TENSOR_CORE_LLOYD_MAX_CLUSTERS or length > LLOYD_CLUSTER_MAX_LENGTH:
-        return 0
-    return -1
-
-
-def lloyd_launch_settings(rows: int, length: int, num_clusters: int, sms: int,
-                          major: int) -> Tuple[int, bool, int]:
-    """``(queries_per_block, tensor_cores, cluster_blocks)`` for the extension's
-    ``lloyd_kmeans`` on ``rows`` rows of ``length`` queries and ``num_clusters`` on a GPU of
-    ``sms`` multiprocessors and compute capability ``major``.x: the one-launch kernel where
-    :func:`lloyd_cluster_blocks` takes it; else the tensor-core kernels and their split where
-    :func:`lloyd_tensor_core_split` takes them (C <= 128); else the population counts and
+def lloyd_launch_settings(rows: int, length: int, num_clusters: int, sms: int) -> Tuple[int, bool]:
+    """``(queries_per_block, tensor_cores)`` for the extension's ``lloyd_kmeans`` on ``rows``
+    rows of ``length`` queries and ``num_clusters``: the tensor-core kernels and their split
+    where :func:`lloyd_tensor_core_split` takes them (C <= 128), else the population counts and
     :func:`lloyd_queries_per_block`."""
-    blocks = lloyd_cluster_blocks(rows, length, num_clusters, major)
-    if blocks:
-        return 0, True, blocks
     split = lloyd_tensor_core_split(rows, length, sms) if num_clusters <= TENSOR_CORE_LLOYD_MAX_CLUSTERS else 0
-    return (split, True, 0) if split else (lloyd_queries_per_block(rows, length, sms), False, 0)
+    return (split, True) if split else (lloyd_queries_per_block(rows, length, sms), False)
 
 
 def lloyd_queries_per_block(rows: int, length: int, sms: int) -> int:
@@ -158,10 +132,8 @@ def lloyd_queries_per_block(rows: int, length: int, sms: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _device_shape(device_index: int) -> Tuple[int, int]:
-    """``(multiprocessors, compute capability major)`` of a CUDA device."""
-    properties = torch.cuda.get_device_properties(device_index)
-    return properties.multi_processor_count, properties.major
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _row_chunks(rows: int, num_clusters: int, keys: int):
@@ -226,12 +198,12 @@ class CudaOps:
 
     def _lloyd_kmeans(self, codes, query_padding_mask, num_clusters, iterations, bits):
         rows, length = codes.shape[0] * codes.shape[1], codes.shape[2]
-        per_block, tensor_cores, cluster_blocks = 0, False, 0
+        per_block, tensor_cores = 0, False
         if codes.is_cuda:
-            sms, major = _device_shape(codes.get_device())
-            per_block, tensor_cores, cluster_blocks = lloyd_launch_settings(rows, length, num_clusters, sms, major)
+            per_block, tensor_cores = lloyd_launch_settings(rows, length, num_clusters,
+                                                            _multiprocessors(codes.get_device()))
         return tuple(self.ext.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits, per_block,
-                                           tensor_cores, cluster_blocks))
+                                           tensor_cores))
 
     def cluster_queries(self, x, planes, offsets, query_padding_mask, num_clusters, iterations, bits):
         """Hashing and Lloyd's k-means as one composition (one graph replay where they repeat)."""
