@@ -107,6 +107,29 @@ struct RowInfo {
   __device__ __forceinline__ bool singleton(int b) const { return num_valid(b) <= clusters; }
 };
 
+// Bit `bit` of a centroid after the majority update, from its old code `old`, its member count
+// and how many members differ from `old` in that bit: set where more than half of the members
+// have it set, cleared where fewer than half do; ties, empty clusters and bits >= `bits` keep
+// the old bit.
+__device__ __forceinline__ bool majority_bit(int64_t old, int bit, int bits, int members, int differ) {
+  bool set = (static_cast<uint64_t>(old) >> bit) & 1;
+  const int ones = set ? members - differ : differ;
+  if (bit < bits) {
+    if (2 * ones > members) set = true;
+    else if (2 * ones < members) set = false;
+  }
+  return set;
+}
+
+// Centroid j's initial code: the code of the valid query of rank floor(j * valid / C), or in
+// rows with at most C valid queries, of rank j (0 past the last one). `row_codes`: the row's N.
+__device__ __forceinline__ int64_t initial_centroid(const RowInfo& info, int b, int j, int nv,
+                                                   const int64_t* row_codes) {
+  if (nv <= info.clusters) return j < nv ? row_codes[info.position_of_rank(b, j)] : 0;
+  const int r = static_cast<int>((static_cast<int64_t>(j) * nv) / info.clusters);
+  return row_codes[info.position_of_rank(b, r)];
+}
+
 __global__ void lloyd_init_kernel(RowInfo info, const int64_t* __restrict__ codes,
                                   int64_t* __restrict__ centroids) {
   const int64_t bh = blockIdx.y;
@@ -114,14 +137,7 @@ __global__ void lloyd_init_kernel(RowInfo info, const int64_t* __restrict__ code
   const int nv = info.num_valid(b);
   const int C = info.clusters;
   for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < C; j += gridDim.x * blockDim.x) {
-    int64_t code = 0;
-    if (nv <= C) {
-      if (j < nv) code = codes[bh * info.length + info.position_of_rank(b, j)];
-    } else {
-      const int r = static_cast<int>((static_cast<int64_t>(j) * nv) / C);
-      code = codes[bh * info.length + info.position_of_rank(b, r)];
-    }
-    centroids[bh * C + j] = code;
+    centroids[bh * C + j] = initial_centroid(info, b, j, nv, codes + bh * info.length);
   }
 }
 
@@ -133,6 +149,10 @@ __device__ __forceinline__ int nearest(int64_t code, const int64_t* cent, int C)
   }
   return best;
 }
+
+// Centroid slots in shared memory: C padded to an even count plus one pair, since the compiler
+// reads them in 16-byte pairs.
+__host__ __device__ __forceinline__ int padded_clusters(int C) { return ((C + 1) / 2) * 2 + 2; }
 
 // ------------------------------------------------- nearest centroids on tensor cores
 constexpr int MMA_THREADS = 256;
@@ -227,6 +247,60 @@ __device__ __forceinline__ void nearest16(uint64_t lo, uint64_t hi, const uint32
   nearest_hi = 127 - (best_hi & 127);
 }
 
+// The final assignments of a warp's 16 queries lane / 4 (`n_lo`, code `lo`) and lane / 4 + 8
+// (`n_hi`, code `hi`) of row bh, those below `stop`: -1 for padded queries, the rank in a row
+// with at most C valid queries (`single`), else the nearest centroid.
+template <int TILES>
+__device__ __forceinline__ void assign16(const RowInfo& info, int b, int64_t bh, bool single, int n_lo, int n_hi,
+                                         int stop, uint64_t lo, uint64_t hi, const uint32_t (&frag)[TILES][4],
+                                         int64_t* assignments, int lane) {
+  const int t = lane & 3;
+  int nearest_lo = 0, nearest_hi = 0;
+  if (!single) nearest16<TILES>(lo, hi, frag, info.clusters, lane, nearest_lo, nearest_hi);
+  if (t < 2) {  // lane t = 0 writes query lo, t = 1 query hi
+    const int n = t == 0 ? n_lo : n_hi;
+    if (n < stop) {
+      int64_t a = -1;
+      if (info.valid(b, n)) a = single ? info.rank(b, n) : (t == 0 ? nearest_lo : nearest_hi);
+      assignments[bh * info.length + n] = a;
+    }
+  }
+}
+
+// A warp's counting of its 16 queries lane / 4 (`n_lo`, code `lo`) and lane / 4 + 8 (`n_hi`,
+// code `hi`) of row b, those valid and below `stop`, into a block's shared counters `counts`
+// (COUNTER_STRIDE per cluster): each member adds one to its cluster's member count and one per
+// bit in which it differs from the centroid `cent[j]` (far fewer than its set bits once the
+// centroids settle, so far fewer atomics). The four lanes of a quad split the bits: lane t
+// counts bits 16 t .. 16 t + 15 of both queries.
+__device__ __forceinline__ void count_members16(const RowInfo& info, int b, int n_lo, int n_hi, int stop,
+                                                uint64_t lo, uint64_t hi, int nearest_lo, int nearest_hi,
+                                                const int64_t* cent, int* counts, int lane) {
+  const int t = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int n = h ? n_hi : n_lo;
+    if (n >= stop || !info.valid(b, n)) continue;
+    const int j = h ? nearest_hi : nearest_lo;
+    int* cj = counts + j * COUNTER_STRIDE;
+    if (t == 0) atomicAdd(cj + COUNT_SLOT, 1);
+    uint32_t rest = static_cast<uint32_t>(((h ? hi : lo) ^ static_cast<uint64_t>(cent[j])) >> (16 * t)) & 0xFFFFu;
+    while (rest) {
+      atomicAdd(cj + 16 * t + (__ffs(rest) - 1), 1);
+      rest &= rest - 1;
+    }
+  }
+}
+
+// Adds a block's shared counters (C x COUNTER_STRIDE) into the row's global ones (C x MAX_BITS),
+// one atomic per non-zero counter. After the block's counting and a barrier.
+__device__ __forceinline__ void add_block_counts(const int* counts, int* row_counters, int C) {
+  for (int i = threadIdx.x; i < C * MAX_BITS; i += blockDim.x) {
+    const int v = counts[(i / MAX_BITS) * COUNTER_STRIDE + i % MAX_BITS];
+    if (v != 0) atomicAdd(row_counters + i, v);
+  }
+}
+
 // Lloyd's assign + count (FINAL false) or final assignment (FINAL true) with nearest16: the
 // same contract as lloyd_assign_kernel<true> / lloyd_final_kernel. Warps take 16 consecutive
 // queries at a time; the four lanes of a quad split the counting of the two queries they
@@ -243,7 +317,7 @@ __global__ void __launch_bounds__(MMA_THREADS) lloyd_mma_kernel(RowInfo info, co
   if (!FINAL && single) return;
   const int C = info.clusters;
   int64_t* cent = smem_mma;
-  int* counts = reinterpret_cast<int*>(smem_mma + ((C + 1) / 2) * 2 + 2);
+  int* counts = reinterpret_cast<int*>(smem_mma + padded_clusters(C));
   if (!single) {
     for (int j = threadIdx.x; j < C; j += blockDim.x) cent[j] = centroids[bh * C + j];
   }
@@ -251,7 +325,7 @@ __global__ void __launch_bounds__(MMA_THREADS) lloyd_mma_kernel(RowInfo info, co
     for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += blockDim.x) counts[i] = 0;
   }
   __syncthreads();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
   uint32_t frag[TILES][4];
   if (!single) centroid_fragments<TILES>(cent, C, bits, lane, frag);
   const int start = blockIdx.x * chunk;
@@ -267,42 +341,17 @@ __global__ void __launch_bounds__(MMA_THREADS) lloyd_mma_kernel(RowInfo info, co
     const uint64_t lo = next_lo, hi = next_hi;
     next_lo = code_at(n_lo + STRIDE);
     next_hi = code_at(n_hi + STRIDE);
-    int nearest_lo = 0, nearest_hi = 0;
-    if (!single) nearest16<TILES>(lo, hi, frag, C, lane, nearest_lo, nearest_hi);
     if (FINAL) {
-      if (t < 2) {  // lane t = 0 writes query lo, t = 1 query hi
-        const int n = t == 0 ? n_lo : n_hi;
-        if (n < stop) {
-          int64_t a = -1;
-          if (info.valid(b, n)) a = single ? info.rank(b, n) : (t == 0 ? nearest_lo : nearest_hi);
-          assignments[bh * info.length + n] = a;
-        }
-      }
+      assign16<TILES>(info, b, bh, single, n_lo, n_hi, stop, lo, hi, frag, assignments, lane);
     } else {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = h ? n_hi : n_lo;
-        if (n >= stop || !info.valid(b, n)) continue;
-        const int j = h ? nearest_hi : nearest_lo;
-        int* cj = counts + j * COUNTER_STRIDE;
-        if (t == 0) atomicAdd(cj + COUNT_SLOT, 1);
-        // Bits where the member differs from its centroid, as in lloyd_assign_kernel.
-        uint32_t rest = static_cast<uint32_t>(((h ? hi : lo) ^ static_cast<uint64_t>(cent[j])) >> (16 * t)) & 0xFFFFu;
-        while (rest) {
-          atomicAdd(cj + 16 * t + (__ffs(rest) - 1), 1);
-          rest &= rest - 1;
-        }
-      }
+      int nearest_lo, nearest_hi;
+      nearest16<TILES>(lo, hi, frag, C, lane, nearest_lo, nearest_hi);
+      count_members16(info, b, n_lo, n_hi, stop, lo, hi, nearest_lo, nearest_hi, cent, counts, lane);
     }
   }
   if (!FINAL) {
     __syncthreads();
-    int* gcount = counters + bh * C * MAX_BITS;
-    for (int i = threadIdx.x; i < C * MAX_BITS; i += blockDim.x) {
-      const int j = i / MAX_BITS, s = i % MAX_BITS;
-      const int v = counts[j * COUNTER_STRIDE + s];
-      if (v != 0) atomicAdd(gcount + i, v);
-    }
+    add_block_counts(counts, counters + bh * C * MAX_BITS, C);
   }
 }
 
@@ -335,7 +384,7 @@ __global__ void lloyd_assign_kernel(RowInfo info, const int64_t* __restrict__ co
   if (info.singleton(b)) return;  // uniform over the block
   const int C = info.clusters;
   int64_t* cent = smem_lloyd;
-  int* counts = reinterpret_cast<int*>(smem_lloyd + ((C + 1) / 2) * 2 + 2);
+  int* counts = reinterpret_cast<int*>(smem_lloyd + padded_clusters(C));
   for (int j = threadIdx.x; j < C; j += blockDim.x) cent[j] = centroids[bh * C + j];
   if (SMEM_COUNTS) {
     for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += blockDim.x) counts[i] = 0;
@@ -364,11 +413,7 @@ __global__ void lloyd_assign_kernel(RowInfo info, const int64_t* __restrict__ co
   }
   if (SMEM_COUNTS) {
     __syncthreads();
-    for (int i = threadIdx.x; i < C * MAX_BITS; i += blockDim.x) {
-      const int j = i / MAX_BITS, s = i % MAX_BITS;
-      const int v = counts[j * COUNTER_STRIDE + s];
-      if (v != 0) atomicAdd(gcount + i, v);
-    }
+    add_block_counts(counts, gcount, C);
   }
 }
 
@@ -384,17 +429,7 @@ __global__ void lloyd_update_kernel(RowInfo info, int bits, int64_t* __restrict_
   const int bit = threadIdx.x % MAX_BITS;
   const bool active = j < C;  // uniform per warp (64 threads per cluster)
   int* cj = counters + (bh * C + (active ? j : 0)) * MAX_BITS;
-  bool new_bit = false;
-  if (active) {
-    const int members = cj[COUNT_SLOT];
-    const int differ = cj[bit];  // members whose bit differs from the centroid's
-    new_bit = (static_cast<uint64_t>(centroids[bh * C + j]) >> bit) & 1;
-    const int ones = new_bit ? members - differ : differ;
-    if (bit < bits) {
-      if (2 * ones > members) new_bit = true;
-      else if (2 * ones < members) new_bit = false;
-    }
-  }
+  const bool new_bit = active && majority_bit(centroids[bh * C + j], bit, bits, cj[COUNT_SLOT], cj[bit]);
   const unsigned word = __ballot_sync(FULL_MASK, new_bit);
   __syncthreads();  // every thread has read the counters and the old code
   if (active) {
@@ -537,8 +572,8 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
 
   if (iterations > 0) {
     at::Tensor counters = at::zeros({B * H, C, MAX_BITS}, codes.options().dtype(at::kInt));
-    // Centroids (C, padded to an even count plus one pair) then the counters.
-    const size_t cent_bytes = static_cast<size_t>(((C + 1) / 2) * 2 + 2) * sizeof(int64_t);
+    // Centroids then the counters.
+    const size_t cent_bytes = static_cast<size_t>(padded_clusters(C)) * sizeof(int64_t);
     const size_t smem_counts = cent_bytes + static_cast<size_t>(C) * COUNTER_STRIDE * sizeof(int);
     const bool use_smem = smem_counts <= 200 * 1024;
     const size_t smem = use_smem ? smem_counts : cent_bytes;

@@ -100,29 +100,20 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[VPL]) {
   for (int e = 0; e < VPL; ++e) p[e] = from_float<T>(in[e]);
 }
 
-// Multiprocessor count of the current device (queried once per device).
-inline int num_sms() {
+// An attribute of the current device, queried once per device.
+template <cudaDeviceAttr ATTRIBUTE>
+inline int device_attribute() {
   static int cached[64] = {0};
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev < 64 && cached[dev] > 0) return cached[dev];
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  if (dev < 64) cached[dev] = sms;
-  return sms;
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, ATTRIBUTE, dev));
+  if (dev < 64) cached[dev] = value;
+  return value;
 }
-
-// Compute capability major version of the current device (queried once per device).
-inline int compute_major() {
-  static int cached[64] = {0};
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 64 && cached[dev] > 0) return cached[dev];
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  if (dev < 64) cached[dev] = major;
-  return major;
-}
+inline int num_sms() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
+inline int compute_major() { return device_attribute<cudaDevAttrComputeCapabilityMajor>(); }
 
 // Raise a kernel's dynamic shared-memory limit when a launch needs more than 48 KB.
 // Each (kernel, device) is raised once, to the device's opt-in maximum, on its first
