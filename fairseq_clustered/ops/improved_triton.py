@@ -350,7 +350,7 @@ def top_key_summary(qbar: Tensor, key: Tensor, value: Tensor, top: Tensor, lse: 
     _top_key_summary_kernel[(num_clusters, rows)](
         qbar, key, value, top, lse, qbar if rest is None else centroid_values.contiguous(), mass,
         qbar if rest is None else rest, num_clusters, key.shape[1], top_k, scale,
-        DIM=qbar.shape[-1], BLOCK_K=_tile(top_k), WITH_REST=rest is not None, num_warps=2,
+        DIM=qbar.shape[-1], BLOCK_K=_tile(top_k), WITH_REST=rest is not None, num_warps=4,
     )
     return mass, rest
 
@@ -379,7 +379,7 @@ def top_key_gradients(qbar: Tensor, key: Tensor, value: Tensor, top: Tensor, lse
     grad_centroids = torch.empty_like(qbar)
     _top_key_grads_kernel[(num_clusters, rows)](
         qbar, key, value, top, lse, grad_rest, grad_mass, grad_key, grad_value, lse_weight, grad_centroids,
-        num_clusters, key.shape[1], top_k, scale, DIM=qbar.shape[-1], BLOCK_K=_tile(top_k), num_warps=2,
+        num_clusters, key.shape[1], top_k, scale, DIM=qbar.shape[-1], BLOCK_K=_tile(top_k), num_warps=4,
     )
     return lse_weight, grad_centroids
 
