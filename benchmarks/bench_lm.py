@@ -149,5 +149,6 @@ def main():
            f"GPT-{'tiny' if small else 'small'} causal LM, window {window}, C={num_clusters}, vocabulary {vocab}, "
            f"{tokens_per_batch} tokens/batch, attention dropout {args.attention_dropout} (nan = out of memory)")
 
+
 if __name__ == "__main__":
     main()

@@ -40,7 +40,6 @@ import argparse
 import csv
 import os
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -130,30 +129,19 @@ def time_steps(step, steps, warmup, device, profile_name=None):
     """Median seconds of ``step()`` over ``steps`` calls after ``warmup`` ones (CUDA events on
     the GPU) and the peak memory in bytes (nan on the CPU); ``profile_name``: also print the
     step's top CUDA kernels under that name."""
+    from bench_attention import profile, timer  # benchmarks/ is this script's directory
+
     cuda = device.type == "cuda"
     for _ in range(warmup):
         step()
-    if cuda:
+    if cuda:  # the peak of the timed steps, not of the warm-up's first allocations
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - begin)
+    seconds = timer(device.type, step, steps, warmup=0) / 1e3
     peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
     if profile_name and cuda:
-        from bench_attention import profile  # benchmarks/ is this script's directory
         profile(profile_name, step, top=40)  # a model step has many kernels besides the attention
-    return statistics.median(times), peak
+    return seconds, peak
 
 
 def trainer(model, device, dtype):

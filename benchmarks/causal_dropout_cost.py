@@ -8,10 +8,9 @@ CUDA-event-timed steps after 3 warm-up steps::
     python3 benchmarks/causal_dropout_cost.py
 """
 
-import statistics
-
 import torch
 
+from bench_attention import timer  # benchmarks/ is this script's directory
 from fairseq_clustered.ops import causal_clustered_attention
 
 
@@ -32,18 +31,7 @@ def main():
                     t.grad = None
                 causal_clustered_attention(q, k, v, planes=planes, dropout_p=p, generator=gen).backward(g)
 
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(10):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            print(f"N={n} dropout={p}: fwd+bwd {statistics.median(times):.3f} ms", flush=True)
+            print(f"N={n} dropout={p}: fwd+bwd {timer('cuda', step, repeats=10, warmup=3):.3f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -447,7 +447,6 @@ def test_segments_cpu():
     assert counts.tolist() == [[2.0, 1.0, 2.0, 0.0]]
 
 
-
 def test_lloyd_tensor_core_split_cpu():
     """Tensor-core Lloyd from 16k queries per row, one wave of blocks (two per SM) with whole
     blocks per row and 512..4096 queries each; elsewhere the population-count kernels (0)."""
@@ -473,6 +472,7 @@ def test_lloyd_launch_settings_cpu():
     assert lloyd_launch_settings(32, 16384, 100, sms) == (lloyd_tensor_core_split(32, 16384, sms), True)
     assert lloyd_launch_settings(32, 16384, 129, sms) == (lloyd_queries_per_block(32, 16384, sms), False)
     assert lloyd_launch_settings(32, 8192, 100, sms) == (lloyd_queries_per_block(32, 8192, sms), False)
+
 
 # ------------------------------------------------------------------ GPU
 
