@@ -161,3 +161,57 @@ def test_sum_gradients_adds_in_fp32_and_rounds_once(dtype, with_second, reuse_fi
     # reused: the sum over first's own (non-contiguous) storage; else a new contiguous tensor
     assert (out is first) if reuse_first else (out.is_contiguous() and out.data_ptr() != first.data_ptr())
     assert torch.equal(out, expected.to(dtype))
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("keys,dim,num_clusters,top_k", [
+    (80, 32, 7, 5),      # top-k below the smallest tile (masked slots)
+    (150, 64, 12, 16),
+    (40, 16, 20, 33),    # 33 top keys in a 64-slot tile; 20 clusters over 40 keys share keys
+])
+def test_top_key_summary_and_gradients_match_fp64(dtype, keys, dim, num_clusters, top_k):
+    """Each centroid's mass and rest on its top keys, and the top-key part of the backward,
+    against float64 products of the same (rounded) inputs: autograd of
+    ``f = sum_j gm_j mass_j + g_j . rest_j`` with the log-sum-exp a leaf (its gradient is minus
+    the dense term's weight). fp32 rounding only: the kernels upcast before multiplying."""
+    gen = torch.Generator().manual_seed(keys + top_k)
+    rows = 3
+    qbar = torch.randn(rows, num_clusters, dim, generator=gen).to(DEVICE)
+    key, value = (torch.randn(rows, keys, dim, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    top = torch.stack([torch.randperm(keys, generator=gen)[:top_k] for _ in range(rows * num_clusters)])
+    top = top.reshape(rows, num_clusters, top_k).to(DEVICE)
+    scale = dim ** -0.5
+    lse = torch.logsumexp(scale * torch.einsum("rcd,rsd->rcs", qbar.double(), key.double()), -1).float()
+    centroid_values, grad_rest = (torch.randn(rows, num_clusters, dim, generator=gen).to(DEVICE) for _ in range(2))
+    grad_mass = torch.randn(rows, num_clusters, generator=gen).to(DEVICE)
+
+    q64, k64, v64, lse64 = (x.detach().double().requires_grad_() for x in (qbar, key, value, lse))
+    flat = top.reshape(rows, -1, 1).expand(-1, -1, dim)
+    gathered = lambda x: x.gather(1, flat).reshape(rows, num_clusters, top_k, dim)  # noqa: E731
+    probs = torch.exp(scale * torch.einsum("rcd,rckd->rck", q64, gathered(k64)) - lse64[..., None])
+    mass = probs.sum(-1)
+    rest = centroid_values.double() - torch.einsum("rck,rckd->rcd", probs, gathered(v64))
+    ((grad_mass.double() * mass).sum() + (grad_rest.double() * rest).sum()).backward()
+
+    def close(actual, expected):
+        err = (actual.double() - expected).abs().max().item()
+        assert actual.dtype == torch.float32 and err <= 1e-5 * (1 + expected.abs().max().item()), err
+
+    got_mass, got_rest = improved_triton.top_key_summary(qbar, key, value, top, lse, scale, centroid_values)
+    close(got_mass, mass.detach())
+    close(got_rest, rest.detach())
+    mass_only, no_rest = improved_triton.top_key_summary(qbar, key, value, top, lse, scale)
+    assert no_rest is None and torch.equal(mass_only, got_mass)
+
+    grad_key = torch.zeros(rows, keys, dim, device=DEVICE)
+    grad_value = torch.ones(rows, keys, dim, device=DEVICE)  # added into, not overwritten
+    lse_weight, grad_centroids = improved_triton.top_key_gradients(
+        qbar, key, value, top, lse, grad_rest, grad_mass, scale, grad_key, grad_value)
+    close(lse_weight, -lse64.grad)
+    close(grad_centroids, q64.grad)
+    close(grad_key, k64.grad)
+    close(grad_value, v64.grad + 1)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        improved_triton.top_key_gradients(qbar, key, value, top, lse, grad_rest, grad_mass, scale,
+                                          grad_key.double(), grad_value)

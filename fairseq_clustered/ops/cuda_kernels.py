@@ -769,10 +769,13 @@ class CudaOps:
                 top[r0:r1] = torch.topk(logits, top_k, dim=-1).indices
         out_c, _, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
         centroid_values = out_c.reshape(rows, num_clusters, dim).float()
-        top_probs = torch.exp(torch.einsum("rcd,rckd->rck", qbar, self._top_rows(k_rows, top)) * scale
-                              - lse.unsqueeze(-1))
-        mass = top_probs.sum(-1)
-        rest = centroid_values - torch.einsum("rck,rckd->rcd", top_probs, self._top_rows(v_rows, top))
+        if improved_triton.triton_exact_unavailable(query, value, top_k) is None:  # no gathered copies
+            mass, rest = improved_triton.top_key_summary(qbar, k_rows, v_rows, top, lse, scale, centroid_values)
+        else:
+            top_probs = torch.exp(torch.einsum("rcd,rckd->rck", qbar, self._top_rows(k_rows, top)) * scale
+                                  - lse.unsqueeze(-1))
+            mass = top_probs.sum(-1)
+            rest = centroid_values - torch.einsum("rck,rckd->rcd", top_probs, self._top_rows(v_rows, top))
         out = self._exact_top_keys_fwd(query, key, value, None, assignments, order, seg_start, top, mass, rest,
                                        scale)
         return out, lse.reshape(batch, heads, num_clusters), top.reshape(batch, heads, num_clusters, top_k)
@@ -786,9 +789,15 @@ class CudaOps:
         v_rows = value.reshape(rows, keys, dim)
         top = top_index.reshape(rows, num_clusters, top_k).contiguous()
         lse_rows = lse.reshape(rows, num_clusters).float()
-        top_keys, top_values = self._top_rows(k_rows, top), self._top_rows(v_rows, top)
-        top_probs = torch.exp(torch.einsum("rcd,rckd->rck", qbar, top_keys) * scale - lse_rows.unsqueeze(-1))
-        mass = top_probs.sum(-1).contiguous()
+        # The top keys' part in Triton where it can (no gathered (rows, C, top_k, D) copies of the
+        # top key and value rows), else in torch.
+        fused_top = improved_triton.triton_exact_unavailable(query, value, top_k) is None
+        if fused_top:
+            mass, _ = improved_triton.top_key_summary(qbar, k_rows, v_rows, top, lse_rows, scale)
+        else:
+            top_keys, top_values = self._top_rows(k_rows, top), self._top_rows(v_rows, top)
+            top_probs = torch.exp(torch.einsum("rcd,rckd->rck", qbar, top_keys) * scale - lse_rows.unsqueeze(-1))
+            mass = top_probs.sum(-1).contiguous()
 
         grad_rest = self.ext.segment_sum(grad_out, order, seg_start, False)  # G_j (rows, C, D)
         gm = self._exact_top_keys_fwd(query, key, value, grad_out, assignments, order, seg_start, top, mass,
@@ -806,13 +815,18 @@ class CudaOps:
         dv32 = qbar.new_zeros(rows, keys, dim)
 
         # Top entries: f = sum_j gm_j m_j - G_j . sum_t A_jt v_t, so df/dA_jt = a_jt.
-        a = grad_mass - torch.einsum("rcd,rckd->rck", grad_rest, top_values)
-        w = a * top_probs  # gradient of the top logits (before the lse term), / scale
-        c = w.sum(-1)  # the lse term: dlogit_jl -= c_j A_jl for every key l
-        flat = top.reshape(rows, num_clusters * top_k, 1).expand(-1, -1, dim)
-        dv32.scatter_add_(1, flat, (-top_probs.unsqueeze(-1) * grad_rest.unsqueeze(2)).reshape(rows, -1, dim))
-        dk32.scatter_add_(1, flat, (scale * w.unsqueeze(-1) * qbar.unsqueeze(2)).reshape(rows, -1, dim))
-        grad_centroids = grad_centroids + scale * torch.einsum("rck,rckd->rcd", w, top_keys)
+        if fused_top:
+            c, grad_top = improved_triton.top_key_gradients(qbar, k_rows, v_rows, top, lse_rows, grad_rest,
+                                                            grad_mass.reshape(rows, num_clusters), scale, dk32, dv32)
+            grad_centroids = grad_centroids + grad_top
+        else:
+            a = grad_mass - torch.einsum("rcd,rckd->rck", grad_rest, top_values)
+            w = a * top_probs  # gradient of the top logits (before the lse term), / scale
+            c = w.sum(-1)  # the lse term: dlogit_jl -= c_j A_jl for every key l
+            flat = top.reshape(rows, num_clusters * top_k, 1).expand(-1, -1, dim)
+            dv32.scatter_add_(1, flat, (-top_probs.unsqueeze(-1) * grad_rest.unsqueeze(2)).reshape(rows, -1, dim))
+            dk32.scatter_add_(1, flat, (scale * w.unsqueeze(-1) * qbar.unsqueeze(2)).reshape(rows, -1, dim))
+            grad_centroids = grad_centroids + scale * torch.einsum("rck,rckd->rcd", w, top_keys)
 
         # Dense lse term through a flash pass over (Qbar, K, K): A K and A^T X with X = -scale c Qbar.
         k_out, _, k_ctx = self._attn_fwd(qb, key, key, scale)

@@ -37,6 +37,12 @@ Backward (:func:`exact_top_keys_bwd`): with ``p`` the top-key softmax and
 buffers: clusters can share keys; the backward is therefore not bit-reproducible, as
 with the CUDA kernel). :func:`sum_gradients` adds those buffers to flash attention's
 half-precision key and value gradients and rounds once, in one pass.
+
+Top-key summaries, one program per centroid: :func:`top_key_summary` gives each centroid's
+attention mass on its top keys and its output over the other keys (``rest``), and
+:func:`top_key_gradients` the top keys' part of the backward, both reading the top key and
+value rows where they lie instead of gathering them into ``(rows, C, top_k, D)`` fp32 copies
+(26 MB each at B H = 32, C = 100, top-k 32, D = 64, whatever N) for torch's products.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from torch import Tensor
 from ._triton import MIN_TILE, tiles_unavailable, tl, triton
 
 __all__ = ["triton_exact_unavailable", "centroid_block_stats", "candidate_logits", "centroid_top_keys",
-           "exact_top_keys_fwd", "exact_top_keys_bwd", "sum_gradients"]
+           "exact_top_keys_fwd", "exact_top_keys_bwd", "top_key_summary", "top_key_gradients", "sum_gradients"]
 
 MAX_TOP_K = 128  # BLOCK_M x top-k fp32 logits must stay in registers
 LOG2E = 1.4426950408889634
@@ -266,6 +272,116 @@ if triton is not None:
                              mask=ok, other=0.0).to(tl.float32)
         tl.store(OUT + batch * out_b + head * out_h + keys_here[:, None] * out_s + feats,
                  total.to(OUT.dtype.element_ty), mask=ok)
+
+
+    @triton.jit
+    def _top_key_probs(QBAR, K, V, TOP, LSE, row, cluster, num_clusters, keys, top_k, scale,
+                       DIM: tl.constexpr, BLOCK_K: tl.constexpr):
+        """-> (slot mask, row offsets, key rows, value rows (BLOCK_K, DIM), centroid (DIM,) fp32,
+        top-key probabilities (BLOCK_K,) fp32, 0 in unused slots) of one centroid: its attention
+        probabilities ``exp(scale qbar . k_t - lse)`` on its top keys, in fp32 multiply-adds as
+        the fp32 products of the centroids and the upcast keys."""
+        top_ok, top_rows, k_top, v_top = _cluster_top_rows(TOP, K, V, row, cluster, num_clusters, keys, top_k,
+                                                           DIM, BLOCK_K)
+        centroid = (row * num_clusters + cluster).to(tl.int64)
+        qbar = tl.load(QBAR + centroid * DIM + tl.arange(0, DIM))
+        logits = tl.sum(k_top.to(tl.float32) * qbar[None, :], 1) * scale
+        probs = tl.where(top_ok, tl.exp(logits - tl.load(LSE + centroid)), 0.0)
+        return top_ok, top_rows, k_top, v_top, qbar, probs
+
+    @triton.jit
+    def _top_key_summary_kernel(QBAR, K, V, TOP, LSE, CENTROID_VALUES, MASS, REST, num_clusters, keys, top_k,
+                                scale, DIM: tl.constexpr, BLOCK_K: tl.constexpr, WITH_REST: tl.constexpr):
+        """Program (cluster, row): the centroid's attention mass on its top keys, and (WITH_REST)
+        its output over the other keys, ``CENTROID_VALUES - sum_t p_t v_t``."""
+        cluster, row = tl.program_id(0), tl.program_id(1)
+        _, _, _, v_top, _, probs = _top_key_probs(QBAR, K, V, TOP, LSE, row, cluster, num_clusters, keys, top_k,
+                                                  scale, DIM, BLOCK_K)
+        centroid = (row * num_clusters + cluster).to(tl.int64)
+        tl.store(MASS + centroid, tl.sum(probs, 0))
+        if WITH_REST:
+            feats = tl.arange(0, DIM)
+            top_part = tl.sum(probs[:, None] * v_top.to(tl.float32), 0)
+            tl.store(REST + centroid * DIM + feats, tl.load(CENTROID_VALUES + centroid * DIM + feats) - top_part)
+
+    @triton.jit
+    def _top_key_grads_kernel(QBAR, K, V, TOP, LSE, GRAD_REST, GRAD_MASS, GRAD_K, GRAD_V, LSE_WEIGHT,
+                              GRAD_CENTROIDS, num_clusters, keys, top_k, scale, DIM: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+        """Program (cluster, row): the top-key part of the improved backward for one centroid,
+        with ``g`` its rest's gradient and ``gm`` its mass's: ``a_t = gm - g . v_t``,
+        ``w_t = a_t p_t``; adds ``-p_t g`` to GRAD_V and ``scale w_t qbar`` to GRAD_K at its top
+        keys (atomically: clusters share keys), and writes ``sum_t w_t`` (LSE_WEIGHT, the
+        weight of the log-sum-exp's dense term) and ``scale sum_t w_t k_t`` (GRAD_CENTROIDS)."""
+        cluster, row = tl.program_id(0), tl.program_id(1)
+        top_ok, top_rows, k_top, v_top, qbar, probs = _top_key_probs(
+            QBAR, K, V, TOP, LSE, row, cluster, num_clusters, keys, top_k, scale, DIM, BLOCK_K)
+        centroid = (row * num_clusters + cluster).to(tl.int64)
+        feats = tl.arange(0, DIM)
+        grad_rest = tl.load(GRAD_REST + centroid * DIM + feats)
+        weights = tl.where(top_ok, (tl.load(GRAD_MASS + centroid)
+                                    - tl.sum(v_top.to(tl.float32) * grad_rest[None, :], 1)) * probs, 0.0)
+        tl.store(LSE_WEIGHT + centroid, tl.sum(weights, 0))
+        tl.store(GRAD_CENTROIDS + centroid * DIM + feats, scale * tl.sum(weights[:, None] * k_top.to(tl.float32), 0))
+        tl.atomic_add(GRAD_V + top_rows, -probs[:, None] * grad_rest[None, :], mask=top_ok[:, None])
+        tl.atomic_add(GRAD_K + top_rows, scale * weights[:, None] * qbar[None, :], mask=top_ok[:, None])
+
+
+def top_key_summary(qbar: Tensor, key: Tensor, value: Tensor, top: Tensor, lse: Tensor, scale: float,
+                    centroid_values: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """Each centroid's attention mass on its top keys and, given its output over all keys, its
+    output over the other keys, without gathering the top key and value rows into
+    ``(rows, C, top_k, D)`` fp32 copies.
+
+    Args:
+        qbar: ``(rows, C, D)`` fp32 centroids. key, value: ``(rows, S, D)`` fp16 / bf16.
+        top: ``(rows, C, top_k)`` int64 key indices. lse: ``(rows, C)`` fp32 log-sum-exp of the
+            centroid logits over all keys. centroid_values: ``(rows, C, D)`` fp32 or None.
+
+    Returns:
+        ``mass (rows, C)`` fp32 (``sum_t exp(scale qbar . k_t - lse)`` over the top keys) and
+        ``rest (rows, C, D)`` fp32 (``centroid_values - sum_t p_t v_t``), None without
+        ``centroid_values``.
+    """
+    rows, num_clusters, top_k = top.shape
+    qbar, key, value, top, lse = (x.contiguous() for x in (qbar, key, value, top, lse))
+    mass = qbar.new_empty(rows, num_clusters)
+    rest = None if centroid_values is None else torch.empty_like(qbar)
+    _top_key_summary_kernel[(num_clusters, rows)](
+        qbar, key, value, top, lse, qbar if rest is None else centroid_values.contiguous(), mass,
+        qbar if rest is None else rest, num_clusters, key.shape[1], top_k, scale,
+        DIM=qbar.shape[-1], BLOCK_K=_tile(top_k), WITH_REST=rest is not None, num_warps=4,
+    )
+    return mass, rest
+
+
+def top_key_gradients(qbar: Tensor, key: Tensor, value: Tensor, top: Tensor, lse: Tensor, grad_rest: Tensor,
+                      grad_mass: Tensor, scale: float, grad_key: Tensor,
+                      grad_value: Tensor) -> Tuple[Tensor, Tensor]:
+    """The top-key part of the improved backward (shapes as :func:`top_key_summary`).
+
+    With ``p_t`` the centroid's probabilities on its top keys, ``g`` = ``grad_rest (rows, C, D)``
+    fp32 and ``gm`` = ``grad_mass (rows, C)`` fp32, and ``w_t = (gm - g . v_t) p_t``: adds
+    ``-p_t g`` into ``grad_value`` and ``scale w_t qbar`` into ``grad_key`` (``(rows, S, D)``
+    fp32 contiguous, in place, atomically, so not bit-reproducible) at the top keys.
+
+    Returns:
+        ``lse_weight (rows, C)`` fp32, ``sum_t w_t`` (the dense log-sum-exp term's weight), and
+        ``grad_centroids (rows, C, D)`` fp32, ``scale sum_t w_t k_t``.
+    """
+    rows, num_clusters, top_k = top.shape
+    if not (grad_key.is_contiguous() and grad_value.is_contiguous()
+            and grad_key.dtype == grad_value.dtype == torch.float32):
+        raise ValueError("grad_key and grad_value must be contiguous fp32 buffers")
+    qbar, key, value, top, lse, grad_rest, grad_mass = (
+        x.contiguous() for x in (qbar, key, value, top, lse, grad_rest, grad_mass))
+    lse_weight = qbar.new_empty(rows, num_clusters)
+    grad_centroids = torch.empty_like(qbar)
+    _top_key_grads_kernel[(num_clusters, rows)](
+        qbar, key, value, top, lse, grad_rest, grad_mass, grad_key, grad_value, lse_weight, grad_centroids,
+        num_clusters, key.shape[1], top_k, scale, DIM=qbar.shape[-1], BLOCK_K=_tile(top_k), num_warps=4,
+    )
+    return lse_weight, grad_centroids
 
 
 def sum_gradients(sparse: Tensor, first: Tensor, second: Optional[Tensor] = None, *,
