@@ -32,7 +32,7 @@ import time
 import torch
 
 from fairseq_clustered import ops
-from fairseq_clustered.ops import cuda_backend, graph_cache
+from fairseq_clustered.ops import cuda_backend, custom_ops, graph_cache
 
 
 def issue_us(fn, burst: int = 10, bursts: int = 15) -> float:
@@ -98,12 +98,16 @@ def layers(variant: str, q, k, v, planes, args):
                     None, None, args.clusters, scale, 0.0)
         saved = cuda_ops.fwd_with_clustering(*fwd_args)
 
+        # as ops/eager.py's ClusteredAttention: the backward from what the forward kept
+        query_layout = (q.shape, custom_ops.dense_strides_like(q, q.shape[-1]), q.dtype)
+
         def compositions():
-            out, lse, centroids, assignments = cuda_ops.fwd_with_clustering(*fwd_args)
-            cuda_ops.clustered_bwd(grad, q.detach(), k.detach(), v.detach(), assignments, None, None, out, lse,
-                                   centroids, args.clusters, scale, 0.0)
-        fwd_name, bwd_name = "clustered_attention_fwd_with_clustering", "clustered_attention_bwd"
-        bwd_tensors = [grad, q.detach(), k.detach(), v.detach(), saved[3], saved[0], saved[1], saved[2]]
+            out, lse, centroids, assignments, *kept = cuda_ops.fwd_with_clustering(*fwd_args)
+            cuda_ops.clustered_bwd_kept(grad, *query_layout, k.detach(), v.detach(), assignments, None, None, lse,
+                                        centroids, *kept, args.clusters, scale, 0.0)
+        fwd_name, bwd_name = "clustered_attention_fwd_with_clustering", "clustered_attention_bwd_kept"
+        out, lse, centroids, assignments, *kept = saved
+        bwd_tensors = [grad, k.detach(), v.detach(), assignments, lse, centroids, *kept]
     compositions()
     compositions()
     cache = cuda_ops.graphs
@@ -181,7 +185,7 @@ def timeline(variant: str, step, steps: int = 60):
     cuda_ops = cuda_backend.cuda_ops()
     function = {"clustered": ops.eager.ClusteredAttention, "causal": ops.eager.CausalClusteredAttention}[variant]
     forward_method = {"clustered": "fwd_with_clustering", "causal": "causal_fwd"}[variant]
-    backward_method = {"clustered": "clustered_bwd", "causal": "causal_bwd"}[variant]
+    backward_method = {"clustered": "clustered_bwd_kept", "causal": "causal_bwd"}[variant]
     stamps = []
 
     def stamped(label, fn):

@@ -124,7 +124,8 @@ def clustered_launches(length: int, num_clusters: int, dim: int, top_k: int, dty
     """The Triton launches of (improved) clustered attention's GPU path on ``(1, groups,
     length, dim)`` CPU inputs: the hash, the centroid attention forward and backward
     (``dropout``: with a keep mask, as in training), the improved variant's centroid top
-    keys, exact top-key products forward and backward, and its gradient sums. (Lloyd,
+    keys, top-key summaries, exact top-key products forward and backward, top-key gradients
+    and gradient sums. (Lloyd,
     the sort and the broadcast are CUDA kernels of the extension: not covered.)"""
     from fairseq_clustered.ops import centroid_triton, hash_triton, improved_triton
 
@@ -152,11 +153,15 @@ def clustered_launches(length: int, num_clusters: int, dim: int, top_k: int, dty
                                                0.1 if dropout else 0.0)
 
     def run_improved():
-        improved_triton.centroid_top_keys(qbar, key.reshape(rows, length, dim), scale, top_k)
+        lse, _ = improved_triton.centroid_top_keys(qbar, key.reshape(rows, length, dim), scale, top_k)
+        improved_triton.top_key_summary(qbar, key.reshape(rows, length, dim), value.reshape(rows, length, dim),
+                                        top, lse, scale, rest)
         improved_triton.exact_top_keys_fwd(query, key, value, order, seg_start, top, mass, rest, scale)
         grad_key = torch.zeros(rows, length, dim)
         improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, rest, scale,
                                            grad_key, torch.zeros_like(grad_key))
+        improved_triton.top_key_gradients(qbar, key.reshape(rows, length, dim), value.reshape(rows, length, dim),
+                                          top, lse, rest, mass, scale, grad_key, torch.zeros_like(grad_key))
         improved_triton.sum_gradients(grad_key, key)
 
     runs = ((hash_triton, run_hash), (centroid_triton, run_centroids), (improved_triton, run_improved))

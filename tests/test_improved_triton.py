@@ -92,6 +92,15 @@ def test_exact_products_match_brute_force(dtype, length, keys, dim, num_clusters
 
 
 @pytest.mark.skipif(improved_triton.triton is None, reason="needs triton")
+def test_sub_block_keys_follow_the_length_and_the_tile():
+    assert [improved_triton.sub_block_keys(32, 64, n) for n in (1024, 8192, 16384, 32768, 65536, 2**20)] == \
+        [4, 4, 8, 16, 16, 16]
+    # top_k x sub-block keys x dim stays within the tile: 64 x 8 x 64, 128 x 2 x 128
+    assert improved_triton.sub_block_keys(33, 64, 65536) == 8
+    assert improved_triton.sub_block_keys(128, 128, 1024) == 2
+
+
+@pytest.mark.skipif(improved_triton.triton is None, reason="needs triton")
 def test_what_the_triton_path_does_not_take():
     meta = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, device="meta", dtype=dtype)  # noqa: E731
     assert improved_triton.triton_exact_unavailable(meta(1, 2, 8, 64), meta(1, 2, 8, 64), 32) is None
@@ -104,44 +113,53 @@ def test_what_the_triton_path_does_not_take():
 
 @runs_here
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("keys,dim,num_clusters,top_k", [
-    (300, 32, 7, 2),     # 5 key blocks of 64, 2 of them candidates; partial last block
-    (1000, 64, 100, 5),  # 16 blocks, 5 candidates
-    (70, 16, 130, 4),    # 2 blocks, the second partial: every key a candidate
+@pytest.mark.parametrize("keys,dim,num_clusters,top_k,max_sub_blocks,sub_blocks_wanted", [
+    (300, 32, 7, 2, 4096, 2048),     # 75 sub-blocks of 4 keys, 2 chosen in the kernel
+    (300, 32, 7, 2, 4096, 16),       # 19 sub-blocks of 16 (the last partial)
+    (1000, 64, 100, 5, 4096, 16),    # 63 sub-blocks of 16, 5 chosen
+    (1000, 64, 100, 5, 8, 2048),     # 250 of 4, chosen by torch.topk (more than the kernel would rank)
+    (70, 16, 130, 7, 4096, 16),      # 5 sub-blocks of 16, fewer than top-k: every key a candidate
+    (1000, 64, 10, 33, 4096, 2048),  # sub-blocks of 4 keys, 33 of them (64 slots)
+    (300, 128, 3, 100, 4096, 2048),  # sub-blocks of 2 keys (the tile's limit), 100 of 150 chosen
 ])
-def test_block_stats_candidates_and_top_keys_match_fp64(dtype, keys, dim, num_clusters, top_k):
-    """Block maxima, log-sum-exp and candidate logits as from float64 products of the fp32
-    centroids and the keys (error at fp32 rounding, not the dtype's: the three-part split
-    keeps every product exact); the top keys are those of the float64 logits."""
-    gen = torch.Generator().manual_seed(keys)
+def test_block_stats_and_top_keys_match_fp64(dtype, keys, dim, num_clusters, top_k, max_sub_blocks,
+                                             sub_blocks_wanted, monkeypatch):
+    """Sub-block and block maxima, block sums and the log-sum-exp as from float64 products of
+    the fp32 centroids and the keys (error at fp32 rounding, not the dtype's: the three-part
+    split keeps every product exact); the top keys are those of the float64 logits, largest
+    first."""
+    gen = torch.Generator().manual_seed(keys + top_k)
     qbar = (3 * torch.randn(3, num_clusters, dim, generator=gen)).to(DEVICE)
     key = torch.randn(3, keys, dim, generator=gen).to(DEVICE, dtype)
     scale = dim ** -0.5
     expected = scale * torch.einsum("rcd,rsd->rcs", qbar.double(), key.double())
     tol = 1e-5 * (1 + expected.abs().max().item())
 
-    block_max, lse = improved_triton.centroid_block_stats(qbar, key, scale)
-    block_n = improved_triton.LAUNCH["logits"]["BLOCK_N"]
-    blocks = block_max.shape[-1]
-    assert block_max.dtype == lse.dtype == torch.float32 and blocks == -(-keys // block_n)
+    monkeypatch.setitem(improved_triton.SELECTION, "SUB_BLOCKS", sub_blocks_wanted)
+    sub, block_n = improved_triton.sub_block_keys(top_k, dim, keys), improved_triton.LAUNCH["logits"]["BLOCK_N"]
+    sub_max, block_max, block_sum = improved_triton.centroid_block_stats(qbar, key, scale, sub)
+    sub_blocks, blocks = -(-keys // sub), -(-keys // block_n)
+    assert sub_max.shape == (3, num_clusters, sub_blocks) and block_max.shape == block_sum.shape
+    assert block_max.shape == (3, num_clusters, blocks)
     padded = torch.full((3, num_clusters, blocks * block_n), float("-inf"), dtype=torch.float64, device=DEVICE)
     padded[..., :keys] = expected
+    want_sub = padded[..., :sub_blocks * sub].reshape(3, num_clusters, sub_blocks, sub).amax(-1)
+    assert (sub_max.double() - want_sub).abs().max().item() <= tol
     padded = padded.reshape(3, num_clusters, blocks, block_n)
-    assert (block_max.double() - padded.amax(-1)).abs().max().item() <= tol
+    want_max = padded.amax(-1)
+    assert (block_max.double() - want_max).abs().max().item() <= tol
+    want_sum = torch.exp(padded - want_max[..., None]).sum(-1)
+    assert torch.allclose(block_sum.double(), want_sum, rtol=1e-4, atol=0)
+
+    monkeypatch.setitem(improved_triton.SELECTION, "MAX_SUB_BLOCKS", max_sub_blocks)
+    lse, top = improved_triton.centroid_top_keys(qbar, key, scale, top_k)
+    assert lse.dtype == torch.float32 and top.dtype == torch.int64 and top.shape == (3, num_clusters, top_k)
     assert torch.allclose(lse.double(), torch.logsumexp(expected, -1), rtol=0, atol=1e-5)
-
-    chosen_blocks = torch.randint(0, blocks, (3, num_clusters, 2), generator=gen).to(DEVICE)
-    candidates = improved_triton.candidate_logits(qbar, key, chosen_blocks, scale)
-    want = padded.gather(2, chosen_blocks[..., None].expand(-1, -1, -1, block_n))
-    assert torch.equal(torch.isneginf(candidates), torch.isneginf(want))
-    finite = torch.isfinite(want)
-    assert (candidates.double()[finite] - want[finite]).abs().max().item() <= tol
-
-    lse_again, top = improved_triton.centroid_top_keys(qbar, key, scale, top_k)
-    assert torch.allclose(lse_again, lse) and top.shape == (3, num_clusters, top_k)
     assert all(len(set(row.tolist())) == top_k for row in top.reshape(-1, top_k))  # distinct keys
-    chosen = expected.gather(-1, top).sort(-1, descending=True).values
-    assert (chosen - expected.topk(top_k, dim=-1).values).abs().max().item() <= tol
+    chosen = expected.gather(-1, top)
+    assert (chosen - expected.topk(top_k, dim=-1).values).abs().max().item() <= tol  # the top, in order
+    # the largest logits in distinct sub-blocks: a selection of the wrong sub-blocks would miss some
+    assert (chosen[..., 0] - expected.amax(-1)).abs().max().item() <= tol
 
 
 @runs_here

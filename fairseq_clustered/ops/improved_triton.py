@@ -54,7 +54,7 @@ from torch import Tensor
 
 from ._triton import MIN_TILE, tiles_unavailable, tl, triton
 
-__all__ = ["triton_exact_unavailable", "centroid_block_stats", "candidate_logits", "centroid_top_keys",
+__all__ = ["triton_exact_unavailable", "sub_block_keys", "centroid_block_stats", "centroid_top_keys",
            "exact_top_keys_fwd", "exact_top_keys_bwd", "top_key_summary", "top_key_gradients", "sum_gradients"]
 
 MAX_TOP_K = 128  # BLOCK_M x top-k fp32 logits must stay in registers
@@ -64,6 +64,11 @@ LOG2E = 1.4426950408889634
 # k = 32 (benchmarks/NOTES.md; the logits sweep was within run-to-run noise of 1-2 ms).
 LAUNCH = {"fwd": {"BLOCK_M": 64, "num_warps": 4}, "bwd": {"BLOCK_M": 64, "num_warps": 4},
           "logits": {"BLOCK_N": 64, "BLOCK_C": 128, "num_warps": 4}}
+# The top keys' selection (centroid_top_keys, one program per centroid): sub-blocks of 4 to 16
+# keys (sub_block_keys: aiming at SUB_BLOCKS of them) are its candidates, at most TILE key
+# values of them (64 KB in bf16) per program, and up to MAX_SUB_BLOCKS sub-blocks (N = 64k at
+# 16 keys) are ranked in registers.
+SELECTION = {"SUB_BLOCKS": 2048, "TILE": 32768, "MAX_SUB_BLOCKS": 4096, "num_warps": 4}
 
 
 def triton_exact_unavailable(query: Tensor, value: Tensor, top_k: int) -> Optional[str]:
@@ -197,12 +202,32 @@ if triton is not None:
             tl.atomic_add(GRAD_V + top_rows, grad_v, mask=top_ok[:, None])
 
 
+    # Rankings for the top-k selections: one int64 per entry whose order is the value's, ties
+    # by the smaller index, so that each pick is one max-reduction (not an argmax and a gather).
+    _TAKEN = tl.constexpr(-9223372036854775807)  # below every ranked finite value or infinity
+
     @triton.jit
-    def _centroid_block_stats_kernel(QBAR, K, BLOCK_MAX, BLOCK_SUM, num_clusters, keys, key_blocks, scale,
-                                     DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Program (key block, row, centroid block): the softmax statistics of the block's
-        logits ``scale qbar . k``, ``BLOCK_MAX``, ``BLOCK_SUM`` ``(rows, C, key_blocks)``
-        (max, sum of exp(logit - max)); the logits themselves are not stored.
+    def _ranked(values, index):
+        """int64 ``monotonic(values) * 2**32 + (2**32 - 1 - index)`` for fp32 ``values`` and
+        ``0 <= index < 2**31``: the float's bits made monotonic as a signed int32 (negative
+        floats have their magnitude bits flipped), the index reversed below them."""
+        bits = values.to(tl.int32, bitcast=True)
+        monotonic = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        return monotonic.to(tl.int64) * 4294967296 + (4294967295 - index.to(tl.int64))
+
+    @triton.jit
+    def _ranked_index(ranked):
+        """The index a :func:`_ranked` value was made with."""
+        return 4294967295 - (ranked & 4294967295)
+
+    @triton.jit
+    def _centroid_block_stats_kernel(QBAR, K, SUB_MAX, BLOCK_MAX, BLOCK_SUM, num_clusters, keys, key_blocks,
+                                     sub_blocks, scale, DIM: tl.constexpr, BLOCK_C: tl.constexpr,
+                                     BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+        """Program (key block, row, centroid block): the statistics of the block's logits
+        ``scale qbar . k``: the largest logit of each ``SUB`` keys, ``SUB_MAX (rows, C,
+        sub_blocks)``, and per block of ``BLOCK_N`` keys ``BLOCK_MAX``, ``BLOCK_SUM`` ``(rows,
+        C, key_blocks)`` (max, sum of exp(logit - max)); the logits themselves are not stored.
 
         QBAR (rows, C, DIM) fp32 is split into three parts of K's dtype (hi + mid + lo),
         so each product is exact and only the fp32 summation order differs from an fp32
@@ -224,31 +249,84 @@ if triton is not None:
         lo = (remainder - mid.to(tl.float32)).to(k.dtype)
         logits = (tl.dot(hi, k_t) + tl.dot(mid, k_t) + tl.dot(lo, k_t)) * scale
         logits = tl.where(k_ok[None, :], logits, float("-inf"))
-        block_max = tl.max(logits, 1)
+        sub_max = tl.max(tl.reshape(logits, (BLOCK_C, BLOCK_N // SUB, SUB)), 2)
+        sub_index = block * (BLOCK_N // SUB) + tl.arange(0, BLOCK_N // SUB)
+        tl.store(SUB_MAX + (row * num_clusters + centroids)[:, None] * sub_blocks + sub_index[None, :], sub_max,
+                 mask=c_ok[:, None] & (sub_index < sub_blocks)[None, :])
+        block_max = tl.max(sub_max, 1)
         block_sum = tl.sum(tl.exp(logits - block_max[:, None]), 1)
         stats = (row * num_clusters + centroids) * key_blocks + block
         tl.store(BLOCK_MAX + stats, block_max, mask=c_ok)
         tl.store(BLOCK_SUM + stats, block_sum, mask=c_ok)
 
     @triton.jit
-    def _candidate_logits_kernel(QBAR, K, BLOCKS, CANDIDATES, num_clusters, keys, num_blocks, scale,
-                                 DIM: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Program (centroid, row): the logits of the centroid's chosen key blocks,
-        ``BLOCKS (rows, C, num_blocks)`` -> ``CANDIDATES (rows, C, num_blocks BLOCK_N)``
-        fp32 (-inf past the last key), by fp32 multiply-adds."""
+    def _centroid_top_keys_kernel(QBAR, K, SUB_MAX, BLOCK_MAX, BLOCK_SUM, BLOCKS, LSE, TOP, num_clusters, keys,
+                                  key_blocks, sub_blocks, slots, top_k, scale, DIM: tl.constexpr,
+                                  SUB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
+                                  STATS_CHUNK: tl.constexpr, BLOCKS_FROM: tl.constexpr):
+        """Program (centroid, row): the centroid's log-sum-exp over all keys ``LSE (rows, C)``
+        from the block statistics, and its ``top_k`` keys by logit ``TOP (rows, C, top_k)``
+        int64, largest first.
+
+        The top keys lie in the ``slots`` sub-blocks of ``SUB`` keys with the largest maxima
+        (``BLOCKS_FROM``: 0, every sub-block, there being at most ``top_k``; 1, chosen here
+        from ``SUB_MAX``, up to ``BLOCK_B`` of them; 2, given in ``BLOCKS (rows, C, slots)``).
+        Their ``slots x SUB`` logits are recomputed (``BLOCK_S`` >= ``slots`` rows of
+        sub-blocks, at least 16 candidates for the tensor cores), and the keys taken one by one,
+        largest first (ties: the smaller index first, as for the sub-blocks)."""
         centroid = tl.program_id(0).to(tl.int64) + tl.program_id(1).to(tl.int64) * num_clusters  # row * C + c
         row = tl.program_id(1).to(tl.int64)
-        feats = tl.arange(0, DIM)
-        qbar = tl.load(QBAR + centroid * DIM + feats)
-        for slot in range(num_blocks):
-            block = tl.load(BLOCKS + centroid * num_blocks + slot)
-            key_index = block * BLOCK_N + tl.arange(0, BLOCK_N)
-            k_ok = key_index < keys
-            k = tl.load(K + (row * keys + key_index)[:, None] * DIM + feats[None, :], mask=k_ok[:, None], other=0.0)
-            logits = tl.sum(k.to(tl.float32) * qbar[None, :], 1) * scale
-            tl.store(CANDIDATES + (centroid * num_blocks + slot) * BLOCK_N + tl.arange(0, BLOCK_N),
-                     tl.where(k_ok, logits, float("-inf")))
 
+        # log-sum-exp of the blocks' (max, sum of exp(logit - max)), in one online pass
+        chunk = tl.arange(0, STATS_CHUNK)
+        running_max = tl.max(tl.full((STATS_CHUNK,), float("-inf"), tl.float32), 0)
+        running_sum = tl.sum(tl.zeros((STATS_CHUNK,), tl.float32), 0)
+        for start in range(0, key_blocks, STATS_CHUNK):
+            here = start + chunk < key_blocks
+            maxima = tl.load(BLOCK_MAX + centroid * key_blocks + start + chunk, mask=here, other=float("-inf"))
+            sums = tl.load(BLOCK_SUM + centroid * key_blocks + start + chunk, mask=here, other=0.0)
+            new_max = tl.maximum(running_max, tl.max(maxima, 0))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(sums * tl.exp(maxima - new_max), 0)
+            running_max = new_max
+        tl.store(LSE + centroid, running_max + tl.log(running_sum))
+
+        slot = tl.arange(0, BLOCK_S)
+        if BLOCKS_FROM == 0:
+            blocks = slot
+        elif BLOCKS_FROM == 1:
+            sub = tl.arange(0, BLOCK_B)
+            ranked = _ranked(tl.load(SUB_MAX + centroid * sub_blocks + sub, mask=sub < sub_blocks,
+                                     other=float("-inf")), sub)
+            blocks = tl.zeros((BLOCK_S,), tl.int32)
+            for t in range(slots):
+                best = tl.max(ranked, 0)
+                blocks = tl.where(slot == t, _ranked_index(best).to(tl.int32), blocks)
+                ranked = tl.where(ranked == best, _TAKEN, ranked)
+        else:
+            blocks = tl.load(BLOCKS + centroid * slots + slot, mask=slot < slots, other=0).to(tl.int32)
+
+        # the candidates: the chosen sub-blocks' keys, (BLOCK_S SUB, DIM) rows read whole
+        key_index = tl.reshape(blocks[:, None] * SUB + tl.arange(0, SUB)[None, :], (BLOCK_S * SUB,))
+        ok = (tl.arange(0, BLOCK_S * SUB) // SUB < slots) & (key_index < keys)
+        feats = tl.arange(0, DIM)
+        k = tl.load(K + (row * keys + key_index)[:, None] * DIM + feats[None, :], mask=ok[:, None], other=0.0)
+        # Their logits on tensor cores with exact products, as in the block statistics: the
+        # right operand's columns 0-2 are the centroid's three parts in K's dtype, the rest 0.
+        qbar = tl.load(QBAR + centroid * DIM + feats)
+        hi = qbar.to(k.dtype)
+        remainder = qbar - hi.to(tl.float32)
+        mid = remainder.to(k.dtype)
+        lo = (remainder - mid.to(tl.float32)).to(k.dtype)
+        part = tl.arange(0, 16)[None, :]
+        parts = tl.where(part == 0, hi[:, None], tl.where(part == 1, mid[:, None],
+                                                          tl.where(part == 2, lo[:, None], 0.0))).to(k.dtype)
+        logits = tl.sum(tl.dot(k, parts), 1) * scale
+        ranked = _ranked(tl.where(ok, logits, float("-inf")), key_index)
+        for t in range(top_k):
+            best = tl.max(ranked, 0)
+            # clamped: an index in range even for NaN logits (which rank nothing)
+            tl.store(TOP + centroid * top_k + t, tl.minimum(_ranked_index(best), keys - 1))
+            ranked = tl.where(ranked == best, _TAKEN, ranked)
 
     @triton.jit
     def _sum_gradients_kernel(SPARSE, FIRST, SECOND, OUT, heads, keys, first_b, first_h, first_s, second_b,
@@ -414,56 +492,59 @@ def sum_gradients(sparse: Tensor, first: Tensor, second: Optional[Tensor] = None
     return out
 
 
-def centroid_block_stats(qbar: Tensor, key: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
-    """Per key block, the largest centroid logit; and the log-sum-exp over all keys, as an
-    fp32 matrix product would give them.
+def sub_block_keys(top_k: int, dim: int, keys: int) -> int:
+    """Keys per sub-block of :func:`centroid_top_keys`: the fewest of 4, 8 and 16 that leave at
+    most ``SELECTION["SUB_BLOCKS"]`` sub-blocks (16 beyond), fewer where ``top_k`` sub-blocks
+    of ``dim`` features would exceed ``SELECTION["TILE"]`` values (at least 2).
+
+    Fewer keys per sub-block mean fewer candidates to recompute and rank, but more sub-blocks
+    to rank: on the H200 (32 rows, C = 100, D = 64, k = 32; benchmarks/NOTES.md, fifteenth
+    session) 4 keys were fastest up to 8k keys, 8 at 16k, 8 or 16 at 32k and 16 at 64k."""
+    sub = next((size for size in (4, 8, 16) if triton.cdiv(keys, size) <= SELECTION["SUB_BLOCKS"]), 16)
+    return max(2, min(sub, SELECTION["TILE"] // (dim * triton.next_power_of_2(top_k))))
+
+
+def centroid_block_stats(qbar: Tensor, key: Tensor, scale: float, sub: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Statistics of the centroid logits ``scale qbar . k`` (as an fp32 matrix product would
+    give them), without storing the logits.
 
     Args:
         qbar: ``(rows, C, D)`` fp32 centroids. key: ``(rows, S, D)`` fp16 / bf16.
+        sub: keys per sub-block, a power of two <= 16.
 
     Returns:
-        ``block_max (rows, C, blocks)`` (blocks of ``LAUNCH["logits"]["BLOCK_N"]`` keys) and
-        ``lse (rows, C)``, fp32.
+        ``sub_max (rows, C, ceil(S / sub))``, the largest logit of each ``sub`` keys, and per
+        block of ``BLOCK_N`` keys (``LAUNCH["logits"]``) ``block_max`` and ``block_sum``
+        ``(rows, C, ceil(S / BLOCK_N))``, its largest logit and the sum of
+        ``exp(logit - block_max)``; all fp32.
     """
     rows, num_clusters, dim = qbar.shape
     keys = key.shape[1]
     options = dict(LAUNCH["logits"])
     block_n, block_c = options.pop("BLOCK_N"), min(options.pop("BLOCK_C"), _tile(num_clusters))
     key_blocks = triton.cdiv(keys, block_n)
+    sub_max = qbar.new_empty(rows, num_clusters, triton.cdiv(keys, sub))
     block_max = qbar.new_empty(rows, num_clusters, key_blocks)
     block_sum = torch.empty_like(block_max)
     _centroid_block_stats_kernel[(key_blocks, rows, triton.cdiv(num_clusters, block_c))](
-        qbar, key, block_max, block_sum, num_clusters, keys, key_blocks, scale,
-        DIM=dim, BLOCK_C=block_c, BLOCK_N=block_n, **options,
+        qbar, key, sub_max, block_max, block_sum, num_clusters, keys, key_blocks, sub_max.shape[-1], scale,
+        DIM=dim, BLOCK_C=block_c, BLOCK_N=block_n, SUB=sub, **options,
     )
-    top = block_max.amax(-1, keepdim=True)
-    lse = (block_sum * torch.exp(block_max - top)).sum(-1).log_() + top.squeeze(-1)
-    return block_max, lse
-
-
-def candidate_logits(qbar: Tensor, key: Tensor, blocks: Tensor, scale: float) -> Tensor:
-    """The centroid logits over chosen key blocks: ``blocks (rows, C, n)`` int64 block
-    indices -> ``(rows, C, n, BLOCK_N)`` fp32, -inf past the last key."""
-    rows, num_clusters, dim = qbar.shape
-    block_n = LAUNCH["logits"]["BLOCK_N"]
-    blocks = blocks.contiguous()
-    candidates = qbar.new_empty(*blocks.shape, block_n)
-    _candidate_logits_kernel[(num_clusters, rows)](
-        qbar, key, blocks, candidates, num_clusters, key.shape[1], blocks.shape[-1], scale,
-        DIM=dim, BLOCK_N=block_n, num_warps=4,
-    )
-    return candidates
+    return sub_max, block_max, block_sum
 
 
 def centroid_top_keys(qbar: Tensor, key: Tensor, scale: float, top_k: int) -> Tuple[Tensor, Tensor]:
     """Each centroid's ``top_k`` keys by logit, and the log-sum-exp of its logits, without
-    a ``(C, S)`` matrix of logits.
+    a ``(C, S)`` matrix of logits, in two launches.
 
-    The ``top_k`` largest logits of a row lie in at most ``top_k`` key blocks, those with
-    the largest block maxima (a block whose maximum is below the ``top_k``-th largest
-    logit holds none of them). A first pass finds every block's maximum and the
-    log-sum-exp; the logits of the chosen blocks are then recomputed, ``top_k x BLOCK_N``
-    candidates per centroid, and the selection runs over them.
+    The ``top_k`` largest logits of a row lie in at most ``top_k`` sub-blocks of keys
+    (:func:`sub_block_keys`), those with the largest maxima (a sub-block whose maximum is
+    below the ``top_k``-th largest logit holds none of them). A first pass on tensor cores
+    gives every sub-block's maximum and the blocks' softmax sums (:func:`centroid_block_stats`);
+    a second, one program per centroid, takes the log-sum-exp from those, chooses the
+    sub-blocks, recomputes their logits and picks the keys. Beyond
+    ``SELECTION["MAX_SUB_BLOCKS"]`` sub-blocks (more than a program's registers hold)
+    ``torch.topk`` chooses the sub-blocks.
 
     Args:
         qbar: ``(rows, C, D)`` fp32. key: ``(rows, S, D)`` fp16 / bf16. top_k: ``<= S``.
@@ -472,16 +553,26 @@ def centroid_top_keys(qbar: Tensor, key: Tensor, scale: float, top_k: int) -> Tu
         ``lse (rows, C)`` fp32 and ``top (rows, C, top_k)`` int64 key indices, largest first.
     """
     qbar, key = qbar.contiguous(), key.contiguous()
-    block_max, lse = centroid_block_stats(qbar, key, scale)
-    rows, num_clusters, key_blocks = block_max.shape
-    if top_k >= key_blocks:  # every block is a candidate
-        blocks = torch.arange(key_blocks, device=key.device).expand(rows, num_clusters, -1)
-    else:
-        blocks = torch.topk(block_max, top_k, dim=-1).indices  # (rows, C, top_k)
-    candidates = candidate_logits(qbar, key, blocks, scale)
-    block_n = candidates.shape[-1]
-    best = torch.topk(candidates.reshape(rows, num_clusters, -1), top_k, dim=-1).indices
-    return lse, blocks.gather(-1, best // block_n) * block_n + best % block_n
+    sub = sub_block_keys(top_k, qbar.shape[-1], key.shape[1])
+    sub_max, block_max, block_sum = centroid_block_stats(qbar, key, scale, sub)
+    rows, num_clusters, sub_blocks = sub_max.shape
+    slots = min(top_k, sub_blocks)
+    blocks, blocks_from = sub_max, 0  # every sub-block a candidate
+    if top_k < sub_blocks:
+        blocks_from = 1 if sub_blocks <= SELECTION["MAX_SUB_BLOCKS"] else 2
+        if blocks_from == 2:
+            blocks = torch.topk(sub_max, top_k, dim=-1).indices.contiguous()
+    block_b = triton.next_power_of_2(sub_blocks) if blocks_from == 1 else 1
+    lse = qbar.new_empty(rows, num_clusters)
+    top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=key.device)
+    _centroid_top_keys_kernel[(num_clusters, rows)](
+        qbar, key, sub_max, block_max, block_sum, blocks, lse, top, num_clusters, key.shape[1],
+        block_max.shape[-1], sub_blocks, slots, top_k, scale, DIM=qbar.shape[-1], SUB=sub,
+        BLOCK_S=max(triton.next_power_of_2(slots), MIN_TILE // sub), BLOCK_B=block_b, STATS_CHUNK=256,
+        # more warps where the sub-blocks are many: 1024 ranked int64 per warp at most
+        BLOCKS_FROM=blocks_from, num_warps=max(SELECTION["num_warps"], min(8, block_b // 1024)),
+    )
+    return lse, top
 
 
 def _tile(size: int) -> int:
