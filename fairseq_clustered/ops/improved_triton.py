@@ -14,11 +14,14 @@ multiply-adds and a shared-memory cache of the cluster's rows; they stay the pat
 key padding, dropout, fp32 and top-k > 128.
 
 The forward's top-k selection needs the centroids' fp32 logits over all keys and their
-log-sum-exp. :func:`centroid_top_keys` gets them without the ``(C, S)`` fp32 matrix: one
-pass on tensor cores (the fp32 centroids split into three half-precision parts, so
-products stay exact) gives each key block's largest logit and the log-sum-exp; the top
-keys lie in the ``top_k`` blocks with the largest maxima, whose logits are recomputed and
-searched. It replaces an fp32 copy of the keys, an fp32 matrix product, three passes of
+log-sum-exp. :func:`centroid_top_keys` gets them without the ``(C, S)`` fp32 matrix, in two
+launches: one pass on tensor cores (the fp32 centroids split into three half-precision
+parts, so products stay exact) gives the largest logit of every sub-block of 4-16 keys and
+each block's softmax sum; then one program per centroid takes the log-sum-exp from the
+block sums, ranks the sub-blocks (the top keys lie in the ``top_k`` sub-blocks with the
+largest maxima), recomputes those sub-blocks' logits and ranks them. A ranking is
+``top_k`` max-reductions over int64 keys that order the values and carry their indices.
+It replaces an fp32 copy of the keys, an fp32 matrix product, three passes of
 ``torch.logsumexp`` and ``torch.topk`` over all keys.
 
 Work items. Cluster ``j`` of row ``r`` has ``ceil(n_j / BLOCK_M)`` member blocks, and the
