@@ -199,9 +199,10 @@ class MathAttentionOps(CudaOps):
 
     @staticmethod
     def _attn_fwd(q, k, v, scale):
-        q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
-        logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-        out = torch.matmul(torch.softmax(logits, -1), v)
+        with torch.enable_grad():  # also inside an autograd Function's backward (once_differentiable)
+            q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+            logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+            out = torch.matmul(torch.softmax(logits, -1), v)
         return out.detach(), torch.logsumexp(logits, -1).detach(), (q, k, v, out)
 
     @classmethod
@@ -211,7 +212,8 @@ class MathAttentionOps(CudaOps):
     @staticmethod
     def _attn_bwd(grad_out, ctx):
         q, k, v, out = ctx
-        return torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype), retain_graph=True)
+        with torch.enable_grad():
+            return torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype), retain_graph=True)
 
 
 @pytest.mark.parametrize("topk", [3, 40])
@@ -244,6 +246,45 @@ def test_flash_path_algebra_cpu(topk):
             assert max_err(x, y) < 1e-5, name
     finally:
         ck.KERNEL_DTYPES = old
+
+
+def test_improved_backward_from_the_kept_forward_parts_cpu(monkeypatch):
+    """On the flash path the eager improved step's backward takes the forward's centroid flash
+    output, log-sum-exp and sort (``improved_bwd_kept``) instead of running them again: the same
+    gradients as the op's backward, bit for bit; and through the public function, the
+    reference's gradients (fp64 over the CPU stand-in, flash replaced by exact math)."""
+    import fairseq_clustered.ops.cuda_kernels as ck
+    from fairseq_clustered import ops as public
+    monkeypatch.setattr(ck, "KERNEL_DTYPES", ck.KERNEL_DTYPES + (torch.float64,))
+    cuda_ops = MathAttentionOps(EmulatedExtension())
+    q, k, v, _, _, a = make_inputs(2, 2, 13, 11, 32, torch.float64, "cpu", clusters=4, pad=False)
+    scale, topk = 32 ** -0.5, 3
+    out, lse, top, centroids, *kept = cuda_ops._improved_fwd_keeping(q, k, v, a, None, None, 4, topk, scale, 0.0)
+    assert len(kept) == 4
+    for x, y in zip((out, lse, top, centroids), cuda_ops._improved_fwd(q, k, v, a, None, None, 4, topk, scale, 0.0)):
+        assert torch.equal(x, y)
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(4))
+    expected = cuda_ops.improved_bwd(g, q, k, v, a, None, None, lse, top, centroids, 4, scale, 0.0)
+    got = cuda_ops.improved_bwd_kept(g, q, k, v, a, lse, top, centroids, *kept, 4, scale)
+    for name, x, y in zip("qkv", got, expected):
+        assert torch.equal(x, y), name
+
+    kept_calls = []
+    real_kept = cuda_ops.improved_bwd_kept
+    monkeypatch.setattr(cuda_ops, "improved_bwd_kept", lambda *args: kept_calls.append(1) or real_kept(*args))
+    monkeypatch.setattr(public.eager, "implementations", lambda query: cuda_ops)
+    planes = torch.randn(12, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    public.improved_clustered_attention(*leaves, num_clusters=4, iterations=3, bits=12, topk=topk,
+                                        planes=planes).backward(g)
+    assert kept_calls, "the eager backward did not take the kept parts"
+    assignments, _ = public.cluster_queries(q, num_clusters=4, iterations=3, bits=12, planes=planes)
+    ref_out, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(q, k, v, assignments, None, None, 4,
+                                                                               topk, scale, 0.0)
+    ref_grads = reference.improved_clustered_attention_bwd_ref(g, q, k, v, assignments, None, None, ref_lse, ref_top,
+                                                               4, scale, 0.0)
+    for name, leaf, y in zip("qkv", leaves, ref_grads):
+        assert max_err(leaf.grad, y) < 1e-5, name
 
 
 @pytest.mark.skipif(_triton.MISSING is not None or os.environ.get("TRITON_INTERPRET") != "1",
@@ -847,6 +888,38 @@ def test_eager_path_gpu(monkeypatch, variant, dropout):
     for name, a, b in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
         if variant == "clustered":  # no atomics: the backward from the forward's kept parts is the op's, exactly
             assert torch.equal(a, b), name
+        assert max_err(a, b) <= 1e-2 * (1 + b.double().abs().max().item()), name
+
+
+@needs_gpu
+@pytest.mark.parametrize("length,keys", [(65, 70), (2048, 2048)])
+def test_improved_eager_flash_path_gpu(monkeypatch, length, keys):
+    """Without key padding and dropout the eager improved step's backward runs from the
+    forward's centroid flash output, log-sum-exp and sort (``improved_bwd_kept``): the custom
+    ops' output, and their gradients within the rounding of atomically accumulated sums. 2048
+    keys split the centroids' flash forward over key blocks (merged by log-sum-exp)."""
+    from fairseq_clustered.ops import cuda_backend, eager, improved_clustered_attention
+    q, k, v, _, _, _ = make_inputs(2, 2, length, keys, 64, torch.bfloat16, "cuda", 6)
+    grad = torch.randn(q.shape, device="cuda", dtype=q.dtype)
+    planes = torch.randn(63, 64, device="cuda")
+    cuda_ops = cuda_backend.cuda_ops()
+    assert (cuda_ops._key_splits(4, keys) > 1) == (keys == 2048)
+
+    def run():
+        inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = improved_clustered_attention(*inputs, num_clusters=6, topk=16, planes=planes)
+        out.backward(grad)
+        return [out.detach()] + [t.grad for t in inputs]
+
+    kept_calls = []
+    real_kept = cuda_ops.improved_bwd_kept
+    monkeypatch.setattr(cuda_ops, "improved_bwd_kept", lambda *args: kept_calls.append(1) or real_kept(*args))
+    got = run()
+    assert kept_calls, "the eager backward did not take the kept parts"
+    monkeypatch.setattr(eager, "implementations", lambda query: None)
+    expected = run()
+    assert torch.equal(got[0], expected[0])
+    for name, a, b in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
         assert max_err(a, b) <= 1e-2 * (1 + b.double().abs().max().item()), name
 
 

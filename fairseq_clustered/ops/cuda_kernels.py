@@ -267,8 +267,10 @@ class CudaOps:
         """:meth:`cluster_queries`, then :meth:`clustered_fwd` (``improved`` False) or
         :meth:`improved_fwd` on the assignments, as one composition (one graph replay where it
         repeats, one less than two calls); ``attention`` are their arguments after
-        ``assignments``. Returns their outputs and then the assignments; the clustered variant's
-        kernel path then what :meth:`clustered_bwd_kept` takes (see :meth:`_clustered_fwd_keeping`)."""
+        ``assignments``. Returns their outputs and then the assignments; on the kernel path then
+        what :meth:`clustered_bwd_kept` takes (see :meth:`_clustered_fwd_keeping`), and on the
+        improved variant's flash path what :meth:`improved_bwd_kept` takes (see
+        :meth:`_improved_fwd_keeping`)."""
         num_clusters = attention[2]
         if self._why_not(query, value, improved) or self.clustering_why_not(query, num_clusters):
             assignments, _ = self.cluster_queries(query, planes, offsets, query_padding_mask, num_clusters,
@@ -284,7 +286,8 @@ class CudaOps:
         assignments, _ = self._cluster_queries(query, planes, offsets, query_padding_mask, attention[2], iterations,
                                                bits)
         if improved:
-            return (*self._improved_fwd(query, key, value, assignments, *attention), assignments)
+            out, lse, top, centroids, *kept = self._improved_fwd_keeping(query, key, value, assignments, *attention)
+            return (out, lse, top, centroids, assignments, *kept)
         out, lse, centroids, *kept = self._clustered_fwd_keeping(query, key, value, assignments, *attention)
         return (out, lse, centroids, assignments, *kept)
 
@@ -607,6 +610,15 @@ class CudaOps:
 
     def _improved_fwd(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale,
                       dropout_p):
+        return self._improved_fwd_keeping(query, key, value, assignments, key_padding_mask, keep, num_clusters, topk,
+                                          scale, dropout_p)[:4]
+
+    def _improved_fwd_keeping(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, topk,
+                              scale, dropout_p):
+        """:meth:`_improved_fwd`'s ``out, lse, top_index, centroids``, then, on the flash path,
+        what :meth:`improved_bwd_kept` takes besides: the centroids' flash output ``(B, H, C, Dv)``
+        and log-sum-exp ``(B, H, C)`` (so that the backward need not run that forward again) and
+        the sort of the queries by cluster (``order``, ``seg_start``)."""
         batch, heads, length, dim = query.shape
         keys = key.shape[2]
         top_k = min(topk, keys)
@@ -615,8 +627,9 @@ class CudaOps:
         qbar = self._centroids(query, order, seg_start)
         centroids = qbar.reshape(batch, heads, num_clusters, dim)  # for the backward
         if self._flash_ok(query, value, key_padding_mask, keep):
-            return (*self._improved_fwd_flash(query, key, value, assignments, order, seg_start, qbar, num_clusters,
-                                              top_k, scale), centroids)
+            out, lse, top, centroid_values, flash_lse = self._improved_fwd_flash(
+                query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k, scale)
+            return out, lse, top, centroids, centroid_values, flash_lse, order, seg_start
         k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
             key, value, key_padding_mask, keep, num_clusters, dropout_p)
         rows = batch * heads
@@ -726,6 +739,24 @@ class CudaOps:
                                          mass.contiguous(), dq_bar, scale, dk32, dv32)
         return dq, dk32.reshape(key.shape).to(key.dtype), dv32.reshape(value.shape).to(value.dtype)
 
+    def improved_bwd_kept(self, grad_out, query, key, value, assignments, lse, top_index, centroids,
+                          centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale):
+        """:meth:`improved_bwd` on the flash path (no key padding, no dropout) from what
+        :meth:`_improved_fwd_keeping` kept (the eager path's backward, as one composition): the
+        sort of the queries is not done again, nor the centroids' flash forward."""
+        return self.graphs.run("improved_clustered_attention_bwd_kept", self._improved_bwd_kept, (
+            grad_out, query, key, value, assignments, lse, top_index, centroids, centroid_outputs, centroid_lse,
+            order, seg_start, num_clusters, scale))
+
+    def _improved_bwd_kept(self, grad_out, query, key, value, assignments, lse, top_index, centroids,
+                           centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale):
+        batch, heads, _, dim = query.shape
+        counts = (seg_start[:, 1:] - seg_start[:, :-1]).to(torch.float32)
+        qbar = centroids.reshape(batch * heads, num_clusters, dim).float().contiguous()
+        return self._improved_bwd_flash(grad_out, query, key, value, assignments.contiguous(), order, seg_start,
+                                        counts, qbar, lse, top_index, num_clusters, scale,
+                                        (centroid_outputs, centroid_lse))
+
     # Without key padding and dropout the improved variant needs no (C, S) matrix in
     # the backward and only fp32 logits (for the top-k selection and lse) in the
     # forward: with V_bar = A V from flash attention, the remainder is
@@ -754,6 +785,7 @@ class CudaOps:
 
     def _improved_fwd_flash(self, query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k,
                             scale):
+        """``out, lse (B, H, C), top (B, H, C, k)`` and the centroids' flash output and log-sum-exp."""
         batch, heads, length, dim = query.shape
         rows, keys = batch * heads, key.shape[2]
         k_rows = key.reshape(rows, keys, dim)
@@ -767,7 +799,7 @@ class CudaOps:
                 logits = torch.bmm(qbar[r0:r1], k_rows[r0:r1].float().transpose(1, 2)).mul_(scale)
                 lse[r0:r1] = torch.logsumexp(logits, dim=-1)
                 top[r0:r1] = torch.topk(logits, top_k, dim=-1).indices
-        out_c, _, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
+        out_c, flash_lse, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
         centroid_values = out_c.reshape(rows, num_clusters, dim).float()
         if improved_triton.triton_exact_unavailable(query, value, top_k) is None:  # no gathered copies
             mass, rest = improved_triton.top_key_summary(qbar, k_rows, v_rows, top, lse, scale, centroid_values)
@@ -778,10 +810,13 @@ class CudaOps:
             rest = centroid_values - torch.einsum("rck,rckd->rcd", top_probs, self._top_rows(v_rows, top))
         out = self._exact_top_keys_fwd(query, key, value, None, assignments, order, seg_start, top, mass, rest,
                                        scale)
-        return out, lse.reshape(batch, heads, num_clusters), top.reshape(batch, heads, num_clusters, top_k)
+        return (out, lse.reshape(batch, heads, num_clusters), top.reshape(batch, heads, num_clusters, top_k), out_c,
+                flash_lse)
 
     def _improved_bwd_flash(self, grad_out, query, key, value, assignments, order, seg_start, counts, qbar, lse,
-                            top_index, num_clusters, scale):
+                            top_index, num_clusters, scale, centroid_flash=None):
+        """The flash path's gradients; ``centroid_flash``: the forward's ``(out (B, H, C, Dv),
+        lse (B, H, C))`` of the centroids' flash attention, or None to run it again."""
         batch, heads, length, dim = query.shape
         rows, keys = batch * heads, key.shape[2]
         top_k = top_index.shape[-1]
@@ -805,7 +840,11 @@ class CudaOps:
         grad_mass = self.ext.segment_sum(gm.reshape(batch, heads, length, 1), order, seg_start, False)
 
         # V_bar part: flash backward with dO = G.
-        _, _, ctx = self._flash_fwd(qbar, key, value, scale, batch, heads)
+        if centroid_flash is None:
+            _, _, ctx = self._flash_fwd(qbar, key, value, scale, batch, heads)
+        else:
+            ctx = self._attn_ctx(qbar.reshape(batch, heads, num_clusters, dim).to(key.dtype), key, value, scale,
+                                 *centroid_flash)
         qb = ctx[0]
         dqb, dk, dv = self._attn_bwd(grad_rest.reshape(batch, heads, num_clusters, dim).to(query.dtype), ctx)
         grad_centroids = dqb.reshape(rows, num_clusters, dim).float()
