@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import causal, causal_fused, causal_triton, centroid_triton, custom_ops, hash_triton, improved_triton, reference
 from .graph_cache import GraphCache
-from .flash import flash_backward, flash_forward
+from .flash import flash_backward, flash_forward, merge_key_splits
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 IMPROVED_HEAD_DIMS = (32, 64, 128)
@@ -435,12 +435,7 @@ class CudaOps:
             k_s = k.reshape(batch, heads * splits, block, dim)
             v_s = v.reshape(batch, heads * splits, block, v.shape[-1])
             q_s = q.unsqueeze(2).expand(batch, heads, splits, clusters, dim).reshape(batch, heads * splits, clusters, dim)
-            out_s, lse_s = flash_forward(q_s, k_s, v_s, scale)
-            lse_s = lse_s.reshape(batch, heads, splits, clusters)
-            lse = torch.logsumexp(lse_s, dim=2)
-            weights = torch.exp(lse_s - lse.unsqueeze(2)).unsqueeze(-1)
-            out_s = out_s.reshape(batch, heads, splits, clusters, -1).float()
-            out = (weights * out_s).sum(2).to(q.dtype)
+            out, lse = merge_key_splits(*flash_forward(q_s, k_s, v_s, scale), heads, splits)
         return out, lse, (q, k, v, scale, out, lse)
 
     @staticmethod
