@@ -125,8 +125,8 @@ def clustered_launches(length: int, num_clusters: int, dim: int, top_k: int, dty
     length, dim)`` CPU inputs: the hash, the centroid attention forward and backward
     (``dropout``: with a keep mask, as in training), the improved variant's centroid top
     keys, top-key summaries, exact top-key products forward and backward, top-key gradients
-    and gradient sums. (Lloyd,
-    the sort and the broadcast are CUDA kernels of the extension: not covered.)"""
+    and gradient sums. (Lloyd, the sort and the broadcast are CUDA kernels of the extension,
+    and the key-split merge of ``ops/flash.py`` runs only on CUDA tensors: not covered.)"""
     from fairseq_clustered.ops import centroid_triton, hash_triton, improved_triton
 
     generator = torch.Generator().manual_seed(0)

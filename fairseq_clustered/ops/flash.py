@@ -75,7 +75,7 @@ if triton is not None:
                                  lse_b, lse_h, lse_l, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                  SPLITS: tl.constexpr, BLOCK_ROWS: tl.constexpr):
         """Program: ``BLOCK_ROWS`` rows ``(b, h, l)`` of :func:`merge_key_splits`, as torch's
-        ``logsumexp`` and the weighted sum over the splits compute them (in order, in fp32)."""
+        ``logsumexp`` and the weighted sum over the splits compute them (in fp32)."""
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         ok = rows < total
         batch = rows // (heads * length)
