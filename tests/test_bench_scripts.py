@@ -57,3 +57,19 @@ def test_cpu_smoke_run_writes_its_table(tmp_path, script, variants):
         exact = [float(r["speedup_vs_best_exact"]) for r in rows
                  if int(r["length"]) == length and r["variant"] in variants[:2]]
         assert max(exact) == 1.0
+
+
+def test_top_keys_sweep_reads_its_settings_and_needs_a_gpu():
+    """benchmarks/top_keys_sweep.py: settings are NAME=INTEGER pairs of the selection's knobs
+    (anything else is refused, naming the knobs); without a GPU it says so and exits."""
+    import top_keys_sweep
+    assert top_keys_sweep.parse_settings("default; SUB_BLOCKS=4096,num_warps=8") == [
+        ("default", {}), ("SUB_BLOCKS=4096,num_warps=8", {"SUB_BLOCKS": 4096, "num_warps": 8})]
+    with pytest.raises(SystemExit, match="SUB_BLOCKS"):
+        top_keys_sweep.parse_settings("BLOCKS=3")
+    with pytest.raises(SystemExit, match="NAME=INTEGER"):
+        top_keys_sweep.parse_settings("TILE=big")
+    if not torch.cuda.is_available():
+        result = subprocess.run([sys.executable, str(BENCHMARKS / "top_keys_sweep.py")], capture_output=True,
+                                text=True)
+        assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
