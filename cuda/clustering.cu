@@ -303,8 +303,7 @@ __device__ __forceinline__ void add_block_counts(const int* counts, int* row_cou
 
 // Lloyd's assign + count (FINAL false) or final assignment (FINAL true) with nearest16: the
 // same contract as lloyd_assign_kernel<true> / lloyd_final_kernel. Warps take 16 consecutive
-// queries at a time; the four lanes of a quad split the counting of the two queries they
-// share (lane t the bits 16 t .. 16 t + 15 of both).
+// queries at a time and count them with count_members16.
 template <int TILES, bool FINAL>
 __global__ void __launch_bounds__(MMA_THREADS) lloyd_mma_kernel(RowInfo info, const int64_t* __restrict__ codes,
                                                                 const int64_t* __restrict__ centroids, int chunk,
