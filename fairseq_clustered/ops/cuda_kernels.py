@@ -67,8 +67,12 @@ def _segments(assignments: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor, T
     bounds = torch.arange(num_clusters + 1, device=flat.device, dtype=torch.int32).expand(batch * heads, -1)
     bounds = bounds.contiguous()
     seg_start = torch.searchsorted(sorted_ids.contiguous(), bounds)
-    counts = (seg_start[:, 1:] - seg_start[:, :-1]).to(torch.float32)
-    return order.contiguous(), seg_start.contiguous(), counts
+    return order.contiguous(), seg_start.contiguous(), _member_counts(seg_start)
+
+
+def _member_counts(seg_start: Tensor) -> Tensor:
+    """Each cluster's member count ``(rows, C)`` fp32 from ``seg_start (rows, C+1)``."""
+    return (seg_start[:, 1:] - seg_start[:, :-1]).to(torch.float32)
 
 
 TENSOR_CORE_LLOYD_MIN_LENGTH = 16384
@@ -517,7 +521,7 @@ class CudaOps:
         checks: only their shape and dtype matter here)."""
         batch, heads, length, dim = dq.shape
         rows, value_dim = batch * heads, value.shape[-1]
-        counts = (seg_start[:, 1:] - seg_start[:, :-1]).to(torch.float32)
+        counts = _member_counts(seg_start)
         qbar = centroids.reshape(rows, num_clusters, dim).float()
         grad_centroid_values = self.ext.segment_sum(grad_out, order, seg_start, False)  # (rows, C, Dv)
         if self._flash_ok(dq, value, key_padding_mask, keep):
@@ -746,7 +750,7 @@ class CudaOps:
     def _improved_bwd_kept(self, grad_out, query, key, value, assignments, lse, top_index, centroids,
                            centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale):
         batch, heads, _, dim = query.shape
-        counts = (seg_start[:, 1:] - seg_start[:, :-1]).to(torch.float32)
+        counts = _member_counts(seg_start)
         qbar = centroids.reshape(batch * heads, num_clusters, dim).float().contiguous()
         return self._improved_bwd_flash(grad_out, query, key, value, assignments.contiguous(), order, seg_start,
                                         counts, qbar, lse, top_index, num_clusters, scale,
@@ -785,7 +789,8 @@ class CudaOps:
         rows, keys = batch * heads, key.shape[2]
         k_rows = key.reshape(rows, keys, dim)
         v_rows = value.reshape(rows, keys, dim)
-        if improved_triton.triton_exact_unavailable(query, value, top_k) is None:  # no (C, S) logits
+        on_triton = improved_triton.triton_exact_unavailable(query, value, top_k) is None
+        if on_triton:  # no (C, S) logits
             lse, top = improved_triton.centroid_top_keys(qbar, k_rows, scale, top_k)
         else:
             lse = qbar.new_empty(rows, num_clusters)
@@ -796,7 +801,7 @@ class CudaOps:
                 top[r0:r1] = torch.topk(logits, top_k, dim=-1).indices
         out_c, flash_lse, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
         centroid_values = out_c.reshape(rows, num_clusters, dim).float()
-        if improved_triton.triton_exact_unavailable(query, value, top_k) is None:  # no gathered copies
+        if on_triton:  # no gathered copies
             mass, rest = improved_triton.top_key_summary(qbar, k_rows, v_rows, top, lse, scale, centroid_values)
         else:
             top_probs = torch.exp(torch.einsum("rcd,rckd->rck", qbar, self._top_rows(k_rows, top)) * scale
@@ -870,7 +875,7 @@ class CudaOps:
 
         dq_bar = (grad_centroids / counts.clamp(min=1).unsqueeze(-1)).contiguous()
         # The kernels add the exact top-key parts into dk32 / dv32 in place.
-        if improved_triton.triton_exact_unavailable(query, value, top_k) is None:
+        if fused_top:
             dq = improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, dq_bar,
                                                     scale, dk32, dv32)
             # Summed over flash's buffers, and the key side's fp32 buffer freed before the value
