@@ -17,7 +17,6 @@ Nsight Compute (``ncu --profile-from-start off ...``).
 """
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_attention import graph_time  # noqa: E402  (benchmarks/ is this script's directory)
 from fairseq_clustered.ops import improved_triton  # noqa: E402
 
 
@@ -44,27 +44,6 @@ def parse_settings(text: str):
             values[name] = int(value)
         settings.append((item, values))
     return settings
-
-
-def graph_us(fn, repeats: int) -> float:
-    """Median microseconds of replaying ``fn`` captured in a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1e3)
-    return statistics.median(times)
 
 
 def main():
@@ -103,7 +82,8 @@ def main():
                     torch.cuda.synchronize()
                     torch.cuda.profiler.stop()
                 sub = improved_triton.sub_block_keys(args.topk, dim, length)
-                cells.append(f"{name} (sub {sub}): {graph_us(call, args.repeats):.1f} [{differing}]")
+                us = graph_time(call, args.repeats) * 1e3
+                cells.append(f"{name} (sub {sub}): {us:.1f} [{differing}]")
             finally:
                 improved_triton.SELECTION.update(defaults)
         print(f"N={length}: " + "  ".join(cells), flush=True)
