@@ -124,8 +124,8 @@ def clustered_launches(length: int, num_clusters: int, dim: int, top_k: int, dty
     """The Triton launches of (improved) clustered attention's GPU path on ``(1, groups,
     length, dim)`` CPU inputs: the hash, the centroid attention forward and backward
     (``dropout``: with a keep mask, as in training), the improved variant's centroid top
-    keys, top-key summaries, exact top-key products forward and backward, top-key gradients
-    and gradient sums. (Lloyd, the sort and the broadcast are CUDA kernels of the extension,
+    keys, top-key summaries, exact top-key products forward and backward, top-key and centroid
+    gradients and gradient sums. (Lloyd, the sort and the broadcast are CUDA kernels of the extension,
     and the key-split merge of ``ops/flash.py`` runs only on CUDA tensors: not covered.)"""
     from fairseq_clustered.ops import centroid_triton, hash_triton, improved_triton
 
@@ -160,8 +160,11 @@ def clustered_launches(length: int, num_clusters: int, dim: int, top_k: int, dty
         grad_key = torch.zeros(rows, length, dim)
         improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, rest, scale,
                                            grad_key, torch.zeros_like(grad_key))
-        improved_triton.top_key_gradients(qbar, key.reshape(rows, length, dim), value.reshape(rows, length, dim),
-                                          top, lse, rest, mass, scale, grad_key, torch.zeros_like(grad_key))
+        weight, grad_top = improved_triton.top_key_gradients(
+            qbar, key.reshape(rows, length, dim), value.reshape(rows, length, dim), top, lse, rest, mass, scale,
+            grad_key, torch.zeros_like(grad_key))
+        outputs = torch.randn(1, groups, num_clusters, dim, generator=generator).to(dtype)
+        improved_triton.centroid_gradients(outputs, grad_top, weight, outputs, qbar, seg_start, scale)
         improved_triton.sum_gradients(grad_key, key)
 
     runs = ((hash_triton, run_hash), (centroid_triton, run_centroids), (improved_triton, run_improved))

@@ -233,3 +233,32 @@ def test_top_key_summary_and_gradients_match_fp64(dtype, keys, dim, num_clusters
     with pytest.raises(ValueError, match="contiguous fp32"):
         improved_triton.top_key_gradients(qbar, key, value, top, lse, grad_rest, grad_mass, scale,
                                           grad_key.double(), grad_value)
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_centroid_gradients_combine_in_one_launch(dtype):
+    """``centroid_gradients``: ``dq_bar = (dqb + grad_top - scale c k_out) / max(members, 1)`` and
+    ``x = -scale c qbar`` as the torch ops they replace compute them, with flash's layouts
+    (``(B, H, C, D)`` views of ``(B, C, H, D)`` storage) and an empty cluster."""
+    gen = torch.Generator().manual_seed(5)
+    batch, heads, clusters, dim, scale = 2, 3, 7, 32, 0.125
+    rows = batch * heads
+    flash_layout = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+    dqb = flash_layout(torch.randn(batch, heads, clusters, dim, generator=gen).to(dtype)).to(DEVICE)
+    k_out = flash_layout(torch.randn(batch, heads, clusters, dim, generator=gen).to(dtype)).to(DEVICE)
+    grad_top, qbar = (torch.randn(rows, clusters, dim, generator=gen).to(DEVICE) for _ in range(2))
+    lse_weight = torch.randn(rows, clusters, generator=gen).to(DEVICE)
+    members = torch.randint(0, 5, (rows, clusters), generator=gen)
+    members[0, 3] = 0  # an empty cluster: divided by 1
+    seg_start = torch.cat([torch.zeros(rows, 1, dtype=torch.int64), members.cumsum(1)], 1).to(DEVICE)
+
+    dq_bar, x = improved_triton.centroid_gradients(dqb, grad_top, lse_weight, k_out, qbar, seg_start, scale)
+    c = scale * lse_weight.double().unsqueeze(-1)
+    expected = (dqb.double().reshape(rows, clusters, dim) + grad_top.double()
+                - c * k_out.double().reshape(rows, clusters, dim)) / members.clamp(min=1).to(DEVICE).unsqueeze(-1)
+    assert dq_bar.dtype == torch.float32 and dq_bar.shape == (rows, clusters, dim)
+    assert (dq_bar.double() - expected).abs().max().item() < 1e-5
+    assert x.dtype == dtype and x.shape == (batch, heads, clusters, dim)
+    want_x = (-c * qbar.double()).reshape(batch, heads, clusters, dim)
+    assert (x.double() - want_x).abs().max().item() <= 1e-2 * (1 + want_x.abs().max().item())

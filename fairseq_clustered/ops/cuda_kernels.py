@@ -847,17 +847,19 @@ class CudaOps:
                                  *centroid_flash)
         qb = ctx[0]
         dqb, dk, dv = self._attn_bwd(grad_rest.reshape(batch, heads, num_clusters, dim).to(query.dtype), ctx)
-        grad_centroids = dqb.reshape(rows, num_clusters, dim).float()
         # The top keys' gradients (sparse; the exact part's kernel adds into them too), in
         # fp32, added to flash's dense key and value gradients at the end.
         dk32 = qbar.new_zeros(rows, keys, dim)
         dv32 = qbar.new_zeros(rows, keys, dim)
+        # The dense lse term goes through a flash pass over (Qbar, K, K): A K and A^T X with
+        # X = -scale c Qbar, c the top entries' weight below.
+        k_out, _, k_ctx = self._attn_fwd(qb, key, key, scale)
 
         # Top entries: f = sum_j gm_j m_j - G_j . sum_t A_jt v_t, so df/dA_jt = a_jt.
         if fused_top:
             c, grad_top = improved_triton.top_key_gradients(qbar, k_rows, v_rows, top, lse_rows, grad_rest,
                                                             grad_mass.reshape(rows, num_clusters), scale, dk32, dv32)
-            grad_centroids = grad_centroids + grad_top
+            dq_bar, x = improved_triton.centroid_gradients(dqb, grad_top, c, k_out, qbar, seg_start, scale)
         else:
             a = grad_mass - torch.einsum("rcd,rckd->rck", grad_rest, top_values)
             w = a * top_probs  # gradient of the top logits (before the lse term), / scale
@@ -865,15 +867,13 @@ class CudaOps:
             flat = top.reshape(rows, num_clusters * top_k, 1).expand(-1, -1, dim)
             dv32.scatter_add_(1, flat, (-top_probs.unsqueeze(-1) * grad_rest.unsqueeze(2)).reshape(rows, -1, dim))
             dk32.scatter_add_(1, flat, (scale * w.unsqueeze(-1) * qbar.unsqueeze(2)).reshape(rows, -1, dim))
-            grad_centroids = grad_centroids + scale * torch.einsum("rck,rckd->rcd", w, top_keys)
-
-        # Dense lse term through a flash pass over (Qbar, K, K): A K and A^T X with X = -scale c Qbar.
-        k_out, _, k_ctx = self._attn_fwd(qb, key, key, scale)
-        grad_centroids = grad_centroids - scale * c.unsqueeze(-1) * k_out.reshape(rows, num_clusters, dim).float()
-        x = (-scale * c.unsqueeze(-1) * qbar).reshape(batch, heads, num_clusters, dim).to(query.dtype)
+            grad_centroids = (dqb.reshape(rows, num_clusters, dim).float()
+                              + scale * torch.einsum("rck,rckd->rcd", w, top_keys)
+                              - scale * c.unsqueeze(-1) * k_out.reshape(rows, num_clusters, dim).float())
+            x = (-scale * c.unsqueeze(-1) * qbar).reshape(batch, heads, num_clusters, dim).to(query.dtype)
+            dq_bar = (grad_centroids / counts.clamp(min=1).unsqueeze(-1)).contiguous()
         dk_lse = self._attn_bwd(x, k_ctx)[2]  # (indexed: the other key-sized gradient is freed at once)
 
-        dq_bar = (grad_centroids / counts.clamp(min=1).unsqueeze(-1)).contiguous()
         # The kernels add the exact top-key parts into dk32 / dv32 in place.
         if fused_top:
             dq = improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, dq_bar,

@@ -58,7 +58,8 @@ from torch import Tensor
 from ._triton import MIN_TILE, tiles_unavailable, tl, triton
 
 __all__ = ["triton_exact_unavailable", "sub_block_keys", "centroid_block_stats", "centroid_top_keys",
-           "exact_top_keys_fwd", "exact_top_keys_bwd", "top_key_summary", "top_key_gradients", "sum_gradients"]
+           "exact_top_keys_fwd", "exact_top_keys_bwd", "top_key_summary", "top_key_gradients",
+           "centroid_gradients", "sum_gradients"]
 
 MAX_TOP_K = 128  # BLOCK_M x top-k fp32 logits must stay in registers
 LOG2E = 1.4426950408889634
@@ -408,6 +409,33 @@ if triton is not None:
         tl.atomic_add(GRAD_K + top_rows, scale * weights[:, None] * qbar[None, :], mask=top_ok[:, None])
 
 
+    @triton.jit
+    def _centroid_grads_kernel(DQB, GRAD_TOP, LSE_WEIGHT, K_OUT, QBAR, SEG_START, DQ_BAR, X, heads, num_clusters,
+                               total, scale, dqb_b, dqb_h, dqb_c, k_out_b, k_out_h, k_out_c, DIM: tl.constexpr,
+                               BLOCK: tl.constexpr):
+        """Program: ``BLOCK`` centroids ``(b, h, c)`` of :func:`centroid_gradients`."""
+        centroid = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = centroid < total
+        row = centroid // num_clusters
+        cluster = centroid % num_clusters
+        batch, head = row // heads, row % heads
+        feats = tl.arange(0, DIM)[None, :]
+        flat = centroid.to(tl.int64)[:, None] * DIM + feats
+        weight = scale * tl.load(LSE_WEIGHT + centroid, mask=ok, other=0.0)[:, None]
+        dqb = tl.load(DQB + (batch.to(tl.int64) * dqb_b + head * dqb_h + cluster * dqb_c)[:, None] + feats,
+                      mask=ok[:, None], other=0.0)
+        k_out = tl.load(K_OUT + (batch.to(tl.int64) * k_out_b + head * k_out_h + cluster * k_out_c)[:, None]
+                        + feats, mask=ok[:, None], other=0.0)
+        grads = dqb.to(tl.float32) + tl.load(GRAD_TOP + flat, mask=ok[:, None], other=0.0) \
+            - weight * k_out.to(tl.float32)
+        first = tl.load(SEG_START + row.to(tl.int64) * (num_clusters + 1) + cluster, mask=ok, other=0)
+        after = tl.load(SEG_START + row.to(tl.int64) * (num_clusters + 1) + cluster + 1, mask=ok, other=1)
+        members = tl.maximum(after - first, 1).to(tl.float32)
+        tl.store(DQ_BAR + flat, grads / members[:, None], mask=ok[:, None])
+        x = -weight * tl.load(QBAR + flat, mask=ok[:, None], other=0.0)
+        tl.store(X + flat, x.to(X.dtype.element_ty), mask=ok[:, None])
+
+
 def top_key_summary(qbar: Tensor, key: Tensor, value: Tensor, top: Tensor, lse: Tensor, scale: float,
                     centroid_values: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Each centroid's attention mass on its top keys and, given its output over all keys, its
@@ -463,6 +491,37 @@ def top_key_gradients(qbar: Tensor, key: Tensor, value: Tensor, top: Tensor, lse
         num_clusters, key.shape[1], top_k, scale, DIM=qbar.shape[-1], BLOCK_K=_tile(top_k), num_warps=4,
     )
     return lse_weight, grad_centroids
+
+
+def centroid_gradients(dqb: Tensor, grad_top: Tensor, lse_weight: Tensor, k_out: Tensor, qbar: Tensor,
+                       seg_start: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """The centroid side of the improved flash backward, in one launch.
+
+    Args:
+        dqb: ``(B, H, C, D)`` fp16 / bf16, flash's centroid gradient for the centroid outputs.
+        grad_top: ``(B H, C, D)`` fp32 and lse_weight: ``(B H, C)`` fp32, from
+            :func:`top_key_gradients`. k_out: ``(B, H, C, D)``, the centroids' attention over the
+            keys as values. qbar: ``(B H, C, D)`` fp32. seg_start: ``(B H, C + 1)`` int64, where
+            each cluster's run of members starts (its member count is the difference).
+        dqb and k_out may have any strides with a contiguous feature dim.
+
+    Returns:
+        ``dq_bar (B H, C, D)`` fp32, ``(dqb + grad_top - scale c k_out) / max(members, 1)`` with
+        ``c`` = lse_weight (each member's share of its centroid's gradient), and ``x (B, H, C, D)``
+        in dqb's dtype, ``-scale c qbar`` (the output gradient of the log-sum-exp term's flash
+        pass over the keys).
+    """
+    batch, heads, num_clusters, dim = dqb.shape
+    dqb, k_out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dqb, k_out))
+    qbar, grad_top, lse_weight, seg_start = (t.contiguous() for t in (qbar, grad_top, lse_weight, seg_start))
+    dq_bar = torch.empty_like(qbar)
+    x = torch.empty(batch, heads, num_clusters, dim, dtype=dqb.dtype, device=dqb.device)
+    total, block = batch * heads * num_clusters, 32
+    _centroid_grads_kernel[(triton.cdiv(total, block),)](
+        dqb, grad_top, lse_weight, k_out, qbar, seg_start, dq_bar, x, heads, num_clusters, total, scale,
+        *dqb.stride()[:3], *k_out.stride()[:3], DIM=dim, BLOCK=block, num_warps=4,
+    )
+    return dq_bar, x
 
 
 def sum_gradients(sparse: Tensor, first: Tensor, second: Optional[Tensor] = None, *,
