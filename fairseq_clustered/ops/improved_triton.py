@@ -71,8 +71,9 @@ LAUNCH = {"fwd": {"BLOCK_M": 64, "num_warps": 4}, "bwd": {"BLOCK_M": 64, "num_wa
 # The top keys' selection (centroid_top_keys, one program per centroid): sub-blocks of 4 to 16
 # keys (sub_block_keys: aiming at SUB_BLOCKS of them) are its candidates, at most TILE key
 # values of them (64 KB in bf16) per program, and up to MAX_SUB_BLOCKS sub-blocks (N = 64k at
-# 16 keys) are ranked in registers.
-SELECTION = {"SUB_BLOCKS": 2048, "TILE": 32768, "MAX_SUB_BLOCKS": 4096, "num_warps": 4}
+# 16 keys) are ranked in registers. BITONIC: each ranking is a bitonic top-k (tl.topk) instead
+# of k max-reductions in turn (1 / 0).
+SELECTION = {"SUB_BLOCKS": 2048, "TILE": 32768, "MAX_SUB_BLOCKS": 4096, "num_warps": 4, "BITONIC": 0}
 
 
 def triton_exact_unavailable(query: Tensor, value: Tensor, top_k: int) -> Optional[str]:
@@ -267,7 +268,8 @@ if triton is not None:
     def _centroid_top_keys_kernel(QBAR, K, SUB_MAX, BLOCK_MAX, BLOCK_SUM, BLOCKS, LSE, TOP, num_clusters, keys,
                                   key_blocks, sub_blocks, slots, top_k, scale, DIM: tl.constexpr,
                                   SUB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
-                                  STATS_CHUNK: tl.constexpr, BLOCKS_FROM: tl.constexpr):
+                                  STATS_CHUNK: tl.constexpr, BLOCKS_FROM: tl.constexpr,
+                                  SORT_BLOCKS: tl.constexpr, SORT_KEYS: tl.constexpr, TOP_K_POW2: tl.constexpr):
         """Program (centroid, row): the centroid's log-sum-exp over all keys ``LSE (rows, C)``
         from the block statistics, and its ``top_k`` keys by logit ``TOP (rows, C, top_k)``
         int64, largest first.
@@ -276,8 +278,12 @@ if triton is not None:
         (``BLOCKS_FROM``: 0, every sub-block, there being at most ``top_k``; 1, chosen here
         from ``SUB_MAX``, up to ``BLOCK_B`` of them; 2, given in ``BLOCKS (rows, C, slots)``).
         Their ``slots x SUB`` logits are recomputed (``BLOCK_S`` >= ``slots`` rows of
-        sub-blocks, at least 16 candidates for the tensor cores), and the keys taken one by one,
-        largest first (ties: the smaller index first, as for the sub-blocks)."""
+        sub-blocks, at least 16 candidates for the tensor cores), and the keys taken largest
+        first (ties: the smaller index first, as for the sub-blocks).
+
+        Each ranking is either ``k`` max-reductions one after the other, or (``SORT_BLOCKS``,
+        ``SORT_KEYS``) one bitonic top-k (``tl.topk``) of the power of two above ``k``: the
+        ranked values are distinct, so both give the same keys in the same order."""
         centroid = tl.program_id(0).to(tl.int64) + tl.program_id(1).to(tl.int64) * num_clusters  # row * C + c
         row = tl.program_id(1).to(tl.int64)
 
@@ -301,11 +307,15 @@ if triton is not None:
             sub = tl.arange(0, BLOCK_B)
             ranked = _ranked(tl.load(SUB_MAX + centroid * sub_blocks + sub, mask=sub < sub_blocks,
                                      other=float("-inf")), sub)
-            blocks = tl.zeros((BLOCK_S,), tl.int32)
-            for t in range(slots):
-                best = tl.max(ranked, 0)
-                blocks = tl.where(slot == t, _ranked_index(best).to(tl.int32), blocks)
-                ranked = tl.where(ranked == best, _TAKEN, ranked)
+            if SORT_BLOCKS:
+                # the BLOCK_S (>= slots) best; those past `slots` are masked out below
+                blocks = _ranked_index(tl.topk(ranked, BLOCK_S)).to(tl.int32)
+            else:
+                blocks = tl.zeros((BLOCK_S,), tl.int32)
+                for t in range(slots):
+                    best = tl.max(ranked, 0)
+                    blocks = tl.where(slot == t, _ranked_index(best).to(tl.int32), blocks)
+                    ranked = tl.where(ranked == best, _TAKEN, ranked)
         else:
             blocks = tl.load(BLOCKS + centroid * slots + slot, mask=slot < slots, other=0).to(tl.int32)
 
@@ -326,11 +336,17 @@ if triton is not None:
                                                           tl.where(part == 2, lo[:, None], 0.0))).to(k.dtype)
         logits = tl.sum(tl.dot(k, parts), 1) * scale
         ranked = _ranked(tl.where(ok, logits, float("-inf")), key_index)
-        for t in range(top_k):
-            best = tl.max(ranked, 0)
-            # clamped: an index in range even for NaN logits (which rank nothing)
-            tl.store(TOP + centroid * top_k + t, tl.minimum(_ranked_index(best), keys - 1))
-            ranked = tl.where(ranked == best, _TAKEN, ranked)
+        # (indices clamped: in range even for NaN logits, which rank nothing)
+        if SORT_KEYS:
+            tl.static_assert(TOP_K_POW2 <= BLOCK_S * SUB)
+            rank = tl.arange(0, TOP_K_POW2)
+            best = tl.topk(ranked, TOP_K_POW2)
+            tl.store(TOP + centroid * top_k + rank, tl.minimum(_ranked_index(best), keys - 1), mask=rank < top_k)
+        else:
+            for t in range(top_k):
+                best = tl.max(ranked, 0)
+                tl.store(TOP + centroid * top_k + t, tl.minimum(_ranked_index(best), keys - 1))
+                ranked = tl.where(ranked == best, _TAKEN, ranked)
 
     @triton.jit
     def _sum_gradients_kernel(SPARSE, FIRST, SECOND, OUT, heads, keys, first_b, first_h, first_s, second_b,
@@ -625,12 +641,17 @@ def centroid_top_keys(qbar: Tensor, key: Tensor, scale: float, top_k: int) -> Tu
         if blocks_from == 2:
             blocks = torch.topk(sub_max, top_k, dim=-1).indices.contiguous()
     block_b = triton.next_power_of_2(sub_blocks) if blocks_from == 1 else 1
+    block_s = max(triton.next_power_of_2(slots), MIN_TILE // sub)
     lse = qbar.new_empty(rows, num_clusters)
     top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=key.device)
+    bitonic = bool(SELECTION["BITONIC"])
     _centroid_top_keys_kernel[(num_clusters, rows)](
         qbar, key, sub_max, block_max, block_sum, blocks, lse, top, num_clusters, key.shape[1],
         block_max.shape[-1], sub_blocks, slots, top_k, scale, DIM=qbar.shape[-1], SUB=sub,
-        BLOCK_S=max(triton.next_power_of_2(slots), MIN_TILE // sub), BLOCK_B=block_b, STATS_CHUNK=256,
+        BLOCK_S=block_s, BLOCK_B=block_b, STATS_CHUNK=256,
+        # a bitonic top-k needs at least as many values as it keeps
+        SORT_BLOCKS=bitonic and block_b >= block_s, SORT_KEYS=bitonic,
+        TOP_K_POW2=triton.next_power_of_2(top_k),
         # more warps where the sub-blocks are many: 1024 ranked int64 per warp at most
         BLOCKS_FROM=blocks_from, num_warps=max(SELECTION["num_warps"], min(8, block_b // 1024)),
     )
