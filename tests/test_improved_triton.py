@@ -156,7 +156,7 @@ def test_block_stats_and_top_keys_match_fp64(dtype, keys, dim, num_clusters, top
     assert torch.allclose(block_sum.double(), want_sum, rtol=1e-4, atol=0)
 
     monkeypatch.setitem(improved_triton.SELECTION, "MAX_SUB_BLOCKS", max_sub_blocks)
-    monkeypatch.setitem(improved_triton.SELECTION, "BITONIC", bitonic)
+    monkeypatch.setitem(improved_triton.SELECTION, "BITONIC_CANDIDATES", 1 << 20 if bitonic else 0)
     lse, top = improved_triton.centroid_top_keys(qbar, key, scale, top_k)
     assert lse.dtype == torch.float32 and top.dtype == torch.int64 and top.shape == (3, num_clusters, top_k)
     assert torch.allclose(lse.double(), torch.logsumexp(expected, -1), rtol=0, atol=1e-5)

@@ -19,8 +19,9 @@ launches: one pass on tensor cores (the fp32 centroids split into three half-pre
 parts, so products stay exact) gives the largest logit of every sub-block of 4-16 keys and
 each block's softmax sum; then one program per centroid takes the log-sum-exp from the
 block sums, ranks the sub-blocks (the top keys lie in the ``top_k`` sub-blocks with the
-largest maxima), recomputes those sub-blocks' logits and ranks them. A ranking is
-``top_k`` max-reductions over int64 keys that order the values and carry their indices.
+largest maxima), recomputes those sub-blocks' logits and ranks them. A ranking orders int64
+keys that order the values and carry their indices: a bitonic top-k where the candidates
+are few (``SELECTION["BITONIC_CANDIDATES"]``), else ``top_k`` max-reductions in turn.
 It replaces an fp32 copy of the keys, an fp32 matrix product, three passes of
 ``torch.logsumexp`` and ``torch.topk`` over all keys.
 
@@ -71,9 +72,12 @@ LAUNCH = {"fwd": {"BLOCK_M": 64, "num_warps": 4}, "bwd": {"BLOCK_M": 64, "num_wa
 # The top keys' selection (centroid_top_keys, one program per centroid): sub-blocks of 4 to 16
 # keys (sub_block_keys: aiming at SUB_BLOCKS of them) are its candidates, at most TILE key
 # values of them (64 KB in bf16) per program, and up to MAX_SUB_BLOCKS sub-blocks (N = 64k at
-# 16 keys) are ranked in registers. BITONIC: each ranking is a bitonic top-k (tl.topk) instead
-# of k max-reductions in turn (1 / 0).
-SELECTION = {"SUB_BLOCKS": 2048, "TILE": 32768, "MAX_SUB_BLOCKS": 4096, "num_warps": 4, "BITONIC": 0}
+# 16 keys) are ranked in registers. Each of its two rankings is one bitonic top-k (tl.topk) where
+# the candidate keys number at most BITONIC_CANDIDATES, else top_k max-reductions in turn: on
+# the H200 (32 rows, C = 100, D = 64, k = 32) the bitonic one took the selection from 131 / 193 /
+# 395 us to 66 / 142 / 350 us at 1k / 4k / 16k (128 to 256 candidates), and was slower at 32k and
+# 64k (512): 710 / 1228 us against 635 / 996 (benchmarks/NOTES.md, sixteenth session).
+SELECTION = {"SUB_BLOCKS": 2048, "TILE": 32768, "MAX_SUB_BLOCKS": 4096, "num_warps": 4, "BITONIC_CANDIDATES": 256}
 
 
 def triton_exact_unavailable(query: Tensor, value: Tensor, top_k: int) -> Optional[str]:
@@ -644,7 +648,7 @@ def centroid_top_keys(qbar: Tensor, key: Tensor, scale: float, top_k: int) -> Tu
     block_s = max(triton.next_power_of_2(slots), MIN_TILE // sub)
     lse = qbar.new_empty(rows, num_clusters)
     top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=key.device)
-    bitonic = bool(SELECTION["BITONIC"])
+    bitonic = block_s * sub <= SELECTION["BITONIC_CANDIDATES"]
     _centroid_top_keys_kernel[(num_clusters, rows)](
         qbar, key, sub_max, block_max, block_sum, blocks, lse, top, num_clusters, key.shape[1],
         block_max.shape[-1], sub_blocks, slots, top_k, scale, DIM=qbar.shape[-1], SUB=sub,
