@@ -164,7 +164,9 @@ def clustered_launches(length: int, num_clusters: int, dim: int, top_k: int, dty
             qbar, key.reshape(rows, length, dim), value.reshape(rows, length, dim), top, lse, rest, mass, scale,
             grad_key, torch.zeros_like(grad_key))
         outputs = torch.randn(1, groups, num_clusters, dim, generator=generator).to(dtype)
-        improved_triton.centroid_gradients(outputs, grad_top, weight, outputs, qbar, seg_start, scale)
+        # the eager step's form: the Triton centroid backward's parts, the lse term already in them
+        parts = torch.randn(1, groups, 2, num_clusters, dim, generator=generator)
+        improved_triton.centroid_gradients(parts, grad_top, seg_start)
         improved_triton.sum_gradients(grad_key, key)
 
     runs = ((hash_triton, run_hash), (centroid_triton, run_centroids), (improved_triton, run_improved))

@@ -99,6 +99,37 @@ def test_matches_brute_force(dtype, keys, dim, num_clusters, pad, dropout_p):
 
 
 @runs_here
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("keys,num_clusters", [(97, 5), (1100, 100)])  # one key range; five
+def test_log_sum_exp_term_in_the_same_pass(dtype, keys, num_clusters):
+    """``lse_weight`` adds the gradient of ``-sum_j c_j lse_j`` (the improved variant's dense term)
+    to that of ``sum_j <grad_j, Vbar_j>``, as float64 autograd of the two gives it; with
+    ``partial_qbar`` the centroid gradient comes in parts (one per key range) that sum to it."""
+    qbar, key, value, _, _, grad = problem(keys, 32, num_clusters, dtype, False, 0.0, seed=keys + 1)
+    weight = 3 * torch.randn(qbar.shape[:2], generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    rows, dim, scale = qbar.shape[0], qbar.shape[-1], 32 ** -0.5
+    q = qbar.to(key.dtype).double().requires_grad_(True)
+    k = key.double().reshape(rows, keys, dim).requires_grad_(True)
+    v = value.double().reshape(rows, keys, dim).requires_grad_(True)
+    logits = scale * q @ k.transpose(1, 2)
+    lse = torch.logsumexp(logits, -1)
+    values = torch.softmax(logits, -1) @ v
+    expected = torch.autograd.grad((values * grad.double()).sum() - (weight.double() * lse).sum(), (q, k, v),
+                                   retain_graph=True)
+
+    got_values, got_lse = centroid_triton.centroid_attention_fwd(qbar, key, value, None, None, scale, 0.0)
+    parts, dk, dv = centroid_triton.centroid_attention_bwd(grad, got_values, qbar, key, value, None, None, got_lse,
+                                                           scale, 0.0, lse_weight=weight, partial_qbar=True)
+    per_program = centroid_triton._programs_per_row(rows, keys, centroid_triton._launch("bwd", dtype, dim)["BLOCK_N"])
+    assert parts.dtype == torch.float32 and parts.shape == (rows, per_program[0], num_clusters, dim)
+    for name, actual, want in zip(("dqbar", "dk", "dv"), (parts.sum(1), dk, dv), expected):
+        assert_close(name, actual.reshape(want.shape), want, dtype)
+    # the term moves the key and centroid gradients by more than the tolerance (not a no-op)
+    plain = torch.autograd.grad((values * grad.double()).sum(), (q, k))
+    assert (plain[1] - expected[1]).abs().max().item() > 5 * TOLERANCE[dtype] * (1 + expected[1].abs().max().item())
+
+
+@runs_here
 def test_bit_reproducible():
     qbar, key, value, padding, keep, grad = problem(300, 32, 20, DTYPES[0], True, 0.2, seed=1)
     runs = []

@@ -313,7 +313,7 @@ def test_flash_path_with_the_triton_kernels_cpu(monkeypatch):
     ref_grads = reference.improved_clustered_attention_bwd_ref(g.double(), *d64, a, None, None, lse.double(), top, 4,
                                                                scale, 0.0)
     for name, x, y in zip("qkv", grads, ref_grads):
-        assert x.dtype == torch.float16 and max_err(x, y) < 2e-2 * (1 + y.abs().max().item()), name
+        assert x.dtype == torch.float16 and max_err(x, y) < 4e-3 * (1 + y.abs().max().item()), name
     # the Triton sums, written over the dense gradients' buffers where their feature dim is
     # contiguous (flash's are; this emulation's key gradient is not: a new tensor there)
     assert len(sums) == 2

@@ -258,7 +258,7 @@ def test_centroid_gradients_combine_in_one_launch(dtype):
     members[0, 3] = 0  # an empty cluster: divided by 1
     seg_start = torch.cat([torch.zeros(rows, 1, dtype=torch.int64), members.cumsum(1)], 1).to(DEVICE)
 
-    dq_bar, x = improved_triton.centroid_gradients(dqb, grad_top, lse_weight, k_out, qbar, seg_start, scale)
+    dq_bar, x = improved_triton.centroid_gradients(dqb, grad_top, seg_start, lse_weight, k_out, qbar, scale)
     c = scale * lse_weight.double().unsqueeze(-1)
     expected = (dqb.double().reshape(rows, clusters, dim) + grad_top.double()
                 - c * k_out.double().reshape(rows, clusters, dim)) / members.clamp(min=1).to(DEVICE).unsqueeze(-1)
@@ -267,3 +267,10 @@ def test_centroid_gradients_combine_in_one_launch(dtype):
     assert x.dtype == dtype and x.shape == (batch, heads, clusters, dim)
     want_x = (-c * qbar.double()).reshape(batch, heads, clusters, dim)
     assert (x.double() - want_x).abs().max().item() <= 1e-2 * (1 + want_x.abs().max().item())
+
+    # the Triton centroid backward's parts (one per key range, fp32), summed, without the term
+    parts = torch.randn(batch, heads, 3, clusters, dim, generator=gen).to(DEVICE)
+    dq_bar, x = improved_triton.centroid_gradients(parts, grad_top, seg_start)
+    expected = (parts.double().sum(2).reshape(rows, clusters, dim) + grad_top.double()) \
+        / members.clamp(min=1).to(DEVICE).unsqueeze(-1)
+    assert x is None and (dq_bar.double() - expected).abs().max().item() < 1e-5

@@ -279,12 +279,19 @@ def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding
 
 def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, key: Tensor, value: Tensor,
                            key_padding_mask: Optional[Tensor], keep: Optional[Tensor], lse: Tensor, scale: float,
-                           dropout_p: float) -> Tuple[Tensor, Tensor, Tensor]:
+                           dropout_p: float, lse_weight: Optional[Tensor] = None,
+                           partial_qbar: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`centroid_attention_fwd` for ``grad_values (B H, C, D)`` (fp32 or the key
     dtype), given its ``values`` (``Vbar``, any float dtype) and ``lse``.
 
+    ``lse_weight (B H, C)`` fp32, if given, adds the gradient of ``-sum_j lse_weight_j lse_j``: the
+    log-sum-exp's gradient is the softmax, so each centroid's logit gradients lose
+    ``lse_weight_j A_jl``, which is ``lse_weight_j`` added to the row's ``GRAD . Vbar`` (the
+    improved variant's dense term, in the same pass over the keys).
+
     Returns:
-        ``dqbar (B H, C, D)`` fp32, ``dk``, ``dv`` ``(B, H, S, D)`` in the key dtype, laid out as
+        ``dqbar (B H, C, D)`` fp32 (with ``partial_qbar``, its unsummed parts ``(B H, parts, C, D)``,
+        one per range of keys), ``dk``, ``dv`` ``(B, H, S, D)`` in the key dtype, laid out as
         ``torch.empty_like`` of ``key`` / ``value`` (a model's views of ``(S, B, H * D)`` projections
         get gradients that fold back into that shape without a copy).
     """
@@ -295,7 +302,8 @@ def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, ke
     parts, per_program = _programs_per_row(rows, keys, launch["BLOCK_N"])
     grad = grad_values.to(key.dtype).contiguous()
     # flash attention's rowsum(dO * O), from the gradient as the kernel sees it (the key dtype)
-    delta = (grad.float() * values.float()).sum(-1).contiguous()
+    delta = (grad.float() * values.float()).sum(-1)
+    delta = (delta if lse_weight is None else delta + lse_weight).contiguous()
     grad_qbar = qbar.new_empty(rows, parts, num_clusters, dim)
     grad_key, grad_value = _feature_contiguous_like(key), _feature_contiguous_like(value)
     _centroid_bwd_kernel[(rows, parts)](
@@ -307,4 +315,4 @@ def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, ke
         *strides, *grad_key.stride()[:3], *grad_value.stride()[:3],
         DIM=dim, BLOCK_C=_tile(num_clusters), PADDED=padding is not None, DROPOUT=kept is not None, **launch,
     )
-    return grad_qbar.sum(1), grad_key, grad_value
+    return grad_qbar if partial_qbar else grad_qbar.sum(1), grad_key, grad_value

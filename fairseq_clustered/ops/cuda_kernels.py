@@ -761,8 +761,10 @@ class CudaOps:
     # forward: with V_bar = A V from flash attention, the remainder is
     # R_j = V_bar_j - sum_{t in T_j} A_jt v_t, and the backward splits into flash's
     # backward for V_bar, a sparse part on the C x K top entries, and a dense
-    # correction -c_j A_jl from the top entries' dependence on lse_j, whose products
-    # A K and A^T X come from one more flash forward / backward over (Qbar, K, K).
+    # correction -c_j A_jl from the top entries' dependence on lse_j. On the Triton
+    # centroid kernels that correction is c_j added to the row's rowsum(dO * O), in
+    # the same pass over the keys as V_bar's backward; otherwise its products A K and
+    # A^T X come from one more flash forward / backward over (Qbar, K, K).
 
     @staticmethod
     def _top_rows(rows_tensor, top):
@@ -838,6 +840,30 @@ class CudaOps:
         gm = self._exact_top_keys_fwd(query, key, value, grad_out, assignments, order, seg_start, top, mass,
                                       grad_rest, scale)  # grad_out_i . exact_i
         grad_mass = self.ext.segment_sum(gm.reshape(batch, heads, length, 1), order, seg_start, False)
+        # The top keys' gradients (sparse; the exact part's kernel adds into them too), in
+        # fp32, added to the dense pass's key and value gradients at the end.
+        dk32 = qbar.new_zeros(rows, keys, dim)
+        dv32 = qbar.new_zeros(rows, keys, dim)
+
+        if fused_top and centroid_triton.triton_centroid_unavailable(query, value, num_clusters) is None:
+            # Top entries (f = sum_j gm_j m_j - G_j . sum_t A_jt v_t), then everything dense in one
+            # pass over the keys: the backward of V_bar = A V for dO = G together with the lse
+            # term, which only adds c_j to each centroid's rowsum(dO * O).
+            c, grad_top = improved_triton.top_key_gradients(qbar, k_rows, v_rows, top, lse_rows, grad_rest,
+                                                            grad_mass.reshape(rows, num_clusters), scale, dk32, dv32)
+            if centroid_flash is None:
+                centroid_flash = self._flash_fwd(qbar, key, value, scale, batch, heads)[:2]
+            centroid_values, centroid_lse = centroid_flash
+            dqb_parts, dk, dv = centroid_triton.centroid_attention_bwd(
+                grad_rest, centroid_values.reshape(rows, num_clusters, dim), qbar, key, value, None, None,
+                centroid_lse.reshape(rows, num_clusters), scale, 0.0, lse_weight=c, partial_qbar=True)
+            dq_bar, _ = improved_triton.centroid_gradients(
+                dqb_parts.reshape(batch, heads, *dqb_parts.shape[1:]), grad_top, seg_start)
+            dq = improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, dq_bar,
+                                                    scale, dk32, dv32)
+            dk = improved_triton.sum_gradients(dk32, dk, reuse_first=True)
+            del dk32
+            return dq, dk, improved_triton.sum_gradients(dv32, dv, reuse_first=True)
 
         # V_bar part: flash backward with dO = G.
         if centroid_flash is None:
@@ -847,10 +873,6 @@ class CudaOps:
                                  *centroid_flash)
         qb = ctx[0]
         dqb, dk, dv = self._attn_bwd(grad_rest.reshape(batch, heads, num_clusters, dim).to(query.dtype), ctx)
-        # The top keys' gradients (sparse; the exact part's kernel adds into them too), in
-        # fp32, added to flash's dense key and value gradients at the end.
-        dk32 = qbar.new_zeros(rows, keys, dim)
-        dv32 = qbar.new_zeros(rows, keys, dim)
         # The dense lse term goes through a flash pass over (Qbar, K, K): A K and A^T X with
         # X = -scale c Qbar, c the top entries' weight below.
         k_out, _, k_ctx = self._attn_fwd(qb, key, key, scale)
@@ -859,7 +881,7 @@ class CudaOps:
         if fused_top:
             c, grad_top = improved_triton.top_key_gradients(qbar, k_rows, v_rows, top, lse_rows, grad_rest,
                                                             grad_mass.reshape(rows, num_clusters), scale, dk32, dv32)
-            dq_bar, x = improved_triton.centroid_gradients(dqb, grad_top, c, k_out, qbar, seg_start, scale)
+            dq_bar, x = improved_triton.centroid_gradients(dqb, grad_top, seg_start, c, k_out, qbar, scale)
         else:
             a = grad_mass - torch.einsum("rcd,rckd->rck", grad_rest, top_values)
             w = a * top_probs  # gradient of the top logits (before the lse term), / scale

@@ -431,8 +431,8 @@ if triton is not None:
 
     @triton.jit
     def _centroid_grads_kernel(DQB, GRAD_TOP, LSE_WEIGHT, K_OUT, QBAR, SEG_START, DQ_BAR, X, heads, num_clusters,
-                               total, scale, dqb_b, dqb_h, dqb_c, k_out_b, k_out_h, k_out_c, DIM: tl.constexpr,
-                               BLOCK: tl.constexpr):
+                               total, parts, scale, dqb_b, dqb_h, dqb_p, dqb_c, k_out_b, k_out_h, k_out_c,
+                               DIM: tl.constexpr, BLOCK: tl.constexpr, LSE_TERM: tl.constexpr):
         """Program: ``BLOCK`` centroids ``(b, h, c)`` of :func:`centroid_gradients`."""
         centroid = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = centroid < total
@@ -441,19 +441,21 @@ if triton is not None:
         batch, head = row // heads, row % heads
         feats = tl.arange(0, DIM)[None, :]
         flat = centroid.to(tl.int64)[:, None] * DIM + feats
-        weight = scale * tl.load(LSE_WEIGHT + centroid, mask=ok, other=0.0)[:, None]
-        dqb = tl.load(DQB + (batch.to(tl.int64) * dqb_b + head * dqb_h + cluster * dqb_c)[:, None] + feats,
-                      mask=ok[:, None], other=0.0)
-        k_out = tl.load(K_OUT + (batch.to(tl.int64) * k_out_b + head * k_out_h + cluster * k_out_c)[:, None]
-                        + feats, mask=ok[:, None], other=0.0)
-        grads = dqb.to(tl.float32) + tl.load(GRAD_TOP + flat, mask=ok[:, None], other=0.0) \
-            - weight * k_out.to(tl.float32)
+        grads = tl.load(GRAD_TOP + flat, mask=ok[:, None], other=0.0)
+        dqb = DQB + (batch.to(tl.int64) * dqb_b + head * dqb_h + cluster * dqb_c)[:, None] + feats
+        for part in range(parts):
+            grads += tl.load(dqb + part * dqb_p, mask=ok[:, None], other=0.0).to(tl.float32)
+        if LSE_TERM:
+            weight = scale * tl.load(LSE_WEIGHT + centroid, mask=ok, other=0.0)[:, None]
+            k_out = tl.load(K_OUT + (batch.to(tl.int64) * k_out_b + head * k_out_h + cluster * k_out_c)[:, None]
+                            + feats, mask=ok[:, None], other=0.0)
+            grads -= weight * k_out.to(tl.float32)
+            x = -weight * tl.load(QBAR + flat, mask=ok[:, None], other=0.0)
+            tl.store(X + flat, x.to(X.dtype.element_ty), mask=ok[:, None])
         first = tl.load(SEG_START + row.to(tl.int64) * (num_clusters + 1) + cluster, mask=ok, other=0)
         after = tl.load(SEG_START + row.to(tl.int64) * (num_clusters + 1) + cluster + 1, mask=ok, other=1)
         members = tl.maximum(after - first, 1).to(tl.float32)
         tl.store(DQ_BAR + flat, grads / members[:, None], mask=ok[:, None])
-        x = -weight * tl.load(QBAR + flat, mask=ok[:, None], other=0.0)
-        tl.store(X + flat, x.to(X.dtype.element_ty), mask=ok[:, None])
 
 
 def top_key_summary(qbar: Tensor, key: Tensor, value: Tensor, top: Tensor, lse: Tensor, scale: float,
@@ -513,35 +515,47 @@ def top_key_gradients(qbar: Tensor, key: Tensor, value: Tensor, top: Tensor, lse
     return lse_weight, grad_centroids
 
 
-def centroid_gradients(dqb: Tensor, grad_top: Tensor, lse_weight: Tensor, k_out: Tensor, qbar: Tensor,
-                       seg_start: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+def centroid_gradients(dqb: Tensor, grad_top: Tensor, seg_start: Tensor, lse_weight: Optional[Tensor] = None,
+                       k_out: Optional[Tensor] = None, qbar: Optional[Tensor] = None,
+                       scale: float = 1.0) -> Tuple[Tensor, Optional[Tensor]]:
     """The centroid side of the improved flash backward, in one launch.
 
     Args:
-        dqb: ``(B, H, C, D)`` fp16 / bf16, flash's centroid gradient for the centroid outputs.
-        grad_top: ``(B H, C, D)`` fp32 and lse_weight: ``(B H, C)`` fp32, from
-            :func:`top_key_gradients`. k_out: ``(B, H, C, D)``, the centroids' attention over the
-            keys as values. qbar: ``(B H, C, D)`` fp32. seg_start: ``(B H, C + 1)`` int64, where
-            each cluster's run of members starts (its member count is the difference).
-        dqb and k_out may have any strides with a contiguous feature dim.
+        dqb: the centroid gradient of the dense pass over the keys: flash's ``(B, H, C, D)``
+            fp16 / bf16, or the Triton centroid backward's ``(B, H, parts, C, D)`` fp32 parts
+            (summed here). Any strides with a contiguous feature dim.
+        grad_top: ``(B H, C, D)`` fp32, from :func:`top_key_gradients`. seg_start: ``(B H, C + 1)``
+            int64, where each cluster's run of members starts (its member count is the difference).
+        lse_weight, k_out, qbar: the log-sum-exp term, where the dense pass left it out:
+            ``lse_weight (B H, C)`` fp32 from :func:`top_key_gradients`, ``k_out (B, H, C, D)``
+            (any strides with a contiguous feature dim) the centroids' attention over the keys as
+            values, ``qbar (B H, C, D)`` fp32; or all None.
 
     Returns:
-        ``dq_bar (B H, C, D)`` fp32, ``(dqb + grad_top - scale c k_out) / max(members, 1)`` with
-        ``c`` = lse_weight (each member's share of its centroid's gradient), and ``x (B, H, C, D)``
-        in dqb's dtype, ``-scale c qbar`` (the output gradient of the log-sum-exp term's flash
-        pass over the keys).
+        ``dq_bar (B H, C, D)`` fp32, ``(dqb + grad_top [- scale c k_out]) / max(members, 1)`` with
+        ``c`` = lse_weight (each member's share of its centroid's gradient), and with the
+        log-sum-exp term ``x (B, H, C, D)`` in k_out's dtype, ``-scale c qbar`` (the output
+        gradient of that term's flash pass over the keys), else None.
     """
-    batch, heads, num_clusters, dim = dqb.shape
-    dqb, k_out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dqb, k_out))
-    qbar, grad_top, lse_weight, seg_start = (t.contiguous() for t in (qbar, grad_top, lse_weight, seg_start))
-    dq_bar = torch.empty_like(qbar)
-    x = torch.empty(batch, heads, num_clusters, dim, dtype=dqb.dtype, device=dqb.device)
+    if dqb.dim() == 4:
+        dqb = dqb.unsqueeze(2)  # one part
+    batch, heads, parts, num_clusters, dim = dqb.shape
+    dqb = dqb if dqb.stride(-1) == 1 else dqb.contiguous()
+    grad_top, seg_start = grad_top.contiguous(), seg_start.contiguous()
+    dq_bar = torch.empty_like(grad_top)
+    lse_term = lse_weight is not None
+    if lse_term:
+        k_out = k_out if k_out.stride(-1) == 1 else k_out.contiguous()
+        qbar, lse_weight = qbar.contiguous(), lse_weight.contiguous()
+        x = torch.empty(batch, heads, num_clusters, dim, dtype=k_out.dtype, device=dqb.device)
+    else:
+        k_out = qbar = lse_weight = x = grad_top  # not read
     total, block = batch * heads * num_clusters, 32
     _centroid_grads_kernel[(triton.cdiv(total, block),)](
-        dqb, grad_top, lse_weight, k_out, qbar, seg_start, dq_bar, x, heads, num_clusters, total, scale,
-        *dqb.stride()[:3], *k_out.stride()[:3], DIM=dim, BLOCK=block, num_warps=4,
+        dqb, grad_top, lse_weight, k_out, qbar, seg_start, dq_bar, x, heads, num_clusters, total, parts, scale,
+        *dqb.stride()[:4], *k_out.stride()[:3], DIM=dim, BLOCK=block, LSE_TERM=lse_term, num_warps=4,
     )
-    return dq_bar, x
+    return dq_bar, (x if lse_term else None)
 
 
 def sum_gradients(sparse: Tensor, first: Tensor, second: Optional[Tensor] = None, *,
