@@ -73,3 +73,12 @@ def test_top_keys_sweep_reads_its_settings_and_needs_a_gpu():
         result = subprocess.run([sys.executable, str(BENCHMARKS / "top_keys_sweep.py")], capture_output=True,
                                 text=True)
         assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
+
+
+def test_centroid_backward_needs_a_gpu():
+    """benchmarks/centroid_backward.py: without a GPU it says so and exits."""
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: the script runs there (benchmarks/NOTES.md, sixteenth session)")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "centroid_backward.py"), "--lengths", "1024"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
