@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 
-from fairseq_clustered.ops import _triton, custom_ops, reference
+from fairseq_clustered.ops import _triton, centroid_triton, custom_ops, reference
 from fairseq_clustered.ops.cuda_kernels import CudaOps, _segments
 
 SANITIZE = os.environ.get("FCL_SANITIZE") == "1"
@@ -289,11 +289,18 @@ def test_improved_backward_from_the_kept_forward_parts_cpu(monkeypatch):
 
 @pytest.mark.skipif(_triton.MISSING is not None or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py without a GPU)")
-def test_flash_path_with_the_triton_kernels_cpu(monkeypatch):
+@pytest.mark.parametrize("dense", ["triton", "flash"])
+def test_flash_path_with_the_triton_kernels_cpu(monkeypatch, dense):
     """The improved flash path in half precision, whose exact top-key products, their
     gradients and the final gradient sums (written over the dense gradients' buffers) run
-    as the Triton kernels, here in Triton's interpreter, against the float64 reference."""
+    as the Triton kernels, here in Triton's interpreter, against the float64 reference. The
+    backward's dense part is one pass of the Triton centroid backward, or (``flash``: where
+    those kernels refuse the shapes, as for more than 128 clusters) flash's passes, with the
+    log-sum-exp term through a second one."""
     from fairseq_clustered.ops import improved_triton
+
+    if dense == "flash":
+        monkeypatch.setattr(centroid_triton, "triton_centroid_unavailable", lambda *args: "refused by the test")
 
     sums = []
     real_sum = improved_triton.sum_gradients
@@ -599,6 +606,30 @@ def test_improved_gpu(dtype, length, dim, pad):
     ref_grads = reference.improved_clustered_attention_bwd_ref(g.double(), *d64, a, kmask, None, ref_lse, ref_top,
                                                                C, scale, 0.0)
     low_grads = _lowp(reference.improved_clustered_attention_bwd_ref, g, q, k, v, a, kmask, None,
+                      ref_lse.to(dtype), ref_top, C, scale, 0.0)
+    for n, x, y, z in zip("qkv", grads, ref_grads, low_grads):
+        _check(f"d{n}", x, y, z)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
+def test_improved_backward_past_the_centroid_kernels_gpu(dtype):
+    """With more than 128 clusters the Triton centroid backward does not take the improved
+    backward's dense part; flash's passes (the log-sum-exp term through a second one) do, and
+    the gradients still meet the low-precision rule against the fp64 reference."""
+    C, topk, length = 130, 16, 700
+    q, k, v, _, _, a = make_inputs(2, 2, length, length, 64, dtype, "cuda", C, pad=False)
+    assert centroid_triton.triton_centroid_unavailable(q, v, C) is not None
+    scale = 64 ** -0.5
+    d64 = [t.double() for t in (q, k, v)]
+    _, _, _, centroids = custom_ops.improved_clustered_attention_fwd(q, k, v, a, None, None, C, topk, scale, 0.0)
+    _, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(*d64, a, None, None, C, topk, scale, 0.0)
+    g = torch.randn(q.shape, device="cuda", dtype=dtype)
+    grads = custom_ops.improved_clustered_attention_bwd(g, q, k, v, a, None, None, ref_lse.float(), ref_top,
+                                                        centroids, C, scale, 0.0)
+    ref_grads = reference.improved_clustered_attention_bwd_ref(g.double(), *d64, a, None, None, ref_lse, ref_top,
+                                                               C, scale, 0.0)
+    low_grads = _lowp(reference.improved_clustered_attention_bwd_ref, g, q, k, v, a, None, None,
                       ref_lse.to(dtype), ref_top, C, scale, 0.0)
     for n, x, y, z in zip("qkv", grads, ref_grads, low_grads):
         _check(f"d{n}", x, y, z)
