@@ -163,7 +163,6 @@ def clustered_launches(length: int, num_clusters: int, dim: int, top_k: int, dty
         weight, grad_top = improved_triton.top_key_gradients(
             qbar, key.reshape(rows, length, dim), value.reshape(rows, length, dim), top, lse, rest, mass, scale,
             grad_key, torch.zeros_like(grad_key))
-        outputs = torch.randn(1, groups, num_clusters, dim, generator=generator).to(dtype)
         # the eager step's form: the Triton centroid backward's parts, the lse term already in them
         parts = torch.randn(1, groups, 2, num_clusters, dim, generator=generator)
         improved_triton.centroid_gradients(parts, grad_top, seg_start)

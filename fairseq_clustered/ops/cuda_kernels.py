@@ -845,12 +845,14 @@ class CudaOps:
         dk32 = qbar.new_zeros(rows, keys, dim)
         dv32 = qbar.new_zeros(rows, keys, dim)
 
-        if fused_top and centroid_triton.triton_centroid_unavailable(query, value, num_clusters) is None:
-            # Top entries (f = sum_j gm_j m_j - G_j . sum_t A_jt v_t), then everything dense in one
-            # pass over the keys: the backward of V_bar = A V for dO = G together with the lse
-            # term, which only adds c_j to each centroid's rowsum(dO * O).
+        # Top entries: f = sum_j gm_j m_j - G_j . sum_t A_jt v_t, so df/dA_jt = a_jt.
+        if fused_top:
             c, grad_top = improved_triton.top_key_gradients(qbar, k_rows, v_rows, top, lse_rows, grad_rest,
                                                             grad_mass.reshape(rows, num_clusters), scale, dk32, dv32)
+
+        if fused_top and centroid_triton.triton_centroid_unavailable(query, value, num_clusters) is None:
+            # Everything dense in one pass over the keys: the backward of V_bar = A V for dO = G
+            # together with the lse term, which only adds c_j to each centroid's rowsum(dO * O).
             if centroid_flash is None:
                 centroid_flash = self._flash_fwd(qbar, key, value, scale, batch, heads)[:2]
             centroid_values, centroid_lse = centroid_flash
@@ -859,48 +861,41 @@ class CudaOps:
                 centroid_lse.reshape(rows, num_clusters), scale, 0.0, lse_weight=c, partial_qbar=True)
             dq_bar, _ = improved_triton.centroid_gradients(
                 dqb_parts.reshape(batch, heads, *dqb_parts.shape[1:]), grad_top, seg_start)
-            dq = improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, dq_bar,
-                                                    scale, dk32, dv32)
-            dk = improved_triton.sum_gradients(dk32, dk, reuse_first=True)
-            del dk32
-            return dq, dk, improved_triton.sum_gradients(dv32, dv, reuse_first=True)
-
-        # V_bar part: flash backward with dO = G.
-        if centroid_flash is None:
-            _, _, ctx = self._flash_fwd(qbar, key, value, scale, batch, heads)
+            dk_lse = None  # in dk already
         else:
-            ctx = self._attn_ctx(qbar.reshape(batch, heads, num_clusters, dim).to(key.dtype), key, value, scale,
-                                 *centroid_flash)
-        qb = ctx[0]
-        dqb, dk, dv = self._attn_bwd(grad_rest.reshape(batch, heads, num_clusters, dim).to(query.dtype), ctx)
-        # The dense lse term goes through a flash pass over (Qbar, K, K): A K and A^T X with
-        # X = -scale c Qbar, c the top entries' weight below.
-        k_out, _, k_ctx = self._attn_fwd(qb, key, key, scale)
-
-        # Top entries: f = sum_j gm_j m_j - G_j . sum_t A_jt v_t, so df/dA_jt = a_jt.
-        if fused_top:
-            c, grad_top = improved_triton.top_key_gradients(qbar, k_rows, v_rows, top, lse_rows, grad_rest,
-                                                            grad_mass.reshape(rows, num_clusters), scale, dk32, dv32)
-            dq_bar, x = improved_triton.centroid_gradients(dqb, grad_top, seg_start, c, k_out, qbar, scale)
-        else:
-            a = grad_mass - torch.einsum("rcd,rckd->rck", grad_rest, top_values)
-            w = a * top_probs  # gradient of the top logits (before the lse term), / scale
-            c = w.sum(-1)  # the lse term: dlogit_jl -= c_j A_jl for every key l
-            flat = top.reshape(rows, num_clusters * top_k, 1).expand(-1, -1, dim)
-            dv32.scatter_add_(1, flat, (-top_probs.unsqueeze(-1) * grad_rest.unsqueeze(2)).reshape(rows, -1, dim))
-            dk32.scatter_add_(1, flat, (scale * w.unsqueeze(-1) * qbar.unsqueeze(2)).reshape(rows, -1, dim))
-            grad_centroids = (dqb.reshape(rows, num_clusters, dim).float()
-                              + scale * torch.einsum("rck,rckd->rcd", w, top_keys)
-                              - scale * c.unsqueeze(-1) * k_out.reshape(rows, num_clusters, dim).float())
-            x = (-scale * c.unsqueeze(-1) * qbar).reshape(batch, heads, num_clusters, dim).to(query.dtype)
-            dq_bar = (grad_centroids / counts.clamp(min=1).unsqueeze(-1)).contiguous()
-        dk_lse = self._attn_bwd(x, k_ctx)[2]  # (indexed: the other key-sized gradient is freed at once)
+            # V_bar part: flash backward with dO = G.
+            if centroid_flash is None:
+                _, _, ctx = self._flash_fwd(qbar, key, value, scale, batch, heads)
+            else:
+                ctx = self._attn_ctx(qbar.reshape(batch, heads, num_clusters, dim).to(key.dtype), key, value, scale,
+                                     *centroid_flash)
+            qb = ctx[0]
+            dqb, dk, dv = self._attn_bwd(grad_rest.reshape(batch, heads, num_clusters, dim).to(query.dtype), ctx)
+            # The dense lse term goes through a flash pass over (Qbar, K, K): A K and A^T X with
+            # X = -scale c Qbar, c the top entries' weight.
+            k_out, _, k_ctx = self._attn_fwd(qb, key, key, scale)
+            if fused_top:
+                dq_bar, x = improved_triton.centroid_gradients(dqb, grad_top, seg_start, c, k_out, qbar, scale)
+            else:
+                a = grad_mass - torch.einsum("rcd,rckd->rck", grad_rest, top_values)
+                w = a * top_probs  # gradient of the top logits (before the lse term), / scale
+                c = w.sum(-1)  # the lse term: dlogit_jl -= c_j A_jl for every key l
+                flat = top.reshape(rows, num_clusters * top_k, 1).expand(-1, -1, dim)
+                dv32.scatter_add_(1, flat,
+                                  (-top_probs.unsqueeze(-1) * grad_rest.unsqueeze(2)).reshape(rows, -1, dim))
+                dk32.scatter_add_(1, flat, (scale * w.unsqueeze(-1) * qbar.unsqueeze(2)).reshape(rows, -1, dim))
+                grad_centroids = (dqb.reshape(rows, num_clusters, dim).float()
+                                  + scale * torch.einsum("rck,rckd->rcd", w, top_keys)
+                                  - scale * c.unsqueeze(-1) * k_out.reshape(rows, num_clusters, dim).float())
+                x = (-scale * c.unsqueeze(-1) * qbar).reshape(batch, heads, num_clusters, dim).to(query.dtype)
+                dq_bar = (grad_centroids / counts.clamp(min=1).unsqueeze(-1)).contiguous()
+            dk_lse = self._attn_bwd(x, k_ctx)[2]  # (indexed: the other key-sized gradient is freed at once)
 
         # The kernels add the exact top-key parts into dk32 / dv32 in place.
         if fused_top:
             dq = improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, dq_bar,
                                                     scale, dk32, dv32)
-            # Summed over flash's buffers, and the key side's fp32 buffer freed before the value
+            # Summed over the dense pass's buffers, and the key side's fp32 buffer freed before the value
             # side's sum: the backward's memory peak is here.
             dk = improved_triton.sum_gradients(dk32, dk, dk_lse, reuse_first=True)
             del dk32, dk_lse
