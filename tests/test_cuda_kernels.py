@@ -600,13 +600,19 @@ def test_improved_gpu(dtype, length, dim, pad):
     same = (top.sort(-1).values == ref_top.sort(-1).values).all(-1).float().mean().item()
     assert same > 0.99, f"top-key sets agree on only {same:.3f} of the centroids"
     _check("out", out, ref_out, low_out)
-    g = torch.randn_like(out)
+    _check_improved_backward(torch.randn_like(out), q, k, v, a, kmask, ref_lse, ref_top, centroids, C, scale)
+
+
+def _check_improved_backward(g, q, k, v, a, kmask, ref_lse, ref_top, centroids, C, scale):
+    """The improved op's gradients for ``g`` against the fp64 reference (the low-precision rule),
+    given the reference forward's float64 ``ref_lse`` and its ``ref_top``."""
+    d64 = [t.double() for t in (q, k, v)]
     grads = custom_ops.improved_clustered_attention_bwd(g, q, k, v, a, kmask, None, ref_lse.float(), ref_top,
                                                         centroids, C, scale, 0.0)
     ref_grads = reference.improved_clustered_attention_bwd_ref(g.double(), *d64, a, kmask, None, ref_lse, ref_top,
                                                                C, scale, 0.0)
     low_grads = _lowp(reference.improved_clustered_attention_bwd_ref, g, q, k, v, a, kmask, None,
-                      ref_lse.to(dtype), ref_top, C, scale, 0.0)
+                      ref_lse.to(q.dtype), ref_top, C, scale, 0.0)
     for n, x, y, z in zip("qkv", grads, ref_grads, low_grads):
         _check(f"d{n}", x, y, z)
 
@@ -625,14 +631,7 @@ def test_improved_backward_past_the_centroid_kernels_gpu(dtype):
     _, _, _, centroids = custom_ops.improved_clustered_attention_fwd(q, k, v, a, None, None, C, topk, scale, 0.0)
     _, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(*d64, a, None, None, C, topk, scale, 0.0)
     g = torch.randn(q.shape, device="cuda", dtype=dtype)
-    grads = custom_ops.improved_clustered_attention_bwd(g, q, k, v, a, None, None, ref_lse.float(), ref_top,
-                                                        centroids, C, scale, 0.0)
-    ref_grads = reference.improved_clustered_attention_bwd_ref(g.double(), *d64, a, None, None, ref_lse, ref_top,
-                                                               C, scale, 0.0)
-    low_grads = _lowp(reference.improved_clustered_attention_bwd_ref, g, q, k, v, a, None, None,
-                      ref_lse.to(dtype), ref_top, C, scale, 0.0)
-    for n, x, y, z in zip("qkv", grads, ref_grads, low_grads):
-        _check(f"d{n}", x, y, z)
+    _check_improved_backward(g, q, k, v, a, None, ref_lse, ref_top, centroids, C, scale)
 
 
 @needs_gpu
