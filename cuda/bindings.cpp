@@ -3,6 +3,8 @@
 // the result as the CUDA implementation of the fairseq_clustered::* custom ops.
 #include <torch/extension.h>
 
+#include "graph_inputs.h"
+
 #include <tuple>
 #include <vector>
 
@@ -65,4 +67,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_tensors", &fcl::copy_tensors_cuda,
         "dsts[i].copy_(srcs[i]) for every i, the dense same-layout pairs of any dtypes in one launch");
   m.def("fresh_copies", &fcl::fresh_copies_cuda, "empty_like copies of the tensors, filled in one launch");
+  pybind11::class_<fcl::GraphInputs>(m, "GraphInputs",
+                                     "the kernel parameters of a captured graph that hold its static inputs' addresses")
+      .def(pybind11::init<int64_t, std::vector<int64_t>, std::vector<int64_t>>(), pybind11::arg("graph"),
+           pybind11::arg("starts"), pybind11::arg("ends"))
+      .def_property_readonly("unsupported", &fcl::GraphInputs::unsupported,
+                             "why the inputs cannot be pointed elsewhere ('' if they can)")
+      .def_property_readonly("kernel_nodes", &fcl::GraphInputs::kernel_nodes, "kernel nodes rewritten")
+      .def("point_at", &fcl::GraphInputs::point_at, pybind11::arg("exec"), pybind11::arg("bases"),
+           "read input i at bases[i] from the next replay of exec on (False: a base is misaligned, nothing changed)");
 }

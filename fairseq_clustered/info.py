@@ -49,9 +49,11 @@ def graph_cache_line(cuda_backend) -> str:
         return f"invalid setting: {error}"
     if not config.enabled:
         return "off (FAIRSEQ_CLUSTERED_CUDA_GRAPHS=0)"
+    inputs = ("read in place where a check at capture allows (FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy copies them)"
+              if config.inputs_in_place else "copied into the graphs (FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy)")
     return (f"on: the kernels' compositions replay from a CUDA graph once a call signature repeats (inputs up to "
             f"{config.max_input_bytes >> 20} MiB, cache up to {config.budget_bytes >> 20} MiB; "
-            "FAIRSEQ_CLUSTERED_CUDA_GRAPHS=0 turns it off)")
+            f"FAIRSEQ_CLUSTERED_CUDA_GRAPHS=0 turns it off); the calls' tensors {inputs}")
 
 
 if __name__ == "__main__":

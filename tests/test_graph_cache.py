@@ -24,6 +24,7 @@ needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_backend.l
     ("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "yes", "0 (off) or 1 (on)"),
     ("FAIRSEQ_CLUSTERED_GRAPH_CACHE_MB", "lots", "an integer"),
     ("FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB", "-1", ">= 0"),
+    ("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "yes", "in-place (read the caller's tensors"),
 ])
 def test_bad_settings_name_the_variable(monkeypatch, name, value, words):
     monkeypatch.setenv(name, value)
@@ -34,10 +35,43 @@ def test_bad_settings_name_the_variable(monkeypatch, name, value, words):
 
 def test_defaults(monkeypatch):
     for name in ("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "FAIRSEQ_CLUSTERED_GRAPH_CACHE_MB",
-                 "FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB"):
+                 "FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB", "FAIRSEQ_CLUSTERED_GRAPH_INPUTS"):
         monkeypatch.delenv(name, raising=False)
     config = graph_cache.settings()
     assert config.enabled and config.budget_bytes == 1024 * 2**20 and config.max_input_bytes == 256 * 2**20
+    assert config.inputs_in_place
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(3, 4, 5),
+    lambda: torch.randn(3, 4, 5).permute(2, 0, 1),  # dense, permuted
+    lambda: torch.randn(6, 8)[:, ::2],  # gaps between elements
+    lambda: torch.randn(101)[1:],  # off the start of its storage
+    lambda: torch.randn(4, 1).expand(4, 3),  # overlapping elements
+    lambda: torch.randint(0, 9, (0, 4)),  # empty
+], ids=["contiguous", "permuted", "strided", "offset", "expanded", "empty"])
+def test_static_copies_keep_strides_and_leave_room(make):
+    """The graphs' static inputs: the argument's values and strides (so the graph can be pointed at
+    the argument itself), a dense copy where elements overlap, and room after the last byte."""
+    arg = make()
+    static = graph_cache._static_copy(arg)
+    assert torch.equal(static, arg) and static.dtype == arg.dtype
+    overlapping = arg.numel() > 0 and 0 in arg.stride()
+    assert graph_cache._overlaps(arg) == overlapping
+    if overlapping:
+        assert static.is_contiguous()
+    else:
+        assert static.stride() == arg.stride()
+        assert static.untyped_storage().nbytes() >= graph_cache._span_bytes(arg) + 16
+    if arg.numel():  # the span: from the first element to one past the farthest one
+        offsets = torch.zeros(arg.shape, dtype=torch.long)
+        for dim, stride in enumerate(arg.stride()):
+            shape = [1] * arg.dim()
+            shape[dim] = arg.shape[dim]
+            offsets = offsets + torch.arange(arg.shape[dim]).view(shape) * stride
+        assert graph_cache._span_bytes(arg) == (int(offsets.max()) + 1) * arg.element_size()
+    else:
+        assert graph_cache._span_bytes(arg) == 0
 
 
 def test_cpu_tensors_run_eagerly():
@@ -115,15 +149,21 @@ def _assert_same(graphed, eager, exact_grads):
 
 
 @needs_gpu
+@pytest.mark.parametrize("inputs", ["in-place", "copy"])
 @pytest.mark.parametrize("variant", ["clustered", "improved"])
 @pytest.mark.parametrize("dtype,pad,dropout", [(torch.bfloat16, False, 0.0), (torch.float32, True, 0.2)],
                          ids=["bf16-flash", "fp32-padding-dropout"])
-def test_replays_match_eager_gpu(monkeypatch, variant, dtype, pad, dropout):
+def test_replays_match_eager_gpu(monkeypatch, variant, dtype, pad, dropout, inputs):
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", inputs)
     cache = cuda_backend.graph_cache()
     cache.clear()
     captures, replays = cache.captures, cache.replays
     graphed = [_step(variant, seed, dtype, pad, dropout) for seed in range(4)]
     assert cache.captures > captures and cache.replays > replays, "nothing was captured or replayed"
+    if inputs == "copy":
+        assert cache.inputs_read_in_place() == 0
+    else:  # the forward's graph, at least, reads q, k and v where they are
+        assert cache.inputs_read_in_place() >= 1, cache.copied_inputs
     monkeypatch.setenv("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "0")
     replays = cache.replays
     eager = [_step(variant, seed, dtype, pad, dropout) for seed in range(4)]
@@ -279,3 +319,64 @@ def test_mixed_dtype_replays_equal_eager_gpu(copies):
         for x, y in zip(got, want):
             assert torch.equal(x, y)
     assert cache.captures == 1 and cache.replays == 3
+
+
+def _aligned_and_offset(length, seed):
+    """Two (length,) fp32 views of the same signature: one at the start of its storage (aligned like
+    the graphs' static inputs), one 4 bytes into it (not)."""
+    g = torch.Generator().manual_seed(seed)
+    storage = torch.randn(length + 1, generator=g).cuda()
+    return storage[:-1], storage[1:]
+
+
+@needs_gpu
+def test_inputs_read_in_place_gpu(monkeypatch):
+    """A graph that reads its callers' tensors in place: every replay on fresh tensors equals the eager
+    composition, including a call whose tensors are not aligned like the static inputs (it copies),
+    and the calls after it (in place again). With FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy nothing is read
+    in place."""
+    cache = graph_cache.GraphCache(copies=cuda_backend.extension())
+
+    def composition(a, b, scale):
+        return (a * scale + b.sum()).to(torch.bfloat16), torch.cumsum(b, 0)
+
+    calls = [_aligned_and_offset(1000, seed)[0] for seed in range(4)]
+    calls += [_aligned_and_offset(1000, 4)[1], _aligned_and_offset(1000, 5)[0]]
+    for i, a in enumerate(calls):
+        b = torch.randn(1000, generator=torch.Generator().manual_seed(100 + i)).cuda()
+        got = cache.run("in place", composition, (a, b, 0.5))
+        for x, y in zip(got, composition(a, b, 0.5)):
+            assert torch.equal(x, y), i
+    assert cache.captures == 1 and cache.inputs_read_in_place() == 1, cache.copied_inputs
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "copy")
+    copying = graph_cache.GraphCache(copies=cuda_backend.extension())
+    for a in calls[:3]:
+        copying.run("copied", composition, (a, a, 0.5))
+    assert copying.captures == 1 and copying.inputs_read_in_place() == 0
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", ["memcpy", "random", "matmul"])
+def test_graphs_the_check_refuses_copy_gpu(case):
+    """Graphs whose inputs cannot be read in place keep copying and give the eager results: an input
+    copied by a memcpy node (never rewritten), a composition whose replay differs from its eager run
+    (random numbers: the check must refuse it), and cuBLAS products (Hopper kernels may take their
+    operands through TMA descriptors; in place or not, the results must be the eager ones)."""
+    cache = graph_cache.GraphCache(copies=cuda_backend.extension())
+    weight = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    compositions = {
+        "memcpy": lambda x: x.clone() * 2,
+        "random": lambda x: x + torch.rand_like(x),
+        "matmul": lambda x: (x @ weight).float().relu(),
+    }
+    composition = compositions[case]
+    for seed in range(4):
+        x = torch.randn(256, 64, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
+        got = cache.run(case, composition, (x,))
+        if case != "random":
+            assert torch.equal(got, composition(x)), seed
+    assert cache.captures == 1
+    if case == "memcpy":
+        assert cache.inputs_read_in_place() == 0 and "memcpy" in cache.copied_inputs[case]
+    if case == "random":
+        assert cache.inputs_read_in_place() == 0 and "differed" in cache.copied_inputs[case]

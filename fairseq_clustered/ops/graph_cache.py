@@ -13,6 +13,21 @@ the two copies is one kernel launch whatever the dtypes (``copy_tensors`` /
 ``fresh_copies`` in ``cuda/copies.cu``); torch's fused copy takes one per dtype, and each
 launch through the dispatcher costs more CPU time than the replay itself.
 
+Inputs read in place. The copy into the static inputs is a pass over q, k, v (and the
+incoming gradient in the backward): at 4k-16k about 60% of the copies' GPU time. Where the
+extension provides ``GraphInputs`` (``cuda/graph_inputs.cpp``), the graph's kernels are
+instead pointed at the caller's tensors before each replay: the kernel parameters that hold
+an address inside a static input are found once after the capture, and rewritten in the
+executable graph with the same offsets into the call's tensors. That search only sees
+addresses passed as kernel parameters, so every graph is checked once, at its capture: with
+its static inputs poisoned (NaN, -1) and its kernels pointed at fresh copies of the call's
+arguments, one replay must give the eager composition's outputs bit for bit. A graph that
+fails the check, or whose nodes the search cannot read (memcpy nodes on an input, kernels
+whose parameters travel as one buffer), keeps copying (:attr:`GraphCache.copied_inputs`
+says why), and so does a call whose tensors are not aligned like the static buffers (256
+bytes: the kernels chose their vector widths for those). ``FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy``
+turns it off. Outputs are still copied out (see below).
+
 Outputs are always fresh copies, never the graph's own buffers: the 12 layers of a model
 that share a shape share one graph, and each layer's saved outputs must survive the next
 layer's replay.
@@ -29,6 +44,8 @@ What it costs and where it steps aside (:func:`settings`):
   256) run eagerly: at those sizes the GPU time dominates, and copies and memory grow
   with the inputs while the launches they save do not;
 * ``FAIRSEQ_CLUSTERED_CUDA_GRAPHS=0`` switches the cache off;
+* ``FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy`` copies every call's tensors into the static inputs
+  (the default, ``in-place``, reads them where the check above allows);
 * inside a CUDA graph capture (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``)
   the composition runs eagerly, so that the outer capture records it;
 * CPU tensors always run eagerly.
@@ -60,6 +77,7 @@ class Settings:
     enabled: bool
     budget_bytes: int
     max_input_bytes: int
+    inputs_in_place: bool
 
 
 def _env_int(name: str, default: int) -> int:
@@ -76,7 +94,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 _ENVIRONMENT = ("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "FAIRSEQ_CLUSTERED_GRAPH_CACHE_MB",
-                "FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB")
+                "FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB", "FAIRSEQ_CLUSTERED_GRAPH_INPUTS")
 _parsed: Dict[Tuple[Optional[str], ...], Settings] = {}
 
 
@@ -94,22 +112,32 @@ def _parse_settings() -> Settings:
     switch = os.environ.get("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "1")
     if switch not in ("0", "1"):
         raise ValueError(f"FAIRSEQ_CLUSTERED_CUDA_GRAPHS must be 0 (off) or 1 (on), got {switch!r}")
+    inputs = os.environ.get("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "in-place")
+    if inputs not in ("in-place", "copy"):
+        raise ValueError(f"FAIRSEQ_CLUSTERED_GRAPH_INPUTS must be in-place (read the caller's tensors where a "
+                         f"check allows) or copy (copy them into the graph), got {inputs!r}")
     return Settings(
         enabled=switch == "1",
         budget_bytes=_env_int("FAIRSEQ_CLUSTERED_GRAPH_CACHE_MB", 1024) * 2**20,
         max_input_bytes=_env_int("FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB", 256) * 2**20,
+        inputs_in_place=inputs == "in-place",
     )
 
 
 class _Entry:
-    """One captured composition: its graph, static inputs and (graph-owned) outputs."""
+    """One captured composition: its graph, static inputs and (graph-owned) outputs; ``inputs``, once
+    the capture's check has passed, the ``GraphInputs`` that point the graph at the caller's tensors
+    (None: the calls' tensors are copied into ``static_tensors``)."""
 
     def __init__(self, graph, static_tensors: List[Tensor], outputs: Tuple[Tensor, ...], single: bool, nbytes: int):
         self.graph = graph
         self.static_tensors = static_tensors
+        self.static_bases = [_base(t) for t in static_tensors]
         self.outputs = outputs
         self.single = single
         self.nbytes = nbytes
+        self.inputs = None
+        self.executable = 0  # the cudaGraphExec_t, where the graph was kept for GraphInputs
 
 
 class GraphCache:
@@ -122,12 +150,18 @@ class GraphCache:
 
     ``copies``: an object with ``copy_tensors(destinations, sources)`` and
     ``fresh_copies(tensors) -> list`` that does each in one launch (the compiled extension),
-    or None for torch's copies (one launch per dtype).
+    or None for torch's copies (one launch per dtype). Where it also has ``GraphInputs``
+    (the extension does), graphs read their callers' tensors in place (the module's docstring).
     """
 
     def __init__(self, copies=None):
         self._copy_into = copies.copy_tensors if copies is not None else _copy_all
         self._fresh_copies = copies.fresh_copies if copies is not None else _fresh_copies
+        self._graph_inputs = getattr(copies, "GraphInputs", None)
+        if self._graph_inputs is not None and not _keeps_graphs():
+            self._graph_inputs = None
+        # name -> why its latest capture copies its inputs (GraphInputs could not be used or its check failed)
+        self.copied_inputs: Dict[str, str] = {}
         self._entries: "OrderedDict[Hashable, _Entry]" = OrderedDict()  # least recently used first
         self._calls: "OrderedDict[Hashable, int]" = OrderedDict()  # signatures not captured yet
         self._eager: "OrderedDict[Hashable, None]" = OrderedDict()  # evicted, too large or not capturable
@@ -158,7 +192,7 @@ class GraphCache:
         if calls < CAPTURE_ON_CALL:
             self._remember(self._calls, key, calls)
             return fn(*args)
-        entry = self._capture(name, fn, args, tensors[0].device)
+        entry, pointers = self._capture(name, fn, args, tensors[0].device, config)
         if entry is None:
             self._remember(self._eager, key, None)
             return fn(*args)
@@ -167,7 +201,13 @@ class GraphCache:
             return self._replay(entry, tensors)
         self._entries[key] = entry
         self._evict(config)
+        if pointers is not None:
+            return self._check_in_place(name, entry, pointers, fn, args, tensors)
         return self._replay(entry, tensors)
+
+    def inputs_read_in_place(self) -> int:
+        """How many of the cached graphs read their callers' tensors in place (the others copy them)."""
+        return sum(e.inputs is not None for e in self._entries.values())
 
     def memory_bytes(self) -> int:
         """Bytes the cached graphs hold on the GPU (static inputs and private pools)."""
@@ -186,7 +226,11 @@ class GraphCache:
     # ---------------------------------------------------------------- private
 
     def _replay(self, entry: _Entry, tensors: List[Tensor]):
-        self._copy_into(entry.static_tensors, tensors)
+        # (an empty tensor's address is ignored: no kernel reads it)
+        if entry.inputs is None or not entry.inputs.point_at(entry.executable, [t.data_ptr() for t in tensors]):
+            if entry.inputs is not None:  # a call whose tensors are not aligned like the static buffers
+                entry.inputs.point_at(entry.executable, entry.static_bases)
+            self._copy_into(entry.static_tensors, tensors)
         entry.graph.replay()
         self.replays += 1
         outputs = self._fresh_copies(entry.outputs)  # fresh copies: see the module's docstring
@@ -204,16 +248,22 @@ class GraphCache:
         while len(table) > MAX_SIGNATURES_TRACKED:
             table.popitem(last=False)
 
-    def _capture(self, name, fn, args, device) -> Optional[_Entry]:
-        """A new :class:`_Entry` for ``fn(*args)`` (its outputs are computed by the first replay),
-        or None if the capture failed."""
+    def _capture(self, name, fn, args, device, config: Settings):
+        """``(entry, pointers)``: a new :class:`_Entry` for ``fn(*args)`` (its outputs are computed by
+        the first replay), or None if the capture failed; and the ``GraphInputs`` of its graph where
+        they may read the caller's tensors in place once checked (:meth:`_check_in_place`), else None."""
         static_args = [_static_copy(a) for a in args]
         static_tensors = [a for a in static_args if isinstance(a, Tensor)]
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        in_place = self._graph_inputs is not None and config.inputs_in_place
+        if in_place and any(s.stride() != t.stride() for s, t in zip(static_tensors, tensors)):
+            in_place = False  # an input whose elements overlap (an expanded view) has a dense static copy
+            self.copied_inputs[name] = "an input's elements overlap in memory"
         current = torch.cuda.current_stream(device)
         stream = self._stream(device)
         torch.cuda.synchronize(device)
         reserved = torch.cuda.memory_reserved(device)
-        graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph(keep_graph=True) if in_place else torch.cuda.CUDAGraph()
         try:
             with torch.cuda.device(device), torch.cuda.stream(stream):
                 graph.capture_begin(capture_error_mode="thread_local")
@@ -228,14 +278,52 @@ class GraphCache:
                 warnings.warn(f"fairseq_clustered: {name} cannot be captured in a CUDA graph ({reason}); "
                               "it runs eagerly (same results)", stacklevel=4)
             current.wait_stream(stream)
-            return None
+            return None, None
         current.wait_stream(stream)
         single = isinstance(outputs, Tensor)
         outputs = (outputs,) if single else tuple(outputs)
         pool = torch.cuda.memory_reserved(device) - reserved
         nbytes = max(0, pool) + sum(t.numel() * t.element_size() for t in static_tensors)
         self.captures += 1
-        return _Entry(graph, static_tensors, outputs, single, nbytes)
+        entry = _Entry(graph, static_tensors, outputs, single, nbytes)
+        pointers = None
+        if in_place:
+            graph.instantiate()
+            entry.executable = graph.raw_cuda_graph_exec()
+            ends = [base + _span_bytes(t) if base else 0 for base, t in zip(entry.static_bases, static_tensors)]
+            try:
+                pointers = self._graph_inputs(graph.raw_cuda_graph(), entry.static_bases, ends)
+                reason = pointers.unsupported
+            except RuntimeError as error:  # a driver call failed: keep copying
+                reason = str(error).splitlines()[0]
+            if reason:
+                self.copied_inputs[name] = reason
+                pointers = None
+        return entry, pointers
+
+    def _check_in_place(self, name, entry: _Entry, pointers, fn, args, tensors: List[Tensor]):
+        """This call's result, from the eager composition; and the check that lets ``entry`` read its
+        callers' tensors in place: with its static inputs poisoned (all bytes 0xFF: NaN in every float
+        dtype, -1 in the integers) and its kernels pointed at fresh copies of the arguments, one replay
+        must give that result bit for bit. An address the kernels do not receive as a parameter (which
+        :class:`GraphInputs` cannot rewrite) would read the poison, or the copies would disagree."""
+        expected = fn(*args)
+        expected_outputs = (expected,) if isinstance(expected, Tensor) else tuple(expected)
+        elsewhere = [_static_copy(t) for t in tensors]
+        for static in entry.static_tensors:
+            _bytes_of(static).fill_(0xFF)
+        agrees = pointers.point_at(entry.executable, [_base(t) for t in elsewhere])
+        if agrees:
+            entry.graph.replay()
+            agrees = len(entry.outputs) == len(expected_outputs) and all(
+                torch.equal(got, want) for got, want in zip(entry.outputs, expected_outputs))
+        if agrees:
+            entry.inputs = pointers  # left pointing at `elsewhere`: every replay points it first
+            self.copied_inputs.pop(name, None)
+        else:
+            pointers.point_at(entry.executable, entry.static_bases)
+            self.copied_inputs[name] = "its replay with the inputs read in place differed from the eager result"
+        return expected
 
     def _evict(self, config: Settings) -> None:
         """Drop the least recently used graphs until the cache is within its limits."""
@@ -295,9 +383,55 @@ def _signature(name: str, args: Sequence) -> Tuple[Optional[Hashable], List[Tens
 
 
 def _static_copy(arg):
-    """A graph-owned copy of a tensor argument (same layout where that is dense); others as they are."""
+    """A graph-owned copy of a tensor argument, with the argument's strides (gaps included) unless its
+    elements overlap (then dense), in a buffer of its own with room after its end, so that no other
+    buffer starts at an address one past it; anything else as it is."""
     if not isinstance(arg, Tensor):
         return arg
-    static = torch.empty_like(arg, memory_format=torch.preserve_format)
+    if _overlaps(arg):
+        static = torch.empty_like(arg, memory_format=torch.preserve_format)
+    else:
+        span = _span_bytes(arg)
+        buffer = torch.empty(span + 16, dtype=torch.uint8, device=arg.device)
+        static = buffer[:span].view(arg.dtype).as_strided(arg.shape, arg.stride())
     static.copy_(arg)
     return static
+
+
+def _base(tensor: Tensor) -> int:
+    """The address of a tensor's first element, 0 for an empty tensor (never read)."""
+    return tensor.data_ptr() if tensor.numel() else 0
+
+
+def _span_bytes(tensor: Tensor) -> int:
+    """Bytes from a tensor's first element to the end of its last (strides >= 0)."""
+    if tensor.numel() == 0:
+        return 0
+    return (1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))) * tensor.element_size()
+
+
+def _overlaps(tensor: Tensor) -> bool:
+    """Whether two elements of ``tensor`` share memory (an expanded view, a zero stride)."""
+    extent = 1
+    dims = sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1)
+    for stride, size in dims:
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
+
+
+def _bytes_of(tensor: Tensor) -> Tensor:
+    """The whole storage under ``tensor`` as a flat uint8 tensor."""
+    return torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(tensor.untyped_storage())
+
+
+def _keeps_graphs() -> bool:
+    """Whether this torch's CUDAGraph can keep its cudaGraph_t (``keep_graph``, torch 2.8 and newer),
+    which GraphInputs reads."""
+    try:
+        torch.cuda.CUDAGraph(keep_graph=True)
+    except TypeError:
+        return False
+    return all(hasattr(torch.cuda.CUDAGraph, name) for name in ("instantiate", "raw_cuda_graph",
+                                                                   "raw_cuda_graph_exec"))
