@@ -48,7 +48,10 @@ fi
 if has sanitize; then
   # Small sizes (FCL_SANITIZE=1); opcheck / compile / graphs are left out (no new kernels there).
   # racecheck is slow: it covers the kernels with shared memory (hash, Lloyd, segment
-  # sums, the improved kernels' caches) on the smallest sizes.
+  # sums, the improved kernels' caches) on the smallest sizes. API errors are not reported:
+  # the graph cache's GraphInputs ends each scan of a kernel's parameters at the index where
+  # cuFuncGetParamInfo returns CUDA_ERROR_INVALID_VALUE (the driver gives no count), which
+  # memcheck would list as one error per kernel of every captured graph.
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     echo "== compute-sanitizer $tool"
     if [ $tool = memcheck ]; then
@@ -57,6 +60,7 @@ if has sanitize; then
       select="(hash or lloyd or edge or improved_gpu or dropout) and not fp16 and not fp32 and not 133"
     fi
     FCL_SANITIZE=1 timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool $tool --print-limit 20 \
+      --report-api-errors no \
       $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py tests/test_causal_fused.py tests/test_causal_triton.py \
       -k "($select) or kernel_matches" >"$OUT/sanitize_$tool.log" 2>&1
     rc=$?

@@ -335,6 +335,7 @@ def test_inputs_read_in_place_gpu(monkeypatch):
     composition, including a call whose tensors are not aligned like the static inputs (it copies),
     and the calls after it (in place again). With FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy nothing is read
     in place."""
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "in-place")
     cache = graph_cache.GraphCache(copies=cuda_backend.extension())
 
     def composition(a, b, scale):
@@ -357,11 +358,12 @@ def test_inputs_read_in_place_gpu(monkeypatch):
 
 @needs_gpu
 @pytest.mark.parametrize("case", ["memcpy", "random", "matmul"])
-def test_graphs_the_check_refuses_copy_gpu(case):
+def test_graphs_the_check_refuses_copy_gpu(monkeypatch, case):
     """Graphs whose inputs cannot be read in place keep copying and give the eager results: an input
     copied by a memcpy node (never rewritten), a composition whose replay differs from its eager run
     (random numbers: the check must refuse it), and cuBLAS products (Hopper kernels may take their
     operands through TMA descriptors; in place or not, the results must be the eager ones)."""
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "in-place")
     cache = graph_cache.GraphCache(copies=cuda_backend.extension())
     weight = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
     compositions = {
