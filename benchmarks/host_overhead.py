@@ -114,9 +114,11 @@ def layers(variant: str, q, k, v, planes, args):
     fwd_entry, bwd_entry = latest_entry(cache, fwd_name), latest_entry(cache, bwd_name)
     fwd_tensors = [a for a in fwd_args if isinstance(a, torch.Tensor)]
 
+    in_place = graph_cache.settings().inputs_in_place
+
     def replays():
-        cache._replay(fwd_entry, fwd_tensors)
-        cache._replay(bwd_entry, bwd_tensors)
+        cache._replay(fwd_entry, fwd_tensors, in_place)
+        cache._replay(bwd_entry, bwd_tensors, in_place)
 
     def bare_replays():
         fwd_entry.graph.replay()

@@ -333,8 +333,8 @@ def _aligned_and_offset(length, seed):
 def test_inputs_read_in_place_gpu(monkeypatch):
     """A graph that reads its callers' tensors in place: every replay on fresh tensors equals the eager
     composition, including a call whose tensors are not aligned like the static inputs (it copies),
-    and the calls after it (in place again). With FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy nothing is read
-    in place."""
+    and the calls after it (in place again). With FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy set afterwards
+    the same graph copies again, and a graph captured with it set reads nothing in place."""
     monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "in-place")
     cache = graph_cache.GraphCache(copies=cuda_backend.extension())
 
@@ -349,7 +349,14 @@ def test_inputs_read_in_place_gpu(monkeypatch):
         for x, y in zip(got, composition(a, b, 0.5)):
             assert torch.equal(x, y), i
     assert cache.captures == 1 and cache.inputs_read_in_place() == 1, cache.copied_inputs
+    # Switched to copies, the same graph is pointed back at its static inputs (poisoned by the check
+    # until the copies fill them) and copies into them.
     monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "copy")
+    for seed in (6, 7):
+        a, b = _aligned_and_offset(1000, seed)[0], torch.randn(1000, device="cuda")
+        for x, y in zip(cache.run("in place", composition, (a, b, 0.5)), composition(a, b, 0.5)):
+            assert torch.equal(x, y), seed
+    assert cache.captures == 1
     copying = graph_cache.GraphCache(copies=cuda_backend.extension())
     for a in calls[:3]:
         copying.run("copied", composition, (a, a, 0.5))

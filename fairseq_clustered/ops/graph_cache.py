@@ -56,6 +56,7 @@ warning and that signature runs eagerly from then on; results do not change.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections import OrderedDict
@@ -158,8 +159,6 @@ class GraphCache:
         self._copy_into = copies.copy_tensors if copies is not None else _copy_all
         self._fresh_copies = copies.fresh_copies if copies is not None else _fresh_copies
         self._graph_inputs = getattr(copies, "GraphInputs", None)
-        if self._graph_inputs is not None and not _keeps_graphs():
-            self._graph_inputs = None
         # name -> why its latest capture copies its inputs (GraphInputs could not be used or its check failed)
         self.copied_inputs: Dict[str, str] = {}
         self._entries: "OrderedDict[Hashable, _Entry]" = OrderedDict()  # least recently used first
@@ -185,7 +184,7 @@ class GraphCache:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
-            return self._replay(entry, tensors)
+            return self._replay(entry, tensors, config.inputs_in_place)
         if key in self._eager:
             return fn(*args)
         calls = self._calls.pop(key, 0) + 1
@@ -198,12 +197,12 @@ class GraphCache:
             return fn(*args)
         if entry.nbytes > config.budget_bytes:  # used for this call only
             self._remember(self._eager, key, None)
-            return self._replay(entry, tensors)
+            return self._replay(entry, tensors, False)
         self._entries[key] = entry
         self._evict(config)
         if pointers is not None:
             return self._check_in_place(name, entry, pointers, fn, args, tensors)
-        return self._replay(entry, tensors)
+        return self._replay(entry, tensors, False)
 
     def inputs_read_in_place(self) -> int:
         """How many of the cached graphs read their callers' tensors in place (the others copy them)."""
@@ -225,10 +224,13 @@ class GraphCache:
 
     # ---------------------------------------------------------------- private
 
-    def _replay(self, entry: _Entry, tensors: List[Tensor]):
+    def _replay(self, entry: _Entry, tensors: List[Tensor], in_place: bool):
+        """The graph's outputs for ``tensors``: read in place where ``in_place`` (the setting), the
+        graph passed its check and the tensors are aligned like its static inputs; else copied in."""
         # (an empty tensor's address is ignored: no kernel reads it)
-        if entry.inputs is None or not entry.inputs.point_at(entry.executable, [t.data_ptr() for t in tensors]):
-            if entry.inputs is not None:  # a call whose tensors are not aligned like the static buffers
+        if not (in_place and entry.inputs is not None
+                and entry.inputs.point_at(entry.executable, [t.data_ptr() for t in tensors])):
+            if entry.inputs is not None:  # back to the static inputs (a no-op where it points there)
                 entry.inputs.point_at(entry.executable, entry.static_bases)
             self._copy_into(entry.static_tensors, tensors)
         entry.graph.replay()
@@ -255,7 +257,7 @@ class GraphCache:
         static_args = [_static_copy(a) for a in args]
         static_tensors = [a for a in static_args if isinstance(a, Tensor)]
         tensors = [a for a in args if isinstance(a, Tensor)]
-        in_place = self._graph_inputs is not None and config.inputs_in_place
+        in_place = self._graph_inputs is not None and config.inputs_in_place and _keeps_graphs()
         if in_place and any(s.stride() != t.stride() for s, t in zip(static_tensors, tensors)):
             in_place = False  # an input whose elements overlap (an expanded view) has a dense static copy
             self.copied_inputs[name] = "an input's elements overlap in memory"
@@ -453,12 +455,15 @@ def _bytes_of(tensor: Tensor) -> Tensor:
     return torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(tensor.untyped_storage())
 
 
+@functools.lru_cache(maxsize=None)
 def _keeps_graphs() -> bool:
     """Whether this torch's CUDAGraph can keep its cudaGraph_t (``keep_graph``, torch 2.8 and newer),
-    which GraphInputs reads."""
+    which GraphInputs reads. Asked at the first capture (the GPU is in use by then)."""
+    if not all(hasattr(torch.cuda.CUDAGraph, name) for name in ("instantiate", "raw_cuda_graph",
+                                                                   "raw_cuda_graph_exec")):
+        return False
     try:
         torch.cuda.CUDAGraph(keep_graph=True)
-    except TypeError:
+    except (TypeError, RuntimeError):
         return False
-    return all(hasattr(torch.cuda.CUDAGraph, name) for name in ("instantiate", "raw_cuda_graph",
-                                                                   "raw_cuda_graph_exec"))
+    return True
