@@ -389,3 +389,25 @@ def test_graphs_the_check_refuses_copy_gpu(monkeypatch, case):
         assert cache.inputs_read_in_place() == 0 and "memcpy" in cache.copied_inputs[case]
     if case == "random":
         assert cache.inputs_read_in_place() == 0 and "differed" in cache.copied_inputs[case]
+
+
+@needs_gpu
+def test_a_check_out_of_memory_keeps_copying_gpu(monkeypatch):
+    """Where the in-place check runs out of memory, the graph copies its inputs from then on and every
+    result is still the eager one."""
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "in-place")
+    cache = graph_cache.GraphCache(copies=cuda_backend.extension())
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("planted")
+
+    monkeypatch.setattr(cache, "_difference_in_place", out_of_memory)
+
+    def composition(a, b):
+        return a * 2 + b
+
+    for seed in range(4):
+        a, b = (torch.randn(300, generator=torch.Generator().manual_seed(seed + i)).cuda() for i in (0, 10))
+        assert torch.equal(cache.run("oom", composition, (a, b)), composition(a, b)), seed
+    assert cache.captures == 1 and cache.inputs_read_in_place() == 0
+    assert "out of memory" in cache.copied_inputs["oom"]

@@ -306,32 +306,45 @@ class GraphCache:
 
     def _check_in_place(self, name, entry: _Entry, pointers, fn, args, tensors: List[Tensor]):
         """This call's result, from the eager composition; and the check that lets ``entry`` read its
-        callers' tensors in place: with its static inputs poisoned (all bytes 0xFF: NaN in every float
-        dtype, -1 in the integers, True) and its kernels pointed at fresh copies of the arguments, one
-        replay must give that result (:func:`_same_result`). A kernel reading an input through an
-        address that :class:`GraphInputs` did not rewrite would read the poison instead."""
-        expected = fn(*args)
-        expected_outputs = (expected,) if isinstance(expected, Tensor) else tuple(expected)
-        elsewhere = [_static_copy(t) for t in tensors]
-        for static in entry.static_tensors:
-            _bytes_of(static).fill_(0xFF)
-        difference = "its tensors are not aligned like the static inputs"
-        if pointers.point_at(entry.executable, [_base(t) for t in elsewhere]):
-            entry.graph.replay()
-            self.replays += 1
-            difference = None
-            if len(entry.outputs) != len(expected_outputs):
-                difference = f"{len(entry.outputs)} outputs, {len(expected_outputs)} eagerly"
-            for i, (got, want) in enumerate(zip(entry.outputs, expected_outputs)):
-                difference = difference or _same_result(got, want, f"output {i}")
+        callers' tensors in place (:meth:`_difference_in_place`). Where the check runs out of memory
+        (it needs the eager composition's memory and a copy of the arguments besides the graph's),
+        the graph keeps copying and this call replays it so."""
+        try:
+            expected = fn(*args)
+            difference = self._difference_in_place(entry, pointers, tensors, expected)
+        except torch.cuda.OutOfMemoryError:
+            pointers.point_at(entry.executable, entry.static_bases)
+            self.copied_inputs[name] = "the check that it may read its inputs in place ran out of memory"
+            return self._replay(entry, tensors, False)
         if difference is None:
-            entry.inputs = pointers  # left pointing at `elsewhere`: every replay points it first
+            entry.inputs = pointers  # left pointing at the check's copies: every replay points it first
             self.copied_inputs.pop(name, None)
         else:
             pointers.point_at(entry.executable, entry.static_bases)
             self.copied_inputs[name] = f"its replay reading the inputs in place differed from the eager result: " \
                                        f"{difference}"
         return expected
+
+    def _difference_in_place(self, entry: _Entry, pointers, tensors: List[Tensor], expected) -> Optional[str]:
+        """None if ``entry``'s graph, with its static inputs poisoned (all bytes 0xFF: NaN in every float
+        dtype, -1 in the integers, True) and its kernels pointed at fresh copies of ``tensors``, replays to
+        ``expected`` (:func:`_same_result`); else how it differs. A kernel reading an input through an
+        address that :class:`GraphInputs` did not rewrite would read the poison instead."""
+        expected = (expected,) if isinstance(expected, Tensor) else tuple(expected)
+        elsewhere = [_static_copy(t) for t in tensors]
+        for static in entry.static_tensors:
+            _bytes_of(static).fill_(0xFF)
+        if not pointers.point_at(entry.executable, [_base(t) for t in elsewhere]):
+            return "its tensors are not aligned like the static inputs"
+        entry.graph.replay()
+        self.replays += 1
+        if len(entry.outputs) != len(expected):
+            return f"{len(entry.outputs)} outputs, {len(expected)} eagerly"
+        for i, (got, want) in enumerate(zip(entry.outputs, expected)):
+            difference = _same_result(got, want, f"output {i}")
+            if difference is not None:
+                return difference
+        return None
 
     def _evict(self, config: Settings) -> None:
         """Drop the least recently used graphs until the cache is within its limits."""
