@@ -23,8 +23,8 @@ addresses passed as kernel parameters, so every graph is checked once, at its ca
 its static inputs poisoned (NaN, -1) and its kernels pointed at fresh copies of the call's
 arguments, one replay must give the eager composition's outputs (:func:`_same_result`: up to
 the last bits of atomic floating-point sums, far from what a read of the poison gives). A graph that
-fails the check, or whose nodes the search cannot read (memcpy nodes on an input, kernels
-whose parameters travel as one buffer), keeps copying (:attr:`GraphCache.copied_inputs`
+fails the check, whose check runs out of memory, or whose nodes the search cannot read (memcpy
+nodes on an input, kernels whose parameters travel as one buffer) keeps copying (:attr:`GraphCache.copied_inputs`
 says why), and so does a call whose tensors are not aligned like the static buffers (256
 bytes: the kernels chose their vector widths for those). ``FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy``
 turns it off, for the graphs already captured too. Outputs are still copied out (see below).
