@@ -3,7 +3,7 @@
 //
 // A composition captured in a graph reads its inputs from the static buffers it was captured
 // with. Copying every call's tensors into those buffers costs a pass over them (q, k, v and the
-// incoming gradient: about 60% of the graph cache's copy time). Instead, the kernel nodes whose
+// incoming gradient: 6 of the 10 large tensors a step's copies moved). Instead, the kernel nodes whose
 // parameters hold an address inside a static buffer are found once, by reading every 8-byte word
 // of every parameter (the parameters' sizes come from the driver), and before each replay those
 // words are rewritten in the executable graph with the same offsets into the caller's tensors

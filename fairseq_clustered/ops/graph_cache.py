@@ -13,21 +13,22 @@ the two copies is one kernel launch whatever the dtypes (``copy_tensors`` /
 ``fresh_copies`` in ``cuda/copies.cu``); torch's fused copy takes one per dtype, and each
 launch through the dispatcher costs more CPU time than the replay itself.
 
-Inputs read in place. The copy into the static inputs is a pass over q, k, v (and the
-incoming gradient in the backward): at 4k-16k about 60% of the copies' GPU time. Where the
-extension provides ``GraphInputs`` (``cuda/graph_inputs.cpp``), the graph's kernels are
-instead pointed at the caller's tensors before each replay: the kernel parameters that hold
-an address inside a static input are found once after the capture, and rewritten in the
-executable graph with the same offsets into the call's tensors. That search only sees
-addresses passed as kernel parameters, so every graph is checked once, at its capture: with
-its static inputs poisoned (NaN, -1) and its kernels pointed at fresh copies of the call's
-arguments, one replay must give the eager composition's outputs (:func:`_same_result`: up to
-the last bits of atomic floating-point sums, far from what a read of the poison gives). A graph that
-fails the check, whose check runs out of memory, or whose nodes the search cannot read (memcpy
-nodes on an input, kernels whose parameters travel as one buffer) keeps copying (:attr:`GraphCache.copied_inputs`
-says why), and so does a call whose tensors are not aligned like the static buffers (256
-bytes: the kernels chose their vector widths for those). ``FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy``
-turns it off, for the graphs already captured too. Outputs are still copied out (see below).
+Inputs read in place. The copies into the static inputs are passes over q, k, v in the
+forward and over the incoming gradient, k and v in the backward: 6 of the 10 large tensors a
+step's copies moved. Where the extension provides ``GraphInputs`` (``cuda/graph_inputs.cpp``),
+the graph's kernels are instead pointed at the caller's tensors before each replay: the kernel
+parameters that hold an address inside a static input are found once after the capture, and
+rewritten in the executable graph with the same offsets into the call's tensors. That search
+only sees addresses passed as kernel parameters, so every graph is checked once, at its
+capture: with its static inputs poisoned (NaN, -1) and its kernels pointed at fresh copies of
+the call's arguments, one replay must give the eager composition's outputs
+(:func:`_same_result`: up to the last bits of atomic floating-point sums, far from what a read
+of the poison gives). A graph that fails the check, whose check runs out of memory, or whose
+nodes the search cannot read (memcpy nodes on an input, kernels whose parameters travel as one
+buffer) keeps copying (:attr:`GraphCache.copied_inputs` says why), and so does a call whose
+tensors are not aligned like the static buffers (256 bytes: the kernels chose their vector
+widths for those). ``FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy`` turns it off, for the graphs already
+captured too. Outputs are still copied out (see below).
 
 Outputs are always fresh copies, never the graph's own buffers: the 12 layers of a model
 that share a shape share one graph, and each layer's saved outputs must survive the next
