@@ -193,7 +193,7 @@ class GraphCache:
         if calls < CAPTURE_ON_CALL:
             self._remember(self._calls, key, calls)
             return fn(*args)
-        entry, pointers = self._capture(name, fn, args, tensors[0].device, config)
+        entry, pointers = self._capture(name, fn, args, tensors, config)
         if entry is None:
             self._remember(self._eager, key, None)
             return fn(*args)
@@ -252,13 +252,14 @@ class GraphCache:
         while len(table) > MAX_SIGNATURES_TRACKED:
             table.popitem(last=False)
 
-    def _capture(self, name, fn, args, device, config: Settings):
+    def _capture(self, name, fn, args, tensors: List[Tensor], config: Settings):
         """``(entry, pointers)``: a new :class:`_Entry` for ``fn(*args)`` (its outputs are computed by
         the first replay), or None if the capture failed; and the ``GraphInputs`` of its graph where
-        they may read the caller's tensors in place once checked (:meth:`_check_in_place`), else None."""
+        they may read the caller's tensors in place once checked (:meth:`_check_in_place`), else None.
+        ``tensors``: the tensors among ``args``."""
         static_args = [_static_copy(a) for a in args]
         static_tensors = [a for a in static_args if isinstance(a, Tensor)]
-        tensors = [a for a in args if isinstance(a, Tensor)]
+        device = tensors[0].device
         in_place = self._graph_inputs is not None and config.inputs_in_place and _keeps_graphs()
         if in_place and any(s.stride() != t.stride() for s, t in zip(static_tensors, tensors)):
             in_place = False  # an input whose elements overlap (an expanded view) has a dense static copy
