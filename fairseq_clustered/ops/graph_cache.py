@@ -314,18 +314,17 @@ class GraphCache:
         try:
             expected = fn(*args)
             difference = self._difference_in_place(entry, pointers, tensors, expected)
+            reason = None if difference is None else \
+                f"its replay reading the inputs in place differed from the eager result: {difference}"
         except torch.cuda.OutOfMemoryError:
-            pointers.point_at(entry.executable, entry.static_bases)
-            self.copied_inputs[name] = "the check that it may read its inputs in place ran out of memory"
-            return self._replay(entry, tensors, False)
-        if difference is None:
+            expected, reason = None, "the check that it may read its inputs in place ran out of memory"
+        if reason is None:
             entry.inputs = pointers  # left pointing at the check's copies: every replay points it first
             self.copied_inputs.pop(name, None)
-        else:
-            pointers.point_at(entry.executable, entry.static_bases)
-            self.copied_inputs[name] = f"its replay reading the inputs in place differed from the eager result: " \
-                                       f"{difference}"
-        return expected
+            return expected
+        pointers.point_at(entry.executable, entry.static_bases)
+        self.copied_inputs[name] = reason
+        return expected if expected is not None else self._replay(entry, tensors, False)
 
     def _difference_in_place(self, entry: _Entry, pointers, tensors: List[Tensor], expected) -> Optional[str]:
         """None if ``entry``'s graph, with its static inputs poisoned (all bytes 0xFF: NaN in every float
