@@ -98,6 +98,57 @@ def test_zero_hash_offsets_are_made_once(monkeypatch):
     assert ops._hash_planes(x, planes[:4], None)[1].shape == (4,)
 
 
+class _StandInGraph:
+    """A captured graph's stand-in for the in-place check on the CPU: a replay writes ``replay()``
+    into the entry's one output, as a graph writes its output buffers."""
+
+    def __init__(self, entry, replay):
+        self.entry, self.replay_value = entry, replay
+
+    def replay(self):
+        self.entry.outputs[0].copy_(self.replay_value())
+
+
+class _StandInPointers:
+    """``GraphInputs`` stand-in: records where the graph was pointed."""
+
+    def __init__(self):
+        self.pointed_at = []
+
+    def point_at(self, executable, bases):
+        self.pointed_at.append(list(bases))
+        return True
+
+
+@pytest.mark.parametrize("case", ["agrees", "differs", "out of memory"])
+def test_the_in_place_check_decides_on_the_replay(monkeypatch, case):
+    """``GraphCache._check_in_place`` with a stand-in graph: a replay that gives the eager result lets
+    the graph read in place; one that differs, or a check that runs out of memory, leaves it pointed
+    back at its static inputs and copying, with the reason; the call's result is the eager one."""
+    cache = graph_cache.GraphCache()
+    monkeypatch.setattr(cache, "_copy_into", lambda destinations, sources: [
+        d.copy_(s) for d, s in zip(destinations, sources)])
+    monkeypatch.setattr(cache, "_fresh_copies", lambda tensors: [t.clone() for t in tensors])
+    x = torch.arange(4.0)
+    entry = graph_cache._Entry(None, [graph_cache._static_copy(x)], (torch.zeros(4),), True, 0)
+    static = entry.static_tensors[0]
+    entry.graph = _StandInGraph(entry, {"agrees": lambda: x * 2, "differs": lambda: x * 3,
+                                        "out of memory": lambda: static * 2}[case])
+    if case == "out of memory":
+        def out_of_memory(*args):
+            raise torch.cuda.OutOfMemoryError("planted")
+        monkeypatch.setattr(cache, "_difference_in_place", out_of_memory)
+    pointers = _StandInPointers()
+    result = cache._check_in_place("double", entry, pointers, lambda a: a * 2, (x,), [x])
+    assert torch.equal(result, x * 2)
+    if case == "agrees":
+        assert entry.inputs is pointers and "double" not in cache.copied_inputs
+        assert torch.isnan(static).all(), "the static input was not poisoned for the check"
+    else:
+        assert entry.inputs is None and pointers.pointed_at[-1] == entry.static_bases
+        assert {"differs": "differed", "out of memory": "ran out of memory"}[case] in cache.copied_inputs["double"]
+
+
 # -------------------------------------------------------------------- GPU
 
 
