@@ -265,7 +265,7 @@ def test_improved_backward_from_the_kept_forward_parts_cpu(monkeypatch):
         assert torch.equal(x, y)
     g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(4))
     expected = cuda_ops.improved_bwd(g, q, k, v, a, None, None, lse, top, centroids, 4, scale, 0.0)
-    got = cuda_ops.improved_bwd_kept(g, q, k, v, a, lse, top, centroids, *kept, 4, scale)
+    got = cuda_ops.improved_bwd_kept(g, q, k, v, a, None, None, lse, top, centroids, *kept, 4, scale, 0.0)
     for name, x, y in zip("qkv", got, expected):
         assert torch.equal(x, y), name
 
@@ -289,14 +289,16 @@ def test_improved_backward_from_the_kept_forward_parts_cpu(monkeypatch):
 
 @pytest.mark.skipif(_triton.MISSING is not None or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py without a GPU)")
-@pytest.mark.parametrize("dense", ["triton", "flash"])
+@pytest.mark.parametrize("dense", ["triton", "flash", "masked"])
 def test_flash_path_with_the_triton_kernels_cpu(monkeypatch, dense):
     """The improved flash path in half precision, whose exact top-key products, their
     gradients and the final gradient sums (written over the dense gradients' buffers) run
     as the Triton kernels, here in Triton's interpreter, against the float64 reference. The
     backward's dense part is one pass of the Triton centroid backward, or (``flash``: where
     those kernels refuse the shapes, as for more than 128 clusters) flash's passes, with the
-    log-sum-exp term through a second one."""
+    log-sum-exp term through a second one. ``masked``: key padding (a batch entry with fewer
+    valid keys than top-k among them) and dropout, which flash does not take: the Triton
+    centroid attention takes both directions of the dense part."""
     from fairseq_clustered.ops import improved_triton
 
     if dense == "flash":
@@ -307,26 +309,37 @@ def test_flash_path_with_the_triton_kernels_cpu(monkeypatch, dense):
     monkeypatch.setattr(improved_triton, "sum_gradients",
                         lambda sparse, first, *rest, **kw: sums.append(first) or real_sum(sparse, first, *rest, **kw))
     ops = MathAttentionOps(EmulatedExtension())
-    q, k, v, _, _, a = make_inputs(2, 2, 70, 66, 32, torch.float16, "cpu", clusters=4, pad=False)
-    scale, topk = 32 ** -0.5, 8
+    q, k, v, _, kmask, a = make_inputs(2, 2, 70, 66, 32, torch.float16, "cpu", clusters=4, pad=dense == "masked")
+    scale, topk, p = 32 ** -0.5, 8, 0.0
+    keep = None
+    if dense == "masked":
+        # the Triton path where a GPU would take it (the interpreter runs on the CPU tensors)
+        monkeypatch.setattr(ops, "_centroid_triton_ok",
+                            lambda query, value, clusters: centroid_triton.triton_centroid_unavailable(
+                                query, value, clusters) is None)
+        monkeypatch.setattr(ops, "_dense_inputs", lambda *args: pytest.fail("took the (C, S) products"))
+        kmask[0, 5:] = True  # 5 valid keys in the first batch entry: fewer than top-k
+        p = 0.2
+        keep = torch.rand(2, 2, 4, 66, generator=torch.Generator().manual_seed(5)) >= p
     d64 = [t.double() for t in (q, k, v)]
-    out, lse, top, centroids = ops.improved_fwd(q, k, v, a, None, None, 4, topk, scale, 0.0)
-    ref_out, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(*d64, a, None, None, 4, topk, scale,
-                                                                               0.0)
+    out, lse, top, centroids = ops.improved_fwd(q, k, v, a, kmask, keep, 4, topk, scale, p)
+    ref_out, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(*d64, a, kmask, keep, 4, topk, scale,
+                                                                               p)
     assert out.dtype == torch.float16
     assert max_err(out, ref_out) < 1e-2 and max_err(lse, ref_lse) < 1e-2
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(torch.float16)
-    grads = ops.improved_bwd(g, q, k, v, a, None, None, lse, top, centroids, 4, scale, 0.0)
-    ref_grads = reference.improved_clustered_attention_bwd_ref(g.double(), *d64, a, None, None, lse.double(), top, 4,
-                                                               scale, 0.0)
+    grads = ops.improved_bwd(g, q, k, v, a, kmask, keep, lse, top, centroids, 4, scale, p)
+    ref_grads = reference.improved_clustered_attention_bwd_ref(g.double(), *d64, a, kmask, keep, lse.double(), top,
+                                                               4, scale, p)
     for name, x, y in zip("qkv", grads, ref_grads):
         assert x.dtype == torch.float16 and max_err(x, y) < 4e-3 * (1 + y.abs().max().item()), name
     # the Triton sums, written over the dense gradients' buffers where their feature dim is
-    # contiguous (flash's are; this emulation's key gradient is not: a new tensor there)
+    # contiguous (flash's and the Triton centroid backward's are; this emulation's key gradient
+    # is not: a new tensor there)
     assert len(sums) == 2
-    for grad, dense in zip(grads[1:], sums):
-        assert (grad is dense) == (dense.stride(-1) == 1)
-    assert any(grad is dense for grad, dense in zip(grads[1:], sums))
+    for grad, dense_grad in zip(grads[1:], sums):
+        assert (grad is dense_grad) == (dense_grad.stride(-1) == 1)
+    assert any(grad is dense_grad for grad, dense_grad in zip(grads[1:], sums))
 
 
 @pytest.mark.parametrize("variant", ["clustered", "improved"])

@@ -34,15 +34,49 @@ def problem(length, keys, dim, num_clusters, top_k, dtype, seed):
     return q, k, v, grad_out, assignments, top, mass, rest, grad_centroids
 
 
-def brute_force_exact(q, k, v, assignments, top, scale):
-    """exact_i = softmax_t(scale q_i . k_t) v_t over the top keys of i's cluster, float64."""
+def key_masks(top, keys, dropout_p, seed):
+    """For one batch entry whose heads are ``top``'s rows: a key padding mask ``(1, S)`` with
+    every third key padded and also every top key of the first row's first cluster (a cluster
+    whose top keys are all padded gets zeros), and a dropout keep mask ``(1, H, C, S)``."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, num_clusters, _ = top.shape
+    padded = torch.arange(keys) % 3 == 1
+    padded[top[0, 0].cpu()] = True
+    keep = torch.rand(1, rows, num_clusters, keys, generator=gen) >= dropout_p
+    return padded[None].to(DEVICE), keep.to(DEVICE)
+
+
+def top_key_masks(top, key_padding_mask, keep, dropout_p):
+    """-> (valid (rows, C, K) bool, dropout factors (rows, C, K) float64) of the top keys, for
+    masks of one batch entry (as :func:`key_masks`), each None for none."""
+    rows, num_clusters, top_k = top.shape
+    valid = torch.ones(top.shape, dtype=torch.bool, device=top.device)
+    if key_padding_mask is not None:
+        valid = ~key_padding_mask[0][top]
+    drop = torch.ones(top.shape, dtype=torch.float64, device=top.device)
+    if keep is not None:
+        drop = keep.reshape(rows, num_clusters, -1).gather(-1, top).double() / (1 - dropout_p)
+    return valid, drop
+
+
+def brute_force_exact(q, k, v, assignments, top, scale, top_valid=None, top_drop=None):
+    """exact_i = softmax_t(scale q_i . k_t) z_t v_t over the top keys of i's cluster, float64:
+    the softmax over the valid ones (``top_valid (rows, C, K)``; zeros where none is), ``z_t``
+    the dropout factors ``top_drop (rows, C, K)`` (1 where None)."""
     rows = top.shape[0]
     q, k, v = (x.double().reshape(rows, -1, x.shape[-1]) for x in (q, k, v))
     clusters = assignments.reshape(rows, -1).clamp(min=0)  # padded queries: masked by the caller
-    top_of_query = top.gather(1, clusters[..., None].expand(-1, -1, top.shape[-1]))  # (rows, N, K)
+    per_query = lambda t: t.gather(1, clusters[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+    top_of_query = per_query(top)  # (rows, N, K)
     k_top = k.gather(1, top_of_query.reshape(rows, -1, 1).expand(-1, -1, k.shape[-1])).reshape(*top_of_query.shape, -1)
     v_top = v.gather(1, top_of_query.reshape(rows, -1, 1).expand(-1, -1, v.shape[-1])).reshape(*top_of_query.shape, -1)
-    probs = torch.softmax(scale * torch.einsum("rnd,rnkd->rnk", q, k_top), dim=-1)
+    logits = scale * torch.einsum("rnd,rnkd->rnk", q, k_top)
+    probs = torch.softmax(logits, dim=-1)
+    if top_valid is not None:
+        valid = per_query(top_valid)
+        probs = torch.where(valid, torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1), 0.0)
+    if top_drop is not None:
+        probs = probs * per_query(top_drop)
     return torch.einsum("rnk,rnkd->rnd", probs, v_top), clusters
 
 
@@ -59,31 +93,39 @@ def assert_close(actual, expected, dtype):
     (200, 150, 64, 12, 16),
     (130, 40, 16, 20, 33),   # 33 top keys in a 64-slot tile
 ])
-def test_exact_products_match_brute_force(dtype, length, keys, dim, num_clusters, top_k):
+@pytest.mark.parametrize("masked", [False, True])
+def test_exact_products_match_brute_force(dtype, length, keys, dim, num_clusters, top_k, masked):
+    """``masked``: with key padding (a cluster whose top keys are all padded among the rest) and
+    dropout on the top keys."""
     q, k, v, grad_out, assignments, top, mass, rest, grad_centroids = problem(
         length, keys, dim, num_clusters, top_k, dtype, seed=length)
     scale = dim ** -0.5
     order, seg_start, _ = _segments(assignments, num_clusters)
     rows = top.shape[0]
+    dropout_p = 0.25
+    key_padding_mask, keep = key_masks(top, keys, dropout_p, seed=length) if masked else (None, None)
+    masks = (key_padding_mask, keep, dropout_p if masked else 0.0)
+    top_valid, top_drop = top_key_masks(top, *masks)
 
-    out = improved_triton.exact_top_keys_fwd(q, k, v, order, seg_start, top, mass, rest, scale)
-    exact, clusters = brute_force_exact(q, k, v, assignments, top, scale)
+    out = improved_triton.exact_top_keys_fwd(q, k, v, order, seg_start, top, mass, rest, scale, None, *masks)
+    exact, clusters = brute_force_exact(q, k, v, assignments, top, scale, top_valid, top_drop)
     clustered = (assignments.reshape(rows, length, 1) >= 0).double()
     per_query = lambda t: clustered * t.double().gather(1, clusters[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
     expected = per_query(mass[..., None]) * exact + per_query(rest)
     assert out.dtype == dtype and out.shape == q.shape
     assert_close(out.reshape(rows, length, dim), expected, dtype)
 
-    grad_dot = improved_triton.exact_top_keys_fwd(q, k, v, order, seg_start, top, mass, rest, scale, grad_out)
+    grad_dot = improved_triton.exact_top_keys_fwd(q, k, v, order, seg_start, top, mass, rest, scale, grad_out,
+                                                  *masks)
     assert_close(grad_dot, (clustered * grad_out.double().reshape(rows, length, dim) * exact).sum(-1), dtype)
 
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    exact64, _ = brute_force_exact(*leaves, assignments, top, scale)
+    exact64, _ = brute_force_exact(*leaves, assignments, top, scale, top_valid, top_drop)
     (per_query(mass[..., None]) * exact64 * grad_out.double().reshape(rows, length, dim)).sum().backward()
     grad_key = torch.zeros(rows, keys, dim, device=DEVICE)
     grad_value = torch.zeros_like(grad_key)
     grad_query = improved_triton.exact_top_keys_bwd(grad_out, q, k, v, order, seg_start, top, mass, grad_centroids,
-                                                    scale, grad_key, grad_value)
+                                                    scale, grad_key, grad_value, *masks)
     assert grad_query.dtype == dtype
     assert_close(grad_query.reshape(rows, length, dim), leaves[0].grad.reshape(rows, length, dim)
                  + per_query(grad_centroids), dtype)
@@ -168,6 +210,54 @@ def test_block_stats_and_top_keys_match_fp64(dtype, keys, dim, num_clusters, top
 
 
 @runs_here
+@pytest.mark.parametrize("keys,sub_blocks_wanted", [
+    (300, 2048),  # 75 sub-blocks of 4 keys: 8 chosen in the kernel
+    (70, 16),     # 5 sub-blocks of 16, fewer than top-k: every key a candidate
+])
+@pytest.mark.parametrize("bitonic", [0, 1])
+def test_top_keys_leave_out_padded_keys(keys, sub_blocks_wanted, bitonic, monkeypatch):
+    """With key padding the log-sum-exp is over the valid keys (+inf for a batch entry without
+    one) and the top keys are the largest valid logits, largest first; a centroid with fewer
+    valid keys than top-k fills the rest of its slots with padded keys, which the kernels
+    reading ``top`` skip. The block statistics count no padded key."""
+    batch, heads, num_clusters, dim, top_k = 3, 2, 5, 32, 8
+    gen = torch.Generator().manual_seed(keys)
+    qbar = (3 * torch.randn(batch * heads, num_clusters, dim, generator=gen)).to(DEVICE)
+    key = torch.randn(batch * heads, keys, dim, generator=gen).to(DEVICE, DTYPES[0])
+    padded = torch.zeros(batch, keys, dtype=torch.bool)
+    padded[0, 1::3] = True  # many valid keys
+    padded[1, :] = True
+    padded[1, torch.randperm(keys, generator=gen)[:5]] = False  # 5 valid keys: fewer than top-k
+    padded[2, :] = True  # none
+    padded = padded.to(DEVICE)
+    scale = dim ** -0.5
+    logits = scale * torch.einsum("rcd,rsd->rcs", qbar.double(), key.double())
+    logits = logits.masked_fill(padded.repeat_interleave(heads, 0)[:, None, :], float("-inf"))
+    tol = 1e-5 * (1 + logits[torch.isfinite(logits)].abs().max().item())
+
+    monkeypatch.setitem(improved_triton.SELECTION, "SUB_BLOCKS", sub_blocks_wanted)
+    monkeypatch.setitem(improved_triton.SELECTION, "BITONIC_CANDIDATES", 1 << 20 if bitonic else 0)
+    sub = improved_triton.sub_block_keys(top_k, dim, keys)
+    _, block_max, block_sum = improved_triton.centroid_block_stats(qbar, key, scale, sub, padded)
+    assert torch.isfinite(block_sum).all() and (block_sum[heads * 2:] == 0).all()
+    assert torch.isneginf(block_max[heads * 2:]).all()
+
+    lse, top = improved_triton.centroid_top_keys(qbar, key, scale, top_k, padded)
+    expected_lse = torch.logsumexp(logits, -1)
+    assert torch.allclose(lse[:heads * 2].double(), expected_lse[:heads * 2], rtol=0, atol=1e-5)
+    assert torch.isposinf(lse[heads * 2:]).all()
+    top_padded = padded.repeat_interleave(heads, 0)[:, None, :].expand(-1, num_clusters, -1).gather(-1, top)
+    chosen = logits.gather(-1, top)
+    # batch entry 0: every slot a valid key, the largest logits in order
+    assert not top_padded[:heads].any()
+    assert (chosen[:heads] - logits[:heads].topk(top_k, dim=-1).values).abs().max().item() <= tol
+    # batch entry 1: its 5 valid keys first, in order, then padded ones
+    assert not top_padded[heads:2 * heads, :, :5].any() and top_padded[heads:2 * heads, :, 5:].all()
+    assert (chosen[heads:2 * heads, :, :5] - logits[heads:2 * heads].topk(5, dim=-1).values).abs().max() <= tol
+    assert top_padded[2 * heads:].all() and ((top >= 0) & (top < keys)).all()
+
+
+@runs_here
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_second", [False, True])
 @pytest.mark.parametrize("reuse_first", [False, True])
@@ -193,11 +283,14 @@ def test_sum_gradients_adds_in_fp32_and_rounds_once(dtype, with_second, reuse_fi
     (150, 64, 12, 16),
     (40, 16, 20, 33),    # 33 top keys in a 64-slot tile; 20 clusters over 40 keys share keys
 ])
-def test_top_key_summary_and_gradients_match_fp64(dtype, keys, dim, num_clusters, top_k):
+@pytest.mark.parametrize("masked", [False, True])
+def test_top_key_summary_and_gradients_match_fp64(dtype, keys, dim, num_clusters, top_k, masked):
     """Each centroid's mass and rest on its top keys, and the top-key part of the backward,
     against float64 products of the same (rounded) inputs: autograd of
     ``f = sum_j gm_j mass_j + g_j . rest_j`` with the log-sum-exp a leaf (its gradient is minus
-    the dense term's weight). fp32 rounding only: the kernels upcast before multiplying."""
+    the dense term's weight). fp32 rounding only: the kernels upcast before multiplying.
+    ``masked``: padded top keys count for nothing (a centroid without a valid key has the
+    log-sum-exp +inf) and the rest's top-key part takes the dropout factors."""
     gen = torch.Generator().manual_seed(keys + top_k)
     rows = 3
     qbar = torch.randn(rows, num_clusters, dim, generator=gen).to(DEVICE)
@@ -205,7 +298,15 @@ def test_top_key_summary_and_gradients_match_fp64(dtype, keys, dim, num_clusters
     top = torch.stack([torch.randperm(keys, generator=gen)[:top_k] for _ in range(rows * num_clusters)])
     top = top.reshape(rows, num_clusters, top_k).to(DEVICE)
     scale = dim ** -0.5
-    lse = torch.logsumexp(scale * torch.einsum("rcd,rsd->rcs", qbar.double(), key.double()), -1).float()
+    dropout_p = 0.25
+    key_padding_mask, keep = key_masks(top, keys, dropout_p, seed=keys) if masked else (None, None)
+    masks = (key_padding_mask, keep, dropout_p if masked else 0.0)
+    top_valid, top_drop = top_key_masks(top, *masks)
+    logits = scale * torch.einsum("rcd,rsd->rcs", qbar.double(), key.double())
+    if masked:
+        logits = logits.masked_fill(key_padding_mask[:, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, -1).float()
+    lse = torch.where(torch.isneginf(lse), float("inf"), lse)
     centroid_values, grad_rest = (torch.randn(rows, num_clusters, dim, generator=gen).to(DEVICE) for _ in range(2))
     grad_mass = torch.randn(rows, num_clusters, generator=gen).to(DEVICE)
 
@@ -213,24 +314,25 @@ def test_top_key_summary_and_gradients_match_fp64(dtype, keys, dim, num_clusters
     flat = top.reshape(rows, -1, 1).expand(-1, -1, dim)
     gathered = lambda x: x.gather(1, flat).reshape(rows, num_clusters, top_k, dim)  # noqa: E731
     probs = torch.exp(scale * torch.einsum("rcd,rckd->rck", q64, gathered(k64)) - lse64[..., None])
+    probs = torch.where(top_valid, probs, 0.0)
     mass = probs.sum(-1)
-    rest = centroid_values.double() - torch.einsum("rck,rckd->rcd", probs, gathered(v64))
+    rest = centroid_values.double() - torch.einsum("rck,rckd->rcd", probs * top_drop, gathered(v64))
     ((grad_mass.double() * mass).sum() + (grad_rest.double() * rest).sum()).backward()
 
     def close(actual, expected):
         err = (actual.double() - expected).abs().max().item()
         assert actual.dtype == torch.float32 and err <= 1e-5 * (1 + expected.abs().max().item()), err
 
-    got_mass, got_rest = improved_triton.top_key_summary(qbar, key, value, top, lse, scale, centroid_values)
+    got_mass, got_rest = improved_triton.top_key_summary(qbar, key, value, top, lse, scale, centroid_values, *masks)
     close(got_mass, mass.detach())
     close(got_rest, rest.detach())
-    mass_only, no_rest = improved_triton.top_key_summary(qbar, key, value, top, lse, scale)
+    mass_only, no_rest = improved_triton.top_key_summary(qbar, key, value, top, lse, scale, None, *masks)
     assert no_rest is None and torch.equal(mass_only, got_mass)
 
     grad_key = torch.zeros(rows, keys, dim, device=DEVICE)
     grad_value = torch.ones(rows, keys, dim, device=DEVICE)  # added into, not overwritten
     lse_weight, grad_centroids = improved_triton.top_key_gradients(
-        qbar, key, value, top, lse, grad_rest, grad_mass, scale, grad_key, grad_value)
+        qbar, key, value, top, lse, grad_rest, grad_mass, scale, grad_key, grad_value, *masks)
     close(lse_weight, -lse64.grad)
     close(grad_centroids, q64.grad)
     close(grad_key, k64.grad)

@@ -16,7 +16,7 @@ else:
     MISSING = None
 
 __all__ = ["triton", "tl", "MISSING", "power_of_two_in", "tiles_unavailable", "dot_precision",
-           "interpreted"]
+           "interpreted", "mask_bytes"]
 
 MIN_TILE = 16  # tl.dot's smallest tile
 
@@ -24,6 +24,16 @@ MIN_TILE = 16  # tl.dot's smallest tile
 def power_of_two_in(value: int, low: int, high: int) -> bool:
     """Whether ``value`` is a power of two in ``low..high`` (tile sizes the kernels take)."""
     return low <= value <= high and value & (value - 1) == 0
+
+
+def mask_bytes(mask):
+    """A bool / integer mask as contiguous uint8 for the kernels: a bool tensor is viewed as bytes
+    (a dropout keep mask ``(B, H, C, S)`` is as large as the keys; converting it would be a full
+    copy)."""
+    import torch
+
+    mask = mask.contiguous()
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask.to(torch.uint8)
 
 
 def tiles_unavailable(query, value, kernels: str, fp32: bool = False):

@@ -58,7 +58,7 @@ from torch import Tensor
 
 from .causal_fused import fused_path_unavailable, summary_means_from_sums
 from ._triton import MISSING as _TRITON_MISSING
-from ._triton import power_of_two_in, tl, triton
+from ._triton import mask_bytes, power_of_two_in, tl, triton
 from .custom_ops import LIBRARY, attention_output_like, laid_out_as
 
 __all__ = ["triton_path_unavailable", "causal_clustered_attention_triton"]
@@ -608,7 +608,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, clusters: Tensor, window:
 def _keep_bytes(keep: Optional[Tensor], like: Tensor) -> Tensor:
     """The keep-mask as the kernels read it: its bytes (a view, no conversion); an empty
     tensor without dropout."""
-    return like.new_empty(0, dtype=torch.uint8) if keep is None else keep.contiguous().view(torch.uint8)
+    return like.new_empty(0, dtype=torch.uint8) if keep is None else mask_bytes(keep)
 
 
 def _keep_scale(dropout_p: float) -> float:

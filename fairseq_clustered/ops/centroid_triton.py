@@ -39,7 +39,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import MIN_TILE, dot_precision, tiles_unavailable, tl, triton
+from ._triton import MIN_TILE, dot_precision, mask_bytes, tiles_unavailable, tl, triton
 
 __all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "centroid_attention_bwd"]
 
@@ -214,18 +214,11 @@ def _programs_per_row(rows: int, keys: int, block_n: int) -> Tuple[int, int]:
     return triton.cdiv(keys, per_program), per_program
 
 
-def _bytes(mask: Tensor) -> Tensor:
-    """A bool / integer mask as contiguous uint8 for the kernels: a bool tensor is viewed as bytes
-    (the keep mask is ``(B, H, C, S)``, as large as the keys; converting it would be a full copy)."""
-    mask = mask.contiguous()
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask.to(torch.uint8)
-
-
 def _key_args(key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], keep: Optional[Tensor]):
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
-    padding = None if key_padding_mask is None else _bytes(key_padding_mask)
-    kept = None if keep is None else _bytes(keep)
+    padding = None if key_padding_mask is None else mask_bytes(key_padding_mask)
+    kept = None if keep is None else mask_bytes(keep)
     strides = (*key.stride()[:3], *value.stride()[:3])
     return key, value, padding, kept, strides
 

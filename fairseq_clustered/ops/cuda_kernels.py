@@ -9,7 +9,11 @@ PyTorch's flash-attention kernel (bf16/fp16, no key padding, no dropout), by the
 Triton kernels of :mod:`.centroid_triton` (key padding or dropout; and fp32, each
 product as six bf16 products of three-part splits), or, where neither applies (C > 128,
 head dims that are not powers of two, fp32 heads wider than 64), by fp32 cuBLAS products
-in chunks of (batch x head) rows that bound the scratch memory.
+in chunks of (batch x head) rows that bound the scratch memory. The improved variant in
+fp16 / bf16 takes flash's algebra (the remainder from the centroids' full output) with the
+Triton kernels of :mod:`.improved_triton` for its top keys, with or without key padding and
+dropout (the centroid attention then from :mod:`.centroid_triton`); fp32, top-k > 128 and
+the shapes those kernels refuse keep the fp32 products and the extension's per-query kernels.
 
 Nothing here synchronises with the host, so a forward + backward can be captured
 in a CUDA graph. Configurations without a kernel (fp64, head dims other than 32,
@@ -273,7 +277,7 @@ class CudaOps:
         repeats, one less than two calls); ``attention`` are their arguments after
         ``assignments``. Returns their outputs and then the assignments; on the kernel path then
         what :meth:`clustered_bwd_kept` takes (see :meth:`_clustered_fwd_keeping`), and on the
-        improved variant's flash path what :meth:`improved_bwd_kept` takes (see
+        improved variant's flash path (and its Triton form) what :meth:`improved_bwd_kept` takes (see
         :meth:`_improved_fwd_keeping`)."""
         num_clusters = attention[2]
         if self._why_not(query, value, improved) or self.clustering_why_not(query, num_clusters):
@@ -330,6 +334,13 @@ class CudaOps:
         rather than as fp32 products of a (C, S) matrix."""
         return (self.use_flash and query.is_cuda
                 and centroid_triton.triton_centroid_unavailable(query, value, num_clusters) is None)
+
+    def _improved_triton_ok(self, query, value, num_clusters, top_k) -> bool:
+        """Whether the improved variant, where flash cannot take it (key padding, dropout), runs on
+        the flash path's algebra with Triton kernels (the centroid attention with its masks, the top
+        keys and the exact top-key products) rather than as fp32 products of (C, S) matrices."""
+        return (self._centroid_triton_ok(query, value, num_clusters)
+                and improved_triton.triton_exact_unavailable(query, value, top_k) is None)
 
     def _centroids(self, query, order, seg_start) -> Tensor:
         """Mean member query of every cluster, fp32 ``(rows, C, D)`` (zeros when empty)."""
@@ -614,10 +625,11 @@ class CudaOps:
 
     def _improved_fwd_keeping(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, topk,
                               scale, dropout_p):
-        """:meth:`_improved_fwd`'s ``out, lse, top_index, centroids``, then, on the flash path,
-        what :meth:`improved_bwd_kept` takes besides: the centroids' flash output ``(B, H, C, Dv)``
-        and log-sum-exp ``(B, H, C)`` (so that the backward need not run that forward again) and
-        the sort of the queries by cluster (``order``, ``seg_start``)."""
+        """:meth:`_improved_fwd`'s ``out, lse, top_index, centroids``, then, on the flash path (and
+        its Triton form for key padding and dropout), what :meth:`improved_bwd_kept` takes
+        besides: the centroids' attention output (flash's ``(B, H, C, Dv)``, the Triton kernels'
+        ``(B H, C, Dv)`` fp32) and log-sum-exp (so that the backward need not run that forward
+        again) and the sort of the queries by cluster (``order``, ``seg_start``)."""
         batch, heads, length, dim = query.shape
         keys = key.shape[2]
         top_k = min(topk, keys)
@@ -625,10 +637,12 @@ class CudaOps:
         order, seg_start, _ = _segments(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
         centroids = qbar.reshape(batch, heads, num_clusters, dim)  # for the backward
-        if self._flash_ok(query, value, key_padding_mask, keep):
-            out, lse, top, centroid_values, flash_lse = self._improved_fwd_flash(
-                query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k, scale)
-            return out, lse, top, centroids, centroid_values, flash_lse, order, seg_start
+        if (self._flash_ok(query, value, key_padding_mask, keep)
+                or self._improved_triton_ok(query, value, num_clusters, top_k)):
+            out, lse, top, centroid_values, centroid_lse = self._improved_fwd_flash(
+                query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k, scale, key_padding_mask,
+                keep, dropout_p)
+            return out, lse, top, centroids, centroid_values, centroid_lse, order, seg_start
         k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
             key, value, key_padding_mask, keep, num_clusters, dropout_p)
         rows = batch * heads
@@ -681,9 +695,11 @@ class CudaOps:
         assignments = assignments.contiguous()
         order, seg_start, counts = _segments(assignments, num_clusters)
         qbar = centroids.reshape(rows, num_clusters, dim).float().contiguous()
-        if self._flash_ok(query, value, key_padding_mask, keep):
+        if (self._flash_ok(query, value, key_padding_mask, keep)
+                or self._improved_triton_ok(query, value, num_clusters, top_k)):
             return self._improved_bwd_flash(grad_out, query, key, value, assignments, order, seg_start, counts, qbar,
-                                            lse, top_index, num_clusters, scale)
+                                            lse, top_index, num_clusters, scale, None, key_padding_mask, keep,
+                                            dropout_p)
         k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
             key, value, key_padding_mask, keep, num_clusters, dropout_p)
         top = top_index.reshape(rows, num_clusters, top_k).contiguous()
@@ -738,23 +754,25 @@ class CudaOps:
                                          mass.contiguous(), dq_bar, scale, dk32, dv32)
         return dq, dk32.reshape(key.shape).to(key.dtype), dv32.reshape(value.shape).to(value.dtype)
 
-    def improved_bwd_kept(self, grad_out, query, key, value, assignments, lse, top_index, centroids,
-                          centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale):
-        """:meth:`improved_bwd` on the flash path (no key padding, no dropout) from what
+    def improved_bwd_kept(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
+                          centroids, centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale,
+                          dropout_p):
+        """:meth:`improved_bwd` on the flash path (or its Triton form) from what
         :meth:`_improved_fwd_keeping` kept (the eager path's backward, as one composition): the
-        sort of the queries is not done again, nor the centroids' flash forward."""
+        sort of the queries is not done again, nor the centroids' attention forward."""
         return self.graphs.run("improved_clustered_attention_bwd_kept", self._improved_bwd_kept, (
-            grad_out, query, key, value, assignments, lse, top_index, centroids, centroid_outputs, centroid_lse,
-            order, seg_start, num_clusters, scale))
+            grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
+            centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale, dropout_p))
 
-    def _improved_bwd_kept(self, grad_out, query, key, value, assignments, lse, top_index, centroids,
-                           centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale):
+    def _improved_bwd_kept(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
+                           centroids, centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale,
+                           dropout_p):
         batch, heads, _, dim = query.shape
         counts = _member_counts(seg_start)
         qbar = centroids.reshape(batch * heads, num_clusters, dim).float().contiguous()
         return self._improved_bwd_flash(grad_out, query, key, value, assignments.contiguous(), order, seg_start,
                                         counts, qbar, lse, top_index, num_clusters, scale,
-                                        (centroid_outputs, centroid_lse))
+                                        (centroid_outputs, centroid_lse), key_padding_mask, keep, dropout_p)
 
     # Without key padding and dropout the improved variant needs no (C, S) matrix in
     # the backward and only fp32 logits (for the top-k selection and lse) in the
@@ -765,6 +783,12 @@ class CudaOps:
     # centroid kernels that correction is c_j added to the row's rowsum(dO * O), in
     # the same pass over the keys as V_bar's backward; otherwise its products A K and
     # A^T X come from one more flash forward / backward over (Qbar, K, K).
+    #
+    # Key padding and dropout keep that algebra: padded keys leave the softmax (and the top
+    # keys, unless a centroid has fewer valid ones), and with the dropout factors z_jl of the
+    # centroid rows V_bar_j = sum_l A_jl z_jl v_l, R_j = V_bar_j - sum_{t in T_j} A_jt z_jt v_t,
+    # and the exact part weighs its softmax by z_jt. V_bar and its backward (with the lse term)
+    # then come from the Triton centroid kernels, which take both masks, instead of flash.
 
     @staticmethod
     def _top_rows(rows_tensor, top):
@@ -775,25 +799,30 @@ class CudaOps:
         return rows_tensor.gather(1, flat).reshape(rows, clusters, top_k, width).float()
 
     def _exact_top_keys_fwd(self, query, key, value, grad_out, assignments, order, seg_start, top, mass, rest,
-                            scale):
+                            scale, masks=(None, None, 0.0)):
         """The flash path's exact top-key part (tensor cores in Triton where it can, else the
-        extension's kernel): ``out`` (``grad_out`` None) or ``grad_out . exact`` per query."""
+        extension's kernel, which the routing gives no ``masks``): ``out`` (``grad_out`` None) or
+        ``grad_out . exact`` per query. ``masks``: ``(key_padding_mask, keep, dropout_p)``."""
         if improved_triton.triton_exact_unavailable(query, value, top.shape[-1]) is None:
             return improved_triton.exact_top_keys_fwd(query, key, value, order, seg_start, top, mass, rest, scale,
-                                                      grad_out)
+                                                      grad_out, *masks)
         return self.ext.improved_exact_fwd(query, key, value, grad_out, assignments, order, top, None, None,
                                            mass.contiguous(), rest.contiguous(), scale)
 
     def _improved_fwd_flash(self, query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k,
-                            scale):
-        """``out, lse (B, H, C), top (B, H, C, k)`` and the centroids' flash output and log-sum-exp."""
+                            scale, key_padding_mask=None, keep=None, dropout_p=0.0):
+        """``out, lse (B, H, C), top (B, H, C, k)`` and the centroids' attention output (flash's
+        ``(B, H, C, Dv)``; with key padding or dropout the Triton kernels' ``(B H, C, Dv)`` fp32)
+        and log-sum-exp."""
         batch, heads, length, dim = query.shape
         rows, keys = batch * heads, key.shape[2]
         k_rows = key.reshape(rows, keys, dim)
         v_rows = value.reshape(rows, keys, dim)
+        masks = (key_padding_mask, keep, dropout_p)
+        masked = key_padding_mask is not None or keep is not None  # routed here only with the Triton kernels
         on_triton = improved_triton.triton_exact_unavailable(query, value, top_k) is None
         if on_triton:  # no (C, S) logits
-            lse, top = improved_triton.centroid_top_keys(qbar, k_rows, scale, top_k)
+            lse, top = improved_triton.centroid_top_keys(qbar, k_rows, scale, top_k, key_padding_mask)
         else:
             lse = qbar.new_empty(rows, num_clusters)
             top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=query.device)
@@ -801,24 +830,33 @@ class CudaOps:
                 logits = torch.bmm(qbar[r0:r1], k_rows[r0:r1].float().transpose(1, 2)).mul_(scale)
                 lse[r0:r1] = torch.logsumexp(logits, dim=-1)
                 top[r0:r1] = torch.topk(logits, top_k, dim=-1).indices
-        out_c, flash_lse, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
-        centroid_values = out_c.reshape(rows, num_clusters, dim).float()
+        if masked:
+            out_c, flash_lse = centroid_triton.centroid_attention_fwd(qbar, key, value, key_padding_mask, keep,
+                                                                      scale, dropout_p)
+            centroid_values = out_c
+        else:
+            out_c, flash_lse, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
+            centroid_values = out_c.reshape(rows, num_clusters, dim).float()
         if on_triton:  # no gathered copies
-            mass, rest = improved_triton.top_key_summary(qbar, k_rows, v_rows, top, lse, scale, centroid_values)
+            mass, rest = improved_triton.top_key_summary(qbar, k_rows, v_rows, top, lse, scale, centroid_values,
+                                                         *masks)
         else:
             top_probs = torch.exp(torch.einsum("rcd,rckd->rck", qbar, self._top_rows(k_rows, top)) * scale
                                   - lse.unsqueeze(-1))
             mass = top_probs.sum(-1)
             rest = centroid_values - torch.einsum("rck,rckd->rcd", top_probs, self._top_rows(v_rows, top))
         out = self._exact_top_keys_fwd(query, key, value, None, assignments, order, seg_start, top, mass, rest,
-                                       scale)
+                                       scale, masks)
         return (out, lse.reshape(batch, heads, num_clusters), top.reshape(batch, heads, num_clusters, top_k), out_c,
                 flash_lse)
 
     def _improved_bwd_flash(self, grad_out, query, key, value, assignments, order, seg_start, counts, qbar, lse,
-                            top_index, num_clusters, scale, centroid_flash=None):
-        """The flash path's gradients; ``centroid_flash``: the forward's ``(out (B, H, C, Dv),
-        lse (B, H, C))`` of the centroids' flash attention, or None to run it again."""
+                            top_index, num_clusters, scale, centroid_flash=None, key_padding_mask=None, keep=None,
+                            dropout_p=0.0):
+        """The flash path's gradients; ``centroid_flash``: the forward's ``(out, lse)`` of the
+        centroids' attention (as :meth:`_improved_fwd_flash` returns them), or None to run it
+        again. Key padding and dropout (``keep``, ``dropout_p``) are routed here only where the
+        Triton kernels take every step (:meth:`_improved_triton_ok`)."""
         batch, heads, length, dim = query.shape
         rows, keys = batch * heads, key.shape[2]
         top_k = top_index.shape[-1]
@@ -826,11 +864,13 @@ class CudaOps:
         v_rows = value.reshape(rows, keys, dim)
         top = top_index.reshape(rows, num_clusters, top_k).contiguous()
         lse_rows = lse.reshape(rows, num_clusters).float()
+        masks = (key_padding_mask, keep, dropout_p)
+        masked = key_padding_mask is not None or keep is not None
         # The top keys' part in Triton where it can (no gathered (rows, C, top_k, D) copies of the
         # top key and value rows), else in torch.
         fused_top = improved_triton.triton_exact_unavailable(query, value, top_k) is None
         if fused_top:
-            mass, _ = improved_triton.top_key_summary(qbar, k_rows, v_rows, top, lse_rows, scale)
+            mass, _ = improved_triton.top_key_summary(qbar, k_rows, v_rows, top, lse_rows, scale, None, *masks)
         else:
             top_keys, top_values = self._top_rows(k_rows, top), self._top_rows(v_rows, top)
             top_probs = torch.exp(torch.einsum("rcd,rckd->rck", qbar, top_keys) * scale - lse_rows.unsqueeze(-1))
@@ -838,7 +878,7 @@ class CudaOps:
 
         grad_rest = self.ext.segment_sum(grad_out, order, seg_start, False)  # G_j (rows, C, D)
         gm = self._exact_top_keys_fwd(query, key, value, grad_out, assignments, order, seg_start, top, mass,
-                                      grad_rest, scale)  # grad_out_i . exact_i
+                                      grad_rest, scale, masks)  # grad_out_i . exact_i
         grad_mass = self.ext.segment_sum(gm.reshape(batch, heads, length, 1), order, seg_start, False)
         # The top keys' gradients (sparse; the exact part's kernel adds into them too), in
         # fp32, added to the dense pass's key and value gradients at the end.
@@ -848,17 +888,21 @@ class CudaOps:
         # Top entries: f = sum_j gm_j m_j - G_j . sum_t A_jt v_t, so df/dA_jt = a_jt.
         if fused_top:
             c, grad_top = improved_triton.top_key_gradients(qbar, k_rows, v_rows, top, lse_rows, grad_rest,
-                                                            grad_mass.reshape(rows, num_clusters), scale, dk32, dv32)
+                                                            grad_mass.reshape(rows, num_clusters), scale, dk32, dv32,
+                                                            *masks)
 
         if fused_top and centroid_triton.triton_centroid_unavailable(query, value, num_clusters) is None:
             # Everything dense in one pass over the keys: the backward of V_bar = A V for dO = G
             # together with the lse term, which only adds c_j to each centroid's rowsum(dO * O).
-            if centroid_flash is None:
+            if centroid_flash is None and masked:
+                centroid_flash = centroid_triton.centroid_attention_fwd(qbar, key, value, key_padding_mask, keep,
+                                                                        scale, dropout_p)
+            elif centroid_flash is None:
                 centroid_flash = self._flash_fwd(qbar, key, value, scale, batch, heads)[:2]
             centroid_values, centroid_lse = centroid_flash
             dqb_parts, dk, dv = centroid_triton.centroid_attention_bwd(
-                grad_rest, centroid_values.reshape(rows, num_clusters, dim), qbar, key, value, None, None,
-                centroid_lse.reshape(rows, num_clusters), scale, 0.0, lse_weight=c, partial_qbar=True)
+                grad_rest, centroid_values.reshape(rows, num_clusters, dim), qbar, key, value, key_padding_mask,
+                keep, centroid_lse.reshape(rows, num_clusters), scale, dropout_p, lse_weight=c, partial_qbar=True)
             dq_bar, _ = improved_triton.centroid_gradients(
                 dqb_parts.reshape(batch, heads, *dqb_parts.shape[1:]), grad_top, seg_start)
             dk_lse = None  # in dk already
@@ -894,7 +938,7 @@ class CudaOps:
         # The kernels add the exact top-key parts into dk32 / dv32 in place.
         if fused_top:
             dq = improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, dq_bar,
-                                                    scale, dk32, dv32)
+                                                    scale, dk32, dv32, *masks)
             # Summed over the dense pass's buffers, and the key side's fp32 buffer freed before the value
             # side's sum: the backward's memory peak is here.
             dk = improved_triton.sum_gradients(dk32, dk, dk_lse, reuse_first=True)

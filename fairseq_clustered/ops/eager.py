@@ -82,9 +82,10 @@ class ClusteredAttention(torch.autograd.Function):
 class ImprovedClusteredAttention(torch.autograd.Function):
     """``out`` of ``CudaOps.improved_fwd``; backward through ``CudaOps.improved_bwd``
     (``assignments`` None and ``clustering``: as :class:`ClusteredAttention`). Where the forward's
-    composition took the flash path it also returns the centroids' flash output and log-sum-exp
-    and the queries' sort by cluster, and the backward takes those (``CudaOps.improved_bwd_kept``):
-    that flash forward and the sort are not run again."""
+    composition took the flash path (or its Triton form, with key padding or dropout) it also
+    returns the centroids' attention output and log-sum-exp and the queries' sort by cluster, and
+    the backward takes those (``CudaOps.improved_bwd_kept``): that forward and the sort are not
+    run again."""
 
     @staticmethod
     def forward(ctx, ops, query, key, value, assignments: Optional[Tensor], key_padding_mask: Optional[Tensor],
@@ -99,22 +100,15 @@ class ImprovedClusteredAttention(torch.autograd.Function):
                                                               num_clusters, topk, scale, dropout_p)
         ctx.ops, ctx.hyper = ops, (num_clusters, scale, dropout_p)
         ctx.kept = bool(kept)
-        if kept:  # the flash path: no key padding, no dropout
-            ctx.save_for_backward(query, key, value, assignments, lse, top_index, centroids, *kept)
-        else:
-            ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids)
+        ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
+                              *kept)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        if ctx.kept:
-            num_clusters, scale, _ = ctx.hyper
-            dq, dk, dv = ctx.ops.improved_bwd_kept(grad_out.contiguous(), *ctx.saved_tensors, num_clusters, scale)
-        else:
-            query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids = ctx.saved_tensors
-            dq, dk, dv = ctx.ops.improved_bwd(grad_out.contiguous(), query, key, value, assignments,
-                                              key_padding_mask, keep, lse, top_index, centroids, *ctx.hyper)
+        backward = ctx.ops.improved_bwd_kept if ctx.kept else ctx.ops.improved_bwd
+        dq, dk, dv = backward(grad_out.contiguous(), *ctx.saved_tensors, *ctx.hyper)
         return None, dq, dk, dv, None, None, None, None, None, None, None, None
 
 

@@ -11,7 +11,15 @@ small dense attention per cluster: a block of up to ``BLOCK_M`` consecutive memb
 against the cluster's ``top_k`` key and value rows, two tile products on tensor cores.
 The CUDA kernels of ``cuda/attention.cu`` compute it one query per warp with fp32
 multiply-adds and a shared-memory cache of the cluster's rows; they stay the path for
-key padding, dropout, fp32 and top-k > 128.
+fp32 and top-k > 128.
+
+Key padding and dropout. Padded keys have the logit -inf everywhere here: they take no part
+in a centroid's log-sum-exp, and they are among its top keys only where it has fewer valid
+keys than ``top_k``, in slots that every kernel reading ``top`` skips (a centroid without a
+valid key gets the log-sum-exp +inf and zeros). Dropout is the clustered op's keep mask
+``(B, H, C, S)`` on the centroid rows, shared by a cluster's members: at the top keys its
+factors ``z_t = keep / (1 - p)`` weigh the exact part, ``sum_t p_t z_t v_t``, and the
+remainder, while the mass ``sum_t A_jt`` has none (as in the reference).
 
 The forward's top-k selection needs the centroids' fp32 logits over all keys and their
 log-sum-exp. :func:`centroid_top_keys` gets them without the ``(C, S)`` fp32 matrix, in two
@@ -56,7 +64,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import MIN_TILE, tiles_unavailable, tl, triton
+from ._triton import MIN_TILE, mask_bytes, tiles_unavailable, tl, triton
 
 __all__ = ["triton_exact_unavailable", "sub_block_keys", "centroid_block_stats", "centroid_top_keys",
            "exact_top_keys_fwd", "exact_top_keys_bwd", "top_key_summary", "top_key_gradients",
@@ -118,11 +126,14 @@ if triton is not None:
 
     @triton.jit
     def _top_softmax(q, k_top, top_ok, qk_scale):
-        """Softmax over the top keys of ``q (M, D) @ k_top (K, D)^T`` -> fp32 ``(M, K)``."""
+        """Softmax over the top keys of ``q (M, D) @ k_top (K, D)^T`` -> fp32 ``(M, K)``; zeros
+        where no slot is valid (a cluster whose keys are all padded)."""
         logits = tl.dot(q, tl.trans(k_top)) * qk_scale  # log2 domain
         logits = tl.where(top_ok[None, :], logits, float("-inf"))
-        probs = tl.exp2(logits - tl.max(logits, 1)[:, None])
-        return probs / tl.sum(probs, 1)[:, None]
+        row_max = tl.max(logits, 1)
+        probs = tl.exp2(logits - tl.where(row_max == float("-inf"), 0.0, row_max)[:, None])
+        total = tl.sum(probs, 1)
+        return probs / tl.where(total > 0, total, 1.0)[:, None]
 
     @triton.jit
     def _member_rows(ORDER, row, length, start, end, DIM: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -134,25 +145,38 @@ if triton is not None:
         return member, queries, (row * length + queries)[:, None] * DIM + tl.arange(0, DIM)[None, :]
 
     @triton.jit
-    def _cluster_top_rows(TOP, K, V, row, cluster, num_clusters, keys, top_k, DIM: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-        """-> (slot mask, row offsets, key rows, value rows) ``(BLOCK_K, DIM)`` of the cluster's top keys."""
+    def _cluster_top_rows(TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, drop_scale,
+                          DIM: tl.constexpr, BLOCK_K: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr):
+        """-> (slot mask, row offsets, key rows, value rows ``(BLOCK_K, DIM)``, dropout factors
+        ``(BLOCK_K,)`` fp32) of the cluster's top keys. A slot is valid below ``top_k`` and
+        (``PADDED``) on a key that ``PAD (B, S)`` does not mark as padding: the top keys of a
+        centroid with fewer valid keys than slots fill the rest with padded ones. The factors
+        are ``KEEP (rows, C, S)`` at the top keys times ``drop_scale`` (``DROPOUT``), else 1."""
         slots = tl.arange(0, BLOCK_K)
-        top_ok = slots < top_k
-        top_keys = tl.load(TOP + (row * num_clusters + cluster) * top_k + slots, mask=top_ok, other=0)
+        in_top = slots < top_k
+        top_keys = tl.load(TOP + (row * num_clusters + cluster) * top_k + slots, mask=in_top, other=0)
+        top_ok = in_top
+        if PADDED:
+            top_ok = top_ok & (tl.load(PAD + (row // heads) * keys + top_keys, mask=in_top, other=1) == 0)
+        drop = tl.full((BLOCK_K,), 1.0, tl.float32)
+        if DROPOUT:
+            kept = tl.load(KEEP + (row * num_clusters + cluster) * keys + top_keys, mask=in_top, other=0)
+            drop = kept.to(tl.float32) * drop_scale
         top_rows = (row * keys + top_keys)[:, None] * DIM + tl.arange(0, DIM)[None, :]
         k_top = tl.load(K + top_rows, mask=top_ok[:, None], other=0.0)
         v_top = tl.load(V + top_rows, mask=top_ok[:, None], other=0.0)
-        return top_ok, top_rows, k_top, v_top
+        return top_ok, top_rows, k_top, v_top, drop
 
     @triton.jit
-    def _exact_fwd_kernel(Q, K, V, GRAD_OUT, ORDER, SEG_START, TOP, MASS, REST, OUT, GRAD_DOT,
-                          length, keys, num_clusters, top_k, qk_scale,
+    def _exact_fwd_kernel(Q, K, V, GRAD_OUT, ORDER, SEG_START, TOP, MASS, REST, OUT, GRAD_DOT, PAD, KEEP,
+                          length, keys, num_clusters, heads, top_k, qk_scale, drop_scale,
                           DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_C: tl.constexpr, GRAD_MODE: tl.constexpr):
+                          BLOCK_C: tl.constexpr, GRAD_MODE: tl.constexpr, PADDED: tl.constexpr,
+                          DROPOUT: tl.constexpr):
         """Q, GRAD_OUT, OUT: (rows, N, DIM); K, V: (rows, S, DIM); ORDER: (rows, N) int64;
         SEG_START: (rows, C + 1) int64; TOP: (rows, C, top_k) int64; MASS: (rows, C) fp32;
-        REST: (rows, C, DIM) fp32; GRAD_DOT: (rows, N) fp32. All contiguous."""
+        REST: (rows, C, DIM) fp32; GRAD_DOT: (rows, N) fp32; PAD, KEEP: as _cluster_top_rows.
+        All contiguous."""
         row = tl.program_id(1).to(tl.int64)
         cluster, start, end, active = _work_item(SEG_START, row, num_clusters, BLOCK_M, BLOCK_C)
         member, queries, query_rows = _member_rows(ORDER, row, length, start, end, DIM, BLOCK_M)
@@ -163,9 +187,12 @@ if triton is not None:
                 tl.store(OUT + query_rows, tl.zeros((BLOCK_M, DIM), OUT.dtype.element_ty), mask=member[:, None])
         elif active:
             q = tl.load(Q + query_rows, mask=member[:, None], other=0.0)
-            top_ok, top_rows, k_top, v_top = _cluster_top_rows(TOP, K, V, row, cluster, num_clusters, keys, top_k,
-                                                               DIM, BLOCK_K)
+            top_ok, top_rows, k_top, v_top, drop = _cluster_top_rows(
+                TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, drop_scale, DIM, BLOCK_K,
+                PADDED, DROPOUT)
             probs = _top_softmax(q, k_top, top_ok, qk_scale)
+            if DROPOUT:
+                probs = probs * drop[None, :]
             exact = tl.dot(probs.to(v_top.dtype), v_top)  # (BLOCK_M, DIM) fp32
             if GRAD_MODE:
                 grad_out = tl.load(GRAD_OUT + query_rows, mask=member[:, None], other=0.0)
@@ -178,12 +205,13 @@ if triton is not None:
 
     @triton.jit
     def _exact_bwd_kernel(GRAD_OUT, Q, K, V, ORDER, SEG_START, TOP, MASS, GRAD_CENTROIDS, GRAD_Q, GRAD_K, GRAD_V,
-                          length, keys, num_clusters, top_k, qk_scale, scale,
+                          PAD, KEEP, length, keys, num_clusters, heads, top_k, qk_scale, scale, drop_scale,
                           DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+                          BLOCK_C: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr):
         """GRAD_CENTROIDS: (rows, C, DIM) fp32, added to every member's query gradient;
         GRAD_Q: (rows, N, DIM) in the input dtype; GRAD_K, GRAD_V: (rows, S, DIM) fp32,
-        added to."""
+        added to. With dropout factors ``z_t`` the exact part is ``sum_t p_t z_t v_t``: its
+        gradient reaches ``p_t`` times ``z_t``, and ``v_t`` through ``p_t z_t``."""
         row = tl.program_id(1).to(tl.int64)
         cluster, start, end, active = _work_item(SEG_START, row, num_clusters, BLOCK_M, BLOCK_C)
         member, queries, query_rows = _member_rows(ORDER, row, length, start, end, DIM, BLOCK_M)
@@ -195,10 +223,15 @@ if triton is not None:
             # The exact part enters the output scaled by the mass.
             grad_exact = (tl.load(GRAD_OUT + query_rows, mask=member[:, None], other=0.0).to(tl.float32)
                           * mass).to(q.dtype)
-            top_ok, top_rows, k_top, v_top = _cluster_top_rows(TOP, K, V, row, cluster, num_clusters, keys, top_k,
-                                                               DIM, BLOCK_K)
+            top_ok, top_rows, k_top, v_top, drop = _cluster_top_rows(
+                TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, drop_scale, DIM, BLOCK_K,
+                PADDED, DROPOUT)
             probs = _top_softmax(q, k_top, top_ok, qk_scale)
             grad_probs = tl.dot(grad_exact, tl.trans(v_top))
+            weights = probs
+            if DROPOUT:
+                grad_probs = grad_probs * drop[None, :]
+                weights = probs * drop[None, :]
             grad_logits = probs * (grad_probs - tl.sum(probs * grad_probs, 1)[:, None])
             grad_logits = tl.where(member[:, None], grad_logits, 0.0).to(q.dtype)
             grad_centroid = tl.load(GRAD_CENTROIDS + (row * num_clusters + cluster) * DIM + tl.arange(0, DIM))
@@ -206,7 +239,7 @@ if triton is not None:
             tl.store(GRAD_Q + query_rows, grad_q.to(GRAD_Q.dtype.element_ty), mask=member[:, None])
             # Rows of non-members are zero in grad_logits and grad_exact: they add nothing.
             grad_k = tl.dot(tl.trans(grad_logits), q) * scale
-            grad_v = tl.dot(tl.trans(probs.to(q.dtype)), grad_exact)
+            grad_v = tl.dot(tl.trans(weights.to(q.dtype)), grad_exact)
             tl.atomic_add(GRAD_K + top_rows, grad_k, mask=top_ok[:, None])
             tl.atomic_add(GRAD_V + top_rows, grad_v, mask=top_ok[:, None])
 
@@ -230,13 +263,15 @@ if triton is not None:
         return 4294967295 - (ranked & 4294967295)
 
     @triton.jit
-    def _centroid_block_stats_kernel(QBAR, K, SUB_MAX, BLOCK_MAX, BLOCK_SUM, num_clusters, keys, key_blocks,
-                                     sub_blocks, scale, DIM: tl.constexpr, BLOCK_C: tl.constexpr,
-                                     BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+    def _centroid_block_stats_kernel(QBAR, K, PAD, SUB_MAX, BLOCK_MAX, BLOCK_SUM, num_clusters, keys, heads,
+                                     key_blocks, sub_blocks, scale, DIM: tl.constexpr, BLOCK_C: tl.constexpr,
+                                     BLOCK_N: tl.constexpr, SUB: tl.constexpr, PADDED: tl.constexpr):
         """Program (key block, row, centroid block): the statistics of the block's logits
         ``scale qbar . k``: the largest logit of each ``SUB`` keys, ``SUB_MAX (rows, C,
         sub_blocks)``, and per block of ``BLOCK_N`` keys ``BLOCK_MAX``, ``BLOCK_SUM`` ``(rows,
         C, key_blocks)`` (max, sum of exp(logit - max)); the logits themselves are not stored.
+        Padded keys (``PADDED``: ``PAD (B, S)`` non-zero) have the logit -inf; a block without a
+        valid key has the maximum -inf and the sum 0.
 
         QBAR (rows, C, DIM) fp32 is split into three parts of K's dtype (hi + mid + lo),
         so each product is exact and only the fp32 summation order differs from an fp32
@@ -257,23 +292,27 @@ if triton is not None:
         mid = remainder.to(k.dtype)
         lo = (remainder - mid.to(tl.float32)).to(k.dtype)
         logits = (tl.dot(hi, k_t) + tl.dot(mid, k_t) + tl.dot(lo, k_t)) * scale
-        logits = tl.where(k_ok[None, :], logits, float("-inf"))
+        valid = k_ok
+        if PADDED:
+            valid = valid & (tl.load(PAD + (row // heads) * keys + key_index, mask=k_ok, other=1) == 0)
+        logits = tl.where(valid[None, :], logits, float("-inf"))
         sub_max = tl.max(tl.reshape(logits, (BLOCK_C, BLOCK_N // SUB, SUB)), 2)
         sub_index = block * (BLOCK_N // SUB) + tl.arange(0, BLOCK_N // SUB)
         tl.store(SUB_MAX + (row * num_clusters + centroids)[:, None] * sub_blocks + sub_index[None, :], sub_max,
                  mask=c_ok[:, None] & (sub_index < sub_blocks)[None, :])
         block_max = tl.max(sub_max, 1)
-        block_sum = tl.sum(tl.exp(logits - block_max[:, None]), 1)
+        block_sum = tl.sum(tl.exp(logits - tl.where(block_max == float("-inf"), 0.0, block_max)[:, None]), 1)
         stats = (row * num_clusters + centroids) * key_blocks + block
         tl.store(BLOCK_MAX + stats, block_max, mask=c_ok)
         tl.store(BLOCK_SUM + stats, block_sum, mask=c_ok)
 
     @triton.jit
-    def _centroid_top_keys_kernel(QBAR, K, SUB_MAX, BLOCK_MAX, BLOCK_SUM, BLOCKS, LSE, TOP, num_clusters, keys,
-                                  key_blocks, sub_blocks, slots, top_k, scale, DIM: tl.constexpr,
+    def _centroid_top_keys_kernel(QBAR, K, PAD, SUB_MAX, BLOCK_MAX, BLOCK_SUM, BLOCKS, LSE, TOP, num_clusters, keys,
+                                  heads, key_blocks, sub_blocks, slots, top_k, scale, DIM: tl.constexpr,
                                   SUB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
                                   STATS_CHUNK: tl.constexpr, BLOCKS_FROM: tl.constexpr,
-                                  SORT_BLOCKS: tl.constexpr, SORT_KEYS: tl.constexpr, TOP_K_POW2: tl.constexpr):
+                                  SORT_BLOCKS: tl.constexpr, SORT_KEYS: tl.constexpr, TOP_K_POW2: tl.constexpr,
+                                  PADDED: tl.constexpr):
         """Program (centroid, row): the centroid's log-sum-exp over all keys ``LSE (rows, C)``
         from the block statistics, and its ``top_k`` keys by logit ``TOP (rows, C, top_k)``
         int64, largest first.
@@ -287,7 +326,11 @@ if triton is not None:
 
         Each ranking is either ``k`` max-reductions one after the other, or (``SORT_BLOCKS``,
         ``SORT_KEYS``) one bitonic top-k (``tl.topk``) of the power of two above ``k``: the
-        ranked values are distinct, so both give the same keys in the same order."""
+        ranked values are distinct, so both give the same keys in the same order.
+
+        Padded keys (``PADDED``) rank by the logit -inf, so they are taken only where the
+        centroid has fewer valid keys than ``top_k`` (slots the later kernels skip), and a
+        centroid without a valid key gets the log-sum-exp +inf (its probabilities are 0)."""
         centroid = tl.program_id(0).to(tl.int64) + tl.program_id(1).to(tl.int64) * num_clusters  # row * C + c
         row = tl.program_id(1).to(tl.int64)
 
@@ -300,9 +343,12 @@ if triton is not None:
             maxima = tl.load(BLOCK_MAX + centroid * key_blocks + start + chunk, mask=here, other=float("-inf"))
             sums = tl.load(BLOCK_SUM + centroid * key_blocks + start + chunk, mask=here, other=0.0)
             new_max = tl.maximum(running_max, tl.max(maxima, 0))
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(sums * tl.exp(maxima - new_max), 0)
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no valid key yet: every term 0
+            running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(sums * tl.exp(maxima - safe_max), 0)
             running_max = new_max
-        tl.store(LSE + centroid, running_max + tl.log(running_sum))
+        nonempty = running_sum > 0
+        tl.store(LSE + centroid, tl.where(nonempty, running_max + tl.log(tl.where(nonempty, running_sum, 1.0)),
+                                          float("inf")))
 
         slot = tl.arange(0, BLOCK_S)
         if BLOCKS_FROM == 0:
@@ -339,7 +385,13 @@ if triton is not None:
         parts = tl.where(part == 0, hi[:, None], tl.where(part == 1, mid[:, None],
                                                           tl.where(part == 2, lo[:, None], 0.0))).to(k.dtype)
         logits = tl.sum(tl.dot(k, parts), 1) * scale
-        ranked = _ranked(tl.where(ok, logits, float("-inf")), key_index)
+        valid = ok
+        if PADDED:
+            valid = valid & (tl.load(PAD + (row // heads) * keys + key_index, mask=ok, other=1) == 0)
+        # Padded candidates rank by -inf; the slots that are no candidate (past `slots`, or past
+        # the last key) below everything, so that they are never taken: at least top_k candidates
+        # are real keys.
+        ranked = tl.where(ok, _ranked(tl.where(valid, logits, float("-inf")), key_index), _TAKEN)
         # (indices clamped: in range even for NaN logits, which rank nothing)
         if SORT_KEYS:
             tl.static_assert(TOP_K_POW2 <= BLOCK_S * SUB)
@@ -377,55 +429,64 @@ if triton is not None:
 
 
     @triton.jit
-    def _top_key_probs(QBAR, K, V, TOP, LSE, row, cluster, num_clusters, keys, top_k, scale,
-                       DIM: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _top_key_probs(QBAR, K, V, TOP, LSE, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, scale,
+                       drop_scale, DIM: tl.constexpr, BLOCK_K: tl.constexpr, PADDED: tl.constexpr,
+                       DROPOUT: tl.constexpr):
         """-> (slot mask, row offsets, key rows, value rows (BLOCK_K, DIM), centroid (DIM,) fp32,
-        top-key probabilities (BLOCK_K,) fp32, 0 in unused slots) of one centroid: its attention
-        probabilities ``exp(scale qbar . k_t - lse)`` on its top keys, in fp32 multiply-adds as
-        the fp32 products of the centroids and the upcast keys."""
-        top_ok, top_rows, k_top, v_top = _cluster_top_rows(TOP, K, V, row, cluster, num_clusters, keys, top_k,
-                                                           DIM, BLOCK_K)
+        top-key probabilities (BLOCK_K,) fp32, 0 in unused slots, dropout factors (BLOCK_K,)) of
+        one centroid: its attention probabilities ``exp(scale qbar . k_t - lse)`` on its top keys,
+        in fp32 multiply-adds as the fp32 products of the centroids and the upcast keys. PAD,
+        KEEP: as _cluster_top_rows."""
+        top_ok, top_rows, k_top, v_top, drop = _cluster_top_rows(
+            TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, drop_scale, DIM, BLOCK_K, PADDED,
+            DROPOUT)
         centroid = (row * num_clusters + cluster).to(tl.int64)
         qbar = tl.load(QBAR + centroid * DIM + tl.arange(0, DIM))
         logits = tl.sum(k_top.to(tl.float32) * qbar[None, :], 1) * scale
         probs = tl.where(top_ok, tl.exp(logits - tl.load(LSE + centroid)), 0.0)
-        return top_ok, top_rows, k_top, v_top, qbar, probs
+        return top_ok, top_rows, k_top, v_top, qbar, probs, drop
 
     @triton.jit
-    def _top_key_summary_kernel(QBAR, K, V, TOP, LSE, CENTROID_VALUES, MASS, REST, num_clusters, keys, top_k,
-                                scale, DIM: tl.constexpr, BLOCK_K: tl.constexpr, WITH_REST: tl.constexpr):
+    def _top_key_summary_kernel(QBAR, K, V, TOP, LSE, CENTROID_VALUES, MASS, REST, PAD, KEEP, num_clusters, keys,
+                                heads, top_k, scale, drop_scale, DIM: tl.constexpr, BLOCK_K: tl.constexpr,
+                                WITH_REST: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr):
         """Program (cluster, row): the centroid's attention mass on its top keys, and (WITH_REST)
-        its output over the other keys, ``CENTROID_VALUES - sum_t p_t v_t``."""
+        its output over the other keys, ``CENTROID_VALUES - sum_t p_t z_t v_t`` (``z_t`` the
+        dropout factors, which the mass does not take)."""
         cluster, row = tl.program_id(0), tl.program_id(1)
-        _, _, _, v_top, _, probs = _top_key_probs(QBAR, K, V, TOP, LSE, row, cluster, num_clusters, keys, top_k,
-                                                  scale, DIM, BLOCK_K)
+        _, _, _, v_top, _, probs, drop = _top_key_probs(
+            QBAR, K, V, TOP, LSE, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, scale, drop_scale, DIM,
+            BLOCK_K, PADDED, DROPOUT)
         centroid = (row * num_clusters + cluster).to(tl.int64)
         tl.store(MASS + centroid, tl.sum(probs, 0))
         if WITH_REST:
             feats = tl.arange(0, DIM)
-            top_part = tl.sum(probs[:, None] * v_top.to(tl.float32), 0)
+            top_part = tl.sum((probs * drop)[:, None] * v_top.to(tl.float32), 0)
             tl.store(REST + centroid * DIM + feats, tl.load(CENTROID_VALUES + centroid * DIM + feats) - top_part)
 
     @triton.jit
     def _top_key_grads_kernel(QBAR, K, V, TOP, LSE, GRAD_REST, GRAD_MASS, GRAD_K, GRAD_V, LSE_WEIGHT,
-                              GRAD_CENTROIDS, num_clusters, keys, top_k, scale, DIM: tl.constexpr,
-                              BLOCK_K: tl.constexpr):
+                              GRAD_CENTROIDS, PAD, KEEP, num_clusters, keys, heads, top_k, scale, drop_scale,
+                              DIM: tl.constexpr, BLOCK_K: tl.constexpr, PADDED: tl.constexpr,
+                              DROPOUT: tl.constexpr):
         """Program (cluster, row): the top-key part of the improved backward for one centroid,
-        with ``g`` its rest's gradient and ``gm`` its mass's: ``a_t = gm - g . v_t``,
-        ``w_t = a_t p_t``; adds ``-p_t g`` to GRAD_V and ``scale w_t qbar`` to GRAD_K at its top
-        keys (atomically: clusters share keys), and writes ``sum_t w_t`` (LSE_WEIGHT, the
-        weight of the log-sum-exp's dense term) and ``scale sum_t w_t k_t`` (GRAD_CENTROIDS)."""
+        with ``g`` its rest's gradient, ``gm`` its mass's and ``z_t`` the dropout factors:
+        ``a_t = gm - z_t g . v_t``, ``w_t = a_t p_t``; adds ``-p_t z_t g`` to GRAD_V and
+        ``scale w_t qbar`` to GRAD_K at its top keys (atomically: clusters share keys), and
+        writes ``sum_t w_t`` (LSE_WEIGHT, the weight of the log-sum-exp's dense term) and
+        ``scale sum_t w_t k_t`` (GRAD_CENTROIDS)."""
         cluster, row = tl.program_id(0), tl.program_id(1)
-        top_ok, top_rows, k_top, v_top, qbar, probs = _top_key_probs(
-            QBAR, K, V, TOP, LSE, row, cluster, num_clusters, keys, top_k, scale, DIM, BLOCK_K)
+        top_ok, top_rows, k_top, v_top, qbar, probs, drop = _top_key_probs(
+            QBAR, K, V, TOP, LSE, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, scale, drop_scale, DIM,
+            BLOCK_K, PADDED, DROPOUT)
         centroid = (row * num_clusters + cluster).to(tl.int64)
         feats = tl.arange(0, DIM)
         grad_rest = tl.load(GRAD_REST + centroid * DIM + feats)
         weights = tl.where(top_ok, (tl.load(GRAD_MASS + centroid)
-                                    - tl.sum(v_top.to(tl.float32) * grad_rest[None, :], 1)) * probs, 0.0)
+                                    - drop * tl.sum(v_top.to(tl.float32) * grad_rest[None, :], 1)) * probs, 0.0)
         tl.store(LSE_WEIGHT + centroid, tl.sum(weights, 0))
         tl.store(GRAD_CENTROIDS + centroid * DIM + feats, scale * tl.sum(weights[:, None] * k_top.to(tl.float32), 0))
-        tl.atomic_add(GRAD_V + top_rows, -probs[:, None] * grad_rest[None, :], mask=top_ok[:, None])
+        tl.atomic_add(GRAD_V + top_rows, -(probs * drop)[:, None] * grad_rest[None, :], mask=top_ok[:, None])
         tl.atomic_add(GRAD_K + top_rows, scale * weights[:, None] * qbar[None, :], mask=top_ok[:, None])
 
 
@@ -458,8 +519,26 @@ if triton is not None:
         tl.store(DQ_BAR + flat, grads / members[:, None], mask=ok[:, None])
 
 
+def _key_masks(rows: int, key_padding_mask: Optional[Tensor], keep: Optional[Tensor], dropout_p: float,
+               unused: Tensor) -> Tuple[Tensor, Tensor, int, float, dict]:
+    """The kernels' view of key padding and dropout: ``(PAD, KEEP, heads, drop_scale, flags)``.
+
+    ``key_padding_mask (B, S)`` bool (True = padded) and ``keep (B, H, C, S)`` bool (the
+    clustered op's dropout keep mask) become uint8 views (``unused`` stands in for an absent
+    one: the kernel does not read it); ``heads = rows / B`` maps a row to its batch entry;
+    ``drop_scale = 1 / (1 - dropout_p)`` multiplies the kept weights; ``flags`` are the
+    ``PADDED`` / ``DROPOUT`` constexprs."""
+    masks = [m for m in (key_padding_mask, keep) if m is not None]
+    heads = rows // masks[0].shape[0] if masks else 1
+    pad = unused if key_padding_mask is None else mask_bytes(key_padding_mask)
+    kept = unused if keep is None else mask_bytes(keep)
+    drop_scale = 1.0 / (1.0 - dropout_p) if keep is not None else 1.0
+    return pad, kept, heads, drop_scale, dict(PADDED=key_padding_mask is not None, DROPOUT=keep is not None)
+
+
 def top_key_summary(qbar: Tensor, key: Tensor, value: Tensor, top: Tensor, lse: Tensor, scale: float,
-                    centroid_values: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+                    centroid_values: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+                    keep: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tuple[Tensor, Optional[Tensor]]:
     """Each centroid's attention mass on its top keys and, given its output over all keys, its
     output over the other keys, without gathering the top key and value rows into
     ``(rows, C, top_k, D)`` fp32 copies.
@@ -468,33 +547,38 @@ def top_key_summary(qbar: Tensor, key: Tensor, value: Tensor, top: Tensor, lse: 
         qbar: ``(rows, C, D)`` fp32 centroids. key, value: ``(rows, S, D)`` fp16 / bf16.
         top: ``(rows, C, top_k)`` int64 key indices. lse: ``(rows, C)`` fp32 log-sum-exp of the
             centroid logits over all keys. centroid_values: ``(rows, C, D)`` fp32 or None.
+        key_padding_mask: ``(B, S)`` bool or None: top keys that are padded count for nothing.
+        keep: ``(B, H, C, S)`` bool dropout keep mask or None, for ``dropout_p``.
 
     Returns:
         ``mass (rows, C)`` fp32 (``sum_t exp(scale qbar . k_t - lse)`` over the top keys) and
-        ``rest (rows, C, D)`` fp32 (``centroid_values - sum_t p_t v_t``), None without
-        ``centroid_values``.
+        ``rest (rows, C, D)`` fp32 (``centroid_values - sum_t p_t z_t v_t``, ``z_t`` the keep
+        mask over ``1 - dropout_p``, 1 without), None without ``centroid_values``.
     """
     rows, num_clusters, top_k = top.shape
     qbar, key, value, top, lse = (x.contiguous() for x in (qbar, key, value, top, lse))
+    pad, kept, heads, drop_scale, flags = _key_masks(rows, key_padding_mask, keep, dropout_p, top)
     mass = qbar.new_empty(rows, num_clusters)
     rest = None if centroid_values is None else torch.empty_like(qbar)
     _top_key_summary_kernel[(num_clusters, rows)](
         qbar, key, value, top, lse, qbar if rest is None else centroid_values.contiguous(), mass,
-        qbar if rest is None else rest, num_clusters, key.shape[1], top_k, scale,
-        DIM=qbar.shape[-1], BLOCK_K=_tile(top_k), WITH_REST=rest is not None, num_warps=4,
+        qbar if rest is None else rest, pad, kept, num_clusters, key.shape[1], heads, top_k, scale, drop_scale,
+        DIM=qbar.shape[-1], BLOCK_K=_tile(top_k), WITH_REST=rest is not None, num_warps=4, **flags,
     )
     return mass, rest
 
 
 def top_key_gradients(qbar: Tensor, key: Tensor, value: Tensor, top: Tensor, lse: Tensor, grad_rest: Tensor,
-                      grad_mass: Tensor, scale: float, grad_key: Tensor,
-                      grad_value: Tensor) -> Tuple[Tensor, Tensor]:
-    """The top-key part of the improved backward (shapes as :func:`top_key_summary`).
+                      grad_mass: Tensor, scale: float, grad_key: Tensor, grad_value: Tensor,
+                      key_padding_mask: Optional[Tensor] = None, keep: Optional[Tensor] = None,
+                      dropout_p: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """The top-key part of the improved backward (shapes and masks as :func:`top_key_summary`).
 
-    With ``p_t`` the centroid's probabilities on its top keys, ``g`` = ``grad_rest (rows, C, D)``
-    fp32 and ``gm`` = ``grad_mass (rows, C)`` fp32, and ``w_t = (gm - g . v_t) p_t``: adds
-    ``-p_t g`` into ``grad_value`` and ``scale w_t qbar`` into ``grad_key`` (``(rows, S, D)``
-    fp32 contiguous, in place, atomically, so not bit-reproducible) at the top keys.
+    With ``p_t`` the centroid's probabilities on its top keys, ``z_t`` their dropout factors,
+    ``g`` = ``grad_rest (rows, C, D)`` fp32 and ``gm`` = ``grad_mass (rows, C)`` fp32, and
+    ``w_t = (gm - z_t g . v_t) p_t``: adds ``-p_t z_t g`` into ``grad_value`` and
+    ``scale w_t qbar`` into ``grad_key`` (``(rows, S, D)`` fp32 contiguous, in place,
+    atomically, so not bit-reproducible) at the top keys.
 
     Returns:
         ``lse_weight (rows, C)`` fp32, ``sum_t w_t`` (the dense log-sum-exp term's weight), and
@@ -506,11 +590,13 @@ def top_key_gradients(qbar: Tensor, key: Tensor, value: Tensor, top: Tensor, lse
         raise ValueError("grad_key and grad_value must be contiguous fp32 buffers")
     qbar, key, value, top, lse, grad_rest, grad_mass = (
         x.contiguous() for x in (qbar, key, value, top, lse, grad_rest, grad_mass))
+    pad, kept, heads, drop_scale, flags = _key_masks(rows, key_padding_mask, keep, dropout_p, top)
     lse_weight = qbar.new_empty(rows, num_clusters)
     grad_centroids = torch.empty_like(qbar)
     _top_key_grads_kernel[(num_clusters, rows)](
         qbar, key, value, top, lse, grad_rest, grad_mass, grad_key, grad_value, lse_weight, grad_centroids,
-        num_clusters, key.shape[1], top_k, scale, DIM=qbar.shape[-1], BLOCK_K=_tile(top_k), num_warps=4,
+        pad, kept, num_clusters, key.shape[1], heads, top_k, scale, drop_scale, DIM=qbar.shape[-1],
+        BLOCK_K=_tile(top_k), num_warps=4, **flags,
     )
     return lse_weight, grad_centroids
 
@@ -600,13 +686,15 @@ def sub_block_keys(top_k: int, dim: int, keys: int) -> int:
     return max(2, min(sub, SELECTION["TILE"] // (dim * triton.next_power_of_2(top_k))))
 
 
-def centroid_block_stats(qbar: Tensor, key: Tensor, scale: float, sub: int) -> Tuple[Tensor, Tensor, Tensor]:
+def centroid_block_stats(qbar: Tensor, key: Tensor, scale: float, sub: int,
+                         key_padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Statistics of the centroid logits ``scale qbar . k`` (as an fp32 matrix product would
     give them), without storing the logits.
 
     Args:
         qbar: ``(rows, C, D)`` fp32 centroids. key: ``(rows, S, D)`` fp16 / bf16.
         sub: keys per sub-block, a power of two <= 16.
+        key_padding_mask: ``(B, S)`` bool (True = padded: the logit -inf) or None.
 
     Returns:
         ``sub_max (rows, C, ceil(S / sub))``, the largest logit of each ``sub`` keys, and per
@@ -622,14 +710,16 @@ def centroid_block_stats(qbar: Tensor, key: Tensor, scale: float, sub: int) -> T
     sub_max = qbar.new_empty(rows, num_clusters, triton.cdiv(keys, sub))
     block_max = qbar.new_empty(rows, num_clusters, key_blocks)
     block_sum = torch.empty_like(block_max)
+    pad, _, heads, _, flags = _key_masks(rows, key_padding_mask, None, 0.0, key)
     _centroid_block_stats_kernel[(key_blocks, rows, triton.cdiv(num_clusters, block_c))](
-        qbar, key, sub_max, block_max, block_sum, num_clusters, keys, key_blocks, sub_max.shape[-1], scale,
-        DIM=dim, BLOCK_C=block_c, BLOCK_N=block_n, SUB=sub, **options,
+        qbar, key, pad, sub_max, block_max, block_sum, num_clusters, keys, heads, key_blocks, sub_max.shape[-1],
+        scale, DIM=dim, BLOCK_C=block_c, BLOCK_N=block_n, SUB=sub, PADDED=flags["PADDED"], **options,
     )
     return sub_max, block_max, block_sum
 
 
-def centroid_top_keys(qbar: Tensor, key: Tensor, scale: float, top_k: int) -> Tuple[Tensor, Tensor]:
+def centroid_top_keys(qbar: Tensor, key: Tensor, scale: float, top_k: int,
+                      key_padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Each centroid's ``top_k`` keys by logit, and the log-sum-exp of its logits, without
     a ``(C, S)`` matrix of logits, in two launches.
 
@@ -644,13 +734,17 @@ def centroid_top_keys(qbar: Tensor, key: Tensor, scale: float, top_k: int) -> Tu
 
     Args:
         qbar: ``(rows, C, D)`` fp32. key: ``(rows, S, D)`` fp16 / bf16. top_k: ``<= S``.
+        key_padding_mask: ``(B, S)`` bool or None. Padded keys take no part in the log-sum-exp
+            and are chosen only where a centroid has fewer than ``top_k`` valid keys (the
+            reference's rule; the kernels that read ``top`` skip them).
 
     Returns:
-        ``lse (rows, C)`` fp32 and ``top (rows, C, top_k)`` int64 key indices, largest first.
+        ``lse (rows, C)`` fp32 (+inf for a row without a valid key) and ``top (rows, C, top_k)``
+        int64 key indices, largest first.
     """
     qbar, key = qbar.contiguous(), key.contiguous()
     sub = sub_block_keys(top_k, qbar.shape[-1], key.shape[1])
-    sub_max, block_max, block_sum = centroid_block_stats(qbar, key, scale, sub)
+    sub_max, block_max, block_sum = centroid_block_stats(qbar, key, scale, sub, key_padding_mask)
     rows, num_clusters, sub_blocks = sub_max.shape
     slots = min(top_k, sub_blocks)
     blocks, blocks_from = sub_max, 0  # every sub-block a candidate
@@ -663,9 +757,10 @@ def centroid_top_keys(qbar: Tensor, key: Tensor, scale: float, top_k: int) -> Tu
     lse = qbar.new_empty(rows, num_clusters)
     top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=key.device)
     bitonic = block_s * sub <= SELECTION["BITONIC_CANDIDATES"]
+    pad, _, heads, _, flags = _key_masks(rows, key_padding_mask, None, 0.0, key)
     _centroid_top_keys_kernel[(num_clusters, rows)](
-        qbar, key, sub_max, block_max, block_sum, blocks, lse, top, num_clusters, key.shape[1],
-        block_max.shape[-1], sub_blocks, slots, top_k, scale, DIM=qbar.shape[-1], SUB=sub,
+        qbar, key, pad, sub_max, block_max, block_sum, blocks, lse, top, num_clusters, key.shape[1], heads,
+        block_max.shape[-1], sub_blocks, slots, top_k, scale, DIM=qbar.shape[-1], SUB=sub, PADDED=flags["PADDED"],
         BLOCK_S=block_s, BLOCK_B=block_b, STATS_CHUNK=256,
         # a bitonic top-k needs at least as many values as it keeps
         SORT_BLOCKS=bitonic and block_b >= block_s, SORT_KEYS=bitonic,
@@ -688,7 +783,9 @@ def _grid_and_tiles(query: Tensor, num_clusters: int, top_k: int, block_m: int):
 
 
 def exact_top_keys_fwd(query: Tensor, key: Tensor, value: Tensor, order: Tensor, seg_start: Tensor, top: Tensor,
-                       mass: Tensor, rest: Tensor, scale: float, grad_out: Optional[Tensor] = None) -> Tensor:
+                       mass: Tensor, rest: Tensor, scale: float, grad_out: Optional[Tensor] = None,
+                       key_padding_mask: Optional[Tensor] = None, keep: Optional[Tensor] = None,
+                       dropout_p: float = 0.0) -> Tensor:
     """The improved variant's output with the exact top-key part, or ``grad_out . exact``.
 
     Args:
@@ -699,14 +796,18 @@ def exact_top_keys_fwd(query: Tensor, key: Tensor, value: Tensor, order: Tensor,
         mass: ``(B H, C)`` fp32 centroid attention mass on the top keys;
         rest: ``(B H, C, D)`` fp32 centroid output over the other keys.
         grad_out: ``(B, H, N, D)`` or None.
+        key_padding_mask: ``(B, S)`` bool or None: padded top keys take no part in the softmax.
+        keep: ``(B, H, C, S)`` bool dropout keep mask or None: the exact part is
+            ``sum_t p_t z_t v_t`` with ``z_t`` the mask at the top keys over ``1 - dropout_p``.
 
     Returns:
         ``out (B, H, N, D)`` in the query dtype (``grad_out`` None), else ``(B H, N)`` fp32
         ``grad_out_i . exact_i``.
     """
-    batch, heads, length, dim = query.shape
+    length = query.shape[2]
     rows, num_clusters, top_k = top.shape
     query, key, value, order, seg_start, top = (x.contiguous() for x in (query, key, value, order, seg_start, top))
+    pad, kept, heads, drop_scale, flags = _key_masks(rows, key_padding_mask, keep, dropout_p, top)
     grad_mode = grad_out is not None
     out = None if grad_mode else torch.empty_like(query)
     grad_dot = query.new_empty(rows, length, dtype=torch.float32) if grad_mode else None
@@ -715,15 +816,17 @@ def exact_top_keys_fwd(query: Tensor, key: Tensor, value: Tensor, order: Tensor,
     _exact_fwd_kernel[grid](
         query, key, value, grad_out.contiguous() if grad_mode else query, order, seg_start, top,
         mass.contiguous(), rest.contiguous(), query if out is None else out, grad_dot if grad_mode else mass,
-        length, key.shape[2], num_clusters, top_k, scale * LOG2E, GRAD_MODE=grad_mode, **tiles, **options,
+        pad, kept, length, key.shape[2], num_clusters, heads, top_k, scale * LOG2E, drop_scale, GRAD_MODE=grad_mode,
+        **tiles, **options, **flags,
     )
     return grad_dot if grad_mode else out
 
 
 def exact_top_keys_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, order: Tensor,
                        seg_start: Tensor, top: Tensor, mass: Tensor, grad_centroids: Tensor, scale: float,
-                       grad_key: Tensor, grad_value: Tensor) -> Tensor:
-    """Backward of the exact top-key part (shapes as :func:`exact_top_keys_fwd`).
+                       grad_key: Tensor, grad_value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                       keep: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
+    """Backward of the exact top-key part (shapes and masks as :func:`exact_top_keys_fwd`).
 
     ``grad_centroids (B H, C, D)`` fp32 is added to each member's query gradient; the top
     keys' gradients are added into ``grad_key``, ``grad_value`` ``(B H, S, D)`` fp32 in place.
@@ -737,11 +840,13 @@ def exact_top_keys_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
     if not (grad_key.is_contiguous() and grad_value.is_contiguous()
             and grad_key.dtype == grad_value.dtype == torch.float32):
         raise ValueError("grad_key and grad_value must be contiguous fp32 buffers")
+    pad, kept, heads, drop_scale, flags = _key_masks(rows, key_padding_mask, keep, dropout_p, top)
     grad_query = torch.empty_like(query)
     options = dict(LAUNCH["bwd"])
     grid, tiles = _grid_and_tiles(query, num_clusters, top_k, options["BLOCK_M"])
     _exact_bwd_kernel[grid](
         grad_out, query, key, value, order, seg_start, top, mass, grad_centroids, grad_query, grad_key, grad_value,
-        query.shape[2], key.shape[2], num_clusters, top_k, scale * LOG2E, scale, **tiles, **options,
+        pad, kept, query.shape[2], key.shape[2], num_clusters, heads, top_k, scale * LOG2E, scale, drop_scale,
+        **tiles, **options, **flags,
     )
     return grad_query
