@@ -27,6 +27,7 @@ log-log PNG (time and memory against N). ``--device cpu`` runs a small CPU versi
     python benchmarks/bench_attention.py                 # GPU, bf16, N = 1k..64k
     python benchmarks/bench_attention.py --device cpu    # CPU, small N
     python benchmarks/bench_attention.py --causal        # causal: SDPA(is_causal) vs causal clustered
+    python benchmarks/bench_attention.py --dropout 0.1   # attention dropout, as in training (RoBERTa's 0.1)
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ def parse_args():
                    help="comma-separated (default sdpa,flash,clustered,improved,reference; "
                         "with --causal sdpa,flash,causal_clustered,causal_flash_parts,causal_reference)")
     p.add_argument("--out", default="bench_attention", help="prefix of the CSV and PNG files")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="attention dropout rate of sdpa, flash, clustered and improved (not with --causal "
+                        "or the reference)")
     p.add_argument("--graph", action="store_true",
                    help="also time forward+backward captured in a CUDA graph (GPU time without launch overhead)")
     p.add_argument("--profile", default="", help="comma-separated N: print the top CUDA kernels per method")
@@ -88,6 +92,10 @@ def parse_args():
                    help="comma-separated N: print where the host (CPU) time of a forward+backward goes per method "
                         "(Python functions by own time, torch ops by count)")
     args = p.parse_args()
+    if not 0.0 <= args.dropout < 1.0:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.dropout and args.causal:
+        p.error("--dropout is for the non-causal methods (sdpa, flash, clustered, improved); leave out --causal")
     if args.clusters is None:
         args.clusters = causal_ops.DEFAULT_NUM_CLUSTERS if args.causal else 100
     return args
@@ -188,12 +196,18 @@ def host_profile(name, fn, steps=10):
 def make_methods(args, planes):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    # the clustered ops draw their dropout masks from a generator of their own
+    dropout = {"dropout_p": args.dropout, "generator": torch.Generator(device=args.device).manual_seed(1)} \
+        if args.dropout else {}
+
     def sdpa(q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=args.causal,
+                                                                dropout_p=args.dropout)
 
     def flash(q, k, v):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=args.causal,
+                                                                    dropout_p=args.dropout)
 
     def causal_clustered(q, k, v):
         return causal_clustered_attention(q, k, v, window=args.window, num_clusters=args.clusters,
@@ -214,11 +228,11 @@ def make_methods(args, planes):
 
     def clustered(q, k, v):
         return clustered_attention(q, k, v, num_clusters=args.clusters, iterations=args.iterations,
-                                   bits=args.bits, planes=planes)
+                                   bits=args.bits, planes=planes, **dropout)
 
     def improved(q, k, v):
         return improved_clustered_attention(q, k, v, num_clusters=args.clusters, iterations=args.iterations,
-                                            bits=args.bits, topk=args.topk, planes=planes)
+                                            bits=args.bits, topk=args.topk, planes=planes, **dropout)
 
     class Reference(torch.autograd.Function):
         """The pure-PyTorch reference end to end (hash, Lloyd, clustered attention)."""
@@ -244,7 +258,9 @@ def make_methods(args, planes):
     if args.device != "cuda":
         methods.pop("flash")
     wanted = args.methods or ("sdpa,flash,causal_clustered,causal_flash_parts,causal_reference" if args.causal
-                              else "sdpa,flash,clustered,improved,reference")
+                              else "sdpa,flash,clustered,improved" + ("" if args.dropout else ",reference"))
+    if args.dropout and "reference" in wanted.split(","):
+        raise SystemExit("--dropout: the reference method runs without dropout; leave it out of --methods")
     return {name: fn for name, fn in methods.items() if name in wanted.split(",")}
 
 
@@ -328,7 +344,8 @@ def main():
         from fairseq_clustered.info import graph_cache_line
         print("cuda graphs of the ops:", graph_cache_line(cuda_backend))
     print(f"B={batch} H={heads} D={args.dim} {str(dtype).replace('torch.', '')} C={args.clusters} "
-          f"I={args.iterations} bits={args.bits} " + (f"causal, W={args.window}" if args.causal else f"k={args.topk}"))
+          f"I={args.iterations} bits={args.bits} " + (f"causal, W={args.window}" if args.causal else f"k={args.topk}")
+          + (f" dropout={args.dropout}" if args.dropout else ""))
     gen = torch.Generator(device="cpu").manual_seed(0)
     planes = torch.randn(args.bits, args.dim, generator=gen).to(args.device)
     methods = make_methods(args, planes)

@@ -616,18 +616,54 @@ def test_improved_gpu(dtype, length, dim, pad):
     _check_improved_backward(torch.randn_like(out), q, k, v, a, kmask, ref_lse, ref_top, centroids, C, scale)
 
 
-def _check_improved_backward(g, q, k, v, a, kmask, ref_lse, ref_top, centroids, C, scale):
+def _check_improved_backward(g, q, k, v, a, kmask, ref_lse, ref_top, centroids, C, scale, keep=None, p=0.0):
     """The improved op's gradients for ``g`` against the fp64 reference (the low-precision rule),
     given the reference forward's float64 ``ref_lse`` and its ``ref_top``."""
     d64 = [t.double() for t in (q, k, v)]
-    grads = custom_ops.improved_clustered_attention_bwd(g, q, k, v, a, kmask, None, ref_lse.float(), ref_top,
-                                                        centroids, C, scale, 0.0)
-    ref_grads = reference.improved_clustered_attention_bwd_ref(g.double(), *d64, a, kmask, None, ref_lse, ref_top,
-                                                               C, scale, 0.0)
-    low_grads = _lowp(reference.improved_clustered_attention_bwd_ref, g, q, k, v, a, kmask, None,
-                      ref_lse.to(q.dtype), ref_top, C, scale, 0.0)
+    grads = custom_ops.improved_clustered_attention_bwd(g, q, k, v, a, kmask, keep, ref_lse.float(), ref_top,
+                                                        centroids, C, scale, p)
+    ref_grads = reference.improved_clustered_attention_bwd_ref(g.double(), *d64, a, kmask, keep, ref_lse, ref_top,
+                                                               C, scale, p)
+    low_grads = _lowp(reference.improved_clustered_attention_bwd_ref, g, q, k, v, a, kmask, keep,
+                      ref_lse.to(q.dtype), ref_top, C, scale, p)
     for n, x, y, z in zip("qkv", grads, ref_grads, low_grads):
         _check(f"d{n}", x, y, z)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
+@pytest.mark.parametrize("length,dim", SIZES)
+def test_improved_padding_and_dropout_gpu(monkeypatch, dtype, length, dim):
+    """Key padding and dropout in half precision take the Triton kernels (top keys, exact
+    products, the centroid attention with both masks), not fp32 products over (C, S)
+    matrices: output and gradients within the low-precision rule of the fp64 reference. The
+    last batch entry has fewer valid keys than top-k in one case."""
+    from fairseq_clustered.ops import cuda_backend
+    C, topk, p = 25, 32, 0.2
+    keys = length + 7
+    q, k, v, qmask, kmask, a = make_inputs(2, 3, length, keys, dim, dtype, "cuda", C)
+    if length == SIZES[0][0]:
+        kmask[-1, 20:] = True  # 20 valid keys for 32 top keys
+    keep = torch.rand(2, 3, C, keys, device="cuda") >= p
+    monkeypatch.setattr(cuda_backend.cuda_ops(), "_dense_inputs",
+                        lambda *args: pytest.fail("the improved op took the fp32 (C, S) products"))
+    scale = dim ** -0.5
+    d64 = [t.double() for t in (q, k, v)]
+    out, lse, top, centroids = custom_ops.improved_clustered_attention_fwd(q, k, v, a, kmask, keep, C, topk, scale,
+                                                                           p)
+    ref_out, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(*d64, a, kmask, keep, C, topk,
+                                                                               scale, p)
+    low_out, _, _ = _lowp(reference.improved_clustered_attention_fwd_ref, q, k, v, a, kmask, keep, C, topk, scale, p)
+    assert torch.isfinite(out).all()
+    assert max_err(lse, ref_lse) < 1e-3
+    valid = (~kmask)[:, None, None, :].expand(-1, 3, C, -1)
+    top_valid, ref_valid = valid.gather(-1, top), valid.gather(-1, ref_top)
+    assert torch.equal(top_valid.sum(-1), ref_valid.sum(-1))  # padded keys only where too few are valid
+    same = (top.masked_fill(~top_valid, -1).sort(-1).values
+            == ref_top.masked_fill(~ref_valid, -1).sort(-1).values).all(-1).float().mean().item()
+    assert same > 0.99, f"top-key sets agree on only {same:.3f} of the centroids"
+    _check("out", out, ref_out, low_out)
+    _check_improved_backward(torch.randn_like(out), q, k, v, a, kmask, ref_lse, ref_top, centroids, C, scale, keep, p)
 
 
 @needs_gpu
@@ -906,8 +942,9 @@ def test_opcheck_gpu(mask):
 def test_eager_path_gpu(monkeypatch, variant, dropout):
     """On CUDA tensors the public functions call the CUDA implementations directly
     (ops/eager.py); the results are the custom ops' (same output; gradients within the
-    rounding of atomically accumulated sums)."""
-    from fairseq_clustered.ops import clustered_attention, eager, improved_clustered_attention
+    rounding of atomically accumulated sums). With key padding and dropout too, the improved
+    variant's backward runs from the forward's kept parts (its Triton path)."""
+    from fairseq_clustered.ops import clustered_attention, cuda_backend, eager, improved_clustered_attention
     q, k, v, qmask, kmask, _ = _op_args()
     grad = torch.randn(q.shape, device="cuda", dtype=q.dtype)
     fn = clustered_attention if variant == "clustered" else improved_clustered_attention
@@ -920,11 +957,15 @@ def test_eager_path_gpu(monkeypatch, variant, dropout):
         out.backward(grad)
         return [out.detach()] + [t.grad for t in inputs]
 
-    taken = []
+    taken, kept_calls = [], []
     real = eager.implementations
     monkeypatch.setattr(eager, "implementations", lambda query: taken.append(real(query)) or taken[-1])
+    cuda_ops = cuda_backend.cuda_ops()
+    real_kept = cuda_ops.improved_bwd_kept
+    monkeypatch.setattr(cuda_ops, "improved_bwd_kept", lambda *args: kept_calls.append(1) or real_kept(*args))
     got = run()
     assert taken and taken[-1] is not None, "the eager path was not taken on CUDA"
+    assert bool(kept_calls) == (variant == "improved"), "the improved backward did not take the kept parts"
     monkeypatch.setattr(eager, "implementations", lambda query: None)
     expected = run()
     assert torch.equal(got[0], expected[0])
