@@ -90,12 +90,14 @@ KERNEL_NOTES = {
                                "with them Triton on tensor cores (head dim a power of two 16..128, C <= 128); "
                                "fp32: Triton on tensor cores with bf16x6 products (head dim a power of two "
                                "16..64, C <= 128); else fp32 cuBLAS",
-    "improved_clustered_attention_fwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128; fp16/bf16 without "
-                                        "padding or dropout: flash, exact top-key products on tensor cores (Triton, "
-                                        "top-k <= 128)",
-    "improved_clustered_attention_bwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128; fp16/bf16 without "
-                                        "padding or dropout: flash, exact top-key products on tensor cores (Triton, "
-                                        "top-k <= 128)",
+    "improved_clustered_attention_fwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128; fp16/bf16: top keys "
+                                        "and exact top-key products on tensor cores (Triton, top-k <= 128), the "
+                                        "centroid attention by flash without padding or dropout, with them by "
+                                        "Triton (C <= 128); else fp32 cuBLAS and per-query kernels",
+    "improved_clustered_attention_bwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128; fp16/bf16: top keys "
+                                        "and exact top-key products on tensor cores (Triton, top-k <= 128), the "
+                                        "centroid attention's backward in one Triton pass (C <= 128; else flash "
+                                        "without padding or dropout); else fp32 cuBLAS and per-query kernels",
     "causal_key_clusters": "codebook assignment kernel; num_clusters <= 6144, batch*heads <= 65535",
     "causal_clustered_attention": "fp16/bf16, no key padding or dropout: one Triton kernel where the window is a "
                                   "power of two in 16..256, the head dim one in 16..128 and C <= 256, else flash attention in three "
