@@ -261,9 +261,11 @@ def test_gpu_training_step_fp16(translation_data):
 def test_gpu_training_step_bf16(translation_data):
     # fairseq 0.12's command-line --bf16 means "on a TPU" (it sets --tpu); on a GPU, bf16
     # training goes through the hydra config, where common.bf16 does not imply common.tpu.
+    # The recipe's improved variant on padded batches, with attention dropout: its Triton path.
     log = fairseq("hydra_train", "--config-dir", REPO / "examples" / "translation" / "config",
                   "--config-name", "clustered_transformer_tiny", f"task.data={translation_data / 'bin'}",
                   f"common.user_dir={USER_DIR}", "common.bf16=true", "optimization.max_update=12",
+                  "+model.attention_dropout=0.1",
                   "common.log_interval=1", f"checkpoint.save_dir={translation_data / 'ckpt_gpu_bf16'}",
                   cwd=translation_data)
     assert encoder_attention(log) == ["improved", "improved"]
