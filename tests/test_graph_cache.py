@@ -149,6 +149,34 @@ def test_the_in_place_check_decides_on_the_replay(monkeypatch, case):
         assert {"differs": "differed", "out of memory": "ran out of memory"}[case] in cache.copied_inputs["double"]
 
 
+def test_filled_outputs_are_the_callers_tensors():
+    """A composition's filled argument (written whole, returned, never read) is not copied into the
+    graph, and the output that is it comes back as the caller's own tensor: here a replay that copies
+    its inputs (a stand-in graph on the CPU) writes the static buffer, which is then copied into the
+    caller's tensor; the other outputs are fresh copies as before."""
+    cache = graph_cache.GraphCache()
+    copied = []  # every source of the cache's copies
+    cache._copy_into = lambda destinations, sources: [copied.append(s) or d.copy_(s)
+                                                      for d, s in zip(destinations, sources)]
+    cache._fresh_copies = lambda tensors: [t.clone() for t in tensors]
+    x, out = torch.arange(4.0), torch.full((4,), float("nan"))
+    static_x, static_out = graph_cache._static_copy(x), graph_cache._static_copy(out)
+    total = torch.zeros(())
+    entry = graph_cache._Entry(None, [static_x, static_out], (static_out, total), False, 0, filled=[1])
+    assert entry.filled_outputs == {0: 1} and entry.copied_outputs == [1] and entry.read == [0]
+
+    class Replay:
+        def replay(self):
+            static_out.copy_(static_x * 2)
+            total.copy_(static_x.sum())
+
+    entry.graph = Replay()
+    got = cache._replay(entry, [x, out], in_place=False)
+    assert got[0] is out and torch.equal(out, x * 2)
+    assert torch.equal(got[1], x.sum()) and got[1] is not total
+    assert not any(source is out for source in copied), "the filled tensor was copied into the graph"
+
+
 # -------------------------------------------------------------------- GPU
 
 
@@ -462,3 +490,30 @@ def test_a_check_out_of_memory_keeps_copying_gpu(monkeypatch):
         assert torch.equal(cache.run("oom", composition, (a, b)), composition(a, b)), seed
     assert cache.captures == 1 and cache.inputs_read_in_place() == 0
     assert "out of memory" in cache.copied_inputs["oom"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("inputs", ["in-place", "copy"])
+def test_filled_outputs_gpu(monkeypatch, inputs):
+    """A filled argument (``run``'s ``filled``: a tensor the composition writes whole and returns) is
+    the output handed back, with the eager result, whether the graph writes it in place or writes its
+    static buffer and the cache copies it over; outputs handed out earlier keep their values; an
+    output that is not the filled tensor is still a fresh copy."""
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", inputs)
+    cache = graph_cache.GraphCache(copies=cuda_backend.extension())
+
+    def composition(a, out):
+        torch.mul(a, 2.0, out=out)
+        return out, a.cumsum(0)
+
+    handed_out = []
+    for seed in range(5):
+        a = torch.randn(1000, generator=torch.Generator().manual_seed(seed)).cuda()
+        out = torch.empty_like(a)
+        got = cache.run("filled", composition, (a, out), filled=(1,))
+        assert got[0] is out and torch.equal(out, a * 2) and torch.equal(got[1], a.cumsum(0)), seed
+        handed_out.append((got, a))
+    for (out, cumsum), a in handed_out:
+        assert torch.equal(out, a * 2) and torch.equal(cumsum, a.cumsum(0))
+    assert cache.captures == 1
+    assert cache.inputs_read_in_place() == (1 if inputs == "in-place" else 0), cache.copied_inputs

@@ -286,17 +286,21 @@ class CudaOps:
             attend = self.improved_fwd if improved else self.clustered_fwd
             return (*attend(query, key, value, assignments, *attention), assignments)
         name = ("improved_" if improved else "") + "clustered_attention_fwd_with_clustering"
+        # the output is written into a tensor of the caller's (graph_cache's "filled")
+        out = _dense_like(query) if improved else custom_ops.attention_output_like(query, value.shape[-1])
         return self.graphs.run(name, self._fwd_with_clustering, (
-            improved, query, key, value, planes, offsets, query_padding_mask, iterations, bits, *attention))
+            improved, out, query, key, value, planes, offsets, query_padding_mask, iterations, bits, *attention),
+            filled=(1,))
 
-    def _fwd_with_clustering(self, improved, query, key, value, planes, offsets, query_padding_mask, iterations,
-                             bits, *attention):
+    def _fwd_with_clustering(self, improved, out, query, key, value, planes, offsets, query_padding_mask,
+                             iterations, bits, *attention):
         assignments, _ = self._cluster_queries(query, planes, offsets, query_padding_mask, attention[2], iterations,
                                                bits)
         if improved:
-            out, lse, top, centroids, *kept = self._improved_fwd_keeping(query, key, value, assignments, *attention)
+            out, lse, top, centroids, *kept = self._improved_fwd_keeping(query, key, value, assignments, *attention,
+                                                                         out)
             return (out, lse, top, centroids, assignments, *kept)
-        out, lse, centroids, *kept = self._clustered_fwd_keeping(query, key, value, assignments, *attention)
+        out, lse, centroids, *kept = self._clustered_fwd_keeping(query, key, value, assignments, *attention, out)
         return (out, lse, centroids, assignments, *kept)
 
     def _why_not(self, query: Tensor, value: Tensor, improved: bool) -> Optional[str]:
@@ -383,19 +387,23 @@ class CudaOps:
                 query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p)
             out = custom_ops.laid_out_as(out, custom_ops.attention_output_like(query, out.shape[-1], out.dtype))
             return out, lse, reference.cluster_centroids_ref(query, assignments, num_clusters)
+        out = custom_ops.attention_output_like(query, value.shape[-1])
         return self.graphs.run("clustered_attention_fwd", self._clustered_fwd, (
-            query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p))
+            query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p, out),
+            filled=(9,))
 
     def _clustered_fwd(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, scale,
-                       dropout_p):
+                       dropout_p, out=None):
         return self._clustered_fwd_keeping(query, key, value, assignments, key_padding_mask, keep, num_clusters,
-                                           scale, dropout_p)[:3]
+                                           scale, dropout_p, out)[:3]
 
     def _clustered_fwd_keeping(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, scale,
-                               dropout_p):
+                               dropout_p, out=None):
         """:meth:`_clustered_fwd`'s ``out, lse, centroids``, then what :meth:`clustered_bwd_kept` takes
         instead of the queries and the output: each cluster's output ``(B H, C, Dv)`` (what its
-        members received) and the sort of the queries by cluster (``order``, ``seg_start``)."""
+        members received) and the sort of the queries by cluster (``order``, ``seg_start``). ``out``:
+        the tensor to write the output into (``custom_ops.attention_output_like(query)``), or None
+        for a new one."""
         batch, heads, length, dim = query.shape
         rows, value_dim = batch * heads, value.shape[-1]
         assignments = assignments.contiguous()
@@ -410,7 +418,9 @@ class CudaOps:
         else:
             centroid_values, lse = self._dense_clustered_fwd(
                 qbar, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p)
-        out = self._broadcast(centroid_values, assignments, custom_ops.attention_output_like(query, value_dim))
+        if out is None:
+            out = custom_ops.attention_output_like(query, value_dim)
+        out = self._broadcast(centroid_values, assignments, out)
         return (out, lse.reshape(batch, heads, num_clusters).float().contiguous(),
                 qbar.reshape(batch, heads, num_clusters, dim), centroid_values.to(query.dtype), order, seg_start)
 
@@ -496,16 +506,17 @@ class CudaOps:
             grads = reference.clustered_attention_bwd_ref(
                 grad_out, query, key, value, assignments, key_padding_mask, keep, lse, num_clusters, scale, dropout_p)
             return tuple(custom_ops.laid_out_as(g, x) for g, x in zip(grads, (query, key, value)))
+        # dq is written into a tensor of the caller's (graph_cache's "filled")
         return self.graphs.run("clustered_attention_bwd", self._clustered_bwd, (
             grad_out, query, key, value, assignments, key_padding_mask, keep, out, lse, centroids, num_clusters,
-            scale, dropout_p))
+            scale, dropout_p, torch.empty_like(query)), filled=(13,))
 
     def _clustered_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, out, lse, centroids,
-                       num_clusters, scale, dropout_p):
+                       num_clusters, scale, dropout_p, dq):
         assignments = assignments.contiguous()
         order, seg_start, _ = _segments(assignments, num_clusters)
         return self._clustered_bwd_sorted(
-            grad_out, torch.empty_like(query), key, value, assignments, key_padding_mask, keep, lse, centroids,
+            grad_out, dq, key, value, assignments, key_padding_mask, keep, lse, centroids,
             self._cluster_outputs(out, order, seg_start, num_clusters), order, seg_start, num_clusters, scale,
             dropout_p)
 
@@ -515,15 +526,11 @@ class CudaOps:
         """:meth:`clustered_bwd` from what :meth:`_clustered_fwd_keeping` kept (the eager path's
         backward, as one composition): neither the queries nor the output are read, so neither is
         copied into the graph, and the sort is not done again. ``dq`` is made with the given
-        shape, strides (dense) and dtype."""
-        return self.graphs.run("clustered_attention_bwd_kept", self._clustered_bwd_kept, (
-            grad_out, tuple(query_shape), tuple(query_strides), query_dtype, key, value, assignments,
-            key_padding_mask, keep, lse, centroids, cluster_outputs, order, seg_start, num_clusters, scale,
-            dropout_p))
-
-    def _clustered_bwd_kept(self, grad_out, query_shape, query_strides, query_dtype, key, value, *rest):
-        dq = torch.empty_strided(query_shape, query_strides, dtype=query_dtype, device=key.device)
-        return self._clustered_bwd_sorted(grad_out, dq, key, value, *rest)
+        shape, strides (dense) and dtype, and written into by the graph (graph_cache's "filled")."""
+        dq = torch.empty_strided(tuple(query_shape), tuple(query_strides), dtype=query_dtype, device=key.device)
+        return self.graphs.run("clustered_attention_bwd_kept", self._clustered_bwd_sorted, (
+            grad_out, dq, key, value, assignments, key_padding_mask, keep, lse, centroids, cluster_outputs, order,
+            seg_start, num_clusters, scale, dropout_p), filled=(1,))
 
     def _clustered_bwd_sorted(self, grad_out, dq, key, value, assignments, key_padding_mask, keep, lse, centroids,
                               cluster_outputs, order, seg_start, num_clusters, scale, dropout_p):
@@ -616,20 +623,23 @@ class CudaOps:
                 query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p)
             return out, lse, top_index, reference.cluster_centroids_ref(query, assignments, num_clusters)
         return self.graphs.run("improved_clustered_attention_fwd", self._improved_fwd, (
-            query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p))
+            query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p,
+            _dense_like(query)), filled=(10,))
 
     def _improved_fwd(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale,
-                      dropout_p):
+                      dropout_p, out=None):
         return self._improved_fwd_keeping(query, key, value, assignments, key_padding_mask, keep, num_clusters, topk,
-                                          scale, dropout_p)[:4]
+                                          scale, dropout_p, out)[:4]
 
     def _improved_fwd_keeping(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, topk,
-                              scale, dropout_p):
+                              scale, dropout_p, out=None):
         """:meth:`_improved_fwd`'s ``out, lse, top_index, centroids``, then, on the flash path (and
         its Triton form for key padding and dropout), what :meth:`improved_bwd_kept` takes
         besides: the centroids' attention output (flash's ``(B, H, C, Dv)``, the Triton kernels'
         ``(B H, C, Dv)`` fp32) and log-sum-exp (so that the backward need not run that forward
-        again) and the sort of the queries by cluster (``order``, ``seg_start``)."""
+        again) and the sort of the queries by cluster (``order``, ``seg_start``). ``out``: a
+        contiguous tensor like the queries for the Triton exact products to write the output into
+        (the other paths make their own), or None."""
         batch, heads, length, dim = query.shape
         keys = key.shape[2]
         top_k = min(topk, keys)
@@ -641,7 +651,7 @@ class CudaOps:
                 or self._improved_triton_ok(query, value, num_clusters, top_k)):
             out, lse, top, centroid_values, centroid_lse = self._improved_fwd_flash(
                 query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k, scale, key_padding_mask,
-                keep, dropout_p)
+                keep, dropout_p, out)
             return out, lse, top, centroids, centroid_values, centroid_lse, order, seg_start
         k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
             key, value, key_padding_mask, keep, num_clusters, dropout_p)
@@ -684,10 +694,11 @@ class CudaOps:
                 scale, dropout_p)
         return self.graphs.run("improved_clustered_attention_bwd", self._improved_bwd, (
             grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
-            num_clusters, scale, dropout_p))
+            num_clusters, scale, dropout_p, _dense_like(query)), filled=(13,))
 
     def _improved_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
-                      centroids, num_clusters, scale, dropout_p):
+                      centroids, num_clusters, scale, dropout_p, dq=None):
+        """``dq``: as :meth:`_improved_bwd_flash`'s."""
         batch, heads, length, dim = query.shape
         keys = key.shape[2]
         rows = batch * heads
@@ -699,7 +710,7 @@ class CudaOps:
                 or self._improved_triton_ok(query, value, num_clusters, top_k)):
             return self._improved_bwd_flash(grad_out, query, key, value, assignments, order, seg_start, counts, qbar,
                                             lse, top_index, num_clusters, scale, None, key_padding_mask, keep,
-                                            dropout_p)
+                                            dropout_p, dq)
         k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
             key, value, key_padding_mask, keep, num_clusters, dropout_p)
         top = top_index.reshape(rows, num_clusters, top_k).contiguous()
@@ -762,17 +773,18 @@ class CudaOps:
         sort of the queries is not done again, nor the centroids' attention forward."""
         return self.graphs.run("improved_clustered_attention_bwd_kept", self._improved_bwd_kept, (
             grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
-            centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale, dropout_p))
+            centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale, dropout_p, _dense_like(query)),
+            filled=(17,))
 
     def _improved_bwd_kept(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
                            centroids, centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale,
-                           dropout_p):
+                           dropout_p, dq=None):
         batch, heads, _, dim = query.shape
         counts = _member_counts(seg_start)
         qbar = centroids.reshape(batch * heads, num_clusters, dim).float().contiguous()
         return self._improved_bwd_flash(grad_out, query, key, value, assignments.contiguous(), order, seg_start,
                                         counts, qbar, lse, top_index, num_clusters, scale,
-                                        (centroid_outputs, centroid_lse), key_padding_mask, keep, dropout_p)
+                                        (centroid_outputs, centroid_lse), key_padding_mask, keep, dropout_p, dq)
 
     # Without key padding and dropout the improved variant needs no (C, S) matrix in
     # the backward and only fp32 logits (for the top-k selection and lse) in the
@@ -799,21 +811,22 @@ class CudaOps:
         return rows_tensor.gather(1, flat).reshape(rows, clusters, top_k, width).float()
 
     def _exact_top_keys_fwd(self, query, key, value, grad_out, assignments, order, seg_start, top, mass, rest,
-                            scale, masks=(None, None, 0.0)):
+                            scale, masks=(None, None, 0.0), out=None):
         """The flash path's exact top-key part (tensor cores in Triton where it can, else the
-        extension's kernel, which the routing gives no ``masks``): ``out`` (``grad_out`` None) or
-        ``grad_out . exact`` per query. ``masks``: ``(key_padding_mask, keep, dropout_p)``."""
+        extension's kernel, which the routing gives no ``masks``): ``out`` (``grad_out`` None; the
+        Triton kernel writes into ``out`` where given) or ``grad_out . exact`` per query.
+        ``masks``: ``(key_padding_mask, keep, dropout_p)``."""
         if improved_triton.triton_exact_unavailable(query, value, top.shape[-1]) is None:
             return improved_triton.exact_top_keys_fwd(query, key, value, order, seg_start, top, mass, rest, scale,
-                                                      grad_out, *masks)
+                                                      grad_out, *masks, out=out)
         return self.ext.improved_exact_fwd(query, key, value, grad_out, assignments, order, top, None, None,
                                            mass.contiguous(), rest.contiguous(), scale)
 
     def _improved_fwd_flash(self, query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k,
-                            scale, key_padding_mask=None, keep=None, dropout_p=0.0):
+                            scale, key_padding_mask=None, keep=None, dropout_p=0.0, out=None):
         """``out, lse (B, H, C), top (B, H, C, k)`` and the centroids' attention output (flash's
         ``(B, H, C, Dv)``; with key padding or dropout the Triton kernels' ``(B H, C, Dv)`` fp32)
-        and log-sum-exp."""
+        and log-sum-exp. ``out``: as :meth:`_improved_fwd_keeping`'s."""
         batch, heads, length, dim = query.shape
         rows, keys = batch * heads, key.shape[2]
         k_rows = key.reshape(rows, keys, dim)
@@ -846,17 +859,19 @@ class CudaOps:
             mass = top_probs.sum(-1)
             rest = centroid_values - torch.einsum("rck,rckd->rcd", top_probs, self._top_rows(v_rows, top))
         out = self._exact_top_keys_fwd(query, key, value, None, assignments, order, seg_start, top, mass, rest,
-                                       scale, masks)
+                                       scale, masks, out)
         return (out, lse.reshape(batch, heads, num_clusters), top.reshape(batch, heads, num_clusters, top_k), out_c,
                 flash_lse)
 
     def _improved_bwd_flash(self, grad_out, query, key, value, assignments, order, seg_start, counts, qbar, lse,
                             top_index, num_clusters, scale, centroid_flash=None, key_padding_mask=None, keep=None,
-                            dropout_p=0.0):
+                            dropout_p=0.0, dq=None):
         """The flash path's gradients; ``centroid_flash``: the forward's ``(out, lse)`` of the
         centroids' attention (as :meth:`_improved_fwd_flash` returns them), or None to run it
         again. Key padding and dropout (``keep``, ``dropout_p``) are routed here only where the
-        Triton kernels take every step (:meth:`_improved_triton_ok`)."""
+        Triton kernels take every step (:meth:`_improved_triton_ok`). ``dq``: a contiguous tensor
+        like the queries for the Triton exact products to write the query gradient into (the
+        extension's kernel makes its own), or None."""
         batch, heads, length, dim = query.shape
         rows, keys = batch * heads, key.shape[2]
         top_k = top_index.shape[-1]
@@ -938,7 +953,7 @@ class CudaOps:
         # The kernels add the exact top-key parts into dk32 / dv32 in place.
         if fused_top:
             dq = improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, dq_bar,
-                                                    scale, dk32, dv32, *masks)
+                                                    scale, dk32, dv32, *masks, grad_query=dq)
             # Summed over the dense pass's buffers, and the key side's fp32 buffer freed before the value
             # side's sum: the backward's memory peak is here.
             dk = improved_triton.sum_gradients(dk32, dk, dk_lse, reuse_first=True)
@@ -949,6 +964,12 @@ class CudaOps:
         dk32 += dk.reshape(dk32.shape).float() + dk_lse.reshape(dk32.shape).float()
         dv32 += dv.reshape(dv32.shape).float()
         return dq, dk32.reshape(key.shape).to(key.dtype), dv32.reshape(value.shape).to(value.dtype)
+
+
+def _dense_like(query: Tensor) -> Tensor:
+    """A contiguous tensor of the queries' shape and dtype: the improved op's output and query
+    gradient, which the Triton exact products write into (graph_cache's "filled" arguments)."""
+    return torch.empty(query.shape, dtype=query.dtype, device=query.device)
 
 
 def register(extension) -> CudaOps:

@@ -28,11 +28,17 @@ nodes the search cannot read (memcpy nodes on an input, kernels whose parameters
 buffer) keeps copying (:attr:`GraphCache.copied_inputs` says why), and so does a call whose
 tensors are not aligned like the static buffers (256 bytes: the kernels chose their vector
 widths for those). ``FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy`` turns it off, for the graphs already
-captured too. Outputs are still copied out (see below).
+captured too.
 
-Outputs are always fresh copies, never the graph's own buffers: the 12 layers of a model
-that share a shape share one graph, and each layer's saved outputs must survive the next
-layer's replay.
+Outputs are never the graph's own buffers: the 12 layers of a model that share a shape share one
+graph, and each layer's saved outputs must survive the next layer's replay. So they are copied
+into fresh tensors, except the *filled* ones: a composition may take tensors that it writes whole
+and returns without reading them (``run``'s ``filled``: the caller allocates them per call, as an
+attention output), and those reach its kernels as the inputs do. Read in place, the graph writes
+the caller's tensor and nothing is copied; where the graph copies its inputs, the result is copied
+from the static buffer into the caller's tensor. (Relocating a graph-owned output instead would not
+be safe: the caching allocator may have given its memory, or part of it, to an intermediate
+earlier in the same graph, whose kernels would follow.)
 
 What it costs and where it steps aside (:func:`settings`):
 
@@ -132,7 +138,8 @@ class _Entry:
     the capture's check has passed, the ``GraphInputs`` that point the graph at the caller's tensors
     (None: the calls' tensors are copied into ``static_tensors``)."""
 
-    def __init__(self, graph, static_tensors: List[Tensor], outputs: Tuple[Tensor, ...], single: bool, nbytes: int):
+    def __init__(self, graph, static_tensors: List[Tensor], outputs: Tuple[Tensor, ...], single: bool, nbytes: int,
+                 filled: Sequence[int] = ()):
         self.graph = graph
         self.static_tensors = static_tensors
         self.static_bases = [_base(t) for t in static_tensors]
@@ -141,6 +148,12 @@ class _Entry:
         self.nbytes = nbytes
         self.inputs = None
         self.executable = 0  # the cudaGraphExec_t, where the graph was kept for GraphInputs
+        # Filled tensors (indices among the tensor arguments): not copied in. The outputs that are one
+        # of them (output index -> tensor index) are the caller's tensors; the others are copied out.
+        self.read = [i for i in range(len(static_tensors)) if i not in set(filled)]
+        self.filled_outputs = {i: j for i, out in enumerate(outputs) for j in filled
+                               if _same_view(out, static_tensors[j])}
+        self.copied_outputs = [i for i in range(len(outputs)) if i not in self.filled_outputs]
 
 
 class GraphCache:
@@ -173,8 +186,10 @@ class GraphCache:
 
     # ----------------------------------------------------------------- public
 
-    def run(self, name: str, fn: Callable, args: Sequence):
-        """``fn(*args)``, from a cached graph where the rules of the module allow."""
+    def run(self, name: str, fn: Callable, args: Sequence, filled: Sequence[int] = ()):
+        """``fn(*args)``, from a cached graph where the rules of the module allow. ``filled``: the
+        positions in ``args`` of tensors that ``fn`` writes whole and returns without reading them
+        (the module's docstring); the same for every call of ``name``."""
         config = settings()
         if not config.enabled:
             return fn(*args)
@@ -193,7 +208,7 @@ class GraphCache:
         if calls < CAPTURE_ON_CALL:
             self._remember(self._calls, key, calls)
             return fn(*args)
-        entry, pointers = self._capture(name, fn, args, tensors, config)
+        entry, pointers = self._capture(name, fn, args, tensors, config, filled)
         if entry is None:
             self._remember(self._eager, key, None)
             return fn(*args)
@@ -230,14 +245,28 @@ class GraphCache:
         """The graph's outputs for ``tensors``: read in place where ``in_place`` (the setting), the
         graph passed its check and the tensors are aligned like its static inputs; else copied in."""
         # (an empty tensor's address is ignored: no kernel reads it)
-        if not (in_place and entry.inputs is not None
-                and entry.inputs.point_at(entry.executable, [t.data_ptr() for t in tensors])):
+        in_place = in_place and entry.inputs is not None and entry.inputs.point_at(
+            entry.executable, [t.data_ptr() for t in tensors])
+        if not in_place:
             if entry.inputs is not None:  # back to the static inputs (a no-op where it points there)
                 entry.inputs.point_at(entry.executable, entry.static_bases)
-            self._copy_into(entry.static_tensors, tensors)
+            if entry.filled_outputs:
+                self._copy_into([entry.static_tensors[i] for i in entry.read], [tensors[i] for i in entry.read])
+            else:
+                self._copy_into(entry.static_tensors, tensors)
         entry.graph.replay()
         self.replays += 1
-        outputs = self._fresh_copies(entry.outputs)  # fresh copies: see the module's docstring
+        if not entry.filled_outputs:
+            outputs = self._fresh_copies(entry.outputs)  # fresh copies: see the module's docstring
+            return outputs[0] if entry.single else tuple(outputs)
+        outputs = [None] * len(entry.outputs)
+        for i, copy in zip(entry.copied_outputs, self._fresh_copies([entry.outputs[i] for i in entry.copied_outputs])):
+            outputs[i] = copy
+        for i, j in entry.filled_outputs.items():
+            outputs[i] = tensors[j]
+        if not in_place:  # the graph wrote the static buffers
+            self._copy_into([tensors[j] for j in entry.filled_outputs.values()],
+                            [entry.outputs[i] for i in entry.filled_outputs])
         return outputs[0] if entry.single else tuple(outputs)
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -252,11 +281,11 @@ class GraphCache:
         while len(table) > MAX_SIGNATURES_TRACKED:
             table.popitem(last=False)
 
-    def _capture(self, name, fn, args, tensors: List[Tensor], config: Settings):
+    def _capture(self, name, fn, args, tensors: List[Tensor], config: Settings, filled: Sequence[int] = ()):
         """``(entry, pointers)``: a new :class:`_Entry` for ``fn(*args)`` (its outputs are computed by
         the first replay), or None if the capture failed; and the ``GraphInputs`` of its graph where
         they may read the caller's tensors in place once checked (:meth:`_check_in_place`), else None.
-        ``tensors``: the tensors among ``args``."""
+        ``tensors``: the tensors among ``args``; ``filled``: as :meth:`run`'s."""
         static_args = [_static_copy(a) for a in args]
         static_tensors = [a for a in static_args if isinstance(a, Tensor)]
         device = tensors[0].device
@@ -290,7 +319,8 @@ class GraphCache:
         pool = torch.cuda.memory_reserved(device) - reserved
         nbytes = max(0, pool) + sum(t.numel() * t.element_size() for t in static_tensors)
         self.captures += 1
-        entry = _Entry(graph, static_tensors, outputs, single, nbytes)
+        filled_tensors = [sum(isinstance(a, Tensor) for a in args[:i]) for i in filled]  # among the tensors
+        entry = _Entry(graph, static_tensors, outputs, single, nbytes, filled_tensors)
         pointers = None
         if in_place:
             graph.instantiate()
@@ -335,13 +365,17 @@ class GraphCache:
         elsewhere = [_static_copy(t) for t in tensors]
         for static in entry.static_tensors:
             _bytes_of(static).fill_(0xFF)
+        for j in entry.filled_outputs.values():  # a write that misses them leaves the poison there
+            _bytes_of(elsewhere[j]).fill_(0xFF)
         if not pointers.point_at(entry.executable, [_base(t) for t in elsewhere]):
             return "its tensors are not aligned like the static inputs"
         entry.graph.replay()
         self.replays += 1
         if len(entry.outputs) != len(expected):
             return f"{len(entry.outputs)} outputs, {len(expected)} eagerly"
-        for i, (got, want) in enumerate(zip(entry.outputs, expected)):
+        replayed = [elsewhere[entry.filled_outputs[i]] if i in entry.filled_outputs else out
+                    for i, out in enumerate(entry.outputs)]
+        for i, (got, want) in enumerate(zip(replayed, expected)):
             difference = _same_result(got, want, f"output {i}")
             if difference is not None:
                 return difference
@@ -440,6 +474,12 @@ def _same_result(got: Tensor, want: Tensor, what: str) -> Optional[str]:
     got, want = got[finite].double(), want[finite].double()
     error, scale = (got - want).abs().max().item(), want.abs().max().item()
     return None if error <= 0.01 * scale else f"{what} differs by up to {error:.3g} (largest value {scale:.3g})"
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of the same memory (an output that is a filled argument)."""
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride())
 
 
 def _base(tensor: Tensor) -> int:

@@ -771,6 +771,12 @@ def centroid_top_keys(qbar: Tensor, key: Tensor, scale: float, top_k: int,
     return lse, top
 
 
+def _writable_like(out: Tensor, query: Tensor) -> bool:
+    """Whether the kernels can write a result like ``query`` (contiguous) into ``out``."""
+    return (out.is_contiguous() and out.shape == query.shape and out.dtype == query.dtype
+            and out.device == query.device)
+
+
 def _tile(size: int) -> int:
     return max(MIN_TILE, triton.next_power_of_2(size))
 
@@ -785,7 +791,7 @@ def _grid_and_tiles(query: Tensor, num_clusters: int, top_k: int, block_m: int):
 def exact_top_keys_fwd(query: Tensor, key: Tensor, value: Tensor, order: Tensor, seg_start: Tensor, top: Tensor,
                        mass: Tensor, rest: Tensor, scale: float, grad_out: Optional[Tensor] = None,
                        key_padding_mask: Optional[Tensor] = None, keep: Optional[Tensor] = None,
-                       dropout_p: float = 0.0) -> Tensor:
+                       dropout_p: float = 0.0, out: Optional[Tensor] = None) -> Tensor:
     """The improved variant's output with the exact top-key part, or ``grad_out . exact``.
 
     Args:
@@ -799,6 +805,8 @@ def exact_top_keys_fwd(query: Tensor, key: Tensor, value: Tensor, order: Tensor,
         key_padding_mask: ``(B, S)`` bool or None: padded top keys take no part in the softmax.
         keep: ``(B, H, C, S)`` bool dropout keep mask or None: the exact part is
             ``sum_t p_t z_t v_t`` with ``z_t`` the mask at the top keys over ``1 - dropout_p``.
+        out: a contiguous ``(B, H, N, D)`` tensor of the query dtype to write the output into, or
+            None for a new one (``grad_out`` None only).
 
     Returns:
         ``out (B, H, N, D)`` in the query dtype (``grad_out`` None), else ``(B H, N)`` fp32
@@ -809,7 +817,10 @@ def exact_top_keys_fwd(query: Tensor, key: Tensor, value: Tensor, order: Tensor,
     query, key, value, order, seg_start, top = (x.contiguous() for x in (query, key, value, order, seg_start, top))
     pad, kept, heads, drop_scale, flags = _key_masks(rows, key_padding_mask, keep, dropout_p, top)
     grad_mode = grad_out is not None
-    out = None if grad_mode else torch.empty_like(query)
+    if out is not None and (grad_mode or not _writable_like(out, query)):
+        raise ValueError("out must be a contiguous tensor of the query's shape and dtype, and grad_out None")
+    if not grad_mode and out is None:
+        out = torch.empty_like(query)
     grad_dot = query.new_empty(rows, length, dtype=torch.float32) if grad_mode else None
     options = dict(LAUNCH["fwd"])
     grid, tiles = _grid_and_tiles(query, num_clusters, top_k, options["BLOCK_M"])
@@ -825,11 +836,14 @@ def exact_top_keys_fwd(query: Tensor, key: Tensor, value: Tensor, order: Tensor,
 def exact_top_keys_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, order: Tensor,
                        seg_start: Tensor, top: Tensor, mass: Tensor, grad_centroids: Tensor, scale: float,
                        grad_key: Tensor, grad_value: Tensor, key_padding_mask: Optional[Tensor] = None,
-                       keep: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
+                       keep: Optional[Tensor] = None, dropout_p: float = 0.0,
+                       grad_query: Optional[Tensor] = None) -> Tensor:
     """Backward of the exact top-key part (shapes and masks as :func:`exact_top_keys_fwd`).
 
     ``grad_centroids (B H, C, D)`` fp32 is added to each member's query gradient; the top
     keys' gradients are added into ``grad_key``, ``grad_value`` ``(B H, S, D)`` fp32 in place.
+    ``grad_query``: a contiguous tensor like the queries to write the query gradient into, or
+    None for a new one.
 
     Returns:
         the query gradient ``(B, H, N, D)`` in the query dtype.
@@ -841,7 +855,10 @@ def exact_top_keys_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
             and grad_key.dtype == grad_value.dtype == torch.float32):
         raise ValueError("grad_key and grad_value must be contiguous fp32 buffers")
     pad, kept, heads, drop_scale, flags = _key_masks(rows, key_padding_mask, keep, dropout_p, top)
-    grad_query = torch.empty_like(query)
+    if grad_query is None:
+        grad_query = torch.empty_like(query)
+    elif not _writable_like(grad_query, query):
+        raise ValueError("grad_query must be a contiguous tensor of the query's shape and dtype")
     options = dict(LAUNCH["bwd"])
     grid, tiles = _grid_and_tiles(query, num_clusters, top_k, options["BLOCK_M"])
     _exact_bwd_kernel[grid](
