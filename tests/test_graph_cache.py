@@ -177,6 +177,24 @@ def test_filled_outputs_are_the_callers_tensors():
     assert not any(source is out for source in copied), "the filled tensor was copied into the graph"
 
 
+@pytest.mark.parametrize("filled", [(), (1,)])
+def test_the_input_limit_leaves_out_filled_tensors(monkeypatch, filled):
+    """The input limit (FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB) counts what a composition reads, not the
+    tensors it fills: with the clustered output among its arguments, a 16k step's q, k, v and output
+    came to 256 MB plus the hash planes, over the limit, and ran eagerly. Here (the CPU, the call's
+    key stood in) 0.5 MB read and 0.75 MB filled against a 1 MB limit: the call counts towards a
+    capture only where the 0.75 MB are filled."""
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB", "1")
+    monkeypatch.setattr(graph_cache, "_signature",
+                        lambda name, args: (("stand-in",), list(args), sum(t.numel() * t.element_size() for t in args)))
+    monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: False)
+    cache = graph_cache.GraphCache()
+    read, out = torch.zeros(2**17), torch.empty(3 * 2**16)  # 0.5 MB, 0.75 MB of fp32
+    result = cache.run("limit", lambda a, o: o.fill_(a.sum()), (read, out), filled=filled)
+    assert result is out and (out == 0).all()
+    assert (("stand-in",) in cache._calls) == bool(filled)
+
+
 # -------------------------------------------------------------------- GPU
 
 
