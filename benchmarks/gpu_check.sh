@@ -36,7 +36,7 @@ fi
 
 if has test; then
   echo "== tests"
-  $PY -m pytest -q --tb=short --maxfail=10 -p no:cacheprovider -rxs ${TESTS:-tests/test_cuda_kernels.py} 2>&1 \
+  $PY -m pytest -q --tb=short --maxfail=10 -p no:cacheprovider -rxs ${TESTS:-tests/test_cuda_kernels.py tests/test_improved_triton.py tests/test_centroid_triton.py tests/test_graph_cache.py} 2>&1 \
     | tee "$OUT/test.log" | grep -v "^SKIPPED.*needs a CUDA" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
