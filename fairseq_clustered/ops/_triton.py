@@ -15,8 +15,18 @@ except ImportError as error:  # pragma: no cover - depends on the install
 else:
     MISSING = None
 
+if triton is not None:
+
+    @triton.jit
+    def safe_max(maximum):
+        """A softmax's running or row maximum, ready to subtract: -inf (no valid key yet) becomes
+        0, so that every term ``exp(-inf - 0)`` is 0 instead of ``exp(-inf + inf)``, NaN."""
+        return tl.where(maximum == float("-inf"), 0.0, maximum)
+else:  # pragma: no cover - depends on the install
+    safe_max = None
+
 __all__ = ["triton", "tl", "MISSING", "power_of_two_in", "tiles_unavailable", "dot_precision",
-           "interpreted", "mask_bytes"]
+           "interpreted", "mask_bytes", "safe_max"]
 
 MIN_TILE = 16  # tl.dot's smallest tile
 

@@ -39,7 +39,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import MIN_TILE, dot_precision, mask_bytes, tiles_unavailable, tl, triton
+from ._triton import MIN_TILE, dot_precision, mask_bytes, safe_max, tiles_unavailable, tl, triton
 
 __all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "centroid_attention_bwd"]
 
@@ -135,9 +135,9 @@ if triton is not None:
             logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 domain
             logits = tl.where(valid[None, :], logits, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(logits, 1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no valid key yet: all terms 0
-            probs = tl.exp2(logits - safe_max[:, None])
-            rescale = tl.exp2(running_max - safe_max)
+            subtracted = safe_max(new_max)
+            probs = tl.exp2(logits - subtracted[:, None])
+            rescale = tl.exp2(running_max - subtracted)
             running_sum = running_sum * rescale + tl.sum(probs, 1)
             acc = acc * rescale[:, None] + tl.dot((probs * keep).to(v.dtype), v, input_precision=PRECISION)
             running_max = new_max

@@ -64,7 +64,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import MIN_TILE, mask_bytes, tiles_unavailable, tl, triton
+from ._triton import MIN_TILE, mask_bytes, safe_max, tiles_unavailable, tl, triton
 
 __all__ = ["triton_exact_unavailable", "sub_block_keys", "centroid_block_stats", "centroid_top_keys",
            "exact_top_keys_fwd", "exact_top_keys_bwd", "top_key_summary", "top_key_gradients",
@@ -125,13 +125,21 @@ if triton is not None:
         return cluster, start, end, start < end
 
     @triton.jit
+    def _unpadded(PAD, row, heads, keys, index, ok, PADDED: tl.constexpr):
+        """``ok (n,)`` and, with ``PADDED``, not marked as padding at the keys ``index (n,)`` in
+        ``PAD (B, S)`` of the (batch, head) ``row``."""
+        if PADDED:
+            ok = ok & (tl.load(PAD + (row // heads) * keys + index, mask=ok, other=1) == 0)
+        return ok
+
+    @triton.jit
     def _top_softmax(q, k_top, top_ok, qk_scale):
         """Softmax over the top keys of ``q (M, D) @ k_top (K, D)^T`` -> fp32 ``(M, K)``; zeros
         where no slot is valid (a cluster whose keys are all padded)."""
         logits = tl.dot(q, tl.trans(k_top)) * qk_scale  # log2 domain
         logits = tl.where(top_ok[None, :], logits, float("-inf"))
         row_max = tl.max(logits, 1)
-        probs = tl.exp2(logits - tl.where(row_max == float("-inf"), 0.0, row_max)[:, None])
+        probs = tl.exp2(logits - safe_max(row_max)[:, None])
         total = tl.sum(probs, 1)
         return probs / tl.where(total > 0, total, 1.0)[:, None]
 
@@ -155,9 +163,7 @@ if triton is not None:
         slots = tl.arange(0, BLOCK_K)
         in_top = slots < top_k
         top_keys = tl.load(TOP + (row * num_clusters + cluster) * top_k + slots, mask=in_top, other=0)
-        top_ok = in_top
-        if PADDED:
-            top_ok = top_ok & (tl.load(PAD + (row // heads) * keys + top_keys, mask=in_top, other=1) == 0)
+        top_ok = _unpadded(PAD, row, heads, keys, top_keys, in_top, PADDED)
         drop = tl.full((BLOCK_K,), 1.0, tl.float32)
         if DROPOUT:
             kept = tl.load(KEEP + (row * num_clusters + cluster) * keys + top_keys, mask=in_top, other=0)
@@ -292,16 +298,14 @@ if triton is not None:
         mid = remainder.to(k.dtype)
         lo = (remainder - mid.to(tl.float32)).to(k.dtype)
         logits = (tl.dot(hi, k_t) + tl.dot(mid, k_t) + tl.dot(lo, k_t)) * scale
-        valid = k_ok
-        if PADDED:
-            valid = valid & (tl.load(PAD + (row // heads) * keys + key_index, mask=k_ok, other=1) == 0)
+        valid = _unpadded(PAD, row, heads, keys, key_index, k_ok, PADDED)
         logits = tl.where(valid[None, :], logits, float("-inf"))
         sub_max = tl.max(tl.reshape(logits, (BLOCK_C, BLOCK_N // SUB, SUB)), 2)
         sub_index = block * (BLOCK_N // SUB) + tl.arange(0, BLOCK_N // SUB)
         tl.store(SUB_MAX + (row * num_clusters + centroids)[:, None] * sub_blocks + sub_index[None, :], sub_max,
                  mask=c_ok[:, None] & (sub_index < sub_blocks)[None, :])
         block_max = tl.max(sub_max, 1)
-        block_sum = tl.sum(tl.exp(logits - tl.where(block_max == float("-inf"), 0.0, block_max)[:, None]), 1)
+        block_sum = tl.sum(tl.exp(logits - safe_max(block_max)[:, None]), 1)
         stats = (row * num_clusters + centroids) * key_blocks + block
         tl.store(BLOCK_MAX + stats, block_max, mask=c_ok)
         tl.store(BLOCK_SUM + stats, block_sum, mask=c_ok)
@@ -343,8 +347,8 @@ if triton is not None:
             maxima = tl.load(BLOCK_MAX + centroid * key_blocks + start + chunk, mask=here, other=float("-inf"))
             sums = tl.load(BLOCK_SUM + centroid * key_blocks + start + chunk, mask=here, other=0.0)
             new_max = tl.maximum(running_max, tl.max(maxima, 0))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no valid key yet: every term 0
-            running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(sums * tl.exp(maxima - safe_max), 0)
+            subtracted = safe_max(new_max)
+            running_sum = running_sum * tl.exp(running_max - subtracted) + tl.sum(sums * tl.exp(maxima - subtracted), 0)
             running_max = new_max
         nonempty = running_sum > 0
         tl.store(LSE + centroid, tl.where(nonempty, running_max + tl.log(tl.where(nonempty, running_sum, 1.0)),
@@ -385,9 +389,7 @@ if triton is not None:
         parts = tl.where(part == 0, hi[:, None], tl.where(part == 1, mid[:, None],
                                                           tl.where(part == 2, lo[:, None], 0.0))).to(k.dtype)
         logits = tl.sum(tl.dot(k, parts), 1) * scale
-        valid = ok
-        if PADDED:
-            valid = valid & (tl.load(PAD + (row // heads) * keys + key_index, mask=ok, other=1) == 0)
+        valid = _unpadded(PAD, row, heads, keys, key_index, ok, PADDED)
         # Padded candidates rank by -inf; the slots that are no candidate (past `slots`, or past
         # the last key) below everything, so that they are never taken: at least top_k candidates
         # are real keys.
