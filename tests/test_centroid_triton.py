@@ -140,6 +140,24 @@ def test_bit_reproducible():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@runs_here
+def test_gradients_written_into_given_tensors():
+    """``grad_key`` / ``grad_value`` (a CUDA graph's filled arguments) receive dk / dv, the very
+    tensors returned, equal to those of a call that makes its own (they start as NaN, so an element
+    left unwritten shows); a tensor the kernel cannot write is refused, naming it."""
+    qbar, key, value, padding, keep, grad = problem(300, 32, 20, DTYPES[0], True, 0.2, seed=2)
+    values, lse = centroid_triton.centroid_attention_fwd(qbar, key, value, padding, keep, 0.2, 0.2)
+    _, dk, dv = centroid_triton.centroid_attention_bwd(grad, values, qbar, key, value, padding, keep, lse, 0.2, 0.2)
+    given_k, given_v = (torch.full_like(x, float("nan")) for x in (key, value))
+    _, got_k, got_v = centroid_triton.centroid_attention_bwd(grad, values, qbar, key, value, padding, keep, lse, 0.2,
+                                                             0.2, grad_key=given_k, grad_value=given_v)
+    assert got_k is given_k and got_v is given_v
+    assert torch.equal(given_k, dk) and torch.equal(given_v, dv)
+    with pytest.raises(ValueError, match="grad_value must be"):
+        centroid_triton.centroid_attention_bwd(grad, values, qbar, key, value, padding, keep, lse, 0.2, 0.2,
+                                               grad_value=torch.empty_like(value).transpose(-1, -2))
+
+
 def test_unavailable_reasons():
     q = torch.zeros(1, 1, 4, 64, dtype=torch.float16)
     if _triton.MISSING is not None:

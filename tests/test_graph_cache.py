@@ -261,6 +261,13 @@ def test_replays_match_eager_gpu(monkeypatch, variant, dtype, pad, dropout, inpu
         assert cache.inputs_read_in_place() == 0
     else:  # the forward's graph, at least, reads q, k and v where they are
         assert cache.inputs_read_in_place() >= 1, cache.copied_inputs
+    # The backward's graphs write into the caller's tensors: dq, dk and dv where the Triton kernels make
+    # them all (the clustered variant with padding and dropout, the improved variant in bf16), dq alone
+    # beside flash's dk and dv; the improved variant's fp32 path (the extension's kernels) makes its own.
+    filled = {("clustered", False): 1, ("clustered", True): 3, ("improved", False): 3, ("improved", True): 0}
+    backward = [entry for key, entry in cache._entries.items() if "_bwd" in key[0]]
+    assert backward and all(len(e.filled_outputs) == filled[variant, pad] for e in backward), \
+        [len(e.filled_outputs) for e in backward]
     monkeypatch.setenv("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "0")
     replays = cache.replays
     eager = [_step(variant, seed, dtype, pad, dropout) for seed in range(4)]
@@ -535,3 +542,25 @@ def test_filled_outputs_gpu(monkeypatch, inputs):
         assert torch.equal(out, a * 2) and torch.equal(cumsum, a.cumsum(0))
     assert cache.captures == 1
     assert cache.inputs_read_in_place() == (1 if inputs == "in-place" else 0), cache.copied_inputs
+
+
+@needs_gpu
+@pytest.mark.parametrize("inputs", ["in-place", "copy"])
+def test_a_filled_position_holding_none_is_ignored_gpu(monkeypatch, inputs):
+    """A filled position that holds None on this path (the clustered backward's key gradient where
+    flash makes it) is no tensor: the filled tensor after it, and the inputs read, keep their roles.
+    (Counted among the tensors, the None would have taken the index of the input after it, which
+    the graph would then neither copy in nor read in place.)"""
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", inputs)
+    cache = graph_cache.GraphCache(copies=cuda_backend.extension())
+
+    def composition(unused, a, out):
+        assert unused is None
+        return torch.mul(a, 2.0, out=out), a.cumsum(0)
+
+    for seed in range(5):
+        a = torch.randn(1000, generator=torch.Generator().manual_seed(seed)).cuda()
+        out = torch.empty_like(a)
+        got = cache.run("filled_none", composition, (None, a, out), filled=(0, 2))
+        assert got[0] is out and torch.equal(out, a * 2) and torch.equal(got[1], a.cumsum(0)), seed
+    assert cache.captures == 1

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ._triton import MIN_TILE, dot_precision, mask_bytes, safe_max, tiles_unavailable, tl, triton
 
-__all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "centroid_attention_bwd"]
+__all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "centroid_attention_bwd", "gradient_like"]
 
 MAX_CLUSTERS = 128  # all centroids of a (batch, head) in one tile
 LOG2E = 1.4426950408889634
@@ -223,10 +223,22 @@ def _key_args(key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], ke
     return key, value, padding, kept, strides
 
 
-def _feature_contiguous_like(x: Tensor) -> Tensor:
-    """``torch.empty_like(x)``, or a contiguous tensor where that would not have a contiguous feature dim."""
+def gradient_like(x: Tensor) -> Tensor:
+    """An empty gradient for the keys or values ``x`` as :func:`centroid_attention_bwd` writes it:
+    ``torch.empty_like(x)``, or a contiguous tensor where that would not have a contiguous feature dim."""
     like = torch.empty_like(x)
     return like if like.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _written_gradient(given: Optional[Tensor], x: Tensor, name: str) -> Tensor:
+    """``given`` where the backward can write ``x``'s gradient into it, a new :func:`gradient_like` if None."""
+    if given is None:
+        return gradient_like(x)
+    if given.shape != x.shape or given.dtype != x.dtype or given.device != x.device or given.stride(-1) != 1:
+        raise ValueError(f"centroid_attention_bwd: {name} must be {tuple(x.shape)} {x.dtype} on {x.device} with a "
+                         f"contiguous last dim, got {tuple(given.shape)} {given.dtype} on {given.device} with "
+                         f"strides {given.stride()}")
+    return given
 
 
 def _tile(num_clusters: int) -> int:
@@ -273,7 +285,8 @@ def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding
 def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, key: Tensor, value: Tensor,
                            key_padding_mask: Optional[Tensor], keep: Optional[Tensor], lse: Tensor, scale: float,
                            dropout_p: float, lse_weight: Optional[Tensor] = None,
-                           partial_qbar: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+                           partial_qbar: bool = False, grad_key: Optional[Tensor] = None,
+                           grad_value: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`centroid_attention_fwd` for ``grad_values (B H, C, D)`` (fp32 or the key
     dtype), given its ``values`` (``Vbar``, any float dtype) and ``lse``.
 
@@ -282,11 +295,16 @@ def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, ke
     ``lse_weight_j A_jl``, which is ``lse_weight_j`` added to the row's ``GRAD . Vbar`` (the
     improved variant's dense term, in the same pass over the keys).
 
+    ``grad_key``, ``grad_value``: tensors of the keys' / values' shape and dtype with a contiguous
+    last dim to write ``dk`` / ``dv`` into (a CUDA graph's "filled" arguments: written where the
+    caller wants them, not copied out), or None for new ones (:func:`gradient_like`).
+
     Returns:
         ``dqbar (B H, C, D)`` fp32 (with ``partial_qbar``, its unsummed parts ``(B H, parts, C, D)``,
-        one per range of keys), ``dk``, ``dv`` ``(B, H, S, D)`` in the key dtype, laid out as
-        ``torch.empty_like`` of ``key`` / ``value`` (a model's views of ``(S, B, H * D)`` projections
-        get gradients that fold back into that shape without a copy).
+        one per range of keys), ``dk``, ``dv`` ``(B, H, S, D)`` in the key dtype: ``grad_key`` /
+        ``grad_value`` where given, else laid out as ``torch.empty_like`` of ``key`` / ``value`` (a
+        model's views of ``(S, B, H * D)`` projections get gradients that fold back into that shape
+        without a copy).
     """
     batch, heads, keys, dim = key.shape
     rows, num_clusters = qbar.shape[:2]
@@ -298,7 +316,8 @@ def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, ke
     delta = (grad.float() * values.float()).sum(-1)
     delta = (delta if lse_weight is None else delta + lse_weight).contiguous()
     grad_qbar = qbar.new_empty(rows, parts, num_clusters, dim)
-    grad_key, grad_value = _feature_contiguous_like(key), _feature_contiguous_like(value)
+    grad_key = _written_gradient(grad_key, key, "grad_key")
+    grad_value = _written_gradient(grad_value, value, "grad_value")
     _centroid_bwd_kernel[(rows, parts)](
         qbar.to(key.dtype).contiguous(), key, value, key if padding is None else padding,
         key if kept is None else kept, grad, delta, (lse.float() * LOG2E).contiguous(), grad_qbar, grad_key,

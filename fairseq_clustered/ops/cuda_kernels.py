@@ -506,19 +506,39 @@ class CudaOps:
             grads = reference.clustered_attention_bwd_ref(
                 grad_out, query, key, value, assignments, key_padding_mask, keep, lse, num_clusters, scale, dropout_p)
             return tuple(custom_ops.laid_out_as(g, x) for g, x in zip(grads, (query, key, value)))
-        # dq is written into a tensor of the caller's (graph_cache's "filled")
+        # dq (and dk, dv where the Triton centroid backward makes them) are written into tensors of the
+        # caller's (graph_cache's "filled")
+        dk, dv = self._key_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters)
         return self.graphs.run("clustered_attention_bwd", self._clustered_bwd, (
             grad_out, query, key, value, assignments, key_padding_mask, keep, out, lse, centroids, num_clusters,
-            scale, dropout_p, torch.empty_like(query)), filled=(13,))
+            scale, dropout_p, torch.empty_like(query), dk, dv), filled=(13, 14, 15))
 
     def _clustered_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, out, lse, centroids,
-                       num_clusters, scale, dropout_p, dq):
+                       num_clusters, scale, dropout_p, dq, dk=None, dv=None):
         assignments = assignments.contiguous()
         order, seg_start, _ = _segments(assignments, num_clusters)
         return self._clustered_bwd_sorted(
             grad_out, dq, key, value, assignments, key_padding_mask, keep, lse, centroids,
             self._cluster_outputs(out, order, seg_start, num_clusters), order, seg_start, num_clusters, scale,
-            dropout_p)
+            dropout_p, dk, dv)
+
+    def _centroid_bwd_on_triton(self, query, value, key_padding_mask, keep, num_clusters) -> bool:
+        """Whether the clustered backward takes the centroids' attention backward from the Triton
+        kernel (:func:`centroid_triton.centroid_attention_bwd`, which writes dk / dv where it is told)
+        rather than from flash (which allocates them) or the dense fp32 products: where the kernel
+        can take the inputs and flash cannot (key padding, dropout, fp32). (Without padding and
+        dropout, the Triton kernel with dk and dv written in place was no faster than flash's
+        backward and their copies out of the graph: benchmarks/NOTES.md, nineteenth session.)"""
+        return (not self._flash_ok(query, value, key_padding_mask, keep)
+                and self._centroid_triton_ok(query, value, num_clusters))
+
+    def _key_gradients_to_fill(self, query, key, value, key_padding_mask, keep, num_clusters):
+        """``(dk, dv)``: empty tensors for the clustered backward's key and value gradients where it
+        writes them itself (:meth:`_centroid_bwd_on_triton`), handed to its composition as "filled"
+        arguments so that a graph writes them where the caller gets them; else ``(None, None)``."""
+        if not self._centroid_bwd_on_triton(query, value, key_padding_mask, keep, num_clusters):
+            return None, None
+        return centroid_triton.gradient_like(key), centroid_triton.gradient_like(value)
 
     def clustered_bwd_kept(self, grad_out, query_shape, query_strides, query_dtype, key, value, assignments,
                            key_padding_mask, keep, lse, centroids, cluster_outputs, order, seg_start, num_clusters,
@@ -526,23 +546,31 @@ class CudaOps:
         """:meth:`clustered_bwd` from what :meth:`_clustered_fwd_keeping` kept (the eager path's
         backward, as one composition): neither the queries nor the output are read, so neither is
         copied into the graph, and the sort is not done again. ``dq`` is made with the given
-        shape, strides (dense) and dtype, and written into by the graph (graph_cache's "filled")."""
+        shape, strides (dense) and dtype, and written into by the graph (graph_cache's "filled"), as
+        are dk and dv where the Triton centroid backward makes them."""
         dq = torch.empty_strided(tuple(query_shape), tuple(query_strides), dtype=query_dtype, device=key.device)
+        dk, dv = self._key_gradients_to_fill(dq, key, value, key_padding_mask, keep, num_clusters)
         return self.graphs.run("clustered_attention_bwd_kept", self._clustered_bwd_sorted, (
             grad_out, dq, key, value, assignments, key_padding_mask, keep, lse, centroids, cluster_outputs, order,
-            seg_start, num_clusters, scale, dropout_p), filled=(1,))
+            seg_start, num_clusters, scale, dropout_p, dk, dv), filled=(1, 15, 16))
 
     def _clustered_bwd_sorted(self, grad_out, dq, key, value, assignments, key_padding_mask, keep, lse, centroids,
-                              cluster_outputs, order, seg_start, num_clusters, scale, dropout_p):
+                              cluster_outputs, order, seg_start, num_clusters, scale, dropout_p, dk=None, dv=None):
         """The gradients, given the queries' sort by cluster, each cluster's output ``(B H, C, Dv)``
         and an empty ``dq (B, H, N, D)`` in the layout wanted (it stands for the queries in the
-        checks: only their shape and dtype matter here)."""
+        checks: only their shape and dtype matter here). ``dk``, ``dv``: empty key and value
+        gradients (:meth:`_key_gradients_to_fill`) where the Triton centroid backward writes them,
+        else None."""
         batch, heads, length, dim = dq.shape
         rows, value_dim = batch * heads, value.shape[-1]
         counts = _member_counts(seg_start)
         qbar = centroids.reshape(rows, num_clusters, dim).float()
         grad_centroid_values = self.ext.segment_sum(grad_out, order, seg_start, False)  # (rows, C, Dv)
-        if self._flash_ok(dq, value, key_padding_mask, keep):
+        if dk is not None:  # _centroid_bwd_on_triton
+            grad_centroids, dk, dv = centroid_triton.centroid_attention_bwd(
+                grad_centroid_values, cluster_outputs, qbar, key, value, key_padding_mask, keep,
+                lse.reshape(rows, num_clusters), scale, dropout_p, grad_key=dk, grad_value=dv)
+        elif self._flash_ok(dq, value, key_padding_mask, keep):
             qb = qbar.reshape(batch, heads, num_clusters, dim).to(key.dtype)
             ctx = self._attn_ctx(qb, key, value, scale,
                                  cluster_outputs.reshape(batch, heads, num_clusters, value_dim),
@@ -550,10 +578,6 @@ class CudaOps:
             grad_c = grad_centroid_values.reshape(batch, heads, num_clusters, value_dim).to(dq.dtype)
             dqb, dk, dv = self._attn_bwd(grad_c, ctx)
             grad_centroids = dqb.reshape(rows, num_clusters, dim).float()
-        elif self._centroid_triton_ok(dq, value, num_clusters):
-            grad_centroids, dk, dv = centroid_triton.centroid_attention_bwd(
-                grad_centroid_values, cluster_outputs, qbar, key, value, key_padding_mask, keep,
-                lse.reshape(rows, num_clusters), scale, dropout_p)
         else:
             grad_centroids, dk, dv = self._dense_clustered_bwd(
                 grad_centroid_values, qbar, key, value, key_padding_mask, keep, lse, num_clusters, scale, dropout_p)
@@ -692,13 +716,22 @@ class CudaOps:
             return reference.improved_clustered_attention_bwd_ref(
                 grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, num_clusters,
                 scale, dropout_p)
+        dk, dv = self._improved_key_gradients_to_fill(query, key, value, num_clusters, top_index.shape[-1])
         return self.graphs.run("improved_clustered_attention_bwd", self._improved_bwd, (
             grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
-            num_clusters, scale, dropout_p, _dense_like(query)), filled=(13,))
+            num_clusters, scale, dropout_p, _dense_like(query), dk, dv), filled=(13, 14, 15))
+
+    def _improved_key_gradients_to_fill(self, query, key, value, num_clusters, top_k):
+        """``(dk, dv)``: empty tensors for the improved backward's key and value gradients where its
+        Triton path writes them (the centroids' backward, then the top keys' parts summed over them),
+        handed to its composition as "filled" arguments; else ``(None, None)``."""
+        if not self._improved_triton_ok(query, value, num_clusters, top_k):
+            return None, None
+        return centroid_triton.gradient_like(key), centroid_triton.gradient_like(value)
 
     def _improved_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
-                      centroids, num_clusters, scale, dropout_p, dq=None):
-        """``dq``: as :meth:`_improved_bwd_flash`'s."""
+                      centroids, num_clusters, scale, dropout_p, dq=None, dk=None, dv=None):
+        """``dq``, ``dk``, ``dv``: as :meth:`_improved_bwd_flash`'s."""
         batch, heads, length, dim = query.shape
         keys = key.shape[2]
         rows = batch * heads
@@ -710,7 +743,7 @@ class CudaOps:
                 or self._improved_triton_ok(query, value, num_clusters, top_k)):
             return self._improved_bwd_flash(grad_out, query, key, value, assignments, order, seg_start, counts, qbar,
                                             lse, top_index, num_clusters, scale, None, key_padding_mask, keep,
-                                            dropout_p, dq)
+                                            dropout_p, dq, dk, dv)
         k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
             key, value, key_padding_mask, keep, num_clusters, dropout_p)
         top = top_index.reshape(rows, num_clusters, top_k).contiguous()
@@ -771,20 +804,22 @@ class CudaOps:
         """:meth:`improved_bwd` on the flash path (or its Triton form) from what
         :meth:`_improved_fwd_keeping` kept (the eager path's backward, as one composition): the
         sort of the queries is not done again, nor the centroids' attention forward."""
+        dk, dv = self._improved_key_gradients_to_fill(query, key, value, num_clusters, top_index.shape[-1])
         return self.graphs.run("improved_clustered_attention_bwd_kept", self._improved_bwd_kept, (
             grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
-            centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale, dropout_p, _dense_like(query)),
-            filled=(17,))
+            centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale, dropout_p, _dense_like(query),
+            dk, dv), filled=(17, 18, 19))
 
     def _improved_bwd_kept(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
                            centroids, centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale,
-                           dropout_p, dq=None):
+                           dropout_p, dq=None, dk=None, dv=None):
         batch, heads, _, dim = query.shape
         counts = _member_counts(seg_start)
         qbar = centroids.reshape(batch * heads, num_clusters, dim).float().contiguous()
         return self._improved_bwd_flash(grad_out, query, key, value, assignments.contiguous(), order, seg_start,
                                         counts, qbar, lse, top_index, num_clusters, scale,
-                                        (centroid_outputs, centroid_lse), key_padding_mask, keep, dropout_p, dq)
+                                        (centroid_outputs, centroid_lse), key_padding_mask, keep, dropout_p, dq,
+                                        dk, dv)
 
     # Without key padding and dropout the improved variant needs no (C, S) matrix in
     # the backward and only fp32 logits (for the top-k selection and lse) in the
@@ -865,13 +900,15 @@ class CudaOps:
 
     def _improved_bwd_flash(self, grad_out, query, key, value, assignments, order, seg_start, counts, qbar, lse,
                             top_index, num_clusters, scale, centroid_flash=None, key_padding_mask=None, keep=None,
-                            dropout_p=0.0, dq=None):
+                            dropout_p=0.0, dq=None, dk=None, dv=None):
         """The flash path's gradients; ``centroid_flash``: the forward's ``(out, lse)`` of the
         centroids' attention (as :meth:`_improved_fwd_flash` returns them), or None to run it
         again. Key padding and dropout (``keep``, ``dropout_p``) are routed here only where the
         Triton kernels take every step (:meth:`_improved_triton_ok`). ``dq``: a contiguous tensor
         like the queries for the Triton exact products to write the query gradient into (the
-        extension's kernel makes its own), or None."""
+        extension's kernel makes its own), or None. ``dk``, ``dv``: tensors to write the key and
+        value gradients into where the Triton kernels take every step
+        (:meth:`_improved_key_gradients_to_fill`), or None."""
         batch, heads, length, dim = query.shape
         rows, keys = batch * heads, key.shape[2]
         top_k = top_index.shape[-1]
@@ -915,9 +952,11 @@ class CudaOps:
             elif centroid_flash is None:
                 centroid_flash = self._flash_fwd(qbar, key, value, scale, batch, heads)[:2]
             centroid_values, centroid_lse = centroid_flash
+            # dk, dv: the caller's where given, which the sums below write over again
             dqb_parts, dk, dv = centroid_triton.centroid_attention_bwd(
                 grad_rest, centroid_values.reshape(rows, num_clusters, dim), qbar, key, value, key_padding_mask,
-                keep, centroid_lse.reshape(rows, num_clusters), scale, dropout_p, lse_weight=c, partial_qbar=True)
+                keep, centroid_lse.reshape(rows, num_clusters), scale, dropout_p, lse_weight=c, partial_qbar=True,
+                grad_key=dk, grad_value=dv)
             dq_bar, _ = improved_triton.centroid_gradients(
                 dqb_parts.reshape(batch, heads, *dqb_parts.shape[1:]), grad_top, seg_start)
             dk_lse = None  # in dk already

@@ -189,10 +189,12 @@ class GraphCache:
     def run(self, name: str, fn: Callable, args: Sequence, filled: Sequence[int] = ()):
         """``fn(*args)``, from a cached graph where the rules of the module allow. ``filled``: the
         positions in ``args`` of tensors that ``fn`` writes whole and returns without reading them
-        (the module's docstring); the same for every call of ``name``."""
+        (the module's docstring); the same for every call of ``name``. A position holding None is
+        ignored (a composition that makes that output itself on this call's path)."""
         config = settings()
         if not config.enabled:
             return fn(*args)
+        filled = tuple(i for i in filled if isinstance(args[i], Tensor))
         key, tensors, nbytes = _signature(name, args)
         if filled:  # the input limit counts the inputs, not the outputs written into (as when they were the graph's)
             nbytes -= _filled_bytes(args, filled)
