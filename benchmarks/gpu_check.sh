@@ -57,7 +57,7 @@ if has sanitize; then
     if [ $tool = memcheck ]; then
       select="gpu and not opcheck and not compile and not graph"
     else
-      select="(hash or lloyd or edge or improved_gpu or dropout) and not fp16 and not fp32 and not 133"
+      select="(hash or lloyd or cluster_order or edge or improved_gpu or dropout) and not fp16 and not fp32 and not 133"
     fi
     FCL_SANITIZE=1 timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool $tool --print-limit 20 \
       --report-api-errors no \

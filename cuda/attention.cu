@@ -12,6 +12,78 @@ namespace {
 
 constexpr int SEG_THREADS = 128;
 
+// ------------------------------------------------------ the queries' sort by cluster
+constexpr int ORDER_THREADS = 1024;
+constexpr int ORDER_WARPS = ORDER_THREADS / 32;
+constexpr int MAX_ORDER_CLUSTERS = 256;  // per-warp counters of every bucket in shared memory
+
+// The bucket of a cluster id: 0 for every negative id (the padded queries' -1), 1 + id for
+// 0 .. C-1, C + 1 for ids >= C. Queries in the first or the last bucket are in no cluster.
+__device__ __forceinline__ int order_bucket(int64_t id, int clusters) {
+  return id < 0 ? 0 : id >= clusters ? clusters + 1 : static_cast<int>(id) + 1;
+}
+
+// One block per row: a stable counting sort of the row's cluster ids into order (rows, N), and
+// seg_start (rows, C + 1), the first position of each cluster (seg_start[C]: the end of the last).
+// That is the permutation of a stable sort of the ids but inside the first and the last bucket,
+// kept in query order here. The row goes in chunks of ORDER_THREADS queries: each warp ranks
+// its lanes among those of the same bucket (__match_any_sync), and a scan over the warps turns
+// their per-bucket counts into where each warp's run of a bucket starts.
+__global__ void __launch_bounds__(ORDER_THREADS) cluster_order_kernel(const int64_t* __restrict__ ids, int length,
+                                                                      int clusters, int64_t* __restrict__ order,
+                                                                      int64_t* __restrict__ seg_start) {
+  extern __shared__ int smem_order[];
+  const int buckets = clusters + 2;
+  int* next = smem_order;                       // (buckets): where each bucket's next query goes
+  int* counts = next + buckets;                 // (ORDER_WARPS, buckets): this chunk's, per warp
+  int* offsets = counts + ORDER_WARPS * buckets;  // (ORDER_WARPS, buckets): where each warp's run starts
+  const int64_t row = blockIdx.x;
+  const int64_t* row_ids = ids + row * length;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int i = threadIdx.x; i < buckets * (1 + ORDER_WARPS); i += ORDER_THREADS) smem_order[i] = 0;
+  __syncthreads();
+  for (int n = threadIdx.x; n < length; n += ORDER_THREADS) atomicAdd(next + order_bucket(row_ids[n], clusters), 1);
+  __syncthreads();
+  if (warp == 0) {  // sizes -> starts: an exclusive scan, 32 buckets at a time
+    int carry = 0;
+    for (int first = 0; first < buckets; first += 32) {
+      const int b = first + lane;
+      const int size = b < buckets ? next[b] : 0;
+      int through = size;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int below = __shfl_up_sync(FULL_MASK, through, off);
+        if (lane >= off) through += below;
+      }
+      if (b < buckets) next[b] = carry + through - size;
+      carry += __shfl_sync(FULL_MASK, through, 31);
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c <= clusters; c += ORDER_THREADS) seg_start[row * (clusters + 1) + c] = next[c + 1];
+  for (int first = 0; first < length; first += ORDER_THREADS) {  // uniform over the block
+    const int n = first + threadIdx.x;
+    const bool valid = n < length;
+    const int b = valid ? order_bucket(row_ids[n], clusters) : -1;
+    const unsigned peers = __match_any_sync(FULL_MASK, b);
+    const int rank = __popc(peers & ((1u << lane) - 1u));  // lanes of the same bucket before this one
+    if (valid && rank == 0) counts[warp * buckets + b] = __popc(peers);
+    __syncthreads();
+    for (int bb = threadIdx.x; bb < buckets; bb += ORDER_THREADS) {  // runs of warps 0, 1, ... in turn
+      int run = next[bb];
+      for (int w = 0; w < ORDER_WARPS; ++w) {
+        const int here = counts[w * buckets + bb];
+        offsets[w * buckets + bb] = run;
+        counts[w * buckets + bb] = 0;  // for the next chunk
+        run += here;
+      }
+      next[bb] = run;
+    }
+    __syncthreads();  // (the next chunk's scan writes offsets only after its first barrier)
+    if (valid) order[row * length + offsets[warp * buckets + b] + rank] = n;
+  }
+}
+
 // out[bh, c, :] = sum (or mean) over the members of cluster c of x[bh, order[p], :].
 // Each warp takes every 4th member (lanes cover the width, up to 4 values each, with
 // four members' loads in flight); the four warps' sums are combined in a fixed order,
@@ -507,6 +579,33 @@ int warps_per_query_run(int64_t queries) {
 }  // namespace
 
 // Sum (mean if `mean`) of x's rows over each cluster's members, fp32 (B*H, C, E).
+// (order (B*H, N), seg_start (B*H, C+1)) int64 of assignments (B, H, N) int64: see cluster_order_kernel.
+std::tuple<at::Tensor, at::Tensor> cluster_order_cuda(const at::Tensor& assignments_in, int64_t num_clusters) {
+  FCL_CHECK_CUDA(assignments_in, "cluster_order: assignments");
+  TORCH_CHECK(assignments_in.dim() == 3 && assignments_in.scalar_type() == at::kLong,
+              "cluster_order: assignments must be (B, H, N) int64, got ", assignments_in.sizes(), " ",
+              assignments_in.scalar_type());
+  TORCH_CHECK(num_clusters >= 1 && num_clusters <= MAX_ORDER_CLUSTERS, "cluster_order: num_clusters must be in 1..",
+              MAX_ORDER_CLUSTERS, ", got ", num_clusters);
+  TORCH_CHECK(assignments_in.size(2) < (int64_t(1) << 31), "cluster_order: at most 2**31 - 1 queries per row, got ",
+              assignments_in.size(2));
+  const c10::cuda::CUDAGuard guard(assignments_in.device());
+  const at::Tensor assignments = assignments_in.contiguous();
+  const int64_t rows = assignments.size(0) * assignments.size(1), N = assignments.size(2);
+  at::Tensor order = at::empty({rows, N}, assignments.options());
+  at::Tensor seg_start = at::empty({rows, num_clusters + 1}, assignments.options());
+  if (rows == 0) return {order, seg_start};
+  TORCH_CHECK(rows <= 2147483647, "cluster_order: batch * heads must be < 2**31, got ", rows);
+  const int buckets = static_cast<int>(num_clusters) + 2;
+  const size_t smem = static_cast<size_t>(buckets) * (1 + 2 * ORDER_WARPS) * sizeof(int);
+  ensure_smem(cluster_order_kernel, smem);
+  cluster_order_kernel<<<static_cast<unsigned>(rows), ORDER_THREADS, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      assignments.data_ptr<int64_t>(), static_cast<int>(N), static_cast<int>(num_clusters), order.data_ptr<int64_t>(),
+      seg_start.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {order, seg_start};
+}
+
 at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, const at::Tensor& seg_start, bool mean) {
   FCL_CHECK_CUDA(x_in, "segment_sum: x");
   TORCH_CHECK(x_in.dim() == 4, "segment_sum: x must be (B, H, N, E), got ", x_in.sizes());

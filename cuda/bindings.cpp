@@ -24,6 +24,7 @@ void chunk_cluster_gather_add_cuda(const at::Tensor& grad_sums, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> merge_parts_cuda(const std::vector<at::Tensor>& outs,
                                                     const std::vector<at::Tensor>& lses, int64_t length,
                                                     int64_t dim);
+std::tuple<at::Tensor, at::Tensor> cluster_order_cuda(const at::Tensor& assignments, int64_t num_clusters);
 at::Tensor segment_sum_cuda(const at::Tensor& x, const at::Tensor& order, const at::Tensor& seg_start, bool mean);
 at::Tensor broadcast_cuda(const at::Tensor& src, const at::Tensor& assignments, at::ScalarType dtype);
 void broadcast_into_cuda(const at::Tensor& src, const at::Tensor& assignments, const at::Tensor& out);
@@ -58,6 +59,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grad_x (B, H, N, E) += per-(chunk, cluster) gradients of each key's cluster, in place");
   m.def("merge_parts", &fcl::merge_parts_cuda,
         "merge up to 3 attention parts by log-sum-exp -> (out (G, N, D), lse (G, T, W))");
+  m.def("cluster_order", &fcl::cluster_order_cuda,
+        "the queries' stable sort by cluster -> (order (B*H, N), seg_start (B*H, C+1)) int64");
   m.def("segment_sum", &fcl::segment_sum_cuda, "per-cluster sum / mean of rows, fp32 (B*H, C, E)");
   m.def("broadcast", &fcl::broadcast_cuda, "per-cluster rows to their members (B, H, N, E)");
   m.def("broadcast_into", &fcl::broadcast_into_cuda,

@@ -48,6 +48,10 @@ class EmulatedExtension:
         return reference.hamming_distance_ref(codes, codebook, 63).argmin(-1)
 
     @staticmethod
+    def cluster_order(assignments, num_clusters):
+        return _segments(assignments, num_clusters)[:2]
+
+    @staticmethod
     def segment_sum(x, order, seg_start, mean):
         batch, heads, length, width = x.shape
         rows = x.reshape(batch * heads, length, width).float()
@@ -821,6 +825,45 @@ def test_cluster_queries_is_hash_then_lloyd_gpu(dtype):
         ra, rc = reference.lloyd_kmeans_ref(codes, mask, 30, 10, 63)
         assert torch.equal(a, ra) and torch.equal(c, rc)
         x = torch.randn(x.shape, generator=g).to("cuda", dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows,length,clusters", [
+    (3, 1, 1), (2, 97, 5), (4, 1025, 100), (2, 4099, 256), (1, 2048, 2), (2, 0, 3),
+])
+def test_cluster_order_gpu(rows, length, clusters):
+    """The extension's counting sort by cluster against :func:`_segments` (torch's stable sort and a
+    search): with padded queries (-1), empty clusters, one chunk or several with a partial last one,
+    the largest C it takes; bit-identical reruns. Ids out of range (below -1 or >= C: no cluster)
+    land in the same two runs, before seg_start[0] and from seg_start[C], in query order."""
+    from fairseq_clustered.ops import cuda_backend
+    ext = cuda_backend.extension()
+    g = torch.Generator().manual_seed(rows * 7 + length)
+    ids = torch.randint(-1, clusters, (rows, 2, length), generator=g)
+    ids[:, :, length // 3: length // 2] = clusters // 2  # a large cluster
+    ids = ids.cuda()
+    order, seg_start = ext.cluster_order(ids, clusters)
+    expected = _segments(ids, clusters)
+    assert order.dtype == seg_start.dtype == torch.int64
+    assert torch.equal(order, expected[0]) and torch.equal(seg_start, expected[1])
+    again = ext.cluster_order(ids, clusters)
+    assert torch.equal(again[0], order) and torch.equal(again[1], seg_start)
+    if length > 1:
+        wild = ids.clone()
+        wild[:, :, ::7] = -5
+        wild[:, :, 1::11] = clusters + 3
+        order, seg_start = ext.cluster_order(wild, clusters)
+        want_order, want_start = _segments(wild, clusters)[:2]
+        assert torch.equal(seg_start, want_start)
+        flat = wild.reshape(order.shape)
+        for r in range(order.shape[0]):
+            first, last = seg_start[r, 0].item(), seg_start[r, -1].item()
+            assert torch.equal(order[r, first:last], want_order[r, first:last])
+            for run in (order[r, :first], order[r, last:]):  # no cluster: in query order
+                assert torch.equal(run, run.sort().values)
+            assert (flat[r, order[r, :first]] < 0).all() and (flat[r, order[r, last:]] >= clusters).all()
+    with pytest.raises(RuntimeError, match="num_clusters must be in 1..256"):
+        ext.cluster_order(ids, 257)
 
 
 @needs_gpu

@@ -74,6 +74,14 @@ def _segments(assignments: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor, T
     return order.contiguous(), seg_start.contiguous(), _member_counts(seg_start)
 
 
+# The extension's sort by cluster (one launch per call) takes up to this many clusters (its per-warp
+# counters of every cluster sit in shared memory) and queries per row: on the H200 it took 0.28-0.52
+# of torch's time up to 16k, 0.66-0.75 at 32k, 0.84-1.05 at 64k (24 / 32 rows, C = 100;
+# benchmarks/cluster_order_sweep.py, benchmarks/NOTES.md, nineteenth session).
+CLUSTER_ORDER_MAX_CLUSTERS = 256
+CLUSTER_ORDER_MAX_LENGTH = 32768
+
+
 def _member_counts(seg_start: Tensor) -> Tensor:
     """Each cluster's member count ``(rows, C)`` fp32 from ``seg_start (rows, C+1)``."""
     return (seg_start[:, 1:] - seg_start[:, :-1]).to(torch.float32)
@@ -346,6 +354,16 @@ class CudaOps:
         return (self._centroid_triton_ok(query, value, num_clusters)
                 and improved_triton.triton_exact_unavailable(query, value, top_k) is None)
 
+    def _sort_by_cluster(self, assignments: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """:func:`_segments`'s ``order, seg_start, counts``, from the extension's counting sort (one
+        launch instead of torch's radix sort, search and casts) where it takes the shape. Both are
+        stable sorts of the cluster ids, so both give the same permutation (up to the order among
+        ids below 0, the padded queries' -1, which are in no cluster)."""
+        if num_clusters <= CLUSTER_ORDER_MAX_CLUSTERS and assignments.shape[-1] <= CLUSTER_ORDER_MAX_LENGTH:
+            order, seg_start = self.ext.cluster_order(assignments, num_clusters)
+            return order, seg_start, _member_counts(seg_start)
+        return _segments(assignments, num_clusters)
+
     def _centroids(self, query, order, seg_start) -> Tensor:
         """Mean member query of every cluster, fp32 ``(rows, C, D)`` (zeros when empty)."""
         return self.ext.segment_sum(query, order, seg_start, True)
@@ -407,7 +425,7 @@ class CudaOps:
         batch, heads, length, dim = query.shape
         rows, value_dim = batch * heads, value.shape[-1]
         assignments = assignments.contiguous()
-        order, seg_start, _ = _segments(assignments, num_clusters)
+        order, seg_start, _ = self._sort_by_cluster(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
         if self._flash_ok(query, value, key_padding_mask, keep):
             out_c, lse, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
@@ -516,7 +534,7 @@ class CudaOps:
     def _clustered_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, out, lse, centroids,
                        num_clusters, scale, dropout_p, dq, dk=None, dv=None):
         assignments = assignments.contiguous()
-        order, seg_start, _ = _segments(assignments, num_clusters)
+        order, seg_start, _ = self._sort_by_cluster(assignments, num_clusters)
         return self._clustered_bwd_sorted(
             grad_out, dq, key, value, assignments, key_padding_mask, keep, lse, centroids,
             self._cluster_outputs(out, order, seg_start, num_clusters), order, seg_start, num_clusters, scale,
@@ -668,7 +686,7 @@ class CudaOps:
         keys = key.shape[2]
         top_k = min(topk, keys)
         assignments = assignments.contiguous()
-        order, seg_start, _ = _segments(assignments, num_clusters)
+        order, seg_start, _ = self._sort_by_cluster(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
         centroids = qbar.reshape(batch, heads, num_clusters, dim)  # for the backward
         if (self._flash_ok(query, value, key_padding_mask, keep)
@@ -737,7 +755,7 @@ class CudaOps:
         rows = batch * heads
         top_k = top_index.shape[-1]
         assignments = assignments.contiguous()
-        order, seg_start, counts = _segments(assignments, num_clusters)
+        order, seg_start, counts = self._sort_by_cluster(assignments, num_clusters)
         qbar = centroids.reshape(rows, num_clusters, dim).float().contiguous()
         if (self._flash_ok(query, value, key_padding_mask, keep)
                 or self._improved_triton_ok(query, value, num_clusters, top_k)):
