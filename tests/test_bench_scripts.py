@@ -82,3 +82,12 @@ def test_centroid_backward_needs_a_gpu():
     result = subprocess.run([sys.executable, str(BENCHMARKS / "centroid_backward.py"), "--lengths", "1024"],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
+
+
+def test_cluster_order_sweep_needs_a_gpu():
+    """benchmarks/cluster_order_sweep.py: without a GPU it says so and exits."""
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: the script runs there (benchmarks/NOTES.md, nineteenth session)")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "cluster_order_sweep.py"), "--lengths", "1024"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr

@@ -295,7 +295,11 @@ class CudaOps:
             return (*attend(query, key, value, assignments, *attention), assignments)
         name = ("improved_" if improved else "") + "clustered_attention_fwd_with_clustering"
         # the output is written into a tensor of the caller's (graph_cache's "filled")
-        out = _dense_like(query) if improved else custom_ops.attention_output_like(query, value.shape[-1])
+        if improved:
+            key_padding_mask, keep, num_clusters, topk = attention[:4]
+            out = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, topk)
+        else:
+            out = custom_ops.attention_output_like(query, value.shape[-1])
         return self.graphs.run(name, self._fwd_with_clustering, (
             improved, out, query, key, value, planes, offsets, query_padding_mask, iterations, bits, *attention),
             filled=(1,))
@@ -664,9 +668,21 @@ class CudaOps:
             out, lse, top_index = reference.improved_clustered_attention_fwd_ref(
                 query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p)
             return out, lse, top_index, reference.cluster_centroids_ref(query, assignments, num_clusters)
+        out = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, topk)
         return self.graphs.run("improved_clustered_attention_fwd", self._improved_fwd, (
-            query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p,
-            _dense_like(query)), filled=(10,))
+            query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p, out),
+            filled=(10,))
+
+    def _improved_query_sized_to_fill(self, query, key, value, key_padding_mask, keep, num_clusters, topk):
+        """A contiguous empty tensor like the queries where the improved composition writes its output
+        (forward) or query gradient (backward) into one (the Triton exact products on the flash path
+        and its Triton form), handed to it as a "filled" argument; else None (its kernels make their own)."""
+        top_k = min(topk, key.shape[2])
+        on_flash_path = (self._flash_ok(query, value, key_padding_mask, keep)
+                         or self._improved_triton_ok(query, value, num_clusters, top_k))
+        if on_flash_path and improved_triton.triton_exact_unavailable(query, value, top_k) is None:
+            return _dense_like(query)
+        return None
 
     def _improved_fwd(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale,
                       dropout_p, out=None):
@@ -734,10 +750,12 @@ class CudaOps:
             return reference.improved_clustered_attention_bwd_ref(
                 grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, num_clusters,
                 scale, dropout_p)
-        dk, dv = self._improved_key_gradients_to_fill(query, key, value, num_clusters, top_index.shape[-1])
+        top_k = top_index.shape[-1]
+        dq = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, top_k)
+        dk, dv = self._improved_key_gradients_to_fill(query, key, value, num_clusters, top_k)
         return self.graphs.run("improved_clustered_attention_bwd", self._improved_bwd, (
             grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
-            num_clusters, scale, dropout_p, _dense_like(query), dk, dv), filled=(13, 14, 15))
+            num_clusters, scale, dropout_p, dq, dk, dv), filled=(13, 14, 15))
 
     def _improved_key_gradients_to_fill(self, query, key, value, num_clusters, top_k):
         """``(dk, dv)``: empty tensors for the improved backward's key and value gradients where its
@@ -822,11 +840,13 @@ class CudaOps:
         """:meth:`improved_bwd` on the flash path (or its Triton form) from what
         :meth:`_improved_fwd_keeping` kept (the eager path's backward, as one composition): the
         sort of the queries is not done again, nor the centroids' attention forward."""
-        dk, dv = self._improved_key_gradients_to_fill(query, key, value, num_clusters, top_index.shape[-1])
+        top_k = top_index.shape[-1]
+        dq = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, top_k)
+        dk, dv = self._improved_key_gradients_to_fill(query, key, value, num_clusters, top_k)
         return self.graphs.run("improved_clustered_attention_bwd_kept", self._improved_bwd_kept, (
             grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
-            centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale, dropout_p, _dense_like(query),
-            dk, dv), filled=(17, 18, 19))
+            centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale, dropout_p, dq, dk, dv),
+            filled=(17, 18, 19))
 
     def _improved_bwd_kept(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
                            centroids, centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale,
