@@ -578,7 +578,6 @@ int warps_per_query_run(int64_t queries) {
 
 }  // namespace
 
-// Sum (mean if `mean`) of x's rows over each cluster's members, fp32 (B*H, C, E).
 // (order (B*H, N), seg_start (B*H, C+1)) int64 of assignments (B, H, N) int64: see cluster_order_kernel.
 std::tuple<at::Tensor, at::Tensor> cluster_order_cuda(const at::Tensor& assignments_in, int64_t num_clusters) {
   FCL_CHECK_CUDA(assignments_in, "cluster_order: assignments");
@@ -606,6 +605,7 @@ std::tuple<at::Tensor, at::Tensor> cluster_order_cuda(const at::Tensor& assignme
   return {order, seg_start};
 }
 
+// Sum (mean if `mean`) of x's rows over each cluster's members, fp32 (B*H, C, E).
 at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, const at::Tensor& seg_start, bool mean) {
   FCL_CHECK_CUDA(x_in, "segment_sum: x");
   TORCH_CHECK(x_in.dim() == 4, "segment_sum: x must be (B, H, N, E), got ", x_in.sizes());
