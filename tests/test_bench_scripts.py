@@ -75,19 +75,12 @@ def test_top_keys_sweep_reads_its_settings_and_needs_a_gpu():
         assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
 
 
-def test_centroid_backward_needs_a_gpu():
-    """benchmarks/centroid_backward.py: without a GPU it says so and exits."""
+@pytest.mark.parametrize("script,session", [("centroid_backward.py", "sixteenth"),
+                                            ("cluster_order_sweep.py", "nineteenth")])
+def test_gpu_benchmarks_need_a_gpu(script, session):
+    """benchmarks/centroid_backward.py and cluster_order_sweep.py: without a GPU each says so and exits."""
     if torch.cuda.is_available():
-        pytest.skip("has a GPU: the script runs there (benchmarks/NOTES.md, sixteenth session)")
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "centroid_backward.py"), "--lengths", "1024"],
-                            capture_output=True, text=True)
-    assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
-
-
-def test_cluster_order_sweep_needs_a_gpu():
-    """benchmarks/cluster_order_sweep.py: without a GPU it says so and exits."""
-    if torch.cuda.is_available():
-        pytest.skip("has a GPU: the script runs there (benchmarks/NOTES.md, nineteenth session)")
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "cluster_order_sweep.py"), "--lengths", "1024"],
+        pytest.skip(f"has a GPU: the script runs there (benchmarks/NOTES.md, {session} session)")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--lengths", "1024"],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
