@@ -358,6 +358,12 @@ class CudaOps:
         return (self._centroid_triton_ok(query, value, num_clusters)
                 and improved_triton.triton_exact_unavailable(query, value, top_k) is None)
 
+    def _improved_on_flash_path(self, query, value, key_padding_mask, keep, num_clusters, top_k) -> bool:
+        """Whether the improved variant takes the flash path's algebra: flash itself without key padding
+        and dropout, or its Triton form (:meth:`_improved_triton_ok`); else the fp32 ``(C, S)`` products."""
+        return (self._flash_ok(query, value, key_padding_mask, keep)
+                or self._improved_triton_ok(query, value, num_clusters, top_k))
+
     def _sort_by_cluster(self, assignments: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor, Tensor]:
         """:func:`_segments`'s ``order, seg_start, counts``, from the extension's counting sort (one
         launch instead of torch's radix sort, search and casts) where it takes the shape. Both are
@@ -678,9 +684,8 @@ class CudaOps:
         (forward) or query gradient (backward) into one (the Triton exact products on the flash path
         and its Triton form), handed to it as a "filled" argument; else None (its kernels make their own)."""
         top_k = min(topk, key.shape[2])
-        on_flash_path = (self._flash_ok(query, value, key_padding_mask, keep)
-                         or self._improved_triton_ok(query, value, num_clusters, top_k))
-        if on_flash_path and improved_triton.triton_exact_unavailable(query, value, top_k) is None:
+        if (self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters, top_k)
+                and improved_triton.triton_exact_unavailable(query, value, top_k) is None):
             return _dense_like(query)
         return None
 
@@ -705,8 +710,7 @@ class CudaOps:
         order, seg_start, _ = self._sort_by_cluster(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
         centroids = qbar.reshape(batch, heads, num_clusters, dim)  # for the backward
-        if (self._flash_ok(query, value, key_padding_mask, keep)
-                or self._improved_triton_ok(query, value, num_clusters, top_k)):
+        if self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters, top_k):
             out, lse, top, centroid_values, centroid_lse = self._improved_fwd_flash(
                 query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k, scale, key_padding_mask,
                 keep, dropout_p, out)
@@ -750,20 +754,22 @@ class CudaOps:
             return reference.improved_clustered_attention_bwd_ref(
                 grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, num_clusters,
                 scale, dropout_p)
-        top_k = top_index.shape[-1]
-        dq = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, top_k)
-        dk, dv = self._improved_key_gradients_to_fill(query, key, value, num_clusters, top_k)
         return self.graphs.run("improved_clustered_attention_bwd", self._improved_bwd, (
             grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
-            num_clusters, scale, dropout_p, dq, dk, dv), filled=(13, 14, 15))
+            num_clusters, scale, dropout_p,
+            *self._improved_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters, top_index)),
+            filled=(13, 14, 15))
 
-    def _improved_key_gradients_to_fill(self, query, key, value, num_clusters, top_k):
-        """``(dk, dv)``: empty tensors for the improved backward's key and value gradients where its
-        Triton path writes them (the centroids' backward, then the top keys' parts summed over them),
-        handed to its composition as "filled" arguments; else ``(None, None)``."""
+    def _improved_gradients_to_fill(self, query, key, value, key_padding_mask, keep, num_clusters, top_index):
+        """``(dq, dk, dv)`` for the improved backward to write into, handed to its composition as "filled"
+        arguments: ``dq`` as :meth:`_improved_query_sized_to_fill` gives it; ``dk``, ``dv`` empty tensors
+        where its Triton path writes them (the centroids' backward, then the top keys' parts summed over
+        them), else None."""
+        top_k = top_index.shape[-1]
+        dq = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, top_k)
         if not self._improved_triton_ok(query, value, num_clusters, top_k):
-            return None, None
-        return centroid_triton.gradient_like(key), centroid_triton.gradient_like(value)
+            return dq, None, None
+        return dq, centroid_triton.gradient_like(key), centroid_triton.gradient_like(value)
 
     def _improved_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
                       centroids, num_clusters, scale, dropout_p, dq=None, dk=None, dv=None):
@@ -775,8 +781,7 @@ class CudaOps:
         assignments = assignments.contiguous()
         order, seg_start, counts = self._sort_by_cluster(assignments, num_clusters)
         qbar = centroids.reshape(rows, num_clusters, dim).float().contiguous()
-        if (self._flash_ok(query, value, key_padding_mask, keep)
-                or self._improved_triton_ok(query, value, num_clusters, top_k)):
+        if self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters, top_k):
             return self._improved_bwd_flash(grad_out, query, key, value, assignments, order, seg_start, counts, qbar,
                                             lse, top_index, num_clusters, scale, None, key_padding_mask, keep,
                                             dropout_p, dq, dk, dv)
@@ -840,12 +845,10 @@ class CudaOps:
         """:meth:`improved_bwd` on the flash path (or its Triton form) from what
         :meth:`_improved_fwd_keeping` kept (the eager path's backward, as one composition): the
         sort of the queries is not done again, nor the centroids' attention forward."""
-        top_k = top_index.shape[-1]
-        dq = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, top_k)
-        dk, dv = self._improved_key_gradients_to_fill(query, key, value, num_clusters, top_k)
         return self.graphs.run("improved_clustered_attention_bwd_kept", self._improved_bwd_kept, (
             grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
-            centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale, dropout_p, dq, dk, dv),
+            centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale, dropout_p,
+            *self._improved_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters, top_index)),
             filled=(17, 18, 19))
 
     def _improved_bwd_kept(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
@@ -946,7 +949,7 @@ class CudaOps:
         like the queries for the Triton exact products to write the query gradient into (the
         extension's kernel makes its own), or None. ``dk``, ``dv``: tensors to write the key and
         value gradients into where the Triton kernels take every step
-        (:meth:`_improved_key_gradients_to_fill`), or None."""
+        (:meth:`_improved_gradients_to_fill`), or None."""
         batch, heads, length, dim = query.shape
         rows, keys = batch * heads, key.shape[2]
         top_k = top_index.shape[-1]
