@@ -196,8 +196,8 @@ class GraphCache:
             return fn(*args)
         filled = tuple(i for i in filled if isinstance(args[i], Tensor))
         key, tensors, nbytes = _signature(name, args)
-        if filled:  # the input limit counts the inputs, not the outputs written into (as when they were the graph's)
-            nbytes -= _filled_bytes(args, filled)
+        # the input limit counts the inputs, not the outputs written into (as when they were the graph's)
+        nbytes -= sum(args[i].numel() * args[i].element_size() for i in filled)
         # CUDA is initialised (the call has CUDA tensors): ask torch._C directly, not through
         # torch.cuda's wrapper, which checks that first on every call.
         if key is None or nbytes > config.max_input_bytes or torch._C._cuda_isCurrentStreamCapturing():
@@ -478,11 +478,6 @@ def _same_result(got: Tensor, want: Tensor, what: str) -> Optional[str]:
     got, want = got[finite].double(), want[finite].double()
     error, scale = (got - want).abs().max().item(), want.abs().max().item()
     return None if error <= 0.01 * scale else f"{what} differs by up to {error:.3g} (largest value {scale:.3g})"
-
-
-def _filled_bytes(args: Sequence, filled: Sequence[int]) -> int:
-    """Bytes of the filled tensor arguments ``args[i]``, ``i`` in ``filled``."""
-    return sum(args[i].numel() * args[i].element_size() for i in filled if isinstance(args[i], Tensor))
 
 
 def _same_view(a: Tensor, b: Tensor) -> bool:
