@@ -364,15 +364,15 @@ class CudaOps:
         return (self._flash_ok(query, value, key_padding_mask, keep)
                 or self._improved_triton_ok(query, value, num_clusters, top_k))
 
-    def _sort_by_cluster(self, assignments: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """:func:`_segments`'s ``order, seg_start, counts``, from the extension's counting sort (one
-        launch instead of torch's radix sort, search and casts) where it takes the shape. Both are
-        stable sorts of the cluster ids, so both give the same permutation (up to the order among
-        ids below 0, the padded queries' -1, which are in no cluster)."""
+    def _sort_by_cluster(self, assignments: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor]:
+        """:func:`_segments`'s ``order, seg_start`` (the counts, where wanted, are
+        :func:`_member_counts` of ``seg_start``), from the extension's counting sort (one launch
+        instead of torch's radix sort, search and casts) where it takes the shape. Both are stable
+        sorts of the cluster ids, so both give the same permutation (up to the order among ids
+        below 0, the padded queries' -1, which are in no cluster)."""
         if num_clusters <= CLUSTER_ORDER_MAX_CLUSTERS and assignments.shape[-1] <= CLUSTER_ORDER_MAX_LENGTH:
-            order, seg_start = self.ext.cluster_order(assignments, num_clusters)
-            return order, seg_start, _member_counts(seg_start)
-        return _segments(assignments, num_clusters)
+            return self.ext.cluster_order(assignments, num_clusters)
+        return _segments(assignments, num_clusters)[:2]
 
     def _centroids(self, query, order, seg_start) -> Tensor:
         """Mean member query of every cluster, fp32 ``(rows, C, D)`` (zeros when empty)."""
@@ -435,7 +435,7 @@ class CudaOps:
         batch, heads, length, dim = query.shape
         rows, value_dim = batch * heads, value.shape[-1]
         assignments = assignments.contiguous()
-        order, seg_start, _ = self._sort_by_cluster(assignments, num_clusters)
+        order, seg_start = self._sort_by_cluster(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
         if self._flash_ok(query, value, key_padding_mask, keep):
             out_c, lse, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
@@ -544,7 +544,7 @@ class CudaOps:
     def _clustered_bwd(self, grad_out, query, key, value, assignments, key_padding_mask, keep, out, lse, centroids,
                        num_clusters, scale, dropout_p, dq, dk=None, dv=None):
         assignments = assignments.contiguous()
-        order, seg_start, _ = self._sort_by_cluster(assignments, num_clusters)
+        order, seg_start = self._sort_by_cluster(assignments, num_clusters)
         return self._clustered_bwd_sorted(
             grad_out, dq, key, value, assignments, key_padding_mask, keep, lse, centroids,
             self._cluster_outputs(out, order, seg_start, num_clusters), order, seg_start, num_clusters, scale,
@@ -707,7 +707,7 @@ class CudaOps:
         keys = key.shape[2]
         top_k = min(topk, keys)
         assignments = assignments.contiguous()
-        order, seg_start, _ = self._sort_by_cluster(assignments, num_clusters)
+        order, seg_start = self._sort_by_cluster(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
         centroids = qbar.reshape(batch, heads, num_clusters, dim)  # for the backward
         if self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters, top_k):
@@ -779,7 +779,8 @@ class CudaOps:
         rows = batch * heads
         top_k = top_index.shape[-1]
         assignments = assignments.contiguous()
-        order, seg_start, counts = self._sort_by_cluster(assignments, num_clusters)
+        order, seg_start = self._sort_by_cluster(assignments, num_clusters)
+        counts = _member_counts(seg_start)
         qbar = centroids.reshape(rows, num_clusters, dim).float().contiguous()
         if self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters, top_k):
             return self._improved_bwd_flash(grad_out, query, key, value, assignments, order, seg_start, counts, qbar,
