@@ -22,11 +22,23 @@ if triton is not None:
         """A softmax's running or row maximum, ready to subtract: -inf (no valid key yet) becomes
         0, so that every term ``exp(-inf - 0)`` is 0 instead of ``exp(-inf + inf)``, NaN."""
         return tl.where(maximum == float("-inf"), 0.0, maximum)
+
+    @triton.jit
+    def three_parts(x, dtype: tl.constexpr):
+        """fp32 ``x`` as three parts of ``dtype`` (fp16 / bf16), ``hi + mid + lo``: ``x`` rounded,
+        the remainder rounded, what is left rounded. Their sum keeps about 24 of ``x``'s bits
+        (bf16: 3 x 8), so tensor-core products of the parts, summed in fp32, stand in for an
+        fp32 product."""
+        hi = x.to(dtype)
+        remainder = x - hi.to(tl.float32)
+        mid = remainder.to(dtype)
+        lo = (remainder - mid.to(tl.float32)).to(dtype)
+        return hi, mid, lo
 else:  # pragma: no cover - depends on the install
-    safe_max = None
+    safe_max = three_parts = None
 
 __all__ = ["triton", "tl", "MISSING", "power_of_two_in", "tiles_unavailable", "dot_precision",
-           "interpreted", "mask_bytes", "safe_max"]
+           "interpreted", "mask_bytes", "safe_max", "three_parts"]
 
 MIN_TILE = 16  # tl.dot's smallest tile
 

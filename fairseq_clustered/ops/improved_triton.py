@@ -64,7 +64,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import MIN_TILE, mask_bytes, safe_max, tiles_unavailable, tl, triton
+from ._triton import MIN_TILE, mask_bytes, safe_max, three_parts, tiles_unavailable, tl, triton
 
 __all__ = ["triton_exact_unavailable", "sub_block_keys", "centroid_block_stats", "centroid_top_keys",
            "exact_top_keys_fwd", "exact_top_keys_bwd", "top_key_summary", "top_key_gradients",
@@ -293,10 +293,7 @@ if triton is not None:
                        other=0.0)
         k = tl.load(K + (row * keys + key_index)[:, None] * DIM + feats[None, :], mask=k_ok[:, None], other=0.0)
         k_t = tl.trans(k)
-        hi = qbar.to(k.dtype)
-        remainder = qbar - hi.to(tl.float32)
-        mid = remainder.to(k.dtype)
-        lo = (remainder - mid.to(tl.float32)).to(k.dtype)
+        hi, mid, lo = three_parts(qbar, k.dtype)
         logits = (tl.dot(hi, k_t) + tl.dot(mid, k_t) + tl.dot(lo, k_t)) * scale
         valid = _unpadded(PAD, row, heads, keys, key_index, k_ok, PADDED)
         logits = tl.where(valid[None, :], logits, float("-inf"))
@@ -381,10 +378,7 @@ if triton is not None:
         # Their logits on tensor cores with exact products, as in the block statistics: the
         # right operand's columns 0-2 are the centroid's three parts in K's dtype, the rest 0.
         qbar = tl.load(QBAR + centroid * DIM + feats)
-        hi = qbar.to(k.dtype)
-        remainder = qbar - hi.to(tl.float32)
-        mid = remainder.to(k.dtype)
-        lo = (remainder - mid.to(tl.float32)).to(k.dtype)
+        hi, mid, lo = three_parts(qbar, k.dtype)
         part = tl.arange(0, 16)[None, :]
         parts = tl.where(part == 0, hi[:, None], tl.where(part == 1, mid[:, None],
                                                           tl.where(part == 2, lo[:, None], 0.0))).to(k.dtype)
