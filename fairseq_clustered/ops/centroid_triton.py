@@ -39,7 +39,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import MIN_TILE, dot_precision, mask_bytes, safe_max, tiles_unavailable, tl, triton
+from ._triton import (MIN_TILE, dot_precision, interpreted, mask_bytes, safe_max, three_parts, tiles_unavailable,
+                      tl, triton)
 
 __all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "centroid_attention_bwd", "gradient_like"]
 
@@ -58,8 +59,8 @@ LAUNCH = {
     "fwd": {"num_warps": 4, "keys": 64},
     "bwd": {"num_warps": 4, "keys": 64},
     "bwd_d128": {"num_warps": 8, "keys": 64},
-    "fwd_fp32": {"num_warps": 8, "keys": 16, "precision": "bf16x6"},
-    "bwd_fp32": {"num_warps": 8, "keys": 16, "precision": "bf16x6"},
+    "fwd_fp32": {"num_warps": 8, "keys": 32, "precision": "split"},
+    "bwd_fp32": {"num_warps": 8, "keys": 16, "precision": "split"},
 }
 # Enough programs for every SM of an H100 / H200 (132) twice, but no range shorter than this.
 TARGET_PROGRAMS = 264
@@ -112,17 +113,49 @@ if triton is not None:
                 clusters < num_clusters, tl.arange(0, DIM))
 
     @triton.jit
+    def _operand(x, SPLIT: tl.constexpr):
+        """``x`` as an operand of :func:`_product`: where ``SPLIT`` is a dtype (fp32 ``x``), its three
+        parts of that dtype, else (None) ``x`` itself, three times (:func:`_product` uses the
+        first). Loop-invariant operands are split once, before the loop over the keys."""
+        if SPLIT is not None:
+            return three_parts(x, SPLIT)
+        else:
+            return x, x, x
+
+    @triton.jit
+    def _transposed(parts):
+        """The transpose of an operand from :func:`_operand`, part by part."""
+        return tl.trans(parts[0]), tl.trans(parts[1]), tl.trans(parts[2])
+
+    @triton.jit
+    def _product(a, b, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+        """``a @ b`` in fp32 for operands from :func:`_operand`. Split, the six largest of the nine
+        products of the parts on tensor cores, the smallest first (the three dropped are below
+        fp32's rounding); else one ``tl.dot`` at ``PRECISION``."""
+        if SPLIT is not None:
+            total = tl.dot(a[2], b[0])
+            total = tl.dot(a[0], b[2], total)
+            total = tl.dot(a[1], b[1], total)
+            total = tl.dot(a[1], b[0], total)
+            total = tl.dot(a[0], b[1], total)
+            return tl.dot(a[0], b[0], total)
+        else:
+            return tl.dot(a[0], b[0], input_precision=PRECISION)
+
+    @triton.jit
     def _centroid_fwd_kernel(QBAR, K, V, KEY_PADDING, KEEP, OUT, LSE2,
                              num_clusters, keys, heads, keys_per_program, qk_scale, drop_scale,
                              stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                              DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-                             PADDED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                             PADDED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                             SPLIT: tl.constexpr):
         """QBAR: (rows, C, DIM) in the key dtype; OUT: (rows, programs, C, DIM) fp32 partial outputs
         (normalised by their own sums); LSE2: (rows, programs, C) fp32 partial log-sum-exps in
         base 2 (-inf where the range has no valid key)."""
         row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM)
         q = tl.load(QBAR + (row * num_clusters + clusters)[:, None] * DIM + dims[None, :],
                     mask=cluster_ok[:, None], other=0.0)
+        q = _operand(q, SPLIT)
         running_max = tl.full((BLOCK_C,), float("-inf"), tl.float32)
         running_sum = tl.zeros((BLOCK_C,), tl.float32)
         acc = tl.zeros((BLOCK_C, DIM), tl.float32)
@@ -132,14 +165,15 @@ if triton is not None:
             k, v, valid, keep = _key_tile(K, V, KEY_PADDING, KEEP, b, h, row, first, stop, clusters, cluster_ok,
                                           num_clusters, keys, stride_kb, stride_kh, stride_ks, stride_vb,
                                           stride_vh, stride_vs, DIM, BLOCK_N, PADDED, DROPOUT)
-            logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 domain
+            logits = _product(q, _operand(tl.trans(k), SPLIT), SPLIT, PRECISION) * qk_scale  # log2 domain
             logits = tl.where(valid[None, :], logits, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(logits, 1))
             subtracted = safe_max(new_max)
             probs = tl.exp2(logits - subtracted[:, None])
             rescale = tl.exp2(running_max - subtracted)
             running_sum = running_sum * rescale + tl.sum(probs, 1)
-            acc = acc * rescale[:, None] + tl.dot((probs * keep).to(v.dtype), v, input_precision=PRECISION)
+            acc = acc * rescale[:, None] + _product(_operand((probs * keep).to(v.dtype), SPLIT), _operand(v, SPLIT),
+                                                    SPLIT, PRECISION)
             running_max = new_max
         nonempty = running_sum > 0
         out = acc / tl.where(nonempty, running_sum, 1.0)[:, None] * drop_scale
@@ -155,7 +189,8 @@ if triton is not None:
                              stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                              stride_gkb, stride_gkh, stride_gks, stride_gvb, stride_gvh, stride_gvs,
                              DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-                             PADDED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                             PADDED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                             SPLIT: tl.constexpr):
         """QBAR, GRAD: (rows, C, DIM) in the key dtype (GRAD: the gradient of Vbar); DELTA: (rows, C)
         fp32 ``GRAD . Vbar``; LSE2: (rows, C) fp32 log-sum-exps in base 2 (+inf for rows without
         a valid key);
@@ -165,6 +200,7 @@ if triton is not None:
         centroid_rows = (row * num_clusters + clusters)[:, None] * DIM + dims[None, :]
         q = tl.load(QBAR + centroid_rows, mask=cluster_ok[:, None], other=0.0)
         g = tl.load(GRAD + centroid_rows, mask=cluster_ok[:, None], other=0.0)
+        q, g = _operand(q, SPLIT), _operand(g, SPLIT)
         lse2 = tl.load(LSE2 + row * num_clusters + clusters, mask=cluster_ok, other=float("inf"))
         delta = tl.load(DELTA + row * num_clusters + clusters, mask=cluster_ok, other=0.0)
         grad_q = tl.zeros((BLOCK_C, DIM), tl.float32)
@@ -174,14 +210,14 @@ if triton is not None:
             k, v, valid, keep = _key_tile(K, V, KEY_PADDING, KEEP, b, h, row, first, stop, clusters, cluster_ok,
                                           num_clusters, keys, stride_kb, stride_kh, stride_ks, stride_vb,
                                           stride_vh, stride_vs, DIM, BLOCK_N, PADDED, DROPOUT)
-            logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            logits = _product(q, _operand(tl.trans(k), SPLIT), SPLIT, PRECISION) * qk_scale
             probs = tl.where(valid[None, :], tl.exp2(logits - lse2[:, None]), 0.0)  # A, (C, BLOCK_N)
             kept = probs * keep * drop_scale  # A z
-            grad_probs = tl.dot(g, tl.trans(v), input_precision=PRECISION) * keep * drop_scale  # z g . v
-            grad_logits = probs * (grad_probs - delta[:, None])
-            grad_v = tl.dot(tl.trans(kept.to(g.dtype)), g, input_precision=PRECISION)
-            grad_k = tl.dot(tl.trans(grad_logits.to(q.dtype)), q, input_precision=PRECISION) * scale
-            grad_q += tl.dot(grad_logits.to(k.dtype), k, input_precision=PRECISION)
+            grad_probs = _product(g, _operand(tl.trans(v), SPLIT), SPLIT, PRECISION) * keep * drop_scale  # z g . v
+            grad_logits = _operand((probs * (grad_probs - delta[:, None])).to(k.dtype), SPLIT)
+            grad_v = _product(_operand(tl.trans(kept.to(k.dtype)), SPLIT), g, SPLIT, PRECISION)
+            grad_k = _product(_transposed(grad_logits), q, SPLIT, PRECISION) * scale
+            grad_q += _product(grad_logits, _operand(k, SPLIT), SPLIT, PRECISION)
             offs = first + tl.arange(0, BLOCK_N)
             in_range = (offs < stop)[:, None]
             tl.store(GRAD_K + b * stride_gkb + h * stride_gkh + offs[:, None] * stride_gks + dims[None, :],
@@ -196,13 +232,19 @@ if triton is not None:
 
 def _launch(kernel: str, dtype: torch.dtype, dim: int) -> dict:
     """Keyword arguments of ``kernel``'s (``"fwd"`` / ``"bwd"``) launch for operands of ``dtype``
-    and head dim ``dim``, ``BLOCK_N`` and ``PRECISION`` among them."""
+    and head dim ``dim``, ``BLOCK_N``, ``PRECISION`` and ``SPLIT`` among them."""
     if dtype == torch.float32:
         options = dict(LAUNCH[f"{kernel}_fp32"])
     else:
         options = dict(LAUNCH.get(f"{kernel}_d{dim}", LAUNCH[kernel]))
     options["BLOCK_N"] = options.pop("keys")
-    options["PRECISION"] = dot_precision(dtype, options.pop("precision", None))
+    precision = options.pop("precision", None)
+    split = dtype == torch.float32 and precision == "split"
+    # The parts are bf16 (fp32's exponent range). Triton's interpreter multiplies bf16 tiles
+    # wrongly (their raw bits, Triton 3.9), so there they are fp16: the same six products, for
+    # the CPU tests of inputs well inside fp16's range.
+    options["SPLIT"] = (tl.float16 if interpreted() else tl.bfloat16) if split else None
+    options["PRECISION"] = dot_precision(dtype, None if split else precision)
     return options
 
 

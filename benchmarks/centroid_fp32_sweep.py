@@ -1,0 +1,115 @@
+"""The fp32 centroid attention kernels' launch settings: GPU time and error against float64.
+
+fp32 inputs (which flash attention does not take) run the clustered variant's centroid
+attention on ``ops/centroid_triton.py``'s kernels with each fp32 product built from bf16
+tensor-core products: Triton's ``bf16x6`` (both operands split into three bf16 parts at
+every product) or ``split`` (the same six products of parts split by the kernel, the
+loop-invariant centroids and their gradients once, before the loop over the keys). For
+every combination of precision, keys per step and warps this prints the forward's and the
+backward's microseconds (graph replays, so without launch overhead; "-" where the setting
+does not compile, e.g. more shared memory than an SM has) and their largest errors against
+a float64 computation, beside those of the same computation in torch's fp32 (TF32 off),
+the bar of the tests (an fp32 result may err at most twice as much)::
+
+    python benchmarks/centroid_fp32_sweep.py --lengths 4096,16384 --precision bf16x6,split \\
+        --keys 16,32,64 --warps 4,8
+
+rows = B * H = 32, C = 100 centroids, D = 64, no padding or dropout: the fp32 clustered op's
+configuration of ``bench_attention.py``. Errors are relative to the largest magnitude of
+each float64 result.
+"""
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fairseq_clustered.ops import centroid_triton  # noqa: E402
+from lloyd_sweep import graph_microseconds  # noqa: E402
+
+NAMES = ("Vbar", "dqbar", "dk", "dv")
+
+
+def exact(qbar, key, value, grad, scale, dtype):
+    """Vbar and the gradients of ``sum(Vbar * grad)`` for qbar, key, value, in ``dtype``."""
+    rows, num_clusters, dim = qbar.shape
+    q, k, v = (x.to(dtype).reshape(rows, -1, dim).requires_grad_(True) for x in (qbar, key, value))
+    values = torch.softmax(scale * q @ k.transpose(1, 2), -1) @ v
+    return (values.detach(), *torch.autograd.grad((values * grad.to(dtype)).sum(), (q, k, v)))
+
+
+def errors(results, oracle):
+    """Largest |result - oracle| over the oracle's largest magnitude, per result."""
+    return [((r.double().reshape(o.shape) - o).abs().max() / o.abs().max()).item() for r, o in zip(results, oracle)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="4096,16384")
+    parser.add_argument("--precision", default="bf16x6,split")
+    parser.add_argument("--keys", default="16,32,64", help="keys per step")
+    parser.add_argument("--warps", default="4,8")
+    parser.add_argument("--clusters", type=int, default=100)
+    parser.add_argument("--dim", type=int, default=64)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("centroid_fp32_sweep.py needs a CUDA GPU (it times kernels there)")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    batch, heads, dim, scale = 4, 8, args.dim, args.dim ** -0.5
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; rows={batch * heads} C={args.clusters} "
+          f"D={dim} fp32; errors relative to float64's largest magnitude")
+    print(f"{'N':>6} {'precision':>9} {'keys':>4} {'warps':>5} {'fwd us':>7} {'bwd us':>7}  "
+          + "  ".join(f"{name:>8}" for name in NAMES))
+    originals = {kernel: dict(centroid_triton.LAUNCH[kernel]) for kernel in ("fwd_fp32", "bwd_fp32")}
+    try:
+        for length in (int(n) for n in args.lengths.split(",")):
+            generator = torch.Generator("cuda").manual_seed(length)
+            qbar, grad = (torch.randn(batch * heads, args.clusters, dim, device="cuda", generator=generator)
+                          for _ in range(2))
+            key, value = (torch.randn(batch, heads, length, dim, device="cuda", generator=generator)
+                          for _ in range(2))
+            oracle = exact(qbar, key, value, grad, scale, torch.float64)
+            fp32 = errors(exact(qbar, key, value, grad, scale, torch.float32), oracle)
+            print(f"{length:>6} {'torch':>9} {'':>4} {'':>5} {'':>7} {'':>7}  "
+                  + "  ".join(f"{e:>8.2e}" for e in fp32))
+            for precision, keys, warps in itertools.product(args.precision.split(","),
+                                                            (int(k) for k in args.keys.split(",")),
+                                                            (int(w) for w in args.warps.split(","))):
+                for kernel in originals:
+                    centroid_triton.LAUNCH[kernel] = {"num_warps": warps, "keys": keys, "precision": precision}
+
+                def forward():
+                    return centroid_triton.centroid_attention_fwd(qbar, key, value, None, None, scale, 0.0)
+
+                try:
+                    values, lse = forward()
+                    fwd_us = f"{graph_microseconds(forward):7.1f}"
+                except Exception as error:  # a setting that does not compile (shared memory, registers)
+                    print(f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {'-':>7} {'-':>7}  "
+                          f"forward fails: {type(error).__name__}: {str(error)[:120]}")
+                    continue
+
+                def backward():
+                    return centroid_triton.centroid_attention_bwd(grad, values, qbar, key, value, None, None, lse,
+                                                                  scale, 0.0)
+
+                try:
+                    grads = backward()
+                    bwd_us = f"{graph_microseconds(backward):7.1f}"
+                except Exception as error:
+                    print(f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {fwd_us} {'-':>7}  "
+                          f"backward fails: {type(error).__name__}: {str(error)[:120]}")
+                    continue
+                print(f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {fwd_us} {bwd_us}  "
+                      + "  ".join(f"{e:>8.2e}" for e in errors((values, *grads), oracle)), flush=True)
+    finally:
+        centroid_triton.LAUNCH.update(originals)
+
+
+if __name__ == "__main__":
+    main()
