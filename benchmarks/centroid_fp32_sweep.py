@@ -12,7 +12,7 @@ a float64 computation, beside those of the same computation in torch's fp32 (TF3
 the bar of the tests (an fp32 result may err at most twice as much)::
 
     python benchmarks/centroid_fp32_sweep.py --lengths 4096,16384 --precision bf16x6,split \\
-        --keys 16,32,64 --warps 4,8
+        --keys 16,32,64 --warps 4,8 --programs 132,264
 
 rows = B * H = 32, C = 100 centroids, D = 64, no padding or dropout: the fp32 clustered op's
 configuration of ``bench_attention.py``. Errors are relative to the largest magnitude of
@@ -54,6 +54,8 @@ def main():
     parser.add_argument("--precision", default="bf16x6,split")
     parser.add_argument("--keys", default="16,32,64", help="keys per step")
     parser.add_argument("--warps", default="4,8")
+    parser.add_argument("--programs", default=str(centroid_triton.TARGET_PROGRAMS),
+                        help="values of centroid_triton.TARGET_PROGRAMS (the most programs of a launch)")
     parser.add_argument("--clusters", type=int, default=100)
     parser.add_argument("--dim", type=int, default=64)
     args = parser.parse_args()
@@ -63,9 +65,10 @@ def main():
     batch, heads, dim, scale = 4, 8, args.dim, args.dim ** -0.5
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; rows={batch * heads} C={args.clusters} "
           f"D={dim} fp32; errors relative to float64's largest magnitude")
-    print(f"{'N':>6} {'precision':>9} {'keys':>4} {'warps':>5} {'fwd us':>7} {'bwd us':>7}  "
+    print(f"{'N':>6} {'precision':>9} {'keys':>4} {'warps':>5} {'progs':>5} {'fwd us':>7} {'bwd us':>7}  "
           + "  ".join(f"{name:>8}" for name in NAMES))
     originals = {kernel: dict(centroid_triton.LAUNCH[kernel]) for kernel in ("fwd_fp32", "bwd_fp32")}
+    target_programs = centroid_triton.TARGET_PROGRAMS
     try:
         for length in (int(n) for n in args.lengths.split(",")):
             generator = torch.Generator("cuda").manual_seed(length)
@@ -75,11 +78,13 @@ def main():
                           for _ in range(2))
             oracle = exact(qbar, key, value, grad, scale, torch.float64)
             fp32 = errors(exact(qbar, key, value, grad, scale, torch.float32), oracle)
-            print(f"{length:>6} {'torch':>9} {'':>4} {'':>5} {'':>7} {'':>7}  "
+            print(f"{length:>6} {'torch':>9} {'':>4} {'':>5} {'':>5} {'':>7} {'':>7}  "
                   + "  ".join(f"{e:>8.2e}" for e in fp32))
-            for precision, keys, warps in itertools.product(args.precision.split(","),
-                                                            (int(k) for k in args.keys.split(",")),
-                                                            (int(w) for w in args.warps.split(","))):
+            for precision, keys, warps, programs in itertools.product(
+                    args.precision.split(","), *([int(v) for v in values.split(",")]
+                                                 for values in (args.keys, args.warps, args.programs))):
+                centroid_triton.TARGET_PROGRAMS = programs
+                setting = f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {programs:>5}"
                 for kernel in originals:
                     centroid_triton.LAUNCH[kernel] = {"num_warps": warps, "keys": keys, "precision": precision}
 
@@ -90,7 +95,7 @@ def main():
                     values, lse = forward()
                     fwd_us = f"{graph_microseconds(forward):7.1f}"
                 except Exception as error:  # a setting that does not compile (shared memory, registers)
-                    print(f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {'-':>7} {'-':>7}  "
+                    print(f"{setting} {'-':>7} {'-':>7}  "
                           f"forward fails: {type(error).__name__}: {str(error)[:120]}")
                     continue
 
@@ -102,13 +107,14 @@ def main():
                     grads = backward()
                     bwd_us = f"{graph_microseconds(backward):7.1f}"
                 except Exception as error:
-                    print(f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {fwd_us} {'-':>7}  "
+                    print(f"{setting} {fwd_us} {'-':>7}  "
                           f"backward fails: {type(error).__name__}: {str(error)[:120]}")
                     continue
-                print(f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {fwd_us} {bwd_us}  "
+                print(f"{setting} {fwd_us} {bwd_us}  "
                       + "  ".join(f"{e:>8.2e}" for e in errors((values, *grads), oracle)), flush=True)
     finally:
         centroid_triton.LAUNCH.update(originals)
+        centroid_triton.TARGET_PROGRAMS = target_programs
 
 
 if __name__ == "__main__":

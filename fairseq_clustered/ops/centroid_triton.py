@@ -59,8 +59,8 @@ LAUNCH = {
     "fwd": {"num_warps": 4, "keys": 64},
     "bwd": {"num_warps": 4, "keys": 64},
     "bwd_d128": {"num_warps": 8, "keys": 64},
-    "fwd_fp32": {"num_warps": 8, "keys": 32, "precision": "split"},
-    "bwd_fp32": {"num_warps": 8, "keys": 16, "precision": "split"},
+    "fwd_fp32": {"num_warps": 8, "keys": 64, "precision": "split"},
+    "bwd_fp32": {"num_warps": 8, "keys": 32, "precision": "split"},
 }
 # Enough programs for every SM of an H100 / H200 (132) twice, but no range shorter than this.
 TARGET_PROGRAMS = 264
@@ -251,7 +251,7 @@ def _launch(kernel: str, dtype: torch.dtype, dim: int) -> dict:
 def _programs_per_row(rows: int, keys: int, block_n: int) -> Tuple[int, int]:
     """(programs per (batch, head), keys per program): enough programs to fill the GPU, each
     over a whole number of key steps of ``block_n`` and at least ``MIN_KEYS_PER_PROGRAM`` keys."""
-    wanted = max(1, min(triton.cdiv(TARGET_PROGRAMS, rows), triton.cdiv(keys, MIN_KEYS_PER_PROGRAM)))
+    wanted = max(1, min(TARGET_PROGRAMS // rows, triton.cdiv(keys, MIN_KEYS_PER_PROGRAM)))
     per_program = triton.cdiv(triton.cdiv(keys, wanted), block_n) * block_n
     return triton.cdiv(keys, per_program), per_program
 
