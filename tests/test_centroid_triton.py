@@ -4,8 +4,8 @@ Oracle: a brute-force float64 computation of ``Vbar = (softmax(scale qbar K^T) *
 the unpadded keys (``z = keep / (1 - p)``) and its gradients by autograd, from the same
 centroids the kernels read (rounded to the key dtype). Without a GPU in Triton's interpreter
 on CPU tensors (fp16 and fp32), on a GPU compiled in bf16, fp16 and fp32 (each fp32 product
-as six bf16 products of three-part splits, Triton's ``bf16x6``: near fp32's accuracy, which the
-fp32 tolerance checks). The clustered op that uses these kernels is checked against the reference in test_cuda_kernels.py.
+as six bf16 products of three-part splits: near fp32's accuracy, which the fp32 tolerance
+checks; in the interpreter the parts are fp16, see ``centroid_triton._launch``). The clustered op that uses these kernels is checked against the reference in test_cuda_kernels.py.
 """
 
 import pytest

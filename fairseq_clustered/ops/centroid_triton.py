@@ -7,10 +7,13 @@ took fp32 cuBLAS products over a ``(C, S)`` matrix in memory, several passes of 
 both directions. These two kernels take them on the flash path's terms instead: the
 centroids and keys in the inputs' half precision on tensor cores, softmax statistics and
 accumulation in fp32, no ``(C, S)`` matrix in memory. fp32 inputs, which flash does not
-take at all, run the same kernels with each product as six bf16 products (Triton's
-``bf16x6``: both operands split into three bf16 parts, the three smallest of the nine
-part products dropped), close to fp32's accuracy at tensor-core speed. (Triton's
-``tf32x3`` needs more shared memory in the backward than an SM has.)
+take at all, run the same kernels with each product as six bf16 products: both operands
+split into three bf16 parts, the three smallest of the nine part products dropped, close
+to fp32's accuracy at tensor-core speed. The kernels split the operands themselves
+(``_operand``), so the loop-invariant centroids and their gradients are split once per
+program; Triton's own ``bf16x6`` split both operands at every product and took 1.4-1.8x
+longer (twentieth session). (Triton's ``tf32x3`` needs more shared memory in the backward
+than an SM has.)
 
 With ``A_j = softmax_l(scale qbar_j . k_l)`` over the unpadded keys and the keep mask
 ``z_jl = keep_jl / (1 - p)`` of the clustered op (one dropout mask per centroid row, shared
@@ -53,8 +56,13 @@ MAX_FP32_DIM = 64  # fp32 tiles of wider heads exceed shared memory in the backw
 # sessions); at D = 128 the backward is 1-5% faster with 8 (the backward spills registers
 # with 4, ~200 bytes per thread at D = 64 and 1.2 KB at 128; ptxas, Triton 3.6; at D = 64 the
 # two counts were within 3% either way; benchmarks/NOTES.md, tenth session). fp32: the
-# smallest key step and 8 warps, the only settings without spills whose backward fits in
-# shared memory (kernel_resources.py --dtype fp32).
+# products of parts split in the kernel ("split"; "bf16x6" is Triton's, which splits at every
+# product) with 8 warps and the widest key steps whose kernels fit in shared memory without
+# spills (kernel_resources.py --dtype fp32). At 32 rows and 16k keys, on the launch grid of
+# before TARGET_PROGRAMS' change below, the forward took 429 us with 64 keys and 536 with 32
+# (bf16x6: 784 with 16, its only setting that fits), the backward 1324 with 32 keys and 1805 with
+# 16 (bf16x6: 1849); with 4 warps the 64-key forward took 624 and the 32-key backward, which
+# spills, 1797 (benchmarks/centroid_fp32_sweep.py, run 1 of the twentieth session).
 LAUNCH = {
     "fwd": {"num_warps": 4, "keys": 64},
     "bwd": {"num_warps": 4, "keys": 64},
@@ -62,7 +70,10 @@ LAUNCH = {
     "fwd_fp32": {"num_warps": 8, "keys": 64, "precision": "split"},
     "bwd_fp32": {"num_warps": 8, "keys": 32, "precision": "split"},
 }
-# Enough programs for every SM of an H100 / H200 (132) twice, but no range shorter than this.
+# At most this many programs per launch, two per SM of an H100 / H200 (132), so that a launch
+# ends in whole waves (rounding the programs per row up gave 288 for 32 rows, a last wave of 24:
+# the fp32 backward at 16k took 1997 us against 1504, the bf16 one 357 against 249, twentieth
+# session), and no range of keys shorter than this.
 TARGET_PROGRAMS = 264
 MIN_KEYS_PER_PROGRAM = 256
 
@@ -249,8 +260,9 @@ def _launch(kernel: str, dtype: torch.dtype, dim: int) -> dict:
 
 
 def _programs_per_row(rows: int, keys: int, block_n: int) -> Tuple[int, int]:
-    """(programs per (batch, head), keys per program): enough programs to fill the GPU, each
-    over a whole number of key steps of ``block_n`` and at least ``MIN_KEYS_PER_PROGRAM`` keys."""
+    """(programs per (batch, head), keys per program): at most ``TARGET_PROGRAMS`` in all (at least
+    one per row), each over a whole number of key steps of ``block_n`` and at least
+    ``MIN_KEYS_PER_PROGRAM`` keys."""
     wanted = max(1, min(TARGET_PROGRAMS // rows, triton.cdiv(keys, MIN_KEYS_PER_PROGRAM)))
     per_program = triton.cdiv(triton.cdiv(keys, wanted), block_n) * block_n
     return triton.cdiv(keys, per_program), per_program
