@@ -13,6 +13,7 @@ the bar of the tests (an fp32 result may err at most twice as much)::
 
     python benchmarks/centroid_fp32_sweep.py --lengths 4096,16384 --precision bf16x6,split \\
         --keys 16,32,64 --warps 4,8 --programs 132,264
+    python benchmarks/centroid_fp32_sweep.py --dim 128 --precision split --keys 16,32 --warps 8 --stages 1,2
 
 rows = B * H = 32, C = 100 centroids, D = 64, no padding or dropout: the fp32 clustered op's
 configuration of ``bench_attention.py``. Errors are relative to the largest magnitude of
@@ -54,6 +55,7 @@ def main():
     parser.add_argument("--precision", default="bf16x6,split")
     parser.add_argument("--keys", default="16,32,64", help="keys per step")
     parser.add_argument("--warps", default="4,8")
+    parser.add_argument("--stages", default="3", help="Triton's num_stages (software pipelining depth)")
     parser.add_argument("--programs", default=str(centroid_triton.TARGET_PROGRAMS),
                         help="values of centroid_triton.TARGET_PROGRAMS (the most programs of a launch)")
     parser.add_argument("--clusters", type=int, default=100)
@@ -65,9 +67,12 @@ def main():
     batch, heads, dim, scale = 4, 8, args.dim, args.dim ** -0.5
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; rows={batch * heads} C={args.clusters} "
           f"D={dim} fp32; errors relative to float64's largest magnitude")
-    print(f"{'N':>6} {'precision':>9} {'keys':>4} {'warps':>5} {'progs':>5} {'fwd us':>7} {'bwd us':>7}  "
+    print(f"{'N':>6} {'precision':>9} {'keys':>4} {'warps':>5} {'stages':>6} {'progs':>5} {'fwd us':>7} {'bwd us':>7}  "
           + "  ".join(f"{name:>8}" for name in NAMES))
-    originals = {kernel: dict(centroid_triton.LAUNCH[kernel]) for kernel in ("fwd_fp32", "bwd_fp32")}
+    # the entries the kernels of this head dim read (centroid_triton._launch)
+    entries = [next(name for name in (f"{kernel}_fp32_d{dim}", f"{kernel}_fp32") if name in centroid_triton.LAUNCH)
+               for kernel in ("fwd", "bwd")]
+    originals = {name: dict(centroid_triton.LAUNCH[name]) for name in entries}
     target_programs = centroid_triton.TARGET_PROGRAMS
     try:
         for length in (int(n) for n in args.lengths.split(",")):
@@ -78,15 +83,16 @@ def main():
                           for _ in range(2))
             oracle = exact(qbar, key, value, grad, scale, torch.float64)
             fp32 = errors(exact(qbar, key, value, grad, scale, torch.float32), oracle)
-            print(f"{length:>6} {'torch':>9} {'':>4} {'':>5} {'':>5} {'':>7} {'':>7}  "
+            print(f"{length:>6} {'torch':>9} {'':>4} {'':>5} {'':>6} {'':>5} {'':>7} {'':>7}  "
                   + "  ".join(f"{e:>8.2e}" for e in fp32))
-            for precision, keys, warps, programs in itertools.product(
+            for precision, keys, warps, stages, programs in itertools.product(
                     args.precision.split(","), *([int(v) for v in values.split(",")]
-                                                 for values in (args.keys, args.warps, args.programs))):
+                                                 for values in (args.keys, args.warps, args.stages, args.programs))):
                 centroid_triton.TARGET_PROGRAMS = programs
-                setting = f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {programs:>5}"
-                for kernel in originals:
-                    centroid_triton.LAUNCH[kernel] = {"num_warps": warps, "keys": keys, "precision": precision}
+                setting = f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {stages:>6} {programs:>5}"
+                for name in entries:
+                    centroid_triton.LAUNCH[name] = {"num_warps": warps, "keys": keys, "precision": precision,
+                                                    "num_stages": stages}
 
                 def forward():
                     return centroid_triton.centroid_attention_fwd(qbar, key, value, None, None, scale, 0.0)

@@ -74,6 +74,7 @@ def assert_close(name, actual, expected, dtype):
     (300, 16, 20, False, 0.3),    # two key ranges merged by their log-sum-exps; dropout alone
     (1100, 32, 100, True, 0.1),   # the default C, five ranges, padding and dropout
     (130, 64, 7, "all", 0.2),     # batch 0 has no valid key: zeros, lse = +inf, zero gradients
+    (200, 128, 100, True, 0.1),   # 128-wide heads (their own launch settings in fp32)
 ])
 def test_matches_brute_force(dtype, keys, dim, num_clusters, pad, dropout_p):
     qbar, key, value, padding, keep, grad = problem(keys, dim, num_clusters, dtype, pad, dropout_p, seed=keys)
@@ -166,5 +167,7 @@ def test_unavailable_reasons():
     assert centroid_triton.triton_centroid_unavailable(q, q, 128) is None
     assert "num_clusters 129" in centroid_triton.triton_centroid_unavailable(q, q, 129)
     assert centroid_triton.triton_centroid_unavailable(q.float(), q.float(), 100) is None
+    wide = torch.zeros(1, 1, 4, 128)
+    assert centroid_triton.triton_centroid_unavailable(wide, wide, 100) is None  # fp32 at D = 128 as well
     assert "dtype" in centroid_triton.triton_centroid_unavailable(q.double(), q.double(), 100)
     assert "head dim 48" in centroid_triton.triton_centroid_unavailable(q[..., :48], q[..., :48], 100)

@@ -49,10 +49,10 @@ __all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "centroid_at
 
 MAX_CLUSTERS = 128  # all centroids of a (batch, head) in one tile
 LOG2E = 1.4426950408889634
-MAX_FP32_DIM = 64  # fp32 tiles of wider heads exceed shared memory in the backward
-# Launch settings: "keys" per step, warps per program and, for fp32 operands, the products'
-# input precision (see dot_precision). "fwd" / "bwd" serve fp16 / bf16, with "_d128" entries
-# for 128-wide heads and "_fp32" entries for fp32 operands. Half precision: 4 warps (earlier
+# Launch settings: "keys" per step, warps per program (and pipeline stages where given) and, for
+# fp32 operands, how the products are made ("split", or a tl.dot input precision, see _launch).
+# "fwd" / "bwd" serve fp16 / bf16 and "fwd_fp32" / "bwd_fp32" fp32, each with "_d128" entries
+# for 128-wide heads where those differ. Half precision: 4 warps (earlier
 # sessions); at D = 128 the backward is 1-5% faster with 8 (the backward spills registers
 # with 4, ~200 bytes per thread at D = 64 and 1.2 KB at 128; ptxas, Triton 3.6; at D = 64 the
 # two counts were within 3% either way; benchmarks/NOTES.md, tenth session). fp32: the
@@ -62,13 +62,19 @@ MAX_FP32_DIM = 64  # fp32 tiles of wider heads exceed shared memory in the backw
 # before TARGET_PROGRAMS' change below, the forward took 429 us with 64 keys and 536 with 32
 # (bf16x6: 784 with 16, its only setting that fits), the backward 1324 with 32 keys and 1805 with
 # 16 (bf16x6: 1849); with 4 warps the 64-key forward took 624 and the 32-key backward, which
-# spills, 1797 (benchmarks/centroid_fp32_sweep.py, run 1 of the twentieth session).
+# spills, 1797 (benchmarks/centroid_fp32_sweep.py, run 1 of the twentieth session). fp32 at
+# D = 128: one or two pipeline stages, for shared memory; the backward spills about 150 bytes per
+# thread at 16 keys, yet at 16k keys the forward took 690 us with 32 keys and the backward 2304
+# with 16, where the fp32 cuBLAS products they replace made the whole step 8.19 ms against 4.48
+# now (run 5, `--dim 128`).
 LAUNCH = {
     "fwd": {"num_warps": 4, "keys": 64},
     "bwd": {"num_warps": 4, "keys": 64},
     "bwd_d128": {"num_warps": 8, "keys": 64},
     "fwd_fp32": {"num_warps": 8, "keys": 64, "precision": "split"},
     "bwd_fp32": {"num_warps": 8, "keys": 32, "precision": "split"},
+    "fwd_fp32_d128": {"num_warps": 8, "keys": 32, "precision": "split", "num_stages": 1},
+    "bwd_fp32_d128": {"num_warps": 8, "keys": 16, "precision": "split", "num_stages": 1},
 }
 # At most this many programs per launch, two per SM of an H100 / H200 (132), so that a launch
 # ends in whole waves (rounding the programs per row up gave 288 for 32 rows, a last wave of 24:
@@ -83,8 +89,6 @@ def triton_centroid_unavailable(query: Tensor, value: Tensor, num_clusters: int)
     why = tiles_unavailable(query, value, "the Triton centroid attention kernels", fp32=True)
     if why is None and num_clusters > MAX_CLUSTERS:
         why = f"num_clusters {num_clusters} > {MAX_CLUSTERS}"
-    if why is None and query.dtype == torch.float32 and query.shape[-1] > MAX_FP32_DIM:
-        why = f"head dim {query.shape[-1]} in fp32 (fp32 tiles take head dims up to {MAX_FP32_DIM})"
     return why
 
 
@@ -244,10 +248,8 @@ if triton is not None:
 def _launch(kernel: str, dtype: torch.dtype, dim: int) -> dict:
     """Keyword arguments of ``kernel``'s (``"fwd"`` / ``"bwd"``) launch for operands of ``dtype``
     and head dim ``dim``, ``BLOCK_N``, ``PRECISION`` and ``SPLIT`` among them."""
-    if dtype == torch.float32:
-        options = dict(LAUNCH[f"{kernel}_fp32"])
-    else:
-        options = dict(LAUNCH.get(f"{kernel}_d{dim}", LAUNCH[kernel]))
+    base = f"{kernel}_fp32" if dtype == torch.float32 else kernel
+    options = dict(LAUNCH.get(f"{base}_d{dim}", LAUNCH[base]))
     options["BLOCK_N"] = options.pop("keys")
     precision = options.pop("precision", None)
     split = dtype == torch.float32 and precision == "split"

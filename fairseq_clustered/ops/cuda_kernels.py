@@ -8,7 +8,7 @@ centroid attention of C centroids against all S keys is small dense work done by
 PyTorch's flash-attention kernel (bf16/fp16, no key padding, no dropout), by the
 Triton kernels of :mod:`.centroid_triton` (key padding or dropout; and fp32, each
 product as six bf16 products of three-part splits), or, where neither applies (C > 128,
-head dims that are not powers of two, fp32 heads wider than 64), by fp32 cuBLAS products
+head dims that are not powers of two in 16..128), by fp32 cuBLAS products
 in chunks of (batch x head) rows that bound the scratch memory. The improved variant in
 fp16 / bf16 takes flash's algebra (the remainder from the centroids' full output) with the
 Triton kernels of :mod:`.improved_triton` for its top keys, with or without key padding and
