@@ -5,7 +5,8 @@ attention on ``ops/centroid_triton.py``'s kernels with each fp32 product built f
 tensor-core products: Triton's ``bf16x6`` (both operands split into three bf16 parts at
 every product) or ``split`` (the same six products of parts split by the kernel, the
 loop-invariant centroids and their gradients once, before the loop over the keys). For
-every combination of precision, keys per step and warps this prints the forward's and the
+every combination of precision, keys per step, warps, pipeline stages and the most programs
+of a launch (``centroid_triton.TARGET_PROGRAMS``) this prints the forward's and the
 backward's microseconds (graph replays, so without launch overhead; "-" where the setting
 does not compile, e.g. more shared memory than an SM has) and their largest errors against
 a float64 computation, beside those of the same computation in torch's fp32 (TF32 off),
@@ -15,7 +16,7 @@ the bar of the tests (an fp32 result may err at most twice as much)::
         --keys 16,32,64 --warps 4,8 --programs 132,264
     python benchmarks/centroid_fp32_sweep.py --dim 128 --precision split --keys 16,32 --warps 8 --stages 1,2
 
-rows = B * H = 32, C = 100 centroids, D = 64, no padding or dropout: the fp32 clustered op's
+rows = B * H = 32, C = 100 centroids, D = 64 (``--dim``), no padding or dropout: the fp32 clustered op's
 configuration of ``bench_attention.py``. Errors are relative to the largest magnitude of
 each float64 result.
 """
