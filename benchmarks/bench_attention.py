@@ -96,6 +96,11 @@ def parse_args():
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.dropout and args.causal:
         p.error("--dropout is for the non-causal methods (sdpa, flash, clustered, improved); leave out --causal")
+    if args.dropout and args.graph:
+        # torch refuses: the clustered ops draw their masks from a generator of their own, which
+        # a capture of the whole step cannot advance ("CUDA generator not in capture mode")
+        p.error("--graph (the step captured whole in a CUDA graph) does not take --dropout: the clustered ops' "
+                "dropout generator cannot be captured; leave out one of them")
     if args.clusters is None:
         args.clusters = causal_ops.DEFAULT_NUM_CLUSTERS if args.causal else 100
     return args

@@ -86,3 +86,13 @@ def test_gpu_benchmarks_need_a_gpu(script, session):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--lengths", "1024"],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
+
+
+def test_bench_attention_refuses_graph_with_dropout():
+    """benchmarks/bench_attention.py: ``--graph`` with ``--dropout`` is refused before any work, naming
+    both options (a whole-step capture cannot draw the clustered ops' dropout masks; torch raised
+    "CUDA generator not in capture mode" mid-run on the GPU, twentieth session)."""
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_attention.py"), "--device", "cpu",
+                             "--dropout", "0.1", "--graph", "--lengths", "256"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--graph" in result.stderr and "--dropout" in result.stderr
+
