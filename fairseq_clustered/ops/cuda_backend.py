@@ -76,20 +76,17 @@ def graph_cache():
 
 # What each CUDA implementation covers; everything else runs the reference on the GPU
 # with one warning naming the reason (see fairseq_clustered/ops/cuda_kernels.py).
+_CLUSTERED_COVERAGE = ("fp32/fp16/bf16, head dims <= 128; fp16/bf16: flash without padding or dropout, with them "
+                       "Triton on tensor cores; fp32: Triton on tensor cores, each product as six bf16 products "
+                       "(Triton: head dim a power of two 16..128, C <= 128); else fp32 cuBLAS")
 KERNEL_NOTES = {
     "hash_codes": "fp32/fp16/bf16, dim <= 800; on tensor cores (Triton) with a power-of-two dim 16..256 "
                   "(fp32: 16..128)",
     "lloyd_kmeans": ("num_clusters <= 6144, batch*heads <= 65535; nearest centroids by int8 tensor-core "
                      "products where C <= 128 on sm_80+ from 16k queries per row, else population counts"),
     "cluster_queries": "hash_codes then lloyd_kmeans in one composition (same coverage)",
-    "clustered_attention_fwd": "fp32/fp16/bf16, head dims <= 128; fp16/bf16: flash without padding or dropout, "
-                               "with them Triton on tensor cores (head dim a power of two 16..128, C <= 128); "
-                               "fp32: Triton on tensor cores with bf16x6 products (head dim a power of two "
-                               "16..64, C <= 128); else fp32 cuBLAS",
-    "clustered_attention_bwd": "fp32/fp16/bf16, head dims <= 128; fp16/bf16: flash without padding or dropout, "
-                               "with them Triton on tensor cores (head dim a power of two 16..128, C <= 128); "
-                               "fp32: Triton on tensor cores with bf16x6 products (head dim a power of two "
-                               "16..64, C <= 128); else fp32 cuBLAS",
+    "clustered_attention_fwd": _CLUSTERED_COVERAGE,
+    "clustered_attention_bwd": _CLUSTERED_COVERAGE,
     "improved_clustered_attention_fwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128; fp16/bf16: top keys "
                                         "and exact top-key products on tensor cores (Triton, top-k <= 128), the "
                                         "centroid attention by flash without padding or dropout, with them by "
