@@ -3,8 +3,11 @@
 fp32 inputs (which flash attention does not take) run the clustered variant's centroid
 attention on ``ops/centroid_triton.py``'s kernels with each fp32 product built from bf16
 tensor-core products: Triton's ``bf16x6`` (both operands split into three bf16 parts at
-every product) or ``split`` (the same six products of parts split by the kernel, the
-loop-invariant centroids and their gradients once, before the loop over the keys). For
+every product), ``split`` (the same six products of parts split by the kernel, the
+loop-invariant centroids and their gradients once, before the loop over the keys) or
+``fp16x3`` (two fp16 parts per operand, each tile scaled by a power of two into fp16's range,
+three products: 22 bits instead of 24; ``--value-scale`` / ``--grad-scale`` skew the inputs to
+check the scaling). For
 every combination of precision, keys per step, warps, pipeline stages and the most programs
 of a launch (``centroid_triton.TARGET_PROGRAMS``) this prints the forward's and the
 backward's microseconds (graph replays, so without launch overhead; "-" where the setting
@@ -15,6 +18,8 @@ the bar of the tests (an fp32 result may err at most twice as much)::
     python benchmarks/centroid_fp32_sweep.py --lengths 4096,16384 --precision bf16x6,split \\
         --keys 16,32,64 --warps 4,8 --programs 132,264
     python benchmarks/centroid_fp32_sweep.py --dim 128 --precision split --keys 16,32 --warps 8 --stages 1,2
+    python benchmarks/centroid_fp32_sweep.py --lengths 16384 --precision split,fp16x3 --keys 32 --warps 8 \
+        --value-scale 1e4 --grad-scale 1e-6
 
 rows = B * H = 32, C = 100 centroids, D = 64 (``--dim``), no padding or dropout: the fp32 clustered op's
 configuration of ``bench_attention.py``. Errors are relative to the largest magnitude of
@@ -61,13 +66,17 @@ def main():
                         help="values of centroid_triton.TARGET_PROGRAMS (the most programs of a launch)")
     parser.add_argument("--clusters", type=int, default=100)
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--value-scale", type=float, default=1.0,
+                        help="multiplies the values (skewed inputs: the kernels' fp16 splits scale their operands)")
+    parser.add_argument("--grad-scale", type=float, default=1.0, help="multiplies the gradient of Vbar")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("centroid_fp32_sweep.py needs a CUDA GPU (it times kernels there)")
     torch.backends.cuda.matmul.allow_tf32 = False
     batch, heads, dim, scale = 4, 8, args.dim, args.dim ** -0.5
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; rows={batch * heads} C={args.clusters} "
-          f"D={dim} fp32; errors relative to float64's largest magnitude")
+          f"D={dim} fp32, values x {args.value_scale:g}, gradient x {args.grad_scale:g}; errors relative to "
+          "float64's largest magnitude")
     print(f"{'N':>6} {'precision':>9} {'keys':>4} {'warps':>5} {'stages':>6} {'progs':>5} {'fwd us':>7} {'bwd us':>7}  "
           + "  ".join(f"{name:>8}" for name in NAMES))
     # the entries the kernels of this head dim read (centroid_triton._launch)
@@ -82,6 +91,7 @@ def main():
                           for _ in range(2))
             key, value = (torch.randn(batch, heads, length, dim, device="cuda", generator=generator)
                           for _ in range(2))
+            value, grad = value * args.value_scale, grad * args.grad_scale
             oracle = exact(qbar, key, value, grad, scale, torch.float64)
             fp32 = errors(exact(qbar, key, value, grad, scale, torch.float32), oracle)
             print(f"{length:>6} {'torch':>9} {'':>4} {'':>5} {'':>6} {'':>5} {'':>7} {'':>7}  "

@@ -131,6 +131,27 @@ def test_log_sum_exp_term_in_the_same_pass(dtype, keys, num_clusters):
 
 
 @runs_here
+@pytest.mark.parametrize("value_scale,grad_scale", [(1.0, 1.0), (1e4, 1e-6), (1e-4, 1e3)])
+def test_fp32_from_scaled_fp16_parts(monkeypatch, value_scale, grad_scale):
+    """fp32 through the "fp16x3" products (two fp16 parts per operand, each tile scaled by a power of
+    two into fp16's range; three products): within the fp32 tolerance of the float64 brute force
+    for values and gradients far outside fp16's range (1e4 x 1e-6: without the scaling the
+    gradients' low parts would fall below fp16's subnormals, and the values' products overflow)."""
+    for name in ("fwd_fp32", "bwd_fp32"):
+        monkeypatch.setitem(centroid_triton.LAUNCH, name, dict(centroid_triton.LAUNCH[name], precision="fp16x3"))
+    assert centroid_triton._launch("bwd", torch.float32, 32)["PARTS"] == 2
+    qbar, key, value, padding, keep, grad = problem(1100, 32, 100, torch.float32, True, 0.1, seed=3)
+    value, grad = value * value_scale, grad * grad_scale
+    scale = 32 ** -0.5
+    values, lse = centroid_triton.centroid_attention_fwd(qbar, key, value, padding, keep, scale, 0.1)
+    ref_values, _, ref_grads = brute_force(qbar, key, value, padding, keep, 0.1, scale, grad)
+    dq, dk, dv = centroid_triton.centroid_attention_bwd(grad, values, qbar, key, value, padding, keep, lse, scale, 0.1)
+    for name, actual, expected in zip(("values", "dqbar", "dk", "dv"), (values, dq, dk, dv), (ref_values, *ref_grads)):
+        err = (actual.double().reshape(expected.shape) - expected).abs().max().item()
+        assert err <= TOLERANCE[torch.float32] * expected.abs().max().item(), f"{name}: max error {err}"
+
+
+@runs_here
 def test_bit_reproducible():
     qbar, key, value, padding, keep, grad = problem(300, 32, 20, DTYPES[0], True, 0.2, seed=1)
     runs = []

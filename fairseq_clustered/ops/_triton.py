@@ -34,11 +34,36 @@ if triton is not None:
         mid = remainder.to(dtype)
         lo = (remainder - mid.to(tl.float32)).to(dtype)
         return hi, mid, lo
+
+    @triton.jit
+    def power_of_two_scale(largest):
+        """``(scale, inverse)``: powers of two (so that scaling is exact) with ``largest * scale`` in
+        ``[2^14, 2^15)`` for a largest magnitude ``largest`` (fp32 scalar): the top of fp16's range,
+        far above its subnormals. Taken from the exponent bits, clamped so that both are normal fp32
+        (a zero or tiny ``largest`` gets the largest scale, 2^126)."""
+        exponent = (largest.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        exponent = tl.minimum(tl.maximum(exponent, 15), 254)
+        scale = ((268 - exponent) << 23).to(tl.float32, bitcast=True)  # 2^(141 - e), e the biased exponent
+        inverse = ((exponent - 14) << 23).to(tl.float32, bitcast=True)  # 2^(e - 141)
+        return scale, inverse
+
+    @triton.jit
+    def two_scaled_parts(x):
+        """fp32 ``x`` as ``(hi, lo, inverse)``: fp16 parts of ``x * scale``, ``scale`` the power of
+        two of :func:`power_of_two_scale` for the tile's largest magnitude, and ``inverse = 1 / scale``.
+        ``hi + lo`` keeps 22 of ``x``'s bits (2 x 11) where fp16's exponent range alone (5 bits) would
+        lose the small ones; products of the parts, summed in fp32 and times the inverses, stand in
+        for fp32 products to about 2^-21 of their largest terms."""
+        scale, inverse = power_of_two_scale(tl.max(tl.abs(x)))
+        scaled = x * scale
+        hi = scaled.to(tl.float16)
+        lo = (scaled - hi.to(tl.float32)).to(tl.float16)
+        return hi, lo, inverse
 else:  # pragma: no cover - depends on the install
-    safe_max = three_parts = None
+    safe_max = three_parts = power_of_two_scale = two_scaled_parts = None
 
 __all__ = ["triton", "tl", "MISSING", "power_of_two_in", "tiles_unavailable", "dot_precision",
-           "interpreted", "mask_bytes", "safe_max", "three_parts"]
+           "interpreted", "mask_bytes", "safe_max", "three_parts", "power_of_two_scale", "two_scaled_parts"]
 
 MIN_TILE = 16  # tl.dot's smallest tile
 

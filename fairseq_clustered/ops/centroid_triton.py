@@ -13,7 +13,12 @@ to fp32's accuracy at tensor-core speed. The kernels split the operands themselv
 (``_operand``), so the loop-invariant centroids and their gradients are split once per
 program; Triton's own ``bf16x6`` split both operands at every product and took 1.4-1.8x
 longer (twentieth session). (Triton's ``tf32x3`` needs more shared memory in the backward
-than an SM has.)
+than an SM has.) A cheaper split is measured but not the default: two fp16 parts per operand
+(``LAUNCH`` precision ``"fp16x3"``), each tile scaled by a power of two into fp16's range, and
+three products instead of six. It keeps 22 of fp32's 24 bits: at 32 rows and 16k keys its
+backward took 725 us against 1000 and its forward 264 against 344, but its key gradients erred
+up to 2.2x as much as torch's fp32 products (1.8e-6 against 8.3e-7 of the largest), past the 2x
+the tests allow an fp32 kernel (benchmarks/NOTES.md, twenty-first session).
 
 With ``A_j = softmax_l(scale qbar_j . k_l)`` over the unpadded keys and the keep mask
 ``z_jl = keep_jl / (1 - p)`` of the clustered op (one dropout mask per centroid row, shared
@@ -43,7 +48,7 @@ import torch
 from torch import Tensor
 
 from ._triton import (MIN_TILE, dot_precision, interpreted, mask_bytes, safe_max, three_parts, tiles_unavailable,
-                      tl, triton)
+                      tl, triton, two_scaled_parts)
 
 __all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "centroid_attention_bwd", "gradient_like"]
 
@@ -76,6 +81,8 @@ LAUNCH = {
     "fwd_fp32_d128": {"num_warps": 8, "keys": 32, "precision": "split", "num_stages": 1},
     "bwd_fp32_d128": {"num_warps": 8, "keys": 16, "precision": "split", "num_stages": 1},
 }
+# The fp32 splits the kernels make themselves: "precision" -> parts per operand (see _operand).
+SPLITS = {"split": 3, "fp16x3": 2}
 # At most this many programs per launch, two per SM of an H100 / H200 (132), so that a launch
 # ends in whole waves (rounding the programs per row up gave 288 for 32 rows, a last wave of 24:
 # the fp32 backward at 16k took 1997 us against 1504, the bf16 one 357 against 249, twentieth
@@ -128,32 +135,45 @@ if triton is not None:
                 clusters < num_clusters, tl.arange(0, DIM))
 
     @triton.jit
-    def _operand(x, SPLIT: tl.constexpr):
-        """``x`` as an operand of :func:`_product`: where ``SPLIT`` is a dtype (fp32 ``x``), its three
-        parts of that dtype, else (None) ``x`` itself, three times (:func:`_product` uses the
-        first). Loop-invariant operands are split once, before the loop over the keys."""
+    def _operand(x, SPLIT: tl.constexpr, PARTS: tl.constexpr):
+        """``x`` as an operand of :func:`_product`: ``(part, part, part, inverse scale)``. Where ``SPLIT``
+        is a dtype (fp32 ``x``): with ``PARTS`` 3 its three parts of that dtype (bf16) and 1; with 2
+        its two fp16 parts scaled by a power of two into fp16's range (the third repeats the second,
+        unused) and that power's inverse. Else (None) ``x`` itself, three times, and 1 (:func:`_product`
+        uses the first). Loop-invariant operands are split once, before the loop over the keys."""
         if SPLIT is not None:
-            return three_parts(x, SPLIT)
+            if PARTS == 3:
+                hi, mid, lo = three_parts(x, SPLIT)
+                return hi, mid, lo, 1.0
+            else:
+                hi, lo, inverse = two_scaled_parts(x)
+                return hi, lo, lo, inverse
         else:
-            return x, x, x
+            return x, x, x, 1.0
 
     @triton.jit
     def _transposed(parts):
         """The transpose of an operand from :func:`_operand`, part by part."""
-        return tl.trans(parts[0]), tl.trans(parts[1]), tl.trans(parts[2])
+        return tl.trans(parts[0]), tl.trans(parts[1]), tl.trans(parts[2]), parts[3]
 
     @triton.jit
-    def _product(a, b, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-        """``a @ b`` in fp32 for operands from :func:`_operand`. Split, the six largest of the nine
-        products of the parts on tensor cores, the smallest first (the three dropped are below
-        fp32's rounding); else one ``tl.dot`` at ``PRECISION``."""
+    def _product(a, b, SPLIT: tl.constexpr, PARTS: tl.constexpr, PRECISION: tl.constexpr):
+        """``a @ b`` in fp32 for operands from :func:`_operand`. Three parts: the six largest of the
+        nine products of the parts on tensor cores, the smallest first (the three dropped are below
+        fp32's rounding). Two scaled parts: the three largest of the four, times both inverse scales
+        (the dropped ``lo x lo`` is 2^-22 of the product). Else one ``tl.dot`` at ``PRECISION``."""
         if SPLIT is not None:
-            total = tl.dot(a[2], b[0])
-            total = tl.dot(a[0], b[2], total)
-            total = tl.dot(a[1], b[1], total)
-            total = tl.dot(a[1], b[0], total)
-            total = tl.dot(a[0], b[1], total)
-            return tl.dot(a[0], b[0], total)
+            if PARTS == 3:
+                total = tl.dot(a[2], b[0])
+                total = tl.dot(a[0], b[2], total)
+                total = tl.dot(a[1], b[1], total)
+                total = tl.dot(a[1], b[0], total)
+                total = tl.dot(a[0], b[1], total)
+                return tl.dot(a[0], b[0], total)
+            else:
+                total = tl.dot(a[1], b[0])
+                total = tl.dot(a[0], b[1], total)
+                return tl.dot(a[0], b[0], total) * (a[3] * b[3])
         else:
             return tl.dot(a[0], b[0], input_precision=PRECISION)
 
@@ -163,14 +183,14 @@ if triton is not None:
                              stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                              DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
                              PADDED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                             SPLIT: tl.constexpr):
+                             SPLIT: tl.constexpr, PARTS: tl.constexpr):
         """QBAR: (rows, C, DIM) in the key dtype; OUT: (rows, programs, C, DIM) fp32 partial outputs
         (normalised by their own sums); LSE2: (rows, programs, C) fp32 partial log-sum-exps in
         base 2 (-inf where the range has no valid key)."""
         row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM)
         q = tl.load(QBAR + (row * num_clusters + clusters)[:, None] * DIM + dims[None, :],
                     mask=cluster_ok[:, None], other=0.0)
-        q = _operand(q, SPLIT)
+        q = _operand(q, SPLIT, PARTS)
         running_max = tl.full((BLOCK_C,), float("-inf"), tl.float32)
         running_sum = tl.zeros((BLOCK_C,), tl.float32)
         acc = tl.zeros((BLOCK_C, DIM), tl.float32)
@@ -180,15 +200,16 @@ if triton is not None:
             k, v, valid, keep = _key_tile(K, V, KEY_PADDING, KEEP, b, h, row, first, stop, clusters, cluster_ok,
                                           num_clusters, keys, stride_kb, stride_kh, stride_ks, stride_vb,
                                           stride_vh, stride_vs, DIM, BLOCK_N, PADDED, DROPOUT)
-            logits = _product(q, _operand(tl.trans(k), SPLIT), SPLIT, PRECISION) * qk_scale  # log2 domain
+            logits = _product(q, _operand(tl.trans(k), SPLIT, PARTS), SPLIT, PARTS,
+                              PRECISION) * qk_scale  # log2 domain
             logits = tl.where(valid[None, :], logits, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(logits, 1))
             subtracted = safe_max(new_max)
             probs = tl.exp2(logits - subtracted[:, None])
             rescale = tl.exp2(running_max - subtracted)
             running_sum = running_sum * rescale + tl.sum(probs, 1)
-            acc = acc * rescale[:, None] + _product(_operand((probs * keep).to(v.dtype), SPLIT), _operand(v, SPLIT),
-                                                    SPLIT, PRECISION)
+            acc = acc * rescale[:, None] + _product(_operand((probs * keep).to(v.dtype), SPLIT, PARTS),
+                                                    _operand(v, SPLIT, PARTS), SPLIT, PARTS, PRECISION)
             running_max = new_max
         nonempty = running_sum > 0
         out = acc / tl.where(nonempty, running_sum, 1.0)[:, None] * drop_scale
@@ -205,7 +226,7 @@ if triton is not None:
                              stride_gkb, stride_gkh, stride_gks, stride_gvb, stride_gvh, stride_gvs,
                              DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
                              PADDED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                             SPLIT: tl.constexpr):
+                             SPLIT: tl.constexpr, PARTS: tl.constexpr):
         """QBAR, GRAD: (rows, C, DIM) in the key dtype (GRAD: the gradient of Vbar); DELTA: (rows, C)
         fp32 ``GRAD . Vbar``; LSE2: (rows, C) fp32 log-sum-exps in base 2 (+inf for rows without
         a valid key);
@@ -215,7 +236,7 @@ if triton is not None:
         centroid_rows = (row * num_clusters + clusters)[:, None] * DIM + dims[None, :]
         q = tl.load(QBAR + centroid_rows, mask=cluster_ok[:, None], other=0.0)
         g = tl.load(GRAD + centroid_rows, mask=cluster_ok[:, None], other=0.0)
-        q, g = _operand(q, SPLIT), _operand(g, SPLIT)
+        q, g = _operand(q, SPLIT, PARTS), _operand(g, SPLIT, PARTS)
         lse2 = tl.load(LSE2 + row * num_clusters + clusters, mask=cluster_ok, other=float("inf"))
         delta = tl.load(DELTA + row * num_clusters + clusters, mask=cluster_ok, other=0.0)
         grad_q = tl.zeros((BLOCK_C, DIM), tl.float32)
@@ -225,14 +246,15 @@ if triton is not None:
             k, v, valid, keep = _key_tile(K, V, KEY_PADDING, KEEP, b, h, row, first, stop, clusters, cluster_ok,
                                           num_clusters, keys, stride_kb, stride_kh, stride_ks, stride_vb,
                                           stride_vh, stride_vs, DIM, BLOCK_N, PADDED, DROPOUT)
-            logits = _product(q, _operand(tl.trans(k), SPLIT), SPLIT, PRECISION) * qk_scale
+            logits = _product(q, _operand(tl.trans(k), SPLIT, PARTS), SPLIT, PARTS, PRECISION) * qk_scale
             probs = tl.where(valid[None, :], tl.exp2(logits - lse2[:, None]), 0.0)  # A, (C, BLOCK_N)
             kept = probs * keep * drop_scale  # A z
-            grad_probs = _product(g, _operand(tl.trans(v), SPLIT), SPLIT, PRECISION) * keep * drop_scale  # z g . v
-            grad_logits = _operand((probs * (grad_probs - delta[:, None])).to(k.dtype), SPLIT)
-            grad_v = _product(_operand(tl.trans(kept.to(k.dtype)), SPLIT), g, SPLIT, PRECISION)
-            grad_k = _product(_transposed(grad_logits), q, SPLIT, PRECISION) * scale
-            grad_q += _product(grad_logits, _operand(k, SPLIT), SPLIT, PRECISION)
+            grad_probs = _product(g, _operand(tl.trans(v), SPLIT, PARTS), SPLIT, PARTS,
+                                  PRECISION) * keep * drop_scale  # z g . v
+            grad_logits = _operand((probs * (grad_probs - delta[:, None])).to(k.dtype), SPLIT, PARTS)
+            grad_v = _product(_operand(tl.trans(kept.to(k.dtype)), SPLIT, PARTS), g, SPLIT, PARTS, PRECISION)
+            grad_k = _product(_transposed(grad_logits), q, SPLIT, PARTS, PRECISION) * scale
+            grad_q += _product(grad_logits, _operand(k, SPLIT, PARTS), SPLIT, PARTS, PRECISION)
             offs = first + tl.arange(0, BLOCK_N)
             in_range = (offs < stop)[:, None]
             tl.store(GRAD_K + b * stride_gkb + h * stride_gkh + offs[:, None] * stride_gks + dims[None, :],
@@ -252,11 +274,12 @@ def _launch(kernel: str, dtype: torch.dtype, dim: int) -> dict:
     options = dict(LAUNCH.get(f"{base}_d{dim}", LAUNCH[base]))
     options["BLOCK_N"] = options.pop("keys")
     precision = options.pop("precision", None)
-    split = dtype == torch.float32 and precision == "split"
-    # The parts are bf16 (fp32's exponent range). Triton's interpreter multiplies bf16 tiles
+    split = dtype == torch.float32 and precision in SPLITS
+    # "split": three bf16 parts (fp32's exponent range). Triton's interpreter multiplies bf16 tiles
     # wrongly (their raw bits, Triton 3.9), so there they are fp16: the same six products, for
-    # the CPU tests of inputs well inside fp16's range.
-    options["SPLIT"] = (tl.float16 if interpreted() else tl.bfloat16) if split else None
+    # the CPU tests of inputs well inside fp16's range. "fp16x3": two fp16 parts, scaled.
+    options["PARTS"] = SPLITS.get(precision, 3)
+    options["SPLIT"] = (tl.float16 if interpreted() or options["PARTS"] == 2 else tl.bfloat16) if split else None
     options["PRECISION"] = dot_precision(dtype, None if split else precision)
     return options
 
