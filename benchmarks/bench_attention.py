@@ -175,17 +175,19 @@ def host_profile(name, fn, steps=10):
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3 / steps
     profiler = cProfile.Profile()
+    profiled_steps = 20 * steps  # cProfile prints whole milliseconds: enough steps to see microseconds per step
     profiler.enable()
-    for _ in range(steps):
+    for _ in range(profiled_steps):
         fn()
     profiler.disable()
     torch.cuda.synchronize()
     text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
-    print(f"  host profile {name}: {issue_ms:.3f} ms to issue a step, {wall_ms:.3f} ms per step with its GPU work")
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    print(f"  host profile {name}: {issue_ms:.3f} ms to issue a step, {wall_ms:.3f} ms per step with its GPU work; "
+          f"cProfile over {profiled_steps} steps (seconds in all: each ms is {1e3 / profiled_steps:g} us per step):")
     lines = text.getvalue().splitlines()
     start_at = next((i for i, line in enumerate(lines) if "ncalls" in line), 0)
-    for line in lines[start_at:start_at + 19]:
+    for line in lines[start_at:start_at + 31]:
         print("    " + line[:150])
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()

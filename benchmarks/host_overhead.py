@@ -85,18 +85,17 @@ def layers(variant: str, q, k, v, planes, args):
     if variant == "causal":
         fwd_args = (q.detach(), k.detach(), v.detach(), None, planes, offsets, args.window, args.clusters,
                     args.iterations, args.bits, scale)
-        saved = cuda_ops.causal_fwd(*fwd_args)
+        cuda_ops.causal_fwd(*fwd_args)
 
         def compositions():
             out, lse, sk, sv, counts, clusters = cuda_ops.causal_fwd(*fwd_args)
             cuda_ops.causal_bwd(grad, q.detach(), k.detach(), v.detach(), clusters, out, lse, sk, sv, counts,
                                 args.window, args.clusters, scale)
         fwd_name, bwd_name = "causal_clustered_attention_fwd", "causal_clustered_attention_bwd"
-        bwd_tensors = [grad, q.detach(), k.detach(), v.detach(), saved[5], *saved[:5]]
     else:
         fwd_args = (False, q.detach(), k.detach(), v.detach(), planes, offsets, None, args.iterations, args.bits,
                     None, None, args.clusters, scale, 0.0)
-        saved = cuda_ops.fwd_with_clustering(*fwd_args)
+        cuda_ops.fwd_with_clustering(*fwd_args)
 
         # as ops/eager.py's ClusteredAttention: the backward from what the forward kept
         query_layout = (q.shape, custom_ops.dense_strides_like(q, q.shape[-1]), q.dtype)
@@ -106,13 +105,23 @@ def layers(variant: str, q, k, v, planes, args):
             cuda_ops.clustered_bwd_kept(grad, *query_layout, k.detach(), v.detach(), assignments, None, None, lse,
                                         centroids, *kept, args.clusters, scale, 0.0)
         fwd_name, bwd_name = "clustered_attention_fwd_with_clustering", "clustered_attention_bwd_kept"
-        out, lse, centroids, assignments, *kept = saved
-        bwd_tensors = [grad, k.detach(), v.detach(), assignments, lse, centroids, *kept]
-    compositions()
-    compositions()
     cache = cuda_ops.graphs
+    compositions()
+    # the tensors each composition hands the cache (outputs it fills included), as its replays take them
+    seen = {}
+    real_run = cache.run
+
+    def recording_run(name, fn, call_args, filled=()):
+        seen[name] = list(call_args)
+        return real_run(name, fn, call_args, filled)
+
+    cache.run = recording_run
+    try:
+        compositions()
+    finally:
+        del cache.run  # the class's method again
     fwd_entry, bwd_entry = latest_entry(cache, fwd_name), latest_entry(cache, bwd_name)
-    fwd_tensors = [a for a in fwd_args if isinstance(a, torch.Tensor)]
+    fwd_tensors, bwd_tensors = ([a for a in seen[name] if isinstance(a, torch.Tensor)] for name in (fwd_name, bwd_name))
 
     in_place = graph_cache.settings().inputs_in_place
 
@@ -123,6 +132,23 @@ def layers(variant: str, q, k, v, planes, args):
     def bare_replays():
         fwd_entry.graph.replay()
         bwd_entry.graph.replay()
+
+    # A step's forward writes a new output tensor each time, so its graph's kernels are pointed at a
+    # new address before each replay (GraphInputs); these alternate between two outputs.
+    other_output = [torch.empty_like(t) if i == 0 else t for i, t in enumerate(fwd_tensors)]
+    toggle = [fwd_tensors, other_output]
+
+    def forward_replays_new_output():
+        toggle.reverse()
+        cache._replay(fwd_entry, toggle[0], in_place)
+
+    def forward_replays_same_output():
+        cache._replay(fwd_entry, fwd_tensors, in_place)
+
+    def forward_pointing_only():
+        toggle.reverse()
+        if fwd_entry.inputs is not None:
+            fwd_entry.inputs.point_at(fwd_entry.executable, [t.data_ptr() for t in toggle[0]])
 
     def copies():
         cache._copy_into(fwd_entry.static_tensors, fwd_tensors)
@@ -151,11 +177,10 @@ def layers(variant: str, q, k, v, planes, args):
         Trivial.apply(q, k, v).backward(grad)
 
     memo = {}
-    real_run = cache.run
 
-    def memo_run(name, fn, call_args):
+    def memo_run(name, fn, call_args, filled=()):
         if name not in memo:
-            memo[name] = real_run(name, fn, call_args)
+            memo[name] = real_run(name, fn, call_args, filled)
         return memo[name]
 
     def python_only():
@@ -163,16 +188,20 @@ def layers(variant: str, q, k, v, planes, args):
         try:
             step()
         finally:
-            cache.run = real_run
+            del cache.run
 
     def cache_keys():
-        for name, call_args in ((fwd_name, fwd_args), (bwd_name, bwd_tensors)):
+        for name in (fwd_name, bwd_name):
+            call_args = seen[name]
             graph_cache._signature(name, call_args)
             graph_cache.settings()
 
     return [("step: public function + backward", step), ("forward only, no_grad", forward_no_grad),
             ("compositions called directly (no autograd)", compositions),
             ("graph cache replays (copies in/out, replay)", replays), ("bare graph replays", bare_replays),
+            ("forward replay, the same output tensor", forward_replays_same_output),
+            ("forward replay, a new output tensor", forward_replays_new_output),
+            ("forward: pointing the graph at a new output only", forward_pointing_only),
             ("copies in and out only", copies), ("cache keys + settings only", cache_keys),
             ("step with the compositions memoised (Python only)", python_only),
             ("autograd alone (a Function doing nothing)", autograd_only)], \
@@ -191,9 +220,9 @@ def timeline(variant: str, step, steps: int = 60):
     stamps = []
 
     def stamped(label, fn):
-        def wrapper(*call_args):
+        def wrapper(*call_args, **kwargs):
             stamps.append((f"{label} in", time.perf_counter()))
-            result = fn(*call_args)
+            result = fn(*call_args, **kwargs)
             stamps.append((f"{label} out", time.perf_counter()))
             return result
         return wrapper
@@ -203,6 +232,7 @@ def timeline(variant: str, step, steps: int = 60):
     function.backward = staticmethod(stamped("backward", function.backward))
     for method in (forward_method, backward_method):
         setattr(cuda_ops, method, stamped(method, getattr(cuda_ops, method)))
+    cuda_ops.graphs.run = stamped("run", cuda_ops.graphs.run)
     cuda_ops.graphs._replay = stamped("replay", cuda_ops.graphs._replay)
     segments = {}
     try:
@@ -221,8 +251,10 @@ def timeline(variant: str, step, steps: int = 60):
     finally:
         function.backward = raw_backward
         del function.apply  # the inherited classmethod again
-        for name in (forward_method, backward_method, "_replay"):
-            delattr(cuda_ops if name != "_replay" else cuda_ops.graphs, name)
+        for name in (forward_method, backward_method):
+            delattr(cuda_ops, name)
+        for name in ("run", "_replay"):
+            delattr(cuda_ops.graphs, name)
     print(f"  timeline of a {variant} step (synchronised before each step), median us:")
     for label, values in segments.items():
         print(f"    {label:60s} {statistics.median(values):8.1f}")
@@ -254,11 +286,19 @@ def single_calls(q):
     torch.cuda.current_stream().wait_stream(stream)
     with torch.cuda.graph(graph):
         small.add_(1)
+    # the replay's CPU time against the graph's kernel count (a composition's graph holds tens)
+    chains = {}
+    for kernels in (10, 50, 100):
+        chains[kernels] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(chains[kernels]):
+            for _ in range(kernels):
+                small.add_(1)
     return [("small kernel (add_)", lambda: small.add_(1)),
             ("empty_like of q", lambda: torch.empty_like(q)),
             ("_foreach_copy_ of one small tensor", lambda: torch._foreach_copy_([small], [other])),
             ("copy_ of one small tensor", lambda: small.copy_(other)),
             ("replay of a one-kernel graph", graph.replay),
+            *((f"replay of a {n}-kernel graph", chain.replay) for n, chain in chains.items()),
             ("current_stream().cuda_stream", lambda: torch.cuda.current_stream(q.device).cuda_stream),
             ("_cuda_getCurrentRawStream", lambda: torch._C._cuda_getCurrentRawStream(q.device.index)),
             ("q.view(torch.uint8)", lambda: q.view(torch.uint8)),
