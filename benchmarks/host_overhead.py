@@ -93,18 +93,18 @@ def layers(variant: str, q, k, v, planes, args):
                                 args.window, args.clusters, scale)
         fwd_name, bwd_name = "causal_clustered_attention_fwd", "causal_clustered_attention_bwd"
     else:
-        fwd_args = (False, q.detach(), k.detach(), v.detach(), planes, offsets, None, args.iterations, args.bits,
-                    None, None, args.clusters, scale, 0.0)
-        cuda_ops.fwd_with_clustering(*fwd_args)
+        fwd_args = (q.detach(), k.detach(), v.detach(), planes, offsets, None, args.iterations, args.bits, None, None,
+                    args.clusters, scale, 0.0)
+        cuda_ops.clustered_fwd_packed(*fwd_args)
 
         # as ops/eager.py's ClusteredAttention: the backward from what the forward kept
         query_layout = (q.shape, custom_ops.dense_strides_like(q, q.shape[-1]), q.dtype)
 
         def compositions():
-            out, lse, centroids, assignments, *kept = cuda_ops.fwd_with_clustering(*fwd_args)
-            cuda_ops.clustered_bwd_kept(grad, *query_layout, k.detach(), v.detach(), assignments, None, None, lse,
-                                        centroids, *kept, args.clusters, scale, 0.0)
-        fwd_name, bwd_name = "clustered_attention_fwd_with_clustering", "clustered_attention_bwd_kept"
+            out, packed, layout = cuda_ops.clustered_fwd_packed(*fwd_args)
+            cuda_ops.clustered_bwd_packed(grad, *query_layout, k.detach(), v.detach(), packed, layout, None, None,
+                                          args.clusters, scale, 0.0)
+        fwd_name, bwd_name = "clustered_attention_fwd_packed", "clustered_attention_bwd_packed"
     cache = cuda_ops.graphs
     compositions()
     # the tensors each composition hands the cache (outputs it fills included), as its replays take them
@@ -135,7 +135,8 @@ def layers(variant: str, q, k, v, planes, args):
 
     # A step's forward writes a new output tensor each time, so its graph's kernels are pointed at a
     # new address before each replay (GraphInputs); these alternate between two outputs.
-    other_output = [torch.empty_like(t) if i == 0 else t for i, t in enumerate(fwd_tensors)]
+    written = next(iter(fwd_entry.filled_outputs.values()), 0)  # the output's tensor (the causal variant: q)
+    other_output = [torch.empty_like(t) if i == written else t for i, t in enumerate(fwd_tensors)]
     toggle = [fwd_tensors, other_output]
 
     def forward_replays_new_output():
@@ -215,8 +216,8 @@ def timeline(variant: str, step, steps: int = 60):
     and backward, the compositions inside them, and the graph cache's replays inside those."""
     cuda_ops = cuda_backend.cuda_ops()
     function = {"clustered": ops.eager.ClusteredAttention, "causal": ops.eager.CausalClusteredAttention}[variant]
-    forward_method = {"clustered": "fwd_with_clustering", "causal": "causal_fwd"}[variant]
-    backward_method = {"clustered": "clustered_bwd_kept", "causal": "causal_bwd"}[variant]
+    forward_method = {"clustered": "clustered_fwd_packed", "causal": "causal_fwd"}[variant]
+    backward_method = {"clustered": "clustered_bwd_packed", "causal": "causal_bwd"}[variant]
     stamps = []
 
     def stamped(label, fn):

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from fairseq_clustered.ops import _triton, centroid_triton, custom_ops, reference
-from fairseq_clustered.ops.cuda_kernels import CudaOps, _segments
+from fairseq_clustered.ops.cuda_kernels import CudaOps, _segments, kept_layout
 
 SANITIZE = os.environ.get("FCL_SANITIZE") == "1"
 
@@ -431,10 +431,12 @@ def test_results_in_the_inputs_layout_cpu(monkeypatch, path):
                     reason="the Triton centroid kernels run on CPU tensors only in Triton's interpreter")
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_backward_from_the_kept_forward_parts_cpu(monkeypatch, dropout):
-    """The eager backward from what the forward kept (each cluster's output and the sort:
-    ``clustered_bwd_kept``) equals the op's backward from the queries and the output, bit for bit,
-    with padded queries and empty clusters; run over the CPU stand-in of the extension, the
-    centroid attention in Triton's interpreter (the GPU's kernel path for key padding / dropout)."""
+    """The eager backward from what the forward kept, packed in one buffer (each cluster's output,
+    the sort, the log-sum-exps, centroids and assignments: ``clustered_bwd_packed``), equals the op's
+    backward from the queries and the output, bit for bit, with padded queries and empty clusters
+    (the buffer gives back exactly what was packed). Run over the CPU
+    stand-in of the extension, the centroid attention in Triton's interpreter (the GPU's kernel path
+    for key padding / dropout)."""
     from fairseq_clustered.ops import centroid_triton
     ops = CudaOps(EmulatedExtension())
     monkeypatch.setattr(ops, "_centroid_triton_ok",  # on CUDA tensors only, otherwise
@@ -448,11 +450,38 @@ def test_backward_from_the_kept_forward_parts_cpu(monkeypatch, dropout):
         q, k, v, a, kmask, keep, 9, 0.25, dropout)
     assert ops._centroid_triton_ok(q, v, 9)
     expected = ops.clustered_bwd(grad, q, k, v, a, kmask, keep, out, lse, centroids, 9, 0.25, dropout)
-    got = ops.clustered_bwd_kept(grad, q.shape, custom_ops.dense_strides_like(q, 16), q.dtype, k, v, a, kmask, keep,
-                                 lse, centroids, cluster_outputs, order, seg_start, 9, 0.25, dropout)
+    layout = kept_layout(q, v, 9)
+    packed = torch.full((layout.nbytes,), 0xFF, dtype=torch.uint8)
+    kept = (lse, centroids, cluster_outputs, order, seg_start, a)
+    ops._pack(packed, layout, kept)
+    assert all(torch.equal(x, y) for x, y in zip(layout.views(packed), kept))
+    got = ops.clustered_bwd_packed(grad, q.shape, custom_ops.dense_strides_like(q, 16), q.dtype, k, v, packed, layout,
+                                   kmask, keep, 9, 0.25, dropout)
     for name, x, y in zip(("dq", "dk", "dv"), got, expected):
         assert torch.equal(x, y), name
     assert got[0].stride() == q.stride()
+
+
+def test_kept_tensors_packed_cpu():
+    """The clustered forward's kept tensors in one buffer: each on a 16-byte boundary, read back
+    exactly, every other byte zero (a graph's filled buffer is compared byte for byte with the eager
+    result); a tensor that does not fit its place is refused, not copied."""
+    ops = CudaOps(EmulatedExtension())
+    q, v = torch.zeros(1, 3, 37, 16, dtype=torch.bfloat16), torch.zeros(1, 3, 37, 8, dtype=torch.bfloat16)
+    layout = kept_layout(q, v, 9)  # 3 rows: 27 log-sum-exps (108 bytes), 3 x 37 int64 ids (888 bytes)
+    assert all(offset % 16 == 0 for _, _, offset in layout.entries) and layout.nbytes % 16 == 0
+    gen = torch.Generator().manual_seed(0)
+    kept = [(torch.randn(shape, generator=gen) * 100).to(dtype) for dtype, shape, _ in layout.entries]
+    packed = torch.full((layout.nbytes,), 0xFF, dtype=torch.uint8)
+    ops._pack(packed, layout, kept)
+    views = layout.views(packed)
+    assert [(x.dtype, tuple(x.shape)) for x in views] == [(dtype, shape) for dtype, shape, _ in layout.entries]
+    assert all(torch.equal(x, y) for x, y in zip(views, kept))
+    gaps = layout.gaps(packed)
+    assert sum(gap.numel() for gap in gaps) > 0 and all((gap == 0).all() for gap in gaps)
+    assert sum(x.numel() * x.element_size() for x in views) + sum(gap.numel() for gap in gaps) == layout.nbytes
+    with pytest.raises(RuntimeError, match="does not fit its place"):
+        ops._pack(packed, layout, [kept[0].double(), *kept[1:]])
 
 
 def test_fake_kernels_follow_the_inputs_layout_cpu():

@@ -29,8 +29,10 @@ position of each cluster, so cluster ``c``'s members are
 from __future__ import annotations
 
 import functools
+import math
 import warnings
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -231,7 +233,8 @@ class CudaOps:
 
     def clustering_why_not(self, x: Tensor, num_clusters: int) -> Optional[str]:
         """Why the kernels cannot hash and cluster ``x (B, H, N, D)`` into ``num_clusters``
-        inside an attention composition (None if they can: see :meth:`fwd_with_clustering`)."""
+        inside an attention composition (None if they can: see :meth:`clustered_fwd_packed` and
+        :meth:`improved_fwd_with_clustering`)."""
         return self._hash_why_not(x) or self._lloyd_why_not(x, num_clusters)
 
     def _cluster_queries(self, x, planes, offsets, query_padding_mask, num_clusters, iterations, bits):
@@ -278,42 +281,104 @@ class CudaOps:
 
     # ------------------------------------------------------------------ shared
 
-    def fwd_with_clustering(self, improved: bool, query, key, value, planes, offsets, query_padding_mask, iterations,
-                            bits, *attention):
-        """:meth:`cluster_queries`, then :meth:`clustered_fwd` (``improved`` False) or
-        :meth:`improved_fwd` on the assignments, as one composition (one graph replay where it
-        repeats, one less than two calls); ``attention`` are their arguments after
-        ``assignments``. Returns their outputs and then the assignments; on the kernel path then
-        what :meth:`clustered_bwd_kept` takes (see :meth:`_clustered_fwd_keeping`), and on the
-        improved variant's flash path (and its Triton form) what :meth:`improved_bwd_kept` takes (see
-        :meth:`_improved_fwd_keeping`)."""
-        num_clusters = attention[2]
-        if self._why_not(query, value, improved) or self.clustering_why_not(query, num_clusters):
+    def improved_fwd_with_clustering(self, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
+                                     *attention):
+        """:meth:`cluster_queries`, then :meth:`improved_fwd` on the assignments, as one composition
+        (one graph replay where it repeats, one less than two calls); ``attention`` are its arguments
+        after ``assignments``. Returns its outputs and then the assignments; on the flash path (and
+        its Triton form) then what :meth:`improved_bwd_kept` takes (see :meth:`_improved_fwd_keeping`)."""
+        key_padding_mask, keep, num_clusters, topk = attention[:4]
+        if self._why_not(query, value, improved=True) or self.clustering_why_not(query, num_clusters):
             assignments, _ = self.cluster_queries(query, planes, offsets, query_padding_mask, num_clusters,
                                                   iterations, bits)  # these warn and take the reference
-            attend = self.improved_fwd if improved else self.clustered_fwd
-            return (*attend(query, key, value, assignments, *attention), assignments)
-        name = ("improved_" if improved else "") + "clustered_attention_fwd_with_clustering"
+            return (*self.improved_fwd(query, key, value, assignments, *attention), assignments)
         # the output is written into a tensor of the caller's (graph_cache's "filled")
-        if improved:
-            key_padding_mask, keep, num_clusters, topk = attention[:4]
-            out = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, topk)
-        else:
-            out = custom_ops.attention_output_like(query, value.shape[-1])
-        return self.graphs.run(name, self._fwd_with_clustering, (
-            improved, out, query, key, value, planes, offsets, query_padding_mask, iterations, bits, *attention),
-            filled=(1,))
+        out = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, topk)
+        return self.graphs.run("improved_clustered_attention_fwd_with_clustering", self._improved_fwd_with_clustering,
+                               (out, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
+                                *attention), filled=(0,))
 
-    def _fwd_with_clustering(self, improved, out, query, key, value, planes, offsets, query_padding_mask,
-                             iterations, bits, *attention):
+    def _improved_fwd_with_clustering(self, out, query, key, value, planes, offsets, query_padding_mask, iterations,
+                                      bits, *attention):
         assignments, _ = self._cluster_queries(query, planes, offsets, query_padding_mask, attention[2], iterations,
                                                bits)
-        if improved:
-            out, lse, top, centroids, *kept = self._improved_fwd_keeping(query, key, value, assignments, *attention,
-                                                                         out)
-            return (out, lse, top, centroids, assignments, *kept)
-        out, lse, centroids, *kept = self._clustered_fwd_keeping(query, key, value, assignments, *attention, out)
-        return (out, lse, centroids, assignments, *kept)
+        out, lse, top, centroids, *kept = self._improved_fwd_keeping(query, key, value, assignments, *attention, out)
+        return (out, lse, top, centroids, assignments, *kept)
+
+    def clustered_fwd_packed(self, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
+                             key_padding_mask, keep, num_clusters, scale, dropout_p):
+        """:meth:`cluster_queries`, then :meth:`clustered_fwd` on the assignments, as one composition
+        where the kernels take the inputs (:meth:`packs_clustered`), with what its backward needs in
+        one buffer: ``(out, packed,
+        layout)``, where ``packed`` (uint8) holds the log-sum-exps, centroids, each cluster's output,
+        the sort by cluster and the assignments as :func:`kept_layout` ``layout`` says
+        (:meth:`clustered_bwd_packed` takes them). Both ``out`` and ``packed`` are allocated here and
+        written by the composition's graph (graph_cache's "filled"): a replay makes no copies out of
+        the graph and the backward's graph reads one tensor instead of six, which saves CPU time
+        where the step is bound by it (each tensor a replay hands out or reads costs an allocation or
+        a signature entry; benchmarks/NOTES.md, twenty-first session)."""
+        layout = kept_layout(query, value, num_clusters)
+        out = custom_ops.attention_output_like(query, value.shape[-1])
+        packed = torch.empty(layout.nbytes, dtype=torch.uint8, device=query.device)
+        out, packed = self.graphs.run("clustered_attention_fwd_packed", self._clustered_fwd_packing, (
+            out, packed, layout, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
+            key_padding_mask, keep, num_clusters, scale, dropout_p), filled=(0, 1))
+        return out, packed, layout
+
+    def _clustered_fwd_packing(self, out, packed, layout, query, key, value, planes, offsets, query_padding_mask,
+                               iterations, bits, key_padding_mask, keep, num_clusters, scale, dropout_p):
+        assignments, _ = self._cluster_queries(query, planes, offsets, query_padding_mask, num_clusters, iterations,
+                                               bits)
+        out, lse, centroids, cluster_outputs, order, seg_start = self._clustered_fwd_keeping(
+            query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p, out)
+        self._pack(packed, layout, (lse, centroids, cluster_outputs, order, seg_start, assignments))
+        return out, packed
+
+    def packs_clustered(self, query: Tensor, value: Tensor, num_clusters: int) -> bool:
+        """Whether the kernels cluster and attend these inputs (:meth:`clustered_fwd_packed` takes them)."""
+        return self._why_not(query, value, improved=False) is None and self.clustering_why_not(query, num_clusters) \
+            is None
+
+    def _pack(self, packed: Tensor, layout: "KeptLayout", tensors: Sequence[Tensor]) -> None:
+        """Copies ``tensors`` into their places in ``packed`` (one launch), and zeros into the gaps
+        between them, so that every byte of it is written (a graph's filled argument is checked
+        byte for byte against the eager result)."""
+        destinations, sources = [], []
+        for view, tensor, gap in zip(layout.views(packed), tensors, layout.gaps(packed)):
+            if tensor.dtype != view.dtype or tensor.shape != view.shape:
+                raise RuntimeError(f"fairseq_clustered: kept tensor {tensor.dtype} {tuple(tensor.shape)} does not "
+                                   f"fit its place {view.dtype} {tuple(view.shape)} (a bug: please report it)")
+            destinations.append(view)
+            sources.append(tensor.contiguous())
+            if gap.numel():
+                destinations.append(gap)
+                sources.append(_zero_bytes(packed.device)[:gap.numel()])
+        copy = getattr(self.ext, "copy_tensors", None)
+        if copy is not None:
+            copy(destinations, sources)
+        else:  # an extension without the one-launch copies (the CPU tests' stand-ins)
+            for destination, source in zip(destinations, sources):
+                destination.copy_(source)
+
+    def clustered_bwd_packed(self, grad_out, query_shape, query_strides, query_dtype, key, value, packed, layout,
+                             key_padding_mask, keep, num_clusters, scale, dropout_p):
+        """:meth:`clustered_bwd` from :meth:`clustered_fwd_packed`'s ``packed`` and ``layout``, unpacked
+        inside the composition (so in its graph, at no cost per replay): neither the queries nor the
+        output are read, so neither is copied into the graph, and the sort is not done again. ``dq``
+        is made with the given shape, strides (dense) and dtype, and written into by the graph
+        (graph_cache's "filled"), as are dk and dv where the Triton centroid backward makes them."""
+        dq = torch.empty_strided(tuple(query_shape), tuple(query_strides), dtype=query_dtype, device=key.device)
+        dk, dv = self._key_gradients_to_fill(dq, key, value, key_padding_mask, keep, num_clusters)
+        return self.graphs.run("clustered_attention_bwd_packed", self._clustered_bwd_unpacking, (
+            grad_out, dq, key, value, packed, layout, key_padding_mask, keep, num_clusters, scale, dropout_p, dk,
+            dv), filled=(1, 11, 12))
+
+    def _clustered_bwd_unpacking(self, grad_out, dq, key, value, packed, layout, key_padding_mask, keep,
+                                 num_clusters, scale, dropout_p, dk=None, dv=None):
+        lse, centroids, cluster_outputs, order, seg_start, assignments = layout.views(packed)
+        return self._clustered_bwd_sorted(grad_out, dq, key, value, assignments, key_padding_mask, keep, lse,
+                                          centroids, cluster_outputs, order, seg_start, num_clusters, scale,
+                                          dropout_p, dk, dv)
 
     def _why_not(self, query: Tensor, value: Tensor, improved: bool) -> Optional[str]:
         """Why the kernels cannot serve these inputs (None when they can).
@@ -427,7 +492,7 @@ class CudaOps:
 
     def _clustered_fwd_keeping(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, scale,
                                dropout_p, out=None):
-        """:meth:`_clustered_fwd`'s ``out, lse, centroids``, then what :meth:`clustered_bwd_kept` takes
+        """:meth:`_clustered_fwd`'s ``out, lse, centroids``, then what :meth:`clustered_bwd_packed` takes
         instead of the queries and the output: each cluster's output ``(B H, C, Dv)`` (what its
         members received) and the sort of the queries by cluster (``order``, ``seg_start``). ``out``:
         the tensor to write the output into (``custom_ops.attention_output_like(query)``), or None
@@ -567,20 +632,6 @@ class CudaOps:
         if not self._centroid_bwd_on_triton(query, value, key_padding_mask, keep, num_clusters):
             return None, None
         return centroid_triton.gradient_like(key), centroid_triton.gradient_like(value)
-
-    def clustered_bwd_kept(self, grad_out, query_shape, query_strides, query_dtype, key, value, assignments,
-                           key_padding_mask, keep, lse, centroids, cluster_outputs, order, seg_start, num_clusters,
-                           scale, dropout_p):
-        """:meth:`clustered_bwd` from what :meth:`_clustered_fwd_keeping` kept (the eager path's
-        backward, as one composition): neither the queries nor the output are read, so neither is
-        copied into the graph, and the sort is not done again. ``dq`` is made with the given
-        shape, strides (dense) and dtype, and written into by the graph (graph_cache's "filled"), as
-        are dk and dv where the Triton centroid backward makes them."""
-        dq = torch.empty_strided(tuple(query_shape), tuple(query_strides), dtype=query_dtype, device=key.device)
-        dk, dv = self._key_gradients_to_fill(dq, key, value, key_padding_mask, keep, num_clusters)
-        return self.graphs.run("clustered_attention_bwd_kept", self._clustered_bwd_sorted, (
-            grad_out, dq, key, value, assignments, key_padding_mask, keep, lse, centroids, cluster_outputs, order,
-            seg_start, num_clusters, scale, dropout_p, dk, dv), filled=(1, 15, 16))
 
     def _clustered_bwd_sorted(self, grad_out, dq, key, value, assignments, key_padding_mask, keep, lse, centroids,
                               cluster_outputs, order, seg_start, num_clusters, scale, dropout_p, dk=None, dv=None):
@@ -1045,6 +1096,69 @@ class CudaOps:
         dk32 += dk.reshape(dk32.shape).float() + dk_lse.reshape(dk32.shape).float()
         dv32 += dv.reshape(dv32.shape).float()
         return dq, dk32.reshape(key.shape).to(key.dtype), dv32.reshape(value.shape).to(value.dtype)
+
+
+PACK_ALIGNMENT = 16  # bytes: each kept tensor starts on a 16-byte boundary (the copies' vector width)
+
+
+@dataclass(frozen=True)
+class KeptLayout:
+    """Where the clustered forward's kept tensors lie in one uint8 buffer: ``entries`` are
+    ``(dtype, shape, byte offset)`` in the order of :meth:`CudaOps._clustered_fwd_packing`'s pack
+    (log-sum-exps, centroids, each cluster's output, the sort by cluster, the assignments), each
+    starting on a ``PACK_ALIGNMENT`` boundary; ``nbytes``: the buffer's size. Hashable: a graph's
+    signature holds it."""
+    entries: Tuple[Tuple[torch.dtype, Tuple[int, ...], int], ...]
+    nbytes: int
+
+    def views(self, packed: Tensor) -> Tuple[Tensor, ...]:
+        """The kept tensors: views of ``packed``."""
+        return tuple(packed[offset:offset + _size(dtype, shape)].view(dtype).view(shape)
+                     for dtype, shape, offset in self.entries)
+
+    def gaps(self, packed: Tensor) -> Tuple[Tensor, ...]:
+        """The bytes of ``packed`` after each kept tensor, up to the next one's start (or the end)."""
+        ends = [offset for _, _, offset in self.entries[1:]] + [self.nbytes]
+        return tuple(packed[offset + _size(dtype, shape):end] for (dtype, shape, offset), end in zip(self.entries, ends))
+
+
+def _size(dtype: torch.dtype, shape: Tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+@functools.lru_cache(maxsize=None)
+def kept_layout_of(batch: int, heads: int, length: int, dim: int, value_dim: int, dtype: torch.dtype,
+                   num_clusters: int) -> KeptLayout:
+    rows = batch * heads
+    shapes = ((torch.float32, (batch, heads, num_clusters)),  # log-sum-exps
+              (torch.float32, (batch, heads, num_clusters, dim)),  # centroids
+              (dtype, (rows, num_clusters, value_dim)),  # each cluster's output
+              (torch.int64, (rows, length)),  # order
+              (torch.int64, (rows, num_clusters + 1)),  # seg_start
+              (torch.int64, (batch, heads, length)))  # assignments
+    entries, offset = [], 0
+    for entry_dtype, shape in shapes:
+        entries.append((entry_dtype, shape, offset))
+        offset += -(-_size(entry_dtype, shape) // PACK_ALIGNMENT) * PACK_ALIGNMENT
+    return KeptLayout(tuple(entries), offset)
+
+
+def kept_layout(query: Tensor, value: Tensor, num_clusters: int) -> KeptLayout:
+    """The :class:`KeptLayout` of a clustered forward of ``query (B, H, N, D)`` and ``value (B, H, S, Dv)``."""
+    return kept_layout_of(*query.shape, value.shape[-1], query.dtype, num_clusters)
+
+
+_ZERO_BYTES = {}
+
+
+def _zero_bytes(device: torch.device) -> Tensor:
+    """``PACK_ALIGNMENT`` zero bytes on ``device``, made once outside any capture (a graph reads them)."""
+    zeros = _ZERO_BYTES.get(device)
+    if zeros is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # else they'd live in its pool
+            return torch.zeros(PACK_ALIGNMENT, dtype=torch.uint8, device=device)
+        zeros = _ZERO_BYTES[device] = torch.zeros(PACK_ALIGNMENT, dtype=torch.uint8, device=device)
+    return zeros
 
 
 def _dense_like(query: Tensor) -> Tensor:

@@ -38,33 +38,35 @@ def implementations(query: Tensor):
 class ClusteredAttention(torch.autograd.Function):
     """``out`` of ``CudaOps.clustered_fwd``; backward through ``CudaOps.clustered_bwd``.
 
-    With ``assignments`` None the queries are clustered in the forward's own composition
-    (``CudaOps.fwd_with_clustering``) from ``clustering = (planes, offsets,
-    query_padding_mask, iterations, bits)``; otherwise ``clustering`` is None. Where that
-    composition ran the kernels it also returns each cluster's output and the queries' sort by
-    cluster, and the backward takes those (``CudaOps.clustered_bwd_kept``) instead of the
-    queries and the output: neither is copied into the backward's graph, nor is the sort redone.
+    With ``assignments`` None the queries are clustered from ``clustering = (planes, offsets,
+    query_padding_mask, iterations, bits)`` (otherwise ``clustering`` is None). Where the kernels
+    take the inputs, that happens in the forward's own composition (``CudaOps.clustered_fwd_packed``),
+    which also keeps each cluster's output, the queries' sort by cluster and the rest of what the
+    backward needs in one buffer, and the backward takes that (``CudaOps.clustered_bwd_packed``)
+    instead of the queries and the output: neither is copied into the backward's graph, nor is the
+    sort redone.
     """
 
     @staticmethod
     def forward(ctx, ops, query, key, value, assignments: Optional[Tensor], key_padding_mask: Optional[Tensor],
                 keep: Optional[Tensor], num_clusters: int, scale: float, dropout_p: float,
                 clustering: Optional[tuple]):
-        kept = ()
-        if assignments is None:
-            out, lse, centroids, assignments, *kept = ops.fwd_with_clustering(
-                False, query, key, value, *clustering, key_padding_mask, keep, num_clusters, scale, dropout_p)
-        else:
-            out, lse, centroids = ops.clustered_fwd(query, key, value, assignments, key_padding_mask, keep,
-                                                    num_clusters, scale, dropout_p)
         ctx.ops, ctx.hyper = ops, (num_clusters, scale, dropout_p)
-        ctx.query_layout = None
-        if kept:
+        ctx.packing = None
+        if assignments is None and ops.packs_clustered(query, value, num_clusters):
+            out, packed, ctx.packing = ops.clustered_fwd_packed(query, key, value, *clustering, key_padding_mask,
+                                                                keep, num_clusters, scale, dropout_p)
             # dq in the queries' layout (a model's (N, B, H D) views), made in the backward's graph
             ctx.query_layout = (query.shape, custom_ops.dense_strides_like(query, query.shape[-1]), query.dtype)
-            ctx.save_for_backward(key, value, assignments, key_padding_mask, keep, lse, centroids, *kept)
-        else:
-            ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, out, lse, centroids)
+            ctx.save_for_backward(key, value, packed, key_padding_mask, keep)
+            return out
+        if assignments is None:  # inputs the kernels refuse: these warn and take the reference
+            planes, offsets, query_padding_mask, iterations, bits = clustering
+            assignments, _ = ops.cluster_queries(query, planes, offsets, query_padding_mask, num_clusters, iterations,
+                                                 bits)
+        out, lse, centroids = ops.clustered_fwd(query, key, value, assignments, key_padding_mask, keep, num_clusters,
+                                                scale, dropout_p)
+        ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, out, lse, centroids)
         return out
 
     @staticmethod
@@ -72,8 +74,10 @@ class ClusteredAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         # grad_out as it comes (a model's is a view of an (N, B, H Dv) gradient): the kernels
         # read it through its strides, a contiguous copy would cost a pass over it
-        if ctx.query_layout is not None:
-            dq, dk, dv = ctx.ops.clustered_bwd_kept(grad_out, *ctx.query_layout, *ctx.saved_tensors, *ctx.hyper)
+        if ctx.packing is not None:
+            key, value, packed, key_padding_mask, keep = ctx.saved_tensors
+            dq, dk, dv = ctx.ops.clustered_bwd_packed(grad_out, *ctx.query_layout, key, value, packed, ctx.packing,
+                                                      key_padding_mask, keep, *ctx.hyper)
         else:
             dq, dk, dv = ctx.ops.clustered_bwd(grad_out, *ctx.saved_tensors, *ctx.hyper)
         return None, dq, dk, dv, None, None, None, None, None, None, None
@@ -93,8 +97,8 @@ class ImprovedClusteredAttention(torch.autograd.Function):
                 clustering: Optional[tuple]):
         kept = ()
         if assignments is None:
-            out, lse, top_index, centroids, assignments, *kept = ops.fwd_with_clustering(
-                True, query, key, value, *clustering, key_padding_mask, keep, num_clusters, topk, scale, dropout_p)
+            out, lse, top_index, centroids, assignments, *kept = ops.improved_fwd_with_clustering(
+                query, key, value, *clustering, key_padding_mask, keep, num_clusters, topk, scale, dropout_p)
         else:
             out, lse, top_index, centroids = ops.improved_fwd(query, key, value, assignments, key_padding_mask, keep,
                                                               num_clusters, topk, scale, dropout_p)
