@@ -214,6 +214,10 @@ class MathAttentionOps(CudaOps):
         return cls._attn_fwd(q, k, v, scale)[2]
 
     @staticmethod
+    def _flash_lse_dtype(dtype):
+        return dtype  # the math's log-sum-exps are in the inputs' dtype
+
+    @staticmethod
     def _attn_bwd(grad_out, ctx):
         q, k, v, out = ctx
         with torch.enable_grad():
@@ -254,9 +258,9 @@ def test_flash_path_algebra_cpu(topk):
 
 def test_improved_backward_from_the_kept_forward_parts_cpu(monkeypatch):
     """On the flash path the eager improved step's backward takes the forward's centroid flash
-    output, log-sum-exp and sort (``improved_bwd_kept``) instead of running them again: the same
-    gradients as the op's backward, bit for bit; and through the public function, the
-    reference's gradients (fp64 over the CPU stand-in, flash replaced by exact math)."""
+    output, log-sum-exp and sort, packed in one buffer (``improved_bwd_packed``), instead of running
+    them again: the same gradients as the op's backward, bit for bit; and through the public
+    function, the reference's gradients (fp64 over the CPU stand-in, flash replaced by exact math)."""
     import fairseq_clustered.ops.cuda_kernels as ck
     from fairseq_clustered import ops as public
     monkeypatch.setattr(ck, "KERNEL_DTYPES", ck.KERNEL_DTYPES + (torch.float64,))
@@ -269,13 +273,16 @@ def test_improved_backward_from_the_kept_forward_parts_cpu(monkeypatch):
         assert torch.equal(x, y)
     g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(4))
     expected = cuda_ops.improved_bwd(g, q, k, v, a, None, None, lse, top, centroids, 4, scale, 0.0)
-    got = cuda_ops.improved_bwd_kept(g, q, k, v, a, None, None, lse, top, centroids, *kept, 4, scale, 0.0)
+    layout = cuda_ops.improved_kept_layout(q, k, v, None, None, 4, topk)
+    packed = torch.empty(layout.nbytes, dtype=torch.uint8)
+    cuda_ops._pack(packed, layout, (lse, top, centroids, *kept, a))
+    got = cuda_ops.improved_bwd_packed(g, q, k, v, packed, layout, None, None, 4, scale, 0.0)
     for name, x, y in zip("qkv", got, expected):
         assert torch.equal(x, y), name
 
     kept_calls = []
-    real_kept = cuda_ops.improved_bwd_kept
-    monkeypatch.setattr(cuda_ops, "improved_bwd_kept", lambda *args: kept_calls.append(1) or real_kept(*args))
+    real_kept = cuda_ops.improved_bwd_packed
+    monkeypatch.setattr(cuda_ops, "improved_bwd_packed", lambda *args: kept_calls.append(1) or real_kept(*args))
     monkeypatch.setattr(public.eager, "implementations", lambda query: cuda_ops)
     planes = torch.randn(12, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
@@ -1033,8 +1040,8 @@ def test_eager_path_gpu(monkeypatch, variant, dropout):
     real = eager.implementations
     monkeypatch.setattr(eager, "implementations", lambda query: taken.append(real(query)) or taken[-1])
     cuda_ops = cuda_backend.cuda_ops()
-    real_kept = cuda_ops.improved_bwd_kept
-    monkeypatch.setattr(cuda_ops, "improved_bwd_kept", lambda *args: kept_calls.append(1) or real_kept(*args))
+    real_kept = cuda_ops.improved_bwd_packed
+    monkeypatch.setattr(cuda_ops, "improved_bwd_packed", lambda *args: kept_calls.append(1) or real_kept(*args))
     got = run()
     assert taken and taken[-1] is not None, "the eager path was not taken on CUDA"
     assert bool(kept_calls) == (variant == "improved"), "the improved backward did not take the kept parts"
@@ -1051,7 +1058,7 @@ def test_eager_path_gpu(monkeypatch, variant, dropout):
 @pytest.mark.parametrize("length,keys", [(65, 70), (2048, 2048)])
 def test_improved_eager_flash_path_gpu(monkeypatch, length, keys):
     """Without key padding and dropout the eager improved step's backward runs from the
-    forward's centroid flash output, log-sum-exp and sort (``improved_bwd_kept``): the custom
+    forward's centroid flash output, log-sum-exp and sort (``improved_bwd_packed``): the custom
     ops' output, and their gradients within the rounding of atomically accumulated sums. 2048
     keys split the centroids' flash forward over key blocks (merged by log-sum-exp)."""
     from fairseq_clustered.ops import cuda_backend, eager, improved_clustered_attention
@@ -1068,8 +1075,8 @@ def test_improved_eager_flash_path_gpu(monkeypatch, length, keys):
         return [out.detach()] + [t.grad for t in inputs]
 
     kept_calls = []
-    real_kept = cuda_ops.improved_bwd_kept
-    monkeypatch.setattr(cuda_ops, "improved_bwd_kept", lambda *args: kept_calls.append(1) or real_kept(*args))
+    real_kept = cuda_ops.improved_bwd_packed
+    monkeypatch.setattr(cuda_ops, "improved_bwd_packed", lambda *args: kept_calls.append(1) or real_kept(*args))
     got = run()
     assert kept_calls, "the eager backward did not take the kept parts"
     monkeypatch.setattr(eager, "implementations", lambda query: None)

@@ -286,7 +286,8 @@ class CudaOps:
         """:meth:`cluster_queries`, then :meth:`improved_fwd` on the assignments, as one composition
         (one graph replay where it repeats, one less than two calls); ``attention`` are its arguments
         after ``assignments``. Returns its outputs and then the assignments; on the flash path (and
-        its Triton form) then what :meth:`improved_bwd_kept` takes (see :meth:`_improved_fwd_keeping`)."""
+        its Triton form) then what the backward keeps (:meth:`_improved_fwd_keeping`), which the eager
+        path takes packed (:meth:`improved_fwd_packed`)."""
         key_padding_mask, keep, num_clusters, topk = attention[:4]
         if self._why_not(query, value, improved=True) or self.clustering_why_not(query, num_clusters):
             assignments, _ = self.cluster_queries(query, planes, offsets, query_padding_mask, num_clusters,
@@ -304,6 +305,78 @@ class CudaOps:
                                                bits)
         out, lse, top, centroids, *kept = self._improved_fwd_keeping(query, key, value, assignments, *attention, out)
         return (out, lse, top, centroids, assignments, *kept)
+
+    def improved_fwd_packed(self, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
+                            key_padding_mask, keep, num_clusters, topk, scale, dropout_p):
+        """:meth:`improved_fwd_with_clustering` on the flash path or its Triton form
+        (:meth:`packs_improved`), with what its backward needs in one buffer, as
+        :meth:`clustered_fwd_packed`: ``(out, packed, layout)`` (:meth:`improved_kept_layout`), which
+        :meth:`improved_bwd_packed` takes."""
+        layout = self.improved_kept_layout(query, key, value, key_padding_mask, keep, num_clusters, topk)
+        out = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, topk)
+        packed = torch.empty(layout.nbytes, dtype=torch.uint8, device=query.device)
+        out, packed = self.graphs.run("improved_clustered_attention_fwd_packed", self._improved_fwd_packing, (
+            out, packed, layout, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
+            key_padding_mask, keep, num_clusters, topk, scale, dropout_p), filled=(0, 1))
+        return out, packed, layout
+
+    def _improved_fwd_packing(self, out, packed, layout, query, key, value, planes, offsets, query_padding_mask,
+                              iterations, bits, *attention):
+        out, lse, top, centroids, assignments, *kept = self._improved_fwd_with_clustering(
+            out, query, key, value, planes, offsets, query_padding_mask, iterations, bits, *attention)
+        self._pack(packed, layout, (lse, top, centroids, *kept, assignments))
+        return out, packed
+
+    def packs_improved(self, query, key, value, key_padding_mask, keep, num_clusters, topk) -> bool:
+        """Whether the kernels cluster and attend these inputs on the improved variant's flash path or
+        its Triton form (:meth:`improved_fwd_packed` takes them)."""
+        return (self._why_not(query, value, improved=True) is None
+                and self.clustering_why_not(query, num_clusters) is None
+                and self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters,
+                                                 min(topk, key.shape[2])))
+
+    def improved_kept_layout(self, query, key, value, key_padding_mask, keep, num_clusters, topk) -> KeptLayout:
+        """The :class:`KeptLayout` of what :meth:`_improved_fwd_keeping` keeps on the flash path (its
+        order; the assignments last): the centroids' attention output and log-sum-exp are flash's
+        ``(B, H, C, Dv)`` in the key dtype and ``(B, H, C)``, or with key padding or dropout the Triton
+        kernels' ``(B H, C, Dv)`` and ``(B H, C)`` fp32."""
+        batch, heads, length, dim = query.shape
+        rows, value_dim, top_k = batch * heads, value.shape[-1], min(topk, key.shape[2])
+        if key_padding_mask is not None or keep is not None:
+            centroid_values = (torch.float32, (rows, num_clusters, value_dim))
+            centroid_lse = (torch.float32, (rows, num_clusters))
+        else:
+            centroid_values = (key.dtype, (batch, heads, num_clusters, value_dim))
+            centroid_lse = (self._flash_lse_dtype(key.dtype), (batch, heads, num_clusters))
+        return _laid_out(((torch.float32, (batch, heads, num_clusters)),  # log-sum-exps
+                          (torch.int64, (batch, heads, num_clusters, top_k)),  # top keys
+                          (torch.float32, (batch, heads, num_clusters, dim)),  # centroids
+                          centroid_values, centroid_lse,
+                          (torch.int64, (rows, length)),  # order
+                          (torch.int64, (rows, num_clusters + 1)),  # seg_start
+                          (torch.int64, (batch, heads, length))))  # assignments
+
+    @staticmethod
+    def _flash_lse_dtype(dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the log-sum-exps of :meth:`_attn_fwd` for inputs of ``dtype`` (flash's: fp32)."""
+        return torch.float32
+
+    def improved_bwd_packed(self, grad_out, query, key, value, packed, layout, key_padding_mask, keep, num_clusters,
+                            scale, dropout_p):
+        """:meth:`improved_bwd` from :meth:`improved_fwd_packed`'s ``packed`` and ``layout``, unpacked inside
+        the composition: the sort of the queries is not done again, nor the centroids' attention forward."""
+        top_k = layout.entries[1][1][-1]
+        return self.graphs.run("improved_clustered_attention_bwd_packed", self._improved_bwd_unpacking, (
+            grad_out, query, key, value, packed, layout, key_padding_mask, keep, num_clusters, scale, dropout_p,
+            *self._improved_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters, top_k)),
+            filled=(11, 12, 13))
+
+    def _improved_bwd_unpacking(self, grad_out, query, key, value, packed, layout, key_padding_mask, keep,
+                                num_clusters, scale, dropout_p, dq=None, dk=None, dv=None):
+        lse, top, centroids, centroid_values, centroid_lse, order, seg_start, assignments = layout.views(packed)
+        return self._improved_bwd_kept(grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top,
+                                       centroids, centroid_values, centroid_lse, order, seg_start, num_clusters,
+                                       scale, dropout_p, dq, dk, dv)
 
     def clustered_fwd_packed(self, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
                              key_padding_mask, keep, num_clusters, scale, dropout_p):
@@ -748,7 +821,7 @@ class CudaOps:
     def _improved_fwd_keeping(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, topk,
                               scale, dropout_p, out=None):
         """:meth:`_improved_fwd`'s ``out, lse, top_index, centroids``, then, on the flash path (and
-        its Triton form for key padding and dropout), what :meth:`improved_bwd_kept` takes
+        its Triton form for key padding and dropout), what :meth:`improved_bwd_packed` takes
         besides: the centroids' attention output (flash's ``(B, H, C, Dv)``, the Triton kernels'
         ``(B H, C, Dv)`` fp32) and log-sum-exp (so that the backward need not run that forward
         again) and the sort of the queries by cluster (``order``, ``seg_start``). ``out``: a
@@ -808,15 +881,15 @@ class CudaOps:
         return self.graphs.run("improved_clustered_attention_bwd", self._improved_bwd, (
             grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
             num_clusters, scale, dropout_p,
-            *self._improved_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters, top_index)),
+            *self._improved_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters,
+                                              top_index.shape[-1])),
             filled=(13, 14, 15))
 
-    def _improved_gradients_to_fill(self, query, key, value, key_padding_mask, keep, num_clusters, top_index):
+    def _improved_gradients_to_fill(self, query, key, value, key_padding_mask, keep, num_clusters, top_k):
         """``(dq, dk, dv)`` for the improved backward to write into, handed to its composition as "filled"
         arguments: ``dq`` as :meth:`_improved_query_sized_to_fill` gives it; ``dk``, ``dv`` empty tensors
         where its Triton path writes them (the centroids' backward, then the top keys' parts summed over
         them), else None."""
-        top_k = top_index.shape[-1]
         dq = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, top_k)
         if not self._improved_triton_ok(query, value, num_clusters, top_k):
             return dq, None, None
@@ -890,18 +963,6 @@ class CudaOps:
         dq = self.ext.improved_exact_bwd(grad_out, query, key, value, assignments, order, top, mask, drop_top,
                                          mass.contiguous(), dq_bar, scale, dk32, dv32)
         return dq, dk32.reshape(key.shape).to(key.dtype), dv32.reshape(value.shape).to(value.dtype)
-
-    def improved_bwd_kept(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
-                          centroids, centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale,
-                          dropout_p):
-        """:meth:`improved_bwd` on the flash path (or its Triton form) from what
-        :meth:`_improved_fwd_keeping` kept (the eager path's backward, as one composition): the
-        sort of the queries is not done again, nor the centroids' attention forward."""
-        return self.graphs.run("improved_clustered_attention_bwd_kept", self._improved_bwd_kept, (
-            grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
-            centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale, dropout_p,
-            *self._improved_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters, top_index)),
-            filled=(17, 18, 19))
 
     def _improved_bwd_kept(self, grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index,
                            centroids, centroid_outputs, centroid_lse, order, seg_start, num_clusters, scale,
@@ -1127,25 +1188,26 @@ def _size(dtype: torch.dtype, shape: Tuple[int, ...]) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def kept_layout_of(batch: int, heads: int, length: int, dim: int, value_dim: int, dtype: torch.dtype,
-                   num_clusters: int) -> KeptLayout:
-    rows = batch * heads
-    shapes = ((torch.float32, (batch, heads, num_clusters)),  # log-sum-exps
-              (torch.float32, (batch, heads, num_clusters, dim)),  # centroids
-              (dtype, (rows, num_clusters, value_dim)),  # each cluster's output
-              (torch.int64, (rows, length)),  # order
-              (torch.int64, (rows, num_clusters + 1)),  # seg_start
-              (torch.int64, (batch, heads, length)))  # assignments
+def _laid_out(parts: Tuple[Tuple[torch.dtype, Tuple[int, ...]], ...]) -> KeptLayout:
+    """The :class:`KeptLayout` of ``parts``, ``(dtype, shape)`` in order, each on a ``PACK_ALIGNMENT`` boundary."""
     entries, offset = [], 0
-    for entry_dtype, shape in shapes:
-        entries.append((entry_dtype, shape, offset))
-        offset += -(-_size(entry_dtype, shape) // PACK_ALIGNMENT) * PACK_ALIGNMENT
+    for dtype, shape in parts:
+        entries.append((dtype, shape, offset))
+        offset += -(-_size(dtype, shape) // PACK_ALIGNMENT) * PACK_ALIGNMENT
     return KeptLayout(tuple(entries), offset)
 
 
 def kept_layout(query: Tensor, value: Tensor, num_clusters: int) -> KeptLayout:
-    """The :class:`KeptLayout` of a clustered forward of ``query (B, H, N, D)`` and ``value (B, H, S, Dv)``."""
-    return kept_layout_of(*query.shape, value.shape[-1], query.dtype, num_clusters)
+    """The :class:`KeptLayout` of a clustered forward of ``query (B, H, N, D)`` and ``value (B, H, S, Dv)``
+    (:meth:`CudaOps._clustered_fwd_packing`'s order)."""
+    batch, heads, length, dim = query.shape
+    rows = batch * heads
+    return _laid_out(((torch.float32, (batch, heads, num_clusters)),  # log-sum-exps
+                      (torch.float32, (batch, heads, num_clusters, dim)),  # centroids
+                      (query.dtype, (rows, num_clusters, value.shape[-1])),  # each cluster's output
+                      (torch.int64, (rows, length)),  # order
+                      (torch.int64, (rows, num_clusters + 1)),  # seg_start
+                      (torch.int64, (batch, heads, length))))  # assignments
 
 
 _ZERO_BYTES = {}

@@ -85,34 +85,42 @@ class ClusteredAttention(torch.autograd.Function):
 
 class ImprovedClusteredAttention(torch.autograd.Function):
     """``out`` of ``CudaOps.improved_fwd``; backward through ``CudaOps.improved_bwd``
-    (``assignments`` None and ``clustering``: as :class:`ClusteredAttention`). Where the forward's
-    composition took the flash path (or its Triton form, with key padding or dropout) it also
-    returns the centroids' attention output and log-sum-exp and the queries' sort by cluster, and
-    the backward takes those (``CudaOps.improved_bwd_kept``): that forward and the sort are not
-    run again."""
+    (``assignments`` None and ``clustering``: as :class:`ClusteredAttention`). Where the kernels take
+    the inputs on the flash path (or its Triton form, with key padding or dropout), the forward's
+    composition clusters the queries and keeps the centroids' attention output and log-sum-exp, the
+    queries' sort by cluster and the rest of what the backward needs in one buffer
+    (``CudaOps.improved_fwd_packed``), and the backward takes that (``CudaOps.improved_bwd_packed``):
+    that forward and the sort are not run again."""
 
     @staticmethod
     def forward(ctx, ops, query, key, value, assignments: Optional[Tensor], key_padding_mask: Optional[Tensor],
                 keep: Optional[Tensor], num_clusters: int, topk: int, scale: float, dropout_p: float,
                 clustering: Optional[tuple]):
-        kept = ()
-        if assignments is None:
-            out, lse, top_index, centroids, assignments, *kept = ops.improved_fwd_with_clustering(
+        ctx.ops, ctx.hyper = ops, (num_clusters, scale, dropout_p)
+        ctx.packing = None
+        if assignments is None and ops.packs_improved(query, key, value, key_padding_mask, keep, num_clusters, topk):
+            out, packed, ctx.packing = ops.improved_fwd_packed(query, key, value, *clustering, key_padding_mask, keep,
+                                                               num_clusters, topk, scale, dropout_p)
+            ctx.save_for_backward(query, key, value, packed, key_padding_mask, keep)
+            return out
+        if assignments is None:  # the fp32 products (fp32, top-k > 128) or the reference: nothing kept
+            out, lse, top_index, centroids, assignments = ops.improved_fwd_with_clustering(
                 query, key, value, *clustering, key_padding_mask, keep, num_clusters, topk, scale, dropout_p)
         else:
             out, lse, top_index, centroids = ops.improved_fwd(query, key, value, assignments, key_padding_mask, keep,
                                                               num_clusters, topk, scale, dropout_p)
-        ctx.ops, ctx.hyper = ops, (num_clusters, scale, dropout_p)
-        ctx.kept = bool(kept)
-        ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
-                              *kept)
+        ctx.save_for_backward(query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        backward = ctx.ops.improved_bwd_kept if ctx.kept else ctx.ops.improved_bwd
-        dq, dk, dv = backward(grad_out.contiguous(), *ctx.saved_tensors, *ctx.hyper)
+        if ctx.packing is not None:
+            query, key, value, packed, key_padding_mask, keep = ctx.saved_tensors
+            dq, dk, dv = ctx.ops.improved_bwd_packed(grad_out.contiguous(), query, key, value, packed, ctx.packing,
+                                                     key_padding_mask, keep, *ctx.hyper)
+        else:
+            dq, dk, dv = ctx.ops.improved_bwd(grad_out.contiguous(), *ctx.saved_tensors, *ctx.hyper)
         return None, dq, dk, dv, None, None, None, None, None, None, None, None
 
 
