@@ -382,9 +382,9 @@ class CudaOps:
                              key_padding_mask, keep, num_clusters, scale, dropout_p):
         """:meth:`cluster_queries`, then :meth:`clustered_fwd` on the assignments, as one composition
         where the kernels take the inputs (:meth:`packs_clustered`), with what its backward needs in
-        one buffer: ``(out, packed,
-        layout)``, where ``packed`` (uint8) holds the log-sum-exps, centroids, each cluster's output,
-        the sort by cluster and the assignments as :func:`kept_layout` ``layout`` says
+        one buffer: ``(out, packed, layout)``, where ``packed`` (uint8) holds the log-sum-exps,
+        centroids, each cluster's output, the sort by cluster and the assignments as
+        :func:`kept_layout` ``layout`` says
         (:meth:`clustered_bwd_packed` takes them). Both ``out`` and ``packed`` are allocated here and
         written by the composition's graph (graph_cache's "filled"): a replay makes no copies out of
         the graph and the backward's graph reads one tensor instead of six, which saves CPU time
@@ -409,10 +409,10 @@ class CudaOps:
 
     def packs_clustered(self, query: Tensor, value: Tensor, num_clusters: int) -> bool:
         """Whether the kernels cluster and attend these inputs (:meth:`clustered_fwd_packed` takes them)."""
-        return self._why_not(query, value, improved=False) is None and self.clustering_why_not(query, num_clusters) \
-            is None
+        return (self._why_not(query, value, improved=False) is None
+                and self.clustering_why_not(query, num_clusters) is None)
 
-    def _pack(self, packed: Tensor, layout: "KeptLayout", tensors: Sequence[Tensor]) -> None:
+    def _pack(self, packed: Tensor, layout: KeptLayout, tensors: Sequence[Tensor]) -> None:
         """Copies ``tensors`` into their places in ``packed`` (one launch), and zeros into the gaps
         between them, so that every byte of it is written (a graph's filled argument is checked
         byte for byte against the eager result)."""
