@@ -1187,7 +1187,7 @@ def _size(dtype: torch.dtype, shape: Tuple[int, ...]) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=4096)  # one per shape; fairseq's length-bucketed batches bring many
 def _laid_out(parts: Tuple[Tuple[torch.dtype, Tuple[int, ...]], ...]) -> KeptLayout:
     """The :class:`KeptLayout` of ``parts``, ``(dtype, shape)`` in order, each on a ``PACK_ALIGNMENT`` boundary."""
     entries, offset = [], 0
