@@ -365,7 +365,7 @@ class CudaOps:
                             scale, dropout_p):
         """:meth:`improved_bwd` from :meth:`improved_fwd_packed`'s ``packed`` and ``layout``, unpacked inside
         the composition: the sort of the queries is not done again, nor the centroids' attention forward."""
-        top_k = layout.entries[1][1][-1]
+        top_k = layout.entries[1][1][-1]  # the top keys' entry: (int64, (B, H, C, k), offset)
         return self.graphs.run("improved_clustered_attention_bwd_packed", self._improved_bwd_unpacking, (
             grad_out, query, key, value, packed, layout, key_padding_mask, keep, num_clusters, scale, dropout_p,
             *self._improved_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters, top_k)),
