@@ -157,9 +157,11 @@ def clustered_launches(length: int, num_clusters: int, dim: int, top_k: int, dty
         improved_triton.top_key_summary(qbar, key.reshape(rows, length, dim), value.reshape(rows, length, dim),
                                         top, lse, scale, rest)
         improved_triton.exact_top_keys_fwd(query, key, value, order, seg_start, top, mass, rest, scale)
+        grad_dot = improved_triton.exact_top_keys_fwd(query, key, value, order, seg_start, top, mass, rest, scale,
+                                                      grad_out)
         grad_key = torch.zeros(rows, length, dim)
         improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, rest, scale,
-                                           grad_key, torch.zeros_like(grad_key))
+                                           grad_key, torch.zeros_like(grad_key), grad_dot=grad_dot)
         weight, grad_top = improved_triton.top_key_gradients(
             qbar, key.reshape(rows, length, dim), value.reshape(rows, length, dim), top, lse, rest, mass, scale,
             grad_key, torch.zeros_like(grad_key))

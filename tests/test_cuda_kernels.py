@@ -256,6 +256,27 @@ def test_flash_path_algebra_cpu(topk):
         ck.KERNEL_DTYPES = old
 
 
+def test_top_keys_in_chunks_leave_out_padded_keys_cpu():
+    """``CudaOps._top_keys_in_chunks``, the top keys' selection beyond the selection kernel's top-k:
+    the log-sum-exp and the top keys of fp32 logits as float64 gives them, padded keys never chosen
+    while enough are valid, and +inf for a centroid without a valid key (as the kernel gives it)."""
+    gen = torch.Generator().manual_seed(3)
+    batch, heads, num_clusters, keys, dim, top_k, scale = 2, 3, 5, 40, 16, 12, 0.25
+    qbar = torch.randn(batch * heads, num_clusters, dim, generator=gen)
+    key = torch.randn(batch, heads, keys, dim, generator=gen)
+    padded = torch.zeros(batch, keys, dtype=torch.bool)
+    padded[0, ::3] = True  # 26 valid keys for 12 top keys
+    padded[1] = True  # none valid
+    lse, top = CudaOps._top_keys_in_chunks(qbar, key, padded, scale, top_k)
+    logits = scale * torch.einsum("rcd,rsd->rcs", qbar.double(), key.reshape(batch * heads, keys, dim).double())
+    logits = logits.masked_fill(padded.repeat_interleave(heads, 0)[:, None, :], float("-inf"))[:heads]
+    assert lse.dtype == torch.float32 and top.shape == (batch * heads, num_clusters, top_k)
+    assert max_err(lse[:heads], torch.logsumexp(logits, -1)) < 1e-5
+    assert torch.equal(top[:heads].sort(-1).values, logits.topk(top_k, -1).indices.sort(-1).values)
+    assert not padded[0, top[:heads]].any()
+    assert torch.equal(lse[heads:], torch.full_like(lse[heads:], float("inf")))
+
+
 def test_improved_backward_from_the_kept_forward_parts_cpu(monkeypatch):
     """On the flash path the eager improved step's backward takes the forward's centroid flash
     output, log-sum-exp and sort, packed in one buffer (``improved_bwd_packed``), instead of running
@@ -721,6 +742,59 @@ def test_improved_backward_past_the_centroid_kernels_gpu(dtype):
     _, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(*d64, a, None, None, C, topk, scale, 0.0)
     g = torch.randn(q.shape, device="cuda", dtype=dtype)
     _check_improved_backward(g, q, k, v, a, None, ref_lse, ref_top, centroids, C, scale)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
+@pytest.mark.parametrize("dim,topk", [(64, 200), (64, 300), (128, 200)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_improved_many_top_keys_gpu(monkeypatch, dtype, dim, topk, masked):
+    """More top keys than one tile of the Triton exact products (``ONE_TILE_TOP_K``, 128) are taken
+    in tiles, and more than the selection kernel ranks (300 at D = 64, 200 at D = 128) are chosen from
+    fp32 logits in row chunks; neither takes the fp32 ``(C, S)`` products nor the extension's
+    per-query kernels. Output and gradients within the low-precision rule of the fp64 reference,
+    the same top-key sets. ``masked``: key padding and dropout."""
+    from fairseq_clustered.ops import cuda_backend, improved_triton
+    ops = cuda_backend.cuda_ops()
+    C, length, keys = 25, 1025, 1100
+    p = 0.2 if masked else 0.0
+    q, k, v, _, kmask, a = make_inputs(2, 3, length, keys, dim, dtype, "cuda", C, pad=masked)
+    keep = torch.rand(2, 3, C, keys, device="cuda") >= p if masked else None
+    assert topk > improved_triton.ONE_TILE_TOP_K
+    assert (improved_triton.selection_unavailable(topk, dim) is None) == ((dim, topk) == (64, 200))
+    monkeypatch.setattr(ops, "_dense_inputs", lambda *args: pytest.fail("the improved op took the (C, S) products"))
+    monkeypatch.setattr(ops, "ext", _Refusing(ops.ext, {"improved_exact_fwd", "improved_exact_bwd"}))
+    scale = dim ** -0.5
+    d64 = [t.double() for t in (q, k, v)]
+    out, lse, top, centroids = custom_ops.improved_clustered_attention_fwd(q, k, v, a, kmask, keep, C, topk, scale,
+                                                                           p)
+    ref_out, ref_lse, ref_top = reference.improved_clustered_attention_fwd_ref(*d64, a, kmask, keep, C, topk,
+                                                                               scale, p)
+    low_out, _, _ = _lowp(reference.improved_clustered_attention_fwd_ref, q, k, v, a, kmask, keep, C, topk, scale, p)
+    assert torch.isfinite(out).all() and max_err(lse, ref_lse) < 1e-3
+
+    def valid_keys_of(top_keys):  # padded top keys as -1, sorted
+        if kmask is None:
+            return top_keys.sort(-1).values
+        valid = (~kmask)[:, None, None, :].expand(-1, 3, C, -1).gather(-1, top_keys)
+        return top_keys.masked_fill(~valid, -1).sort(-1).values
+
+    same = (valid_keys_of(top) == valid_keys_of(ref_top)).all(-1).float().mean().item()
+    assert same > 0.99, f"top-key sets agree on only {same:.3f} of the centroids"
+    _check("out", out, ref_out, low_out)
+    _check_improved_backward(torch.randn_like(out), q, k, v, a, kmask, ref_lse, ref_top, centroids, C, scale, keep, p)
+
+
+class _Refusing:
+    """The extension with some of its functions (``names``) failing the test where called."""
+
+    def __init__(self, ext, names):
+        self._ext, self._names = ext, names
+
+    def __getattr__(self, attr):
+        if attr in self._names:
+            return lambda *args: pytest.fail(f"the extension's {attr} was called")
+        return getattr(self._ext, attr)
 
 
 @needs_gpu

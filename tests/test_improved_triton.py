@@ -88,15 +88,22 @@ def assert_close(actual, expected, dtype):
 
 @runs_here
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("length,keys,dim,num_clusters,top_k", [
-    (97, 80, 32, 7, 5),      # top-k below the smallest tile (masked slots), 97 = 64 + 33 members
-    (200, 150, 64, 12, 16),
-    (130, 40, 16, 20, 33),   # 33 top keys in a 64-slot tile
+@pytest.mark.parametrize("length,keys,dim,num_clusters,top_k,key_tile", [
+    (97, 80, 32, 7, 5, None),      # top-k below the smallest tile (masked slots), 97 = 64 + 33 members
+    (200, 150, 64, 12, 16, None),
+    (130, 40, 16, 20, 33, None),   # 33 top keys in a 64-slot tile
+    (130, 90, 32, 9, 40, 16),      # 40 top keys in three tiles of 16 (online softmax), the last partial
 ])
 @pytest.mark.parametrize("masked", [False, True])
-def test_exact_products_match_brute_force(dtype, length, keys, dim, num_clusters, top_k, masked):
+def test_exact_products_match_brute_force(dtype, length, keys, dim, num_clusters, top_k, key_tile, masked,
+                                          monkeypatch):
     """``masked``: with key padding (a cluster whose top keys are all padded among the rest) and
-    dropout on the top keys."""
+    dropout on the top keys. ``key_tile``: more top keys than one tile takes, in tiles of
+    ``key_tile`` (the kernels' ``ONE_TILE_TOP_K`` and ``KEY_TILE``, 128 and 64, lowered so that
+    the interpreter's case stays small)."""
+    if key_tile is not None:
+        monkeypatch.setattr(improved_triton, "ONE_TILE_TOP_K", key_tile)
+        monkeypatch.setattr(improved_triton, "KEY_TILE", key_tile)
     q, k, v, grad_out, assignments, top, mass, rest, grad_centroids = problem(
         length, keys, dim, num_clusters, top_k, dtype, seed=length)
     scale = dim ** -0.5
@@ -124,8 +131,12 @@ def test_exact_products_match_brute_force(dtype, length, keys, dim, num_clusters
     (per_query(mass[..., None]) * exact64 * grad_out.double().reshape(rows, length, dim)).sum().backward()
     grad_key = torch.zeros(rows, keys, dim, device=DEVICE)
     grad_value = torch.zeros_like(grad_key)
+    if key_tile is not None:  # the softmax's backward over tiles takes the forward's grad_out . exact
+        with pytest.raises(ValueError, match="grad_dot is needed for top_k 40 > ONE_TILE_TOP_K 16"):
+            improved_triton.exact_top_keys_bwd(grad_out, q, k, v, order, seg_start, top, mass, grad_centroids,
+                                               scale, grad_key, grad_value, *masks)
     grad_query = improved_triton.exact_top_keys_bwd(grad_out, q, k, v, order, seg_start, top, mass, grad_centroids,
-                                                    scale, grad_key, grad_value, *masks)
+                                                    scale, grad_key, grad_value, *masks, grad_dot=grad_dot)
     assert grad_query.dtype == dtype
     assert_close(grad_query.reshape(rows, length, dim), leaves[0].grad.reshape(rows, length, dim)
                  + per_query(grad_centroids), dtype)
@@ -145,12 +156,16 @@ def test_sub_block_keys_follow_the_length_and_the_tile():
 @pytest.mark.skipif(improved_triton.triton is None, reason="needs triton")
 def test_what_the_triton_path_does_not_take():
     meta = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, device="meta", dtype=dtype)  # noqa: E731
-    assert improved_triton.triton_exact_unavailable(meta(1, 2, 8, 64), meta(1, 2, 8, 64), 32) is None
+    assert improved_triton.triton_exact_unavailable(meta(1, 2, 8, 64), meta(1, 2, 8, 64)) is None
     assert "dtype torch.float32" in improved_triton.triton_exact_unavailable(
-        meta(1, 2, 8, 64, dtype=torch.float32), meta(1, 2, 8, 64, dtype=torch.float32), 32)
-    assert "head dim 48" in improved_triton.triton_exact_unavailable(meta(1, 2, 8, 48), meta(1, 2, 8, 48), 32)
-    assert "value dim 32" in improved_triton.triton_exact_unavailable(meta(1, 2, 8, 64), meta(1, 2, 8, 32), 32)
-    assert "top-k 129" in improved_triton.triton_exact_unavailable(meta(1, 2, 8, 64), meta(1, 2, 8, 64), 129)
+        meta(1, 2, 8, 64, dtype=torch.float32), meta(1, 2, 8, 64, dtype=torch.float32))
+    assert "head dim 48" in improved_triton.triton_exact_unavailable(meta(1, 2, 8, 48), meta(1, 2, 8, 48))
+    assert "value dim 32" in improved_triton.triton_exact_unavailable(meta(1, 2, 8, 64), meta(1, 2, 8, 32))
+    # The selection ranks at least two candidate keys per slot within its tile of 32768 values.
+    assert improved_triton.selection_unavailable(256, 64) is None
+    assert improved_triton.selection_unavailable(128, 128) is None
+    assert "top-k 257 at head dim 64" in improved_triton.selection_unavailable(257, 64)
+    assert "top-k 129 at head dim 128" in improved_triton.selection_unavailable(129, 128)
 
 
 @runs_here
@@ -278,19 +293,25 @@ def test_sum_gradients_adds_in_fp32_and_rounds_once(dtype, with_second, reuse_fi
 
 @runs_here
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("keys,dim,num_clusters,top_k", [
-    (80, 32, 7, 5),      # top-k below the smallest tile (masked slots)
-    (150, 64, 12, 16),
-    (40, 16, 20, 33),    # 33 top keys in a 64-slot tile; 20 clusters over 40 keys share keys
+@pytest.mark.parametrize("keys,dim,num_clusters,top_k,key_tile", [
+    (80, 32, 7, 5, None),      # top-k below the smallest tile (masked slots)
+    (150, 64, 12, 16, None),
+    (40, 16, 20, 33, None),    # 33 top keys in a 64-slot tile; 20 clusters over 40 keys share keys
+    (40, 16, 20, 33, 16),      # the same in three tiles of 16, the last of one key
 ])
 @pytest.mark.parametrize("masked", [False, True])
-def test_top_key_summary_and_gradients_match_fp64(dtype, keys, dim, num_clusters, top_k, masked):
+def test_top_key_summary_and_gradients_match_fp64(dtype, keys, dim, num_clusters, top_k, key_tile, masked,
+                                                  monkeypatch):
     """Each centroid's mass and rest on its top keys, and the top-key part of the backward,
     against float64 products of the same (rounded) inputs: autograd of
     ``f = sum_j gm_j mass_j + g_j . rest_j`` with the log-sum-exp a leaf (its gradient is minus
     the dense term's weight). fp32 rounding only: the kernels upcast before multiplying.
     ``masked``: padded top keys count for nothing (a centroid without a valid key has the
-    log-sum-exp +inf) and the rest's top-key part takes the dropout factors."""
+    log-sum-exp +inf) and the rest's top-key part takes the dropout factors. ``key_tile``: more top
+    keys than one tile takes, in tiles of ``key_tile`` (sums over tiles)."""
+    if key_tile is not None:
+        monkeypatch.setattr(improved_triton, "ONE_TILE_TOP_K", key_tile)
+        monkeypatch.setattr(improved_triton, "KEY_TILE", key_tile)
     gen = torch.Generator().manual_seed(keys + top_k)
     rows = 3
     qbar = torch.randn(rows, num_clusters, dim, generator=gen).to(DEVICE)

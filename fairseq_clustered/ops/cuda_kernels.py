@@ -294,7 +294,7 @@ class CudaOps:
                                                   iterations, bits)  # these warn and take the reference
             return (*self.improved_fwd(query, key, value, assignments, *attention), assignments)
         # the output is written into a tensor of the caller's (graph_cache's "filled")
-        out = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, topk)
+        out = self._improved_query_sized_to_fill(query, value, key_padding_mask, keep, num_clusters)
         return self.graphs.run("improved_clustered_attention_fwd_with_clustering", self._improved_fwd_with_clustering,
                                (out, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
                                 *attention), filled=(0,))
@@ -313,7 +313,7 @@ class CudaOps:
         :meth:`clustered_fwd_packed`: ``(out, packed, layout)`` (:meth:`improved_kept_layout`), which
         :meth:`improved_bwd_packed` takes."""
         layout = self.improved_kept_layout(query, key, value, key_padding_mask, keep, num_clusters, topk)
-        out = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, topk)
+        out = self._improved_query_sized_to_fill(query, value, key_padding_mask, keep, num_clusters)
         packed = torch.empty(layout.nbytes, dtype=torch.uint8, device=query.device)
         out, packed = self.graphs.run("improved_clustered_attention_fwd_packed", self._improved_fwd_packing, (
             out, packed, layout, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
@@ -327,13 +327,12 @@ class CudaOps:
         self._pack(packed, layout, (lse, top, centroids, *kept, assignments))
         return out, packed
 
-    def packs_improved(self, query, key, value, key_padding_mask, keep, num_clusters, topk) -> bool:
+    def packs_improved(self, query, value, key_padding_mask, keep, num_clusters) -> bool:
         """Whether the kernels cluster and attend these inputs on the improved variant's flash path or
         its Triton form (:meth:`improved_fwd_packed` takes them)."""
         return (self._why_not(query, value, improved=True) is None
                 and self.clustering_why_not(query, num_clusters) is None
-                and self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters,
-                                                 min(topk, key.shape[2])))
+                and self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters))
 
     def improved_kept_layout(self, query, key, value, key_padding_mask, keep, num_clusters, topk) -> KeptLayout:
         """The :class:`KeptLayout` of what :meth:`_improved_fwd_keeping` keeps on the flash path (its
@@ -365,10 +364,9 @@ class CudaOps:
                             scale, dropout_p):
         """:meth:`improved_bwd` from :meth:`improved_fwd_packed`'s ``packed`` and ``layout``, unpacked inside
         the composition: the sort of the queries is not done again, nor the centroids' attention forward."""
-        top_k = layout.entries[1][1][-1]  # the top keys' entry: (int64, (B, H, C, k), offset)
         return self.graphs.run("improved_clustered_attention_bwd_packed", self._improved_bwd_unpacking, (
             grad_out, query, key, value, packed, layout, key_padding_mask, keep, num_clusters, scale, dropout_p,
-            *self._improved_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters, top_k)),
+            *self._improved_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters)),
             filled=(11, 12, 13))
 
     def _improved_bwd_unpacking(self, grad_out, query, key, value, packed, layout, key_padding_mask, keep,
@@ -489,18 +487,18 @@ class CudaOps:
         return (self.use_flash and query.is_cuda
                 and centroid_triton.triton_centroid_unavailable(query, value, num_clusters) is None)
 
-    def _improved_triton_ok(self, query, value, num_clusters, top_k) -> bool:
+    def _improved_triton_ok(self, query, value, num_clusters) -> bool:
         """Whether the improved variant, where flash cannot take it (key padding, dropout), runs on
         the flash path's algebra with Triton kernels (the centroid attention with its masks, the top
         keys and the exact top-key products) rather than as fp32 products of (C, S) matrices."""
         return (self._centroid_triton_ok(query, value, num_clusters)
-                and improved_triton.triton_exact_unavailable(query, value, top_k) is None)
+                and improved_triton.triton_exact_unavailable(query, value) is None)
 
-    def _improved_on_flash_path(self, query, value, key_padding_mask, keep, num_clusters, top_k) -> bool:
+    def _improved_on_flash_path(self, query, value, key_padding_mask, keep, num_clusters) -> bool:
         """Whether the improved variant takes the flash path's algebra: flash itself without key padding
         and dropout, or its Triton form (:meth:`_improved_triton_ok`); else the fp32 ``(C, S)`` products."""
         return (self._flash_ok(query, value, key_padding_mask, keep)
-                or self._improved_triton_ok(query, value, num_clusters, top_k))
+                or self._improved_triton_ok(query, value, num_clusters))
 
     def _sort_by_cluster(self, assignments: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor]:
         """:func:`_segments`'s ``order, seg_start`` (the counts, where wanted, are
@@ -798,18 +796,17 @@ class CudaOps:
             out, lse, top_index = reference.improved_clustered_attention_fwd_ref(
                 query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p)
             return out, lse, top_index, reference.cluster_centroids_ref(query, assignments, num_clusters)
-        out = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, topk)
+        out = self._improved_query_sized_to_fill(query, value, key_padding_mask, keep, num_clusters)
         return self.graphs.run("improved_clustered_attention_fwd", self._improved_fwd, (
             query, key, value, assignments, key_padding_mask, keep, num_clusters, topk, scale, dropout_p, out),
             filled=(10,))
 
-    def _improved_query_sized_to_fill(self, query, key, value, key_padding_mask, keep, num_clusters, topk):
+    def _improved_query_sized_to_fill(self, query, value, key_padding_mask, keep, num_clusters):
         """A contiguous empty tensor like the queries where the improved composition writes its output
         (forward) or query gradient (backward) into one (the Triton exact products on the flash path
         and its Triton form), handed to it as a "filled" argument; else None (its kernels make their own)."""
-        top_k = min(topk, key.shape[2])
-        if (self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters, top_k)
-                and improved_triton.triton_exact_unavailable(query, value, top_k) is None):
+        if (self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters)
+                and improved_triton.triton_exact_unavailable(query, value) is None):
             return _dense_like(query)
         return None
 
@@ -834,7 +831,7 @@ class CudaOps:
         order, seg_start = self._sort_by_cluster(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
         centroids = qbar.reshape(batch, heads, num_clusters, dim)  # for the backward
-        if self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters, top_k):
+        if self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters):
             out, lse, top, centroid_values, centroid_lse = self._improved_fwd_flash(
                 query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k, scale, key_padding_mask,
                 keep, dropout_p, out)
@@ -881,17 +878,16 @@ class CudaOps:
         return self.graphs.run("improved_clustered_attention_bwd", self._improved_bwd, (
             grad_out, query, key, value, assignments, key_padding_mask, keep, lse, top_index, centroids,
             num_clusters, scale, dropout_p,
-            *self._improved_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters,
-                                              top_index.shape[-1])),
+            *self._improved_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters)),
             filled=(13, 14, 15))
 
-    def _improved_gradients_to_fill(self, query, key, value, key_padding_mask, keep, num_clusters, top_k):
+    def _improved_gradients_to_fill(self, query, key, value, key_padding_mask, keep, num_clusters):
         """``(dq, dk, dv)`` for the improved backward to write into, handed to its composition as "filled"
         arguments: ``dq`` as :meth:`_improved_query_sized_to_fill` gives it; ``dk``, ``dv`` empty tensors
         where its Triton path writes them (the centroids' backward, then the top keys' parts summed over
         them), else None."""
-        dq = self._improved_query_sized_to_fill(query, key, value, key_padding_mask, keep, num_clusters, top_k)
-        if not self._improved_triton_ok(query, value, num_clusters, top_k):
+        dq = self._improved_query_sized_to_fill(query, value, key_padding_mask, keep, num_clusters)
+        if not self._improved_triton_ok(query, value, num_clusters):
             return dq, None, None
         return dq, centroid_triton.gradient_like(key), centroid_triton.gradient_like(value)
 
@@ -906,7 +902,7 @@ class CudaOps:
         order, seg_start = self._sort_by_cluster(assignments, num_clusters)
         counts = _member_counts(seg_start)
         qbar = centroids.reshape(rows, num_clusters, dim).float().contiguous()
-        if self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters, top_k):
+        if self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters):
             return self._improved_bwd_flash(grad_out, query, key, value, assignments, order, seg_start, counts, qbar,
                                             lse, top_index, num_clusters, scale, None, key_padding_mask, keep,
                                             dropout_p, dq, dk, dv)
@@ -1005,11 +1001,33 @@ class CudaOps:
         extension's kernel, which the routing gives no ``masks``): ``out`` (``grad_out`` None; the
         Triton kernel writes into ``out`` where given) or ``grad_out . exact`` per query.
         ``masks``: ``(key_padding_mask, keep, dropout_p)``."""
-        if improved_triton.triton_exact_unavailable(query, value, top.shape[-1]) is None:
+        if improved_triton.triton_exact_unavailable(query, value) is None:
             return improved_triton.exact_top_keys_fwd(query, key, value, order, seg_start, top, mass, rest, scale,
                                                       grad_out, *masks, out=out)
         return self.ext.improved_exact_fwd(query, key, value, grad_out, assignments, order, top, None, None,
                                            mass.contiguous(), rest.contiguous(), scale)
+
+    @staticmethod
+    def _top_keys_in_chunks(qbar, key, key_padding_mask, scale, top_k):
+        """:func:`improved_triton.centroid_top_keys`'s ``lse (rows, C)`` (+inf for a centroid without a
+        valid key) and ``top (rows, C, top_k)``, from fp32 ``(C, S)`` logits in row chunks (torch's
+        log-sum-exp and top-k), where its selection kernel does not take ``top_k``."""
+        batch, heads, keys, dim = key.shape
+        rows, num_clusters = qbar.shape[:2]
+        k_rows = key.reshape(rows, keys, dim)
+        mask_rows = None
+        if key_padding_mask is not None:
+            mask_rows = key_padding_mask.to(torch.bool).repeat_interleave(heads, dim=0)  # (rows, S)
+        lse = qbar.new_empty(rows, num_clusters)
+        top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=key.device)
+        for r0, r1 in _row_chunks(rows, num_clusters, keys):
+            logits = torch.bmm(qbar[r0:r1], k_rows[r0:r1].float().transpose(1, 2)).mul_(scale)
+            if mask_rows is not None:
+                logits.masked_fill_(mask_rows[r0:r1, None, :], float("-inf"))
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            lse[r0:r1] = chunk_lse.masked_fill(torch.isneginf(chunk_lse), float("inf"))
+            top[r0:r1] = torch.topk(logits, top_k, dim=-1).indices
+        return lse, top
 
     def _improved_fwd_flash(self, query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k,
                             scale, key_padding_mask=None, keep=None, dropout_p=0.0, out=None):
@@ -1022,16 +1040,11 @@ class CudaOps:
         v_rows = value.reshape(rows, keys, dim)
         masks = (key_padding_mask, keep, dropout_p)
         masked = key_padding_mask is not None or keep is not None  # routed here only with the Triton kernels
-        on_triton = improved_triton.triton_exact_unavailable(query, value, top_k) is None
-        if on_triton:  # no (C, S) logits
+        on_triton = improved_triton.triton_exact_unavailable(query, value) is None
+        if on_triton and improved_triton.selection_unavailable(top_k, dim) is None:  # no (C, S) logits
             lse, top = improved_triton.centroid_top_keys(qbar, k_rows, scale, top_k, key_padding_mask)
         else:
-            lse = qbar.new_empty(rows, num_clusters)
-            top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=query.device)
-            for r0, r1 in _row_chunks(rows, num_clusters, keys):
-                logits = torch.bmm(qbar[r0:r1], k_rows[r0:r1].float().transpose(1, 2)).mul_(scale)
-                lse[r0:r1] = torch.logsumexp(logits, dim=-1)
-                top[r0:r1] = torch.topk(logits, top_k, dim=-1).indices
+            lse, top = self._top_keys_in_chunks(qbar, key, key_padding_mask, scale, top_k)
         if masked:
             out_c, flash_lse = centroid_triton.centroid_attention_fwd(qbar, key, value, key_padding_mask, keep,
                                                                       scale, dropout_p)
@@ -1074,7 +1087,7 @@ class CudaOps:
         masked = key_padding_mask is not None or keep is not None
         # The top keys' part in Triton where it can (no gathered (rows, C, top_k, D) copies of the
         # top key and value rows), else in torch.
-        fused_top = improved_triton.triton_exact_unavailable(query, value, top_k) is None
+        fused_top = improved_triton.triton_exact_unavailable(query, value) is None
         if fused_top:
             mass, _ = improved_triton.top_key_summary(qbar, k_rows, v_rows, top, lse_rows, scale, None, *masks)
         else:
@@ -1146,7 +1159,7 @@ class CudaOps:
         # The kernels add the exact top-key parts into dk32 / dv32 in place.
         if fused_top:
             dq = improved_triton.exact_top_keys_bwd(grad_out, query, key, value, order, seg_start, top, mass, dq_bar,
-                                                    scale, dk32, dv32, *masks, grad_query=dq)
+                                                    scale, dk32, dv32, *masks, grad_query=dq, grad_dot=gm)
             # Summed over the dense pass's buffers, and the key side's fp32 buffer freed before the value
             # side's sum: the backward's memory peak is here.
             dk = improved_triton.sum_gradients(dk32, dk, dk_lse, reuse_first=True)

@@ -98,7 +98,7 @@ class ImprovedClusteredAttention(torch.autograd.Function):
                 clustering: Optional[tuple]):
         ctx.ops, ctx.hyper = ops, (num_clusters, scale, dropout_p)
         ctx.packing = None
-        if assignments is None and ops.packs_improved(query, key, value, key_padding_mask, keep, num_clusters, topk):
+        if assignments is None and ops.packs_improved(query, value, key_padding_mask, keep, num_clusters):
             out, packed, ctx.packing = ops.improved_fwd_packed(query, key, value, *clustering, key_padding_mask, keep,
                                                                num_clusters, topk, scale, dropout_p)
             ctx.save_for_backward(query, key, value, packed, key_padding_mask, keep)

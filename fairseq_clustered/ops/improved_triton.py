@@ -9,9 +9,11 @@ where ``T_j`` are the cluster's ``top_k`` keys. All members of a cluster share `
 so with the queries sorted by cluster (``order``, ``seg_start``) the exact part is a
 small dense attention per cluster: a block of up to ``BLOCK_M`` consecutive members
 against the cluster's ``top_k`` key and value rows, two tile products on tensor cores.
-The CUDA kernels of ``cuda/attention.cu`` compute it one query per warp with fp32
-multiply-adds and a shared-memory cache of the cluster's rows; they stay the path for
-fp32 and top-k > 128.
+Up to ``ONE_TILE_TOP_K`` top keys are one tile, the softmax in registers; more are taken in
+tiles of ``KEY_TILE`` with an online softmax (forward), or a pass for each query's log-sum-exp over its top
+keys and one for the gradients (backward). The CUDA kernels of ``cuda/attention.cu`` compute
+it one query per warp with fp32 multiply-adds and a shared-memory cache of the cluster's
+rows; they stay the path for fp32.
 
 Key padding and dropout. Padded keys have the logit -inf everywhere here: they take no part
 in a centroid's log-sum-exp, and they are among its top keys only where it has fewer valid
@@ -66,11 +68,15 @@ from torch import Tensor
 
 from ._triton import MIN_TILE, mask_bytes, safe_max, three_parts, tiles_unavailable, tl, triton
 
-__all__ = ["triton_exact_unavailable", "sub_block_keys", "centroid_block_stats", "centroid_top_keys",
-           "exact_top_keys_fwd", "exact_top_keys_bwd", "top_key_summary", "top_key_gradients",
+__all__ = ["triton_exact_unavailable", "selection_unavailable", "sub_block_keys", "centroid_block_stats",
+           "centroid_top_keys", "exact_top_keys_fwd", "exact_top_keys_bwd", "top_key_summary", "top_key_gradients",
            "centroid_gradients", "sum_gradients"]
 
-MAX_TOP_K = 128  # BLOCK_M x top-k fp32 logits must stay in registers
+# Up to ONE_TILE_TOP_K top keys are one tile of the exact products (BLOCK_M x top-k fp32 logits in
+# registers, the softmax in one pass); more are taken in tiles of KEY_TILE with an online softmax
+# (at 128 keys per tile the tiled backward spills: kernel_resources.py --topk 256).
+ONE_TILE_TOP_K = 128
+KEY_TILE = 64
 LOG2E = 1.4426950408889634
 # Members per program and warps (fwd / bwd), keys and centroids per program of the block
 # statistics (logits); chosen by sweeps of the improved step on an H100 at N = 32k, D = 64,
@@ -88,13 +94,19 @@ LAUNCH = {"fwd": {"BLOCK_M": 64, "num_warps": 4}, "bwd": {"BLOCK_M": 64, "num_wa
 SELECTION = {"SUB_BLOCKS": 2048, "TILE": 32768, "MAX_SUB_BLOCKS": 4096, "num_warps": 4, "BITONIC_CANDIDATES": 256}
 
 
-def triton_exact_unavailable(query: Tensor, value: Tensor, top_k: int) -> Optional[str]:
-    """Why the Triton exact products cannot serve these inputs (None if they can); the
-    caller has already excluded key padding and dropout (the flash path)."""
-    why = tiles_unavailable(query, value, "the Triton exact products")
-    if why is None and top_k > MAX_TOP_K:
-        why = f"top-k {top_k} > {MAX_TOP_K}"
-    return why
+def triton_exact_unavailable(query: Tensor, value: Tensor) -> Optional[str]:
+    """Why the Triton exact products (and the top keys' summaries) cannot serve these inputs
+    (None if they can), for any top-k."""
+    return tiles_unavailable(query, value, "the Triton exact products")
+
+
+def selection_unavailable(top_k: int, dim: int) -> Optional[str]:
+    """Why :func:`centroid_top_keys` cannot rank ``top_k`` keys of ``dim`` features (None if it
+    can): its candidates, at least two keys per slot, must fit ``SELECTION["TILE"]`` values."""
+    if 2 * dim * triton.next_power_of_2(top_k) > SELECTION["TILE"]:
+        return (f"top-k {top_k} at head dim {dim}: the selection kernel's candidates exceed "
+                f"{SELECTION['TILE']} values")
+    return None
 
 
 if triton is not None:
@@ -136,8 +148,7 @@ if triton is not None:
     def _top_softmax(q, k_top, top_ok, qk_scale):
         """Softmax over the top keys of ``q (M, D) @ k_top (K, D)^T`` -> fp32 ``(M, K)``; zeros
         where no slot is valid (a cluster whose keys are all padded)."""
-        logits = tl.dot(q, tl.trans(k_top)) * qk_scale  # log2 domain
-        logits = tl.where(top_ok[None, :], logits, float("-inf"))
+        logits = _top_logits(q, k_top, top_ok, qk_scale)
         row_max = tl.max(logits, 1)
         probs = tl.exp2(logits - safe_max(row_max)[:, None])
         total = tl.sum(probs, 1)
@@ -153,32 +164,120 @@ if triton is not None:
         return member, queries, (row * length + queries)[:, None] * DIM + tl.arange(0, DIM)[None, :]
 
     @triton.jit
-    def _cluster_top_rows(TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, drop_scale,
-                          DIM: tl.constexpr, BLOCK_K: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr):
-        """-> (slot mask, row offsets, key rows, value rows ``(BLOCK_K, DIM)``, dropout factors
-        ``(BLOCK_K,)`` fp32) of the cluster's top keys. A slot is valid below ``top_k`` and
-        (``PADDED``) on a key that ``PAD (B, S)`` does not mark as padding: the top keys of a
-        centroid with fewer valid keys than slots fill the rest with padded ones. The factors
-        are ``KEEP (rows, C, S)`` at the top keys times ``drop_scale`` (``DROPOUT``), else 1."""
-        slots = tl.arange(0, BLOCK_K)
+    def _top_slots(TOP, PAD, row, cluster, num_clusters, keys, heads, top_k, first, DIM: tl.constexpr,
+                   BLOCK_K: tl.constexpr, PADDED: tl.constexpr):
+        """-> (slot mask, key indices, row offsets ``(BLOCK_K, DIM)``) of the cluster's top-key slots
+        ``first .. first + BLOCK_K``. A slot is valid below ``top_k`` and (``PADDED``) on a key that
+        ``PAD (B, S)`` does not mark as padding: the top keys of a centroid with fewer valid keys
+        than slots fill the rest with padded ones."""
+        slots = first + tl.arange(0, BLOCK_K)
         in_top = slots < top_k
         top_keys = tl.load(TOP + (row * num_clusters + cluster) * top_k + slots, mask=in_top, other=0)
         top_ok = _unpadded(PAD, row, heads, keys, top_keys, in_top, PADDED)
+        return top_ok, top_keys, (row * keys + top_keys)[:, None] * DIM + tl.arange(0, DIM)[None, :]
+
+    @triton.jit
+    def _cluster_top_rows(TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, first, drop_scale,
+                          DIM: tl.constexpr, BLOCK_K: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr):
+        """-> (slot mask, row offsets, key rows, value rows ``(BLOCK_K, DIM)``, dropout factors
+        ``(BLOCK_K,)`` fp32) of the cluster's top-key slots ``first .. first + BLOCK_K``
+        (:func:`_top_slots`). The factors are ``KEEP (rows, C, S)`` at the top keys times
+        ``drop_scale`` (``DROPOUT``), else 1."""
+        top_ok, top_keys, top_rows = _top_slots(TOP, PAD, row, cluster, num_clusters, keys, heads, top_k, first, DIM,
+                                                BLOCK_K, PADDED)
         drop = tl.full((BLOCK_K,), 1.0, tl.float32)
         if DROPOUT:
-            kept = tl.load(KEEP + (row * num_clusters + cluster) * keys + top_keys, mask=in_top, other=0)
+            kept = tl.load(KEEP + (row * num_clusters + cluster) * keys + top_keys, mask=top_ok, other=0)
             drop = kept.to(tl.float32) * drop_scale
-        top_rows = (row * keys + top_keys)[:, None] * DIM + tl.arange(0, DIM)[None, :]
         k_top = tl.load(K + top_rows, mask=top_ok[:, None], other=0.0)
         v_top = tl.load(V + top_rows, mask=top_ok[:, None], other=0.0)
         return top_ok, top_rows, k_top, v_top, drop
 
     @triton.jit
+    def _top_logits(q, k_top, top_ok, qk_scale):
+        """``q (M, D) @ k_top (K, D)^T`` in the log2 domain, fp32 ``(M, K)``; -inf at invalid slots."""
+        return tl.where(top_ok[None, :], tl.dot(q, tl.trans(k_top)) * qk_scale, float("-inf"))
+
+    @triton.jit
+    def _exact_part(q, TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, qk_scale, drop_scale,
+                    DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
+                    PADDED: tl.constexpr, DROPOUT: tl.constexpr):
+        """``exact (BLOCK_M, DIM)`` fp32, ``sum_t softmax_t(scale q . k_t) z_t v_t`` over the cluster's
+        top keys: in one tile (``ONE_TILE``: ``top_k <= BLOCK_K``), else over tiles of ``BLOCK_K``
+        keys with an online softmax (a running maximum and sum, the partial output rescaled as the
+        maximum grows), so that ``top_k`` is not bounded by the registers."""
+        if ONE_TILE:
+            top_ok, _, k_top, v_top, drop = _cluster_top_rows(
+                TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, 0, drop_scale, DIM, BLOCK_K,
+                PADDED, DROPOUT)
+            probs = _top_softmax(q, k_top, top_ok, qk_scale)
+            if DROPOUT:
+                probs = probs * drop[None, :]
+            exact = tl.dot(probs.to(v_top.dtype), v_top)
+        else:
+            running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            total = tl.zeros((BLOCK_M,), tl.float32)
+            exact = tl.zeros((BLOCK_M, DIM), tl.float32)
+            for first in range(0, top_k, BLOCK_K):
+                top_ok, _, k_top, v_top, drop = _cluster_top_rows(
+                    TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, first, drop_scale, DIM,
+                    BLOCK_K, PADDED, DROPOUT)
+                logits = _top_logits(q, k_top, top_ok, qk_scale)
+                new_max = tl.maximum(running_max, tl.max(logits, 1))
+                shift = safe_max(new_max)
+                rescale = tl.exp2(running_max - shift)
+                probs = tl.exp2(logits - shift[:, None])
+                total = total * rescale + tl.sum(probs, 1)
+                if DROPOUT:
+                    probs = probs * drop[None, :]
+                exact = exact * rescale[:, None] + tl.dot(probs.to(v_top.dtype), v_top)
+                running_max = new_max
+            exact = exact / tl.where(total > 0, total, 1.0)[:, None]
+        return exact
+
+    @triton.jit
+    def _top_log2_normalizer(q, TOP, K, PAD, row, cluster, num_clusters, keys, heads, top_k, qk_scale,
+                             DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PADDED: tl.constexpr):
+        """``log2 sum_t 2^logit_t`` over the cluster's top keys, ``(BLOCK_M,)`` fp32, in tiles of
+        ``BLOCK_K`` keys (+inf where no slot is valid, so that every probability is 0)."""
+        running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        total = tl.zeros((BLOCK_M,), tl.float32)
+        for first in range(0, top_k, BLOCK_K):
+            top_ok, _, top_rows = _top_slots(TOP, PAD, row, cluster, num_clusters, keys, heads, top_k, first, DIM,
+                                             BLOCK_K, PADDED)
+            logits = _top_logits(q, tl.load(K + top_rows, mask=top_ok[:, None], other=0.0), top_ok, qk_scale)
+            new_max = tl.maximum(running_max, tl.max(logits, 1))
+            shift = safe_max(new_max)
+            total = total * tl.exp2(running_max - shift) + tl.sum(tl.exp2(logits - shift[:, None]), 1)
+            running_max = new_max
+        return tl.where(total > 0, running_max + tl.log2(tl.where(total > 0, total, 1.0)), float("inf"))
+
+    @triton.jit
+    def _top_tile_grads(q, grad_exact, probs, grad_probs, delta, member, k_top, top_ok, top_rows, drop, GRAD_K,
+                        GRAD_V, scale, DROPOUT: tl.constexpr):
+        """One tile of top keys in the exact part's backward, given its probabilities ``probs`` and
+        ``grad_probs`` (``(M, K)`` fp32, the latter with the dropout factors) and each query's
+        ``delta = sum_t p_t dp_t`` over all its top keys: adds the tile's key and value gradients
+        into ``GRAD_K``, ``GRAD_V`` atomically and returns the query gradient's share
+        ``ds @ k_top`` ``(M, DIM)`` fp32, before the scale."""
+        weights = probs
+        if DROPOUT:
+            weights = probs * drop[None, :]
+        grad_logits = probs * (grad_probs - delta[:, None])
+        grad_logits = tl.where(member[:, None], grad_logits, 0.0).to(q.dtype)
+        # Rows of non-members are zero in grad_logits and grad_exact: they add nothing.
+        grad_k = tl.dot(tl.trans(grad_logits), q) * scale
+        grad_v = tl.dot(tl.trans(weights.to(q.dtype)), grad_exact)
+        tl.atomic_add(GRAD_K + top_rows, grad_k, mask=top_ok[:, None])
+        tl.atomic_add(GRAD_V + top_rows, grad_v, mask=top_ok[:, None])
+        return tl.dot(grad_logits, k_top)
+
+    @triton.jit
     def _exact_fwd_kernel(Q, K, V, GRAD_OUT, ORDER, SEG_START, TOP, MASS, REST, OUT, GRAD_DOT, PAD, KEEP,
                           length, keys, num_clusters, heads, top_k, qk_scale, drop_scale,
                           DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_C: tl.constexpr, GRAD_MODE: tl.constexpr, PADDED: tl.constexpr,
-                          DROPOUT: tl.constexpr):
+                          BLOCK_C: tl.constexpr, ONE_TILE: tl.constexpr, GRAD_MODE: tl.constexpr,
+                          PADDED: tl.constexpr, DROPOUT: tl.constexpr):
         """Q, GRAD_OUT, OUT: (rows, N, DIM); K, V: (rows, S, DIM); ORDER: (rows, N) int64;
         SEG_START: (rows, C + 1) int64; TOP: (rows, C, top_k) int64; MASS: (rows, C) fp32;
         REST: (rows, C, DIM) fp32; GRAD_DOT: (rows, N) fp32; PAD, KEEP: as _cluster_top_rows.
@@ -193,13 +292,8 @@ if triton is not None:
                 tl.store(OUT + query_rows, tl.zeros((BLOCK_M, DIM), OUT.dtype.element_ty), mask=member[:, None])
         elif active:
             q = tl.load(Q + query_rows, mask=member[:, None], other=0.0)
-            top_ok, top_rows, k_top, v_top, drop = _cluster_top_rows(
-                TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, drop_scale, DIM, BLOCK_K,
-                PADDED, DROPOUT)
-            probs = _top_softmax(q, k_top, top_ok, qk_scale)
-            if DROPOUT:
-                probs = probs * drop[None, :]
-            exact = tl.dot(probs.to(v_top.dtype), v_top)  # (BLOCK_M, DIM) fp32
+            exact = _exact_part(q, TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, qk_scale,
+                                drop_scale, DIM, BLOCK_M, BLOCK_K, ONE_TILE, PADDED, DROPOUT)  # (BLOCK_M, DIM) fp32
             if GRAD_MODE:
                 grad_out = tl.load(GRAD_OUT + query_rows, mask=member[:, None], other=0.0)
                 tl.store(GRAD_DOT + row * length + queries, tl.sum(grad_out.to(tl.float32) * exact, 1), mask=member)
@@ -210,14 +304,21 @@ if triton is not None:
                 tl.store(OUT + query_rows, out.to(OUT.dtype.element_ty), mask=member[:, None])
 
     @triton.jit
-    def _exact_bwd_kernel(GRAD_OUT, Q, K, V, ORDER, SEG_START, TOP, MASS, GRAD_CENTROIDS, GRAD_Q, GRAD_K, GRAD_V,
-                          PAD, KEEP, length, keys, num_clusters, heads, top_k, qk_scale, scale, drop_scale,
+    def _exact_bwd_kernel(GRAD_OUT, Q, K, V, ORDER, SEG_START, TOP, MASS, GRAD_CENTROIDS, GRAD_DOT, GRAD_Q, GRAD_K,
+                          GRAD_V, PAD, KEEP, length, keys, num_clusters, heads, top_k, qk_scale, scale, drop_scale,
                           DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_C: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr):
+                          BLOCK_C: tl.constexpr, ONE_TILE: tl.constexpr, PADDED: tl.constexpr,
+                          DROPOUT: tl.constexpr):
         """GRAD_CENTROIDS: (rows, C, DIM) fp32, added to every member's query gradient;
-        GRAD_Q: (rows, N, DIM) in the input dtype; GRAD_K, GRAD_V: (rows, S, DIM) fp32,
-        added to. With dropout factors ``z_t`` the exact part is ``sum_t p_t z_t v_t``: its
-        gradient reaches ``p_t`` times ``z_t``, and ``v_t`` through ``p_t z_t``."""
+        GRAD_DOT: (rows, N) fp32, the forward's ``grad_out_i . exact_i`` (read without
+        ``ONE_TILE``); GRAD_Q: (rows, N, DIM) in the input dtype; GRAD_K, GRAD_V: (rows, S, DIM)
+        fp32, added to. With dropout factors ``z_t`` the exact part is ``sum_t p_t z_t v_t``: its
+        gradient reaches ``p_t`` times ``z_t``, and ``v_t`` through ``p_t z_t``.
+
+        In one tile (``ONE_TILE``) the softmax and ``delta_i = sum_t p_t dp_t`` come from the
+        tile itself. Over tiles, a first pass takes each query's log-sum-exp over its top keys,
+        and ``delta_i`` is ``mass_j grad_out_i . exact_i`` (``dp_t = mass_j z_t grad_out_i . v_t``),
+        which the forward has given; a second pass takes the gradients tile by tile."""
         row = tl.program_id(1).to(tl.int64)
         cluster, start, end, active = _work_item(SEG_START, row, num_clusters, BLOCK_M, BLOCK_C)
         member, queries, query_rows = _member_rows(ORDER, row, length, start, end, DIM, BLOCK_M)
@@ -229,25 +330,34 @@ if triton is not None:
             # The exact part enters the output scaled by the mass.
             grad_exact = (tl.load(GRAD_OUT + query_rows, mask=member[:, None], other=0.0).to(tl.float32)
                           * mass).to(q.dtype)
-            top_ok, top_rows, k_top, v_top, drop = _cluster_top_rows(
-                TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, drop_scale, DIM, BLOCK_K,
-                PADDED, DROPOUT)
-            probs = _top_softmax(q, k_top, top_ok, qk_scale)
-            grad_probs = tl.dot(grad_exact, tl.trans(v_top))
-            weights = probs
-            if DROPOUT:
-                grad_probs = grad_probs * drop[None, :]
-                weights = probs * drop[None, :]
-            grad_logits = probs * (grad_probs - tl.sum(probs * grad_probs, 1)[:, None])
-            grad_logits = tl.where(member[:, None], grad_logits, 0.0).to(q.dtype)
+            if ONE_TILE:
+                top_ok, top_rows, k_top, v_top, drop = _cluster_top_rows(
+                    TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, 0, drop_scale, DIM,
+                    BLOCK_K, PADDED, DROPOUT)
+                probs = _top_softmax(q, k_top, top_ok, qk_scale)
+                grad_probs = tl.dot(grad_exact, tl.trans(v_top))
+                if DROPOUT:
+                    grad_probs = grad_probs * drop[None, :]
+                grad_q = _top_tile_grads(q, grad_exact, probs, grad_probs, tl.sum(probs * grad_probs, 1), member,
+                                         k_top, top_ok, top_rows, drop, GRAD_K, GRAD_V, scale, DROPOUT)
+            else:
+                normalizer = _top_log2_normalizer(q, TOP, K, PAD, row, cluster, num_clusters, keys, heads, top_k,
+                                                  qk_scale, DIM, BLOCK_M, BLOCK_K, PADDED)
+                delta = mass * tl.load(GRAD_DOT + row * length + queries, mask=member, other=0.0)
+                grad_q = tl.zeros((BLOCK_M, DIM), tl.float32)
+                for first in range(0, top_k, BLOCK_K):
+                    top_ok, top_rows, k_top, v_top, drop = _cluster_top_rows(
+                        TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, first, drop_scale,
+                        DIM, BLOCK_K, PADDED, DROPOUT)
+                    probs = tl.exp2(_top_logits(q, k_top, top_ok, qk_scale) - normalizer[:, None])
+                    grad_probs = tl.dot(grad_exact, tl.trans(v_top))
+                    if DROPOUT:
+                        grad_probs = grad_probs * drop[None, :]
+                    grad_q += _top_tile_grads(q, grad_exact, probs, grad_probs, delta, member, k_top, top_ok,
+                                              top_rows, drop, GRAD_K, GRAD_V, scale, DROPOUT)
             grad_centroid = tl.load(GRAD_CENTROIDS + (row * num_clusters + cluster) * DIM + tl.arange(0, DIM))
-            grad_q = tl.dot(grad_logits, k_top) * scale + grad_centroid[None, :]
+            grad_q = grad_q * scale + grad_centroid[None, :]
             tl.store(GRAD_Q + query_rows, grad_q.to(GRAD_Q.dtype.element_ty), mask=member[:, None])
-            # Rows of non-members are zero in grad_logits and grad_exact: they add nothing.
-            grad_k = tl.dot(tl.trans(grad_logits), q) * scale
-            grad_v = tl.dot(tl.trans(weights.to(q.dtype)), grad_exact)
-            tl.atomic_add(GRAD_K + top_rows, grad_k, mask=top_ok[:, None])
-            tl.atomic_add(GRAD_V + top_rows, grad_v, mask=top_ok[:, None])
 
 
     # Rankings for the top-k selections: one int64 per entry whose order is the value's, ties
@@ -425,17 +535,17 @@ if triton is not None:
 
 
     @triton.jit
-    def _top_key_probs(QBAR, K, V, TOP, LSE, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, scale,
+    def _top_key_probs(QBAR, K, V, TOP, LSE, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, first, scale,
                        drop_scale, DIM: tl.constexpr, BLOCK_K: tl.constexpr, PADDED: tl.constexpr,
                        DROPOUT: tl.constexpr):
         """-> (slot mask, row offsets, key rows, value rows (BLOCK_K, DIM), centroid (DIM,) fp32,
         top-key probabilities (BLOCK_K,) fp32, 0 in unused slots, dropout factors (BLOCK_K,)) of
-        one centroid: its attention probabilities ``exp(scale qbar . k_t - lse)`` on its top keys,
-        in fp32 multiply-adds as the fp32 products of the centroids and the upcast keys. PAD,
-        KEEP: as _cluster_top_rows."""
+        one centroid's top-key slots ``first .. first + BLOCK_K``: its attention probabilities
+        ``exp(scale qbar . k_t - lse)``, in fp32 multiply-adds as the fp32 products of the
+        centroids and the upcast keys. PAD, KEEP: as _cluster_top_rows."""
         top_ok, top_rows, k_top, v_top, drop = _cluster_top_rows(
-            TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, drop_scale, DIM, BLOCK_K, PADDED,
-            DROPOUT)
+            TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, first, drop_scale, DIM, BLOCK_K,
+            PADDED, DROPOUT)
         centroid = (row * num_clusters + cluster).to(tl.int64)
         qbar = tl.load(QBAR + centroid * DIM + tl.arange(0, DIM))
         logits = tl.sum(k_top.to(tl.float32) * qbar[None, :], 1) * scale
@@ -445,45 +555,58 @@ if triton is not None:
     @triton.jit
     def _top_key_summary_kernel(QBAR, K, V, TOP, LSE, CENTROID_VALUES, MASS, REST, PAD, KEEP, num_clusters, keys,
                                 heads, top_k, scale, drop_scale, DIM: tl.constexpr, BLOCK_K: tl.constexpr,
-                                WITH_REST: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr):
+                                TILES: tl.constexpr, WITH_REST: tl.constexpr, PADDED: tl.constexpr,
+                                DROPOUT: tl.constexpr):
         """Program (cluster, row): the centroid's attention mass on its top keys, and (WITH_REST)
         its output over the other keys, ``CENTROID_VALUES - sum_t p_t z_t v_t`` (``z_t`` the
-        dropout factors, which the mass does not take)."""
+        dropout factors, which the mass does not take); the top keys in ``TILES`` tiles of
+        ``BLOCK_K`` (unrolled: one tile compiles to the straight code)."""
         cluster, row = tl.program_id(0), tl.program_id(1)
-        _, _, _, v_top, _, probs, drop = _top_key_probs(
-            QBAR, K, V, TOP, LSE, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, scale, drop_scale, DIM,
-            BLOCK_K, PADDED, DROPOUT)
+        mass = tl.sum(tl.zeros((BLOCK_K,), tl.float32), 0)
+        top_part = tl.zeros((DIM,), tl.float32)
+        for tile in tl.static_range(TILES):
+            _, _, _, v_top, _, probs, drop = _top_key_probs(
+                QBAR, K, V, TOP, LSE, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, tile * BLOCK_K, scale,
+                drop_scale, DIM, BLOCK_K, PADDED, DROPOUT)
+            mass += tl.sum(probs, 0)
+            if WITH_REST:
+                top_part += tl.sum((probs * drop)[:, None] * v_top.to(tl.float32), 0)
         centroid = (row * num_clusters + cluster).to(tl.int64)
-        tl.store(MASS + centroid, tl.sum(probs, 0))
+        tl.store(MASS + centroid, mass)
         if WITH_REST:
             feats = tl.arange(0, DIM)
-            top_part = tl.sum((probs * drop)[:, None] * v_top.to(tl.float32), 0)
             tl.store(REST + centroid * DIM + feats, tl.load(CENTROID_VALUES + centroid * DIM + feats) - top_part)
 
     @triton.jit
     def _top_key_grads_kernel(QBAR, K, V, TOP, LSE, GRAD_REST, GRAD_MASS, GRAD_K, GRAD_V, LSE_WEIGHT,
                               GRAD_CENTROIDS, PAD, KEEP, num_clusters, keys, heads, top_k, scale, drop_scale,
-                              DIM: tl.constexpr, BLOCK_K: tl.constexpr, PADDED: tl.constexpr,
+                              DIM: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, PADDED: tl.constexpr,
                               DROPOUT: tl.constexpr):
         """Program (cluster, row): the top-key part of the improved backward for one centroid,
         with ``g`` its rest's gradient, ``gm`` its mass's and ``z_t`` the dropout factors:
         ``a_t = gm - z_t g . v_t``, ``w_t = a_t p_t``; adds ``-p_t z_t g`` to GRAD_V and
         ``scale w_t qbar`` to GRAD_K at its top keys (atomically: clusters share keys), and
         writes ``sum_t w_t`` (LSE_WEIGHT, the weight of the log-sum-exp's dense term) and
-        ``scale sum_t w_t k_t`` (GRAD_CENTROIDS)."""
+        ``scale sum_t w_t k_t`` (GRAD_CENTROIDS); the top keys in ``TILES`` tiles of ``BLOCK_K``."""
         cluster, row = tl.program_id(0), tl.program_id(1)
-        top_ok, top_rows, k_top, v_top, qbar, probs, drop = _top_key_probs(
-            QBAR, K, V, TOP, LSE, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, scale, drop_scale, DIM,
-            BLOCK_K, PADDED, DROPOUT)
         centroid = (row * num_clusters + cluster).to(tl.int64)
         feats = tl.arange(0, DIM)
         grad_rest = tl.load(GRAD_REST + centroid * DIM + feats)
-        weights = tl.where(top_ok, (tl.load(GRAD_MASS + centroid)
-                                    - drop * tl.sum(v_top.to(tl.float32) * grad_rest[None, :], 1)) * probs, 0.0)
-        tl.store(LSE_WEIGHT + centroid, tl.sum(weights, 0))
-        tl.store(GRAD_CENTROIDS + centroid * DIM + feats, scale * tl.sum(weights[:, None] * k_top.to(tl.float32), 0))
-        tl.atomic_add(GRAD_V + top_rows, -(probs * drop)[:, None] * grad_rest[None, :], mask=top_ok[:, None])
-        tl.atomic_add(GRAD_K + top_rows, scale * weights[:, None] * qbar[None, :], mask=top_ok[:, None])
+        grad_mass = tl.load(GRAD_MASS + centroid)
+        lse_weight = tl.sum(tl.zeros((BLOCK_K,), tl.float32), 0)
+        weighted_keys = tl.zeros((DIM,), tl.float32)
+        for tile in tl.static_range(TILES):
+            top_ok, top_rows, k_top, v_top, qbar, probs, drop = _top_key_probs(
+                QBAR, K, V, TOP, LSE, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, tile * BLOCK_K, scale,
+                drop_scale, DIM, BLOCK_K, PADDED, DROPOUT)
+            weights = tl.where(top_ok, (grad_mass - drop * tl.sum(v_top.to(tl.float32) * grad_rest[None, :], 1))
+                               * probs, 0.0)
+            lse_weight += tl.sum(weights, 0)
+            weighted_keys += tl.sum(weights[:, None] * k_top.to(tl.float32), 0)
+            tl.atomic_add(GRAD_V + top_rows, -(probs * drop)[:, None] * grad_rest[None, :], mask=top_ok[:, None])
+            tl.atomic_add(GRAD_K + top_rows, scale * weights[:, None] * qbar[None, :], mask=top_ok[:, None])
+        tl.store(LSE_WEIGHT + centroid, lse_weight)
+        tl.store(GRAD_CENTROIDS + centroid * DIM + feats, scale * weighted_keys)
 
 
     @triton.jit
@@ -559,7 +682,7 @@ def top_key_summary(qbar: Tensor, key: Tensor, value: Tensor, top: Tensor, lse: 
     _top_key_summary_kernel[(num_clusters, rows)](
         qbar, key, value, top, lse, qbar if rest is None else centroid_values.contiguous(), mass,
         qbar if rest is None else rest, pad, kept, num_clusters, key.shape[1], heads, top_k, scale, drop_scale,
-        DIM=qbar.shape[-1], BLOCK_K=_tile(top_k), WITH_REST=rest is not None, num_warps=4, **flags,
+        DIM=qbar.shape[-1], **_key_tiles(top_k), WITH_REST=rest is not None, num_warps=4, **flags,
     )
     return mass, rest
 
@@ -592,7 +715,7 @@ def top_key_gradients(qbar: Tensor, key: Tensor, value: Tensor, top: Tensor, lse
     _top_key_grads_kernel[(num_clusters, rows)](
         qbar, key, value, top, lse, grad_rest, grad_mass, grad_key, grad_value, lse_weight, grad_centroids,
         pad, kept, num_clusters, key.shape[1], heads, top_k, scale, drop_scale, DIM=qbar.shape[-1],
-        BLOCK_K=_tile(top_k), num_warps=4, **flags,
+        **_key_tiles(top_k), num_warps=4, **flags,
     )
     return lse_weight, grad_centroids
 
@@ -777,10 +900,22 @@ def _tile(size: int) -> int:
     return max(MIN_TILE, triton.next_power_of_2(size))
 
 
+def _key_tile(top_k: int) -> int:
+    """Top-key slots per tile: all of them up to ``ONE_TILE_TOP_K``, else ``KEY_TILE``."""
+    return _tile(top_k) if top_k <= ONE_TILE_TOP_K else KEY_TILE
+
+
+def _key_tiles(top_k: int) -> dict:
+    """The per-centroid kernels' ``BLOCK_K`` and ``TILES``: tiles of :func:`_key_tile` slots over ``top_k``."""
+    block_k = _key_tile(top_k)
+    return dict(BLOCK_K=block_k, TILES=triton.cdiv(top_k, block_k))
+
+
 def _grid_and_tiles(query: Tensor, num_clusters: int, top_k: int, block_m: int):
     rows, length = query.shape[0] * query.shape[1], query.shape[2]
     grid = (triton.cdiv(length, block_m) + num_clusters + 1, rows)  # see _work_item
-    tiles = dict(DIM=query.shape[-1], BLOCK_K=_tile(top_k), BLOCK_C=_tile(num_clusters))
+    block_k = _key_tile(top_k)
+    tiles = dict(DIM=query.shape[-1], BLOCK_K=block_k, BLOCK_C=_tile(num_clusters), ONE_TILE=top_k <= block_k)
     return grid, tiles
 
 
@@ -833,13 +968,15 @@ def exact_top_keys_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
                        seg_start: Tensor, top: Tensor, mass: Tensor, grad_centroids: Tensor, scale: float,
                        grad_key: Tensor, grad_value: Tensor, key_padding_mask: Optional[Tensor] = None,
                        keep: Optional[Tensor] = None, dropout_p: float = 0.0,
-                       grad_query: Optional[Tensor] = None) -> Tensor:
+                       grad_query: Optional[Tensor] = None, grad_dot: Optional[Tensor] = None) -> Tensor:
     """Backward of the exact top-key part (shapes and masks as :func:`exact_top_keys_fwd`).
 
     ``grad_centroids (B H, C, D)`` fp32 is added to each member's query gradient; the top
     keys' gradients are added into ``grad_key``, ``grad_value`` ``(B H, S, D)`` fp32 in place.
     ``grad_query``: a contiguous tensor like the queries to write the query gradient into, or
-    None for a new one.
+    None for a new one. ``grad_dot``: ``(B H, N)`` fp32 ``grad_out_i . exact_i`` as
+    :func:`exact_top_keys_fwd` gives it, needed where ``top_k > ONE_TILE_TOP_K`` (each query's softmax
+    then spans tiles, and it gives the softmax's backward its ``sum_t p_t dp_t``), else unused.
 
     Returns:
         the query gradient ``(B, H, N, D)`` in the query dtype.
@@ -857,8 +994,13 @@ def exact_top_keys_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
         raise ValueError("grad_query must be a contiguous tensor of the query's shape and dtype")
     options = dict(LAUNCH["bwd"])
     grid, tiles = _grid_and_tiles(query, num_clusters, top_k, options["BLOCK_M"])
+    if not tiles["ONE_TILE"] and grad_dot is None:
+        raise ValueError(f"grad_dot is needed for top_k {top_k} > ONE_TILE_TOP_K {ONE_TILE_TOP_K} "
+                         "(exact_top_keys_fwd with grad_out gives it)")
+    grad_dot = mass if grad_dot is None else grad_dot.contiguous()  # not read in one tile
     _exact_bwd_kernel[grid](
-        grad_out, query, key, value, order, seg_start, top, mass, grad_centroids, grad_query, grad_key, grad_value,
+        grad_out, query, key, value, order, seg_start, top, mass, grad_centroids, grad_dot, grad_query, grad_key,
+        grad_value,
         pad, kept, query.shape[2], key.shape[2], num_clusters, heads, top_k, scale * LOG2E, scale, drop_scale,
         **tiles, **options, **flags,
     )
