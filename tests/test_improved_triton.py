@@ -178,6 +178,7 @@ def test_what_the_triton_path_does_not_take():
     (70, 16, 130, 7, 4096, 16),      # 5 sub-blocks of 16, fewer than top-k: every key a candidate
     (1000, 64, 10, 33, 4096, 2048),  # sub-blocks of 4 keys, 33 of them (64 slots)
     (300, 128, 3, 100, 4096, 2048),  # sub-blocks of 2 keys (the tile's limit), 100 of 150 chosen
+    (1200, 64, 3, 256, 4096, 2048),  # the most top keys the kernel takes at D = 64: 256 of 600 sub-blocks of 2
 ])
 @pytest.mark.parametrize("bitonic", [0, 1])
 def test_block_stats_and_top_keys_match_fp64(dtype, keys, dim, num_clusters, top_k, max_sub_blocks,
@@ -214,6 +215,7 @@ def test_block_stats_and_top_keys_match_fp64(dtype, keys, dim, num_clusters, top
 
     monkeypatch.setitem(improved_triton.SELECTION, "MAX_SUB_BLOCKS", max_sub_blocks)
     monkeypatch.setitem(improved_triton.SELECTION, "BITONIC_CANDIDATES", 1 << 20 if bitonic else 0)
+    monkeypatch.setitem(improved_triton.SELECTION, "BITONIC_TOP_K", 1 if bitonic else 1 << 20)
     lse, top = improved_triton.centroid_top_keys(qbar, key, scale, top_k)
     assert lse.dtype == torch.float32 and top.dtype == torch.int64 and top.shape == (3, num_clusters, top_k)
     assert torch.allclose(lse.double(), torch.logsumexp(expected, -1), rtol=0, atol=1e-5)
@@ -252,6 +254,7 @@ def test_top_keys_leave_out_padded_keys(keys, sub_blocks_wanted, bitonic, monkey
 
     monkeypatch.setitem(improved_triton.SELECTION, "SUB_BLOCKS", sub_blocks_wanted)
     monkeypatch.setitem(improved_triton.SELECTION, "BITONIC_CANDIDATES", 1 << 20 if bitonic else 0)
+    monkeypatch.setitem(improved_triton.SELECTION, "BITONIC_TOP_K", 1 if bitonic else 1 << 20)
     sub = improved_triton.sub_block_keys(top_k, dim, keys)
     _, block_max, block_sum = improved_triton.centroid_block_stats(qbar, key, scale, sub, padded)
     assert torch.isfinite(block_sum).all() and (block_sum[heads * 2:] == 0).all()

@@ -312,13 +312,13 @@ class CudaOps:
         (:meth:`packs_improved`), with what its backward needs in one buffer, as
         :meth:`clustered_fwd_packed`: ``(out, packed, layout)`` (:meth:`improved_kept_layout`), which
         :meth:`improved_bwd_packed` takes."""
-        layout = self.improved_kept_layout(query, key, value, key_padding_mask, keep, num_clusters, topk)
-        out = self._improved_query_sized_to_fill(query, value, key_padding_mask, keep, num_clusters)
-        packed = torch.empty(layout.nbytes, dtype=torch.uint8, device=query.device)
-        out, packed = self.graphs.run("improved_clustered_attention_fwd_packed", self._improved_fwd_packing, (
-            out, packed, layout, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
-            key_padding_mask, keep, num_clusters, topk, scale, dropout_p), filled=(0, 1))
-        return out, packed, layout
+        return self._run_packing("improved_clustered_attention_fwd_packed", self._improved_fwd_packing,
+                                 self.improved_kept_layout(query, key, value, key_padding_mask, keep, num_clusters,
+                                                           topk),
+                                 self._improved_query_sized_to_fill(query, value, key_padding_mask, keep,
+                                                                    num_clusters),
+                                 query, key, value, planes, offsets, query_padding_mask, iterations, bits,
+                                 key_padding_mask, keep, num_clusters, topk, scale, dropout_p)
 
     def _improved_fwd_packing(self, out, packed, layout, query, key, value, planes, offsets, query_padding_mask,
                               iterations, bits, *attention):
@@ -388,12 +388,18 @@ class CudaOps:
         the graph and the backward's graph reads one tensor instead of six, which saves CPU time
         where the step is bound by it (each tensor a replay hands out or reads costs an allocation or
         a signature entry; benchmarks/NOTES.md, twenty-first session)."""
-        layout = kept_layout(query, value, num_clusters)
-        out = custom_ops.attention_output_like(query, value.shape[-1])
+        return self._run_packing("clustered_attention_fwd_packed", self._clustered_fwd_packing,
+                                 kept_layout(query, value, num_clusters),
+                                 custom_ops.attention_output_like(query, value.shape[-1]), query, key, value, planes,
+                                 offsets, query_padding_mask, iterations, bits, key_padding_mask, keep, num_clusters,
+                                 scale, dropout_p)
+
+    def _run_packing(self, name, composition, layout, out, query, *arguments):
+        """``composition(out, packed, layout, query, *arguments)`` through the graph cache as ``name``,
+        with ``out`` and a new uint8 ``packed`` buffer of ``layout.nbytes`` as the outputs its graph
+        writes (graph_cache's "filled") -> ``(out, packed, layout)``."""
         packed = torch.empty(layout.nbytes, dtype=torch.uint8, device=query.device)
-        out, packed = self.graphs.run("clustered_attention_fwd_packed", self._clustered_fwd_packing, (
-            out, packed, layout, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
-            key_padding_mask, keep, num_clusters, scale, dropout_p), filled=(0, 1))
+        out, packed = self.graphs.run(name, composition, (out, packed, layout, query, *arguments), filled=(0, 1))
         return out, packed, layout
 
     def _clustered_fwd_packing(self, out, packed, layout, query, key, value, planes, offsets, query_padding_mask,

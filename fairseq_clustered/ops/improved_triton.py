@@ -31,7 +31,8 @@ each block's softmax sum; then one program per centroid takes the log-sum-exp fr
 block sums, ranks the sub-blocks (the top keys lie in the ``top_k`` sub-blocks with the
 largest maxima), recomputes those sub-blocks' logits and ranks them. A ranking orders int64
 keys that order the values and carry their indices: a bitonic top-k where the candidates
-are few (``SELECTION["BITONIC_CANDIDATES"]``), else ``top_k`` max-reductions in turn.
+are few (``SELECTION["BITONIC_CANDIDATES"]``) or the picks many (``SELECTION["BITONIC_TOP_K"]``),
+else ``top_k`` max-reductions in turn.
 It replaces an fp32 copy of the keys, an fp32 matrix product, three passes of
 ``torch.logsumexp`` and ``torch.topk`` over all keys.
 
@@ -90,8 +91,12 @@ LAUNCH = {"fwd": {"BLOCK_M": 64, "num_warps": 4}, "bwd": {"BLOCK_M": 64, "num_wa
 # the candidate keys number at most BITONIC_CANDIDATES, else top_k max-reductions in turn: on
 # the H200 (32 rows, C = 100, D = 64, k = 32) the bitonic one took the selection from 131 / 193 /
 # 395 us to 66 / 142 / 350 us at 1k / 4k / 16k (128 to 256 candidates), and was slower at 32k and
-# 64k (512): 710 / 1228 us against 635 / 996 (benchmarks/NOTES.md, sixteenth session).
-SELECTION = {"SUB_BLOCKS": 2048, "TILE": 32768, "MAX_SUB_BLOCKS": 4096, "num_warps": 4, "BITONIC_CANDIDATES": 256}
+# 64k (512): 710 / 1228 us against 635 / 996 (benchmarks/NOTES.md, sixteenth session). Rankings
+# that pick at least BITONIC_TOP_K are bitonic whatever the count: at top-k 128 / 256 (512 candidate
+# keys) the bitonic ones took the selection from 1.32 / 2.64 ms to 0.52 / 0.69 ms at 4k, and from
+# 1.92 / 2.04 ms to 1.19 / 1.06 ms at 16k (twenty-second session).
+SELECTION = {"SUB_BLOCKS": 2048, "TILE": 32768, "MAX_SUB_BLOCKS": 4096, "num_warps": 4, "BITONIC_CANDIDATES": 256,
+             "BITONIC_TOP_K": 128}
 
 
 def triton_exact_unavailable(query: Tensor, value: Tensor) -> Optional[str]:
@@ -875,7 +880,7 @@ def centroid_top_keys(qbar: Tensor, key: Tensor, scale: float, top_k: int,
     block_s = max(triton.next_power_of_2(slots), MIN_TILE // sub)
     lse = qbar.new_empty(rows, num_clusters)
     top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=key.device)
-    bitonic = block_s * sub <= SELECTION["BITONIC_CANDIDATES"]
+    bitonic = block_s * sub <= SELECTION["BITONIC_CANDIDATES"] or top_k >= SELECTION["BITONIC_TOP_K"]
     pad, _, heads, _, flags = _key_masks(rows, key_padding_mask, None, 0.0, key)
     _centroid_top_keys_kernel[(num_clusters, rows)](
         qbar, key, pad, sub_max, block_max, block_sum, blocks, lse, top, num_clusters, key.shape[1], heads,
