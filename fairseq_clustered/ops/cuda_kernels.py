@@ -12,7 +12,8 @@ head dims that are not powers of two in 16..128), by fp32 cuBLAS products
 in chunks of (batch x head) rows that bound the scratch memory. The improved variant in
 fp16 / bf16 takes flash's algebra (the remainder from the centroids' full output) with the
 Triton kernels of :mod:`.improved_triton` for its top keys, with or without key padding and
-dropout (the centroid attention then from :mod:`.centroid_triton`); fp32, top-k > 128 and
+dropout (the centroid attention then from :mod:`.centroid_triton`), for any top-k (the top
+keys from fp32 logits in row chunks where its selection kernel does not take top-k); fp32 and
 the shapes those kernels refuse keep the fp32 products and the extension's per-query kernels.
 
 Nothing here synchronises with the host, so a forward + backward can be captured

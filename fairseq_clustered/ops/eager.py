@@ -103,7 +103,7 @@ class ImprovedClusteredAttention(torch.autograd.Function):
                                                                num_clusters, topk, scale, dropout_p)
             ctx.save_for_backward(query, key, value, packed, key_padding_mask, keep)
             return out
-        if assignments is None:  # the fp32 products (fp32, top-k > 128) or the reference: nothing kept
+        if assignments is None:  # the fp32 products (fp32; masks past the Triton kernels), the reference: nothing kept
             out, lse, top_index, centroids, assignments = ops.improved_fwd_with_clustering(
                 query, key, value, *clustering, key_padding_mask, keep, num_clusters, topk, scale, dropout_p)
         else:
