@@ -70,7 +70,9 @@ def test_clustered_launches_cover_the_triton_kernels_of_the_gpu_path(tmp_path):
     assert result.returncode == 0, result.stderr
     assert [row["kernel"] for row in rows] == ["_hash_kernel", "_centroid_fwd_kernel", "_centroid_bwd_kernel",
                                               "_centroid_block_stats_kernel", "_centroid_top_keys_kernel",
-                                              "_top_key_summary_kernel", "_exact_fwd_kernel", "_exact_bwd_kernel",
+                                              "_top_key_summary_kernel", "_exact_fwd_kernel",
+                                              "_exact_fwd_kernel",  # grad_out . exact, which the backward takes
+                                              "_exact_bwd_kernel",
                                               "_top_key_grads_kernel", "_centroid_grads_kernel",
                                               "_sum_gradients_kernel"]
     centroid_fwd = rows[1]["kwargs"]
