@@ -1,8 +1,8 @@
 """Where the CPU time of an eager clustered-attention step goes, layer by layer (CUDA only).
 
 Below 8k positions an eager forward+backward of our ops is bound by the host issuing it,
-not by the GPU (benchmarks/NOTES.md). For the clustered and the causal variant this script
-prints:
+not by the GPU (benchmarks/NOTES.md). For the clustered, improved (``--topk``) and causal
+variants this script prints:
 
 * a timeline of one step, synchronised before each step: the public function's checks,
   the autograd Function's forward, the composition and the graph replay inside it,
@@ -21,6 +21,7 @@ the extension's one launch, to compare the two in one process; ``--trace`` adds 
 profiler's CPU events of a step.
 
     python benchmarks/host_overhead.py --lengths 1024,4096
+    python benchmarks/host_overhead.py --variants improved --lengths 2048
 """
 
 from __future__ import annotations
@@ -55,19 +56,65 @@ def latest_entry(cache, name):
     return [entry for key, entry in cache._entries.items() if key[0] == name][-1]
 
 
+# Per variant: the autograd Function of ops/eager.py, and the CudaOps methods its forward and
+# backward call (the packed ones for clustered and improved: the backward from what the forward kept).
+FUNCTIONS = {"clustered": "ClusteredAttention", "improved": "ImprovedClusteredAttention",
+             "causal": "CausalClusteredAttention"}
+METHODS = {"clustered": ("clustered_fwd_packed", "clustered_bwd_packed"),
+           "improved": ("improved_fwd_packed", "improved_bwd_packed"), "causal": ("causal_fwd", "causal_bwd")}
+
+
+def variant_calls(variant: str, q, k, v, planes, grad, args):
+    """``(public, compositions, forward graph's name, backward graph's name)``: the public function's
+    forward, and the registered CUDA compositions of its forward and backward called directly (no
+    autograd), as ops/eager.py calls them."""
+    cuda_ops = cuda_backend.cuda_ops()
+    offsets = torch.zeros(args.bits, device=q.device)
+    scale = q.shape[-1] ** -0.5
+    q_, k_, v_ = q.detach(), k.detach(), v.detach()
+    clustering = dict(num_clusters=args.clusters, iterations=args.iterations, bits=args.bits, planes=planes)
+    if variant == "causal":
+        fwd_args = (q_, k_, v_, None, planes, offsets, args.window, args.clusters, args.iterations, args.bits, scale)
+
+        def public():
+            return ops.causal_clustered_attention(q, k, v, window=args.window, **clustering)
+
+        def compositions():
+            out, lse, sk, sv, counts, clusters = cuda_ops.causal_fwd(*fwd_args)
+            cuda_ops.causal_bwd(grad, q_, k_, v_, clusters, out, lse, sk, sv, counts, args.window, args.clusters,
+                                scale)
+        return public, compositions, "causal_clustered_attention_fwd", "causal_clustered_attention_bwd"
+    if variant == "improved":
+        def public():
+            return ops.improved_clustered_attention(q, k, v, topk=args.topk, **clustering)
+
+        def compositions():
+            out, packed, layout = cuda_ops.improved_fwd_packed(
+                q_, k_, v_, planes, offsets, None, args.iterations, args.bits, None, None, args.clusters, args.topk,
+                scale, 0.0)
+            cuda_ops.improved_bwd_packed(grad, q_, k_, v_, packed, layout, None, None, args.clusters, scale, 0.0)
+        return (public, compositions, "improved_clustered_attention_fwd_packed",
+                "improved_clustered_attention_bwd_packed")
+
+    def public():
+        return ops.clustered_attention(q, k, v, **clustering)
+
+    query_layout = (q.shape, custom_ops.dense_strides_like(q, q.shape[-1]), q.dtype)
+
+    def compositions():
+        out, packed, layout = cuda_ops.clustered_fwd_packed(q_, k_, v_, planes, offsets, None, args.iterations,
+                                                            args.bits, None, None, args.clusters, scale, 0.0)
+        cuda_ops.clustered_bwd_packed(grad, *query_layout, k_, v_, packed, layout, None, None, args.clusters, scale,
+                                      0.0)
+    return public, compositions, "clustered_attention_fwd_packed", "clustered_attention_bwd_packed"
+
+
 def layers(variant: str, q, k, v, planes, args):
     """(label, fn) pairs from the whole step down to the bare replays, and the input and output
     counts of the forward and backward graphs."""
     cuda_ops = cuda_backend.cuda_ops()
     grad = torch.randn_like(q)
-    if variant == "causal":
-        def public():
-            return ops.causal_clustered_attention(q, k, v, window=args.window, num_clusters=args.clusters,
-                                                  iterations=args.iterations, bits=args.bits, planes=planes)
-    else:
-        def public():
-            return ops.clustered_attention(q, k, v, num_clusters=args.clusters, iterations=args.iterations,
-                                           bits=args.bits, planes=planes)
+    public, compositions, fwd_name, bwd_name = variant_calls(variant, q, k, v, planes, grad, args)
 
     def step():
         for t in (q, k, v):
@@ -80,33 +127,9 @@ def layers(variant: str, q, k, v, planes, args):
 
     step()
     step()  # the signatures are captured now
-    offsets = torch.zeros(args.bits, device=q.device)
-    scale = q.shape[-1] ** -0.5
-    if variant == "causal":
-        fwd_args = (q.detach(), k.detach(), v.detach(), None, planes, offsets, args.window, args.clusters,
-                    args.iterations, args.bits, scale)
-        cuda_ops.causal_fwd(*fwd_args)
-
-        def compositions():
-            out, lse, sk, sv, counts, clusters = cuda_ops.causal_fwd(*fwd_args)
-            cuda_ops.causal_bwd(grad, q.detach(), k.detach(), v.detach(), clusters, out, lse, sk, sv, counts,
-                                args.window, args.clusters, scale)
-        fwd_name, bwd_name = "causal_clustered_attention_fwd", "causal_clustered_attention_bwd"
-    else:
-        fwd_args = (q.detach(), k.detach(), v.detach(), planes, offsets, None, args.iterations, args.bits, None, None,
-                    args.clusters, scale, 0.0)
-        cuda_ops.clustered_fwd_packed(*fwd_args)
-
-        # as ops/eager.py's ClusteredAttention: the backward from what the forward kept
-        query_layout = (q.shape, custom_ops.dense_strides_like(q, q.shape[-1]), q.dtype)
-
-        def compositions():
-            out, packed, layout = cuda_ops.clustered_fwd_packed(*fwd_args)
-            cuda_ops.clustered_bwd_packed(grad, *query_layout, k.detach(), v.detach(), packed, layout, None, None,
-                                          args.clusters, scale, 0.0)
-        fwd_name, bwd_name = "clustered_attention_fwd_packed", "clustered_attention_bwd_packed"
     cache = cuda_ops.graphs
     compositions()
+    compositions()  # captured by now, as the step's were
     # the tensors each composition hands the cache (outputs it fills included), as its replays take them
     seen = {}
     real_run = cache.run
@@ -215,9 +238,8 @@ def timeline(variant: str, step, steps: int = 60):
     step, so that no queued GPU work can hold the host up): the autograd Function's forward
     and backward, the compositions inside them, and the graph cache's replays inside those."""
     cuda_ops = cuda_backend.cuda_ops()
-    function = {"clustered": ops.eager.ClusteredAttention, "causal": ops.eager.CausalClusteredAttention}[variant]
-    forward_method = {"clustered": "clustered_fwd_packed", "causal": "causal_fwd"}[variant]
-    backward_method = {"clustered": "clustered_bwd_packed", "causal": "causal_bwd"}[variant]
+    function = getattr(ops.eager, FUNCTIONS[variant])
+    forward_method, backward_method = METHODS[variant]
     stamps = []
 
     def stamped(label, fn):
@@ -319,6 +341,7 @@ def main():
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--bits", type=int, default=63)
     p.add_argument("--window", type=int, default=128)
+    p.add_argument("--topk", type=int, default=32, help="the improved variant's top keys")
     p.add_argument("--torch-copies", action="store_true",
                    help="the graph cache copies with torch's per-dtype copies, not the extension's one launch")
     p.add_argument("--trace", action="store_true", help="also print the torch profiler's CPU events of a step")
