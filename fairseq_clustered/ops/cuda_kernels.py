@@ -33,7 +33,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -162,6 +162,13 @@ def _row_chunks(rows: int, num_clusters: int, keys: int):
         yield start, min(rows, start + step)
 
 
+class ImprovedRoute(NamedTuple):
+    """Where the improved variant's steps run for a kind of input (:meth:`CudaOps._improved_route`)."""
+    flash_path: bool  # the flash path's algebra: flash itself, or its Triton form; else fp32 (C, S) products
+    exact_on_triton: bool  # ... with the Triton exact products, which write into a given output / dq
+    all_triton: bool  # every step in Triton (the form for key padding and dropout), which writes given dk, dv
+
+
 class CudaOps:
     """The op implementations over a compiled extension ``ext`` (``fairseq_clustered._C``).
 
@@ -176,6 +183,7 @@ class CudaOps:
         # The extension's one-launch copies (cuda/copies.cu) where it has them; an extension
         # built before them (or a stand-in) leaves the graph cache to torch's copies.
         self.graphs = GraphCache(copies=ext if hasattr(ext, "fresh_copies") else None)
+        self._improved_routes: Dict[tuple, ImprovedRoute] = {}  # see _improved_route
 
     # ------------------------------------------------------------------ clustering
 
@@ -333,7 +341,7 @@ class CudaOps:
         its Triton form (:meth:`improved_fwd_packed` takes them)."""
         return (self._why_not(query, value, improved=True) is None
                 and self.clustering_why_not(query, num_clusters) is None
-                and self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters))
+                and self._improved_route(query, value, key_padding_mask, keep, num_clusters).flash_path)
 
     def improved_kept_layout(self, query, key, value, key_padding_mask, keep, num_clusters, topk) -> KeptLayout:
         """The :class:`KeptLayout` of what :meth:`_improved_fwd_keeping` keeps on the flash path (its
@@ -501,11 +509,21 @@ class CudaOps:
         return (self._centroid_triton_ok(query, value, num_clusters)
                 and improved_triton.triton_exact_unavailable(query, value) is None)
 
-    def _improved_on_flash_path(self, query, value, key_padding_mask, keep, num_clusters) -> bool:
-        """Whether the improved variant takes the flash path's algebra: flash itself without key padding
-        and dropout, or its Triton form (:meth:`_improved_triton_ok`); else the fp32 ``(C, S)`` products."""
-        return (self._flash_ok(query, value, key_padding_mask, keep)
-                or self._improved_triton_ok(query, value, num_clusters))
+    def _improved_route(self, query, value, key_padding_mask, keep, num_clusters) -> ImprovedRoute:
+        """Where the improved variant's steps run for these inputs (:class:`ImprovedRoute`), worked out
+        once per kind of input (dtype, device type, head dims, which masks are given, C: all that the
+        predicates read): the eager step asks before its forward and again before its backward, and
+        the predicates cost tens of microseconds of host time per step (benchmarks/NOTES.md,
+        twenty-second session)."""
+        kind = (query.dtype, query.device.type, query.shape[-1], value.shape[-1], key_padding_mask is None,
+                keep is None, num_clusters)
+        route = self._improved_routes.get(kind)
+        if route is None:
+            all_triton = self._improved_triton_ok(query, value, num_clusters)
+            flash_path = self._flash_ok(query, value, key_padding_mask, keep) or all_triton
+            exact_on_triton = flash_path and improved_triton.triton_exact_unavailable(query, value) is None
+            route = self._improved_routes[kind] = ImprovedRoute(flash_path, exact_on_triton, all_triton)
+        return route
 
     def _sort_by_cluster(self, assignments: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor]:
         """:func:`_segments`'s ``order, seg_start`` (the counts, where wanted, are
@@ -812,8 +830,7 @@ class CudaOps:
         """A contiguous empty tensor like the queries where the improved composition writes its output
         (forward) or query gradient (backward) into one (the Triton exact products on the flash path
         and its Triton form), handed to it as a "filled" argument; else None (its kernels make their own)."""
-        if (self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters)
-                and improved_triton.triton_exact_unavailable(query, value) is None):
+        if self._improved_route(query, value, key_padding_mask, keep, num_clusters).exact_on_triton:
             return _dense_like(query)
         return None
 
@@ -838,7 +855,7 @@ class CudaOps:
         order, seg_start = self._sort_by_cluster(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
         centroids = qbar.reshape(batch, heads, num_clusters, dim)  # for the backward
-        if self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters):
+        if self._improved_route(query, value, key_padding_mask, keep, num_clusters).flash_path:
             out, lse, top, centroid_values, centroid_lse = self._improved_fwd_flash(
                 query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k, scale, key_padding_mask,
                 keep, dropout_p, out)
@@ -894,7 +911,7 @@ class CudaOps:
         where its Triton path writes them (the centroids' backward, then the top keys' parts summed over
         them), else None."""
         dq = self._improved_query_sized_to_fill(query, value, key_padding_mask, keep, num_clusters)
-        if not self._improved_triton_ok(query, value, num_clusters):
+        if not self._improved_route(query, value, key_padding_mask, keep, num_clusters).all_triton:
             return dq, None, None
         return dq, centroid_triton.gradient_like(key), centroid_triton.gradient_like(value)
 
@@ -909,7 +926,7 @@ class CudaOps:
         order, seg_start = self._sort_by_cluster(assignments, num_clusters)
         counts = _member_counts(seg_start)
         qbar = centroids.reshape(rows, num_clusters, dim).float().contiguous()
-        if self._improved_on_flash_path(query, value, key_padding_mask, keep, num_clusters):
+        if self._improved_route(query, value, key_padding_mask, keep, num_clusters).flash_path:
             return self._improved_bwd_flash(grad_out, query, key, value, assignments, order, seg_start, counts, qbar,
                                             lse, top_index, num_clusters, scale, None, key_padding_mask, keep,
                                             dropout_p, dq, dk, dv)
