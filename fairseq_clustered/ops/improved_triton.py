@@ -10,10 +10,10 @@ so with the queries sorted by cluster (``order``, ``seg_start``) the exact part 
 small dense attention per cluster: a block of up to ``BLOCK_M`` consecutive members
 against the cluster's ``top_k`` key and value rows, two tile products on tensor cores.
 Up to ``ONE_TILE_TOP_K`` top keys are one tile, the softmax in registers; more are taken in
-tiles of ``KEY_TILE`` with an online softmax (forward), or a pass for each query's log-sum-exp over its top
-keys and one for the gradients (backward). The CUDA kernels of ``cuda/attention.cu`` compute
-it one query per warp with fp32 multiply-adds and a shared-memory cache of the cluster's
-rows; they stay the path for fp32.
+tiles of ``KEY_TILE``: with an online softmax in the forward, and in the backward a pass for
+each query's log-sum-exp over its top keys, then one for the gradients. The CUDA kernels of
+``cuda/attention.cu`` compute it one query per warp with fp32 multiply-adds and a
+shared-memory cache of the cluster's rows; they stay the path for fp32.
 
 Key padding and dropout. Padded keys have the logit -inf everywhere here: they take no part
 in a centroid's log-sum-exp, and they are among its top keys only where it has fewer valid
@@ -204,6 +204,18 @@ if triton is not None:
         return tl.where(top_ok[None, :], tl.dot(q, tl.trans(k_top)) * qk_scale, float("-inf"))
 
     @triton.jit
+    def _online_softmax(running_max, total, logits):
+        """One tile of an online softmax over ``logits (M, K)`` (log2 domain, -inf at invalid slots),
+        given the maximum and the sum ``(M,)`` of the tiles before: -> (the maximum so far, the factor
+        that rescales what was summed against the old maximum, the tile's ``2^(logit - maximum)``,
+        the sum so far)."""
+        new_max = tl.maximum(running_max, tl.max(logits, 1))
+        shift = safe_max(new_max)
+        rescale = tl.exp2(running_max - shift)
+        probs = tl.exp2(logits - shift[:, None])
+        return new_max, rescale, probs, total * rescale + tl.sum(probs, 1)
+
+    @triton.jit
     def _exact_part(q, TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, qk_scale, drop_scale,
                     DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
                     PADDED: tl.constexpr, DROPOUT: tl.constexpr):
@@ -227,16 +239,11 @@ if triton is not None:
                 top_ok, _, k_top, v_top, drop = _cluster_top_rows(
                     TOP, K, V, PAD, KEEP, row, cluster, num_clusters, keys, heads, top_k, first, drop_scale, DIM,
                     BLOCK_K, PADDED, DROPOUT)
-                logits = _top_logits(q, k_top, top_ok, qk_scale)
-                new_max = tl.maximum(running_max, tl.max(logits, 1))
-                shift = safe_max(new_max)
-                rescale = tl.exp2(running_max - shift)
-                probs = tl.exp2(logits - shift[:, None])
-                total = total * rescale + tl.sum(probs, 1)
+                running_max, rescale, probs, total = _online_softmax(
+                    running_max, total, _top_logits(q, k_top, top_ok, qk_scale))
                 if DROPOUT:
                     probs = probs * drop[None, :]
                 exact = exact * rescale[:, None] + tl.dot(probs.to(v_top.dtype), v_top)
-                running_max = new_max
             exact = exact / tl.where(total > 0, total, 1.0)[:, None]
         return exact
 
@@ -250,11 +257,9 @@ if triton is not None:
         for first in range(0, top_k, BLOCK_K):
             top_ok, _, top_rows = _top_slots(TOP, PAD, row, cluster, num_clusters, keys, heads, top_k, first, DIM,
                                              BLOCK_K, PADDED)
-            logits = _top_logits(q, tl.load(K + top_rows, mask=top_ok[:, None], other=0.0), top_ok, qk_scale)
-            new_max = tl.maximum(running_max, tl.max(logits, 1))
-            shift = safe_max(new_max)
-            total = total * tl.exp2(running_max - shift) + tl.sum(tl.exp2(logits - shift[:, None]), 1)
-            running_max = new_max
+            running_max, _, _, total = _online_softmax(
+                running_max, total, _top_logits(q, tl.load(K + top_rows, mask=top_ok[:, None], other=0.0), top_ok,
+                                                qk_scale))
         return tl.where(total > 0, running_max + tl.log2(tl.where(total > 0, total, 1.0)), float("inf"))
 
     @triton.jit
