@@ -88,11 +88,12 @@ KERNEL_NOTES = {
     "clustered_attention_fwd": _CLUSTERED_COVERAGE,
     "clustered_attention_bwd": _CLUSTERED_COVERAGE,
     "improved_clustered_attention_fwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128; fp16/bf16: top keys "
-                                        "and exact top-key products on tensor cores (Triton, top-k <= 128), the "
+                                        "and exact top-key products on tensor cores (Triton; past the selection "
+                                        "kernel's top-k the top keys from fp32 logits in row chunks), the "
                                         "centroid attention by flash without padding or dropout, with them by "
                                         "Triton (C <= 128); else fp32 cuBLAS and per-query kernels",
     "improved_clustered_attention_bwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128; fp16/bf16: top keys "
-                                        "and exact top-key products on tensor cores (Triton, top-k <= 128), the "
+                                        "and exact top-key products on tensor cores (Triton, any top-k), the "
                                         "centroid attention's backward in one Triton pass (C <= 128; else flash "
                                         "without padding or dropout); else fp32 cuBLAS and per-query kernels",
     "causal_key_clusters": "codebook assignment kernel; num_clusters <= 6144, batch*heads <= 65535",

@@ -545,9 +545,7 @@ class CudaOps:
         rows = batch * heads
         k_rows = key.reshape(rows, keys, dim)
         v_rows = value.reshape(rows, keys, value.shape[-1])
-        mask_rows = None
-        if key_padding_mask is not None:
-            mask_rows = key_padding_mask.to(torch.bool).repeat_interleave(heads, dim=0)  # (rows, S)
+        mask_rows = CudaOps._padding_rows(key_padding_mask, heads)
         drop_rows = None
         if keep is not None:
             drop_rows = keep.reshape(rows, num_clusters, keys)
@@ -555,14 +553,33 @@ class CudaOps:
         return k_rows, v_rows, mask_rows, drop_rows, scale_drop
 
     @staticmethod
-    def _chunk_probs(qbar, k_chunk, mask_chunk, scale, lse=None):
-        """fp32 logits and probabilities of one row chunk; lse (+inf for empty rows)."""
+    def _padding_rows(key_padding_mask: Optional[Tensor], heads: int) -> Optional[Tensor]:
+        """``key_padding_mask (B, S)`` as bool ``(B H, S)``, one row per (batch, head); None for None."""
+        if key_padding_mask is None:
+            return None
+        return key_padding_mask.to(torch.bool).repeat_interleave(heads, dim=0)
+
+    @staticmethod
+    def _chunk_logits(qbar, k_chunk, mask_chunk, scale):
+        """fp32 logits ``scale qbar k^T`` of one row chunk, -inf at the keys ``mask_chunk (rows, S)`` marks."""
         logits = torch.bmm(qbar, k_chunk.transpose(1, 2)) * scale
         if mask_chunk is not None:
             logits.masked_fill_(mask_chunk[:, None, :], float("-inf"))
+        return logits
+
+    @staticmethod
+    def _logsumexp_or_inf(logits):
+        """The log-sum-exp of each row of ``logits``, +inf for a row without a valid key (so that its
+        probabilities ``exp(logit - lse)`` are 0, not NaN)."""
+        lse = torch.logsumexp(logits, dim=-1)
+        return torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+
+    @staticmethod
+    def _chunk_probs(qbar, k_chunk, mask_chunk, scale, lse=None):
+        """fp32 logits and probabilities of one row chunk; lse (+inf for empty rows)."""
+        logits = CudaOps._chunk_logits(qbar, k_chunk, mask_chunk, scale)
         if lse is None:
-            lse = torch.logsumexp(logits, dim=-1)
-            lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+            lse = CudaOps._logsumexp_or_inf(logits)
         probs = torch.exp(logits - lse.unsqueeze(-1))
         return logits, probs, lse
 
@@ -1039,17 +1056,13 @@ class CudaOps:
         batch, heads, keys, dim = key.shape
         rows, num_clusters = qbar.shape[:2]
         k_rows = key.reshape(rows, keys, dim)
-        mask_rows = None
-        if key_padding_mask is not None:
-            mask_rows = key_padding_mask.to(torch.bool).repeat_interleave(heads, dim=0)  # (rows, S)
+        mask_rows = CudaOps._padding_rows(key_padding_mask, heads)
         lse = qbar.new_empty(rows, num_clusters)
         top = torch.empty(rows, num_clusters, top_k, dtype=torch.int64, device=key.device)
         for r0, r1 in _row_chunks(rows, num_clusters, keys):
-            logits = torch.bmm(qbar[r0:r1], k_rows[r0:r1].float().transpose(1, 2)).mul_(scale)
-            if mask_rows is not None:
-                logits.masked_fill_(mask_rows[r0:r1, None, :], float("-inf"))
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            lse[r0:r1] = chunk_lse.masked_fill(torch.isneginf(chunk_lse), float("inf"))
+            logits = CudaOps._chunk_logits(qbar[r0:r1], k_rows[r0:r1].float(),
+                                           None if mask_rows is None else mask_rows[r0:r1], scale)
+            lse[r0:r1] = CudaOps._logsumexp_or_inf(logits)
             top[r0:r1] = torch.topk(logits, top_k, dim=-1).indices
         return lse, top
 
@@ -1201,11 +1214,10 @@ PACK_ALIGNMENT = 16  # bytes: each kept tensor starts on a 16-byte boundary (the
 
 @dataclass(frozen=True)
 class KeptLayout:
-    """Where the clustered forward's kept tensors lie in one uint8 buffer: ``entries`` are
-    ``(dtype, shape, byte offset)`` in the order of :meth:`CudaOps._clustered_fwd_packing`'s pack
-    (log-sum-exps, centroids, each cluster's output, the sort by cluster, the assignments), each
-    starting on a ``PACK_ALIGNMENT`` boundary; ``nbytes``: the buffer's size. Hashable: a graph's
-    signature holds it."""
+    """Where a forward's kept tensors lie in one uint8 buffer: ``entries`` are ``(dtype, shape, byte
+    offset)`` in the order of the forward's pack (:func:`kept_layout` for the clustered variant,
+    :meth:`CudaOps.improved_kept_layout` for the improved one), each starting on a
+    ``PACK_ALIGNMENT`` boundary; ``nbytes``: the buffer's size. Hashable: a graph's signature holds it."""
     entries: Tuple[Tuple[torch.dtype, Tuple[int, ...], int], ...]
     nbytes: int
 
