@@ -18,7 +18,7 @@ Layers and single calls are the CPU time to *issue* the work, over short bursts 
 the GPU's queue never fills and blocks the host), median over bursts, in microseconds.
 ``--torch-copies`` makes the graph cache copy with torch's per-dtype copies instead of
 the extension's one launch, to compare the two in one process; ``--trace`` adds the torch
-profiler's CPU events of a step.
+profiler's CPU events of a step, ``--python-profile`` cProfile's time per Python function.
 
     python benchmarks/host_overhead.py --lengths 1024,4096
     python benchmarks/host_overhead.py --variants improved --lengths 2048
@@ -214,10 +214,13 @@ def layers(variant: str, q, k, v, planes, args):
         finally:
             del cache.run
 
-    def cache_keys():
+    def cache_keys():  # as GraphCache.run builds them: the extension's graph_signature where it has one
         for name in (fwd_name, bwd_name):
             call_args = seen[name]
-            graph_cache._signature(name, call_args)
+            if cache._native_signature is not None:
+                cache._native_signature(name, call_args, ())
+            else:
+                graph_cache._signature(name, call_args)
             graph_cache.settings()
 
     return [("step: public function + backward", step), ("forward only, no_grad", forward_no_grad),
@@ -330,6 +333,29 @@ def single_calls(q):
             ("Python call + tuple(q.shape), stride, dtype", lambda: (tuple(q.shape), q.stride(), q.dtype, q.device))]
 
 
+def python_profile(label, fn, steps=2000, rows=28):
+    """cProfile's own time per Python function over ``steps`` calls of ``fn``, per step (the
+    profiler's hooks add about a microsecond to every call, so small functions look larger)."""
+    import cProfile
+    import pstats
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(steps):
+        fn()
+        if i % 10 == 9:
+            torch.cuda.synchronize()  # keep the GPU's queue short, as issue_us does
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    rows_by_own = sorted(stats.items(), key=lambda item: -item[1][2])[:rows]
+    print(f"  cProfile of {label}: own / cumulative us per step, calls per step")
+    for (path, line, name), (_, calls, own, cumulative, _) in rows_by_own:
+        where = f"{path.rsplit('/', 2)[-1]}:{line}" if line else path
+        print(f"    {own / steps * 1e6:7.1f} {cumulative / steps * 1e6:8.1f} {calls / steps:5.1f}x  {name} ({where})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="1024,4096")
@@ -345,6 +371,8 @@ def main():
     p.add_argument("--torch-copies", action="store_true",
                    help="the graph cache copies with torch's per-dtype copies, not the extension's one launch")
     p.add_argument("--trace", action="store_true", help="also print the torch profiler's CPU events of a step")
+    p.add_argument("--python-profile", action="store_true",
+                   help="also print cProfile's own time per Python function of a step")
     args = p.parse_args()
     if not torch.cuda.is_available() or cuda_backend.cuda_ops() is None:
         raise SystemExit("host_overhead.py needs a GPU and the compiled extension (python -m fairseq_clustered.info)")
@@ -371,6 +399,8 @@ def main():
             step = rows[0][1]
             if args.trace:
                 trace(f"{variant} N={length}", step)
+            if args.python_profile:
+                python_profile(f"{variant} N={length}", step)
             timeline(variant, step)
             print(f"  {variant} (fwd graph: {counts[0]} inputs, {counts[1]} outputs; bwd: {counts[2]}, {counts[3]})")
             for label, fn in rows:

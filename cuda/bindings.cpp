@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "graph_inputs.h"
+#include "graph_signature.h"
 
 #include <tuple>
 #include <vector>
@@ -70,6 +71,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_tensors", &fcl::copy_tensors_cuda,
         "dsts[i].copy_(srcs[i]) for every i, the dense same-layout pairs of any dtypes in one launch");
   m.def("fresh_copies", &fcl::fresh_copies_cuda, "empty_like copies of the tensors, filled in one launch");
+  m.def("graph_signature", &fcl::graph_signature, pybind11::arg("name"), pybind11::arg("args"),
+        pybind11::arg("filled"), "(key, tensors, bytes read) of a call: graph_cache._signature in C++");
   pybind11::class_<fcl::GraphInputs>(m, "GraphInputs",
                                      "the kernel parameters of a captured graph that hold its static inputs' addresses")
       .def(pybind11::init<int64_t, std::vector<int64_t>, std::vector<int64_t>>(), pybind11::arg("graph"),

@@ -564,3 +564,36 @@ def test_a_filled_position_holding_none_is_ignored_gpu(monkeypatch, inputs):
         got = cache.run("filled_none", composition, (None, a, out), filled=(0, 2))
         assert got[0] is out and torch.equal(out, a * 2) and torch.equal(got[1], a.cumsum(0)), seed
     assert cache.captures == 1
+
+
+@needs_gpu
+def test_extension_signature_tells_calls_apart_as_python_does_gpu():
+    """The extension's ``graph_signature`` (the cache's keys where it is loaded) against
+    ``graph_cache._signature``: over calls differing in one way each (sizes, strides, dtype, None
+    for a tensor, a scalar's value or type, the stream), two calls get equal keys from one exactly
+    where they do from the other, and equal calls on other tensors of the same description do too.
+    The tensors and the bytes read are the same; filled tensors are left out of the bytes; a CPU
+    tensor, or no tensor at all, gives no key."""
+    native = cuda_backend.extension().graph_signature
+    x = torch.randn(4, 6, device="cuda")
+    calls = [(x, None, 3, 0.5, True, "name"), (x.t().contiguous().t(), None, 3, 0.5, True, "name"),
+             (x.to(torch.bfloat16), None, 3, 0.5, True, "name"), (x[:2], None, 3, 0.5, True, "name"),
+             (x, x, 3, 0.5, True, "name"), (x, None, 3.0, 0.5, True, "name"), (x, None, 4, 0.5, True, "name"),
+             (x, None, 3, 0.5, 1, "name"), (x, None, 3, 0.5, True, "other"),
+             (torch.randn(4, 6, device="cuda"), None, 3, 0.5, True, "name")]
+    native_keys = [native("op", call, ()) for call in calls]
+    python_keys = [graph_cache._signature("op", call) for call in calls]
+    for (key, tensors, nbytes), (python_key, python_tensors, python_nbytes) in zip(native_keys, python_keys):
+        assert [t is u for t, u in zip(tensors, python_tensors)] == [True] * len(python_tensors)
+        assert nbytes == python_nbytes
+    for i, (a, python_a) in enumerate(zip(native_keys, python_keys)):
+        for j, (b, python_b) in enumerate(zip(native_keys, python_keys)):
+            assert (a[0] == b[0]) == (python_a[0] == python_b[0]), (i, j)
+    assert native_keys[0][0] == native_keys[-1][0] and native_keys[0][0] != native_keys[1][0]
+    assert native("other op", calls[0], ())[0] != native_keys[0][0]
+    with torch.cuda.stream(torch.cuda.Stream()):
+        assert native("op", calls[0], ())[0] != native_keys[0][0]
+    y = torch.randn(1000, device="cuda")
+    assert native("op", (x, y), (1,))[2] == x.numel() * 4
+    assert native("op", (x, None, y), (1, 2))[2] == x.numel() * 4
+    assert native("op", (x, x.cpu()), ())[0] is None and native("op", (None, 1.5), ())[0] is None

@@ -77,6 +77,12 @@ def _hash_planes(x: Tensor, planes: Tensor, offsets: Optional[Tensor]) -> Tuple[
     bits = planes.shape[0] if isinstance(planes, Tensor) and planes.dim() == 2 else -1
     check_int_range("bits (planes.shape[0])", bits, 1, 63)
     check_planes(planes, bits, x.shape[-1], offsets)
+    return _planes_on(x, planes, offsets)
+
+
+def _planes_on(x: Tensor, planes: Tensor, offsets: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """:func:`_hash_planes` of planes (and offsets) already checked."""
+    bits = planes.shape[0]
     if planes.device != x.device or planes.dtype != torch.float32 or not planes.is_contiguous():
         planes = planes.to(device=x.device, dtype=torch.float32).contiguous()
     if offsets is None:
@@ -145,7 +151,7 @@ def cluster_queries(
     if not isinstance(query, Tensor) or query.dim() != 4:
         raise ValueError(f"query must have shape (batch, heads, length, dim), got {getattr(query, 'shape', query)}")
     check_padding_mask("query_padding_mask", query_padding_mask, query.shape[0], query.shape[2], query.device)
-    planes, offsets = _hash_planes(query, _resolve_planes(query, bits, planes, generator), None)
+    planes, offsets = _planes_on(query, _resolve_planes(query, bits, planes, generator), None)
     args = (query.detach(), planes, offsets, query_padding_mask, num_clusters, iterations, bits)
     ops = eager.implementations(query)
     return custom_ops.cluster_queries(*args) if ops is None else ops.cluster_queries(*args)
@@ -166,7 +172,7 @@ def _prepare(
     scale = resolve_scale(scale, query.shape[-1])
     clustering = None
     if clusters is None and ops is not None:
-        planes, offsets = _hash_planes(query, _resolve_planes(query, bits, planes, generator), None)
+        planes, offsets = _planes_on(query, _resolve_planes(query, bits, planes, generator), None)
         clustering = (planes, offsets, query_padding_mask, iterations, bits)
     elif clusters is None:
         clusters, _ = cluster_queries(

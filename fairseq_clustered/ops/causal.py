@@ -609,11 +609,11 @@ def _eager_triton_attention(ops, query, key, value, clusters, window, num_cluste
     """The Triton path in eager mode on CUDA: the registered kernels called without
     torch.library's dispatch, with the key clustering in the attention's own composition
     (one CUDA graph replay where it repeats) unless the clustering kernels cannot take it."""
-    from . import _hash_planes, _resolve_planes  # the package imports this module last
+    from . import _planes_on, _resolve_planes  # the package imports this module last
 
     hash_planes = hash_offsets = None
     if clusters is None and ops.clustering_why_not(key, num_clusters) is None:
-        hash_planes, hash_offsets = _hash_planes(key, _resolve_planes(key, bits, planes, generator), None)
+        hash_planes, hash_offsets = _planes_on(key, _resolve_planes(key, bits, planes, generator), None)
     elif clusters is None:
         clusters = causal_key_clusters(key, None, window=window, num_clusters=num_clusters, iterations=iterations,
                                        bits=bits, planes=planes, generator=generator)

@@ -47,6 +47,7 @@ IMPROVED_HEAD_DIMS = (32, 64, 128)
 MAX_CLUSTER_WIDTH = 128  # segment sums: one thread per feature
 MAX_KERNEL_CLUSTERS = 6144  # Lloyd keeps the centroids in shared memory
 MAX_HASH_DIM = 800
+MAX_KINDS_REMEMBERED = 4096  # CudaOps._per_kind
 MAX_ROWS = 65535  # batch * heads: the kernels put the rows on the grid's y dimension
 # Scratch budget of one chunk of the dense (rows, C, S) fp32 matrices.
 DENSE_CHUNK_BYTES = 128 * 2**20
@@ -184,6 +185,7 @@ class CudaOps:
         # built before them (or a stand-in) leaves the graph cache to torch's copies.
         self.graphs = GraphCache(copies=ext if hasattr(ext, "fresh_copies") else None)
         self._improved_routes: Dict[tuple, ImprovedRoute] = {}  # see _improved_route
+        self._by_kind: Dict[tuple, object] = {}  # see _per_kind
 
     # ------------------------------------------------------------------ clustering
 
@@ -321,9 +323,11 @@ class CudaOps:
         (:meth:`packs_improved`), with what its backward needs in one buffer, as
         :meth:`clustered_fwd_packed`: ``(out, packed, layout)`` (:meth:`improved_kept_layout`), which
         :meth:`improved_bwd_packed` takes."""
-        return self._run_packing("improved_clustered_attention_fwd_packed", self._improved_fwd_packing,
-                                 self.improved_kept_layout(query, key, value, key_padding_mask, keep, num_clusters,
-                                                           topk),
+        layout = self._per_kind(
+            ("improved_kept_layout", query.shape, key.shape[2], key.dtype, value.shape[-1], key_padding_mask is None,
+             keep is None, num_clusters, topk),
+            lambda: self.improved_kept_layout(query, key, value, key_padding_mask, keep, num_clusters, topk))
+        return self._run_packing("improved_clustered_attention_fwd_packed", self._improved_fwd_packing, layout,
                                  self._improved_query_sized_to_fill(query, value, key_padding_mask, keep,
                                                                     num_clusters),
                                  query, key, value, planes, offsets, query_padding_mask, iterations, bits,
@@ -339,9 +343,12 @@ class CudaOps:
     def packs_improved(self, query, value, key_padding_mask, keep, num_clusters) -> bool:
         """Whether the kernels cluster and attend these inputs on the improved variant's flash path or
         its Triton form (:meth:`improved_fwd_packed` takes them)."""
-        return (self._why_not(query, value, improved=True) is None
-                and self.clustering_why_not(query, num_clusters) is None
-                and self._improved_route(query, value, key_padding_mask, keep, num_clusters).flash_path)
+        return self._per_kind(
+            ("packs_improved", query.dtype, query.device.type, query.shape[0], query.shape[1], query.shape[-1],
+             value.shape[-1], key_padding_mask is None, keep is None, num_clusters),
+            lambda: (self._why_not(query, value, improved=True) is None
+                     and self.clustering_why_not(query, num_clusters) is None
+                     and self._improved_route(query, value, key_padding_mask, keep, num_clusters).flash_path))
 
     def improved_kept_layout(self, query, key, value, key_padding_mask, keep, num_clusters, topk) -> KeptLayout:
         """The :class:`KeptLayout` of what :meth:`_improved_fwd_keeping` keeps on the flash path (its
@@ -397,11 +404,14 @@ class CudaOps:
         the graph and the backward's graph reads one tensor instead of six, which saves CPU time
         where the step is bound by it (each tensor a replay hands out or reads costs an allocation or
         a signature entry; benchmarks/NOTES.md, twenty-first session)."""
-        return self._run_packing("clustered_attention_fwd_packed", self._clustered_fwd_packing,
-                                 kept_layout(query, value, num_clusters),
-                                 custom_ops.attention_output_like(query, value.shape[-1]), query, key, value, planes,
-                                 offsets, query_padding_mask, iterations, bits, key_padding_mask, keep, num_clusters,
-                                 scale, dropout_p)
+        layout = self._per_kind(("kept_layout", query.shape, query.dtype, value.shape[-1], num_clusters),
+                                lambda: kept_layout(query, value, num_clusters))
+        value_dim = value.shape[-1]
+        out = torch.empty_strided((*query.shape[:3], value_dim), self.dense_strides(query, value_dim),
+                                  dtype=query.dtype, device=query.device)  # custom_ops.attention_output_like
+        return self._run_packing("clustered_attention_fwd_packed", self._clustered_fwd_packing, layout, out, query,
+                                 key, value, planes, offsets, query_padding_mask, iterations, bits, key_padding_mask,
+                                 keep, num_clusters, scale, dropout_p)
 
     def _run_packing(self, name, composition, layout, out, query, *arguments):
         """``composition(out, packed, layout, query, *arguments)`` through the graph cache as ``name``,
@@ -422,8 +432,30 @@ class CudaOps:
 
     def packs_clustered(self, query: Tensor, value: Tensor, num_clusters: int) -> bool:
         """Whether the kernels cluster and attend these inputs (:meth:`clustered_fwd_packed` takes them)."""
-        return (self._why_not(query, value, improved=False) is None
-                and self.clustering_why_not(query, num_clusters) is None)
+        return self._per_kind(
+            ("packs_clustered", query.dtype, query.shape[0], query.shape[1], query.shape[-1], value.shape[-1],
+             num_clusters),
+            lambda: (self._why_not(query, value, improved=False) is None
+                     and self.clustering_why_not(query, num_clusters) is None))
+
+    def dense_strides(self, query: Tensor, value_dim: int) -> Tuple[int, ...]:
+        """:func:`custom_ops.dense_strides_like`, worked out once per query shape and strides."""
+        return self._per_kind(("dense_strides", query.shape, query.stride(), value_dim),
+                              lambda: custom_ops.dense_strides_like(query, value_dim))
+
+    def _per_kind(self, kind: tuple, work_out):
+        """``work_out()``, remembered under ``kind``: what depends only on the inputs' shapes, strides,
+        dtypes and the hyper-parameters in ``kind``. An eager step asks for several such answers, and
+        working them out again at every call (sorting strides, building layouts, checking limits)
+        cost tens of microseconds of host time per step on the GPU server, where the step below 8k
+        positions is bound by the host (benchmarks/NOTES.md, twenty-third session). At most
+        ``MAX_KINDS_REMEMBERED`` answers are kept (fairseq's length-bucketed batches bring many shapes)."""
+        answer = self._by_kind.get(kind)
+        if answer is None:
+            if len(self._by_kind) >= MAX_KINDS_REMEMBERED:
+                self._by_kind.clear()
+            answer = self._by_kind[kind] = work_out()
+        return answer
 
     def _pack(self, packed: Tensor, layout: KeptLayout, tensors: Sequence[Tensor]) -> None:
         """Copies ``tensors`` into their places in ``packed`` (one launch), and zeros into the gaps
@@ -735,8 +767,11 @@ class CudaOps:
         can take the inputs and flash cannot (key padding, dropout, fp32). (Without padding and
         dropout, the Triton kernel with dk and dv written in place was no faster than flash's
         backward and their copies out of the graph: benchmarks/NOTES.md, nineteenth session.)"""
-        return (not self._flash_ok(query, value, key_padding_mask, keep)
-                and self._centroid_triton_ok(query, value, num_clusters))
+        return self._per_kind(
+            ("centroid_bwd_on_triton", query.dtype, query.device.type, query.shape[-1], value.shape[-1],
+             key_padding_mask is None, keep is None, num_clusters),
+            lambda: (not self._flash_ok(query, value, key_padding_mask, keep)
+                     and self._centroid_triton_ok(query, value, num_clusters)))
 
     def _key_gradients_to_fill(self, query, key, value, key_padding_mask, keep, num_clusters):
         """``(dk, dv)``: empty tensors for the clustered backward's key and value gradients where it

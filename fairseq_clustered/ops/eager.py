@@ -19,13 +19,30 @@ functorch transforms.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import cuda_backend, custom_ops
+from . import cuda_backend
+
+
+def _differentiable_once(backward):
+    """``once_differentiable``, whose guard is paid only where the backward is itself recorded.
+
+    ``once_differentiable`` runs the backward under ``no_grad`` and, where grad mode is on
+    (``create_graph=True``), makes its results raise if they are differentiated again. Autograd
+    runs an ordinary backward with grad mode off already, and there its ``no_grad`` block and
+    checks cost about 6 microseconds of host time per step (more on a GPU server's CPU), in a step
+    that is bound by the host below 8k positions (benchmarks/NOTES.md, twenty-third session)."""
+    guarded = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        return guarded(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+    return wrapper
 
 
 def implementations(query: Tensor):
@@ -57,7 +74,7 @@ class ClusteredAttention(torch.autograd.Function):
             out, packed, ctx.packing = ops.clustered_fwd_packed(query, key, value, *clustering, key_padding_mask,
                                                                 keep, num_clusters, scale, dropout_p)
             # dq in the queries' layout (a model's (N, B, H D) views), made in the backward's graph
-            ctx.query_layout = (query.shape, custom_ops.dense_strides_like(query, query.shape[-1]), query.dtype)
+            ctx.query_layout = (query.shape, ops.dense_strides(query, query.shape[-1]), query.dtype)
             ctx.save_for_backward(key, value, packed, key_padding_mask, keep)
             return out
         if assignments is None:  # inputs the kernels refuse: these warn and take the reference
@@ -70,7 +87,7 @@ class ClusteredAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @_differentiable_once
     def backward(ctx, grad_out):
         # grad_out as it comes (a model's is a view of an (N, B, H Dv) gradient): the kernels
         # read it through its strides, a contiguous copy would cost a pass over it
@@ -113,7 +130,7 @@ class ImprovedClusteredAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @_differentiable_once
     def backward(ctx, grad_out):
         if ctx.packing is not None:
             query, key, value, packed, key_padding_mask, keep = ctx.saved_tensors
@@ -142,7 +159,7 @@ class CausalClusteredAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @_differentiable_once
     def backward(ctx, grad_out):
         # grad_out as it comes: the kernels read it through its strides where it has the
         # output's layout (a model's gradient does), and the backward copies it otherwise
