@@ -260,6 +260,11 @@ def timeline(variant: str, step, steps: int = 60):
         setattr(cuda_ops, method, stamped(method, getattr(cuda_ops, method)))
     cuda_ops.graphs.run = stamped("run", cuda_ops.graphs.run)
     cuda_ops.graphs._replay = stamped("replay", cuda_ops.graphs._replay)
+    fresh_copies = cuda_ops.graphs._fresh_copies  # an instance attribute: restored below
+    cuda_ops.graphs._fresh_copies = stamped("fresh copies", fresh_copies)
+    graphs = [entry.graph for entry in cuda_ops.graphs._entries.values()]
+    for graph in graphs:  # the launch itself, inside the replay
+        graph.replay = stamped("graph launch", graph.replay)
     segments = {}
     try:
         for _ in range(steps):
@@ -281,6 +286,9 @@ def timeline(variant: str, step, steps: int = 60):
             delattr(cuda_ops, name)
         for name in ("run", "_replay"):
             delattr(cuda_ops.graphs, name)
+        cuda_ops.graphs._fresh_copies = fresh_copies
+        for graph in graphs:
+            del graph.replay
     print(f"  timeline of a {variant} step (synchronised before each step), median us:")
     for label, values in segments.items():
         print(f"    {label:60s} {statistics.median(values):8.1f}")

@@ -184,7 +184,6 @@ class CudaOps:
         # The extension's one-launch copies (cuda/copies.cu) where it has them; an extension
         # built before them (or a stand-in) leaves the graph cache to torch's copies.
         self.graphs = GraphCache(copies=ext if hasattr(ext, "fresh_copies") else None)
-        self._improved_routes: Dict[tuple, ImprovedRoute] = {}  # see _improved_route
         self._by_kind: Dict[tuple, object] = {}  # see _per_kind
 
     # ------------------------------------------------------------------ clustering
@@ -344,7 +343,7 @@ class CudaOps:
         """Whether the kernels cluster and attend these inputs on the improved variant's flash path or
         its Triton form (:meth:`improved_fwd_packed` takes them)."""
         return self._per_kind(
-            ("packs_improved", query.dtype, query.device.type, query.shape[0], query.shape[1], query.shape[-1],
+            ("packs_improved", query.dtype, query.is_cuda, query.shape[0], query.shape[1], query.shape[-1],
              value.shape[-1], key_padding_mask is None, keep is None, num_clusters),
             lambda: (self._why_not(query, value, improved=True) is None
                      and self.clustering_why_not(query, num_clusters) is None
@@ -543,19 +542,17 @@ class CudaOps:
 
     def _improved_route(self, query, value, key_padding_mask, keep, num_clusters) -> ImprovedRoute:
         """Where the improved variant's steps run for these inputs (:class:`ImprovedRoute`), worked out
-        once per kind of input (dtype, device type, head dims, which masks are given, C: all that the
-        predicates read): the eager step asks before its forward and again before its backward, and
+        once per kind of input (dtype, CUDA or not, head dims, which masks are given, C: all that the
+        predicates read; :meth:`_per_kind`): the eager step asks before its forward and again before its backward, and
         the predicates cost tens of microseconds of host time per step (benchmarks/NOTES.md,
         twenty-second session)."""
-        kind = (query.dtype, query.device.type, query.shape[-1], value.shape[-1], key_padding_mask is None,
-                keep is None, num_clusters)
-        route = self._improved_routes.get(kind)
-        if route is None:
+        def work_out():
             all_triton = self._improved_triton_ok(query, value, num_clusters)
             flash_path = self._flash_ok(query, value, key_padding_mask, keep) or all_triton
             exact_on_triton = flash_path and improved_triton.triton_exact_unavailable(query, value) is None
-            route = self._improved_routes[kind] = ImprovedRoute(flash_path, exact_on_triton, all_triton)
-        return route
+            return ImprovedRoute(flash_path, exact_on_triton, all_triton)
+        return self._per_kind(("improved_route", query.dtype, query.is_cuda, query.shape[-1], value.shape[-1],
+                               key_padding_mask is None, keep is None, num_clusters), work_out)
 
     def _sort_by_cluster(self, assignments: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor]:
         """:func:`_segments`'s ``order, seg_start`` (the counts, where wanted, are
@@ -768,7 +765,7 @@ class CudaOps:
         dropout, the Triton kernel with dk and dv written in place was no faster than flash's
         backward and their copies out of the graph: benchmarks/NOTES.md, nineteenth session.)"""
         return self._per_kind(
-            ("centroid_bwd_on_triton", query.dtype, query.device.type, query.shape[-1], value.shape[-1],
+            ("centroid_bwd_on_triton", query.dtype, query.is_cuda, query.shape[-1], value.shape[-1],
              key_padding_mask is None, keep is None, num_clusters),
             lambda: (not self._flash_ok(query, value, key_padding_mask, keep)
                      and self._centroid_triton_ok(query, value, num_clusters)))
