@@ -139,7 +139,7 @@ def graph_time(fn, repeats):
     return timer("cuda", graph.replay, repeats)
 
 
-def profile(name, fn, top=12):
+def profile(name, fn, top=25):
     """Print the GPU time per call of ``fn`` and its ``top`` kernels by time (torch profiler, 3 calls)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile

@@ -1089,6 +1089,46 @@ def test_opcheck_gpu(mask):
     torch.library.opcheck(custom_ops.improved_clustered_attention_fwd, (q, k, v, a, kmask, None, 6, 8, 0.125, 0.0))
 
 
+def test_eager_backward_is_differentiable_once_cpu():
+    """The eager Functions' backward guard (``eager._differentiable_once``) against torch's
+    ``once_differentiable``, which it calls only where grad mode is on: the same gradients, the
+    backward run without grad mode either way, and with ``create_graph=True`` the same refusal of a
+    second differentiation (where the plain backward would silently give no second derivative)."""
+    from torch.autograd.function import once_differentiable
+
+    from fairseq_clustered.ops import eager
+    grad_modes = []
+
+    def square_backward(ctx, grad):
+        grad_modes.append(torch.is_grad_enabled())
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+    def square(guard):
+        class Square(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                ctx.save_for_backward(x)
+                return x * x
+
+            backward = staticmethod(guard(square_backward))
+        return Square
+
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    incoming = torch.randn(5, dtype=torch.float64, requires_grad=True)  # recorded where create_graph
+    ours, torchs = square(eager._differentiable_once), square(once_differentiable)
+    for create_graph in (False, True):
+        (got,) = torch.autograd.grad(ours.apply(x), x, incoming, create_graph=create_graph)
+        (want,) = torch.autograd.grad(torchs.apply(x), x, incoming, create_graph=create_graph)
+        assert torch.equal(got, want) and torch.equal(got.detach(), 2 * x.detach() * incoming.detach())
+        assert got.requires_grad == want.requires_grad == create_graph
+        if create_graph:
+            for second in (got, want):
+                with pytest.raises(RuntimeError, match="differentiate twice"):
+                    second.sum().backward()
+    assert grad_modes == [False] * 4
+
+
 @needs_gpu
 @pytest.mark.parametrize("variant", ["clustered", "improved"])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
