@@ -97,3 +97,20 @@ def test_bench_attention_refuses_graph_with_dropout():
                              "--dropout", "0.1", "--graph", "--lengths", "256"], capture_output=True, text=True)
     assert result.returncode == 2 and "--graph" in result.stderr and "--dropout" in result.stderr
 
+
+
+def test_host_layers_cpu_times_the_cache_hit_path():
+    """benchmarks/host_layers_cpu.py on the CPU: a time for each mode, and in the ``cache`` mode every
+    step replays its two (stand-in) graphs, so the graph cache's hit path is what it times."""
+    calls = 20
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "host_layers_cpu.py"), "--calls", str(calls),
+                          "--profile", "cache"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    times = {line.split()[0]: float(line.split()[1]) for line in lines
+             if line.split()[:1] in (["memoised"], ["cache"], ["autograd"])}
+    assert set(times) == {"memoised", "cache", "autograd"} and all(t > 0 for t in times.values())
+    replays, graphs = next((int(line.split()[1]), int(line.split()[4])) for line in lines
+                           if line.strip().startswith("(cache:"))
+    assert graphs == 2 and replays >= 2 * calls * 8, run.stdout
+    assert any("_replay" in line for line in lines), "the profile does not show the cache's replays"
