@@ -270,10 +270,7 @@ class GraphCache:
         if not in_place:
             if entry.inputs is not None:  # back to the static inputs (a no-op where it points there)
                 entry.inputs.point_at(entry.executable, entry.static_bases)
-            if entry.filled_outputs:
-                self._copy_into([entry.static_tensors[i] for i in entry.read], [tensors[i] for i in entry.read])
-            else:
-                self._copy_into(entry.static_tensors, tensors)
+            self._copy_into([entry.static_tensors[i] for i in entry.read], [tensors[i] for i in entry.read])
         entry.graph.replay()
         self.replays += 1
         if not entry.filled_outputs:
