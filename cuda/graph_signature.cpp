@@ -57,7 +57,8 @@ py::tuple graph_signature(const py::str& name, const py::sequence& args, const p
     words.push_back(tensor.get_device());
   }
   if (device < 0) return py::make_tuple(py::none(), py::list(), 0);  // no tensor: runs eagerly
-  const auto stream = reinterpret_cast<intptr_t>(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream());
+  const auto current = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device));
+  const auto stream = reinterpret_cast<intptr_t>(current.stream());
   py::bytes described(reinterpret_cast<const char*>(words.data()), words.size() * sizeof(int64_t));
   py::tuple key = py::make_tuple(name, device, stream, described, py::tuple(others));
   return py::make_tuple(key, tensors, nbytes);

@@ -543,9 +543,9 @@ class CudaOps:
     def _improved_route(self, query, value, key_padding_mask, keep, num_clusters) -> ImprovedRoute:
         """Where the improved variant's steps run for these inputs (:class:`ImprovedRoute`), worked out
         once per kind of input (dtype, CUDA or not, head dims, which masks are given, C: all that the
-        predicates read; :meth:`_per_kind`): the eager step asks before its forward and again before its backward, and
-        the predicates cost tens of microseconds of host time per step (benchmarks/NOTES.md,
-        twenty-second session)."""
+        predicates read; :meth:`_per_kind`): the eager step asks before its forward and again before
+        its backward, and the predicates cost tens of microseconds of host time per step
+        (benchmarks/NOTES.md, twenty-second session)."""
         def work_out():
             all_triton = self._improved_triton_ok(query, value, num_clusters)
             flash_path = self._flash_ok(query, value, key_padding_mask, keep) or all_triton
