@@ -405,12 +405,10 @@ class CudaOps:
         a signature entry; benchmarks/NOTES.md, twenty-first session)."""
         layout = self._per_kind(("kept_layout", query.shape, query.dtype, value.shape[-1], num_clusters),
                                 lambda: kept_layout(query, value, num_clusters))
-        value_dim = value.shape[-1]
-        out = torch.empty_strided((*query.shape[:3], value_dim), self.dense_strides(query, value_dim),
-                                  dtype=query.dtype, device=query.device)  # custom_ops.attention_output_like
-        return self._run_packing("clustered_attention_fwd_packed", self._clustered_fwd_packing, layout, out, query,
-                                 key, value, planes, offsets, query_padding_mask, iterations, bits, key_padding_mask,
-                                 keep, num_clusters, scale, dropout_p)
+        return self._run_packing("clustered_attention_fwd_packed", self._clustered_fwd_packing, layout,
+                                 custom_ops.attention_output_like(query, value.shape[-1]), query, key, value, planes,
+                                 offsets, query_padding_mask, iterations, bits, key_padding_mask, keep, num_clusters,
+                                 scale, dropout_p)
 
     def _run_packing(self, name, composition, layout, out, query, *arguments):
         """``composition(out, packed, layout, query, *arguments)`` through the graph cache as ``name``,
@@ -437,15 +435,10 @@ class CudaOps:
             lambda: (self._why_not(query, value, improved=False) is None
                      and self.clustering_why_not(query, num_clusters) is None))
 
-    def dense_strides(self, query: Tensor, value_dim: int) -> Tuple[int, ...]:
-        """:func:`custom_ops.dense_strides_like`, worked out once per query shape and strides."""
-        return self._per_kind(("dense_strides", query.shape, query.stride(), value_dim),
-                              lambda: custom_ops.dense_strides_like(query, value_dim))
-
     def _per_kind(self, kind: tuple, work_out):
         """``work_out()``, remembered under ``kind``: what depends only on the inputs' shapes, strides,
         dtypes and the hyper-parameters in ``kind``. An eager step asks for several such answers, and
-        working them out again at every call (sorting strides, building layouts, checking limits)
+        working them out again at every call (building layouts, checking limits)
         cost tens of microseconds of host time per step on the GPU server, where the step below 8k
         positions is bound by the host (benchmarks/NOTES.md, twenty-third session). At most
         ``MAX_KINDS_REMEMBERED`` answers are kept (fairseq's length-bucketed batches bring many shapes)."""

@@ -30,6 +30,7 @@ projections get results that fold back into that shape without a transposing cop
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -42,13 +43,31 @@ LIBRARY = "fairseq_clustered"
 
 def dense_strides_like(query: Tensor, value_dim: int) -> Tuple[int, ...]:
     """Strides of a dense ``(B, H, N, value_dim)`` tensor whose batch, head and position dims lie in
-    memory in the query's order (outermost first, by the query's strides), the feature dim innermost."""
-    outer = sorted(range(3), key=lambda d: -query.stride(d))  # stable for ties
-    strides, step = [0, 0, 0, 1], value_dim
+    memory in the query's order (outermost first, by the query's strides), the feature dim innermost.
+
+    Worked out once per query shape and strides: an eager CUDA step asks for them twice, in a step
+    whose time below 8k positions is the host's (benchmarks/NOTES.md, twenty-third session). Under
+    ``torch.compile``, and for symbolic sizes (which are not hashable), they are worked out every time."""
+    shape, strides = tuple(query.shape[:3]), tuple(query.stride()[:3])
+    if not torch.compiler.is_compiling():
+        try:
+            return _remembered_dense_strides(shape, strides, value_dim)
+        except TypeError:  # symbolic sizes
+            pass
+    return _dense_strides(shape, strides, value_dim)
+
+
+def _dense_strides(shape: Tuple[int, ...], strides: Tuple[int, ...], value_dim: int) -> Tuple[int, ...]:
+    """:func:`dense_strides_like` of a query's first three sizes and strides."""
+    outer = sorted(range(3), key=lambda d: -strides[d])  # stable for ties
+    dense, step = [0, 0, 0, 1], value_dim
     for d in reversed(outer):
-        strides[d] = step
-        step *= query.shape[d]
-    return tuple(strides)
+        dense[d] = step
+        step *= shape[d]
+    return tuple(dense)
+
+
+_remembered_dense_strides = functools.lru_cache(maxsize=4096)(_dense_strides)
 
 
 def attention_output_like(query: Tensor, value_dim: int, dtype: Optional[torch.dtype] = None) -> Tensor:

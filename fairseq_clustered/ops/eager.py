@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import cuda_backend
+from . import cuda_backend, custom_ops
 
 
 def _differentiable_once(backward):
@@ -74,7 +74,7 @@ class ClusteredAttention(torch.autograd.Function):
             out, packed, ctx.packing = ops.clustered_fwd_packed(query, key, value, *clustering, key_padding_mask,
                                                                 keep, num_clusters, scale, dropout_p)
             # dq in the queries' layout (a model's (N, B, H D) views), made in the backward's graph
-            ctx.query_layout = (query.shape, ops.dense_strides(query, query.shape[-1]), query.dtype)
+            ctx.query_layout = (query.shape, custom_ops.dense_strides_like(query, query.shape[-1]), query.dtype)
             ctx.save_for_backward(key, value, packed, key_padding_mask, keep)
             return out
         if assignments is None:  # inputs the kernels refuse: these warn and take the reference
