@@ -10,7 +10,12 @@ values, D = 64. Each column is the median of CUDA-graph replays of one call, in 
   the improved variant's log-sum-exp term took before the sixteenth session;
 * ``triton``: the Triton centroid backward;
 * ``triton + lse term``: the same with ``lse_weight`` (the improved variant's dense part now),
-  centroid gradients left in their per-range parts::
+  centroid gradients left in their per-range parts;
+* ``flash + copies``: flash's backward and fresh copies of its ``dk``, ``dv``: what the clustered
+  backward paid for them inside a cached CUDA graph before the twenty-fourth session
+  (``ops/graph_cache.py`` copies graph-owned outputs out, and flash allocates dk, dv itself);
+* ``triton in place``: the Triton backward writing ``dk``, ``dv`` into given tensors (the graph
+  cache's "filled" arguments, allocated by the caller: nothing copied)::
 
     python benchmarks/centroid_backward.py --lengths 1024,4096,32768
 """
@@ -66,6 +71,15 @@ def main():
                 grad, values, qbar, key, value, None, None, lse_rows, scale, 0.0, lse_weight=lse_weight,
                 partial_qbar=True),
         }
+        grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
+
+        def flash_and_copies():
+            _, dk, dv = flash_backward(grad_b, qb, key, value, out, lse, scale)
+            return dk.clone(), dv.clone()
+
+        times["flash + copies"] = flash_and_copies
+        times["triton in place"] = lambda: centroid_triton.centroid_attention_bwd(
+            grad, values, qbar, key, value, None, None, lse_rows, scale, 0.0, grad_key=grad_key, grad_value=grad_value)
         cells = "  ".join(f"{name} {graph_time(fn, args.repeats) * 1e3:.1f}" for name, fn in times.items())
         print(f"N={length}: {cells}", flush=True)
 

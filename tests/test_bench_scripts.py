@@ -77,10 +77,10 @@ def test_top_keys_sweep_reads_its_settings_and_needs_a_gpu():
 
 @pytest.mark.parametrize("script,session", [("centroid_backward.py", "sixteenth"),
                                             ("cluster_order_sweep.py", "nineteenth"),
-                                            ("centroid_fp32_sweep.py", "twentieth"),
+                                            ("centroid_sweep.py", "twentieth"),
                                             ("centroid_grid_ab.py", "twentieth")])
 def test_gpu_benchmarks_need_a_gpu(script, session):
-    """benchmarks/centroid_backward.py, cluster_order_sweep.py, centroid_fp32_sweep.py and
+    """benchmarks/centroid_backward.py, cluster_order_sweep.py, centroid_sweep.py and
     centroid_grid_ab.py: without a GPU each says so and exits."""
     if torch.cuda.is_available():
         pytest.skip(f"has a GPU: the script runs there (benchmarks/NOTES.md, {session} session)")

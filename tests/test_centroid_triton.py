@@ -121,13 +121,28 @@ def test_log_sum_exp_term_in_the_same_pass(dtype, keys, num_clusters):
     got_values, got_lse = centroid_triton.centroid_attention_fwd(qbar, key, value, None, None, scale, 0.0)
     parts, dk, dv = centroid_triton.centroid_attention_bwd(grad, got_values, qbar, key, value, None, None, got_lse,
                                                            scale, 0.0, lse_weight=weight, partial_qbar=True)
-    per_program = centroid_triton._programs_per_row(rows, keys, centroid_triton._launch("bwd", dtype, dim)["BLOCK_N"])
+    block_n = centroid_triton._launch("bwd", dtype, dim, masked=False)["BLOCK_N"]
+    per_program = centroid_triton._programs_per_row(rows, keys, block_n)
     assert parts.dtype == torch.float32 and parts.shape == (rows, per_program[0], num_clusters, dim)
     for name, actual, want in zip(("dqbar", "dk", "dv"), (parts.sum(1), dk, dv), expected):
         assert_close(name, actual.reshape(want.shape), want, dtype)
     # the term moves the key and centroid gradients by more than the tolerance (not a no-op)
     plain = torch.autograd.grad((values * grad.double()).sum(), (q, k))
     assert (plain[1] - expected[1]).abs().max().item() > 5 * TOLERANCE[dtype] * (1 + expected[1].abs().max().item())
+
+
+def test_launch_entries():
+    """Each kernel's launch settings: the head dim's own entry first, then (inputs without padding or
+    dropout) the unmasked one, then the dtype's; the half-precision backward without masks steps
+    128 keys with 8 warps (twenty-fourth session's sweep), with masks 64 with 4."""
+    entry = centroid_triton.launch_entry
+    assert entry("bwd", torch.bfloat16, 64, masked=False) == "bwd_unmasked"
+    assert entry("bwd", torch.float16, 64, masked=True) == "bwd"
+    assert entry("bwd", torch.bfloat16, 128, masked=False) == "bwd_d128"
+    assert entry("bwd", torch.float32, 64, masked=False) == "bwd_fp32"
+    assert entry("fwd", torch.bfloat16, 64, masked=False) == "fwd"
+    assert centroid_triton._launch("bwd", torch.bfloat16, 64, masked=False)["BLOCK_N"] == 128
+    assert centroid_triton._launch("bwd", torch.bfloat16, 64, masked=True)["BLOCK_N"] == 64
 
 
 @runs_here
@@ -139,7 +154,7 @@ def test_fp32_from_scaled_fp16_parts(monkeypatch, value_scale, grad_scale):
     gradients' low parts would fall below fp16's subnormals, and the values' products overflow)."""
     for name in ("fwd_fp32", "bwd_fp32"):
         monkeypatch.setitem(centroid_triton.LAUNCH, name, dict(centroid_triton.LAUNCH[name], precision="fp16x3"))
-    assert centroid_triton._launch("bwd", torch.float32, 32)["PARTS"] == 2
+    assert centroid_triton._launch("bwd", torch.float32, 32, masked=True)["PARTS"] == 2
     qbar, key, value, padding, keep, grad = problem(1100, 32, 100, torch.float32, True, 0.1, seed=3)
     value, grad = value * value_scale, grad * grad_scale
     scale = 32 ** -0.5

@@ -634,7 +634,25 @@ def _check(name, got, oracle, lowp, floor=1e-6):
 @pytest.mark.parametrize("length,dim", SIZES)
 @pytest.mark.parametrize("pad", [False, True])
 def test_clustered_gpu(dtype, length, dim, pad):
-    C = 25
+    _check_clustered_op(dtype, length, dim, pad, 25)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
+def test_clustered_flash_backward_gpu(dtype):
+    """More clusters than the Triton centroid kernels take (128): the clustered backward's centroid
+    attention is flash's backward (its dk, dv copied out of the graph), the only inputs that still
+    take it; within the low-precision rule of the fp64 reference."""
+    from fairseq_clustered.ops import cuda_backend
+    C = 150
+    ops = cuda_backend.cuda_ops()
+    q = torch.empty(1, 1, 1, 64, dtype=dtype, device="cuda")
+    assert not ops._centroid_bwd_on_triton(q, q, C) and ops._centroid_bwd_on_triton(q, q, 128)
+    _check_clustered_op(dtype, 1025, 64, False, C)
+
+
+def _check_clustered_op(dtype, length, dim, pad, C):
+    """The clustered op's output and gradients against the fp64 reference (the low-precision rule)."""
     q, k, v, qmask, kmask, a = make_inputs(2, 3, length, length + 7, dim, dtype, "cuda", C, pad=pad)
     scale = dim ** -0.5
     d64 = [t.double() for t in (q, k, v)]

@@ -261,10 +261,11 @@ def test_replays_match_eager_gpu(monkeypatch, variant, dtype, pad, dropout, inpu
         assert cache.inputs_read_in_place() == 0
     else:  # the forward's graph, at least, reads q, k and v where they are
         assert cache.inputs_read_in_place() >= 1, cache.copied_inputs
-    # The backward's graphs write into the caller's tensors: dq, dk and dv where the Triton kernels make
-    # them all (the clustered variant with padding and dropout, the improved variant in bf16), dq alone
-    # beside flash's dk and dv; the improved variant's fp32 path (the extension's kernels) makes its own.
-    filled = {("clustered", False): 1, ("clustered", True): 3, ("improved", False): 3, ("improved", True): 0}
+    # The backward's graphs write into the caller's tensors dq, dk and dv where the Triton kernels make
+    # them all (the clustered variant, whose centroid backward is the Triton kernel's wherever it takes
+    # the inputs; the improved variant in bf16); the improved variant's fp32 path (the extension's
+    # kernels) makes its own.
+    filled = {("clustered", False): 3, ("clustered", True): 3, ("improved", False): 3, ("improved", True): 0}
     backward = [entry for key, entry in cache._entries.items() if "_bwd" in key[0]]
     assert backward and all(len(e.filled_outputs) == filled[variant, pad] for e in backward), \
         [len(e.filled_outputs) for e in backward]

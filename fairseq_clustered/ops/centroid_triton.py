@@ -67,14 +67,22 @@ LOG2E = 1.4426950408889634
 # before TARGET_PROGRAMS' change below, the forward took 429 us with 64 keys and 536 with 32
 # (bf16x6: 784 with 16, its only setting that fits), the backward 1324 with 32 keys and 1805 with
 # 16 (bf16x6: 1849); with 4 warps the 64-key forward took 624 and the 32-key backward, which
-# spills, 1797 (benchmarks/centroid_fp32_sweep.py, run 1 of the twentieth session). fp32 at
+# spills, 1797 (benchmarks/centroid_sweep.py, run 1 of the twentieth session). fp32 at
 # D = 128: one or two pipeline stages, for shared memory; the backward spills about 150 bytes per
 # thread at 16 keys, yet at 16k keys the forward took 690 us with 32 keys and the backward 2304
 # with 16, where the fp32 cuBLAS products they replace made the whole step 8.19 ms against 4.48
 # now (run 5, `--dim 128`).
+#
+# The half-precision backward without padding or dropout ("bwd_unmasked", which the clustered
+# variant's unmasked backward takes since the twenty-fourth session) is fastest at 128 keys per step
+# and 8 warps: at 32 rows and 4k / 16k keys 64.2 / 164.6 us against 68.5 / 188.1 with 64 keys and 4
+# warps (bf16; fp16 164.9 against 186.3 at 16k), where with both masks 128 x 8 took 296.6 against
+# 245.2, and at D = 128 the 64-key entry stays (271.5 us against 296.9 with 128 keys and two
+# stages, the most that fit in shared memory; benchmarks/centroid_sweep.py, twenty-fourth session).
 LAUNCH = {
     "fwd": {"num_warps": 4, "keys": 64},
     "bwd": {"num_warps": 4, "keys": 64},
+    "bwd_unmasked": {"num_warps": 8, "keys": 128},
     "bwd_d128": {"num_warps": 8, "keys": 64},
     "fwd_fp32": {"num_warps": 8, "keys": 64, "precision": "split"},
     "bwd_fp32": {"num_warps": 8, "keys": 32, "precision": "split"},
@@ -266,12 +274,19 @@ if triton is not None:
                  mask=cluster_ok[:, None])
 
 
-
-def _launch(kernel: str, dtype: torch.dtype, dim: int) -> dict:
-    """Keyword arguments of ``kernel``'s (``"fwd"`` / ``"bwd"``) launch for operands of ``dtype``
-    and head dim ``dim``, ``BLOCK_N``, ``PRECISION`` and ``SPLIT`` among them."""
+def launch_entry(kernel: str, dtype: torch.dtype, dim: int, masked: bool) -> str:
+    """The name of ``LAUNCH``'s entry that ``kernel`` (``"fwd"`` / ``"bwd"``) takes for operands of
+    ``dtype``, head dim ``dim``, and key padding or dropout (``masked``) or neither: the first of
+    ``{base}_d{dim}``, ``{base}_unmasked`` (unmasked inputs only) and ``{base}`` that exists."""
     base = f"{kernel}_fp32" if dtype == torch.float32 else kernel
-    options = dict(LAUNCH.get(f"{base}_d{dim}", LAUNCH[base]))
+    names = (f"{base}_d{dim}",) + (() if masked else (f"{base}_unmasked",)) + (base,)
+    return next(name for name in names if name in LAUNCH)
+
+
+def _launch(kernel: str, dtype: torch.dtype, dim: int, masked: bool) -> dict:
+    """Keyword arguments of ``kernel``'s launch (:func:`launch_entry`'s), ``BLOCK_N``, ``PRECISION``
+    and ``SPLIT`` among them."""
+    options = dict(LAUNCH[launch_entry(kernel, dtype, dim, masked)])
     options["BLOCK_N"] = options.pop("keys")
     precision = options.pop("precision", None)
     split = dtype == torch.float32 and precision in SPLITS
@@ -340,7 +355,7 @@ def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding
     batch, heads, keys, dim = key.shape
     rows, num_clusters = qbar.shape[:2]
     key, value, padding, kept, strides = _key_args(key, value, key_padding_mask, keep)
-    launch = _launch("fwd", key.dtype, dim)
+    launch = _launch("fwd", key.dtype, dim, masked=padding is not None or kept is not None)
     parts, per_program = _programs_per_row(rows, keys, launch["BLOCK_N"])
     out = qbar.new_empty(rows, parts, num_clusters, dim)
     lse = qbar.new_empty(rows, parts, num_clusters)
@@ -388,7 +403,7 @@ def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, ke
     batch, heads, keys, dim = key.shape
     rows, num_clusters = qbar.shape[:2]
     key, value, padding, kept, strides = _key_args(key, value, key_padding_mask, keep)
-    launch = _launch("bwd", key.dtype, dim)
+    launch = _launch("bwd", key.dtype, dim, masked=padding is not None or kept is not None)
     parts, per_program = _programs_per_row(rows, keys, launch["BLOCK_N"])
     grad = grad_values.to(key.dtype).contiguous()
     # flash attention's rowsum(dO * O), from the gradient as the kernel sees it (the key dtype)

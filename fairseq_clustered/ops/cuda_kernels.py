@@ -478,7 +478,7 @@ class CudaOps:
         is made with the given shape, strides (dense) and dtype, and written into by the graph
         (graph_cache's "filled"), as are dk and dv where the Triton centroid backward makes them."""
         dq = torch.empty_strided(tuple(query_shape), tuple(query_strides), dtype=query_dtype, device=key.device)
-        dk, dv = self._key_gradients_to_fill(dq, key, value, key_padding_mask, keep, num_clusters)
+        dk, dv = self._key_gradients_to_fill(dq, key, value, num_clusters)
         return self.graphs.run("clustered_attention_bwd_packed", self._clustered_bwd_unpacking, (
             grad_out, dq, key, value, packed, layout, key_padding_mask, keep, num_clusters, scale, dropout_p, dk,
             dv), filled=(1, 11, 12))
@@ -736,7 +736,7 @@ class CudaOps:
             return tuple(custom_ops.laid_out_as(g, x) for g, x in zip(grads, (query, key, value)))
         # dq (and dk, dv where the Triton centroid backward makes them) are written into tensors of the
         # caller's (graph_cache's "filled")
-        dk, dv = self._key_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters)
+        dk, dv = self._key_gradients_to_fill(query, key, value, num_clusters)
         return self.graphs.run("clustered_attention_bwd", self._clustered_bwd, (
             grad_out, query, key, value, assignments, key_padding_mask, keep, out, lse, centroids, num_clusters,
             scale, dropout_p, torch.empty_like(query), dk, dv), filled=(13, 14, 15))
@@ -750,24 +750,24 @@ class CudaOps:
             self._cluster_outputs(out, order, seg_start, num_clusters), order, seg_start, num_clusters, scale,
             dropout_p, dk, dv)
 
-    def _centroid_bwd_on_triton(self, query, value, key_padding_mask, keep, num_clusters) -> bool:
+    def _centroid_bwd_on_triton(self, query, value, num_clusters) -> bool:
         """Whether the clustered backward takes the centroids' attention backward from the Triton
         kernel (:func:`centroid_triton.centroid_attention_bwd`, which writes dk / dv where it is told)
-        rather than from flash (which allocates them) or the dense fp32 products: where the kernel
-        can take the inputs and flash cannot (key padding, dropout, fp32). (Without padding and
-        dropout, the Triton kernel with dk and dv written in place was no faster than flash's
-        backward and their copies out of the graph: benchmarks/NOTES.md, nineteenth session.)"""
+        rather than from flash (which allocates them) or the dense fp32 products: wherever the kernel
+        takes the inputs. Without padding and dropout flash could take them too, but in a cached
+        graph its dk / dv are the graph's own buffers and are copied out at every replay, and its
+        backward alone was slower as well: with the kernel's dk / dv written in place, 79 / 119 / 198 us
+        at 4k / 8k / 16k keys (32 rows, C = 100, D = 64, bf16) against flash's 93 / 160 / 288 and
+        112 / 192 / 355 with the copies (benchmarks/NOTES.md, twenty-fourth session)."""
         return self._per_kind(
-            ("centroid_bwd_on_triton", query.dtype, query.is_cuda, query.shape[-1], value.shape[-1],
-             key_padding_mask is None, keep is None, num_clusters),
-            lambda: (not self._flash_ok(query, value, key_padding_mask, keep)
-                     and self._centroid_triton_ok(query, value, num_clusters)))
+            ("centroid_bwd_on_triton", query.dtype, query.is_cuda, query.shape[-1], value.shape[-1], num_clusters),
+            lambda: self._centroid_triton_ok(query, value, num_clusters))
 
-    def _key_gradients_to_fill(self, query, key, value, key_padding_mask, keep, num_clusters):
+    def _key_gradients_to_fill(self, query, key, value, num_clusters):
         """``(dk, dv)``: empty tensors for the clustered backward's key and value gradients where it
         writes them itself (:meth:`_centroid_bwd_on_triton`), handed to its composition as "filled"
         arguments so that a graph writes them where the caller gets them; else ``(None, None)``."""
-        if not self._centroid_bwd_on_triton(query, value, key_padding_mask, keep, num_clusters):
+        if not self._centroid_bwd_on_triton(query, value, num_clusters):
             return None, None
         return centroid_triton.gradient_like(key), centroid_triton.gradient_like(value)
 
