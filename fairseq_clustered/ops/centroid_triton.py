@@ -233,22 +233,25 @@ if triton is not None:
                              stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                              stride_gkb, stride_gkh, stride_gks, stride_gvb, stride_gvh, stride_gvs,
                              DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-                             PADDED: tl.constexpr, DROPOUT: tl.constexpr, WEIGHTED: tl.constexpr,
+                             PADDED: tl.constexpr, DROPOUT: tl.constexpr, WEIGHTED: tl.constexpr, CHUNK: tl.constexpr,
                              PRECISION: tl.constexpr, SPLIT: tl.constexpr, PARTS: tl.constexpr):
-        """QBAR, GRAD, VBAR: (rows, C, DIM) contiguous, any float dtype (GRAD: the gradient of Vbar);
-        the centroids and the gradient are rounded to the key dtype here, as the products take them.
-        LSE: (rows, C) fp32 log-sum-exps (+inf for rows without a valid key); LSE_WEIGHT (WEIGHTED):
-        (rows, C) fp32, added to each row's ``GRAD . Vbar`` (flash attention's ``rowsum(dO * O)``,
-        which every program works out for itself from the rounded gradient: C x DIM products, against
-        the four torch launches it took before). GRAD_QBAR: (rows, programs, C, DIM) fp32 partial sums;
-        GRAD_K, GRAD_V: (B, H, S, DIM) with the strides given (feature dim contiguous)."""
+        """QBAR, GRAD: (rows, C, DIM) contiguous in the key dtype (GRAD: the gradient of Vbar); VBAR:
+        (rows, C, DIM) contiguous, any float dtype; LSE: (rows, C) fp32 log-sum-exps (+inf for rows
+        without a valid key), ``log2e`` the factor to base 2; LSE_WEIGHT (WEIGHTED): (rows, C) fp32,
+        added to each row's ``GRAD . Vbar`` (flash attention's ``rowsum(dO * O)``, which every
+        program works out for itself, in column chunks of CHUNK that keep the tiles small: C x DIM
+        products, against four torch launches before). GRAD_QBAR: (rows, programs, C, DIM) fp32
+        partial sums; GRAD_K, GRAD_V: (B, H, S, DIM) with the strides given (feature dim contiguous)."""
         row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM)
         centroid_rows = (row * num_clusters + clusters)[:, None] * DIM + dims[None, :]
-        operand_dtype = K.dtype.element_ty
-        q = tl.load(QBAR + centroid_rows, mask=cluster_ok[:, None], other=0.0).to(operand_dtype)
-        g = tl.load(GRAD + centroid_rows, mask=cluster_ok[:, None], other=0.0).to(operand_dtype)
-        vbar = tl.load(VBAR + centroid_rows, mask=cluster_ok[:, None], other=0.0).to(tl.float32)
-        delta = tl.sum(g.to(tl.float32) * vbar, 1)
+        q = tl.load(QBAR + centroid_rows, mask=cluster_ok[:, None], other=0.0)
+        g = tl.load(GRAD + centroid_rows, mask=cluster_ok[:, None], other=0.0)
+        delta = tl.zeros((BLOCK_C,), tl.float32)
+        for d0 in tl.static_range(0, DIM, CHUNK):
+            chunk = (row * num_clusters + clusters)[:, None] * DIM + d0 + tl.arange(0, CHUNK)[None, :]
+            g_chunk = tl.load(GRAD + chunk, mask=cluster_ok[:, None], other=0.0).to(tl.float32)
+            v_chunk = tl.load(VBAR + chunk, mask=cluster_ok[:, None], other=0.0).to(tl.float32)
+            delta += tl.sum(g_chunk * v_chunk, 1)
         if WEIGHTED:
             delta += tl.load(LSE_WEIGHT + row * num_clusters + clusters, mask=cluster_ok, other=0.0)
         q, g = _operand(q, SPLIT, PARTS), _operand(g, SPLIT, PARTS)
@@ -414,16 +417,20 @@ def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, ke
     grad_qbar = qbar.new_empty(rows, parts, num_clusters, dim)
     grad_key = _written_gradient(grad_key, key, "grad_key")
     grad_value = _written_gradient(grad_value, value, "grad_value")
-    # the conversions to the key dtype, the log-sum-exps' change of base and flash attention's
-    # rowsum(dO * O) happen in the kernel (they were seven small launches beside it)
+    # The log-sum-exps' change of base and flash attention's rowsum(dO * O) happen in the kernel
+    # (they took five small launches beside it). The centroids and the gradient are rounded to the
+    # key dtype here: loaded in fp32 and rounded in the kernel, they took 32-64 KiB more of its shared
+    # memory, two programs per SM became one with dropout at D = 64, and at D = 128 and C > 64 it no
+    # longer fitted (benchmarks/kernel_resources.py; twenty-fourth session).
     _centroid_bwd_kernel[(rows, parts)](
-        qbar.contiguous(), key, value, key if padding is None else padding, key if kept is None else kept,
-        grad_values.contiguous(), values.contiguous(), lse.float().contiguous(),
+        qbar.to(key.dtype).contiguous(), key, value, key if padding is None else padding,
+        key if kept is None else kept, grad_values.to(key.dtype).contiguous(), values.contiguous(),
+        lse.float().contiguous(),
         lse if lse_weight is None else lse_weight.float().contiguous(), grad_qbar, grad_key, grad_value,
         num_clusters, keys, heads, per_program, LOG2E, scale * LOG2E, scale,
         1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
         *strides, *grad_key.stride()[:3], *grad_value.stride()[:3],
         DIM=dim, BLOCK_C=_tile(num_clusters), PADDED=padding is not None, DROPOUT=kept is not None,
-        WEIGHTED=lse_weight is not None, **launch,
+        WEIGHTED=lse_weight is not None, CHUNK=min(dim, 32), **launch,
     )
     return grad_qbar if partial_qbar else grad_qbar.sum(1), grad_key, grad_value
