@@ -756,9 +756,10 @@ class CudaOps:
         rather than from flash (which allocates them) or the dense fp32 products: wherever the kernel
         takes the inputs. Without padding and dropout flash could take them too, but in a cached
         graph its dk / dv are the graph's own buffers and are copied out at every replay, and its
-        backward alone was slower as well: with the kernel's dk / dv written in place, 79 / 119 / 198 us
-        at 4k / 8k / 16k keys (32 rows, C = 100, D = 64, bf16) against flash's 93 / 160 / 288 and
-        112 / 192 / 355 with the copies (benchmarks/NOTES.md, twenty-fourth session)."""
+        backward alone was slower as well: at 4k / 8k / 16k keys (32 rows, C = 100, D = 64, bf16,
+        graph replays) the kernel with dk / dv written in place took 79 / 119 / 198 us (72 / 107 / 175
+        at the 128-key launch it has now), flash's backward 93 / 160 / 288 and 112 / 192 / 355 with
+        the copies (benchmarks/centroid_backward.py; benchmarks/NOTES.md, twenty-fourth session)."""
         return self._per_kind(
             ("centroid_bwd_on_triton", query.dtype, query.is_cuda, query.shape[-1], value.shape[-1], num_clusters),
             lambda: self._centroid_triton_ok(query, value, num_clusters))
