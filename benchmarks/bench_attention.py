@@ -21,8 +21,9 @@ tensor cores for half precision).
 Times are medians of CUDA-event-timed runs after warm-up; ``peak`` is the peak
 memory of one forward+backward, counting its inputs (q, k, v, grad_out) and its
 outputs and gradients; ``peak/io`` divides it by the bytes of q, k, v, the output
-and their gradients. Writes a CSV and a
-log-log PNG (time and memory against N). ``--device cpu`` runs a small CPU version.
+and their gradients. Writes a CSV (after every measured row, so that a run that dies
+keeps what it measured) and, at the end, a log-log PNG (time and memory against N).
+``--device cpu`` runs a small CPU version.
 
     python benchmarks/bench_attention.py                 # GPU, bf16, N = 1k..64k
     python benchmarks/bench_attention.py --device cpu    # CPU, small N
@@ -377,6 +378,7 @@ def main():
             if name == "clustered" and n in FAST_TRANSFORMERS_MS and not args.causal:
                 row["vs_fast_transformers"] = FAST_TRANSFORMERS_MS[n] / row["fwdbwd_ms"]
             results.append(row)
+            write_csv(args, results)  # after every row: a run that dies later keeps what it measured
             print(f"  N={n:6d} {name:16s} fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwdbwd_ms']:9.3f} ms"
                   f"  peak {row.get('peak_mb', math.nan):9.1f} MB", flush=True)
         del q, k, v
@@ -385,7 +387,8 @@ def main():
     print_table(results)
 
 
-def write_outputs(args, results):
+def write_csv(args, results):
+    """``args.out``.csv with every row measured so far (rewritten whole at each call)."""
     keys = ["n", "method", "fwd_ms", "fwd_ratio", "fwdbwd_ms", "fwdbwd_ratio", "graph_ms", "peak_mb", "io_mb",
             "graph_cache_mb", "vs_fast_transformers", "note"]
     with open(args.out + ".csv", "w", newline="") as f:
@@ -393,6 +396,10 @@ def write_outputs(args, results):
         writer.writeheader()
         for row in results:
             writer.writerow(row)
+
+
+def write_outputs(args, results):
+    write_csv(args, results)
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -114,3 +114,28 @@ def test_host_layers_cpu_times_the_cache_hit_path():
                            if line.strip().startswith("(cache:"))
     assert graphs == 2 and replays >= 2 * calls * 8, run.stdout
     assert any("_replay" in line for line in lines), "the profile does not show the cache's replays"
+
+
+def test_bench_attention_keeps_rows_measured_before_a_failure(tmp_path, monkeypatch):
+    """benchmarks/bench_attention.py writes its CSV after every row: a method that fails at the second
+    length (as a CUDA error did mid-table on the GPU, twenty-fourth session) leaves the first length's
+    rows on disk, and the error still ends the run."""
+    import bench_attention
+
+    measure = bench_attention.measure
+
+    def failing_at_512(args, name, fn, q, k, v, repeats):
+        if name == "clustered" and q.shape[2] == 512:
+            raise RuntimeError("simulated failure")
+        return measure(args, name, fn, q, k, v, repeats)
+
+    monkeypatch.setattr(bench_attention, "measure", failing_at_512)
+    out = tmp_path / "table"
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--device", "cpu", "--lengths", "256,512",
+                                      "--methods", "sdpa,clustered", "--out", str(out)])
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        bench_attention.main()
+    with open(f"{out}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["n"], row["method"]) for row in rows] == [("256", "sdpa"), ("256", "clustered"), ("512", "sdpa")]
+    assert all(float(row["fwdbwd_ms"]) > 0 for row in rows)
