@@ -100,8 +100,10 @@ def main():
           f"gradient x {args.grad_scale:g}; errors relative to float64's largest magnitude")
     print(f"{'N':>6} {'precision':>9} {'keys':>4} {'warps':>5} {'stages':>6} {'progs':>5} {'fwd us':>7} {'bwd us':>7}  "
           + "  ".join(f"{name:>8}" for name in NAMES))
-    # the entries the kernels of this head dim read (centroid_triton._launch)
+    # the LAUNCH entries these calls read (the head dim's, the unmasked one or the dtype's)
     entries = [centroid_triton.launch_entry(kernel, dtype, dim, args.masked) for kernel in ("fwd", "bwd")]
+    precisions = ["native"] if half else args.precision.split(",")
+    numbers = [[int(v) for v in values.split(",")] for values in (args.keys, args.warps, args.stages, args.programs)]
     originals = {name: dict(centroid_triton.LAUNCH[name]) for name in entries}
     target_programs = centroid_triton.TARGET_PROGRAMS
     try:
@@ -124,9 +126,7 @@ def main():
             own = errors(exact(qbar, key, value, grad, scale, dtype, **masks), oracle)
             print(f"{length:>6} {'torch':>9} {'':>4} {'':>5} {'':>6} {'':>5} {'':>7} {'':>7}  "
                   + "  ".join(f"{e:>8.2e}" for e in own))
-            for precision, keys, warps, stages, programs in itertools.product(
-                    args.precision.split(",") if not half else ["native"], *([int(v) for v in values.split(",")]
-                                                 for values in (args.keys, args.warps, args.stages, args.programs))):
+            for precision, keys, warps, stages, programs in itertools.product(precisions, *numbers):
                 centroid_triton.TARGET_PROGRAMS = programs
                 setting = f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {stages:>6} {programs:>5}"
                 for name in entries:
