@@ -36,6 +36,25 @@ from fairseq_clustered import ops
 from fairseq_clustered.ops import cuda_backend, custom_ops, graph_cache
 
 
+def empty_function(saved=None):
+    """A ``torch.autograd.Function`` of ``(query, key, value)`` that does no work: it saves ``saved``
+    (its own inputs where None) and returns fresh tensors, so that a step through it times autograd
+    alone (also ``host_layers_cpu.py``'s floor)."""
+
+    class Empty(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, query, key, value):
+            ctx.save_for_backward(*((query, key, value) if saved is None else saved))
+            return torch.empty_like(query)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            ctx.saved_tensors
+            return torch.empty_like(grad_out), torch.empty_like(grad_out), torch.empty_like(grad_out)
+
+    return Empty
+
+
 def issue_us(fn, burst: int = 10, bursts: int = 15) -> float:
     """Median CPU microseconds to issue one ``fn()`` (bursts of ``burst`` calls, synchronised between)."""
     for _ in range(3):
@@ -180,20 +199,7 @@ def layers(variant: str, q, k, v, planes, args):
         for entry in (fwd_entry, bwd_entry):
             cache._fresh_copies(entry.outputs)
 
-    saved_for_backward = bwd_tensors[1:]
-
-    class Trivial(torch.autograd.Function):
-        """Autograd alone: saves as many tensors as ours, returns fresh outputs, no work."""
-
-        @staticmethod
-        def forward(ctx, query, key, value):
-            ctx.save_for_backward(*saved_for_backward)
-            return torch.empty_like(query)
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            ctx.saved_tensors
-            return torch.empty_like(grad_out), torch.empty_like(grad_out), torch.empty_like(grad_out)
+    Trivial = empty_function(saved=bwd_tensors[1:])  # saves as many tensors as ours
 
     def autograd_only():
         for t in (q, k, v):
