@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import inspect
-import pstats
 import statistics
 import sys
 import time
@@ -42,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fairseq_clustered import ops  # noqa: E402
 from fairseq_clustered.ops import eager, graph_cache  # noqa: E402
 from fairseq_clustered.ops.cuda_kernels import CudaOps  # noqa: E402
-from host_overhead import empty_function  # noqa: E402
+from host_overhead import empty_function, print_profile  # noqa: E402
 
 _NOTHING = empty_function()  # autograd alone: saves q, k, v, returns fresh outputs, no work
 
@@ -157,11 +156,8 @@ def profile(step, calls: int, rows: int = 30) -> None:
     for _ in range(calls):
         step()
     profiler.disable()
-    stats = pstats.Stats(profiler).stats
     print("  own / cumulative us per step, calls per step")
-    for (path, line, name), (_, count, own, cumulative, _) in sorted(stats.items(), key=lambda i: -i[1][2])[:rows]:
-        where = f"{path.rsplit('/', 1)[-1]}:{line}" if line else path
-        print(f"  {own / calls * 1e6:7.2f} {cumulative / calls * 1e6:8.2f} {count / calls:5.1f}x  {name} ({where})")
+    print_profile(profiler, calls, rows)
 
 
 def main():

@@ -351,7 +351,6 @@ def python_profile(label, fn, steps=2000, rows=28):
     """cProfile's own time per Python function over ``steps`` calls of ``fn``, per step (the
     profiler's hooks add about a microsecond to every call, so small functions look larger)."""
     import cProfile
-    import pstats
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
@@ -362,12 +361,19 @@ def python_profile(label, fn, steps=2000, rows=28):
         if i % 10 == 9:
             torch.cuda.synchronize()  # keep the GPU's queue short, as issue_us does
     profiler.disable()
-    stats = pstats.Stats(profiler).stats
-    rows_by_own = sorted(stats.items(), key=lambda item: -item[1][2])[:rows]
     print(f"  cProfile of {label}: own / cumulative us per step, calls per step")
-    for (path, line, name), (_, calls, own, cumulative, _) in rows_by_own:
-        where = f"{path.rsplit('/', 2)[-1]}:{line}" if line else path
-        print(f"    {own / steps * 1e6:7.1f} {cumulative / steps * 1e6:8.1f} {calls / steps:5.1f}x  {name} ({where})")
+    print_profile(profiler, steps, rows, indent="    ")
+
+
+def print_profile(profiler, steps: int, rows: int, indent: str = "  ") -> None:
+    """The ``rows`` functions of a ``cProfile.Profile`` with the most own time: own and cumulative
+    microseconds and calls per step, over the ``steps`` it ran (also ``host_layers_cpu.py``'s)."""
+    import pstats
+    stats = pstats.Stats(profiler).stats
+    for (path, line, name), (_, calls, own, cumulative, _) in sorted(stats.items(), key=lambda i: -i[1][2])[:rows]:
+        where = f"{path.rsplit('/', 1)[-1]}:{line}" if line else path
+        print(f"{indent}{own / steps * 1e6:7.2f} {cumulative / steps * 1e6:8.2f} {calls / steps:5.1f}x  "
+              f"{name} ({where})")
 
 
 def main():

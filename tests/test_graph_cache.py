@@ -285,8 +285,9 @@ def test_replays_match_eager_gpu(monkeypatch, variant, dtype, pad, dropout, inpu
 def test_replays_match_eager_at_the_benchmark_shape_gpu(monkeypatch, variant):
     """The benchmark's shape (B = 4, H = 8, N = 1024, C = 100, bf16; the tests above take C = 20, so
     their Triton tiles hold 32 centroids, these 128): replays reading their inputs in place give the
-    eager composition's results. An experiment that passed the tests at the small shapes died here
-    with a CUDA illegal memory access in the capture's check (twenty-fourth session, benchmarks/NOTES.md)."""
+    eager composition's results. An experiment that passed the tests at the small shapes died in the
+    benchmark's table (1k-16k; the size was not printed) with a CUDA illegal memory access in the
+    capture's check (twenty-fourth session, benchmarks/NOTES.md)."""
     monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "in-place")
     cache = cuda_backend.graph_cache()
     cache.clear()
