@@ -228,25 +228,34 @@ if triton is not None:
         tl.store(LSE2 + slot * num_clusters + clusters, lse2, mask=cluster_ok)
 
     @triton.jit
-    def _centroid_bwd_kernel(QBAR, K, V, KEY_PADDING, KEEP, GRAD, DELTA, LSE2, GRAD_QBAR, GRAD_K, GRAD_V,
-                             num_clusters, keys, heads, keys_per_program, qk_scale, scale, drop_scale,
+    def _centroid_bwd_kernel(QBAR, K, V, KEY_PADDING, KEEP, GRAD, VBAR, LSE, LSE_WEIGHT, GRAD_QBAR, GRAD_K, GRAD_V,
+                             num_clusters, keys, heads, keys_per_program, log2e, qk_scale, scale, drop_scale,
                              stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                              stride_gkb, stride_gkh, stride_gks, stride_gvb, stride_gvh, stride_gvs,
                              DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-                             PADDED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                             SPLIT: tl.constexpr, PARTS: tl.constexpr):
-        """QBAR, GRAD: (rows, C, DIM) in the key dtype (GRAD: the gradient of Vbar); DELTA: (rows, C)
-        fp32 ``GRAD . Vbar``; LSE2: (rows, C) fp32 log-sum-exps in base 2 (+inf for rows without
-        a valid key);
-        GRAD_QBAR: (rows, programs, C, DIM) fp32 partial sums; GRAD_K, GRAD_V: (B, H, S, DIM) with the
-        strides given (feature dim contiguous)."""
+                             PADDED: tl.constexpr, DROPOUT: tl.constexpr, WEIGHTED: tl.constexpr, CHUNK: tl.constexpr,
+                             PRECISION: tl.constexpr, SPLIT: tl.constexpr, PARTS: tl.constexpr):
+        """QBAR, GRAD: (rows, C, DIM) contiguous in the key dtype (GRAD: the gradient of Vbar); VBAR:
+        (rows, C, DIM) contiguous, any float dtype; LSE: (rows, C) fp32 log-sum-exps (+inf for rows
+        without a valid key), ``log2e`` the factor to base 2; LSE_WEIGHT (WEIGHTED): (rows, C) fp32,
+        added to each row's ``GRAD . Vbar`` (flash attention's ``rowsum(dO * O)``, which every
+        program works out for itself, in column chunks of CHUNK that keep the tiles small: C x DIM
+        products, against four torch launches before). GRAD_QBAR: (rows, programs, C, DIM) fp32
+        partial sums; GRAD_K, GRAD_V: (B, H, S, DIM) with the strides given (feature dim contiguous)."""
         row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM)
         centroid_rows = (row * num_clusters + clusters)[:, None] * DIM + dims[None, :]
         q = tl.load(QBAR + centroid_rows, mask=cluster_ok[:, None], other=0.0)
         g = tl.load(GRAD + centroid_rows, mask=cluster_ok[:, None], other=0.0)
+        delta = tl.zeros((BLOCK_C,), tl.float32)
+        for d0 in tl.static_range(0, DIM, CHUNK):
+            chunk = (row * num_clusters + clusters)[:, None] * DIM + d0 + tl.arange(0, CHUNK)[None, :]
+            g_chunk = tl.load(GRAD + chunk, mask=cluster_ok[:, None], other=0.0).to(tl.float32)
+            v_chunk = tl.load(VBAR + chunk, mask=cluster_ok[:, None], other=0.0).to(tl.float32)
+            delta += tl.sum(g_chunk * v_chunk, 1)
+        if WEIGHTED:
+            delta += tl.load(LSE_WEIGHT + row * num_clusters + clusters, mask=cluster_ok, other=0.0)
         q, g = _operand(q, SPLIT, PARTS), _operand(g, SPLIT, PARTS)
-        lse2 = tl.load(LSE2 + row * num_clusters + clusters, mask=cluster_ok, other=float("inf"))
-        delta = tl.load(DELTA + row * num_clusters + clusters, mask=cluster_ok, other=0.0)
+        lse2 = tl.load(LSE + row * num_clusters + clusters, mask=cluster_ok, other=float("inf")) * log2e
         grad_q = tl.zeros((BLOCK_C, DIM), tl.float32)
         start = part * keys_per_program
         stop = tl.minimum(start + keys_per_program, keys)
@@ -405,20 +414,23 @@ def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, ke
     key, value, padding, kept, strides = _key_args(key, value, key_padding_mask, keep)
     launch = _launch("bwd", key.dtype, dim, masked=padding is not None or kept is not None)
     parts, per_program = _programs_per_row(rows, keys, launch["BLOCK_N"])
-    grad = grad_values.to(key.dtype).contiguous()
-    # flash attention's rowsum(dO * O), from the gradient as the kernel sees it (the key dtype)
-    delta = (grad.float() * values.float()).sum(-1)
-    delta = (delta if lse_weight is None else delta + lse_weight).contiguous()
     grad_qbar = qbar.new_empty(rows, parts, num_clusters, dim)
     grad_key = _written_gradient(grad_key, key, "grad_key")
     grad_value = _written_gradient(grad_value, value, "grad_value")
+    # The log-sum-exps' change of base and flash attention's rowsum(dO * O) happen in the kernel
+    # (they took five small launches beside it). The centroids and the gradient are rounded to the
+    # key dtype here: loaded in fp32 and rounded in the kernel, they took 32-64 KiB more of its shared
+    # memory, two programs per SM became one with dropout at D = 64, and at D = 128 and C > 64 it no
+    # longer fitted (benchmarks/kernel_resources.py; twenty-fourth session).
     _centroid_bwd_kernel[(rows, parts)](
         qbar.to(key.dtype).contiguous(), key, value, key if padding is None else padding,
-        key if kept is None else kept, grad, delta, (lse.float() * LOG2E).contiguous(), grad_qbar, grad_key,
-        grad_value,
-        num_clusters, keys, heads, per_program, scale * LOG2E, scale,
+        key if kept is None else kept, grad_values.to(key.dtype).contiguous(), values.contiguous(),
+        lse.float().contiguous(),
+        lse if lse_weight is None else lse_weight.float().contiguous(), grad_qbar, grad_key, grad_value,
+        num_clusters, keys, heads, per_program, LOG2E, scale * LOG2E, scale,
         1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
         *strides, *grad_key.stride()[:3], *grad_value.stride()[:3],
-        DIM=dim, BLOCK_C=_tile(num_clusters), PADDED=padding is not None, DROPOUT=kept is not None, **launch,
+        DIM=dim, BLOCK_C=_tile(num_clusters), PADDED=padding is not None, DROPOUT=kept is not None,
+        WEIGHTED=lse_weight is not None, CHUNK=min(dim, 32), **launch,
     )
     return grad_qbar if partial_qbar else grad_qbar.sum(1), grad_key, grad_value

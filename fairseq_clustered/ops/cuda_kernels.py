@@ -637,9 +637,11 @@ class CudaOps:
         assignments = assignments.contiguous()
         order, seg_start = self._sort_by_cluster(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
+        cluster_outputs = None  # what the members receive, in the query dtype (below, where not flash's)
         if self._flash_ok(query, value, key_padding_mask, keep):
             out_c, lse, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
-            centroid_values = out_c.reshape(rows, num_clusters, value_dim).float()
+            cluster_outputs = out_c.reshape(rows, num_clusters, value_dim)
+            centroid_values = cluster_outputs.float()  # the broadcast reads fp32 rows
         elif self._centroid_triton_ok(query, value, num_clusters):
             centroid_values, lse = centroid_triton.centroid_attention_fwd(
                 qbar, key, value, key_padding_mask, keep, scale, dropout_p)
@@ -649,8 +651,10 @@ class CudaOps:
         if out is None:
             out = custom_ops.attention_output_like(query, value_dim)
         out = self._broadcast(centroid_values, assignments, out)
+        if cluster_outputs is None:
+            cluster_outputs = centroid_values.to(query.dtype)
         return (out, lse.reshape(batch, heads, num_clusters).float().contiguous(),
-                qbar.reshape(batch, heads, num_clusters, dim), centroid_values.to(query.dtype), order, seg_start)
+                qbar.reshape(batch, heads, num_clusters, dim), cluster_outputs, order, seg_start)
 
     def _flash_fwd(self, qbar, key, value, scale, batch, heads):
         """Centroid attention through flash: ``(out (B, H, C, Dv), lse (B, H, C), ctx for _flash_bwd)``."""
