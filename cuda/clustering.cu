@@ -12,7 +12,11 @@
 // centroid is the one with the largest +-1 dot product. A warp takes 16 queries against
 // all centroids with int8 mma.sync (16 queries x 8 centroids x 32 bits per instruction,
 // exact in int32) where the fallback kernels compute two 32-bit population counts per
-// (query, centroid) pair, which issue at a quarter of the integer rate.
+// (query, centroid) pair, which issue at a quarter of the integer rate. The centroids'
+// fragments sit in shared memory, built once per block: in registers (52 at C = 100) they
+// left room for 16 warps per SM, too few to hide the search's latency (ncu: 0.87 eligible
+// warps per scheduler); now 32 fit, and Lloyd at 32 rows of 4k / 16k took 145 / 342 us
+// instead of 163 (population counts) / 422 (benchmarks/NOTES.md, twenty-fifth session).
 #include "common.cuh"
 
 #include <algorithm>
@@ -155,8 +159,11 @@ __device__ __forceinline__ int nearest(int64_t code, const int64_t* cent, int C)
 __host__ __device__ __forceinline__ int padded_clusters(int C) { return ((C + 1) / 2) * 2 + 2; }
 
 // ------------------------------------------------- nearest centroids on tensor cores
-constexpr int MMA_THREADS = 256;
-constexpr int MMA_MAX_CLUSTERS = 128;  // centroid tiles of 8, their fragments in registers
+// 16 warps per block, two blocks per SM: the nearest-centroid search is bound by latency (a
+// warp's chain of sign bytes, products and maxima), so it wants many resident warps; with the
+// centroids' fragments in registers (52 of them at C = 100) only 16 warps per SM fitted.
+constexpr int MMA_THREADS = 512;
+constexpr int MMA_MAX_CLUSTERS = 128;  // centroid tiles of 8, their fragments in shared memory
 constexpr int NO_CENTROID = -(1 << 30);  // key of a padded centroid column: never the largest
 
 // Bits p .. p + 3 of a code as four +-1 bytes, byte e for bit p + e (set: +1, clear: -1).
@@ -183,23 +190,28 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint
 #endif
 }
 
-// The lane's B fragments of the centroids (mma.m16n8k32 layout): for centroid tile `tile`,
-// column j = 8 tile + lane / 4, bits 32 s + 4 (lane % 4) + e in register 2 s and bits
+// Shared memory of lloyd_mma_kernel's centroid fragments: 32 lanes x 16 bytes per tile of 8.
+__host__ __device__ __forceinline__ size_t mma_fragment_bytes(int tiles) { return static_cast<size_t>(tiles) * 32 * 16; }
+
+// The B fragments of the centroids (mma.m16n8k32 layout), every lane's, into shared memory:
+// `frags[32 tile + lane]` holds lane's four registers of centroid tile `tile`, whose column
+// j = 8 tile + lane / 4 has bits 32 s + 4 (lane % 4) + e in register 2 s and bits
 // 32 s + 16 + 4 (lane % 4) + e in register 2 s + 1. Padded centroids and bits >= `bits`
-// are zero bytes, so they add nothing to any product.
+// are zero bytes, so they add nothing to any product. Written by the whole block (a barrier
+// before their use); a warp then reads a tile's 32 entries with one conflict-free 16-byte load.
 template <int TILES>
-__device__ __forceinline__ void centroid_fragments(const int64_t* cent, int C, int bits, int lane,
-                                                   uint32_t (&frag)[TILES][4]) {
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int tile = 0; tile < TILES; ++tile) {
+__device__ __forceinline__ void store_centroid_fragments(const int64_t* cent, int C, int bits, uint4* frags) {
+  for (int i = threadIdx.x; i < TILES * 32; i += blockDim.x) {
+    const int tile = i >> 5, lane = i & 31, g = lane >> 2, t = lane & 3;
     const int j = tile * 8 + g;
     const uint64_t code = j < C ? static_cast<uint64_t>(cent[j]) : 0;
+    uint32_t regs[4];
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int p = 32 * (r >> 1) + 16 * (r & 1) + 4 * t;
-      frag[tile][r] = j < C ? sign_bytes(code, p) & used_bytes(p, bits) : 0u;
+      regs[r] = j < C ? sign_bytes(code, p) & used_bytes(p, bits) : 0u;
     }
+    frags[i] = make_uint4(regs[0], regs[1], regs[2], regs[3]);
   }
 }
 
@@ -207,7 +219,7 @@ __device__ __forceinline__ void centroid_fragments(const int64_t* cent, int C, i
 // (code `hi`); every lane of a quad gets both. Keys are agreement * 128 + 127 - id, so the
 // largest key has the most agreeing bits and, among those, the lowest id.
 template <int TILES>
-__device__ __forceinline__ void nearest16(uint64_t lo, uint64_t hi, const uint32_t (&frag)[TILES][4], int C,
+__device__ __forceinline__ void nearest16(uint64_t lo, uint64_t hi, const uint4* frags, int C,
                                           int lane, int& nearest_lo, int& nearest_hi) {
   const int t = lane & 3;
   uint32_t a[2][4];
@@ -223,8 +235,9 @@ __device__ __forceinline__ void nearest16(uint64_t lo, uint64_t hi, const uint32
 #pragma unroll
   for (int tile = 0; tile < TILES; ++tile) {
     int d[4] = {0, 0, 0, 0};  // (lo, id 2t), (lo, 2t + 1), (hi, 2t), (hi, 2t + 1) of the tile
-    mma_s8(d, a[0], frag[tile][0], frag[tile][1]);
-    mma_s8(d, a[1], frag[tile][2], frag[tile][3]);
+    const uint4 f = frags[tile * 32 + lane];
+    mma_s8(d, a[0], f.x, f.y);
+    mma_s8(d, a[1], f.z, f.w);
     // 127 - id without this lane's 2t, subtracted once below (the same for all its keys).
     const int tie = 127 - tile * 8;
     int k0 = d[0] * 128 + tie, k1 = d[1] * 128 + tie - 1, k2 = d[2] * 128 + tie, k3 = d[3] * 128 + tie - 1;
@@ -252,11 +265,11 @@ __device__ __forceinline__ void nearest16(uint64_t lo, uint64_t hi, const uint32
 // with at most C valid queries (`single`), else the nearest centroid.
 template <int TILES>
 __device__ __forceinline__ void assign16(const RowInfo& info, int b, int64_t bh, bool single, int n_lo, int n_hi,
-                                         int stop, uint64_t lo, uint64_t hi, const uint32_t (&frag)[TILES][4],
+                                         int stop, uint64_t lo, uint64_t hi, const uint4* frags,
                                          int64_t* assignments, int lane) {
   const int t = lane & 3;
   int nearest_lo = 0, nearest_hi = 0;
-  if (!single) nearest16<TILES>(lo, hi, frag, info.clusters, lane, nearest_lo, nearest_hi);
+  if (!single) nearest16<TILES>(lo, hi, frags, info.clusters, lane, nearest_lo, nearest_hi);
   if (t < 2) {  // lane t = 0 writes query lo, t = 1 query hi
     const int n = t == 0 ? n_lo : n_hi;
     if (n < stop) {
@@ -305,7 +318,7 @@ __device__ __forceinline__ void add_block_counts(const int* counts, int* row_cou
 // same contract as lloyd_assign_kernel<true> / lloyd_final_kernel. Warps take 16 consecutive
 // queries at a time and count them with count_members16.
 template <int TILES, bool FINAL>
-__global__ void __launch_bounds__(MMA_THREADS) lloyd_mma_kernel(RowInfo info, const int64_t* __restrict__ codes,
+__global__ void __launch_bounds__(MMA_THREADS, 2) lloyd_mma_kernel(RowInfo info, const int64_t* __restrict__ codes,
                                                                 const int64_t* __restrict__ centroids, int chunk,
                                                                 int bits, int* __restrict__ counters,
                                                                 int64_t* __restrict__ assignments) {
@@ -315,8 +328,10 @@ __global__ void __launch_bounds__(MMA_THREADS) lloyd_mma_kernel(RowInfo info, co
   const bool single = info.singleton(b);  // uniform over the block
   if (!FINAL && single) return;
   const int C = info.clusters;
-  int64_t* cent = smem_mma;
-  int* counts = reinterpret_cast<int*>(smem_mma + padded_clusters(C));
+  // shared memory: the centroids' fragments, the centroids, the counters
+  uint4* frags = reinterpret_cast<uint4*>(smem_mma);
+  int64_t* cent = reinterpret_cast<int64_t*>(reinterpret_cast<char*>(smem_mma) + mma_fragment_bytes(TILES));
+  int* counts = reinterpret_cast<int*>(cent + padded_clusters(C));
   if (!single) {
     for (int j = threadIdx.x; j < C; j += blockDim.x) cent[j] = centroids[bh * C + j];
   }
@@ -324,9 +339,11 @@ __global__ void __launch_bounds__(MMA_THREADS) lloyd_mma_kernel(RowInfo info, co
     for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += blockDim.x) counts[i] = 0;
   }
   __syncthreads();
+  if (!single) {  // uniform over the block
+    store_centroid_fragments<TILES>(cent, C, bits, frags);
+    __syncthreads();
+  }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
-  uint32_t frag[TILES][4];
-  if (!single) centroid_fragments<TILES>(cent, C, bits, lane, frag);
   const int start = blockIdx.x * chunk;
   const int stop = min(start + chunk, info.length);
   const int64_t* row_codes = codes + bh * info.length;
@@ -341,10 +358,10 @@ __global__ void __launch_bounds__(MMA_THREADS) lloyd_mma_kernel(RowInfo info, co
     next_lo = code_at(n_lo + STRIDE);
     next_hi = code_at(n_hi + STRIDE);
     if (FINAL) {
-      assign16<TILES>(info, b, bh, single, n_lo, n_hi, stop, lo, hi, frag, assignments, lane);
+      assign16<TILES>(info, b, bh, single, n_lo, n_hi, stop, lo, hi, frags, assignments, lane);
     } else {
       int nearest_lo, nearest_hi;
-      nearest16<TILES>(lo, hi, frag, C, lane, nearest_lo, nearest_hi);
+      nearest16<TILES>(lo, hi, frags, C, lane, nearest_lo, nearest_hi);
       count_members16(info, b, n_lo, n_hi, stop, lo, hi, nearest_lo, nearest_hi, cent, counts, lane);
     }
   }
@@ -354,22 +371,24 @@ __global__ void __launch_bounds__(MMA_THREADS) lloyd_mma_kernel(RowInfo info, co
   }
 }
 
-// Launches lloyd_mma_kernel with the fewest centroid tiles of {2, 4, 8, 13, 16} that hold C.
+// Launches lloyd_mma_kernel with the fewest centroid tiles of {2, 4, 8, 13, 16} that hold C;
+// `smem`: the bytes of its centroids and counters, to which the fragments' are added.
 template <bool FINAL>
 void launch_lloyd_mma(const dim3& grid, size_t smem, cudaStream_t stream, const RowInfo& info,
                       const int64_t* codes, const int64_t* centroids, int chunk, int bits, int* counters,
                       int64_t* assignments) {
-  auto launch = [&](auto kernel) {
-    ensure_smem(kernel, smem);
-    kernel<<<grid, MMA_THREADS, smem, stream>>>(info, codes, centroids, chunk, bits, counters, assignments);
+  auto launch = [&](auto kernel, int tiles) {
+    const size_t bytes = smem + mma_fragment_bytes(tiles);
+    ensure_smem(kernel, bytes);
+    kernel<<<grid, MMA_THREADS, bytes, stream>>>(info, codes, centroids, chunk, bits, counters, assignments);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   const int C = info.clusters;
-  if (C <= 16) launch(lloyd_mma_kernel<2, FINAL>);
-  else if (C <= 32) launch(lloyd_mma_kernel<4, FINAL>);
-  else if (C <= 64) launch(lloyd_mma_kernel<8, FINAL>);
-  else if (C <= 104) launch(lloyd_mma_kernel<13, FINAL>);
-  else launch(lloyd_mma_kernel<16, FINAL>);
+  if (C <= 16) launch(lloyd_mma_kernel<2, FINAL>, 2);
+  else if (C <= 32) launch(lloyd_mma_kernel<4, FINAL>, 4);
+  else if (C <= 64) launch(lloyd_mma_kernel<8, FINAL>, 8);
+  else if (C <= 104) launch(lloyd_mma_kernel<13, FINAL>, 13);
+  else launch(lloyd_mma_kernel<16, FINAL>, 16);
 }
 
 // Assign + accumulate counts (SMEM_COUNTS: counters in shared memory, else global).

@@ -570,19 +570,22 @@ def test_segments_cpu():
 
 
 def test_lloyd_tensor_core_split_cpu():
-    """Tensor-core Lloyd from 16k queries per row, one wave of blocks (two per SM) with whole
+    """Tensor-core Lloyd from 2k queries per row, one wave of blocks (two per SM) with whole
     blocks per row and 512..4096 queries each; elsewhere the population-count kernels (0)."""
     from fairseq_clustered.ops.cuda_kernels import lloyd_tensor_core_split
     sms = 132
-    assert lloyd_tensor_core_split(32, 8192, sms) == 0  # shorter rows: population counts
+    assert lloyd_tensor_core_split(32, 1024, sms) == 0  # shorter rows: population counts
     assert lloyd_tensor_core_split(32, 65536, sms) == 0  # one wave would take 8192 per block
     assert lloyd_tensor_core_split(288, 16384, sms) == 0  # more rows than resident blocks
-    for rows, length in ((32, 16384), (32, 32768), (24, 16384), (24, 32768), (8, 65536), (1, 16384)):
+    assert lloyd_tensor_core_split(288, 2048, sms) == 0
+    for rows, length in ((32, 2048), (32, 4096), (32, 8192), (32, 16384), (32, 32768), (24, 16384), (24, 32768),
+                         (8, 65536), (1, 16384)):
         per_block = lloyd_tensor_core_split(rows, length, sms)
         assert 512 <= per_block <= 4096
         blocks = rows * -(-length // per_block)
         assert blocks <= 2 * sms or per_block == 512, (rows, length, per_block)
     assert lloyd_tensor_core_split(32, 16384, sms) == 2048 and lloyd_tensor_core_split(24, 16384, sms) == 1490
+    assert lloyd_tensor_core_split(32, 4096, sms) == 512 and lloyd_tensor_core_split(32, 8192, sms) == 1024
 
 
 def test_lloyd_launch_settings_cpu():
@@ -593,7 +596,7 @@ def test_lloyd_launch_settings_cpu():
     sms = 132
     assert lloyd_launch_settings(32, 16384, 100, sms) == (lloyd_tensor_core_split(32, 16384, sms), True)
     assert lloyd_launch_settings(32, 16384, 129, sms) == (lloyd_queries_per_block(32, 16384, sms), False)
-    assert lloyd_launch_settings(32, 8192, 100, sms) == (lloyd_queries_per_block(32, 8192, sms), False)
+    assert lloyd_launch_settings(32, 1024, 100, sms) == (lloyd_queries_per_block(32, 1024, sms), False)
 
 
 # ------------------------------------------------------------------ GPU

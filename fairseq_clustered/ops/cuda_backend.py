@@ -83,7 +83,7 @@ KERNEL_NOTES = {
     "hash_codes": "fp32/fp16/bf16, dim <= 800; on tensor cores (Triton) with a power-of-two dim 16..256 "
                   "(fp32: 16..128)",
     "lloyd_kmeans": ("num_clusters <= 6144, batch*heads <= 65535; nearest centroids by int8 tensor-core "
-                     "products where C <= 128 on sm_80+ from 16k queries per row, else population counts"),
+                     "products where C <= 128 on sm_80+ from 2k queries per row, else population counts"),
     "cluster_queries": "hash_codes then lloyd_kmeans in one composition (same coverage)",
     "clustered_attention_fwd": _CLUSTERED_COVERAGE,
     "clustered_attention_bwd": _CLUSTERED_COVERAGE,

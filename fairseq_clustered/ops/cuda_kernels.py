@@ -91,8 +91,8 @@ def _member_counts(seg_start: Tensor) -> Tensor:
     return (seg_start[:, 1:] - seg_start[:, :-1]).to(torch.float32)
 
 
-TENSOR_CORE_LLOYD_MIN_LENGTH = 16384
-TENSOR_CORE_LLOYD_MAX_CLUSTERS = 128  # the kernels keep every centroid's fragments in registers
+TENSOR_CORE_LLOYD_MIN_LENGTH = 2048
+TENSOR_CORE_LLOYD_MAX_CLUSTERS = 128  # the kernels' centroid tiles: at most 16 of 8 centroids
 TENSOR_CORE_LLOYD_MAX_PER_BLOCK = 4096
 TENSOR_CORE_LLOYD_MIN_PER_BLOCK = 512  # a block's set-up (counters, fragments) needs work to pay for
 
@@ -102,15 +102,20 @@ def lloyd_tensor_core_split(rows: int, length: int, sms: int) -> int:
     nearest centroids by int8 products, C <= 128 on sm_80+) on ``rows = B * H`` rows of
     ``length`` queries, or 0 where the population-count kernels are the faster choice.
 
-    One wave of blocks (two per SM, whole blocks per row, at least 512 queries each), from 16k
-    queries per row and while a block takes at most 4096 queries. Measured
-    (``benchmarks/lloyd_sweep.py --tensor-cores both``, H200, C = 100, 10 iterations;
-    benchmarks/NOTES.md): 32 rows of 16k 456 -> 424 us, of 32k 816 -> 737; 24 rows of 16k
-    354 -> 341, of 32k 634 -> 573. Below 16k the population counts were as fast or faster; at
-    24 rows of 64k (a one-wave block would take 5958 queries) 4096 queries per block lost 7%.
-    The 512-query floor (rows so few that a wave would give each block less) is not measured.
+    One wave of blocks (two per SM, whole blocks per row, at least 512 queries each), from 2k
+    queries per row and while a block takes at most 4096 queries. Measured with the centroids'
+    fragments in shared memory and 16 warps per block (``benchmarks/lloyd_sweep.py --tensor-cores
+    both``, H200, C = 100, 10 iterations; benchmarks/NOTES.md, twenty-fifth session), at this split
+    against the population counts at theirs: 32 rows of 2k 111.1 -> 109.5 us, of 4k 163.9 -> 145.3,
+    of 8k 257.8 -> 211.7, of 16k 456.3 -> 341.8 (the register form of the fragments: 422.4), of 32k
+    817.7 -> 602.9 (732.3); 24 rows of 2k 112.3 -> 105.9, of 4k 159.2 -> 141.5, of 8k 209.4 ->
+    175.7, of 16k 352.8 -> 273.6, of 32k 643.6 -> 464.6. 1k is not measured with that kernel (the
+    register form lost there). At 24 rows of 64k (a one-wave block would take 5958 queries) the
+    register form's 4096 queries per block lost 7%. The 512-query floor (rows so few that a wave
+    would give each block less) is not measured, nor are more rows than resident blocks (a block
+    per row would not fit in one wave: the population counts, as before the rule took 2k rows).
     """
-    if length < TENSOR_CORE_LLOYD_MIN_LENGTH:
+    if length < TENSOR_CORE_LLOYD_MIN_LENGTH or rows > 2 * sms:
         return 0
     per_row = max(1, (2 * sms) // rows)
     per_block = max(-(-length // per_row), TENSOR_CORE_LLOYD_MIN_PER_BLOCK)
