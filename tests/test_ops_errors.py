@@ -109,3 +109,39 @@ def test_bad_planes_and_clusters(qkv, gen):
         clustered_attention(q, k, v, clusters=torch.zeros(2, 2, 9, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"num_clusters must be an integer >= 1"):
         cluster_queries(q, num_clusters=0, generator=gen)
+
+
+def _full_checks_accept(*args) -> bool:
+    """Whether ``check_attention_inputs``'s detailed checks (its quick test bypassed) accept ``args``."""
+    from fairseq_clustered.ops import validation
+    quick = validation._attention_inputs_fit
+    validation._attention_inputs_fit = lambda *_: False
+    try:
+        validation.check_attention_inputs(*args)
+        return True
+    except ValueError:
+        return False
+    finally:
+        validation._attention_inputs_fit = quick
+
+
+def test_quick_input_check_agrees_with_the_full_checks(qkv):
+    """``check_attention_inputs`` first asks a quick predicate, and runs the checks that explain the
+    error only where it says no: the predicate must accept exactly what the full checks accept."""
+    from fairseq_clustered.ops.validation import _attention_inputs_fit
+    q, k, v = qkv
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    cases = [
+        (q, k, v, None, None), (q, k, v, mask, mask), (q, k[:, :, :7], v[:, :, :7], mask[:, :7], mask),
+        (q, k, v[..., :3], None, None),  # a value dim of its own
+        (q, k, v, mask[:1], None), (q, k, v, None, mask[:, :9]), (q, k, v, mask.float(), None),
+        (q, k, v, None, mask.to("meta")), (q, k, v, mask.tolist(), None),
+        (q, k[:1], v[:1], None, None), (q, k[:, :1], v, None, None), (q, k, v[:, :, :9], None, None),
+        (q, k[..., :4], v, None, None), (q[:, :, :0], k, v, None, None), (q, k[:, :, :0], v[:, :, :0], None, None),
+        (q, k.double(), v, None, None), (q, k, v.half(), None, None), (q.int(), k.int(), v.int(), None, None),
+        (q, k.to("meta"), v, None, None), (q[0], k, v, None, None), (q, k, v[None], None, None),
+        (q.tolist(), k, v, None, None), (q, k, None, None, None),
+    ]
+    for case in cases:
+        assert _attention_inputs_fit(*case) == _full_checks_accept(*case), [getattr(t, "shape", t) for t in case[:3]]
+    assert sum(_attention_inputs_fit(*case) for case in cases) == 4  # the first four are valid
