@@ -90,8 +90,8 @@ def _mask_fits(mask, batch: int, length: int, device) -> bool:
 def _attention_inputs_fit(query, key, value, key_padding_mask, query_padding_mask) -> bool:
     """Whether :func:`check_attention_inputs` would accept these, answered with as few tensor
     attribute reads as possible: the checks run at every call of an eager step, whose time below
-    8k positions on a GPU is the host's, and the full checks took 4.2 us of a workstation's CPU
-    (about 5x that on the GPU server's) against 1.0 for this (benchmarks/NOTES.md, twenty-fifth
+    8k positions on a GPU is the host's, and the full checks took 4.1-4.2 us of a workstation's CPU
+    (about 5x that on the GPU server's) against 1.1-1.8 for this (benchmarks/NOTES.md, twenty-fifth
     session). Inputs it refuses go through the full checks, which say what is wrong."""
     if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
         return False
