@@ -9,8 +9,9 @@ variants this script prints:
   autograd's way to the backward, the backward's composition and replay, and the way back;
 * layers of the step, each timed alone: the whole step, the registered CUDA compositions
   called directly, the graph cache's replays (copies included), the bare graph replays,
-  the copies, the cache keys, the step with the compositions memoised, and an autograd
-  Function that does nothing;
+  the copies, the cache keys, the step with the compositions memoised, an autograd
+  Function that does nothing, and a one-input step through a Python Function against one
+  through a view (a C++ node): what a Python backward node costs autograd's device thread;
 * the CPU cost of the single calls these are made of (a launch, an allocation, a copy, a
   replay, the stream handle).
 
@@ -53,6 +54,22 @@ def empty_function(saved=None):
             return torch.empty_like(grad_out), torch.empty_like(grad_out), torch.empty_like(grad_out)
 
     return Empty
+
+
+def one_input_function():
+    """A ``torch.autograd.Function`` of one tensor that does no work: its output is fresh, its
+    gradient the incoming one (so its step costs what a view's does, but for the Python node)."""
+
+    class One(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, query):
+            return torch.empty_like(query)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            return grad_out
+
+    return One
 
 
 def issue_us(fn, burst: int = 10, bursts: int = 15) -> float:
@@ -206,6 +223,20 @@ def layers(variant: str, q, k, v, planes, args):
             t.grad = None
         Trivial.apply(q, k, v).backward(grad)
 
+    # Autograd's hand-over to a Python backward against a C++ one: a step of one input through a
+    # Python Function that does nothing, and through a view (a C++ node that does nothing either).
+    # On CUDA both backward nodes run on autograd's device thread, and only the Python one needs
+    # the GIL there, which the waiting caller holds until the engine releases it.
+    One = one_input_function()
+
+    def autograd_python_one():
+        q.grad = None
+        One.apply(q).backward(grad)
+
+    def autograd_cpp_one():
+        q.grad = None
+        q.view_as(q).backward(grad)
+
     memo = {}
 
     def memo_run(name, fn, call_args, filled=()):
@@ -237,7 +268,9 @@ def layers(variant: str, q, k, v, planes, args):
             ("forward: pointing the graph at a new output only", forward_pointing_only),
             ("copies in and out only", copies), ("cache keys + settings only", cache_keys),
             ("step with the compositions memoised (Python only)", python_only),
-            ("autograd alone (a Function doing nothing)", autograd_only)], \
+            ("autograd alone (a Function doing nothing)", autograd_only),
+            ("autograd, one input: a Python Function doing nothing", autograd_python_one),
+            ("autograd, one input: a C++ node (a view)", autograd_cpp_one)], \
         (len(fwd_entry.static_tensors), len(fwd_entry.outputs), len(bwd_entry.static_tensors),
          len(bwd_entry.outputs))
 
