@@ -111,24 +111,20 @@ def test_bad_planes_and_clusters(qkv, gen):
         cluster_queries(q, num_clusters=0, generator=gen)
 
 
-def _full_checks_accept(*args) -> bool:
-    """Whether ``check_attention_inputs``'s detailed checks (its quick test bypassed) accept ``args``."""
-    from fairseq_clustered.ops import validation
-    quick = validation._attention_inputs_fit
-    validation._attention_inputs_fit = lambda *_: False
-    try:
-        validation.check_attention_inputs(*args)
-        return True
-    except ValueError:
-        return False
-    finally:
-        validation._attention_inputs_fit = quick
-
-
-def test_quick_input_check_agrees_with_the_full_checks(qkv):
+def test_quick_input_check_agrees_with_the_full_checks(qkv, monkeypatch):
     """``check_attention_inputs`` first asks a quick predicate, and runs the checks that explain the
     error only where it says no: the predicate must accept exactly what the full checks accept."""
-    from fairseq_clustered.ops.validation import _attention_inputs_fit
+    from fairseq_clustered.ops import validation
+    quick_check_accepts = validation._attention_inputs_fit
+    monkeypatch.setattr(validation, "_attention_inputs_fit", lambda *_: False)  # the full checks alone
+
+    def full_checks_accept(*args) -> bool:
+        try:
+            validation.check_attention_inputs(*args)
+            return True
+        except ValueError:
+            return False
+
     q, k, v = qkv
     mask = torch.zeros(2, 10, dtype=torch.bool)
     cases = [
@@ -143,5 +139,5 @@ def test_quick_input_check_agrees_with_the_full_checks(qkv):
         (q.tolist(), k, v, None, None), (q, k, None, None, None),
     ]
     for case in cases:
-        assert _attention_inputs_fit(*case) == _full_checks_accept(*case), [getattr(t, "shape", t) for t in case[:3]]
-    assert sum(_attention_inputs_fit(*case) for case in cases) == 4  # the first four are valid
+        assert quick_check_accepts(*case) == full_checks_accept(*case), [getattr(t, "shape", t) for t in case[:3]]
+    assert sum(quick_check_accepts(*case) for case in cases) == 4  # the first four are valid
