@@ -11,10 +11,15 @@ kernels' callers use. ``--tensor-cores`` picks the nearest-centroid kernels: ``a
 ops do (``ops.cuda_kernels.lloyd_launch_settings``: int8 tensor-core products from 2k queries
 per row where one wave of blocks takes at most 4096 queries each), ``on`` or ``off``
 everywhere; ``both`` prints a row for each (``off`` giving the expected result of both). The
-``policy`` column is the ops' split, on the row of the kernels they take::
+``policy`` column is the ops' split, on the row of the kernels they take. ``--cluster-blocks``
+adds a row for the one-launch kernel (a thread block cluster per row, sm_90 and newer) at each of
+the given blocks per row, checked against the same result, after the launch-per-step kernels at the
+ops' settings for them (those of a GPU without clusters); its ``policy`` column is the ops' choice
+of blocks per row (0: the launch-per-step kernels)::
 
     python benchmarks/lloyd_sweep.py
     python benchmarks/lloyd_sweep.py --tensor-cores both --settings 0,512,2048
+    python benchmarks/lloyd_sweep.py --tensor-cores auto --settings 0 --cluster-blocks 1,2,4,8
 """
 
 import argparse
@@ -26,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fairseq_clustered.ops import cuda_backend  # noqa: E402
-from fairseq_clustered.ops.cuda_kernels import lloyd_launch_settings  # noqa: E402
+from fairseq_clustered.ops.cuda_kernels import lloyd_launch_settings, no_clusters  # noqa: E402
 
 
 def graph_microseconds(fn, repeats=20):
@@ -53,13 +58,19 @@ def main():
     parser.add_argument("--settings", default="0,256,512,1024,2048,4096,8192,16384,65536")
     parser.add_argument("--clusters", type=int, default=100)
     parser.add_argument("--tensor-cores", choices=("auto", "on", "off", "both"), default="auto")
+    parser.add_argument("--cluster-blocks", default="",
+                        help="comma-separated blocks per row of the one-launch kernel to time as well (1, 2, 4, 8)")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not cuda_backend.load():
         sys.exit("needs a CUDA GPU and the compiled fairseq_clustered._C")
     ext = cuda_backend.cuda_ops().ext
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     settings = [int(s) for s in args.settings.split(",")]
+    cluster_blocks = [int(s) for s in args.cluster_blocks.split(",") if s]
     print(f"# {torch.cuda.get_device_name()}, {sms} SMs, torch {torch.__version__}; C={args.clusters}, 10 iterations")
+    if cluster_blocks:
+        print("# one-launch clusters resident at once, by blocks per row: "
+              + ", ".join(f"{k}: {ext.lloyd_cluster_capacity(4096, args.clusters, k)}" for k in range(1, 9)))
     print("rows      N  tensor cores  policy | us by queries per block " + " ".join(f"{s:>7d}" for s in settings))
     for shape in args.rows.split(","):
         batch, heads = (int(x) for x in shape.split("x"))
@@ -67,7 +78,11 @@ def main():
             x = torch.randn(batch, heads, length, 64, device="cuda", dtype=torch.bfloat16)
             codes = ext.hash_codes(x, torch.randn(63, 64, device="cuda"), torch.zeros(63, device="cuda"))
             expected = ext.lloyd_kmeans(codes, None, args.clusters, 10, 63, tensor_cores=False)
-            policy, policy_tensor_cores = lloyd_launch_settings(batch * heads, length, args.clusters, sms)
+            def capacity(blocks):
+                return ext.lloyd_cluster_capacity(length, args.clusters, blocks)
+
+            policy, policy_tensor_cores, policy_blocks = lloyd_launch_settings(batch * heads, length, args.clusters,
+                                                                               sms, capacity)
             choices = {"auto": [policy_tensor_cores], "on": [True], "off": [False], "both": [False, True]}
             for tensor_cores in choices[args.tensor_cores]:
                 def lloyd(setting):
@@ -85,6 +100,18 @@ def main():
                 shown = f"{policy:7d}" if tensor_cores == policy_tensor_cores else f"{'-':>7}"
                 print(f"{batch * heads:4d} {length:6d} {'on' if tensor_cores else 'off':>13} {shown} | {' ' * 25}"
                       + " ".join(cells), flush=True)
+            if cluster_blocks:
+                per_step = lloyd_launch_settings(batch * heads, length, args.clusters, sms, no_clusters)
+                cells = [f"per step: {graph_microseconds(lambda: ext.lloyd_kmeans(codes, None, args.clusters, 10, 63, *per_step)):7.1f}"]
+                for blocks in cluster_blocks:
+                    def one_launch():
+                        return ext.lloyd_kmeans(codes, None, args.clusters, 10, 63, cluster_blocks=blocks)
+
+                    got = one_launch()
+                    assert all(torch.equal(a, b) for a, b in zip(got, expected)), f"{blocks} blocks changed the result"
+                    cells.append(f"{blocks}: {graph_microseconds(one_launch):7.1f}")
+                print(f"{batch * heads:4d} {length:6d} {'one launch':>13} {policy_blocks:7d} | us "
+                      + "  ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

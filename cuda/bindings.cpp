@@ -13,7 +13,9 @@ namespace fcl {
 at::Tensor hash_codes_cuda(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& offsets);
 std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes, const c10::optional<at::Tensor>& mask,
                                                      int64_t num_clusters, int64_t iterations, int64_t bits,
-                                                     int64_t queries_per_block, bool tensor_cores);
+                                                     int64_t queries_per_block, bool tensor_cores,
+                                                     int64_t cluster_blocks);
+int64_t lloyd_cluster_capacity(int64_t length, int64_t num_clusters, int64_t cluster_blocks);
 at::Tensor codebook_assign_cuda(const at::Tensor& codes, const at::Tensor& codebook);
 at::Tensor chunk_cluster_sums_cuda(const at::Tensor& x, const at::Tensor& clusters, int64_t window,
                                    int64_t num_clusters);
@@ -48,7 +50,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hash_codes", &fcl::hash_codes_cuda, "packed hyperplane hash codes (B, H, N) int64");
   m.def("lloyd_kmeans", &fcl::lloyd_kmeans_cuda, "Lloyd k-means in Hamming space -> (assignments, centroids)",
         pybind11::arg("codes"), pybind11::arg("mask"), pybind11::arg("num_clusters"), pybind11::arg("iterations"),
-        pybind11::arg("bits"), pybind11::arg("queries_per_block") = 0, pybind11::arg("tensor_cores") = true);
+        pybind11::arg("bits"), pybind11::arg("queries_per_block") = 0, pybind11::arg("tensor_cores") = true,
+        pybind11::arg("cluster_blocks") = 0);
+  m.def("lloyd_cluster_capacity", &fcl::lloyd_cluster_capacity,
+        "clusters of Lloyd's one-launch kernel resident at once on the current GPU (0: it does not run there)",
+        pybind11::arg("length"), pybind11::arg("num_clusters"), pybind11::arg("cluster_blocks"));
   m.def("codebook_assign", &fcl::codebook_assign_cuda, "nearest codebook entry of every code (B, H, N) int64");
   m.def("chunk_cluster_sums", &fcl::chunk_cluster_sums_cuda,
         "per chunk and cluster fp32 sums of rows, deterministic (B, H, T, C, E)");

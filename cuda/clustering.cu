@@ -17,9 +17,18 @@
 // left room for 16 warps per SM, too few to hide the search's latency (ncu: 0.87 eligible
 // warps per scheduler); now 32 fit, and Lloyd at 32 rows of 4k / 16k took 145 / 342 us
 // instead of 163 (population counts) / 422 (benchmarks/NOTES.md, twenty-fifth session).
+//
+// One launch for all of Lloyd (sm_90, C <= 128: lloyd_cluster_kernel): a thread block cluster per
+// row, its blocks summing their counters through distributed shared memory between two cluster
+// barriers per iteration. It saves the 2 x iterations launches and the counters' global atomics
+// where its clusters fill the GPU: 32 rows of 1k / 2k / 4k in 65 / 94 / 133 us instead of 102 / 111 /
+// 145, 256 rows of 16k in 2.10 ms instead of 3.06 (benchmarks/NOTES.md, twenty-sixth session).
 #include "common.cuh"
 
+#include <cooperative_groups.h>
+
 #include <algorithm>
+#include <type_traits>
 
 namespace fcl {
 namespace {
@@ -164,7 +173,10 @@ __host__ __device__ __forceinline__ int padded_clusters(int C) { return ((C + 1)
 // centroids' fragments in registers (52 of them at C = 100) only 16 warps per SM fitted.
 constexpr int MMA_THREADS = 512;
 constexpr int MMA_MAX_CLUSTERS = 128;  // centroid tiles of 8, their fragments in shared memory
-constexpr int NO_CENTROID = -(1 << 30);  // key of a padded centroid column: never the largest
+constexpr int NO_CENTROID = -(1 << 30);
+constexpr int MAX_CLUSTER_BLOCKS = 8;  // blocks per row of lloyd_cluster_kernel: the portable cluster size
+constexpr int CLUSTER_THREADS = 1024;  // lloyd_cluster_kernel's block: one per SM
+constexpr int CLUSTER_CACHED_CODES = 16384;  // a block's slice of codes in shared memory up to this many  // key of a padded centroid column: never the largest
 
 // Bits p .. p + 3 of a code as four +-1 bytes, byte e for bit p + e (set: +1, clear: -1).
 __device__ __forceinline__ uint32_t sign_bytes(uint64_t code, int p) {
@@ -314,6 +326,43 @@ __device__ __forceinline__ void add_block_counts(const int* counts, int* row_cou
   }
 }
 
+// Calls `visit(n_lo, n_hi, lo, hi)` for the block's queries start .. stop - 1 of a row, each warp
+// taking 16 consecutive ones at a time: queries n_lo = base + lane / 4 and n_hi = n_lo + 8 with
+// codes `lo` and `hi` (0 at and past `stop`, which the visitors skip). `slice[i]`: the code of
+// query start + i. The next tile's codes are loaded before this tile's products: a warp's loop is
+// a chain of short tiles, and a load's latency would otherwise stall each of them. Blocks of THREADS.
+template <int THREADS, typename Visit>
+__device__ __forceinline__ void for_query_tiles(const int64_t* slice, int start, int stop, Visit visit) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
+  constexpr int STRIDE = 16 * (THREADS / 32);
+  auto code_at = [&](int n) { return n < stop ? static_cast<uint64_t>(slice[n - start]) : uint64_t(0); };
+  uint64_t next_lo = code_at(start + 16 * warp + g), next_hi = code_at(start + 16 * warp + g + 8);
+  for (int base = start + 16 * warp; base < stop; base += STRIDE) {  // uniform per warp
+    const int n_lo = base + g, n_hi = base + g + 8;
+    const uint64_t lo = next_lo, hi = next_hi;
+    next_lo = code_at(n_lo + STRIDE);
+    next_hi = code_at(n_hi + STRIDE);
+    visit(n_lo, n_hi, lo, hi);
+  }
+}
+
+// Shared memory of the tensor-core kernels: the centroids' fragments, the centroids (padded), then
+// the counters (C x COUNTER_STRIDE ints) where the kernel counts.
+template <int TILES>
+struct MmaSmem {
+  uint4* frags;
+  int64_t* cent;
+  int* counts;
+  __device__ __forceinline__ explicit MmaSmem(int64_t* base, int C)
+      : frags(reinterpret_cast<uint4*>(base)),
+        cent(reinterpret_cast<int64_t*>(reinterpret_cast<char*>(base) + mma_fragment_bytes(TILES))),
+        counts(reinterpret_cast<int*>(cent + padded_clusters(C))) {}
+  __host__ __device__ static size_t bytes(int C, bool counting) {
+    return mma_fragment_bytes(TILES) + static_cast<size_t>(padded_clusters(C)) * sizeof(int64_t) +
+           (counting ? static_cast<size_t>(C) * COUNTER_STRIDE * sizeof(int) : 0);
+  }
+};
+
 // Lloyd's assign + count (FINAL false) or final assignment (FINAL true) with nearest16: the
 // same contract as lloyd_assign_kernel<true> / lloyd_final_kernel. Warps take 16 consecutive
 // queries at a time and count them with count_members16.
@@ -328,67 +377,185 @@ __global__ void __launch_bounds__(MMA_THREADS, 2) lloyd_mma_kernel(RowInfo info,
   const bool single = info.singleton(b);  // uniform over the block
   if (!FINAL && single) return;
   const int C = info.clusters;
-  // shared memory: the centroids' fragments, the centroids, the counters
-  uint4* frags = reinterpret_cast<uint4*>(smem_mma);
-  int64_t* cent = reinterpret_cast<int64_t*>(reinterpret_cast<char*>(smem_mma) + mma_fragment_bytes(TILES));
-  int* counts = reinterpret_cast<int*>(cent + padded_clusters(C));
+  const MmaSmem<TILES> sm(smem_mma, C);
   if (!single) {
-    for (int j = threadIdx.x; j < C; j += blockDim.x) cent[j] = centroids[bh * C + j];
+    for (int j = threadIdx.x; j < C; j += blockDim.x) sm.cent[j] = centroids[bh * C + j];
   }
   if (!FINAL) {
-    for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += blockDim.x) counts[i] = 0;
+    for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += blockDim.x) sm.counts[i] = 0;
   }
   __syncthreads();
   if (!single) {  // uniform over the block
-    store_centroid_fragments<TILES>(cent, C, bits, frags);
+    store_centroid_fragments<TILES>(sm.cent, C, bits, sm.frags);
     __syncthreads();
   }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
+  const int lane = threadIdx.x & 31;
   const int start = blockIdx.x * chunk;
   const int stop = min(start + chunk, info.length);
-  const int64_t* row_codes = codes + bh * info.length;
-  constexpr int STRIDE = 16 * (MMA_THREADS / 32);
-  auto code_at = [&](int n) { return n < stop ? static_cast<uint64_t>(row_codes[n]) : uint64_t(0); };
-  // The next tile's codes are loaded before this tile's products: the warp's loop is a chain
-  // of short tiles, and a load's latency would otherwise stall each of them.
-  uint64_t next_lo = code_at(start + 16 * warp + g), next_hi = code_at(start + 16 * warp + g + 8);
-  for (int base = start + 16 * warp; base < stop; base += STRIDE) {  // uniform per warp
-    const int n_lo = base + g, n_hi = base + g + 8;
-    const uint64_t lo = next_lo, hi = next_hi;
-    next_lo = code_at(n_lo + STRIDE);
-    next_hi = code_at(n_hi + STRIDE);
+  for_query_tiles<MMA_THREADS>(codes + bh * info.length + start, start, stop,
+                               [&](int n_lo, int n_hi, uint64_t lo, uint64_t hi) {
     if (FINAL) {
-      assign16<TILES>(info, b, bh, single, n_lo, n_hi, stop, lo, hi, frags, assignments, lane);
+      assign16<TILES>(info, b, bh, single, n_lo, n_hi, stop, lo, hi, sm.frags, assignments, lane);
     } else {
       int nearest_lo, nearest_hi;
-      nearest16<TILES>(lo, hi, frags, C, lane, nearest_lo, nearest_hi);
-      count_members16(info, b, n_lo, n_hi, stop, lo, hi, nearest_lo, nearest_hi, cent, counts, lane);
+      nearest16<TILES>(lo, hi, sm.frags, C, lane, nearest_lo, nearest_hi);
+      count_members16(info, b, n_lo, n_hi, stop, lo, hi, nearest_lo, nearest_hi, sm.cent, sm.counts, lane);
     }
-  }
+  });
   if (!FINAL) {
     __syncthreads();
-    add_block_counts(counts, counters + bh * C * MAX_BITS, C);
+    add_block_counts(sm.counts, counters + bh * C * MAX_BITS, C);
   }
 }
 
-// Launches lloyd_mma_kernel with the fewest centroid tiles of {2, 4, 8, 13, 16} that hold C;
-// `smem`: the bytes of its centroids and counters, to which the fragments' are added.
+// All of Lloyd for a row in one launch: initial centroids, every iteration and the final
+// assignment, by a thread block cluster per row (sm_90: blocks of a cluster are resident together
+// and read each other's shared memory). Each block takes a slice of the row's queries (`chunk`, a
+// multiple of 16; their codes cached in shared memory where `cache_codes`) and counts its members
+// into its own shared counters; after a cluster barrier, block r updates centroids r, r + size,
+// ... from the counters of every block of the cluster (integer sums: the result does not depend on
+// timing) and writes each new code into every block's copy of the centroids; a second barrier ends
+// the iteration. Two barriers per iteration where the other kernels take two launches and the
+// counters' global atomics. One block of CLUSTER_THREADS per SM (64 registers each), so that a
+// launch of one block per SM spreads over all of them. Same result as lloyd_init_kernel, the
+// assign / update kernels and the final kernel.
+template <int TILES>
+__global__ void __launch_bounds__(CLUSTER_THREADS, 1) lloyd_cluster_kernel(RowInfo info, const int64_t* __restrict__ codes,
+                                                                        int iterations, int bits, int chunk,
+                                                                        bool cache_codes,
+                                                                        int64_t* __restrict__ centroids,
+                                                                        int64_t* __restrict__ assignments) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank()), size = static_cast<int>(cluster.num_blocks());
+  extern __shared__ int64_t smem_cluster[];
+  const int64_t bh = blockIdx.y;  // the cluster's blocks share it: every branch on it is uniform
+  const int b = static_cast<int>(bh / info.heads);
+  const bool single = info.singleton(b);
+  const int C = info.clusters;
+  const MmaSmem<TILES> sm(smem_cluster, C);
+  const int64_t* row_codes = codes + bh * info.length;
+  const int start = min(rank * chunk, info.length), stop = min(start + chunk, info.length);
+  const int64_t* slice = row_codes + start;
+  if (cache_codes) {
+    int64_t* cached = smem_cluster + (MmaSmem<TILES>::bytes(C, true) + 15) / 16 * 2;
+    for (int i = threadIdx.x; i < stop - start; i += blockDim.x) cached[i] = slice[i];
+    slice = cached;
+  }
+  const int nv = info.num_valid(b);
+  for (int j = threadIdx.x; j < C; j += blockDim.x) sm.cent[j] = initial_centroid(info, b, j, nv, row_codes);
+  const int lane = threadIdx.x & 31;
+  __syncthreads();
+  for (int it = 0; !single && it < iterations; ++it) {
+    for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += blockDim.x) sm.counts[i] = 0;
+    store_centroid_fragments<TILES>(sm.cent, C, bits, sm.frags);
+    __syncthreads();
+    for_query_tiles<CLUSTER_THREADS>(slice, start, stop, [&](int n_lo, int n_hi, uint64_t lo, uint64_t hi) {
+      int nearest_lo, nearest_hi;
+      nearest16<TILES>(lo, hi, sm.frags, C, lane, nearest_lo, nearest_hi);
+      count_members16(info, b, n_lo, n_hi, stop, lo, hi, nearest_lo, nearest_hi, sm.cent, sm.counts, lane);
+    });
+    cluster.sync();  // every block's counters complete
+    // 64 threads per centroid (bit `bit`; two warps, each packing 32 bits by ballot).
+    const int bit = threadIdx.x % MAX_BITS;
+    for (int j = rank + size * (threadIdx.x / MAX_BITS); j < C; j += size * (CLUSTER_THREADS / MAX_BITS)) {
+      // Every block's two counters loaded before any is added: the loads cross the cluster's
+      // network, and a chain of them would pay its latency once per block.
+      int members[MAX_CLUSTER_BLOCKS], differ[MAX_CLUSTER_BLOCKS];
+#pragma unroll
+      for (int r = 0; r < MAX_CLUSTER_BLOCKS; ++r) {
+        members[r] = differ[r] = 0;
+        if (r < size) {
+          const int* counts = cluster.map_shared_rank(sm.counts, r) + j * COUNTER_STRIDE;
+          members[r] = counts[COUNT_SLOT];
+          differ[r] = counts[bit];
+        }
+      }
+#pragma unroll
+      for (int r = 1; r < MAX_CLUSTER_BLOCKS; ++r) {
+        members[0] += members[r];
+        differ[0] += differ[r];
+      }
+      // Only this warp's half of the old code: the other warp writes the other half.
+      const uint32_t half = reinterpret_cast<const uint32_t*>(sm.cent + j)[bit / 32];
+      const bool set = majority_bit(static_cast<int64_t>(static_cast<uint64_t>(half) << (bit & 32)), bit, bits,
+                                    members[0], differ[0]);
+      const unsigned word = __ballot_sync(FULL_MASK, set);
+      if (lane == 0) {
+        for (int r = 0; r < size; ++r) reinterpret_cast<uint32_t*>(cluster.map_shared_rank(sm.cent, r) + j)[bit / 32] = word;
+      }
+    }
+    cluster.sync();  // every copy of the centroids updated, every block's counters read
+  }
+  if (!single) {
+    store_centroid_fragments<TILES>(sm.cent, C, bits, sm.frags);
+    __syncthreads();
+  }
+  for_query_tiles<CLUSTER_THREADS>(slice, start, stop, [&](int n_lo, int n_hi, uint64_t lo, uint64_t hi) {
+    assign16<TILES>(info, b, bh, single, n_lo, n_hi, stop, lo, hi, sm.frags, assignments, lane);
+  });
+  if (rank == 0) {
+    for (int j = threadIdx.x; j < C; j += blockDim.x) centroids[bh * C + j] = sm.cent[j];
+  }
+#else
+  __trap();  // the host launches it on sm_90 and newer only
+#endif
+}
+
+// Calls `launch(std::integral_constant<int, TILES>())` with the fewest centroid tiles of
+// {2, 4, 8, 13, 16} that hold C <= MMA_MAX_CLUSTERS centroids (8 each).
+template <typename Launch>
+void with_centroid_tiles(int C, Launch launch) {
+  if (C <= 16) launch(std::integral_constant<int, 2>());
+  else if (C <= 32) launch(std::integral_constant<int, 4>());
+  else if (C <= 64) launch(std::integral_constant<int, 8>());
+  else if (C <= 104) launch(std::integral_constant<int, 13>());
+  else launch(std::integral_constant<int, 16>());
+}
+
+// Launches lloyd_mma_kernel (C <= MMA_MAX_CLUSTERS).
 template <bool FINAL>
-void launch_lloyd_mma(const dim3& grid, size_t smem, cudaStream_t stream, const RowInfo& info,
-                      const int64_t* codes, const int64_t* centroids, int chunk, int bits, int* counters,
-                      int64_t* assignments) {
-  auto launch = [&](auto kernel, int tiles) {
-    const size_t bytes = smem + mma_fragment_bytes(tiles);
+void launch_lloyd_mma(const dim3& grid, cudaStream_t stream, const RowInfo& info, const int64_t* codes,
+                      const int64_t* centroids, int chunk, int bits, int* counters, int64_t* assignments) {
+  with_centroid_tiles(info.clusters, [&](auto tiles) {
+    constexpr int TILES = decltype(tiles)::value;
+    auto kernel = lloyd_mma_kernel<TILES, FINAL>;
+    const size_t bytes = MmaSmem<TILES>::bytes(info.clusters, !FINAL);
     ensure_smem(kernel, bytes);
     kernel<<<grid, MMA_THREADS, bytes, stream>>>(info, codes, centroids, chunk, bits, counters, assignments);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  const int C = info.clusters;
-  if (C <= 16) launch(lloyd_mma_kernel<2, FINAL>, 2);
-  else if (C <= 32) launch(lloyd_mma_kernel<4, FINAL>, 4);
-  else if (C <= 64) launch(lloyd_mma_kernel<8, FINAL>, 8);
-  else if (C <= 104) launch(lloyd_mma_kernel<13, FINAL>, 13);
-  else launch(lloyd_mma_kernel<16, FINAL>, 16);
+  });
+}
+
+// Calls `use(kernel, config, chunk, cache_codes)` with lloyd_cluster_kernel for C = info.clusters
+// (<= MMA_MAX_CLUSTERS) and its launch configuration: clusters of `cluster_blocks` blocks, one
+// cluster per row of `rows`, each block a slice of `chunk` queries (whole tiles of 16), cached in
+// shared memory up to CLUSTER_CACHED_CODES of them.
+template <typename Use>
+void with_lloyd_cluster_launch(int cluster_blocks, int64_t rows, cudaStream_t stream, const RowInfo& info, Use use) {
+  const int chunk = ((info.length + cluster_blocks - 1) / cluster_blocks + 15) / 16 * 16;
+  const bool cache_codes = chunk <= CLUSTER_CACHED_CODES;
+  with_centroid_tiles(info.clusters, [&](auto tiles) {
+    constexpr int TILES = decltype(tiles)::value;
+    auto kernel = lloyd_cluster_kernel<TILES>;
+    const size_t bytes = (MmaSmem<TILES>::bytes(info.clusters, true) + 15) / 16 * 16 +
+                         (cache_codes ? static_cast<size_t>(chunk) * sizeof(int64_t) : 0);
+    ensure_smem(kernel, bytes);
+    cudaLaunchAttribute cluster_shape[1];
+    cluster_shape[0].id = cudaLaunchAttributeClusterDimension;
+    cluster_shape[0].val.clusterDim.x = static_cast<unsigned>(cluster_blocks);
+    cluster_shape[0].val.clusterDim.y = 1;
+    cluster_shape[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(cluster_blocks), static_cast<unsigned>(rows));
+    config.blockDim = dim3(CLUSTER_THREADS);
+    config.dynamicSmemBytes = bytes;
+    config.stream = stream;
+    config.attrs = cluster_shape;
+    config.numAttrs = 1;
+    use(kernel, config, chunk, cache_codes);
+  });
 }
 
 // Assign + accumulate counts (SMEM_COUNTS: counters in shared memory, else global).
@@ -540,10 +707,14 @@ at::Tensor hash_codes_cuda(const at::Tensor& x_in, const at::Tensor& planes_in, 
 // more global atomics; fewer blocks, less parallelism. Results do not depend on it.
 // tensor_cores: the nearest centroids by int8 products where C <= 128 on sm_80 and newer (false:
 // by population counts everywhere; the results are the same, the tests compare them).
+// cluster_blocks: 0 for the kernels above (two launches per iteration), else all of Lloyd in one
+// launch of lloyd_cluster_kernel with that many blocks per row (1..8; sm_90 and newer, C <= 128;
+// queries_per_block and tensor_cores do not apply). The same result either way.
 std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
                                                      const c10::optional<at::Tensor>& mask_in,
                                                      int64_t num_clusters, int64_t iterations, int64_t bits,
-                                                     int64_t queries_per_block, bool tensor_cores) {
+                                                     int64_t queries_per_block, bool tensor_cores,
+                                                     int64_t cluster_blocks) {
   FCL_CHECK_CUDA(codes_in, "lloyd_kmeans: codes");
   TORCH_CHECK(codes_in.dim() == 3 && codes_in.scalar_type() == at::kLong,
               "lloyd_kmeans: codes must be (B, H, N) int64, got ", codes_in.sizes(), " ", codes_in.scalar_type());
@@ -553,7 +724,16 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
   TORCH_CHECK(bits >= 1 && bits <= 63, "lloyd_kmeans: bits must be in 1..63, got ", bits);
   TORCH_CHECK(queries_per_block >= 0 && queries_per_block <= (1 << 30),
               "lloyd_kmeans: queries_per_block must be 0 (automatic) or a positive count, got ", queries_per_block);
+  TORCH_CHECK(cluster_blocks >= 0 && cluster_blocks <= MAX_CLUSTER_BLOCKS,
+              "lloyd_kmeans: cluster_blocks must be 0 (launches per iteration) or 1..", MAX_CLUSTER_BLOCKS,
+              " (blocks per row of the one-launch kernel), got ", cluster_blocks);
   const c10::cuda::CUDAGuard guard(codes_in.device());
+  if (cluster_blocks > 0) {
+    TORCH_CHECK(compute_major() >= 9, "lloyd_kmeans: cluster_blocks > 0 needs thread block clusters (sm_90 or newer); "
+                "this GPU is sm_", compute_major(), "x: pass cluster_blocks=0");
+    TORCH_CHECK(num_clusters <= MMA_MAX_CLUSTERS, "lloyd_kmeans: cluster_blocks > 0 takes num_clusters <= ",
+                MMA_MAX_CLUSTERS, ", got ", num_clusters, ": pass cluster_blocks=0");
+  }
   const at::Tensor codes = codes_in.contiguous();
   const int64_t B = codes.size(0), H = codes.size(1), N = codes.size(2);
   const int C = static_cast<int>(num_clusters);
@@ -573,6 +753,16 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
     info.cum = cum.data_ptr<int>();
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
+  if (cluster_blocks > 0) {
+    with_lloyd_cluster_launch(static_cast<int>(cluster_blocks), B * H, stream, info,
+                              [&](auto kernel, const cudaLaunchConfig_t& config, int chunk, bool cache_codes) {
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, info, codes.data_ptr<int64_t>(),
+                                        static_cast<int>(std::min<int64_t>(iterations, 1 << 30)),
+                                        static_cast<int>(bits), chunk, cache_codes, centroids.data_ptr<int64_t>(),
+                                        assignments.data_ptr<int64_t>()));
+    });
+    return {assignments, centroids};
+  }
   const dim3 small_grid(static_cast<unsigned>((C + 127) / 128), static_cast<unsigned>(B * H));
   lloyd_init_kernel<<<small_grid, 128, 0, stream>>>(info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -599,7 +789,7 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
     ensure_smem(kernel, smem);
     for (int64_t it = 0; it < iterations; ++it) {
       if (mma) {  // C <= 128: the counters fit in shared memory
-        launch_lloyd_mma<false>(grid, smem_counts, stream, info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>(),
+        launch_lloyd_mma<false>(grid, stream, info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>(),
                                 static_cast<int>(chunk), static_cast<int>(bits), counters.data_ptr<int>(), nullptr);
       } else {
         kernel<<<grid, threads, smem, stream>>>(info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>(),
@@ -614,7 +804,7 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
   // Padded: the compiler reads the centroids in 16-byte pairs.
   const size_t smem_final = static_cast<size_t>(C + 2) * sizeof(int64_t);
   if (mma) {
-    launch_lloyd_mma<true>(grid, smem_final, stream, info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>(),
+    launch_lloyd_mma<true>(grid, stream, info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>(),
                            static_cast<int>(chunk), static_cast<int>(bits), nullptr, assignments.data_ptr<int64_t>());
   } else {
     ensure_smem(lloyd_final_kernel, std::max<size_t>(smem_final, 1));
@@ -623,6 +813,24 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {assignments, centroids};
+}
+
+// How many clusters of `cluster_blocks` blocks of Lloyd's one-launch kernel the current GPU keeps
+// resident at once, for rows of `length` queries and `num_clusters` (cudaOccupancyMaxActiveClusters:
+// a cluster's blocks share one GPC, so GPCs whose SM count is not a multiple of the cluster size
+// leave SMs idle). Rows past it wait for a second wave. 0 where the kernel does not run.
+int64_t lloyd_cluster_capacity(int64_t length, int64_t num_clusters, int64_t cluster_blocks) {
+  TORCH_CHECK(cluster_blocks >= 1 && cluster_blocks <= MAX_CLUSTER_BLOCKS, "lloyd_cluster_capacity: cluster_blocks must be 1..",
+              MAX_CLUSTER_BLOCKS, ", got ", cluster_blocks);
+  TORCH_CHECK(length >= 1 && length <= (1 << 30), "lloyd_cluster_capacity: length must be in 1..2^30, got ", length);
+  if (compute_major() < 9 || num_clusters < 1 || num_clusters > MMA_MAX_CLUSTERS) return 0;
+  RowInfo info{nullptr, nullptr, 1, static_cast<int>(length), static_cast<int>(num_clusters)};
+  int capacity = 0;
+  with_lloyd_cluster_launch(static_cast<int>(cluster_blocks), cluster_blocks, c10::cuda::getCurrentCUDAStream(), info,
+                            [&](auto kernel, const cudaLaunchConfig_t& config, int, bool) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&capacity, kernel, &config));
+  });
+  return capacity;
 }
 
 }  // namespace fcl

@@ -40,7 +40,8 @@ class EmulatedExtension:
         return reference.hash_codes_ref(x, planes, offsets)
 
     @staticmethod
-    def lloyd_kmeans(codes, mask, num_clusters, iterations, bits, queries_per_block=0, tensor_cores=True):
+    def lloyd_kmeans(codes, mask, num_clusters, iterations, bits, queries_per_block=0, tensor_cores=True,
+                     cluster_blocks=0):
         return reference.lloyd_kmeans_ref(codes, mask, num_clusters, iterations, bits)
 
     @staticmethod
@@ -588,15 +589,46 @@ def test_lloyd_tensor_core_split_cpu():
     assert lloyd_tensor_core_split(32, 4096, sms) == 512 and lloyd_tensor_core_split(32, 8192, sms) == 1024
 
 
+# Resident clusters of the one-launch kernel by blocks per row, as on a GPU of 132 SMs in GPCs of
+# 14 to 18 (the GPC's SM count floored to the cluster size, summed): for test_lloyd_*_cpu.
+GPC_SMS = (18, 18, 18, 18, 16, 16, 14, 14)
+
+
+def gpc_capacity(blocks):
+    return sum(sms // blocks for sms in GPC_SMS)
+
+
+def test_lloyd_cluster_blocks_cpu():
+    """The one-launch kernel's blocks per row: the fewest-waves, least-work choice by the model,
+    against the kernels launched per step; none where the GPU cannot run it."""
+    from fairseq_clustered.ops.cuda_kernels import lloyd_cluster_blocks, no_clusters
+    sms = sum(GPC_SMS)
+    assert sms == 132 and gpc_capacity(4) == 30 and gpc_capacity(3) == 42
+    assert lloyd_cluster_blocks(8, 4096, sms, gpc_capacity) == 8  # few rows: all the room per row
+    assert lloyd_cluster_blocks(24, 4096, sms, gpc_capacity) == 4  # 24 clusters of 5 would not fit (22)
+    assert lloyd_cluster_blocks(32, 2048, sms, gpc_capacity) == 3  # 32 of 4 would not fit (30)
+    assert lloyd_cluster_blocks(32, 16384, sms, gpc_capacity) == 0  # a third of the SMs idle: per step
+    assert lloyd_cluster_blocks(256, 8192, sms, gpc_capacity) == 1  # two waves of one block per row
+    assert lloyd_cluster_blocks(288, 16384, sms, gpc_capacity) == 3  # 7 waves of 42 clusters of 3, not 3 of 1
+    assert lloyd_cluster_blocks(32, 2048, sms, no_clusters) == 0
+    for rows, length in ((1, 97), (8, 1024), (32, 4096), (300, 65536)):
+        blocks = lloyd_cluster_blocks(rows, length, sms, gpc_capacity)
+        assert 0 <= blocks <= 8 and (blocks == 0 or rows <= gpc_capacity(blocks) or blocks <= 2)
+
+
 def test_lloyd_launch_settings_cpu():
-    """The ops' choice: the tensor-core kernels and their split where the rule takes them and
-    C <= 128, else the population counts and their split."""
-    from fairseq_clustered.ops.cuda_kernels import (lloyd_launch_settings, lloyd_queries_per_block,
-                                                    lloyd_tensor_core_split)
+    """The ops' choice: the one-launch kernel where its rule takes it (C <= 128 on a GPU that runs
+    it); else the tensor-core kernels and their split where that rule takes them and C <= 128;
+    else the population counts and their split."""
+    from fairseq_clustered.ops.cuda_kernels import (lloyd_cluster_blocks, lloyd_launch_settings, lloyd_queries_per_block,
+                                                    lloyd_tensor_core_split, no_clusters)
     sms = 132
-    assert lloyd_launch_settings(32, 16384, 100, sms) == (lloyd_tensor_core_split(32, 16384, sms), True)
-    assert lloyd_launch_settings(32, 16384, 129, sms) == (lloyd_queries_per_block(32, 16384, sms), False)
-    assert lloyd_launch_settings(32, 1024, 100, sms) == (lloyd_queries_per_block(32, 1024, sms), False)
+    assert lloyd_launch_settings(32, 4096, 100, sms, gpc_capacity) == (
+        0, True, lloyd_cluster_blocks(32, 4096, sms, gpc_capacity))
+    assert lloyd_launch_settings(32, 16384, 100, sms, gpc_capacity) == (lloyd_tensor_core_split(32, 16384, sms), True, 0)
+    assert lloyd_launch_settings(32, 16384, 100, sms, no_clusters) == (lloyd_tensor_core_split(32, 16384, sms), True, 0)
+    assert lloyd_launch_settings(32, 4096, 129, sms, gpc_capacity) == (lloyd_queries_per_block(32, 4096, sms), False, 0)
+    assert lloyd_launch_settings(32, 1024, 100, sms, no_clusters) == (lloyd_queries_per_block(32, 1024, sms), False, 0)
 
 
 # ------------------------------------------------------------------ GPU
@@ -924,6 +956,84 @@ def test_lloyd_tensor_cores_gpu(clusters, bits):
         expected = reference.lloyd_kmeans_ref(codes, mask, clusters, 10, bits)
         for a, b, c in zip(got, counted, expected):
             assert torch.equal(a, c) and torch.equal(b, c)
+
+
+@needs_gpu
+@pytest.mark.parametrize("cluster_blocks", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("clusters,bits", [(1, 63), (9, 63), (100, 63), (104, 31), (105, 8), (128, 63)])
+def test_lloyd_one_launch_gpu(cluster_blocks, clusters, bits):
+    """Lloyd's one-launch kernel (a thread block cluster of 1 to 8 blocks per row, sm_90) gives the
+    reference's assignments and centroids bit for bit: every centroid-tile count, few bits (many
+    ties), rows shorter than the blocks' slices, a row with fewer valid queries than clusters,
+    ragged padding, no iterations or one; and the same again on a rerun."""
+    from fairseq_clustered.ops import cuda_backend
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread block clusters need sm_90 or newer")
+    ext = cuda_backend.cuda_ops().ext
+    g = torch.Generator().manual_seed(clusters * 100 + bits + cluster_blocks)
+    for length in ((97, 300) if SANITIZE else (97, 2500)):
+        centres = torch.randn(2, 3, 6, 32, generator=g)
+        x = centres[:, :, torch.randint(0, 6, (length,), generator=g)] + 0.5 * torch.randn(2, 3, length, 32,
+                                                                                           generator=g)
+        codes = reference.hash_codes_ref(x, torch.randn(bits, 32, generator=g), torch.zeros(bits)).cuda()
+        ragged = torch.arange(length)[None, :] >= torch.tensor([[length - 77], [min(clusters, 60)]])
+        for mask, iterations in ((None, 10), (ragged.cuda(), 10), (ragged.cuda(), 0), (None, 1)):
+            got = ext.lloyd_kmeans(codes, mask, clusters, iterations, bits, cluster_blocks=cluster_blocks)
+            expected = reference.lloyd_kmeans_ref(codes, mask, clusters, iterations, bits)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected)), (length, mask is None, iterations)
+            again = ext.lloyd_kmeans(codes, mask, clusters, iterations, bits, cluster_blocks=cluster_blocks)
+            assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@needs_gpu
+def test_lloyd_one_launch_many_rows_gpu():
+    """More clusters of blocks than the GPU holds at once (they run in waves): the reference's
+    result, and the ops' own choice of kernel gives it too."""
+    from fairseq_clustered.ops import cuda_backend
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread block clusters need sm_90 or newer")
+    ext = cuda_backend.cuda_ops().ext
+    g = torch.Generator().manual_seed(11)
+    rows = 40 if SANITIZE else 640
+    codes = torch.randint(0, 2**62, (rows // 8, 8, 300), generator=g).cuda()
+    expected = reference.lloyd_kmeans_ref(codes, None, 20, 10, 63)
+    got = ext.lloyd_kmeans(codes, None, 20, 10, 63, cluster_blocks=4)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(torch.equal(a, b) for a, b in zip(custom_ops.lloyd_kmeans(codes, None, 20, 10, 63), expected))
+
+
+@needs_gpu
+def test_lloyd_one_launch_errors_gpu():
+    """Blocks per row outside 0..8, or more clusters than its tiles hold, are refused with a
+    message naming the argument; nothing is launched."""
+    from fairseq_clustered.ops import cuda_backend
+    ext = cuda_backend.cuda_ops().ext
+    codes = torch.randint(0, 2**62, (1, 2, 300)).cuda()
+    for blocks in (-1, 9, 16):
+        with pytest.raises(RuntimeError, match=r"cluster_blocks must be 0 \(launches per iteration\) or 1..8"):
+            ext.lloyd_kmeans(codes, None, 10, 10, 63, cluster_blocks=blocks)
+    expected = "num_clusters <= 128" if torch.cuda.get_device_capability()[0] >= 9 else "sm_90 or newer"
+    with pytest.raises(RuntimeError, match=expected):
+        ext.lloyd_kmeans(codes, None, 129, 10, 63, cluster_blocks=2)
+    assert ext.lloyd_cluster_capacity(300, 129, 2) == 0
+    with pytest.raises(RuntimeError, match="cluster_blocks must be 1..8"):
+        ext.lloyd_cluster_capacity(300, 10, 0)
+
+
+@needs_gpu
+def test_lloyd_cluster_capacity_gpu():
+    """The one-launch kernel's resident clusters: at most one block per SM (32 warps of 64
+    registers fill one), at least one cluster, fewer with larger clusters; none before sm_90."""
+    from fairseq_clustered.ops import cuda_backend
+    ext = cuda_backend.cuda_ops().ext
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    capacity = [ext.lloyd_cluster_capacity(4096, 100, k) for k in range(1, 9)]
+    if torch.cuda.get_device_capability()[0] < 9:
+        assert capacity == [0] * 8
+        return
+    assert capacity[0] == sms
+    for k, clusters in enumerate(capacity, start=1):
+        assert 1 <= clusters * k <= sms and (k == 1 or clusters <= capacity[k - 2]), capacity
 
 
 @needs_gpu

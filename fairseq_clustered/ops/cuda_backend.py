@@ -82,8 +82,9 @@ _CLUSTERED_COVERAGE = ("fp32/fp16/bf16, head dims <= 128; fp16/bf16: flash witho
 KERNEL_NOTES = {
     "hash_codes": "fp32/fp16/bf16, dim <= 800; on tensor cores (Triton) with a power-of-two dim 16..256 "
                   "(fp32: 16..128)",
-    "lloyd_kmeans": ("num_clusters <= 6144, batch*heads <= 65535; nearest centroids by int8 tensor-core "
-                     "products where C <= 128 on sm_80+ from 2k queries per row, else population counts"),
+    "lloyd_kmeans": ("num_clusters <= 6144, batch*heads <= 65535; where C <= 128, nearest centroids by int8 "
+                     "tensor-core products (sm_80+), and on sm_90+ all iterations in one launch of a thread "
+                     "block cluster per row where its rule takes it; else population counts"),
     "cluster_queries": "hash_codes then lloyd_kmeans in one composition (same coverage)",
     "clustered_attention_fwd": _CLUSTERED_COVERAGE,
     "clustered_attention_bwd": _CLUSTERED_COVERAGE,

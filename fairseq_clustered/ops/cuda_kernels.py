@@ -33,7 +33,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -122,13 +122,79 @@ def lloyd_tensor_core_split(rows: int, length: int, sms: int) -> int:
     return per_block if per_block <= TENSOR_CORE_LLOYD_MAX_PER_BLOCK else 0
 
 
-def lloyd_launch_settings(rows: int, length: int, num_clusters: int, sms: int) -> Tuple[int, bool]:
-    """``(queries_per_block, tensor_cores)`` for the extension's ``lloyd_kmeans`` on ``rows``
-    rows of ``length`` queries and ``num_clusters``: the tensor-core kernels and their split
-    where :func:`lloyd_tensor_core_split` takes them (C <= 128), else the population counts and
+ONE_LAUNCH_LLOYD_MAX_BLOCKS = 8  # blocks per row: the portable size of a thread block cluster
+# Lloyd's time (C = 100, 10 iterations, H200), microseconds: the one-launch kernel's wave of
+# blocks, fixed + per query of a block's slice; the kernels launched per step, fixed + per query
+# of each SM's share, with the tensor-core search or the population counts. Fitted to
+# benchmarks/lloyd_sweep.py (benchmarks/NOTES.md, twenty-sixth session): within 5% of most measured
+# times at 8 / 24 / 32 / 256 / 288 rows of 1k..64k queries; the per-step kernels at 256 rows of 1k
+# took 1.25x this.
+ONE_LAUNCH_LLOYD_US = (47.0, 0.060)
+PER_STEP_LLOYD_US = {True: (80.0, 0.068), False: (80.0, 0.090)}  # by tensor cores
+
+
+def lloyd_cluster_blocks(rows: int, length: int, sms: int, cluster_capacity: Callable[[int], int]) -> int:
+    """Blocks per row of Lloyd's one-launch kernel (the extension's ``cluster_blocks``: a thread
+    block cluster per row does the initial centroids, every iteration and the final assignment,
+    C <= 128 on sm_90+) on ``rows = B * H`` rows of ``length`` queries, or 0 where the kernels
+    launched per iteration are the faster choice.
+
+    ``cluster_capacity(k)``: how many clusters of k blocks the GPU keeps resident at once (the
+    extension's ``lloyd_cluster_capacity``; 0 where the kernel does not run). A cluster's blocks
+    share one GPC, so that is not ``sms // k``: on an H200 (132 SMs), 32 rows of four blocks took
+    twice as long as 24 rows, the rows past the GPCs' room waiting for a second wave. The choice
+    is the k with the least modelled time, ``waves * (fixed + per query * length / k)`` with
+    ``waves = ceil(rows / capacity)``, against the per-step kernels' ``fixed + per query * rows *
+    length / sms`` (``ONE_LAUNCH_LLOYD_US``, ``PER_STEP_LLOYD_US``). Fewer blocks win ties.
+    """
+    fixed, per_query = PER_STEP_LLOYD_US[lloyd_tensor_core_split(rows, length, sms) > 0]
+    best_blocks, best_us = 0, fixed + per_query * rows * length / sms
+    for blocks in range(1, ONE_LAUNCH_LLOYD_MAX_BLOCKS + 1):
+        capacity = cluster_capacity(blocks)
+        if capacity <= 0:
+            continue
+        waves = -(-rows // capacity)
+        us = waves * (ONE_LAUNCH_LLOYD_US[0] + ONE_LAUNCH_LLOYD_US[1] * -(-length // blocks))
+        if us < best_us:
+            best_blocks, best_us = blocks, us
+    return best_blocks
+
+
+def lloyd_launch_settings(rows: int, length: int, num_clusters: int, sms: int,
+                          cluster_capacity: Callable[[int], int]) -> Tuple[int, bool, int]:
+    """``(queries_per_block, tensor_cores, cluster_blocks)`` for the extension's ``lloyd_kmeans``
+    on ``rows`` rows of ``length`` queries and ``num_clusters``, on a GPU of ``sms``
+    multiprocessors that keeps ``cluster_capacity(k)`` clusters of k blocks of the one-launch
+    kernel resident (0 where it does not run: before sm_90, C > 128): that kernel where
+    :func:`lloyd_cluster_blocks` takes it; else the tensor-core kernels and their split where
+    :func:`lloyd_tensor_core_split` takes them (C <= 128); else the population counts and
     :func:`lloyd_queries_per_block`."""
-    split = lloyd_tensor_core_split(rows, length, sms) if num_clusters <= TENSOR_CORE_LLOYD_MAX_CLUSTERS else 0
-    return (split, True) if split else (lloyd_queries_per_block(rows, length, sms), False)
+    if num_clusters <= TENSOR_CORE_LLOYD_MAX_CLUSTERS:
+        blocks = lloyd_cluster_blocks(rows, length, sms, cluster_capacity)
+        if blocks:
+            return 0, True, blocks
+        split = lloyd_tensor_core_split(rows, length, sms)
+        if split:
+            return split, True, 0
+    return lloyd_queries_per_block(rows, length, sms), False, 0
+
+
+def no_clusters(blocks: int) -> int:
+    """A ``cluster_capacity`` for GPUs without the one-launch kernel."""
+    return 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _device_lloyd_settings(ext, device_index: int, rows: int, length: int, num_clusters: int) -> Tuple[int, bool, int]:
+    """:func:`lloyd_launch_settings` on CUDA device ``device_index`` (remembered per shape: the
+    capacity is a driver query)."""
+    properties = torch.cuda.get_device_properties(device_index)
+
+    def capacity(blocks: int) -> int:
+        with torch.cuda.device(device_index):
+            return ext.lloyd_cluster_capacity(length, num_clusters, blocks)
+
+    return lloyd_launch_settings(rows, length, num_clusters, properties.multi_processor_count, capacity)
 
 
 def lloyd_queries_per_block(rows: int, length: int, sms: int) -> int:
@@ -154,11 +220,6 @@ def lloyd_queries_per_block(rows: int, length: int, sms: int) -> int:
         return waves * (per_block + 128)
 
     return 2048 if cost(2048) <= cost(512) else 512
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _row_chunks(rows: int, num_clusters: int, keys: int):
@@ -231,12 +292,12 @@ class CudaOps:
 
     def _lloyd_kmeans(self, codes, query_padding_mask, num_clusters, iterations, bits):
         rows, length = codes.shape[0] * codes.shape[1], codes.shape[2]
-        per_block, tensor_cores = 0, False
+        per_block, tensor_cores, cluster_blocks = 0, False, 0
         if codes.is_cuda:
-            per_block, tensor_cores = lloyd_launch_settings(rows, length, num_clusters,
-                                                            _multiprocessors(codes.get_device()))
+            per_block, tensor_cores, cluster_blocks = _device_lloyd_settings(self.ext, codes.get_device(), rows,
+                                                                             length, num_clusters)
         return tuple(self.ext.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits, per_block,
-                                           tensor_cores))
+                                           tensor_cores, cluster_blocks))
 
     def cluster_queries(self, x, planes, offsets, query_padding_mask, num_clusters, iterations, bits):
         """Hashing and Lloyd's k-means as one composition (one graph replay where they repeat)."""
