@@ -102,7 +102,8 @@ def main():
                       + " ".join(cells), flush=True)
             if cluster_blocks:
                 per_step = lloyd_launch_settings(batch * heads, length, args.clusters, sms, no_clusters)
-                cells = [f"per step: {graph_microseconds(lambda: ext.lloyd_kmeans(codes, None, args.clusters, 10, 63, *per_step)):7.1f}"]
+                per_step_us = graph_microseconds(lambda: ext.lloyd_kmeans(codes, None, args.clusters, 10, 63, *per_step))
+                cells = [f"per step: {per_step_us:7.1f}"]
                 for blocks in cluster_blocks:
                     def one_launch():
                         return ext.lloyd_kmeans(codes, None, args.clusters, 10, 63, cluster_blocks=blocks)

@@ -173,10 +173,10 @@ __host__ __device__ __forceinline__ int padded_clusters(int C) { return ((C + 1)
 // centroids' fragments in registers (52 of them at C = 100) only 16 warps per SM fitted.
 constexpr int MMA_THREADS = 512;
 constexpr int MMA_MAX_CLUSTERS = 128;  // centroid tiles of 8, their fragments in shared memory
-constexpr int NO_CENTROID = -(1 << 30);
+constexpr int NO_CENTROID = -(1 << 30);  // key of a padded centroid column: never the largest
 constexpr int MAX_CLUSTER_BLOCKS = 8;  // blocks per row of lloyd_cluster_kernel: the portable cluster size
 constexpr int CLUSTER_THREADS = 1024;  // lloyd_cluster_kernel's block: one per SM
-constexpr int CLUSTER_CACHED_CODES = 16384;  // a block's slice of codes in shared memory up to this many  // key of a padded centroid column: never the largest
+constexpr int CLUSTER_CACHED_CODES = 16384;  // a block's slice of codes in shared memory up to this many
 
 // Bits p .. p + 3 of a code as four +-1 bytes, byte e for bit p + e (set: +1, clear: -1).
 __device__ __forceinline__ uint32_t sign_bytes(uint64_t code, int p) {
@@ -420,11 +420,9 @@ __global__ void __launch_bounds__(MMA_THREADS, 2) lloyd_mma_kernel(RowInfo info,
 // launch of one block per SM spreads over all of them. Same result as lloyd_init_kernel, the
 // assign / update kernels and the final kernel.
 template <int TILES>
-__global__ void __launch_bounds__(CLUSTER_THREADS, 1) lloyd_cluster_kernel(RowInfo info, const int64_t* __restrict__ codes,
-                                                                        int iterations, int bits, int chunk,
-                                                                        bool cache_codes,
-                                                                        int64_t* __restrict__ centroids,
-                                                                        int64_t* __restrict__ assignments) {
+__global__ void __launch_bounds__(CLUSTER_THREADS, 1)
+    lloyd_cluster_kernel(RowInfo info, const int64_t* __restrict__ codes, int iterations, int bits, int chunk,
+                         bool cache_codes, int64_t* __restrict__ centroids, int64_t* __restrict__ assignments) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -483,7 +481,9 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1) lloyd_cluster_kernel(RowIn
                                     members[0], differ[0]);
       const unsigned word = __ballot_sync(FULL_MASK, set);
       if (lane == 0) {
-        for (int r = 0; r < size; ++r) reinterpret_cast<uint32_t*>(cluster.map_shared_rank(sm.cent, r) + j)[bit / 32] = word;
+        for (int r = 0; r < size; ++r) {
+          reinterpret_cast<uint32_t*>(cluster.map_shared_rank(sm.cent, r) + j)[bit / 32] = word;
+        }
       }
     }
     cluster.sync();  // every copy of the centroids updated, every block's counters read

@@ -620,13 +620,14 @@ def test_lloyd_launch_settings_cpu():
     """The ops' choice: the one-launch kernel where its rule takes it (C <= 128 on a GPU that runs
     it); else the tensor-core kernels and their split where that rule takes them and C <= 128;
     else the population counts and their split."""
-    from fairseq_clustered.ops.cuda_kernels import (lloyd_cluster_blocks, lloyd_launch_settings, lloyd_queries_per_block,
-                                                    lloyd_tensor_core_split, no_clusters)
+    from fairseq_clustered.ops.cuda_kernels import (lloyd_cluster_blocks, lloyd_launch_settings,
+                                                    lloyd_queries_per_block, lloyd_tensor_core_split, no_clusters)
     sms = 132
     assert lloyd_launch_settings(32, 4096, 100, sms, gpc_capacity) == (
         0, True, lloyd_cluster_blocks(32, 4096, sms, gpc_capacity))
-    assert lloyd_launch_settings(32, 16384, 100, sms, gpc_capacity) == (lloyd_tensor_core_split(32, 16384, sms), True, 0)
-    assert lloyd_launch_settings(32, 16384, 100, sms, no_clusters) == (lloyd_tensor_core_split(32, 16384, sms), True, 0)
+    split = lloyd_tensor_core_split(32, 16384, sms)
+    assert lloyd_launch_settings(32, 16384, 100, sms, gpc_capacity) == (split, True, 0)
+    assert lloyd_launch_settings(32, 16384, 100, sms, no_clusters) == (split, True, 0)
     assert lloyd_launch_settings(32, 4096, 129, sms, gpc_capacity) == (lloyd_queries_per_block(32, 4096, sms), False, 0)
     assert lloyd_launch_settings(32, 1024, 100, sms, no_clusters) == (lloyd_queries_per_block(32, 1024, sms), False, 0)
 
