@@ -7,22 +7,26 @@
 // counts into majority bits and zeroes the counters for the next iteration. Integer
 // atomics make the result independent of the execution order.
 //
-// Nearest centroids on tensor cores (C <= 128, sm_80 and newer): with a code's bits as +-1
-// bytes, the Hamming distance of two b-bit codes is (b - x . c) / 2, so a query's nearest
-// centroid is the one with the largest +-1 dot product. A warp takes 16 queries against
-// all centroids with int8 mma.sync (16 queries x 8 centroids x 32 bits per instruction,
-// exact in int32) where the fallback kernels compute two 32-bit population counts per
-// (query, centroid) pair, which issue at a quarter of the integer rate. The centroids'
-// fragments sit in shared memory, built once per block: in registers (52 at C = 100) they
-// left room for 16 warps per SM, too few to hide the search's latency (ncu: 0.87 eligible
-// warps per scheduler); now 32 fit, and Lloyd at 32 rows of 4k / 16k took 145 / 342 us
-// instead of 163 (population counts) / 422 (benchmarks/NOTES.md, twenty-fifth session).
+// Nearest centroids on tensor cores (C <= 128, sm_80 and newer): a query and a centroid agree on
+// popcount(x & c) + popcount(~x & ~c) of their bits, and the nearest centroid is the one that
+// agrees most. A warp takes 16 queries against all centroids with 1-bit mma.sync (AND, then
+// population counts summed: 16 queries x 8 centroids x the 64 bits and their 64 complements per
+// instruction, exact in int32) where the fallback kernels compute two 32-bit population counts per
+// (query, centroid) pair. Until the twenty-seventh session the products were int8 ones of the
+// bits as +-1 bytes (two per tile of 8 centroids, the bytes built from each code per query, and a
+// guard against padded centroids in every tile): the one-launch kernel's loop over a warp's 16
+// queries at C = 100 took 416 instructions, 159 now (SASS). The centroids' fragments sit in shared memory, built once per
+// block: in registers they left room for 16 warps per SM, too few to hide the search's latency
+// (ncu: 0.87 eligible warps per scheduler); now 32 fit (benchmarks/NOTES.md, twenty-fifth session).
 //
 // One launch for all of Lloyd (sm_90, C <= 128: lloyd_cluster_kernel): a thread block cluster per
 // row, its blocks summing their counters through distributed shared memory between two cluster
 // barriers per iteration. It saves the 2 x iterations launches and the counters' global atomics
 // where its clusters fill the GPU: 32 rows of 1k / 2k / 4k in 65 / 94 / 133 us instead of 102 / 111 /
 // 145, 256 rows of 16k in 2.10 ms instead of 3.06 (benchmarks/NOTES.md, twenty-sixth session).
+// Since the twenty-seventh session it counts each cluster's members and their set bits as 1-bit
+// tensor-core products (membership bits AND the codes' transposed bits) instead of one
+// shared-memory atomic per bit in which a member differs from its centroid.
 #include "common.cuh"
 
 #include <cooperative_groups.h>
@@ -120,18 +124,21 @@ struct RowInfo {
   __device__ __forceinline__ bool singleton(int b) const { return num_valid(b) <= clusters; }
 };
 
-// Bit `bit` of a centroid after the majority update, from its old code `old`, its member count
-// and how many members differ from `old` in that bit: set where more than half of the members
-// have it set, cleared where fewer than half do; ties, empty clusters and bits >= `bits` keep
-// the old bit.
-__device__ __forceinline__ bool majority_bit(int64_t old, int bit, int bits, int members, int differ) {
-  bool set = (static_cast<uint64_t>(old) >> bit) & 1;
-  const int ones = set ? members - differ : differ;
+// Bit `bit` of a centroid after the majority update, from its old value, its member count and
+// how many members have it set (`ones`): set where more than half of the members have it set,
+// cleared where fewer than half do; ties, empty clusters and bits >= `bits` keep the old bit.
+__device__ __forceinline__ bool majority_of(bool old_bit, int bit, int bits, int members, int ones) {
   if (bit < bits) {
-    if (2 * ones > members) set = true;
-    else if (2 * ones < members) set = false;
+    if (2 * ones > members) return true;
+    if (2 * ones < members) return false;
   }
-  return set;
+  return old_bit;
+}
+
+// The same from how many members differ from the old code `old` in that bit.
+__device__ __forceinline__ bool majority_bit(int64_t old, int bit, int bits, int members, int differ) {
+  const bool set = (static_cast<uint64_t>(old) >> bit) & 1;
+  return majority_of(set, bit, bits, members, set ? members - differ : differ);
 }
 
 // Centroid j's initial code: the code of the valid query of rank floor(j * valid / C), or in
@@ -169,32 +176,48 @@ __host__ __device__ __forceinline__ int padded_clusters(int C) { return ((C + 1)
 
 // ------------------------------------------------- nearest centroids on tensor cores
 // 16 warps per block, two blocks per SM: the nearest-centroid search is bound by latency (a
-// warp's chain of sign bytes, products and maxima), so it wants many resident warps; with the
-// centroids' fragments in registers (52 of them at C = 100) only 16 warps per SM fitted.
+// warp's chain of products and maxima), so it wants many resident warps.
 constexpr int MMA_THREADS = 512;
 constexpr int MMA_MAX_CLUSTERS = 128;  // centroid tiles of 8, their fragments in shared memory
-constexpr int NO_CENTROID = -(1 << 30);  // key of a padded centroid column: never the largest
+constexpr int NO_CENTROID = -(1 << 30);  // below every key of nearest16: its maxima start there
 constexpr int MAX_CLUSTER_BLOCKS = 8;  // blocks per row of lloyd_cluster_kernel: the portable cluster size
 constexpr int CLUSTER_THREADS = 1024;  // lloyd_cluster_kernel's block: one per SM
-constexpr int CLUSTER_CACHED_CODES = 16384;  // a block's slice of codes in shared memory up to this many
+constexpr int CLUSTER_CACHED_CODES = 8192;  // a block's slice of codes (and their transpose) kept up to this many
+constexpr int COUNT_ROUND = 2048;  // lloyd_cluster_kernel's queries per counting round (membership bits in shared memory)
 
-// Bits p .. p + 3 of a code as four +-1 bytes, byte e for bit p + e (set: +1, clear: -1).
-__device__ __forceinline__ uint32_t sign_bytes(uint64_t code, int p) {
-  const uint32_t nibble = static_cast<uint32_t>(code >> p) & 0xFu;
-  const uint32_t spread = (nibble * 0x00204081u) & 0x01010101u;  // bit e -> bit 8 e, no carries
-  return ~(spread * 0xFEu);  // 0x00 -> 0xFF (-1), 0x01 -> 0x01
+// The 32 of a code's 128 positions in the search's products that lane t of a quad holds (the
+// products run over the code's 64 bits, then their complements, so that AND with a centroid's
+// positions counts the bits where both are set plus those where both are clear): t = 0 / 1 hold
+// bits 0..31 / 32..63, t = 2 / 3 their complements.
+__device__ __forceinline__ uint32_t code_quarter(uint64_t code, int t) {
+  const uint32_t half = static_cast<uint32_t>(code >> (32 * (t & 1)));
+  return t & 2 ? ~half : half;
 }
 
-// Bytes of bits p .. p + 3 that are below `bits` (the rest are zeroed: no vote).
-__device__ __forceinline__ uint32_t used_bytes(int p, int bits) {
-  const int used = bits - p;
-  return used >= 4 ? 0xFFFFFFFFu : used <= 0 ? 0u : (1u << (8 * used)) - 1u;
+// Which of code_quarter's 32 positions are among the code's `bits` (the rest are zeroed in the
+// centroids' quarters: no vote).
+__device__ __forceinline__ uint32_t used_quarter(int t, int bits) {
+  const int used = bits - 32 * (t & 1);
+  return used >= 32 ? ~0u : used <= 0 ? 0u : (1u << used) - 1u;
 }
 
-// D += A (16 x 32 int8, row-major) x B (32 x 8 int8, column-major), int32 accumulators.
-__device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// D += A (16 x 128 bits, row-major) x B (128 x 8 bits, column-major) with AND for the products and
+// population counts for the sums: how many of the 128 positions hold a 1 in both.
+__device__ __forceinline__ void mma_and_popc_k128(int (&d)[4], const uint32_t (&a)[2], uint32_t b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+  asm("mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(b));
+#else
+  __trap();  // the host launches these kernels on sm_80 and newer only
+#endif
+}
+
+// The same over 256 positions: A 16 x 256 bits, B 256 x 8 bits.
+__device__ __forceinline__ void mma_and_popc_k256(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #else
@@ -202,64 +225,54 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint
 #endif
 }
 
-// Shared memory of lloyd_mma_kernel's centroid fragments: 32 lanes x 16 bytes per tile of 8.
-__host__ __device__ __forceinline__ size_t mma_fragment_bytes(int tiles) { return static_cast<size_t>(tiles) * 32 * 16; }
+// Centroid tiles of 8 in groups of 4: a lane loads the fragments of 4 tiles with one 16-byte load.
+__host__ __device__ __forceinline__ int fragment_groups(int tiles) { return (tiles + 3) / 4; }
 
-// The B fragments of the centroids (mma.m16n8k32 layout), every lane's, into shared memory:
-// `frags[32 tile + lane]` holds lane's four registers of centroid tile `tile`, whose column
-// j = 8 tile + lane / 4 has bits 32 s + 4 (lane % 4) + e in register 2 s and bits
-// 32 s + 16 + 4 (lane % 4) + e in register 2 s + 1. Padded centroids and bits >= `bits`
-// are zero bytes, so they add nothing to any product. Written by the whole block (a barrier
-// before their use); a warp then reads a tile's 32 entries with one conflict-free 16-byte load.
+// Shared memory of the centroids' fragments: 32 lanes x 16 bytes per group of 4 tiles.
+__host__ __device__ __forceinline__ size_t mma_fragment_bytes(int tiles) {
+  return static_cast<size_t>(fragment_groups(tiles)) * 32 * 16;
+}
+
+// The B fragments of the centroids (mma.m16n8k128 layout), every lane's, into shared memory:
+// component i of `frags[32 group + lane]` is lane's register of centroid tile 4 group + i: the
+// code_quarter(lane % 4) of centroid 8 tile + lane / 4, its unused bits cleared. Padded centroids
+// are zero: they agree with no query in any position, so they never beat a real centroid (whose
+// ids are lower, and ties go to the lowest id). Written by the whole block (a barrier before their
+// use); a warp then reads 4 tiles' fragments with one conflict-free 16-byte load per lane.
 template <int TILES>
 __device__ __forceinline__ void store_centroid_fragments(const int64_t* cent, int C, int bits, uint4* frags) {
-  for (int i = threadIdx.x; i < TILES * 32; i += blockDim.x) {
-    const int tile = i >> 5, lane = i & 31, g = lane >> 2, t = lane & 3;
-    const int j = tile * 8 + g;
-    const uint64_t code = j < C ? static_cast<uint64_t>(cent[j]) : 0;
-    uint32_t regs[4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int p = 32 * (r >> 1) + 16 * (r & 1) + 4 * t;
-      regs[r] = j < C ? sign_bytes(code, p) & used_bytes(p, bits) : 0u;
-    }
-    frags[i] = make_uint4(regs[0], regs[1], regs[2], regs[3]);
+  uint32_t* words = reinterpret_cast<uint32_t*>(frags);
+  for (int w = threadIdx.x; w < fragment_groups(TILES) * 32 * 4; w += blockDim.x) {
+    const int lane = (w >> 2) & 31, tile = (w >> 7) * 4 + (w & 3);
+    const int j = tile * 8 + (lane >> 2), t = lane & 3;
+    words[w] = j < C ? code_quarter(static_cast<uint64_t>(cent[j]), t) & used_quarter(t, bits) : 0u;
   }
 }
 
 // Nearest centroid (ties: lowest id) of the warp's queries lane / 4 (code `lo`) and lane / 4 + 8
-// (code `hi`); every lane of a quad gets both. Keys are agreement * 128 + 127 - id, so the
+// (code `hi`); every lane of a quad gets both. One 1-bit product per tile of 8 centroids counts
+// the bits on which each query and centroid agree. Keys are agreement * 128 + 127 - id, so the
 // largest key has the most agreeing bits and, among those, the lowest id.
 template <int TILES>
-__device__ __forceinline__ void nearest16(uint64_t lo, uint64_t hi, const uint4* frags, int C,
-                                          int lane, int& nearest_lo, int& nearest_hi) {
+__device__ __forceinline__ void nearest16(uint64_t lo, uint64_t hi, const uint4* frags, int lane, int& nearest_lo,
+                                          int& nearest_hi) {
   const int t = lane & 3;
-  uint32_t a[2][4];
-#pragma unroll
-  for (int s = 0; s < 2; ++s) {
-    const int p = 32 * s + 4 * t;
-    a[s][0] = sign_bytes(lo, p);  // rows lane / 4, bits p .. p + 3
-    a[s][1] = sign_bytes(hi, p);  // rows lane / 4 + 8
-    a[s][2] = sign_bytes(lo, p + 16);
-    a[s][3] = sign_bytes(hi, p + 16);
-  }
+  const uint32_t a[2] = {code_quarter(lo, t), code_quarter(hi, t)};  // rows lane / 4 and lane / 4 + 8
   int best_lo = NO_CENTROID, best_hi = NO_CENTROID;
 #pragma unroll
-  for (int tile = 0; tile < TILES; ++tile) {
-    int d[4] = {0, 0, 0, 0};  // (lo, id 2t), (lo, 2t + 1), (hi, 2t), (hi, 2t + 1) of the tile
-    const uint4 f = frags[tile * 32 + lane];
-    mma_s8(d, a[0], f.x, f.y);
-    mma_s8(d, a[1], f.z, f.w);
-    // 127 - id without this lane's 2t, subtracted once below (the same for all its keys).
-    const int tie = 127 - tile * 8;
-    int k0 = d[0] * 128 + tie, k1 = d[1] * 128 + tie - 1, k2 = d[2] * 128 + tie, k3 = d[3] * 128 + tie - 1;
-    if (tile * 8 + 7 >= C) {  // a tile with padded centroid columns
-      const int id = tile * 8 + 2 * t;
-      if (id >= C) k0 = k2 = NO_CENTROID;
-      if (id + 1 >= C) k1 = k3 = NO_CENTROID;
+  for (int group = 0; group < fragment_groups(TILES); ++group) {
+    const uint4 f = frags[group * 32 + lane];
+    const uint32_t b[4] = {f.x, f.y, f.z, f.w};
+#pragma unroll
+    for (int i = 0; i < 4 && group * 4 + i < TILES; ++i) {
+      const int tile = group * 4 + i;
+      int d[4] = {0, 0, 0, 0};  // (lo, id 2t), (lo, 2t + 1), (hi, 2t), (hi, 2t + 1) of the tile
+      mma_and_popc_k128(d, a, b[i]);
+      // 127 - id without this lane's 2t, subtracted once below (the same for all its keys).
+      const int tie = 127 - tile * 8;
+      best_lo = max(best_lo, max(d[0] * 128 + tie, d[1] * 128 + tie - 1));
+      best_hi = max(best_hi, max(d[2] * 128 + tie, d[3] * 128 + tie - 1));
     }
-    best_lo = max(best_lo, max(k0, k1));
-    best_hi = max(best_hi, max(k2, k3));
   }
   best_lo -= 2 * t;
   best_hi -= 2 * t;
@@ -281,7 +294,7 @@ __device__ __forceinline__ void assign16(const RowInfo& info, int b, int64_t bh,
                                          int64_t* assignments, int lane) {
   const int t = lane & 3;
   int nearest_lo = 0, nearest_hi = 0;
-  if (!single) nearest16<TILES>(lo, hi, frags, info.clusters, lane, nearest_lo, nearest_hi);
+  if (!single) nearest16<TILES>(lo, hi, frags, lane, nearest_lo, nearest_hi);
   if (t < 2) {  // lane t = 0 writes query lo, t = 1 query hi
     const int n = t == 0 ? n_lo : n_hi;
     if (n < stop) {
@@ -398,7 +411,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 2) lloyd_mma_kernel(RowInfo info,
       assign16<TILES>(info, b, bh, single, n_lo, n_hi, stop, lo, hi, sm.frags, assignments, lane);
     } else {
       int nearest_lo, nearest_hi;
-      nearest16<TILES>(lo, hi, sm.frags, C, lane, nearest_lo, nearest_hi);
+      nearest16<TILES>(lo, hi, sm.frags, lane, nearest_lo, nearest_hi);
       count_members16(info, b, n_lo, n_hi, stop, lo, hi, nearest_lo, nearest_hi, sm.cent, sm.counts, lane);
     }
   });
@@ -408,36 +421,169 @@ __global__ void __launch_bounds__(MMA_THREADS, 2) lloyd_mma_kernel(RowInfo info,
   }
 }
 
+// ------------------------------------- Lloyd in one launch: counting by 1-bit products
+// A cluster's members that have a bit set are a 1-bit product: the cluster's membership bits
+// (one per query) AND the bit's row of the codes (bit i of a query's code, one per query),
+// summed. mma.m16n8k256 with AND and population counts takes 16 clusters x 8 bits x 256 queries
+// per instruction, where counting each member's bits with shared-memory atomics took about one
+// atomic per bit in which it differs from its centroid. The codes' bits are transposed once, the
+// membership bits set by one atomic OR per member.
+
+// Clusters of the membership rows: C padded to the 16 rows of an mma tile.
+template <int TILES>
+constexpr int membership_rows() { return (TILES * 8 + 15) / 16 * 16; }
+
+// lloyd_cluster_kernel's shared memory past MmaSmem, worked out once by the host for a launch
+// (cluster_layout) and passed to the kernel, so the two cannot disagree.
+struct ClusterLayout {
+  int chunk;         // queries per block: whole tiles of 16
+  int round;         // queries per counting round: a multiple of 256 (one product's depth)
+  int mask_stride;   // words per cluster's membership row: round / 32 + 4 (conflict-free loads)
+  int bit_stride;    // words per row of the transposed codes: the slice's or a round's + 4
+  bool whole_slice;  // the slice's codes and their transpose kept for all iterations
+  int masks_at, bits_at, codes_at, bytes;  // byte offsets into the dynamic shared memory, its size
+};
+
+template <int TILES>
+ClusterLayout cluster_layout(int length, int C, int cluster_blocks) {
+  auto align16 = [](size_t bytes) { return (bytes + 15) / 16 * 16; };
+  ClusterLayout layout;
+  layout.chunk = ((length + cluster_blocks - 1) / cluster_blocks + 15) / 16 * 16;
+  layout.whole_slice = layout.chunk <= CLUSTER_CACHED_CODES;
+  const int chunk_words = (layout.chunk + 255) / 256 * 8;
+  layout.round = std::min(COUNT_ROUND, chunk_words * 32);
+  layout.mask_stride = layout.round / 32 + 4;
+  layout.bit_stride = (layout.whole_slice ? chunk_words : layout.round / 32) + 4;
+  size_t at = align16(MmaSmem<TILES>::bytes(C, true));
+  layout.masks_at = static_cast<int>(at);
+  at = align16(at + sizeof(uint32_t) * membership_rows<TILES>() * layout.mask_stride);
+  layout.bits_at = static_cast<int>(at);
+  at = align16(at + sizeof(uint32_t) * MAX_BITS * layout.bit_stride);
+  layout.codes_at = static_cast<int>(at);
+  if (layout.whole_slice) at += sizeof(int64_t) * layout.chunk;
+  layout.bytes = static_cast<int>(at);
+  return layout;
+}
+
+// The 32 x 32 bit matrix whose row l is lane l's `row`, transposed: lane l gets column l (bit i
+// is bit l of lane i's row). Five exchanges between lanes, each swapping the off-diagonal
+// blocks of a level: halves, quarters, ... single bits.
+__device__ __forceinline__ uint32_t transpose32(uint32_t row, int lane) {
+  uint32_t low = 0x0000FFFFu;  // the positions of the level's low blocks
+#pragma unroll
+  for (int j = 16; j > 0; j >>= 1, low ^= low << j) {
+    const uint32_t other = __shfl_xor_sync(FULL_MASK, row, j);
+    row = (lane & j) ? (row & ~low) | ((other & ~low) >> j) : (row & low) | ((other & low) << j);
+  }
+  return row;
+}
+
+// The bit rows of `groups` groups of 32 queries from `first` (`codes[i]`: query first + i; 0 from
+// `stop` on): bit i of bits[b * stride + g] is bit b of query first + 32 g + i, and row COUNT_SLOT
+// is all ones (the codes have at most 63 bits: its product counts the members). A warp per group.
+__device__ __forceinline__ void transpose_codes(const int64_t* codes, int first, int stop, int groups, uint32_t* bits,
+                                                int stride) {
+  const int lane = threadIdx.x & 31;
+  for (int group = threadIdx.x >> 5; group < groups; group += blockDim.x >> 5) {  // uniform per warp
+    const int n = first + 32 * group + lane;
+    const uint64_t code = n < stop ? static_cast<uint64_t>(codes[n - first]) : 0;
+    const uint32_t low_bits = transpose32(static_cast<uint32_t>(code), lane);
+    const uint32_t high_bits = transpose32(static_cast<uint32_t>(code >> 32), lane);
+    bits[lane * stride + group] = low_bits;
+    bits[(32 + lane) * stride + group] = 32 + lane == COUNT_SLOT ? ~0u : high_bits;
+  }
+}
+
+// Sets the membership bits of a warp's 16 queries (nearest16's layout), those valid and below
+// `stop`: bit i % 32 of word i / 32 of cluster j's row in `masks`, i = n - first.
+__device__ __forceinline__ void mark_members16(const RowInfo& info, int b, int n_lo, int n_hi, int stop,
+                                               int nearest_lo, int nearest_hi, int first, uint32_t* masks,
+                                               int stride, int lane) {
+  const int t = lane & 3;
+  if (t >= 2) return;  // lane t = 0 marks query lo, t = 1 query hi
+  const int n = t == 0 ? n_lo : n_hi;
+  if (n < stop && info.valid(b, n)) {
+    const int i = n - first;
+    atomicOr(masks + (t == 0 ? nearest_lo : nearest_hi) * stride + (i >> 5), 1u << (i & 31));
+  }
+}
+
+// Adds to `counts` (C x COUNTER_STRIDE), for a round of `words` words of 32 queries (a multiple
+// of 8), how many members of each cluster have each bit set, and in slot COUNT_SLOT how many
+// members it has: the 1-bit products of the membership rows (`masks`) and the codes' bit rows
+// (`bits`, row COUNT_SLOT all ones). Warp w takes clusters 16 (w / 4) .. + 15 and bits 16 (w % 4)
+// .. + 15, so each counter has one writer and needs no atomic. After a barrier that completes
+// `masks` and `bits`; blocks of at least 4 x membership_rows / 16 warps.
+template <int TILES>
+__device__ __forceinline__ void count_by_products(const uint32_t* masks, int mask_stride, const uint32_t* bits,
+                                                  int bit_stride, int words, int C, int* counts) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int first_cluster = 16 * (warp >> 2), first_bit = 16 * (warp & 3);
+  if (first_cluster >= membership_rows<TILES>()) return;  // uniform per warp
+  // Fragments (mma.m16n8k256): A's row g has words t and t + 4 of 8 in registers 0 and 2, row
+  // g + 8 in 1 and 3; B's column g words t and t + 4.
+  const uint32_t* rows_lo = masks + (first_cluster + g) * mask_stride + t;
+  const uint32_t* rows_hi = rows_lo + 8 * mask_stride;
+  const uint32_t* bits_lo = bits + (first_bit + g) * bit_stride + t;
+  const uint32_t* bits_hi = bits_lo + 8 * bit_stride;
+  int d_lo[4] = {0, 0, 0, 0}, d_hi[4] = {0, 0, 0, 0};  // bits first_bit .. + 7, first_bit + 8 .. + 15
+  for (int w = 0; w < words; w += 8) {
+    const uint32_t a[4] = {rows_lo[w], rows_hi[w], rows_lo[w + 4], rows_hi[w + 4]};
+    mma_and_popc_k256(d_lo, a, bits_lo[w], bits_lo[w + 4]);
+    mma_and_popc_k256(d_hi, a, bits_hi[w], bits_hi[w + 4]);
+  }
+  // d[0], d[1]: cluster first_cluster + g, bits 2t and 2t + 1 of the tile's 8; d[2], d[3]: + 8.
+  const int j = first_cluster + g;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int* d = h ? d_hi : d_lo;
+    const int bit = first_bit + 8 * h + 2 * t;
+    if (j < C) {
+      counts[j * COUNTER_STRIDE + bit] += d[0];
+      counts[j * COUNTER_STRIDE + bit + 1] += d[1];
+    }
+    if (j + 8 < C) {
+      counts[(j + 8) * COUNTER_STRIDE + bit] += d[2];
+      counts[(j + 8) * COUNTER_STRIDE + bit + 1] += d[3];
+    }
+  }
+}
+
 // All of Lloyd for a row in one launch: initial centroids, every iteration and the final
 // assignment, by a thread block cluster per row (sm_90: blocks of a cluster are resident together
-// and read each other's shared memory). Each block takes a slice of the row's queries (`chunk`, a
-// multiple of 16; their codes cached in shared memory where `cache_codes`) and counts its members
-// into its own shared counters; after a cluster barrier, block r updates centroids r, r + size,
-// ... from the counters of every block of the cluster (integer sums: the result does not depend on
-// timing) and writes each new code into every block's copy of the centroids; a second barrier ends
-// the iteration. Two barriers per iteration where the other kernels take two launches and the
-// counters' global atomics. One block of CLUSTER_THREADS per SM (64 registers each), so that a
-// launch of one block per SM spreads over all of them. Same result as lloyd_init_kernel, the
-// assign / update kernels and the final kernel.
+// and read each other's shared memory). Each block takes a slice of the row's queries
+// (`layout.chunk`; their codes and the codes' bit rows kept in shared memory where
+// `layout.whole_slice`) and counts its members into its own shared counters, a round of queries
+// at a time: the nearest centroids set the round's membership bits, then count_by_products
+// counts each cluster's members and their set bits. After a cluster barrier, block r updates
+// centroids r, r + size, ... from the counters of every block of the cluster (integer sums: the
+// result does not depend on timing) and writes each new code into every block's copy of the
+// centroids; a second barrier ends the iteration. Two barriers per iteration where the other
+// kernels take two launches and the counters' global atomics. One block of CLUSTER_THREADS per SM
+// (64 registers each), so that a launch of one block per SM spreads over all of them. Same result
+// as lloyd_init_kernel, the assign / update kernels and the final kernel.
 template <int TILES>
 __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
-    lloyd_cluster_kernel(RowInfo info, const int64_t* __restrict__ codes, int iterations, int bits, int chunk,
-                         bool cache_codes, int64_t* __restrict__ centroids, int64_t* __restrict__ assignments) {
+    lloyd_cluster_kernel(RowInfo info, const int64_t* __restrict__ codes, int iterations, int bits,
+                         ClusterLayout layout, int64_t* __restrict__ centroids, int64_t* __restrict__ assignments) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank()), size = static_cast<int>(cluster.num_blocks());
   extern __shared__ int64_t smem_cluster[];
+  char* smem_bytes = reinterpret_cast<char*>(smem_cluster);
+  uint32_t* masks = reinterpret_cast<uint32_t*>(smem_bytes + layout.masks_at);
+  uint32_t* code_bits = reinterpret_cast<uint32_t*>(smem_bytes + layout.bits_at);
   const int64_t bh = blockIdx.y;  // the cluster's blocks share it: every branch on it is uniform
   const int b = static_cast<int>(bh / info.heads);
   const bool single = info.singleton(b);
   const int C = info.clusters;
   const MmaSmem<TILES> sm(smem_cluster, C);
   const int64_t* row_codes = codes + bh * info.length;
-  const int start = min(rank * chunk, info.length), stop = min(start + chunk, info.length);
+  const int start = min(rank * layout.chunk, info.length), stop = min(start + layout.chunk, info.length);
   const int64_t* slice = row_codes + start;
-  if (cache_codes) {
-    int64_t* cached = smem_cluster + (MmaSmem<TILES>::bytes(C, true) + 15) / 16 * 2;
+  if (layout.whole_slice) {
+    int64_t* cached = reinterpret_cast<int64_t*>(smem_bytes + layout.codes_at);
     for (int i = threadIdx.x; i < stop - start; i += blockDim.x) cached[i] = slice[i];
     slice = cached;
   }
@@ -445,40 +591,54 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
   for (int j = threadIdx.x; j < C; j += blockDim.x) sm.cent[j] = initial_centroid(info, b, j, nv, row_codes);
   const int lane = threadIdx.x & 31;
   __syncthreads();
+  if (!single && layout.whole_slice) transpose_codes(slice, start, stop, layout.bit_stride - 4, code_bits, layout.bit_stride);
+  const int mask_words = membership_rows<TILES>() * layout.mask_stride;
   for (int it = 0; !single && it < iterations; ++it) {
     for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += blockDim.x) sm.counts[i] = 0;
     store_centroid_fragments<TILES>(sm.cent, C, bits, sm.frags);
-    __syncthreads();
-    for_query_tiles<CLUSTER_THREADS>(slice, start, stop, [&](int n_lo, int n_hi, uint64_t lo, uint64_t hi) {
-      int nearest_lo, nearest_hi;
-      nearest16<TILES>(lo, hi, sm.frags, C, lane, nearest_lo, nearest_hi);
-      count_members16(info, b, n_lo, n_hi, stop, lo, hi, nearest_lo, nearest_hi, sm.cent, sm.counts, lane);
-    });
+    for (int first = start; first < stop; first += layout.round) {  // uniform over the block
+      const int last = min(first + layout.round, stop);
+      const int words = (last - first + 255) / 256 * 8;
+      for (int i = threadIdx.x; i < mask_words; i += blockDim.x) masks[i] = 0;
+      if (!layout.whole_slice) {
+        transpose_codes(slice + (first - start), first, last, words, code_bits, layout.bit_stride);
+      }
+      __syncthreads();  // the round's bits cleared and the codes' bit rows written; centroids' fragments
+      for_query_tiles<CLUSTER_THREADS>(slice + (first - start), first, last,
+                                       [&](int n_lo, int n_hi, uint64_t lo, uint64_t hi) {
+        int nearest_lo, nearest_hi;
+        nearest16<TILES>(lo, hi, sm.frags, lane, nearest_lo, nearest_hi);
+        mark_members16(info, b, n_lo, n_hi, last, nearest_lo, nearest_hi, first, masks, layout.mask_stride, lane);
+      });
+      __syncthreads();  // the round's membership bits set
+      const uint32_t* round_bits = code_bits + (layout.whole_slice ? (first - start) / 32 : 0);
+      count_by_products<TILES>(masks, layout.mask_stride, round_bits, layout.bit_stride, words, C, sm.counts);
+      __syncthreads();  // the round counted before its bits are cleared
+    }
     cluster.sync();  // every block's counters complete
     // 64 threads per centroid (bit `bit`; two warps, each packing 32 bits by ballot).
     const int bit = threadIdx.x % MAX_BITS;
     for (int j = rank + size * (threadIdx.x / MAX_BITS); j < C; j += size * (CLUSTER_THREADS / MAX_BITS)) {
       // Every block's two counters loaded before any is added: the loads cross the cluster's
       // network, and a chain of them would pay its latency once per block.
-      int members[MAX_CLUSTER_BLOCKS], differ[MAX_CLUSTER_BLOCKS];
+      int members[MAX_CLUSTER_BLOCKS], ones[MAX_CLUSTER_BLOCKS];
 #pragma unroll
       for (int r = 0; r < MAX_CLUSTER_BLOCKS; ++r) {
-        members[r] = differ[r] = 0;
+        members[r] = ones[r] = 0;
         if (r < size) {
           const int* counts = cluster.map_shared_rank(sm.counts, r) + j * COUNTER_STRIDE;
           members[r] = counts[COUNT_SLOT];
-          differ[r] = counts[bit];
+          ones[r] = counts[bit];
         }
       }
 #pragma unroll
       for (int r = 1; r < MAX_CLUSTER_BLOCKS; ++r) {
         members[0] += members[r];
-        differ[0] += differ[r];
+        ones[0] += ones[r];
       }
       // Only this warp's half of the old code: the other warp writes the other half.
       const uint32_t half = reinterpret_cast<const uint32_t*>(sm.cent + j)[bit / 32];
-      const bool set = majority_bit(static_cast<int64_t>(static_cast<uint64_t>(half) << (bit & 32)), bit, bits,
-                                    members[0], differ[0]);
+      const bool set = majority_of((half >> (bit & 31)) & 1, bit, bits, members[0], ones[0]);
       const unsigned word = __ballot_sync(FULL_MASK, set);
       if (lane == 0) {
         for (int r = 0; r < size; ++r) {
@@ -528,20 +688,16 @@ void launch_lloyd_mma(const dim3& grid, cudaStream_t stream, const RowInfo& info
   });
 }
 
-// Calls `use(kernel, config, chunk, cache_codes)` with lloyd_cluster_kernel for C = info.clusters
-// (<= MMA_MAX_CLUSTERS) and its launch configuration: clusters of `cluster_blocks` blocks, one
-// cluster per row of `rows`, each block a slice of `chunk` queries (whole tiles of 16), cached in
-// shared memory up to CLUSTER_CACHED_CODES of them.
+// Calls `use(kernel, config, layout)` with lloyd_cluster_kernel for C = info.clusters
+// (<= MMA_MAX_CLUSTERS), its launch configuration and its shared memory's layout: clusters of
+// `cluster_blocks` blocks, one cluster per row of `rows`.
 template <typename Use>
 void with_lloyd_cluster_launch(int cluster_blocks, int64_t rows, cudaStream_t stream, const RowInfo& info, Use use) {
-  const int chunk = ((info.length + cluster_blocks - 1) / cluster_blocks + 15) / 16 * 16;
-  const bool cache_codes = chunk <= CLUSTER_CACHED_CODES;
   with_centroid_tiles(info.clusters, [&](auto tiles) {
     constexpr int TILES = decltype(tiles)::value;
     auto kernel = lloyd_cluster_kernel<TILES>;
-    const size_t bytes = (MmaSmem<TILES>::bytes(info.clusters, true) + 15) / 16 * 16 +
-                         (cache_codes ? static_cast<size_t>(chunk) * sizeof(int64_t) : 0);
-    ensure_smem(kernel, bytes);
+    const ClusterLayout layout = cluster_layout<TILES>(info.length, info.clusters, cluster_blocks);
+    ensure_smem(kernel, layout.bytes);
     cudaLaunchAttribute cluster_shape[1];
     cluster_shape[0].id = cudaLaunchAttributeClusterDimension;
     cluster_shape[0].val.clusterDim.x = static_cast<unsigned>(cluster_blocks);
@@ -550,11 +706,11 @@ void with_lloyd_cluster_launch(int cluster_blocks, int64_t rows, cudaStream_t st
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(static_cast<unsigned>(cluster_blocks), static_cast<unsigned>(rows));
     config.blockDim = dim3(CLUSTER_THREADS);
-    config.dynamicSmemBytes = bytes;
+    config.dynamicSmemBytes = layout.bytes;
     config.stream = stream;
     config.attrs = cluster_shape;
     config.numAttrs = 1;
-    use(kernel, config, chunk, cache_codes);
+    use(kernel, config, layout);
   });
 }
 
@@ -705,7 +861,7 @@ at::Tensor hash_codes_cuda(const at::Tensor& x_in, const at::Tensor& planes_in, 
 // blocks to fill the GPU twice, 256..4096 queries each). Every block adds its shared-memory
 // bit counts to the row's global counters once per iteration, so more blocks per row mean
 // more global atomics; fewer blocks, less parallelism. Results do not depend on it.
-// tensor_cores: the nearest centroids by int8 products where C <= 128 on sm_80 and newer (false:
+// tensor_cores: the nearest centroids by 1-bit products where C <= 128 on sm_80 and newer (false:
 // by population counts everywhere; the results are the same, the tests compare them).
 // cluster_blocks: 0 for the kernels above (two launches per iteration), else all of Lloyd in one
 // launch of lloyd_cluster_kernel with that many blocks per row (1..8; sm_90 and newer, C <= 128;
@@ -755,10 +911,10 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (cluster_blocks > 0) {
     with_lloyd_cluster_launch(static_cast<int>(cluster_blocks), B * H, stream, info,
-                              [&](auto kernel, const cudaLaunchConfig_t& config, int chunk, bool cache_codes) {
+                              [&](auto kernel, const cudaLaunchConfig_t& config, const ClusterLayout& layout) {
       C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, info, codes.data_ptr<int64_t>(),
                                         static_cast<int>(std::min<int64_t>(iterations, 1 << 30)),
-                                        static_cast<int>(bits), chunk, cache_codes, centroids.data_ptr<int64_t>(),
+                                        static_cast<int>(bits), layout, centroids.data_ptr<int64_t>(),
                                         assignments.data_ptr<int64_t>()));
     });
     return {assignments, centroids};
@@ -826,8 +982,9 @@ int64_t lloyd_cluster_capacity(int64_t length, int64_t num_clusters, int64_t clu
   if (compute_major() < 9 || num_clusters < 1 || num_clusters > MMA_MAX_CLUSTERS) return 0;
   RowInfo info{nullptr, nullptr, 1, static_cast<int>(length), static_cast<int>(num_clusters)};
   int capacity = 0;
-  with_lloyd_cluster_launch(static_cast<int>(cluster_blocks), cluster_blocks, c10::cuda::getCurrentCUDAStream(), info,
-                            [&](auto kernel, const cudaLaunchConfig_t& config, int, bool) {
+  // One row: the count is of clusters, whatever the grid.
+  with_lloyd_cluster_launch(static_cast<int>(cluster_blocks), 1, c10::cuda::getCurrentCUDAStream(), info,
+                            [&](auto kernel, const cudaLaunchConfig_t& config, const ClusterLayout&) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&capacity, kernel, &config));
   });
   return capacity;

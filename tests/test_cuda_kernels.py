@@ -607,13 +607,17 @@ def test_lloyd_cluster_blocks_cpu():
     assert lloyd_cluster_blocks(8, 4096, sms, gpc_capacity) == 8  # few rows: all the room per row
     assert lloyd_cluster_blocks(24, 4096, sms, gpc_capacity) == 4  # 24 clusters of 5 would not fit (22)
     assert lloyd_cluster_blocks(32, 2048, sms, gpc_capacity) == 3  # 32 of 4 would not fit (30)
-    assert lloyd_cluster_blocks(32, 16384, sms, gpc_capacity) == 0  # a third of the SMs idle: per step
+    assert lloyd_cluster_blocks(32, 16384, sms, gpc_capacity) == 3  # 32 of 4 would not fit
+    assert lloyd_cluster_blocks(8, 65536, sms, gpc_capacity) == 0  # few long rows: per step, every SM busy
     assert lloyd_cluster_blocks(256, 8192, sms, gpc_capacity) == 1  # two waves of one block per row
     assert lloyd_cluster_blocks(288, 16384, sms, gpc_capacity) == 3  # 7 waves of 42 clusters of 3, not 3 of 1
     assert lloyd_cluster_blocks(32, 2048, sms, no_clusters) == 0
     for rows, length in ((1, 97), (8, 1024), (32, 4096), (300, 65536)):
         blocks = lloyd_cluster_blocks(rows, length, sms, gpc_capacity)
-        assert 0 <= blocks <= 8 and (blocks == 0 or rows <= gpc_capacity(blocks) or blocks <= 2)
+        assert 0 <= blocks <= 8 and (blocks == 0 or gpc_capacity(blocks) > 0)
+    # Many long rows: waves of small clusters (15 of 20 clusters of 6) beat 3 waves of one block per
+    # row, whose slices of 64k queries are read again every iteration.
+    assert lloyd_cluster_blocks(300, 65536, sms, gpc_capacity) == 6
 
 
 def test_lloyd_launch_settings_cpu():
@@ -625,9 +629,9 @@ def test_lloyd_launch_settings_cpu():
     sms = 132
     assert lloyd_launch_settings(32, 4096, 100, sms, gpc_capacity) == (
         0, True, lloyd_cluster_blocks(32, 4096, sms, gpc_capacity))
-    split = lloyd_tensor_core_split(32, 16384, sms)
-    assert lloyd_launch_settings(32, 16384, 100, sms, gpc_capacity) == (split, True, 0)
-    assert lloyd_launch_settings(32, 16384, 100, sms, no_clusters) == (split, True, 0)
+    split = lloyd_tensor_core_split(8, 65536, sms)
+    assert split and lloyd_launch_settings(8, 65536, 100, sms, gpc_capacity) == (split, True, 0)
+    assert lloyd_launch_settings(8, 65536, 100, sms, no_clusters) == (split, True, 0)
     assert lloyd_launch_settings(32, 4096, 129, sms, gpc_capacity) == (lloyd_queries_per_block(32, 4096, sms), False, 0)
     assert lloyd_launch_settings(32, 1024, 100, sms, no_clusters) == (lloyd_queries_per_block(32, 1024, sms), False, 0)
 
@@ -984,6 +988,29 @@ def test_lloyd_one_launch_gpu(cluster_blocks, clusters, bits):
             assert all(torch.equal(a, b) for a, b in zip(got, expected)), (length, mask is None, iterations)
             again = ext.lloyd_kmeans(codes, mask, clusters, iterations, bits, cluster_blocks=cluster_blocks)
             assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@needs_gpu
+@pytest.mark.parametrize("cluster_blocks", [1, 2])
+def test_lloyd_one_launch_long_slices_gpu(cluster_blocks):
+    """Slices longer than a block keeps in shared memory (more than 8192 queries: the codes read
+    and their bits transposed again in every counting round of 2048) give the reference's
+    result bit for bit, with and without padding, at C = 100 and C = 128."""
+    from fairseq_clustered.ops import cuda_backend
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread block clusters need sm_90 or newer")
+    ext = cuda_backend.cuda_ops().ext
+    g = torch.Generator().manual_seed(cluster_blocks)
+    length = 4200 if SANITIZE else 20000  # sanitized: one block's 4200, past a round but kept whole
+    centres = torch.randn(1, 2, 40, 32, generator=g)
+    x = centres[:, :, torch.randint(0, 40, (length,), generator=g)] + 0.7 * torch.randn(1, 2, length, 32, generator=g)
+    codes = reference.hash_codes_ref(x, torch.randn(63, 32, generator=g), torch.zeros(63)).cuda()
+    ragged = (torch.arange(length)[None, :] >= length - 3001).cuda()
+    for clusters in (100, 128):
+        for mask in (None, ragged):
+            got = ext.lloyd_kmeans(codes, mask, clusters, 10, 63, cluster_blocks=cluster_blocks)
+            expected = reference.lloyd_kmeans_ref(codes, mask, clusters, 10, 63)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected)), (clusters, mask is None)
 
 
 @needs_gpu

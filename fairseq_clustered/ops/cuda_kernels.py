@@ -123,14 +123,27 @@ def lloyd_tensor_core_split(rows: int, length: int, sms: int) -> int:
 
 
 ONE_LAUNCH_LLOYD_MAX_BLOCKS = 8  # blocks per row: the portable size of a thread block cluster
-# Lloyd's time (C = 100, 10 iterations, H200), microseconds: the one-launch kernel's wave of
-# blocks, fixed + per query of a block's slice; the kernels launched per step, fixed + per query
-# of each SM's share, with the tensor-core search or the population counts. Fitted to
-# benchmarks/lloyd_sweep.py (benchmarks/NOTES.md, twenty-sixth session): within 5% of most measured
-# times at 8 / 24 / 32 / 256 / 288 rows of 1k..64k queries; the per-step kernels at 256 rows of 1k
-# took 1.25x this.
-ONE_LAUNCH_LLOYD_US = (47.0, 0.060)
-PER_STEP_LLOYD_US = {True: (80.0, 0.068), False: (80.0, 0.090)}  # by tensor cores
+ONE_LAUNCH_LLOYD_CACHED = 8192  # queries of a block's slice kept in shared memory (the kernel's CLUSTER_CACHED_CODES)
+# Lloyd's time (C = 100, 10 iterations, H200), microseconds. The one-launch kernel's wave of
+# blocks: fixed, per query of a block's slice up to ONE_LAUNCH_LLOYD_CACHED and past it (read
+# again every iteration), and divided by the blocks per row (the centroids' updates, shared
+# among the row's blocks). The kernels launched per step: fixed, per query of each SM's share
+# and per row (the update launches), with the tensor-core search or the population counts. Fitted
+# to benchmarks/lloyd_sweep.py (benchmarks/NOTES.md, twenty-seventh session, run 2): the one-launch
+# kernel's median error 3%, at most 13%, over 8 / 32 / 256 rows of 1k..64k queries at 1..8 blocks
+# per row; the per-step kernels' within 10% there.
+ONE_LAUNCH_LLOYD_US = {"fixed": 42.0, "cached": 0.0365, "uncached": 0.049, "per_block": 27.0}
+PER_STEP_LLOYD_US = {True: (75.0, 0.048, 0.3), False: (80.0, 0.090, 0.3)}  # by tensor cores
+
+
+def one_launch_lloyd_us(rows: int, length: int, blocks: int, capacity: int) -> float:
+    """Modelled microseconds of the one-launch kernel on ``rows`` rows of ``length`` queries at
+    ``blocks`` blocks per row, ``capacity`` clusters of them resident at once."""
+    model = ONE_LAUNCH_LLOYD_US
+    slice_ = -(-(-(-length // blocks)) // 16) * 16  # the kernel's chunk: whole tiles of 16
+    waves = -(-rows // capacity)
+    return waves * (model["fixed"] + model["cached"] * min(slice_, ONE_LAUNCH_LLOYD_CACHED)
+                    + model["uncached"] * max(slice_ - ONE_LAUNCH_LLOYD_CACHED, 0) + model["per_block"] / blocks)
 
 
 def lloyd_cluster_blocks(rows: int, length: int, sms: int, cluster_capacity: Callable[[int], int]) -> int:
@@ -143,18 +156,17 @@ def lloyd_cluster_blocks(rows: int, length: int, sms: int, cluster_capacity: Cal
     extension's ``lloyd_cluster_capacity``; 0 where the kernel does not run). A cluster's blocks
     share one GPC, so that is not ``sms // k``: on an H200 (132 SMs), 32 rows of four blocks took
     twice as long as 24 rows, the rows past the GPCs' room waiting for a second wave. The choice
-    is the k with the least modelled time, ``waves * (fixed + per query * length / k)`` with
-    ``waves = ceil(rows / capacity)``, against the per-step kernels' ``fixed + per query * rows *
-    length / sms`` (``ONE_LAUNCH_LLOYD_US``, ``PER_STEP_LLOYD_US``). Fewer blocks win ties.
+    is the k with the least modelled time (:func:`one_launch_lloyd_us`, in waves of
+    ``ceil(rows / capacity)``) against the per-step kernels' ``fixed + per query * rows * length /
+    sms + per row * rows`` (``PER_STEP_LLOYD_US``). Fewer blocks win ties.
     """
-    fixed, per_query = PER_STEP_LLOYD_US[lloyd_tensor_core_split(rows, length, sms) > 0]
-    best_blocks, best_us = 0, fixed + per_query * rows * length / sms
+    fixed, per_query, per_row = PER_STEP_LLOYD_US[lloyd_tensor_core_split(rows, length, sms) > 0]
+    best_blocks, best_us = 0, fixed + per_query * rows * length / sms + per_row * rows
     for blocks in range(1, ONE_LAUNCH_LLOYD_MAX_BLOCKS + 1):
         capacity = cluster_capacity(blocks)
         if capacity <= 0:
             continue
-        waves = -(-rows // capacity)
-        us = waves * (ONE_LAUNCH_LLOYD_US[0] + ONE_LAUNCH_LLOYD_US[1] * -(-length // blocks))
+        us = one_launch_lloyd_us(rows, length, blocks, capacity)
         if us < best_us:
             best_blocks, best_us = blocks, us
     return best_blocks
