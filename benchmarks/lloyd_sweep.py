@@ -8,7 +8,7 @@ microseconds of one ``lloyd_kmeans`` (graph-replayed, so without launch overhead
 setting, 0 being the extension's own choice, and checks that every setting gives the same
 assignments and centroids. ``ops.cuda_kernels.lloyd_queries_per_block`` is the policy the
 kernels' callers use. ``--tensor-cores`` picks the nearest-centroid kernels: ``auto`` as the
-ops do (``ops.cuda_kernels.lloyd_launch_settings``: int8 tensor-core products from 2k queries
+ops do (``ops.cuda_kernels.lloyd_launch_settings``: 1-bit tensor-core products from 2k queries
 per row where one wave of blocks takes at most 4096 queries each), ``on`` or ``off``
 everywhere; ``both`` prints a row for each (``off`` giving the expected result of both). The
 ``policy`` column is the ops' split, on the row of the kernels they take. ``--cluster-blocks``

@@ -943,7 +943,7 @@ def test_lloyd_queries_per_block_gpu(queries_per_block):
 @pytest.mark.parametrize("clusters", [1, 8, 9, 40, 100, 104, 105, 128])
 @pytest.mark.parametrize("bits", [63, 31, 8])
 def test_lloyd_tensor_cores_gpu(clusters, bits):
-    """The nearest centroids by int8 tensor-core products (C <= 128) give the assignments and
+    """The nearest centroids by 1-bit tensor-core products (C <= 128) give the assignments and
     centroids of the population-count kernels and of the reference, bit for bit: every
     centroid-tile count, a padded last tile (C not a multiple of 8), few bits (many ties), a
     row with fewer valid queries than clusters, ragged padding."""

@@ -82,7 +82,7 @@ _CLUSTERED_COVERAGE = ("fp32/fp16/bf16, head dims <= 128; fp16/bf16: flash witho
 KERNEL_NOTES = {
     "hash_codes": "fp32/fp16/bf16, dim <= 800; on tensor cores (Triton) with a power-of-two dim 16..256 "
                   "(fp32: 16..128)",
-    "lloyd_kmeans": ("num_clusters <= 6144, batch*heads <= 65535; where C <= 128, nearest centroids by int8 "
+    "lloyd_kmeans": ("num_clusters <= 6144, batch*heads <= 65535; where C <= 128, nearest centroids by 1-bit "
                      "tensor-core products (sm_80+), and on sm_90+ all iterations in one launch of a thread "
                      "block cluster per row where its rule takes it; else population counts"),
     "cluster_queries": "hash_codes then lloyd_kmeans in one composition (same coverage)",

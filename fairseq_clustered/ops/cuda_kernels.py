@@ -99,7 +99,7 @@ TENSOR_CORE_LLOYD_MIN_PER_BLOCK = 512  # a block's set-up (counters, fragments) 
 
 def lloyd_tensor_core_split(rows: int, length: int, sms: int) -> int:
     """Queries per block for Lloyd's tensor-core kernels (the extension's ``tensor_cores``:
-    nearest centroids by int8 products, C <= 128 on sm_80+) on ``rows = B * H`` rows of
+    nearest centroids by 1-bit products, C <= 128 on sm_80+) on ``rows = B * H`` rows of
     ``length`` queries, or 0 where the population-count kernels are the faster choice.
 
     One wave of blocks (two per SM, whole blocks per row, at least 512 queries each), from 2k
