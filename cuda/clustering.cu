@@ -15,9 +15,10 @@
 // (query, centroid) pair. Until the twenty-seventh session the products were int8 ones of the
 // bits as +-1 bytes (two per tile of 8 centroids, the bytes built from each code per query, and a
 // guard against padded centroids in every tile): the one-launch kernel's loop over a warp's 16
-// queries at C = 100 took 416 instructions, 159 now (SASS). The centroids' fragments sit in shared memory, built once per
-// block: in registers they left room for 16 warps per SM, too few to hide the search's latency
-// (ncu: 0.87 eligible warps per scheduler); now 32 fit (benchmarks/NOTES.md, twenty-fifth session).
+// queries at C = 100 took 416 instructions, 159 now (SASS). The centroids' fragments sit in shared
+// memory, built once per block: in registers they left room for 16 warps per SM, too few to hide
+// the search's latency (ncu: 0.87 eligible warps per scheduler); now 32 fit (benchmarks/NOTES.md,
+// twenty-fifth session).
 //
 // One launch for all of Lloyd (sm_90, C <= 128: lloyd_cluster_kernel): a thread block cluster per
 // row, its blocks summing their counters through distributed shared memory between two cluster
@@ -183,7 +184,7 @@ constexpr int NO_CENTROID = -(1 << 30);  // below every key of nearest16: its ma
 constexpr int MAX_CLUSTER_BLOCKS = 8;  // blocks per row of lloyd_cluster_kernel: the portable cluster size
 constexpr int CLUSTER_THREADS = 1024;  // lloyd_cluster_kernel's block: one per SM
 constexpr int CLUSTER_CACHED_CODES = 8192;  // a block's slice of codes (and their transpose) kept up to this many
-constexpr int COUNT_ROUND = 2048;  // lloyd_cluster_kernel's queries per counting round (membership bits in shared memory)
+constexpr int COUNT_ROUND = 2048;  // lloyd_cluster_kernel's queries per counting round (their membership bits)
 
 // The 32 of a code's 128 positions in the search's products that lane t of a quad holds (the
 // products run over the code's 64 bits, then their complements, so that AND with a centroid's
@@ -214,7 +215,8 @@ __device__ __forceinline__ void mma_and_popc_k128(int (&d)[4], const uint32_t (&
 }
 
 // The same over 256 positions: A 16 x 256 bits, B 256 x 8 bits.
-__device__ __forceinline__ void mma_and_popc_k256(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma_and_popc_k256(int (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                  uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -254,8 +256,8 @@ __device__ __forceinline__ void store_centroid_fragments(const int64_t* cent, in
 // the bits on which each query and centroid agree. Keys are agreement * 128 + 127 - id, so the
 // largest key has the most agreeing bits and, among those, the lowest id.
 template <int TILES>
-__device__ __forceinline__ void nearest16(uint64_t lo, uint64_t hi, const uint4* frags, int lane, int& nearest_lo,
-                                          int& nearest_hi) {
+__device__ __forceinline__ void nearest16(uint64_t lo, uint64_t hi, const uint4* frags, int lane,
+                                          int& nearest_lo, int& nearest_hi) {
   const int t = lane & 3;
   const uint32_t a[2] = {code_quarter(lo, t), code_quarter(hi, t)};  // rows lane / 4 and lane / 4 + 8
   int best_lo = NO_CENTROID, best_hi = NO_CENTROID;
@@ -439,7 +441,7 @@ struct ClusterLayout {
   int chunk;         // queries per block: whole tiles of 16
   int round;         // queries per counting round: a multiple of 256 (one product's depth)
   int mask_stride;   // words per cluster's membership row: round / 32 + 4 (conflict-free loads)
-  int bit_stride;    // words per row of the transposed codes: the slice's or a round's + 4
+  int bit_stride;    // words per row of the transposed codes: the slice's or a round's, + 4
   bool whole_slice;  // the slice's codes and their transpose kept for all iterations
   int masks_at, bits_at, codes_at, bytes;  // byte offsets into the dynamic shared memory, its size
 };
@@ -450,10 +452,10 @@ ClusterLayout cluster_layout(int length, int C, int cluster_blocks) {
   ClusterLayout layout;
   layout.chunk = ((length + cluster_blocks - 1) / cluster_blocks + 15) / 16 * 16;
   layout.whole_slice = layout.chunk <= CLUSTER_CACHED_CODES;
-  const int chunk_words = (layout.chunk + 255) / 256 * 8;
-  layout.round = std::min(COUNT_ROUND, chunk_words * 32);
+  const int slice_words = (layout.chunk + 255) / 256 * 8;  // whole products of 256 queries
+  layout.round = std::min(COUNT_ROUND, slice_words * 32);
   layout.mask_stride = layout.round / 32 + 4;
-  layout.bit_stride = (layout.whole_slice ? chunk_words : layout.round / 32) + 4;
+  layout.bit_stride = (layout.whole_slice ? slice_words : layout.round / 32) + 4;
   size_t at = align16(MmaSmem<TILES>::bytes(C, true));
   layout.masks_at = static_cast<int>(at);
   at = align16(at + sizeof(uint32_t) * membership_rows<TILES>() * layout.mask_stride);
@@ -481,8 +483,8 @@ __device__ __forceinline__ uint32_t transpose32(uint32_t row, int lane) {
 // The bit rows of `groups` groups of 32 queries from `first` (`codes[i]`: query first + i; 0 from
 // `stop` on): bit i of bits[b * stride + g] is bit b of query first + 32 g + i, and row COUNT_SLOT
 // is all ones (the codes have at most 63 bits: its product counts the members). A warp per group.
-__device__ __forceinline__ void transpose_codes(const int64_t* codes, int first, int stop, int groups, uint32_t* bits,
-                                                int stride) {
+__device__ __forceinline__ void transpose_codes(const int64_t* codes, int first, int stop, int groups,
+                                                uint32_t* bits, int stride) {
   const int lane = threadIdx.x & 31;
   for (int group = threadIdx.x >> 5; group < groups; group += blockDim.x >> 5) {  // uniform per warp
     const int n = first + 32 * group + lane;
@@ -565,7 +567,8 @@ __device__ __forceinline__ void count_by_products(const uint32_t* masks, int mas
 template <int TILES>
 __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
     lloyd_cluster_kernel(RowInfo info, const int64_t* __restrict__ codes, int iterations, int bits,
-                         ClusterLayout layout, int64_t* __restrict__ centroids, int64_t* __restrict__ assignments) {
+                         ClusterLayout layout, int64_t* __restrict__ centroids,
+                         int64_t* __restrict__ assignments) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -591,7 +594,9 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
   for (int j = threadIdx.x; j < C; j += blockDim.x) sm.cent[j] = initial_centroid(info, b, j, nv, row_codes);
   const int lane = threadIdx.x & 31;
   __syncthreads();
-  if (!single && layout.whole_slice) transpose_codes(slice, start, stop, layout.bit_stride - 4, code_bits, layout.bit_stride);
+  if (!single && layout.whole_slice) {  // the slice's bit rows, once: bit_stride - 4 words each
+    transpose_codes(slice, start, stop, layout.bit_stride - 4, code_bits, layout.bit_stride);
+  }
   const int mask_words = membership_rows<TILES>() * layout.mask_stride;
   for (int it = 0; !single && it < iterations; ++it) {
     for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += blockDim.x) sm.counts[i] = 0;
@@ -608,7 +613,8 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
                                        [&](int n_lo, int n_hi, uint64_t lo, uint64_t hi) {
         int nearest_lo, nearest_hi;
         nearest16<TILES>(lo, hi, sm.frags, lane, nearest_lo, nearest_hi);
-        mark_members16(info, b, n_lo, n_hi, last, nearest_lo, nearest_hi, first, masks, layout.mask_stride, lane);
+        mark_members16(info, b, n_lo, n_hi, last, nearest_lo, nearest_hi, first, masks, layout.mask_stride,
+                       lane);
       });
       __syncthreads();  // the round's membership bits set
       const uint32_t* round_bits = code_bits + (layout.whole_slice ? (first - start) / 32 : 0);
