@@ -19,12 +19,17 @@ Two layers:
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from fairseq_clustered.ops import _triton, centroid_triton, custom_ops, reference
 from fairseq_clustered.ops.cuda_kernels import CudaOps, _segments, kept_layout
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SANITIZE = os.environ.get("FCL_SANITIZE") == "1"
 
@@ -634,6 +639,29 @@ def test_lloyd_launch_settings_cpu():
     assert lloyd_launch_settings(8, 65536, 100, sms, no_clusters) == (split, True, 0)
     assert lloyd_launch_settings(32, 4096, 129, sms, gpc_capacity) == (lloyd_queries_per_block(32, 4096, sms), False, 0)
     assert lloyd_launch_settings(32, 1024, 100, sms, no_clusters) == (lloyd_queries_per_block(32, 1024, sms), False, 0)
+
+
+def test_lloyd_rule_against_the_measured_sweep_cpu():
+    """The rule's time model against an H200's measured sweep (benchmarks/results, twenty-seventh
+    session): benchmarks/lloyd_fit.py's least-squares constants are the module's within 5%, and
+    wherever the sweep timed the rule's choice it is within 5% of the fastest measured kernel."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import lloyd_fit
+    sweep = ROOT / "benchmarks" / "results" / "lloyd_one_bit_sweep_h200_session27.txt"
+    sms, capacity, shapes = lloyd_fit.parse_sweep(sweep.read_text())
+    assert sms == 132 and capacity[4] == 30 and len(shapes) == 21
+    fits = lloyd_fit.fit_models(sms, capacity, shapes)
+    assert [fit.name for fit in fits] == ["one-launch kernel", "per-step kernels, tensor cores",
+                                          "per-step kernels, population counts"]
+    for fit in fits:
+        assert np.allclose(fit.fitted, fit.module, rtol=0.05), (fit.name, fit.fitted, fit.module)
+        assert np.median(abs(fit.module_errors)) < 0.05, fit.name
+    timed = 0
+    for shape, rule, got, best, best_us in lloyd_fit.rule_against_measured(sms, capacity, shapes):
+        if got is not None:
+            timed += 1
+            assert got <= 1.05 * best_us, (shape.rows, shape.length, rule, got, best, best_us)
+    assert timed >= 20
 
 
 # ------------------------------------------------------------------ GPU

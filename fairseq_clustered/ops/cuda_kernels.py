@@ -129,11 +129,12 @@ ONE_LAUNCH_LLOYD_CACHED = 8192  # queries of a block's slice kept in shared memo
 # again every iteration), and divided by the blocks per row (the centroids' updates, shared
 # among the row's blocks). The kernels launched per step: fixed, per query of each SM's share
 # and per row (the update launches), with the tensor-core search or the population counts. Fitted
-# to benchmarks/lloyd_sweep.py (benchmarks/NOTES.md, twenty-seventh session, run 2): the one-launch
-# kernel's median error 3%, at most 13%, over 8 / 32 / 256 rows of 1k..64k queries at 1..8 blocks
-# per row; the per-step kernels' within 10% there.
+# to benchmarks/lloyd_sweep.py by benchmarks/lloyd_fit.py (benchmarks/NOTES.md, twenty-seventh
+# session, run 2: results/lloyd_one_bit_sweep_h200_session27.txt): the one-launch kernel's median
+# error 3%, at most 13%, over 8 / 32 / 256 rows of 1k..64k queries at 1..8 blocks per row; the
+# per-step kernels' median 2%, at most 10%.
 ONE_LAUNCH_LLOYD_US = {"fixed": 42.0, "cached": 0.0365, "uncached": 0.049, "per_block": 27.0}
-PER_STEP_LLOYD_US = {True: (75.0, 0.048, 0.3), False: (80.0, 0.090, 0.3)}  # by tensor cores
+PER_STEP_LLOYD_US = {True: (75.0, 0.0467, 0.26), False: (80.0, 0.0917, 0.22)}  # by tensor cores
 
 
 def one_launch_lloyd_us(rows: int, length: int, blocks: int, capacity: int) -> float:
