@@ -5,10 +5,11 @@ row or the kernels launched per step, by a model of both kernels' times (``ONE_L
 ``PER_STEP_LLOYD_US``). This script reads what ``lloyd_sweep.py --settings 0 --cluster-blocks ...``
 printed (no GPU needed: it parses the text) and
 
-* fits the one-launch model, ``waves * (fixed + cached * min(slice, 8192) + uncached * max(slice
-  - 8192, 0) + per_block / k)``, and the per-step model, ``fixed + per_query * rows * N / sms +
-  per_row * rows`` (the sweep's ``us per step`` column, with the tensor-core search where
-  ``lloyd_tensor_core_split`` takes it), by least squares on the relative error;
+* fits the one-launch model (``cuda_kernels.one_launch_lloyd_terms``: ``waves * (fixed + cached *
+  min(slice, 8192) + uncached * max(slice - 8192, 0) + per_block / k)``) and the per-step model
+  (``per_step_lloyd_terms``: ``fixed + per_query * rows * N / sms + per_row * rows``; the sweep's
+  ``us per step`` column, with the tensor-core search where ``lloyd_tensor_core_split`` takes it),
+  by least squares on the relative error: the very terms the rule multiplies;
 * prints the fitted constants beside the module's and each model's error on the points;
 * prints, for every shape, the kernel the module's rule picks, its measured time, the fastest
   measured and their ratio (``-`` where the rule picks a setting the sweep did not time)::
@@ -64,19 +65,6 @@ def parse_sweep(text: str) -> Tuple[int, Dict[int, int], List[Shape]]:
     return int(sms_match.group(1)), capacity, shapes
 
 
-def one_launch_terms(rows: int, length: int, blocks: int, capacity: int) -> np.ndarray:
-    """The one-launch model's terms (fixed, cached, uncached, per_block), times its waves."""
-    cached = cuda_kernels.ONE_LAUNCH_LLOYD_CACHED
-    slice_ = -(-(-(-length // blocks)) // 16) * 16
-    waves = -(-rows // capacity)
-    return waves * np.array([1.0, min(slice_, cached), max(slice_ - cached, 0), 1.0 / blocks])
-
-
-def per_step_terms(rows: int, length: int, sms: int) -> np.ndarray:
-    """The per-step model's terms (fixed, per_query, per_row)."""
-    return np.array([1.0, rows * length / sms, float(rows)])
-
-
 def relative_least_squares(terms: np.ndarray, times: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Coefficients minimising the squared relative error of ``terms @ c`` against ``times``, and
     the relative errors."""
@@ -84,8 +72,8 @@ def relative_least_squares(terms: np.ndarray, times: np.ndarray) -> Tuple[np.nda
     return coefficients, terms @ coefficients / times - 1
 
 
-ONE_LAUNCH_KEYS = ("fixed", "cached", "uncached", "per_block")
-PER_STEP_KEYS = ("fixed", "per_query", "per_row")
+ONE_LAUNCH_KEYS = tuple(cuda_kernels.ONE_LAUNCH_LLOYD_US)
+PER_STEP_KEYS = ("fixed", "per_query", "per_row")  # PER_STEP_LLOYD_US's factors, in order
 
 
 @dataclass
@@ -109,7 +97,7 @@ def fit_models(sms: int, capacity: Dict[int, int], shapes: List[Shape]) -> List[
     """The one-launch model and the per-step models (tensor cores, population counts: those with
     at least 3 points) fitted to the sweep's shapes."""
     model = cuda_kernels.ONE_LAUNCH_LLOYD_US
-    points = [(one_launch_terms(s.rows, s.length, k, capacity[k]), us)
+    points = [(cuda_kernels.one_launch_lloyd_terms(s.rows, s.length, k, capacity[k]), us)
               for s in shapes for k, us in s.one_launch_us.items()]
     fits = [_fit("one-launch kernel", ONE_LAUNCH_KEYS, [model[k] for k in ONE_LAUNCH_KEYS],
                  np.array([t for t, _ in points]), np.array([us for _, us in points]))]
@@ -119,7 +107,7 @@ def fit_models(sms: int, capacity: Dict[int, int], shapes: List[Shape]) -> List[
         if len(chosen) >= 3:
             fits.append(_fit(f"per-step kernels, {'tensor cores' if tensor_cores else 'population counts'}",
                              PER_STEP_KEYS, list(cuda_kernels.PER_STEP_LLOYD_US[tensor_cores]),
-                             np.array([per_step_terms(s.rows, s.length, sms) for s in chosen]),
+                             np.array([cuda_kernels.per_step_lloyd_terms(s.rows, s.length, sms) for s in chosen]),
                              np.array([s.per_step_us for s in chosen])))
     return fits
 

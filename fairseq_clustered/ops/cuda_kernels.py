@@ -134,17 +134,37 @@ ONE_LAUNCH_LLOYD_CACHED = 8192  # queries of a block's slice kept in shared memo
 # error 3%, at most 13%, over 8 / 32 / 256 rows of 1k..64k queries at 1..8 blocks per row; the
 # per-step kernels' median 2%, at most 10%.
 ONE_LAUNCH_LLOYD_US = {"fixed": 42.0, "cached": 0.0365, "uncached": 0.049, "per_block": 27.0}
-PER_STEP_LLOYD_US = {True: (75.0, 0.0467, 0.26), False: (80.0, 0.0917, 0.22)}  # by tensor cores
+# by tensor cores: (fixed, per_query, per_row), the factors of per_step_lloyd_terms
+PER_STEP_LLOYD_US = {True: (75.0, 0.0467, 0.26), False: (80.0, 0.0917, 0.22)}
+
+
+def one_launch_lloyd_terms(rows: int, length: int, blocks: int, capacity: int) -> Tuple[float, ...]:
+    """What ``ONE_LAUNCH_LLOYD_US``'s constants multiply (in its order), for the one-launch kernel
+    on ``rows`` rows of ``length`` queries at ``blocks`` blocks per row, ``capacity`` clusters of
+    them resident at once: each wave's 1, the queries of a block's slice up to and past
+    ``ONE_LAUNCH_LLOYD_CACHED``, 1 / blocks; times the waves."""
+    slice_ = -(-(-(-length // blocks)) // 16) * 16  # the kernel's chunk: whole tiles of 16
+    waves = -(-rows // capacity)
+    return (waves, waves * min(slice_, ONE_LAUNCH_LLOYD_CACHED), waves * max(slice_ - ONE_LAUNCH_LLOYD_CACHED, 0),
+            waves / blocks)
 
 
 def one_launch_lloyd_us(rows: int, length: int, blocks: int, capacity: int) -> float:
-    """Modelled microseconds of the one-launch kernel on ``rows`` rows of ``length`` queries at
-    ``blocks`` blocks per row, ``capacity`` clusters of them resident at once."""
-    model = ONE_LAUNCH_LLOYD_US
-    slice_ = -(-(-(-length // blocks)) // 16) * 16  # the kernel's chunk: whole tiles of 16
-    waves = -(-rows // capacity)
-    return waves * (model["fixed"] + model["cached"] * min(slice_, ONE_LAUNCH_LLOYD_CACHED)
-                    + model["uncached"] * max(slice_ - ONE_LAUNCH_LLOYD_CACHED, 0) + model["per_block"] / blocks)
+    """Modelled microseconds of the one-launch kernel (:func:`one_launch_lloyd_terms`)."""
+    terms = one_launch_lloyd_terms(rows, length, blocks, capacity)
+    return sum(factor * term for factor, term in zip(ONE_LAUNCH_LLOYD_US.values(), terms))
+
+
+def per_step_lloyd_terms(rows: int, length: int, sms: int) -> Tuple[float, ...]:
+    """What ``PER_STEP_LLOYD_US``'s constants multiply: 1, the queries of each SM's share, the rows."""
+    return 1.0, rows * length / sms, float(rows)
+
+
+def per_step_lloyd_us(rows: int, length: int, sms: int) -> float:
+    """Modelled microseconds of the kernels launched per step, with the tensor-core search where
+    :func:`lloyd_tensor_core_split` takes it, else the population counts."""
+    factors = PER_STEP_LLOYD_US[lloyd_tensor_core_split(rows, length, sms) > 0]
+    return sum(factor * term for factor, term in zip(factors, per_step_lloyd_terms(rows, length, sms)))
 
 
 def lloyd_cluster_blocks(rows: int, length: int, sms: int, cluster_capacity: Callable[[int], int]) -> int:
@@ -158,11 +178,10 @@ def lloyd_cluster_blocks(rows: int, length: int, sms: int, cluster_capacity: Cal
     share one GPC, so that is not ``sms // k``: on an H200 (132 SMs), 32 rows of four blocks took
     twice as long as 24 rows, the rows past the GPCs' room waiting for a second wave. The choice
     is the k with the least modelled time (:func:`one_launch_lloyd_us`, in waves of
-    ``ceil(rows / capacity)``) against the per-step kernels' ``fixed + per query * rows * length /
-    sms + per row * rows`` (``PER_STEP_LLOYD_US``). Fewer blocks win ties.
+    ``ceil(rows / capacity)``) against the per-step kernels' (:func:`per_step_lloyd_us`). Fewer
+    blocks win ties.
     """
-    fixed, per_query, per_row = PER_STEP_LLOYD_US[lloyd_tensor_core_split(rows, length, sms) > 0]
-    best_blocks, best_us = 0, fixed + per_query * rows * length / sms + per_row * rows
+    best_blocks, best_us = 0, per_step_lloyd_us(rows, length, sms)
     for blocks in range(1, ONE_LAUNCH_LLOYD_MAX_BLOCKS + 1):
         capacity = cluster_capacity(blocks)
         if capacity <= 0:
