@@ -82,7 +82,7 @@ def stand_in_ops(mode: str) -> CudaOps:
     if mode == "memoised":
         memo = {}
 
-        def memoised_run(name, fn, args, filled=()):
+        def memoised_run(name, fn, args, filled=(), native=None):
             if name not in memo:
                 memo[name] = fn(*args)
             if "bwd" in name:  # fresh gradients, as a replay gives (autograd takes them without a copy)

@@ -28,6 +28,7 @@ profiler's CPU events of a step, ``--python-profile`` cProfile's time per Python
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -87,6 +88,16 @@ def issue_us(fn, burst: int = 10, bursts: int = 15) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def without_table(cache):
+    """The graph cache without its C++ table (``cuda/graph_table.cpp``): the steps take the Python path."""
+    table, cache.native = cache.native, None
+    try:
+        yield
+    finally:
+        cache.native = table
+
+
 def latest_entry(cache, name):
     """The most recently replayed graph of composition ``name``."""
     return [entry for key, entry in cache._entries.items() if key[0] == name][-1]
@@ -135,13 +146,13 @@ def variant_calls(variant: str, q, k, v, planes, grad, args):
     def public():
         return ops.clustered_attention(q, k, v, **clustering)
 
-    query_layout = (q.shape, custom_ops.dense_strides_like(q, q.shape[-1]), q.dtype)
+    query_layout = (q.shape, custom_ops.dense_strides_like(q, q.shape[-1]))
 
     def compositions():
-        out, packed, layout = cuda_ops.clustered_fwd_packed(q_, k_, v_, planes, offsets, None, args.iterations,
-                                                            args.bits, None, None, args.clusters, scale, 0.0)
-        cuda_ops.clustered_bwd_packed(grad, *query_layout, k_, v_, packed, layout, None, None, args.clusters, scale,
-                                      0.0)
+        out, packed, _ = cuda_ops.clustered_fwd_packed(q_, k_, v_, planes, offsets, None, args.iterations, args.bits,
+                                                       None, None, args.clusters, scale, 0.0)
+        dq = torch.empty_strided(*query_layout, dtype=q.dtype, device=q.device)
+        cuda_ops.clustered_bwd_packed(grad, dq, k_, v_, packed, None, None, args.clusters, scale, 0.0)
     return public, compositions, "clustered_attention_fwd_packed", "clustered_attention_bwd_packed"
 
 
@@ -170,9 +181,9 @@ def layers(variant: str, q, k, v, planes, args):
     seen = {}
     real_run = cache.run
 
-    def recording_run(name, fn, call_args, filled=()):
+    def recording_run(name, fn, call_args, filled=(), **kwargs):
         seen[name] = list(call_args)
-        return real_run(name, fn, call_args, filled)
+        return real_run(name, fn, call_args, filled, **kwargs)
 
     cache.run = recording_run
     try:
@@ -239,17 +250,22 @@ def layers(variant: str, q, k, v, planes, args):
 
     memo = {}
 
-    def memo_run(name, fn, call_args, filled=()):
+    def memo_run(name, fn, call_args, filled=(), **kwargs):
         if name not in memo:
-            memo[name] = real_run(name, fn, call_args, filled)
+            memo[name] = real_run(name, fn, call_args, filled, **kwargs)
         return memo[name]
 
     def python_only():
         cache.run = memo_run
         try:
-            step()
+            with without_table(cache):
+                step()
         finally:
             del cache.run
+
+    def python_step():
+        with without_table(cache):
+            step()
 
     def cache_keys():  # as GraphCache.run builds them: the extension's graph_signature where it has one
         for name in (fwd_name, bwd_name):
@@ -260,7 +276,8 @@ def layers(variant: str, q, k, v, planes, args):
                 graph_cache._signature(name, call_args)
             graph_cache.settings()
 
-    return [("step: public function + backward", step), ("forward only, no_grad", forward_no_grad),
+    return [("step: public function + backward", step),
+            ("step through Python (the C++ table off)", python_step), ("forward only, no_grad", forward_no_grad),
             ("compositions called directly (no autograd)", compositions),
             ("graph cache replays (copies in/out, replay)", replays), ("bare graph replays", bare_replays),
             ("forward replay, the same output tensor", forward_replays_same_output),
@@ -310,7 +327,8 @@ def timeline(variant: str, step, steps: int = 60):
             torch.cuda.synchronize()
             stamps.clear()
             stamps.append(("start", time.perf_counter()))
-            step()
+            with without_table(cuda_ops.graphs):  # the Python path's landmarks
+                step()
             stamps.append(("end", time.perf_counter()))
             seen = {}
             for i, (label, t) in enumerate(stamps):  # the second replay of a step is "replay in #2"

@@ -3,8 +3,10 @@
 // the result as the CUDA implementation of the fairseq_clustered::* custom ops.
 #include <torch/extension.h>
 
+#include "clustered_step.h"
 #include "graph_inputs.h"
 #include "graph_signature.h"
+#include "graph_table.h"
 
 #include <tuple>
 #include <vector>
@@ -79,7 +81,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fresh_copies", &fcl::fresh_copies_cuda, "empty_like copies of the tensors, filled in one launch");
   m.def("graph_signature", &fcl::graph_signature, pybind11::arg("name"), pybind11::arg("args"),
         pybind11::arg("filled"), "(key, tensors, bytes read) of a call: graph_cache._signature in C++");
-  pybind11::class_<fcl::GraphInputs>(m, "GraphInputs",
+  pybind11::class_<fcl::GraphInputs, std::shared_ptr<fcl::GraphInputs>>(m, "GraphInputs",
                                      "the kernel parameters of a captured graph that hold its static inputs' addresses")
       .def(pybind11::init<int64_t, std::vector<int64_t>, std::vector<int64_t>>(), pybind11::arg("graph"),
            pybind11::arg("starts"), pybind11::arg("ends"))
@@ -88,4 +90,71 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("kernel_nodes", &fcl::GraphInputs::kernel_nodes, "kernel nodes rewritten")
       .def("point_at", &fcl::GraphInputs::point_at, pybind11::arg("exec"), pybind11::arg("bases"),
            "read input i at bases[i] from the next replay of exec on (False: a base is misaligned, nothing changed)");
+  pybind11::class_<fcl::GraphTable, std::shared_ptr<fcl::GraphTable>>(
+      m, "GraphTable", "a graph cache's graphs that read their inputs in place, replayed from C++")
+      .def(pybind11::init<std::vector<std::string>>(), pybind11::arg("environment"))
+      .def(
+          "add",
+          [](fcl::GraphTable& table, const pybind11::bytes& key, int64_t exec,
+             std::shared_ptr<fcl::GraphInputs> inputs, const std::vector<at::Tensor>& tensors,
+             const std::vector<int64_t>& filled, std::vector<int64_t> outputs, std::vector<at::Tensor> copied,
+             const std::vector<at::Tensor>& extras) {
+            fcl::GraphTable::Graph graph;
+            graph.exec = exec;
+            graph.inputs = std::move(inputs);
+            graph.tensor_count = tensors.size();
+            for (const int64_t position : filled) {
+              TORCH_CHECK(position >= 0 && position < static_cast<int64_t>(tensors.size()),
+                          "GraphTable.add: filled position ", position);
+              graph.filled.emplace_back(position, fcl::TensorSpec::of(tensors[position]));
+            }
+            graph.outputs = std::move(outputs);
+            graph.copied = std::move(copied);
+            for (const auto& extra : extras) graph.extras.push_back(fcl::TensorSpec::of(extra));
+            table.add(key, std::move(graph));
+          },
+          pybind11::arg("key"), pybind11::arg("exec"), pybind11::arg("inputs"), pybind11::arg("tensors"),
+          pybind11::arg("filled"), pybind11::arg("outputs"), pybind11::arg("copied"), pybind11::arg("extras"),
+          "register a graph: the call's tensors (filled ones included), the filled positions among them, per "
+          "output its filled position or -1 (then the next of copied: graph-owned), layouts to remember")
+      .def("remove", [](fcl::GraphTable& table, const pybind11::bytes& key) { table.remove(key); })
+      .def("clear", &fcl::GraphTable::clear)
+      .def("__len__", &fcl::GraphTable::size)
+      .def_property_readonly("replays", &fcl::GraphTable::replays, "graphs replayed from C++")
+      .def(
+          "used_since_asked",
+          [](fcl::GraphTable& table) {
+            pybind11::list keys;
+            for (const auto& key : table.used_since_asked()) keys.append(pybind11::bytes(key));
+            return keys;
+          },
+          "keys replayed (or added) since the last call, least recently used first")
+      .def("set_clustered_backward_fallback", &fcl::GraphTable::set_clustered_backward_fallback,
+           pybind11::arg("fallback"), "a callable returning the clustered backward for a miss, or None");
+  m.def(
+      "clustered_forward_key",
+      [](const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& planes,
+         const at::Tensor& offsets, const c10::optional<at::Tensor>& query_padding_mask,
+         const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& keep,
+         int64_t iterations, int64_t bits, int64_t num_clusters, double scale, double dropout_p) {
+        return pybind11::bytes(fcl::clustered_forward_key(query, key, value, planes, offsets, query_padding_mask,
+                                                          key_padding_mask, keep, iterations, bits, num_clusters,
+                                                          scale, dropout_p));
+      },
+      "the GraphTable key of a clustered forward's composition (clustered_step's key)");
+  m.def(
+      "clustered_backward_key",
+      [](const at::Tensor& grad_out, const at::Tensor& dq, const at::Tensor& key, const at::Tensor& value,
+         const at::Tensor& packed, const c10::optional<at::Tensor>& key_padding_mask,
+         const c10::optional<at::Tensor>& keep, int64_t num_clusters, double scale, double dropout_p) {
+        return pybind11::bytes(fcl::clustered_backward_key(grad_out, dq, key, value, packed, key_padding_mask, keep,
+                                                           num_clusters, scale, dropout_p));
+      },
+      "the GraphTable key of a clustered backward's composition (clustered_step's backward's key)");
+  m.def("clustered_step", &fcl::clustered_step, pybind11::arg("table"), pybind11::arg("query"),
+        pybind11::arg("key"), pybind11::arg("value"), pybind11::arg("planes"), pybind11::arg("offsets"),
+        pybind11::arg("query_padding_mask"), pybind11::arg("key_padding_mask"), pybind11::arg("keep"),
+        pybind11::arg("iterations"), pybind11::arg("bits"), pybind11::arg("num_clusters"), pybind11::arg("scale"),
+        pybind11::arg("dropout_p"),
+        "a clustered step's output replayed from the table, with a C++ backward node; None where not served");
 }

@@ -20,6 +20,7 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -215,6 +216,10 @@ bool GraphInputs::point_at(int64_t exec, const std::vector<int64_t>& bases) {
 #if CUDA_VERSION >= 12040
   const Driver& d = driver();
   for (Node& entry : nodes_) {
+    // (a node whose inputs all stay where they are keeps its parameters: each update is a driver call)
+    const bool moved = std::any_of(entry.patches.begin(), entry.patches.end(),
+                                   [&](const Patch& patch) { return bases[patch.input] != current_[patch.input]; });
+    if (!moved) continue;
     for (const Patch& patch : entry.patches) {
       const int64_t address = bases[patch.input] + patch.delta;
       std::memcpy(entry.values[patch.param].data() + patch.offset, &address, sizeof(address));

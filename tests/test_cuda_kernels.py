@@ -489,8 +489,8 @@ def test_backward_from_the_kept_forward_parts_cpu(monkeypatch, dropout):
     kept = (lse, centroids, cluster_outputs, order, seg_start, a)
     ops._pack(packed, layout, kept)
     assert all(torch.equal(x, y) for x, y in zip(layout.views(packed), kept))
-    got = ops.clustered_bwd_packed(grad, q.shape, custom_ops.dense_strides_like(q, 16), q.dtype, k, v, packed, layout,
-                                   kmask, keep, 9, 0.25, dropout)
+    dq = torch.empty_strided(q.shape, custom_ops.dense_strides_like(q, 16), dtype=q.dtype)
+    got = ops.clustered_bwd_packed(grad, dq, k, v, packed, kmask, keep, 9, 0.25, dropout)
     for name, x, y in zip(("dq", "dk", "dv"), got, expected):
         assert torch.equal(x, y), name
     assert got[0].stride() == q.stride()

@@ -226,16 +226,22 @@ def _inputs(seed, dtype, length=300, pad=False, batch=2, heads=3):
     return q, k, v, kmask, qmask
 
 
-def _step(variant, seed, dtype, pad, dropout, shape=(2, 3, 300), num_clusters=20):
+def _step(variant, seed, dtype, pad, dropout, shape=(2, 3, 300), num_clusters=20, nodes=None):
     """Output and gradients of one forward + backward on fresh inputs (planes from the seed);
-    ``shape``: (batch, heads, length)."""
+    ``shape``: (batch, heads, length). ``nodes``: a list that gets the name of the output's autograd node."""
     batch, heads, length = shape
     q, k, v, kmask, qmask = _inputs(seed, dtype, length, pad, batch, heads)
     fn = clustered_attention if variant == "clustered" else improved_clustered_attention
     generator = torch.Generator().manual_seed(seed)
     out = fn(q, k, v, kmask, qmask, num_clusters=num_clusters, generator=generator, dropout_p=dropout)
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out))
+    if nodes is not None:
+        nodes.append(out.grad_fn.name())
+    out.backward(_gradient(seed, out))
     return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def _gradient(seed, out):
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out)
 
 
 def _assert_same(graphed, eager, exact_grads):
@@ -272,6 +278,8 @@ def test_replays_match_eager_gpu(monkeypatch, variant, dtype, pad, dropout, inpu
     backward = [entry for key, entry in cache._entries.items() if "_bwd" in key[0]]
     assert backward and all(len(e.filled_outputs) == filled[variant, pad] for e in backward), \
         [len(e.filled_outputs) for e in backward]
+    if variant == "clustered" and inputs == "in-place":  # steps 3 and 4 from C++, their forwards at least
+        assert cache.native.replays >= 2, (len(cache.native), cache.copied_inputs)
     monkeypatch.setenv("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "0")
     replays = cache.replays
     eager = [_step(variant, seed, dtype, pad, dropout) for seed in range(4)]
@@ -296,6 +304,124 @@ def test_replays_match_eager_at_the_benchmark_shape_gpu(monkeypatch, variant):
     monkeypatch.setenv("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "0")
     for seed, graphed in enumerate(steps):
         _assert_same(graphed, _step(variant, seed, torch.bfloat16, False, 0.0, (4, 8, 1024), 100), exact_grads=False)
+
+
+# ------------------------------------------------- the clustered step from C++ (cuda/clustered_step.cpp)
+
+
+def _warm_table(monkeypatch, steps=3, **kwargs):
+    """The registered ops' cache, cleared, after ``steps`` clustered steps (graphs captured at the second)."""
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "in-place")
+    cache = cuda_backend.graph_cache()
+    cache.clear()
+    assert cache.native is not None, "the extension has no GraphTable"
+    for seed in range(steps):
+        _step("clustered", seed, torch.bfloat16, **kwargs)
+    return cache
+
+
+@needs_gpu
+@pytest.mark.parametrize("pad,dropout", [(False, 0.0), (True, 0.2)], ids=["flash", "padding-dropout"])
+def test_clustered_steps_run_from_cpp_gpu(monkeypatch, pad, dropout):
+    """From the third step on, a clustered step is replayed by the extension's ``clustered_step``: its
+    output's autograd node is the C++ one, each step replays the forward's and the backward's graphs
+    from the table (the second step captured and registered them), and outputs and gradients are
+    the eager composition's. A forward without grad is served too."""
+    cache = _warm_table(monkeypatch, steps=0)
+    table = cache.native
+    nodes = []
+    graphed = [_step("clustered", seed, torch.bfloat16, pad, dropout, nodes=nodes) for seed in range(5)]
+    assert "ClusteredStep" not in nodes[0] and all("ClusteredStep" in node for node in nodes[2:]), nodes
+    expected = 6 if not pad else 3  # (with padding the backward's graph may copy its inputs: forwards only)
+    assert table.replays >= expected and len(table) >= expected // 3, (table.replays, cache.copied_inputs)
+    q, k, v, kmask, qmask = _inputs(0, torch.bfloat16, pad=pad)
+    replays = table.replays
+    with torch.no_grad():
+        out = clustered_attention(q, k, v, kmask, qmask, num_clusters=20,
+                                  generator=torch.Generator().manual_seed(0), dropout_p=dropout)
+    assert table.replays == replays + 1 and torch.equal(out, graphed[0][0])
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "0")
+    for seed, got in enumerate(graphed):
+        _assert_same(got, _step("clustered", seed, torch.bfloat16, pad, dropout), exact_grads=False)
+    assert table.replays == replays + 1, "the table served calls with the graphs switched off"
+
+
+@needs_gpu
+def test_a_backward_the_table_lost_runs_in_python_gpu(monkeypatch):
+    """A step whose forward ran from C++ and whose backward's graph is gone by its backward (the cache
+    cleared in between) gets its gradients from the Python backward, the eager composition's."""
+    cache = _warm_table(monkeypatch, pad=False, dropout=0.0)
+    q, k, v, _, _ = _inputs(3, torch.bfloat16)
+    out = clustered_attention(q, k, v, num_clusters=20, generator=torch.Generator().manual_seed(3))
+    assert "ClusteredStep" in out.grad_fn.name()
+    cache.clear()
+    replays = cache.native.replays
+    out.backward(_gradient(3, out))
+    assert cache.native.replays == replays
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "0")
+    _assert_same([out.detach(), q.grad, k.grad, v.grad], _step("clustered", 3, torch.bfloat16, False, 0.0),
+                 exact_grads=False)
+
+
+@needs_gpu
+def test_the_table_follows_the_settings_gpu(monkeypatch):
+    """Once the settings' environment changes the table serves nothing (copying inputs: the Python cache
+    replays); back to the settings it was filled under, it serves again."""
+    cache = _warm_table(monkeypatch, pad=False, dropout=0.0)
+    table = cache.native
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "copy")
+    replays, python_replays = table.replays, cache.replays - table.replays
+    copied = [_step("clustered", seed, torch.bfloat16, False, 0.0) for seed in (3, 4)]
+    assert table.replays == replays and cache.replays - table.replays > python_replays
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "in-place")
+    again = [_step("clustered", seed, torch.bfloat16, False, 0.0) for seed in (3, 4)]
+    assert table.replays >= replays + 2
+    for got, want in zip(again, copied):
+        _assert_same(got, want, exact_grads=False)
+
+
+@needs_gpu
+def test_a_clustered_step_from_cpp_is_differentiable_once_gpu(monkeypatch):
+    """As the Python backward (``once_differentiable``): with ``create_graph=True`` and an incoming
+    gradient that requires grad the gradients come, and differentiating them again raises."""
+    _warm_table(monkeypatch, pad=False, dropout=0.0)
+    q, k, v, _, _ = _inputs(3, torch.bfloat16)
+    out = clustered_attention(q, k, v, num_clusters=20, generator=torch.Generator().manual_seed(3))
+    assert "ClusteredStep" in out.grad_fn.name()
+    (dq,) = torch.autograd.grad(out, q, _gradient(3, out).requires_grad_(True), create_graph=True)
+    assert dq.requires_grad
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dq.sum().backward()
+
+
+@needs_gpu
+def test_misaligned_inputs_leave_the_table_gpu(monkeypatch):
+    """Inputs that are not aligned like the graph's static inputs (a view one element into its storage)
+    are not served from C++ (the Python cache copies them), and give the eager results."""
+    cache = _warm_table(monkeypatch, pad=False, dropout=0.0)
+    replays = cache.native.replays
+    q, k, v, _, _ = _inputs(5, torch.bfloat16)
+    storage = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
+    shifted = storage[1:].view(q.shape).copy_(q.detach()).requires_grad_(True)
+    out = clustered_attention(shifted, k, v, num_clusters=20, generator=torch.Generator().manual_seed(5))
+    assert cache.native.replays == replays and "ClusteredStep" not in out.grad_fn.name()
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "0")
+    assert torch.equal(out, clustered_attention(q, k, v, num_clusters=20, generator=torch.Generator().manual_seed(5)))
+
+
+@needs_gpu
+def test_evicted_graphs_leave_the_table_gpu(monkeypatch):
+    """With room for three graphs, steps at two lengths evict each other's: the table holds exactly the
+    graphs the cache keeps (an evicted graph is freed), and every step gives the eager results."""
+    monkeypatch.setattr(graph_cache, "MAX_ENTRIES", 3)
+    cache = _warm_table(monkeypatch, steps=0)
+    lengths = (300, 200) * 3
+    graphed = [_step("clustered", seed, torch.bfloat16, False, 0.0, shape=(2, 3, n)) for seed, n in enumerate(lengths)]
+    assert len(cache) <= 3
+    assert len(cache.native) == sum(len(entry.native_keys) for entry in cache._entries.values())
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "0")
+    for seed, (n, got) in enumerate(zip(lengths, graphed)):
+        _assert_same(got, _step("clustered", seed, torch.bfloat16, False, 0.0, shape=(2, 3, n)), exact_grads=False)
 
 
 @needs_gpu

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
@@ -283,6 +284,8 @@ class CudaOps:
         # built before them (or a stand-in) leaves the graph cache to torch's copies.
         self.graphs = GraphCache(copies=ext if hasattr(ext, "fresh_copies") else None)
         self._by_kind: Dict[tuple, object] = {}  # see _per_kind
+        if self.graphs.native is not None:  # (weakly: the table may outlive these ops, in a backward node)
+            self.graphs.native.set_clustered_backward_fallback(weakref.WeakMethod(self.clustered_bwd_packed))
 
     # ------------------------------------------------------------------ clustering
 
@@ -501,19 +504,44 @@ class CudaOps:
         the graph and the backward's graph reads one tensor instead of six, which saves CPU time
         where the step is bound by it (each tensor a replay hands out or reads costs an allocation or
         a signature entry; benchmarks/NOTES.md, twenty-first session)."""
-        layout = self._per_kind(("kept_layout", query.shape, query.dtype, value.shape[-1], num_clusters),
-                                lambda: kept_layout(query, value, num_clusters))
-        return self._run_packing("clustered_attention_fwd_packed", self._clustered_fwd_packing, layout,
+
+        def native():  # clustered_step's key of this call, and the layout of its backward's dq
+            dq = torch.empty_strided(query.shape, custom_ops.dense_strides_like(query, query.shape[-1]),
+                                     dtype=query.dtype, device="meta")
+            return self.ext.clustered_forward_key(query, key, value, planes, offsets, query_padding_mask,
+                                                  key_padding_mask, keep, iterations, bits, num_clusters, scale,
+                                                  dropout_p), [dq]
+
+        return self._run_packing("clustered_attention_fwd_packed", self._clustered_fwd_packing,
+                                 self._kept_layout(query, value, num_clusters),
                                  custom_ops.attention_output_like(query, value.shape[-1]), query, key, value, planes,
                                  offsets, query_padding_mask, iterations, bits, key_padding_mask, keep, num_clusters,
-                                 scale, dropout_p)
+                                 scale, dropout_p, native=native)
 
-    def _run_packing(self, name, composition, layout, out, query, *arguments):
+    def clustered_step(self, query, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p, clustering):
+        """The output of a clustered step whose graphs the cache registered in its C++ table, replayed by
+        the extension's ``clustered_step`` (``cuda/clustered_step.cpp``) with a C++ backward node; None
+        where the table does not serve the call (then ``eager.ClusteredAttention`` runs it). Arguments
+        as :meth:`clustered_fwd_packed`'s, ``clustering = (planes, offsets, query_padding_mask,
+        iterations, bits)``."""
+        if self.graphs.native is None:
+            return None
+        planes, offsets, query_padding_mask, iterations, bits = clustering
+        return self.ext.clustered_step(self.graphs.native, query, key, value, planes, offsets, query_padding_mask,
+                                       key_padding_mask, keep, iterations, bits, num_clusters, scale, dropout_p)
+
+    def _kept_layout(self, query: Tensor, value: Tensor, num_clusters: int) -> "KeptLayout":
+        """:func:`kept_layout`, remembered per kind (``query`` may be its gradient: same shape and dtype)."""
+        return self._per_kind(("kept_layout", query.shape, query.dtype, value.shape[-1], num_clusters),
+                              lambda: kept_layout(query, value, num_clusters))
+
+    def _run_packing(self, name, composition, layout, out, query, *arguments, native=None):
         """``composition(out, packed, layout, query, *arguments)`` through the graph cache as ``name``,
         with ``out`` and a new uint8 ``packed`` buffer of ``layout.nbytes`` as the outputs its graph
-        writes (graph_cache's "filled") -> ``(out, packed, layout)``."""
+        writes (graph_cache's "filled") -> ``(out, packed, layout)``. ``native``: as the cache's."""
         packed = torch.empty(layout.nbytes, dtype=torch.uint8, device=query.device)
-        out, packed = self.graphs.run(name, composition, (out, packed, layout, query, *arguments), filled=(0, 1))
+        out, packed = self.graphs.run(name, composition, (out, packed, layout, query, *arguments), filled=(0, 1),
+                                      native=native)
         return out, packed, layout
 
     def _clustered_fwd_packing(self, out, packed, layout, query, key, value, planes, offsets, query_padding_mask,
@@ -568,18 +596,24 @@ class CudaOps:
             for destination, source in zip(destinations, sources):
                 destination.copy_(source)
 
-    def clustered_bwd_packed(self, grad_out, query_shape, query_strides, query_dtype, key, value, packed, layout,
-                             key_padding_mask, keep, num_clusters, scale, dropout_p):
-        """:meth:`clustered_bwd` from :meth:`clustered_fwd_packed`'s ``packed`` and ``layout``, unpacked
-        inside the composition (so in its graph, at no cost per replay): neither the queries nor the
-        output are read, so neither is copied into the graph, and the sort is not done again. ``dq``
-        is made with the given shape, strides (dense) and dtype, and written into by the graph
-        (graph_cache's "filled"), as are dk and dv where the Triton centroid backward makes them."""
-        dq = torch.empty_strided(tuple(query_shape), tuple(query_strides), dtype=query_dtype, device=key.device)
+    def clustered_bwd_packed(self, grad_out, dq, key, value, packed, key_padding_mask, keep, num_clusters, scale,
+                             dropout_p):
+        """:meth:`clustered_bwd` from :meth:`clustered_fwd_packed`'s ``packed``, unpacked inside the
+        composition (so in its graph, at no cost per replay): neither the queries nor the output are
+        read, so neither is copied into the graph, and the sort is not done again. ``dq``: an empty
+        tensor of the queries' shape and dtype in the layout wanted (dense), written into by the graph
+        (graph_cache's "filled"), as are dk and dv where the Triton centroid backward makes them.
+        The backward node of ``clustered_step`` (``cuda/clustered_step.cpp``) calls this where its
+        table does not hold the backward's graph."""
         dk, dv = self._key_gradients_to_fill(dq, key, value, num_clusters)
+
+        def native():  # the key under which clustered_step's backward node looks this call up
+            return self.ext.clustered_backward_key(grad_out, dq, key, value, packed, key_padding_mask, keep,
+                                                   num_clusters, scale, dropout_p), []
+
         return self.graphs.run("clustered_attention_bwd_packed", self._clustered_bwd_unpacking, (
-            grad_out, dq, key, value, packed, layout, key_padding_mask, keep, num_clusters, scale, dropout_p, dk,
-            dv), filled=(1, 11, 12))
+            grad_out, dq, key, value, packed, self._kept_layout(dq, value, num_clusters), key_padding_mask, keep,
+            num_clusters, scale, dropout_p, dk, dv), filled=(1, 11, 12), native=native)
 
     def _clustered_bwd_unpacking(self, grad_out, dq, key, value, packed, layout, key_padding_mask, keep,
                                  num_clusters, scale, dropout_p, dk=None, dv=None):

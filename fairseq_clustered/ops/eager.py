@@ -69,10 +69,10 @@ class ClusteredAttention(torch.autograd.Function):
                 keep: Optional[Tensor], num_clusters: int, scale: float, dropout_p: float,
                 clustering: Optional[tuple]):
         ctx.ops, ctx.hyper = ops, (num_clusters, scale, dropout_p)
-        ctx.packing = None
+        ctx.query_layout = None  # (set where the backward takes the packed buffer)
         if assignments is None and ops.packs_clustered(query, value, num_clusters):
-            out, packed, ctx.packing = ops.clustered_fwd_packed(query, key, value, *clustering, key_padding_mask,
-                                                                keep, num_clusters, scale, dropout_p)
+            out, packed, _ = ops.clustered_fwd_packed(query, key, value, *clustering, key_padding_mask, keep,
+                                                      num_clusters, scale, dropout_p)
             # dq in the queries' layout (a model's (N, B, H D) views), made in the backward's graph
             ctx.query_layout = (query.shape, custom_ops.dense_strides_like(query, query.shape[-1]), query.dtype)
             ctx.save_for_backward(key, value, packed, key_padding_mask, keep)
@@ -91,10 +91,12 @@ class ClusteredAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         # grad_out as it comes (a model's is a view of an (N, B, H Dv) gradient): the kernels
         # read it through its strides, a contiguous copy would cost a pass over it
-        if ctx.packing is not None:
+        if ctx.query_layout is not None:
             key, value, packed, key_padding_mask, keep = ctx.saved_tensors
-            dq, dk, dv = ctx.ops.clustered_bwd_packed(grad_out, *ctx.query_layout, key, value, packed, ctx.packing,
-                                                      key_padding_mask, keep, *ctx.hyper)
+            shape, strides, dtype = ctx.query_layout
+            dq = torch.empty_strided(shape, strides, dtype=dtype, device=key.device)
+            dq, dk, dv = ctx.ops.clustered_bwd_packed(grad_out, dq, key, value, packed, key_padding_mask, keep,
+                                                      *ctx.hyper)
         else:
             dq, dk, dv = ctx.ops.clustered_bwd(grad_out, *ctx.saved_tensors, *ctx.hyper)
         return None, dq, dk, dv, None, None, None, None, None, None, None

@@ -60,6 +60,17 @@ What it costs and where it steps aside (:func:`settings`):
 
 A capture that fails (a composition that cannot be captured) is reported once with a
 warning and that signature runs eagerly from then on; results do not change.
+
+Replays from C++. Where the extension provides ``GraphTable`` (``cuda/graph_table.cpp``), a
+composition's call may name a *native key* (``run``'s ``native``: the key that a C++ entry point
+builds from the same arguments, ``cuda/clustered_step.cpp``). A graph that reads its inputs in
+place is then also registered in the table under that key, and the entry point replays it without
+Python: it allocates the filled tensors, points the graph at the call's tensors and launches it,
+and its backward node does the same with the backward's graph. Everything else stays here: the
+captures and their checks, eviction (which removes a graph from the table before it is freed; the
+table's replays count as uses for the least-recently-used order), the settings (the table serves
+nothing once the environment variables above differ from those it was filled under, nor inside a
+capture), and every call that the table does not serve.
 """
 
 from __future__ import annotations
@@ -150,6 +161,8 @@ class _Entry:
 
     def __init__(self, graph, static_tensors: List[Tensor], outputs: Tuple[Tensor, ...], single: bool, nbytes: int,
                  filled: Sequence[int] = ()):
+        self.filled = list(filled)
+        self.native_keys = set()  # the keys it is registered under in the C++ table
         self.graph = graph
         self.static_tensors = static_tensors
         self.static_bases = [_base(t) for t in static_tensors]
@@ -187,6 +200,10 @@ class GraphCache:
         self._graph_inputs = getattr(copies, "GraphInputs", None)
         # the extension's _signature, where it has one (cuda/graph_signature.cpp): ~5x faster
         self._native_signature = getattr(copies, "graph_signature", None)
+        # the graphs that C++ entry points replay (the module's docstring), where the extension has them
+        table = getattr(copies, "GraphTable", None)
+        self.native = table(list(_ENVIRONMENT)) if table is not None and self._graph_inputs is not None else None
+        self._native_owner: Dict[bytes, Hashable] = {}  # native key -> the key of its entry here
         # name -> why its latest capture copies its inputs (GraphInputs could not be used or its check failed)
         self.copied_inputs: Dict[str, str] = {}
         self._entries: "OrderedDict[Hashable, _Entry]" = OrderedDict()  # least recently used first
@@ -195,15 +212,32 @@ class GraphCache:
         self._streams: Dict[int, torch.cuda.Stream] = {}
         self._warned = set()
         self.captures = 0
-        self.replays = 0
+        self._replays = 0
+
+    def __del__(self):
+        # The table may outlive the cache (backward nodes hold it): it must not keep graphs freed here.
+        native = getattr(self, "native", None)
+        if native is not None:
+            native.clear()
 
     # ----------------------------------------------------------------- public
 
-    def run(self, name: str, fn: Callable, args: Sequence, filled: Sequence[int] = ()):
+    @property
+    def replays(self) -> int:
+        """Graph replays so far, those of the C++ entry points included."""
+        return self._replays + (self.native.replays if self.native is not None else 0)
+
+    def run(self, name: str, fn: Callable, args: Sequence, filled: Sequence[int] = (),
+            native: Optional[Callable[[], Tuple[bytes, Sequence[Tensor]]]] = None):
         """``fn(*args)``, from a cached graph where the rules of the module allow. ``filled``: the
         positions in ``args`` of tensors that ``fn`` writes whole and returns without reading them
         (the module's docstring); the same for every call of ``name``. A position holding None is
-        ignored (a composition that makes that output itself on this call's path)."""
+        ignored (a composition that makes that output itself on this call's path).
+
+        ``native``: where a C++ entry point replays this composition, a function of no arguments
+        giving ``(key, extras)``: the entry point's key of this call and the tensors whose layouts it
+        wants remembered with the graph. It is called only where the graph is registered in the
+        C++ table (a graph that reads its inputs in place, under in-place settings)."""
         config = settings()
         if not config.enabled:
             return fn(*args)
@@ -220,6 +254,8 @@ class GraphCache:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
+            if native is not None and entry.inputs is not None and config.inputs_in_place:
+                self._publish(key, entry, tensors, native)
             return self._replay(entry, tensors, config.inputs_in_place)
         if key in self._eager:
             return fn(*args)
@@ -236,9 +272,12 @@ class GraphCache:
             self._remember(self._eager, key, None)
             return self._replay(entry, tensors, False)
         self._entries[key] = entry
-        self._evict(config)
+        self._evict(config, key)
         if pointers is not None:
-            return self._check_in_place(name, entry, pointers, fn, args, tensors)
+            result = self._check_in_place(name, entry, pointers, fn, args, tensors)
+            if native is not None and entry.inputs is not None:
+                self._publish(key, entry, tensors, native)
+            return result
         return self._replay(entry, tensors, False)
 
     def inputs_read_in_place(self) -> int:
@@ -255,11 +294,34 @@ class GraphCache:
     def clear(self) -> None:
         """Drop every graph (their memory returns to PyTorch's caching allocator) and forget
         every signature, so that each may be captured again."""
+        if self.native is not None:
+            self.native.clear()
+            self._native_owner.clear()
         self._entries.clear()
         self._calls.clear()
         self._eager.clear()
 
     # ---------------------------------------------------------------- private
+
+    def _publish(self, key: Hashable, entry: _Entry, tensors: List[Tensor], native) -> None:
+        """Registers ``entry`` (which reads its inputs in place) in the C++ table under the native key
+        of this call (``run``'s ``native``). Again at every call that reaches here, which the table did
+        not serve: it may have been cleared since (its settings changed)."""
+        if self.native is None:
+            return
+        native_key, extras = native()
+        outputs = [entry.filled_outputs.get(i, -1) for i in range(len(entry.outputs))]
+        self.native.add(native_key, entry.executable, entry.inputs, tensors, entry.filled, outputs,
+                        [entry.outputs[i] for i in entry.copied_outputs], list(extras))
+        entry.native_keys.add(native_key)
+        self._native_owner[native_key] = key
+
+    def _forget_native(self, entry: _Entry) -> None:
+        """Removes ``entry``'s graph from the C++ table (before the graph is freed)."""
+        for native_key in entry.native_keys:
+            self.native.remove(native_key)
+            self._native_owner.pop(native_key, None)
+        entry.native_keys.clear()
 
     def _replay(self, entry: _Entry, tensors: List[Tensor], in_place: bool):
         """The graph's outputs for ``tensors``: read in place where ``in_place`` (the setting), the
@@ -272,7 +334,7 @@ class GraphCache:
                 entry.inputs.point_at(entry.executable, entry.static_bases)
             self._copy_into([entry.static_tensors[i] for i in entry.read], [tensors[i] for i in entry.read])
         entry.graph.replay()
-        self.replays += 1
+        self._replays += 1
         if not entry.filled_outputs:
             outputs = self._fresh_copies(entry.outputs)  # fresh copies: see the module's docstring
             return outputs[0] if entry.single else tuple(outputs)
@@ -389,7 +451,7 @@ class GraphCache:
         if not pointers.point_at(entry.executable, [_base(t) for t in elsewhere]):
             return "its tensors are not aligned like the static inputs"
         entry.graph.replay()
-        self.replays += 1
+        self._replays += 1
         if len(entry.outputs) != len(expected):
             return f"{len(entry.outputs)} outputs, {len(expected)} eagerly"
         replayed = [elsewhere[entry.filled_outputs[i]] if i in entry.filled_outputs else out
@@ -400,11 +462,20 @@ class GraphCache:
                 return difference
         return None
 
-    def _evict(self, config: Settings) -> None:
-        """Drop the least recently used graphs until the cache is within its limits."""
+    def _evict(self, config: Settings, newest: Hashable) -> None:
+        """Drop the least recently used graphs until the cache is within its limits (the C++ table's
+        replays since the last eviction count as uses just before ``newest``, the graph just captured)."""
+        if self.native is not None:
+            for native_key in self.native.used_since_asked():
+                owner = self._native_owner.get(native_key)
+                if owner in self._entries:
+                    self._entries.move_to_end(owner)
+            self._entries.move_to_end(newest)
         while len(self._entries) > 1 and (len(self._entries) > MAX_ENTRIES
                                           or self.memory_bytes() > config.budget_bytes):
-            key, _ = self._entries.popitem(last=False)
+            key, entry = self._entries.popitem(last=False)
+            if self.native is not None:
+                self._forget_native(entry)
             self._remember(self._eager, key, None)
 
 
