@@ -18,7 +18,11 @@ path), ``causal_flash_parts`` (the same with the attention as three flash-attent
 ``ops/causal_fused.py``) and ``causal_reference`` (the variant through its reference op,
 tensor cores for half precision).
 
-Times are medians of CUDA-event-timed runs after warm-up; ``peak`` is the peak
+Times are medians of CUDA-event-timed runs after warm-up, each run synchronised, so an
+eager step's time includes the host's lead before its first kernel; on the GPU the
+forward+backward is also timed *steady*: ``STEADY_STEPS`` steps back to back per timed run
+(time per step), as in a training loop, where the host issues the next step while the GPU
+runs this one. ``peak`` is the peak
 memory of one forward+backward, counting its inputs (q, k, v, grad_out) and its
 outputs and gradients; ``peak/io`` divides it by the bytes of q, k, v, the output
 and their gradients. Writes a CSV (after every measured row, so that a run that dies
@@ -55,6 +59,8 @@ from fairseq_clustered.ops import (  # noqa: E402
 )
 from fairseq_clustered.ops import causal as causal_ops  # noqa: E402
 from fairseq_clustered.ops import causal_fused  # noqa: E402
+
+STEADY_STEPS = 5  # steps per timed run of the steady forward+backward
 
 # Fast-transformers' fp32 clustered attention, forward+backward ms on an H100 with this
 # configuration (issue 4), for comparison.
@@ -289,6 +295,9 @@ def measure(args, name, fn, q, k, v, repeats):
     try:
         row["fwd_ms"] = timer(args.device, fwd, repeats)
         row["fwdbwd_ms"] = timer(args.device, fwd_bwd, repeats)
+        if args.device == "cuda":
+            steps = lambda: [fwd_bwd() for _ in range(STEADY_STEPS)]  # noqa: E731
+            row["steady_ms"] = timer(args.device, steps, max(3, repeats // 4), warmup=1) / STEADY_STEPS
         if args.graph and args.device == "cuda" and name in ("clustered", "improved", "causal_clustered",
                                                                   "causal_flash_parts"):
             row["graph_ms"] = graph_time(fwd_bwd, repeats)
@@ -375,8 +384,12 @@ def main():
             if base:
                 row["fwd_ratio"] = row["fwd_ms"] / base["fwd_ms"]
                 row["fwdbwd_ratio"] = row["fwdbwd_ms"] / base["fwdbwd_ms"]
+                if "steady_ms" in row:
+                    row["steady_ratio"] = row["steady_ms"] / base["steady_ms"]
             if name == "clustered" and n in FAST_TRANSFORMERS_MS and not args.causal:
                 row["vs_fast_transformers"] = FAST_TRANSFORMERS_MS[n] / row["fwdbwd_ms"]
+                if "steady_ms" in row:
+                    row["steady_vs_fast_transformers"] = FAST_TRANSFORMERS_MS[n] / row["steady_ms"]
             results.append(row)
             write_csv(args, results)  # after every row: a run that dies later keeps what it measured
             print(f"  N={n:6d} {name:16s} fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwdbwd_ms']:9.3f} ms"
@@ -389,8 +402,8 @@ def main():
 
 def write_csv(args, results):
     """``args.out``.csv with every row measured so far (rewritten whole at each call)."""
-    keys = ["n", "method", "fwd_ms", "fwd_ratio", "fwdbwd_ms", "fwdbwd_ratio", "graph_ms", "peak_mb", "io_mb",
-            "graph_cache_mb", "vs_fast_transformers", "note"]
+    keys = ["n", "method", "fwd_ms", "fwd_ratio", "fwdbwd_ms", "fwdbwd_ratio", "steady_ms", "steady_ratio", "graph_ms",
+            "peak_mb", "io_mb", "graph_cache_mb", "vs_fast_transformers", "steady_vs_fast_transformers", "note"]
     with open(args.out + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
@@ -426,16 +439,21 @@ def write_outputs(args, results):
 
 
 def print_table(results):
-    print("\n   N method            fwd ms  ratio  fwd+bwd ms  ratio   peak MB  peak/io")
+    steady = any("steady_ms" in r for r in results)
+    print("\n   N method            fwd ms  ratio  fwd+bwd ms  ratio" + ("  steady ms  ratio" if steady else "")
+          + "   peak MB  peak/io")
     for r in results:
-        ratio = lambda key: f"{r[key]:6.3f}" if key in r and not math.isnan(r[key]) else "     -"
+        ratio = lambda key: f"{r[key]:6.3f}" if key in r and not math.isnan(r[key]) else "     -"  # noqa: E731
         peak = r.get("peak_mb", math.nan)
         print(f"{r['n']:6d} {r['method']:16s} {r['fwd_ms']:8.3f} {ratio('fwd_ratio')} {r['fwdbwd_ms']:10.3f} "
-              f"{ratio('fwdbwd_ratio')} {peak:9.1f} {peak / r['io_mb']:7.2f}"
+              f"{ratio('fwdbwd_ratio')}"
+              + (f" {r.get('steady_ms', math.nan):10.3f} {ratio('steady_ratio')}" if steady else "")
+              + f" {peak:9.1f} {peak / r['io_mb']:7.2f}"
               + (f"  graph {r['graph_ms']:.3f} ms" if "graph_ms" in r else "")
               + (f"  cached graphs {r['graph_cache_mb']:.0f} MB" if r.get("graph_cache_mb") else "")
               + (f"  {r['vs_fast_transformers']:.0f}x faster than fast-transformers"
-                 if "vs_fast_transformers" in r else ""))
+                 if "vs_fast_transformers" in r else "")
+              + (f" ({r['steady_vs_fast_transformers']:.1f}x steady)" if "steady_vs_fast_transformers" in r else ""))
 
 
 if __name__ == "__main__":

@@ -307,7 +307,9 @@ def main():
 
     def measure_variant(variant, length, batch, profile_name):
         model, dictionary = build_model(variant, length, vocab, small, num_clusters, topk, args.attention_dropout)
-        return measure(model, dictionary, length, batch, steps, warmup, device, dtype, profile_name)
+        result = measure(model, dictionary, length, batch, steps, warmup, device, dtype, profile_name)
+        report_graph_cache(f"{variant} at {length}", device)
+        return result
 
     rows = compare_variants(lengths, variants, EXACT_VARIANTS, tokens_per_batch, measure_variant, args.profile,
                             device, dtype)
@@ -315,6 +317,17 @@ def main():
            f"RoBERTa-{'tiny' if small else 'base'} masked LM, C={num_clusters}, k={topk}, {tokens_per_batch} "
            f"tokens/batch, attention dropout "
            f"{'default' if args.attention_dropout is None else args.attention_dropout} (nan = out of memory)")
+
+
+def report_graph_cache(label, device):
+    """One line on what the ops' graph cache did so far (on CUDA with the extension): captures, replays
+    and the replays of the C++ entry points (``cuda/clustered_step.cpp``)."""
+    from fairseq_clustered.ops.cuda_backend import graph_cache
+    cache = graph_cache() if device.type == "cuda" else None
+    if cache is not None:
+        native = cache.native.replays if cache.native is not None else 0
+        print(f"  ({label}: graph cache so far {cache.captures} captures, {cache.replays} replays, {native} of them "
+              "from C++)")
 
 
 def compare_variants(lengths, variants, exact_variants, tokens_per_batch, measure_variant, profile, device, dtype):
