@@ -19,11 +19,11 @@ path), ``causal_flash_parts`` (the same with the attention as three flash-attent
 tensor cores for half precision).
 
 Times are medians of CUDA-event-timed runs after warm-up, each run synchronised, so an
-eager step's time includes the host's lead before its first kernel; on the GPU the
-forward+backward is also timed *steady*: ``STEADY_STEPS`` steps back to back per timed run
-(time per step), as in a training loop, where the host issues the next step while the GPU
-runs this one. ``peak`` is the peak
-memory of one forward+backward, counting its inputs (q, k, v, grad_out) and its
+eager step's time includes the host's lead before its first kernel and a GPU starting from
+idle (``host_lead.py`` separates them); on the GPU the forward+backward is also timed
+*steady*: ``STEADY_STEPS`` steps back to back per timed run (time per step), as in a
+training loop, where the host issues the next step while the GPU runs this one. ``peak``
+is the peak memory of one forward+backward, counting its inputs (q, k, v, grad_out) and its
 outputs and gradients; ``peak/io`` divides it by the bytes of q, k, v, the output
 and their gradients. Writes a CSV (after every measured row, so that a run that dies
 keeps what it measured) and, at the end, a log-log PNG (time and memory against N).

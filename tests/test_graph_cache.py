@@ -195,6 +195,69 @@ def test_the_input_limit_leaves_out_filled_tensors(monkeypatch, filled):
     assert (("stand-in",) in cache._calls) == bool(filled)
 
 
+class _StandInTable:
+    """The extension's ``GraphTable`` as the Python cache uses it: what was added and removed, and the
+    keys it reports as served."""
+
+    def __init__(self, environment):
+        self.environment, self.graphs, self.served, self.replays = environment, {}, [], 0
+
+    def add(self, key, exec, inputs, tensors, filled, outputs, copied, extras):
+        self.graphs[key] = dict(exec=exec, inputs=inputs, tensors=tensors, filled=filled, outputs=outputs,
+                                copied=copied, extras=extras)
+
+    def remove(self, key):
+        del self.graphs[key]
+
+    def clear(self):
+        self.graphs.clear()
+
+    def used_since_asked(self):
+        served, self.served = self.served, []
+        return served
+
+
+def test_the_cpp_table_holds_the_kept_graphs_that_read_in_place(monkeypatch):
+    """The cache's side of ``cuda/graph_table.cpp`` (a stand-in table, entries made by hand): a graph
+    is registered with its filled positions, per output its filled position or -1 and the graph-owned
+    outputs to copy; the table's replays since the last capture count as the latest uses when the
+    cache evicts (so the graph the table keeps serving stays), an evicted graph leaves the table before
+    it is freed, ``clear`` empties it, and ``replays`` counts the table's."""
+    class Extension:  # as the extension: its copies, GraphInputs and GraphTable
+        GraphTable, GraphInputs = _StandInTable, object
+
+        @staticmethod
+        def copy_tensors(destinations, sources):
+            for destination, source in zip(destinations, sources):
+                destination.copy_(source)
+
+        @staticmethod
+        def fresh_copies(tensors):
+            return [t.clone() for t in tensors]
+
+    monkeypatch.setattr(graph_cache, "MAX_ENTRIES", 2)
+    cache = graph_cache.GraphCache(copies=Extension())
+    table = cache.native
+    assert isinstance(table, _StandInTable) and table.environment == list(graph_cache._ENVIRONMENT)
+    x, out, total = torch.arange(4.0), torch.empty(4), torch.zeros(())
+    for name in ("a", "b", "c"):
+        static = [x.clone(), out.clone()]  # the graph returns its filled tensor and a sum of its own
+        entry = graph_cache._Entry(None, static, (static[1], total.clone()), False, 0, filled=[1])
+        entry.inputs, entry.executable = f"inputs {name}", len(name)
+        if name == "c":  # the table served "a" since "b" was captured: "b" is the least recently used
+            table.served, table.replays = [b"a"], 5
+        cache._entries[(name,)] = entry
+        cache._publish((name,), entry, [x, out], lambda name=name: (name.encode(), [out]))
+        cache._evict(graph_cache.settings(), (name,))
+    registered = table.graphs[b"a"]
+    assert registered["filled"] == [1] and registered["outputs"] == [1, -1] and registered["extras"] == [out]
+    assert registered["copied"][0] is cache._entries[("a",)].outputs[1]
+    assert list(cache._entries) == [("a",), ("c",)] and sorted(table.graphs) == [b"a", b"c"]
+    assert cache.replays == 5
+    cache.clear()
+    assert not table.graphs and len(cache) == 0
+
+
 # -------------------------------------------------------------------- GPU
 
 
