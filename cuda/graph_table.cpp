@@ -111,11 +111,20 @@ std::vector<std::optional<std::string>> GraphTable::environment() const {
 void GraphTable::add(const std::string& key, Graph graph) {
   TORCH_CHECK(graph.inputs != nullptr && graph.inputs->unsupported().empty(),
               "GraphTable.add: the graph must read its inputs in place");
-  TORCH_CHECK(graph.outputs.size() >= graph.copied.size(), "GraphTable.add: more copied outputs than outputs");
   for (const auto& filled : graph.filled) {
     TORCH_CHECK(filled.first < graph.tensor_count, "GraphTable.add: filled position ", filled.first, " of ",
                 graph.tensor_count, " tensors");
   }
+  size_t copies = 0;
+  for (const int64_t position : graph.outputs) {
+    const bool is_filled = std::any_of(graph.filled.begin(), graph.filled.end(), [&](const auto& filled) {
+      return static_cast<int64_t>(filled.first) == position;
+    });
+    TORCH_CHECK(position == -1 || is_filled, "GraphTable.add: output position ", position, " is not a filled tensor");
+    copies += position == -1;
+  }
+  TORCH_CHECK(copies == graph.copied.size(), "GraphTable.add: ", copies, " outputs to copy, ", graph.copied.size(),
+              " tensors given");
   auto now = environment();
   std::lock_guard<std::mutex> lock(mutex_);
   if (now != environment_) {  // graphs registered under other settings may not serve these
