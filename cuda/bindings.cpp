@@ -129,8 +129,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             return keys;
           },
           "keys replayed (or added) since the last call, least recently used first")
-      .def("set_clustered_backward_fallback", &fcl::GraphTable::set_clustered_backward_fallback,
-           pybind11::arg("fallback"), "a callable returning the clustered backward for a miss, or None");
+      .def("set_backward_fallback", &fcl::GraphTable::set_backward_fallback, pybind11::arg("variant"),
+           pybind11::arg("fallback"),
+           "for variant 'clustered' or 'improved': a callable returning the Python backward for a miss, or None");
   m.def(
       "clustered_forward_key",
       [](const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& planes,
@@ -151,6 +152,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                            num_clusters, scale, dropout_p));
       },
       "the GraphTable key of a clustered backward's composition (clustered_step's backward's key)");
+  m.def(
+      "improved_forward_key",
+      [](const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& planes,
+         const at::Tensor& offsets, const c10::optional<at::Tensor>& query_padding_mask,
+         const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& keep,
+         int64_t iterations, int64_t bits, int64_t num_clusters, int64_t topk, double scale, double dropout_p) {
+        return pybind11::bytes(fcl::improved_forward_key(query, key, value, planes, offsets, query_padding_mask,
+                                                         key_padding_mask, keep, iterations, bits, num_clusters,
+                                                         topk, scale, dropout_p));
+      },
+      "the GraphTable key of an improved forward's composition (improved_step's key)");
+  m.def(
+      "improved_backward_key",
+      [](const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+         const at::Tensor& packed, const c10::optional<at::Tensor>& key_padding_mask,
+         const c10::optional<at::Tensor>& keep, int64_t num_clusters, double scale, double dropout_p) {
+        return pybind11::bytes(fcl::improved_backward_key(grad_out, query, key, value, packed, key_padding_mask,
+                                                          keep, num_clusters, scale, dropout_p));
+      },
+      "the GraphTable key of an improved backward's composition (improved_step's backward's key)");
+  m.def("improved_step", &fcl::improved_step, pybind11::arg("table"), pybind11::arg("query"), pybind11::arg("key"),
+        pybind11::arg("value"), pybind11::arg("planes"), pybind11::arg("offsets"),
+        pybind11::arg("query_padding_mask"), pybind11::arg("key_padding_mask"), pybind11::arg("keep"),
+        pybind11::arg("iterations"), pybind11::arg("bits"), pybind11::arg("num_clusters"), pybind11::arg("topk"),
+        pybind11::arg("scale"), pybind11::arg("dropout_p"),
+        "an improved step's output replayed from the table, with a C++ backward node; None where not served");
   m.def("clustered_step", &fcl::clustered_step, pybind11::arg("table"), pybind11::arg("query"),
         pybind11::arg("key"), pybind11::arg("value"), pybind11::arg("planes"), pybind11::arg("offsets"),
         pybind11::arg("query_padding_mask"), pybind11::arg("key_padding_mask"), pybind11::arg("keep"),

@@ -1,4 +1,4 @@
-// The clustered variant's eager step from C++ (see clustered_step.cpp).
+// The clustered variants' eager steps from C++ (see clustered_step.cpp).
 #pragma once
 
 #include <torch/extension.h>
@@ -10,8 +10,8 @@
 
 namespace fcl {
 
-// The keys under which the graph cache registers the clustered forward's and backward's graphs
-// (fairseq_clustered/ops/cuda_kernels.py), from the arguments of their compositions.
+// The keys under which the graph cache registers the forwards' and backwards' graphs of both
+// variants (fairseq_clustered/ops/cuda_kernels.py), from the arguments of their compositions.
 std::string clustered_forward_key(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                   const at::Tensor& planes, const at::Tensor& offsets,
                                   const c10::optional<at::Tensor>& query_padding_mask,
@@ -24,13 +24,32 @@ std::string clustered_backward_key(const at::Tensor& grad_out, const at::Tensor&
                                    const c10::optional<at::Tensor>& keep, int64_t num_clusters, double scale,
                                    double dropout_p);
 
-// The attention output of a clustered step replayed from `table`, with a C++ backward node; None
-// where the table does not serve the call (Python then runs it).
+std::string improved_forward_key(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                 const at::Tensor& planes, const at::Tensor& offsets,
+                                 const c10::optional<at::Tensor>& query_padding_mask,
+                                 const c10::optional<at::Tensor>& key_padding_mask,
+                                 const c10::optional<at::Tensor>& keep, int64_t iterations, int64_t bits,
+                                 int64_t num_clusters, int64_t topk, double scale, double dropout_p);
+std::string improved_backward_key(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                                  const at::Tensor& value, const at::Tensor& packed,
+                                  const c10::optional<at::Tensor>& key_padding_mask,
+                                  const c10::optional<at::Tensor>& keep, int64_t num_clusters, double scale,
+                                  double dropout_p);
+
+// The attention output of a clustered (improved) step replayed from `table`, with a C++ backward
+// node; None where the table does not serve the call (Python then runs it).
 pybind11::object clustered_step(const std::shared_ptr<GraphTable>& table, const at::Tensor& query,
                                 const at::Tensor& key, const at::Tensor& value, const at::Tensor& planes,
                                 const at::Tensor& offsets, const c10::optional<at::Tensor>& query_padding_mask,
                                 const c10::optional<at::Tensor>& key_padding_mask,
                                 const c10::optional<at::Tensor>& keep, int64_t iterations, int64_t bits,
                                 int64_t num_clusters, double scale, double dropout_p);
+
+pybind11::object improved_step(const std::shared_ptr<GraphTable>& table, const at::Tensor& query,
+                               const at::Tensor& key, const at::Tensor& value, const at::Tensor& planes,
+                               const at::Tensor& offsets, const c10::optional<at::Tensor>& query_padding_mask,
+                               const c10::optional<at::Tensor>& key_padding_mask,
+                               const c10::optional<at::Tensor>& keep, int64_t iterations, int64_t bits,
+                               int64_t num_clusters, int64_t topk, double scale, double dropout_p);
 
 }  // namespace fcl

@@ -83,10 +83,9 @@ GraphTable::GraphTable(std::vector<std::string> environment) : names_(std::move(
 
 GraphTable::~GraphTable() {
   // The last owner may be a backward node that autograd's device thread frees without the GIL.
-  if (fallback_ != nullptr && Py_IsInitialized()) {
-    pybind11::gil_scoped_acquire gil;
-    Py_DECREF(fallback_);
-  }
+  if (fallbacks_.empty() || !Py_IsInitialized()) return;
+  pybind11::gil_scoped_acquire gil;
+  for (auto& fallback : fallbacks_) Py_DECREF(fallback.second);
 }
 
 bool GraphTable::same_environment() const {
@@ -201,14 +200,17 @@ std::vector<std::string> GraphTable::used_since_asked() {
   return keys;
 }
 
-void GraphTable::set_clustered_backward_fallback(pybind11::object fallback) {
-  PyObject* previous = fallback_;
-  fallback_ = fallback.release().ptr();
+void GraphTable::set_backward_fallback(const std::string& variant, pybind11::object fallback) {
+  PyObject*& held = fallbacks_[variant];
+  PyObject* previous = held;
+  held = fallback.release().ptr();
   Py_XDECREF(previous);
 }
 
-pybind11::object GraphTable::clustered_backward_fallback() const {
-  return fallback_ != nullptr ? pybind11::reinterpret_borrow<pybind11::object>(fallback_) : pybind11::none();
+pybind11::object GraphTable::backward_fallback(const std::string& variant) const {
+  const auto found = fallbacks_.find(variant);
+  return found != fallbacks_.end() ? pybind11::reinterpret_borrow<pybind11::object>(found->second)
+                                   : pybind11::none();
 }
 
 }  // namespace fcl

@@ -83,10 +83,10 @@ class GraphTable {
   // The keys served since the last call, least recently used first (the Python cache's LRU order).
   std::vector<std::string> used_since_asked();
 
-  // The Python callable that takes a clustered backward the table does not serve
-  // (CudaOps.clustered_bwd_packed behind a weakref.WeakMethod).
-  void set_clustered_backward_fallback(pybind11::object fallback);
-  pybind11::object clustered_backward_fallback() const;
+  // The Python callable that takes a backward of `variant` ("clustered", "improved") the table does
+  // not serve (a CudaOps method behind a weakref.WeakMethod); None where none was set.
+  void set_backward_fallback(const std::string& variant, pybind11::object fallback);
+  pybind11::object backward_fallback(const std::string& variant) const;
 
  private:
   std::vector<std::optional<std::string>> environment() const;
@@ -98,7 +98,7 @@ class GraphTable {
   std::vector<std::optional<std::string>> environment_;
   int64_t replays_ = 0;
   uint64_t tick_ = 0, asked_at_ = 0;
-  PyObject* fallback_ = nullptr;  // a strong reference, released under the GIL
+  std::unordered_map<std::string, PyObject*> fallbacks_;  // strong references, released under the GIL
 };
 
 }  // namespace fcl

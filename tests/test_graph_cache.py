@@ -341,8 +341,8 @@ def test_replays_match_eager_gpu(monkeypatch, variant, dtype, pad, dropout, inpu
     backward = [entry for key, entry in cache._entries.items() if "_bwd" in key[0]]
     assert backward and all(len(e.filled_outputs) == filled[variant, pad] for e in backward), \
         [len(e.filled_outputs) for e in backward]
-    if variant == "clustered" and inputs == "in-place":  # steps 3 and 4 from C++, their forwards at least
-        assert cache.native.replays >= 2, (len(cache.native), cache.copied_inputs)
+    if inputs == "in-place" and (variant, dtype) != ("improved", torch.float32):  # (fp32 improved: not packed)
+        assert cache.native.replays >= 2, (len(cache.native), cache.copied_inputs)  # steps 3-4 from C++
     monkeypatch.setenv("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "0")
     replays = cache.replays
     eager = [_step(variant, seed, dtype, pad, dropout) for seed in range(4)]
@@ -384,45 +384,50 @@ def _warm_table(monkeypatch, steps=3, **kwargs):
 
 
 @needs_gpu
+@pytest.mark.parametrize("variant", ["clustered", "improved"])
 @pytest.mark.parametrize("pad,dropout", [(False, 0.0), (True, 0.2)], ids=["flash", "padding-dropout"])
-def test_clustered_steps_run_from_cpp_gpu(monkeypatch, pad, dropout):
-    """From the third step on, a clustered step is replayed by the extension's ``clustered_step``: its
-    output's autograd node is the C++ one, each step replays the forward's and the backward's graphs
-    from the table (the second step captured and registered them), and outputs and gradients are
-    the eager composition's. A forward without grad is served too."""
+def test_clustered_steps_run_from_cpp_gpu(monkeypatch, variant, pad, dropout):
+    """From the third step on, a step of either variant is replayed by the extension's ``clustered_step``
+    / ``improved_step``: its output's autograd node is the C++ one, each step replays the forward's and
+    the backward's graphs from the table (the second step captured and registered them), and outputs
+    and gradients are the eager composition's. A forward without grad is served too."""
     cache = _warm_table(monkeypatch, steps=0)
     table = cache.native
     nodes = []
-    graphed = [_step("clustered", seed, torch.bfloat16, pad, dropout, nodes=nodes) for seed in range(5)]
+    graphed = [_step(variant, seed, torch.bfloat16, pad, dropout, nodes=nodes) for seed in range(5)]
     assert "ClusteredStep" not in nodes[0] and all("ClusteredStep" in node for node in nodes[2:]), nodes
-    expected = 6 if not pad else 3  # (with padding the backward's graph may copy its inputs: forwards only)
+    expected = 6 if not pad else 3  # (with padding a backward's graph may copy its inputs: forwards only)
     assert table.replays >= expected and len(table) >= expected // 3, (table.replays, cache.copied_inputs)
     q, k, v, kmask, qmask = _inputs(0, torch.bfloat16, pad=pad)
     replays = table.replays
+    fn = clustered_attention if variant == "clustered" else improved_clustered_attention
     with torch.no_grad():
-        out = clustered_attention(q, k, v, kmask, qmask, num_clusters=20,
-                                  generator=torch.Generator().manual_seed(0), dropout_p=dropout)
+        out = fn(q, k, v, kmask, qmask, num_clusters=20, generator=torch.Generator().manual_seed(0), dropout_p=dropout)
     assert table.replays == replays + 1 and torch.equal(out, graphed[0][0])
     monkeypatch.setenv("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "0")
     for seed, got in enumerate(graphed):
-        _assert_same(got, _step("clustered", seed, torch.bfloat16, pad, dropout), exact_grads=False)
+        _assert_same(got, _step(variant, seed, torch.bfloat16, pad, dropout), exact_grads=False)
     assert table.replays == replays + 1, "the table served calls with the graphs switched off"
 
 
 @needs_gpu
-def test_a_backward_the_table_lost_runs_in_python_gpu(monkeypatch):
+@pytest.mark.parametrize("variant", ["clustered", "improved"])
+def test_a_backward_the_table_lost_runs_in_python_gpu(monkeypatch, variant):
     """A step whose forward ran from C++ and whose backward's graph is gone by its backward (the cache
     cleared in between) gets its gradients from the Python backward, the eager composition's."""
-    cache = _warm_table(monkeypatch, pad=False, dropout=0.0)
+    cache = _warm_table(monkeypatch, steps=0)
+    for seed in range(3):
+        _step(variant, seed, torch.bfloat16, False, 0.0)
     q, k, v, _, _ = _inputs(3, torch.bfloat16)
-    out = clustered_attention(q, k, v, num_clusters=20, generator=torch.Generator().manual_seed(3))
+    fn = clustered_attention if variant == "clustered" else improved_clustered_attention
+    out = fn(q, k, v, num_clusters=20, generator=torch.Generator().manual_seed(3))
     assert "ClusteredStep" in out.grad_fn.name()
     cache.clear()
     replays = cache.native.replays
     out.backward(_gradient(3, out))
     assert cache.native.replays == replays
     monkeypatch.setenv("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "0")
-    _assert_same([out.detach(), q.grad, k.grad, v.grad], _step("clustered", 3, torch.bfloat16, False, 0.0),
+    _assert_same([out.detach(), q.grad, k.grad, v.grad], _step(variant, 3, torch.bfloat16, False, 0.0),
                  exact_grads=False)
 
 

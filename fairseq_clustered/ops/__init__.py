@@ -280,8 +280,11 @@ def improved_clustered_attention(
         planes, generator, scale, dropout_p, clusters,
     )
     args = (query, key, value, clusters, key_padding_mask, keep, num_clusters, topk, scale, float(dropout_p))
-    if ops is not None:
-        return eager.ImprovedClusteredAttention.apply(ops, *args, clustering)
+    if ops is not None:  # from C++ where the graph cache holds the step's graphs, as clustered_attention
+        out = None if clustering is None else ops.improved_step(query, key, value, key_padding_mask, keep,
+                                                                num_clusters, topk, scale, float(dropout_p),
+                                                                clustering)
+        return out if out is not None else eager.ImprovedClusteredAttention.apply(ops, *args, clustering)
     out, *_ = custom_ops.improved_clustered_attention_fwd(*args)
     return out
 from .causal import causal_clustered_attention, causal_key_clusters  # noqa: E402  (leak-free causal variant)

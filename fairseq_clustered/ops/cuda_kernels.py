@@ -285,7 +285,8 @@ class CudaOps:
         self.graphs = GraphCache(copies=ext if hasattr(ext, "fresh_copies") else None)
         self._by_kind: Dict[tuple, object] = {}  # see _per_kind
         if self.graphs.native is not None:  # (weakly: the table may outlive these ops, in a backward node)
-            self.graphs.native.set_clustered_backward_fallback(weakref.WeakMethod(self.clustered_bwd_packed))
+            self.graphs.native.set_backward_fallback("clustered", weakref.WeakMethod(self.clustered_bwd_packed))
+            self.graphs.native.set_backward_fallback("improved", weakref.WeakMethod(self.improved_bwd_from_step))
 
     # ------------------------------------------------------------------ clustering
 
@@ -423,15 +424,25 @@ class CudaOps:
         (:meth:`packs_improved`), with what its backward needs in one buffer, as
         :meth:`clustered_fwd_packed`: ``(out, packed, layout)`` (:meth:`improved_kept_layout`), which
         :meth:`improved_bwd_packed` takes."""
-        layout = self._per_kind(
+        out = self._improved_query_sized_to_fill(query, value, key_padding_mask, keep, num_clusters)
+
+        def native():  # improved_step's key of this call (its forward fills out and the buffer)
+            return self.ext.improved_forward_key(query, key, value, planes, offsets, query_padding_mask,
+                                                 key_padding_mask, keep, iterations, bits, num_clusters, topk, scale,
+                                                 dropout_p), []
+
+        return self._run_packing("improved_clustered_attention_fwd_packed", self._improved_fwd_packing,
+                                 self._improved_layout(query, key, value, key_padding_mask, keep, num_clusters, topk),
+                                 out, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
+                                 key_padding_mask, keep, num_clusters, topk, scale, dropout_p,
+                                 native=native if out is not None else None)
+
+    def _improved_layout(self, query, key, value, key_padding_mask, keep, num_clusters, topk) -> "KeptLayout":
+        """:meth:`improved_kept_layout`, remembered per kind."""
+        return self._per_kind(
             ("improved_kept_layout", query.shape, key.shape[2], key.dtype, value.shape[-1], key_padding_mask is None,
              keep is None, num_clusters, topk),
             lambda: self.improved_kept_layout(query, key, value, key_padding_mask, keep, num_clusters, topk))
-        return self._run_packing("improved_clustered_attention_fwd_packed", self._improved_fwd_packing, layout,
-                                 self._improved_query_sized_to_fill(query, value, key_padding_mask, keep,
-                                                                    num_clusters),
-                                 query, key, value, planes, offsets, query_padding_mask, iterations, bits,
-                                 key_padding_mask, keep, num_clusters, topk, scale, dropout_p)
 
     def _improved_fwd_packing(self, out, packed, layout, query, key, value, planes, offsets, query_padding_mask,
                               iterations, bits, *attention):
@@ -479,11 +490,24 @@ class CudaOps:
     def improved_bwd_packed(self, grad_out, query, key, value, packed, layout, key_padding_mask, keep, num_clusters,
                             scale, dropout_p):
         """:meth:`improved_bwd` from :meth:`improved_fwd_packed`'s ``packed`` and ``layout``, unpacked inside
-        the composition: the sort of the queries is not done again, nor the centroids' attention forward."""
+        the composition: the sort of the queries is not done again, nor the centroids' attention forward.
+        ``grad_out`` contiguous."""
+        def native():  # the key under which improved_step's backward node looks this call up
+            return self.ext.improved_backward_key(grad_out, query, key, value, packed, key_padding_mask, keep,
+                                                  num_clusters, scale, dropout_p), []
+
         return self.graphs.run("improved_clustered_attention_bwd_packed", self._improved_bwd_unpacking, (
             grad_out, query, key, value, packed, layout, key_padding_mask, keep, num_clusters, scale, dropout_p,
             *self._improved_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters)),
-            filled=(11, 12, 13))
+            filled=(11, 12, 13), native=native)
+
+    def improved_bwd_from_step(self, grad_out, query, key, value, packed, key_padding_mask, keep, num_clusters, topk,
+                               scale, dropout_p):
+        """:meth:`improved_bwd_packed`, for the backward node of ``improved_step``
+        (``cuda/clustered_step.cpp``) where its table does not hold the backward's graph."""
+        layout = self._improved_layout(query, key, value, key_padding_mask, keep, num_clusters, topk)
+        return self.improved_bwd_packed(grad_out, query, key, value, packed, layout, key_padding_mask, keep,
+                                        num_clusters, scale, dropout_p)
 
     def _improved_bwd_unpacking(self, grad_out, query, key, value, packed, layout, key_padding_mask, keep,
                                 num_clusters, scale, dropout_p, dq=None, dk=None, dv=None):
@@ -529,6 +553,17 @@ class CudaOps:
         planes, offsets, query_padding_mask, iterations, bits = clustering
         return self.ext.clustered_step(self.graphs.native, query, key, value, planes, offsets, query_padding_mask,
                                        key_padding_mask, keep, iterations, bits, num_clusters, scale, dropout_p)
+
+    def improved_step(self, query, key, value, key_padding_mask, keep, num_clusters, topk, scale, dropout_p,
+                      clustering):
+        """:meth:`clustered_step` for the improved variant (its graphs from :meth:`improved_fwd_packed` and
+        :meth:`improved_bwd_packed`); None where the table does not serve the call (then
+        ``eager.ImprovedClusteredAttention`` runs it)."""
+        if self.graphs.native is None:
+            return None
+        planes, offsets, query_padding_mask, iterations, bits = clustering
+        return self.ext.improved_step(self.graphs.native, query, key, value, planes, offsets, query_padding_mask,
+                                      key_padding_mask, keep, iterations, bits, num_clusters, topk, scale, dropout_p)
 
     def _kept_layout(self, query: Tensor, value: Tensor, num_clusters: int) -> "KeptLayout":
         """:func:`kept_layout`, remembered per kind (``query`` may be its gradient: same shape and dtype)."""
