@@ -55,8 +55,8 @@ def graph_cache_line(cuda_backend) -> str:
     return (f"on: the kernels' compositions replay from a CUDA graph once a call signature repeats (inputs up to "
             f"{config.max_input_bytes >> 20} MiB, cache up to {config.budget_bytes >> 20} MiB; "
             f"FAIRSEQ_CLUSTERED_CUDA_GRAPHS=0 turns it off); the calls' tensors {inputs}"
-            + ("; the clustered step from C++ where its graphs read their inputs in place" if native and
-               config.inputs_in_place else ""))
+            + ("; the clustered and improved steps from C++ where their graphs read their inputs in place"
+               if native and config.inputs_in_place else ""))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ caller has not clustered yet, the clustering runs inside the forward's compositi
 queries of the clustered variants, the keys of the causal one), so a step replays two
 graphs: the forward with its clustering, and the backward.
 
-Once the cache holds a clustered step's two graphs and they read their inputs in place, the
-step does not come here at all: the public function's call of ``CudaOps.clustered_step`` replays
-them from C++ with a C++ autograd node (``cuda/clustered_step.cpp``), and only what that does not
-serve runs :class:`ClusteredAttention`.
+Once the cache holds a clustered (improved) step's two graphs and they read their inputs in place,
+the step does not come here at all: the public function's call of ``CudaOps.clustered_step``
+(``improved_step``) replays them from C++ with a C++ autograd node (``cuda/clustered_step.cpp``),
+and only what that does not serve runs :class:`ClusteredAttention`
+(:class:`ImprovedClusteredAttention`).
 
 The custom ops stay the path everywhere else: on the CPU and other devices, without the
 compiled extension, under ``torch.compile`` (which needs their fake kernels) and under
