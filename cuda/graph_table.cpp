@@ -1,10 +1,10 @@
 // Replaying the graph cache's graphs from C++: the hit path of an eager step without Python.
 //
-// Below 8k positions an eager clustered step is bound by the CPU that issues it: on the GPU
-// server's CPU the Python around two graph replays (the autograd Function and its backward node,
-// the cache's key, lookup and replay, the allocations of the outputs) took about 250 of the
-// step's 450 us at 4k, where the GPU needs 290 (benchmarks/NOTES.md, twenty-fifth to
-// twenty-seventh sessions). fairseq_clustered/ops/graph_cache.py still captures, checks and
+// Up to 4k positions an eager clustered step was bound by the CPU that issues it: around its two
+// graph replays sit the autograd Function and its backward node, the cache's key, lookup and
+// replay, and the allocations of the outputs, all in Python. On the GPU server's CPU a step at 4k
+// took 412 us to issue that way and takes 232 from here, where its GPU work takes 290
+// (benchmarks/NOTES.md, twenty-eighth session). fairseq_clustered/ops/graph_cache.py still captures, checks and
 // evicts every graph; once a graph reads its callers' tensors in place (GraphInputs, checked at
 // its capture), the cache also registers it here, under the key an entry point builds in C++
 // from its arguments (CallKey), with what a replay needs: where the call's filled tensors go
@@ -15,9 +15,10 @@
 //
 // A replay here is torch.cuda.CUDAGraph.replay less its random-number bookkeeping: these
 // compositions draw no random numbers (dropout comes in as a mask), so the Philox offsets that
-// replay advances are untouched by their graphs. The table is cleared when the environment
-// variables of the cache's settings change, and serves nothing inside a stream capture, where
-// the Python cache runs compositions eagerly for the outer capture to record.
+// replay advances are untouched by their graphs. The table serves nothing while the environment
+// variables of the cache's settings differ from those it was filled under (the next registration
+// empties it), nor inside a stream capture, where the Python cache runs compositions eagerly for
+// the outer capture to record.
 #include "graph_table.h"
 
 #include <c10/cuda/CUDAStream.h>
