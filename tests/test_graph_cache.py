@@ -247,7 +247,7 @@ def test_the_cpp_table_holds_the_kept_graphs_that_read_in_place(monkeypatch):
         if name == "c":  # the table served "a" since "b" was captured: "b" is the least recently used
             table.served, table.replays = [b"a"], 5
         cache._entries[(name,)] = entry
-        cache._publish((name,), entry, [x, out], lambda name=name: (name.encode(), [out]))
+        cache._publish(entry, [x, out], lambda name=name: (name.encode(), [out]))
         cache._evict(graph_cache.settings(), (name,))
     registered = table.graphs[b"a"]
     assert registered["filled"] == [1] and registered["outputs"] == [1, -1] and registered["extras"] == [out]

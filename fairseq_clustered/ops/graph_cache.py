@@ -203,7 +203,6 @@ class GraphCache:
         # the graphs that C++ entry points replay (the module's docstring), where the extension has them
         table = getattr(copies, "GraphTable", None)
         self.native = table(list(_ENVIRONMENT)) if table is not None and self._graph_inputs is not None else None
-        self._native_owner: Dict[bytes, Hashable] = {}  # native key -> the key of its entry here
         # name -> why its latest capture copies its inputs (GraphInputs could not be used or its check failed)
         self.copied_inputs: Dict[str, str] = {}
         self._entries: "OrderedDict[Hashable, _Entry]" = OrderedDict()  # least recently used first
@@ -255,7 +254,7 @@ class GraphCache:
         if entry is not None:
             self._entries.move_to_end(key)
             if native is not None and entry.inputs is not None and config.inputs_in_place:
-                self._publish(key, entry, tensors, native)
+                self._publish(entry, tensors, native)
             return self._replay(entry, tensors, config.inputs_in_place)
         if key in self._eager:
             return fn(*args)
@@ -276,7 +275,7 @@ class GraphCache:
         if pointers is not None:
             result = self._check_in_place(name, entry, pointers, fn, args, tensors)
             if native is not None and entry.inputs is not None:
-                self._publish(key, entry, tensors, native)
+                self._publish(entry, tensors, native)
             return result
         return self._replay(entry, tensors, False)
 
@@ -296,14 +295,13 @@ class GraphCache:
         every signature, so that each may be captured again."""
         if self.native is not None:
             self.native.clear()
-            self._native_owner.clear()
         self._entries.clear()
         self._calls.clear()
         self._eager.clear()
 
     # ---------------------------------------------------------------- private
 
-    def _publish(self, key: Hashable, entry: _Entry, tensors: List[Tensor], native) -> None:
+    def _publish(self, entry: _Entry, tensors: List[Tensor], native) -> None:
         """Registers ``entry`` (which reads its inputs in place) in the C++ table under the native key
         of this call (``run``'s ``native``). Again at every call that reaches here, which the table did
         not serve: it may have been cleared since (its settings changed)."""
@@ -314,13 +312,11 @@ class GraphCache:
         self.native.add(native_key, entry.executable, entry.inputs, tensors, entry.filled, outputs,
                         [entry.outputs[i] for i in entry.copied_outputs], list(extras))
         entry.native_keys.add(native_key)
-        self._native_owner[native_key] = key
 
     def _forget_native(self, entry: _Entry) -> None:
         """Removes ``entry``'s graph from the C++ table (before the graph is freed)."""
         for native_key in entry.native_keys:
             self.native.remove(native_key)
-            self._native_owner.pop(native_key, None)
         entry.native_keys.clear()
 
     def _replay(self, entry: _Entry, tensors: List[Tensor], in_place: bool):
@@ -466,10 +462,10 @@ class GraphCache:
         """Drop the least recently used graphs until the cache is within its limits (the C++ table's
         replays since the last eviction count as uses just before ``newest``, the graph just captured)."""
         if self.native is not None:
+            owners = {native_key: key for key, entry in self._entries.items() for native_key in entry.native_keys}
             for native_key in self.native.used_since_asked():
-                owner = self._native_owner.get(native_key)
-                if owner in self._entries:
-                    self._entries.move_to_end(owner)
+                if native_key in owners:
+                    self._entries.move_to_end(owners[native_key])
             self._entries.move_to_end(newest)
         while len(self._entries) > 1 and (len(self._entries) > MAX_ENTRIES
                                           or self.memory_bytes() > config.budget_bytes):
