@@ -551,6 +551,39 @@ __device__ __forceinline__ void count_by_products(const uint32_t* masks, int mas
   }
 }
 
+// Distributed shared memory through 32-bit cluster addresses (sm_90; the host launches the
+// cluster kernel there only). address_in_block: where `local`, an address in this block's shared
+// memory, lies in block `block` of the thread block cluster; load_from_block / store_to_block read
+// and write there (other blocks see a store after a cluster barrier).
+__device__ __forceinline__ uint32_t address_in_block(const void* local, unsigned block) {
+  uint32_t there = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t here = static_cast<uint32_t>(__cvta_generic_to_shared(local));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(there) : "r"(here), "r"(block));
+#else
+  __trap();
+#endif
+  return there;
+}
+
+__device__ __forceinline__ int load_from_block(uint32_t address) {
+  int value = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("ld.shared::cluster.u32 %0, [%1];\n" : "=r"(value) : "r"(address) : "memory");
+#else
+  __trap();
+#endif
+  return value;
+}
+
+__device__ __forceinline__ void store_to_block(uint32_t address, uint32_t value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(address), "r"(value) : "memory");
+#else
+  __trap();
+#endif
+}
+
 // All of Lloyd for a row in one launch: initial centroids, every iteration and the final
 // assignment, by a thread block cluster per row (sm_90: blocks of a cluster are resident together
 // and read each other's shared memory). Each block takes a slice of the row's queries
@@ -622,35 +655,26 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
       __syncthreads();  // the round counted before its bits are cleared
     }
     cluster.sync();  // every block's counters complete
-    // 64 threads per centroid (bit `bit`; two warps, each packing 32 bits by ballot).
+    // 64 threads per centroid (bit `bit`; two warps, each packing 32 bits by ballot). The counters
+    // are read through 32-bit cluster addresses in a loop over the cluster's blocks, and lane r
+    // writes the new half code into block r. (Through generic pointers in a loop unrolled to
+    // MAX_CLUSTER_BLOCKS, the address arithmetic made the update issue-bound: 2.3 of 7.1 us per
+    // iteration at 32 rows of 2k in 3 blocks, 1.7 now; twenty-ninth session, ncu's source view.
+    // Issuing every pass's loads before the first sum, with the cluster's size a template
+    // argument, took as long.)
     const int bit = threadIdx.x % MAX_BITS;
     for (int j = rank + size * (threadIdx.x / MAX_BITS); j < C; j += size * (CLUSTER_THREADS / MAX_BITS)) {
-      // Every block's two counters loaded before any is added: the loads cross the cluster's
-      // network, and a chain of them would pay its latency once per block.
-      int members[MAX_CLUSTER_BLOCKS], ones[MAX_CLUSTER_BLOCKS];
-#pragma unroll
-      for (int r = 0; r < MAX_CLUSTER_BLOCKS; ++r) {
-        members[r] = ones[r] = 0;
-        if (r < size) {
-          const int* counts = cluster.map_shared_rank(sm.counts, r) + j * COUNTER_STRIDE;
-          members[r] = counts[COUNT_SLOT];
-          ones[r] = counts[bit];
-        }
-      }
-#pragma unroll
-      for (int r = 1; r < MAX_CLUSTER_BLOCKS; ++r) {
-        members[0] += members[r];
-        ones[0] += ones[r];
+      const int* counts = sm.counts + j * COUNTER_STRIDE;
+      int members = 0, ones = 0;
+      for (int r = 0; r < size; ++r) {
+        members += load_from_block(address_in_block(counts + COUNT_SLOT, r));
+        ones += load_from_block(address_in_block(counts + bit, r));
       }
       // Only this warp's half of the old code: the other warp writes the other half.
-      const uint32_t half = reinterpret_cast<const uint32_t*>(sm.cent + j)[bit / 32];
-      const bool set = majority_of((half >> (bit & 31)) & 1, bit, bits, members[0], ones[0]);
+      uint32_t* half = reinterpret_cast<uint32_t*>(sm.cent + j) + bit / 32;
+      const bool set = majority_of((*half >> (bit & 31)) & 1, bit, bits, members, ones);
       const unsigned word = __ballot_sync(FULL_MASK, set);
-      if (lane == 0) {
-        for (int r = 0; r < size; ++r) {
-          reinterpret_cast<uint32_t*>(cluster.map_shared_rank(sm.cent, r) + j)[bit / 32] = word;
-        }
-      }
+      if (lane < size) store_to_block(address_in_block(half, lane), word);
     }
     cluster.sync();  // every copy of the centroids updated, every block's counters read
   }
