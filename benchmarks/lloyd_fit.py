@@ -14,7 +14,7 @@ printed (no GPU needed: it parses the text) and
 * prints, for every shape, the kernel the module's rule picks, its measured time, the fastest
   measured and their ratio (``-`` where the rule picks a setting the sweep did not time)::
 
-    python benchmarks/lloyd_fit.py benchmarks/results/lloyd_one_bit_sweep_h200_session27.txt
+    python benchmarks/lloyd_fit.py benchmarks/results/lloyd_dsmem_update_sweep_h200_session29.txt
 
 The GPU's SM count and resident clusters per blocks per row come from the sweep's header lines.
 """

@@ -642,12 +642,12 @@ def test_lloyd_launch_settings_cpu():
 
 
 def test_lloyd_rule_against_the_measured_sweep_cpu():
-    """The rule's time model against an H200's measured sweep (benchmarks/results, twenty-seventh
+    """The rule's time model against an H200's measured sweep (benchmarks/results, twenty-ninth
     session): benchmarks/lloyd_fit.py's least-squares constants are the module's within 5%, and
     wherever the sweep timed the rule's choice it is within 5% of the fastest measured kernel."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import lloyd_fit
-    sweep = ROOT / "benchmarks" / "results" / "lloyd_one_bit_sweep_h200_session27.txt"
+    sweep = ROOT / "benchmarks" / "results" / "lloyd_dsmem_update_sweep_h200_session29.txt"
     sms, capacity, shapes = lloyd_fit.parse_sweep(sweep.read_text())
     assert sms == 132 and capacity[4] == 30 and len(shapes) == 21
     fits = lloyd_fit.fit_models(sms, capacity, shapes)

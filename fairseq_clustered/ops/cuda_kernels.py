@@ -130,11 +130,14 @@ ONE_LAUNCH_LLOYD_CACHED = 8192  # queries of a block's slice kept in shared memo
 # again every iteration), and divided by the blocks per row (the centroids' updates, shared
 # among the row's blocks). The kernels launched per step: fixed, per query of each SM's share
 # and per row (the update launches), with the tensor-core search or the population counts. Fitted
-# to benchmarks/lloyd_sweep.py by benchmarks/lloyd_fit.py (benchmarks/NOTES.md, twenty-seventh
-# session, run 2: results/lloyd_one_bit_sweep_h200_session27.txt): the one-launch kernel's median
-# error 3%, at most 13%, over 8 / 32 / 256 rows of 1k..64k queries at 1..8 blocks per row; the
-# per-step kernels' median 2%, at most 10%.
-ONE_LAUNCH_LLOYD_US = {"fixed": 42.0, "cached": 0.0365, "uncached": 0.049, "per_block": 27.0}
+# to benchmarks/lloyd_sweep.py by benchmarks/lloyd_fit.py (benchmarks/NOTES.md, twenty-ninth
+# session, run 8: results/lloyd_dsmem_update_sweep_h200_session29.txt): the one-launch kernel's
+# median error 3%, at most 11%, over 8 / 32 / 256 rows of 1k..64k queries at 1..8 blocks per row;
+# the per-step kernels' median 2%, at most 8%. Since that session's update (counters read through
+# cluster addresses) the updates no longer cost less with more blocks per row: the fit's
+# per-block term is slightly negative, a few microseconds that favour more blocks, within the
+# model's error (it was 27 us, and the fixed term 42, on the twenty-seventh session's sweep).
+ONE_LAUNCH_LLOYD_US = {"fixed": 47.1, "cached": 0.0363, "uncached": 0.049, "per_block": -5.0}
 # by tensor cores: (fixed, per_query, per_row), the factors of per_step_lloyd_terms
 PER_STEP_LLOYD_US = {True: (75.0, 0.0467, 0.26), False: (80.0, 0.0917, 0.22)}
 
