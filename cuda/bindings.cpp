@@ -47,6 +47,17 @@ void copy_tensors_cuda(const std::vector<at::Tensor>& dsts, const std::vector<at
 std::vector<at::Tensor> fresh_copies_cuda(const std::vector<at::Tensor>& srcs);
 }  // namespace fcl
 
+namespace {
+
+// One of clustered_step.h's key functions as a Python function returning bytes: pybind11 would
+// turn its std::string into text (decoding it as UTF-8), and the keys are raw bytes.
+template <typename... Args>
+auto bytes_of(std::string (*key)(Args...)) {
+  return [key](Args... args) { return pybind11::bytes(key(args...)); };
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fairseq-clustered CUDA kernels (see fairseq_clustered/ops/cuda_kernels.py)";
   m.def("hash_codes", &fcl::hash_codes_cuda, "packed hyperplane hash codes (B, H, N) int64");
@@ -132,46 +143,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_backward_fallback", &fcl::GraphTable::set_backward_fallback, pybind11::arg("variant"),
            pybind11::arg("fallback"),
            "for variant 'clustered' or 'improved': a callable returning the Python backward for a miss, or None");
-  m.def(
-      "clustered_forward_key",
-      [](const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& planes,
-         const at::Tensor& offsets, const c10::optional<at::Tensor>& query_padding_mask,
-         const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& keep,
-         int64_t iterations, int64_t bits, int64_t num_clusters, double scale, double dropout_p) {
-        return pybind11::bytes(fcl::clustered_forward_key(query, key, value, planes, offsets, query_padding_mask,
-                                                          key_padding_mask, keep, iterations, bits, num_clusters,
-                                                          scale, dropout_p));
-      },
-      "the GraphTable key of a clustered forward's composition (clustered_step's key)");
-  m.def(
-      "clustered_backward_key",
-      [](const at::Tensor& grad_out, const at::Tensor& dq, const at::Tensor& key, const at::Tensor& value,
-         const at::Tensor& packed, const c10::optional<at::Tensor>& key_padding_mask,
-         const c10::optional<at::Tensor>& keep, int64_t num_clusters, double scale, double dropout_p) {
-        return pybind11::bytes(fcl::clustered_backward_key(grad_out, dq, key, value, packed, key_padding_mask, keep,
-                                                           num_clusters, scale, dropout_p));
-      },
-      "the GraphTable key of a clustered backward's composition (clustered_step's backward's key)");
-  m.def(
-      "improved_forward_key",
-      [](const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& planes,
-         const at::Tensor& offsets, const c10::optional<at::Tensor>& query_padding_mask,
-         const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& keep,
-         int64_t iterations, int64_t bits, int64_t num_clusters, int64_t topk, double scale, double dropout_p) {
-        return pybind11::bytes(fcl::improved_forward_key(query, key, value, planes, offsets, query_padding_mask,
-                                                         key_padding_mask, keep, iterations, bits, num_clusters,
-                                                         topk, scale, dropout_p));
-      },
-      "the GraphTable key of an improved forward's composition (improved_step's key)");
-  m.def(
-      "improved_backward_key",
-      [](const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-         const at::Tensor& packed, const c10::optional<at::Tensor>& key_padding_mask,
-         const c10::optional<at::Tensor>& keep, int64_t num_clusters, double scale, double dropout_p) {
-        return pybind11::bytes(fcl::improved_backward_key(grad_out, query, key, value, packed, key_padding_mask,
-                                                          keep, num_clusters, scale, dropout_p));
-      },
-      "the GraphTable key of an improved backward's composition (improved_step's backward's key)");
+  m.def("clustered_forward_key", bytes_of(&fcl::clustered_forward_key),
+        "the GraphTable key of a clustered forward's composition (clustered_step's key)");
+  m.def("clustered_backward_key", bytes_of(&fcl::clustered_backward_key),
+        "the GraphTable key of a clustered backward's composition (clustered_step's backward's key)");
+  m.def("improved_forward_key", bytes_of(&fcl::improved_forward_key),
+        "the GraphTable key of an improved forward's composition (improved_step's key)");
+  m.def("improved_backward_key", bytes_of(&fcl::improved_backward_key),
+        "the GraphTable key of an improved backward's composition (improved_step's backward's key)");
   m.def("improved_step", &fcl::improved_step, pybind11::arg("table"), pybind11::arg("query"), pybind11::arg("key"),
         pybind11::arg("value"), pybind11::arg("planes"), pybind11::arg("offsets"),
         pybind11::arg("query_padding_mask"), pybind11::arg("key_padding_mask"), pybind11::arg("keep"),

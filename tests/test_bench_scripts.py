@@ -78,15 +78,35 @@ def test_top_keys_sweep_reads_its_settings_and_needs_a_gpu():
 @pytest.mark.parametrize("script,session", [("centroid_backward.py", "sixteenth"),
                                             ("cluster_order_sweep.py", "nineteenth"),
                                             ("centroid_sweep.py", "twentieth"),
-                                            ("centroid_grid_ab.py", "twentieth")])
+                                            ("centroid_grid_ab.py", "twentieth"),
+                                            ("lloyd_phases.py", "twenty-ninth")])
 def test_gpu_benchmarks_need_a_gpu(script, session):
-    """benchmarks/centroid_backward.py, cluster_order_sweep.py, centroid_sweep.py and
-    centroid_grid_ab.py: without a GPU each says so and exits."""
+    """benchmarks/centroid_backward.py, cluster_order_sweep.py, centroid_sweep.py,
+    centroid_grid_ab.py and lloyd_phases.py: without a GPU each says so and exits."""
     if torch.cuda.is_available():
         pytest.skip(f"has a GPU: the script runs there (benchmarks/NOTES.md, {session} session)")
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--lengths", "1024"],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
+
+
+def test_lloyd_phases_stamps_the_kernel_as_it_is():
+    """benchmarks/lloyd_phases.py: every phase stamp lands in lloyd_cluster_kernel of the current
+    cuda/clustering.cu, once and in the kernel's order, with phase 5 (the update) closed just
+    before the second cluster barrier; a kernel without one of the stamped lines is refused,
+    naming the line."""
+    import lloyd_phases
+    source = (BENCHMARKS.parent / "cuda" / "clustering.cu").read_text()
+    stamped = lloyd_phases.stamped_source(source)
+    kernel = stamped[stamped.index("lloyd_cluster_kernel(RowInfo info"):stamped.index("PYBIND11_MODULE")]
+    positions = [kernel.index(f"STAMP({k});") for k in range(8)]
+    assert all(kernel.count(f"STAMP({k});") == 1 for k in range(8))
+    assert kernel.index("STAMPS_BEGIN;") < positions[0] and positions == sorted(positions)
+    assert "STAMP(5);\n" + lloyd_phases.BEFORE_BARRIER_2 + "STAMP(6);" in kernel
+    assert kernel.index("STAMPS_END;") > positions[7] and "m.def(\"phase_cycles\"" in stamped
+    missing = source.replace("      __syncthreads();  // the round's membership bits set\n", "")
+    with pytest.raises(ValueError, match="the round's membership bits set"):
+        lloyd_phases.stamped_source(missing)
 
 
 def test_bench_attention_refuses_graph_with_dropout():
