@@ -95,6 +95,8 @@ def parse_args():
     p.add_argument("--graph", action="store_true",
                    help="also time forward+backward captured in a CUDA graph (GPU time without launch overhead)")
     p.add_argument("--profile", default="", help="comma-separated N: print the top CUDA kernels per method")
+    p.add_argument("--profile-forward", default="",
+                   help="comma-separated N: the same for the forward alone (without autograd)")
     p.add_argument("--host-profile", default="",
                    help="comma-separated N: print where the host (CPU) time of a forward+backward goes per method "
                         "(Python functions by own time, torch ops by count)")
@@ -108,6 +110,8 @@ def parse_args():
         # a capture of the whole step cannot advance ("CUDA generator not in capture mode")
         p.error("--graph (the step captured whole in a CUDA graph) does not take --dropout: the clustered ops' "
                 "dropout generator cannot be captured; leave out one of them")
+    if (args.profile or args.profile_forward) and args.device != "cuda":
+        p.error(f"--profile and --profile-forward list CUDA kernels: they need --device cuda, got --device {args.device}")
     if args.clusters is None:
         args.clusters = causal_ops.DEFAULT_NUM_CLUSTERS if args.causal else 100
     return args
@@ -303,6 +307,8 @@ def measure(args, name, fn, q, k, v, repeats):
             row["graph_ms"] = graph_time(fwd_bwd, repeats)
         if str(q.shape[2]) in args.profile.split(",") and name != "reference":
             profile(name, fwd_bwd)
+        if str(q.shape[2]) in args.profile_forward.split(",") and name != "reference":
+            profile(f"{name} forward", fwd)
         if str(q.shape[2]) in args.host_profile.split(",") and name != "reference":
             host_profile(name, fwd_bwd)
         if args.device == "cuda":

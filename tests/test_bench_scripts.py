@@ -118,6 +118,16 @@ def test_bench_attention_refuses_graph_with_dropout():
     assert result.returncode == 2 and "--graph" in result.stderr and "--dropout" in result.stderr
 
 
+@pytest.mark.parametrize("option", ["--profile", "--profile-forward"])
+def test_bench_attention_profiles_only_on_cuda(option):
+    """benchmarks/bench_attention.py: the kernel profiles are refused on the CPU before any work,
+    naming the option (torch's profiler lists CUDA kernels; the run used to fail at its first
+    synchronisation after timing everything)."""
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_attention.py"), "--device", "cpu",
+                             option, "256", "--lengths", "256"], capture_output=True, text=True)
+    assert result.returncode == 2 and option in result.stderr and "--device cuda" in result.stderr
+
+
 
 def test_host_layers_cpu_times_the_cache_hit_path():
     """benchmarks/host_layers_cpu.py on the CPU: a time for each mode, and in the ``cache`` mode every
