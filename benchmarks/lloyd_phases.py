@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PHASES = ["set-up", "clearing and fragments", "search and membership", "counting", "cluster barrier 1",
           "update (thread 0)", "cluster barrier 2", "final assignment"]
 PER_ITERATION = range(1, 7)  # the phases inside the iteration loop
+# The second cluster barrier: phase 5 (the update) closes just before it, phase 6 after it.
+BEFORE_BARRIER_2 = "    cluster.sync();  // every copy of the centroids updated, every block's counters read\n"
 # (a line of lloyd_cluster_kernel, what goes after it): STAMP(k) closes phase k.
 STAMPS: List[Tuple[str, str]] = [
     ("  const int rank = static_cast<int>(cluster.block_rank()), size = static_cast<int>(cluster.num_blocks());\n",
@@ -36,11 +38,10 @@ STAMPS: List[Tuple[str, str]] = [
     ("      __syncthreads();  // the round's membership bits set\n", "STAMP(2);\n"),
     ("      __syncthreads();  // the round counted before its bits are cleared\n", "STAMP(3);\n"),
     ("    cluster.sync();  // every block's counters complete\n", "STAMP(4);\n"),
-    ("    cluster.sync();  // every copy of the centroids updated, every block's counters read\n", "STAMP(6);\n"),
+    (BEFORE_BARRIER_2, "STAMP(6);\n"),
     ("  if (rank == 0) {\n    for (int j = threadIdx.x; j < C; j += blockDim.x) centroids[bh * C + j] = sm.cent[j];\n  }\n",
      "STAMP(7);\nSTAMPS_END;\n"),
 ]
-BEFORE_BARRIER_2 = "    cluster.sync();  // every copy of the centroids updated, every block's counters read\n"
 MACROS = r'''
 __device__ long long fcl_phase_cycles[65536 * 8];
 #define STAMPS_BEGIN long long stamp_last = clock64(); long long stamp_cycles[8] = {0, 0, 0, 0, 0, 0, 0, 0}
