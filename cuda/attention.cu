@@ -23,65 +23,100 @@ __device__ __forceinline__ int order_bucket(int64_t id, int clusters) {
   return id < 0 ? 0 : id >= clusters ? clusters + 1 : static_cast<int>(id) + 1;
 }
 
-// One block per row: a stable counting sort of the row's cluster ids into order (rows, N), and
-// seg_start (rows, C + 1), the first position of each cluster (seg_start[C]: the end of the last).
-// That is the permutation of a stable sort of the ids but inside the first and the last bucket,
-// kept in query order here. The row goes in chunks of ORDER_THREADS queries: each warp ranks
-// its lanes among those of the same bucket (__match_any_sync), and a scan over the warps turns
-// their per-bucket counts into where each warp's run of a bucket starts.
+// A stable counting sort of each row's cluster ids into order (rows, N), and seg_start (rows,
+// C + 1), the first position of each cluster (seg_start[C]: the end of the last). That is the
+// permutation of a stable sort of the ids but inside the first and the last bucket, kept in
+// query order here.
+//
+// A thread block cluster per row (blocks_in_cluster() of them; one block before sm_90): block r
+// takes the r-th of consecutive slices of the row. Each block counts its slice's buckets, and
+// after a cluster barrier reads every block's counts (distributed shared memory): a bucket of
+// block r starts after the whole row's smaller buckets and the same bucket's queries in blocks
+// before r. Each block then places its slice in chunks of ORDER_THREADS queries: each warp ranks
+// its lanes among those of the same bucket (__match_any_sync), and per bucket one warp scans the
+// 32 warps' counts (a lane per warp) into where each warp's run of it starts. One block per row,
+// as before the thirtieth session, left most of the GPU idle at 32 rows: 24 us at 8k.
 __global__ void __launch_bounds__(ORDER_THREADS) cluster_order_kernel(const int64_t* __restrict__ ids, int length,
                                                                       int clusters, int64_t* __restrict__ order,
                                                                       int64_t* __restrict__ seg_start) {
   extern __shared__ int smem_order[];
   const int buckets = clusters + 2;
-  int* next = smem_order;                       // (buckets): where each bucket's next query goes
-  int* counts = next + buckets;                 // (ORDER_WARPS, buckets): this chunk's, per warp
+  int* sizes = smem_order;                       // (buckets): this block's slice, read by the cluster
+  int* next = sizes + buckets;                   // (buckets): where each bucket's next query goes
+  int* totals = next + buckets;                  // (buckets): the whole row's
+  int* counts = totals + buckets;                // (ORDER_WARPS, buckets): this chunk's, per warp
   int* offsets = counts + ORDER_WARPS * buckets;  // (ORDER_WARPS, buckets): where each warp's run starts
-  const int64_t row = blockIdx.x;
+  const unsigned rank = block_rank_in_cluster(), blocks = blocks_in_cluster();
+  const int64_t row = blockIdx.x / blocks;
+  const int per_block = (length + static_cast<int>(blocks) - 1) / static_cast<int>(blocks);
+  const int begin = min(length, static_cast<int>(rank) * per_block), end = min(length, begin + per_block);
   const int64_t* row_ids = ids + row * length;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int i = threadIdx.x; i < buckets * (1 + ORDER_WARPS); i += ORDER_THREADS) smem_order[i] = 0;
+  for (int i = threadIdx.x; i < buckets * (3 + ORDER_WARPS); i += ORDER_THREADS) smem_order[i] = 0;
   __syncthreads();
-  for (int n = threadIdx.x; n < length; n += ORDER_THREADS) atomicAdd(next + order_bucket(row_ids[n], clusters), 1);
+  for (int n = begin + threadIdx.x; n < end; n += ORDER_THREADS) atomicAdd(sizes + order_bucket(row_ids[n], clusters), 1);
+  cluster_arrive();  // (a block barrier too)
+  cluster_wait();
+  for (int b = threadIdx.x; b < buckets; b += ORDER_THREADS) {
+    int before = 0, total = 0;
+    for (unsigned r = 0; r < blocks; ++r) {
+      const int size = r == rank ? sizes[b] : load_from_block(address_in_block(sizes + b, r));
+      before += r < rank ? size : 0;
+      total += size;
+    }
+    next[b] = before;
+    totals[b] = total;
+  }
+  cluster_arrive();  // this block has read the others' counts: they may exit once all have
   __syncthreads();
-  if (warp == 0) {  // sizes -> starts: an exclusive scan, 32 buckets at a time
+  if (warp == 0) {  // the row's bucket sizes -> starts: an exclusive scan, 32 buckets at a time
     int carry = 0;
     for (int first = 0; first < buckets; first += 32) {
       const int b = first + lane;
-      const int size = b < buckets ? next[b] : 0;
+      const int size = b < buckets ? totals[b] : 0;
       int through = size;
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
         const int below = __shfl_up_sync(FULL_MASK, through, off);
         if (lane >= off) through += below;
       }
-      if (b < buckets) next[b] = carry + through - size;
+      if (b < buckets) {
+        next[b] += carry + through - size;
+        totals[b] = carry + through - size;
+      }
       carry += __shfl_sync(FULL_MASK, through, 31);
     }
   }
   __syncthreads();
-  for (int c = threadIdx.x; c <= clusters; c += ORDER_THREADS) seg_start[row * (clusters + 1) + c] = next[c + 1];
-  for (int first = 0; first < length; first += ORDER_THREADS) {  // uniform over the block
+  if (rank == 0) {
+    for (int c = threadIdx.x; c <= clusters; c += ORDER_THREADS) seg_start[row * (clusters + 1) + c] = totals[c + 1];
+  }
+  for (int first = begin; first < end; first += ORDER_THREADS) {  // uniform over the block
     const int n = first + threadIdx.x;
-    const bool valid = n < length;
+    const bool valid = n < end;
     const int b = valid ? order_bucket(row_ids[n], clusters) : -1;
     const unsigned peers = __match_any_sync(FULL_MASK, b);
-    const int rank = __popc(peers & ((1u << lane) - 1u));  // lanes of the same bucket before this one
-    if (valid && rank == 0) counts[warp * buckets + b] = __popc(peers);
+    const int rank_in_warp = __popc(peers & ((1u << lane) - 1u));  // lanes of the same bucket before this one
+    if (valid && rank_in_warp == 0) counts[warp * buckets + b] = __popc(peers);
     __syncthreads();
-    for (int bb = threadIdx.x; bb < buckets; bb += ORDER_THREADS) {  // runs of warps 0, 1, ... in turn
-      int run = next[bb];
-      for (int w = 0; w < ORDER_WARPS; ++w) {
-        const int here = counts[w * buckets + bb];
-        offsets[w * buckets + bb] = run;
-        counts[w * buckets + bb] = 0;  // for the next chunk
-        run += here;
+    for (int bb = warp; bb < buckets; bb += ORDER_WARPS) {  // lane w: warp w's run of bucket bb
+      const int here = counts[lane * buckets + bb];
+      int through = here;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int below = __shfl_up_sync(FULL_MASK, through, off);
+        if (lane >= off) through += below;
       }
-      next[bb] = run;
+      const int start = next[bb];
+      offsets[lane * buckets + bb] = start + through - here;
+      counts[lane * buckets + bb] = 0;  // for the next chunk
+      __syncwarp();
+      if (lane == 31) next[bb] = start + through;
     }
     __syncthreads();  // (the next chunk's scan writes offsets only after its first barrier)
-    if (valid) order[row * length + offsets[warp * buckets + b] + rank] = n;
+    if (valid) order[row * length + offsets[warp * buckets + b] + rank_in_warp] = n;
   }
+  cluster_wait();
 }
 
 // out[bh, c, :] = sum (or mean) over the members of cluster c of x[bh, order[p], :].
@@ -138,36 +173,133 @@ __global__ void segment_sum_kernel(Rows<const scalar_t> x, int width, const int6
   }
 }
 
+// The same with 16-byte loads: `lanes_per_row` lanes (a power of two) cover a member's row,
+// VEC values each, so a warp reads 32 / lanes_per_row members per load and SEG_UNROLL times as
+// many are in flight (64 rows per block for bf16 rows of 64). The kernel above keeps 4 rows per
+// warp in flight, which left a large cluster's block waiting on one row after another (1.4 TB/s
+// at 32 rows of 8k; benchmarks/NOTES.md, thirtieth session). The sum's order is fixed: each
+// lane adds its members in sequence, the lanes of a warp combine by shuffles in a fixed
+// pattern, the warps in index order.
+constexpr int SEG_UNROLL = 4;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(SEG_THREADS) segment_sum_wide_kernel(
+    Rows<const scalar_t> x, int width, int lanes_per_row, const int64_t* __restrict__ order,
+    const int64_t* __restrict__ seg_start, int length, int clusters, bool mean, float* __restrict__ out) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  constexpr int WARPS = SEG_THREADS / 32;
+  __shared__ float partial[WARPS][SEG_THREADS];
+  const int64_t bh = blockIdx.y;
+  const int c = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  const int slot = lane / lanes_per_row, e0 = (lane - slot * lanes_per_row) * VEC;
+  const bool active = e0 < width;
+  const int rows_per_warp = 32 / lanes_per_row;
+  const int64_t start = seg_start[bh * (clusters + 1) + c];
+  const int64_t stop = seg_start[bh * (clusters + 1) + c + 1];
+  const int64_t b = bh / x.heads, h = bh - b * x.heads;
+  const scalar_t* base = x.ptr + b * x.sb + h * x.sh + (active ? e0 : 0);
+  const int64_t* ord = order + bh * length;
+  const int step = WARPS * rows_per_warp;  // members per pass of the block
+  float acc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+  auto add = [&](const uint4& raw) {
+    const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] += to_float(vals[v]);
+  };
+  int64_t p = start + warp * rows_per_warp + slot;
+  for (; p + (SEG_UNROLL - 1) * step < stop; p += SEG_UNROLL * step) {
+    uint4 raw[SEG_UNROLL];
+#pragma unroll
+    for (int u = 0; u < SEG_UNROLL; ++u)
+      raw[u] = active ? *reinterpret_cast<const uint4*>(base + ord[p + u * step] * x.sl) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < SEG_UNROLL; ++u) add(raw[u]);
+  }
+  for (; p < stop; p += step) add(active ? *reinterpret_cast<const uint4*>(base + ord[p] * x.sl) : make_uint4(0, 0, 0, 0));
+  for (int off = lanes_per_row; off < 32; off <<= 1) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] += __shfl_xor_sync(FULL_MASK, acc[v], off);
+  }
+  if (slot == 0 && active) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) partial[warp][e0 + v] = acc[v];
+  }
+  __syncthreads();
+  const int e = threadIdx.x;
+  if (e < width) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) total += partial[w][e];
+    if (mean && stop > start) total /= static_cast<float>(stop - start);
+    out[(bh * clusters + c) * width + e] = total;
+  }
+}
+
 // out[b, h, n, :] = src[bh, assignment, :] (zeros for padded queries), out addressed through
 // its strides (the caller's layout: fairseq's (T, B, H * E) gives (B, H, N, E) views whose
-// rows are not consecutive). Each thread writes VEC consecutive values (16 bytes for bf16 /
-// fp16 when the width and the strides allow it).
-template <int VEC, typename scalar_t>
+// rows are not consecutive), one value per thread. The fallback of broadcast_rows_kernel
+// where a row's 16-byte pieces are not aligned.
+template <typename scalar_t>
 __global__ void broadcast_kernel(const float* __restrict__ src, const int64_t* __restrict__ assignments,
                                  int64_t queries, int length, int clusters, int width, Rows<scalar_t> out) {
-  const int per_row = width / VEC;
-  const int64_t total = queries * per_row;
+  const int64_t total = queries * width;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t q = idx / per_row;
-    const int e0 = static_cast<int>(idx - q * per_row) * VEC;
+    const int64_t q = idx / width;
+    const int e = static_cast<int>(idx - q * width);
     const int64_t a = assignments[q];
     const int64_t bh = q / length;
-    const float* row = src + (bh * clusters + (a < 0 ? 0 : a)) * width + e0;
-    float vals[VEC];
+    out.row(bh, q - bh * length)[e] = from_float<scalar_t>(a < 0 ? 0.f : src[(bh * clusters + a) * width + e]);
+  }
+}
+
+// The same with 16-byte pieces: blockIdx.y is the row (batch x head), and each thread writes
+// one piece of BROADCAST_UNROLL queries, its loads issued before its stores. Per query and
+// piece the fallback above spent three 64-bit divisions, which made it issue-bound at
+// 1.5 TB/s (benchmarks/NOTES.md, thirtieth session).
+constexpr int BROADCAST_THREADS = 256;
+constexpr int BROADCAST_UNROLL = 4;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(BROADCAST_THREADS) broadcast_rows_kernel(
+    const float* __restrict__ src, const int64_t* __restrict__ assignments, int length, int clusters, int width,
+    Rows<scalar_t> out) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  const int pieces = width / VEC;                 // per query
+  const int per_pass = BROADCAST_THREADS / pieces;  // queries written per pass of the block
+  const int slot = threadIdx.x / pieces, e0 = (threadIdx.x - slot * pieces) * VEC;
+  if (slot >= per_pass) return;
+  const int bh = blockIdx.y;
+  const int b = bh / out.heads, h = bh - b * out.heads;
+  scalar_t* base = out.ptr + b * out.sb + h * out.sh + e0;
+  const int64_t* row_assignments = assignments + static_cast<int64_t>(bh) * length;
+  const float* row_src = src + static_cast<int64_t>(bh) * clusters * width + e0;
+  const int first = blockIdx.x * per_pass * BROADCAST_UNROLL + slot;
+  int64_t a[BROADCAST_UNROLL];
 #pragma unroll
-    for (int u = 0; u < VEC; ++u) vals[u] = a < 0 ? 0.f : row[u];
-    uint4 raw[(VEC * sizeof(scalar_t) + 15) / 16];
-    scalar_t* packed = reinterpret_cast<scalar_t*>(raw);
+  for (int u = 0; u < BROADCAST_UNROLL; ++u) {
+    const int n = first + u * per_pass;
+    a[u] = n < length ? row_assignments[n] : -2;  // -2: past the row, nothing written
+  }
+  float4 vals[BROADCAST_UNROLL][VEC / 4];
 #pragma unroll
-    for (int u = 0; u < VEC; ++u) packed[u] = from_float<scalar_t>(vals[u]);
-    scalar_t* dst = out.row(bh, q - bh * length) + e0;
-    if (VEC * sizeof(scalar_t) == 16) {
-      *reinterpret_cast<uint4*>(dst) = raw[0];
-    } else {
+  for (int u = 0; u < BROADCAST_UNROLL; ++u) {
+    const float4* from = reinterpret_cast<const float4*>(row_src + (a[u] < 0 ? 0 : a[u]) * width);
 #pragma unroll
-      for (int u = 0; u < VEC; ++u) dst[u] = packed[u];
-    }
+    for (int i = 0; i < VEC / 4; ++i) vals[u][i] = a[u] < 0 ? make_float4(0.f, 0.f, 0.f, 0.f) : from[i];
+  }
+#pragma unroll
+  for (int u = 0; u < BROADCAST_UNROLL; ++u) {
+    if (a[u] == -2) continue;
+    uint4 raw;
+    scalar_t* packed = reinterpret_cast<scalar_t*>(&raw);
+    const float* v = reinterpret_cast<const float*>(vals[u]);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) packed[i] = from_float<scalar_t>(v[i]);
+    *reinterpret_cast<uint4*>(base + static_cast<int64_t>(first + u * per_pass) * out.sl) = raw;
   }
 }
 
@@ -594,14 +726,31 @@ std::tuple<at::Tensor, at::Tensor> cluster_order_cuda(const at::Tensor& assignme
   at::Tensor order = at::empty({rows, N}, assignments.options());
   at::Tensor seg_start = at::empty({rows, num_clusters + 1}, assignments.options());
   if (rows == 0) return {order, seg_start};
-  TORCH_CHECK(rows <= 2147483647, "cluster_order: batch * heads must be < 2**31, got ", rows);
   const int buckets = static_cast<int>(num_clusters) + 2;
-  const size_t smem = static_cast<size_t>(buckets) * (1 + 2 * ORDER_WARPS) * sizeof(int);
+  const size_t smem = static_cast<size_t>(buckets) * (3 + 2 * ORDER_WARPS) * sizeof(int);
   ensure_smem(cluster_order_kernel, smem);
-  cluster_order_kernel<<<static_cast<unsigned>(rows), ORDER_THREADS, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      assignments.data_ptr<int64_t>(), static_cast<int>(N), static_cast<int>(num_clusters), order.data_ptr<int64_t>(),
-      seg_start.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Blocks per row: up to 8 (a portable cluster) and one chunk each, enough to fill the GPU twice.
+  int blocks = 1;
+  if (compute_major() >= 9) {
+    const int64_t chunks = (N + ORDER_THREADS - 1) / ORDER_THREADS;
+    blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({8, chunks, 2 * num_sms() / rows})));
+  }
+  TORCH_CHECK(rows * blocks <= 2147483647, "cluster_order: batch * heads must be < 2**31 / ", blocks, ", got ", rows);
+  cudaLaunchAttribute cluster_shape[1];
+  cluster_shape[0].id = cudaLaunchAttributeClusterDimension;
+  cluster_shape[0].val.clusterDim.x = static_cast<unsigned>(blocks);
+  cluster_shape[0].val.clusterDim.y = 1;
+  cluster_shape[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(rows * blocks));
+  config.blockDim = dim3(ORDER_THREADS);
+  config.dynamicSmemBytes = smem;
+  config.stream = c10::cuda::getCurrentCUDAStream();
+  config.attrs = cluster_shape;
+  config.numAttrs = blocks > 1 ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, cluster_order_kernel, assignments.data_ptr<int64_t>(), static_cast<int>(N),
+                                    static_cast<int>(num_clusters), order.data_ptr<int64_t>(),
+                                    seg_start.data_ptr<int64_t>()));
   return {order, seg_start};
 }
 
@@ -624,9 +773,21 @@ at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, con
   TORCH_CHECK(B * H <= 65535, "segment_sum: batch * heads must be <= 65535");
   auto stream = c10::cuda::getCurrentCUDAStream();
   FCL_DISPATCH_FLOAT(x.scalar_type(), "segment_sum", [&] {
-    segment_sum_kernel<scalar_t><<<dim3(static_cast<unsigned>(C), static_cast<unsigned>(B * H)), SEG_THREADS, 0, stream>>>(
-        make_rows<const scalar_t>(x), static_cast<int>(E), order.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(),
-        static_cast<int>(N), static_cast<int>(C), mean, out.data_ptr<float>());
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(B * H));
+    // 16-byte loads need every row start 16-byte aligned: the base and every stride.
+    if (E % VEC == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.stride(0) % VEC == 0 &&
+        x.stride(1) % VEC == 0 && x.stride(2) % VEC == 0) {
+      int lanes_per_row = 1;
+      while (lanes_per_row * VEC < E) lanes_per_row *= 2;  // <= 32: E <= SEG_THREADS, VEC >= 4
+      segment_sum_wide_kernel<scalar_t><<<grid, SEG_THREADS, 0, stream>>>(
+          make_rows<const scalar_t>(x), static_cast<int>(E), lanes_per_row, order.data_ptr<int64_t>(),
+          seg_start.data_ptr<int64_t>(), static_cast<int>(N), static_cast<int>(C), mean, out.data_ptr<float>());
+    } else {
+      segment_sum_kernel<scalar_t><<<grid, SEG_THREADS, 0, stream>>>(
+          make_rows<const scalar_t>(x), static_cast<int>(E), order.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(),
+          static_cast<int>(N), static_cast<int>(C), mean, out.data_ptr<float>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -652,17 +813,26 @@ void broadcast_into_cuda(const at::Tensor& src, const at::Tensor& assignments, c
   const int64_t queries = a.numel();
   auto stream = c10::cuda::getCurrentCUDAStream();
   FCL_DISPATCH_FLOAT(out.scalar_type(), "broadcast", [&] {
-    constexpr int VEC16 = 16 / sizeof(scalar_t);
-    // 16-byte stores need every row start 16-byte aligned: the base and every stride.
-    constexpr int64_t ALIGN = 16 / sizeof(scalar_t);
-    const bool wide = E % VEC16 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 &&
-                      out.stride(0) % ALIGN == 0 && out.stride(1) % ALIGN == 0 && out.stride(2) % ALIGN == 0;
-    const int64_t threads_total = queries * (wide ? E / VEC16 : E);
-    const int blocks = static_cast<int>(std::min<int64_t>((threads_total + 255) / 256, 64LL * num_sms()));
-    auto kernel = wide ? broadcast_kernel<VEC16, scalar_t> : broadcast_kernel<1, scalar_t>;
-    kernel<<<std::max(blocks, 1), 256, 0, stream>>>(src.data_ptr<float>(), a.data_ptr<int64_t>(), queries,
-                                                     static_cast<int>(N), static_cast<int>(C), static_cast<int>(E),
-                                                     make_rows<scalar_t>(out));
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    // 16-byte pieces need every row start 16-byte aligned (the base and every stride of out,
+    // and src's rows) and at most BROADCAST_THREADS pieces per row.
+    const bool wide = E % VEC == 0 && E / VEC <= BROADCAST_THREADS &&
+                      reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(src.data_ptr()) % 16 == 0 && out.stride(0) % VEC == 0 &&
+                      out.stride(1) % VEC == 0 && out.stride(2) % VEC == 0;
+    if (wide) {
+      const int64_t per_block = (BROADCAST_THREADS / (E / VEC)) * BROADCAST_UNROLL;
+      TORCH_CHECK(queries / N <= 65535, "broadcast: batch * heads must be <= 65535");
+      const dim3 grid(static_cast<unsigned>((N + per_block - 1) / per_block), static_cast<unsigned>(queries / N));
+      broadcast_rows_kernel<scalar_t><<<grid, BROADCAST_THREADS, 0, stream>>>(
+          src.data_ptr<float>(), a.data_ptr<int64_t>(), static_cast<int>(N), static_cast<int>(C),
+          static_cast<int>(E), make_rows<scalar_t>(out));
+    } else {
+      const int blocks = static_cast<int>(std::min<int64_t>((queries * E + 255) / 256, 64LL * num_sms()));
+      broadcast_kernel<scalar_t><<<std::max(blocks, 1), 256, 0, stream>>>(
+          src.data_ptr<float>(), a.data_ptr<int64_t>(), queries, static_cast<int>(N), static_cast<int>(C),
+          static_cast<int>(E), make_rows<scalar_t>(out));
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -551,39 +551,6 @@ __device__ __forceinline__ void count_by_products(const uint32_t* masks, int mas
   }
 }
 
-// Distributed shared memory through 32-bit cluster addresses (sm_90; the host launches the
-// cluster kernel there only). address_in_block: where `local`, an address in this block's shared
-// memory, lies in block `block` of the thread block cluster; load_from_block / store_to_block read
-// and write there (other blocks see a store after a cluster barrier).
-__device__ __forceinline__ uint32_t address_in_block(const void* local, unsigned block) {
-  uint32_t there = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint32_t here = static_cast<uint32_t>(__cvta_generic_to_shared(local));
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(there) : "r"(here), "r"(block));
-#else
-  __trap();
-#endif
-  return there;
-}
-
-__device__ __forceinline__ int load_from_block(uint32_t address) {
-  int value = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("ld.shared::cluster.u32 %0, [%1];\n" : "=r"(value) : "r"(address) : "memory");
-#else
-  __trap();
-#endif
-  return value;
-}
-
-__device__ __forceinline__ void store_to_block(uint32_t address, uint32_t value) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(address), "r"(value) : "memory");
-#else
-  __trap();
-#endif
-}
-
 // All of Lloyd for a row in one launch: initial centroids, every iteration and the final
 // assignment, by a thread block cluster per row (sm_90: blocks of a cluster are resident together
 // and read each other's shared memory). Each block takes a slice of the row's queries

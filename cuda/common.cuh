@@ -100,6 +100,74 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[VPL]) {
   for (int e = 0; e < VPL; ++e) p[e] = from_float<T>(in[e]);
 }
 
+// Distributed shared memory through 32-bit cluster addresses (sm_90; the hosts launch
+// cluster kernels there only). address_in_block: where `local`, an address in this block's shared
+// memory, lies in block `block` of the thread block cluster; load_from_block / store_to_block read
+// and write there (other blocks see a store after a cluster barrier).
+__device__ __forceinline__ uint32_t address_in_block(const void* local, unsigned block) {
+  uint32_t there = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t here = static_cast<uint32_t>(__cvta_generic_to_shared(local));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(there) : "r"(here), "r"(block));
+#else
+  __trap();
+#endif
+  return there;
+}
+
+__device__ __forceinline__ int load_from_block(uint32_t address) {
+  int value = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("ld.shared::cluster.u32 %0, [%1];\n" : "=r"(value) : "r"(address) : "memory");
+#else
+  __trap();
+#endif
+  return value;
+}
+
+__device__ __forceinline__ void store_to_block(uint32_t address, uint32_t value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(address), "r"(value) : "memory");
+#else
+  __trap();
+#endif
+}
+
+// This block's rank in its thread block cluster, and the cluster's blocks: 0 and 1 before sm_90,
+// whose launches have no clusters (on sm_90 a launch without them has clusters of one block).
+__device__ __forceinline__ unsigned block_rank_in_cluster() {
+  unsigned rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+#endif
+  return rank;
+}
+
+__device__ __forceinline__ unsigned blocks_in_cluster() {
+  unsigned blocks = 1;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(blocks));
+#endif
+  return blocks;
+}
+
+// A barrier of every thread of the cluster, split: after cluster_arrive(), this block's shared
+// memory writes before it are visible to the blocks that pass their cluster_wait(); a block waits
+// for all to arrive. Before sm_90 (one block per cluster) a block barrier.
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#else
+  __syncthreads();
+#endif
+}
+
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+
 // An attribute of the current device, queried once per device.
 template <cudaDeviceAttr ATTRIBUTE>
 inline int device_attribute() {

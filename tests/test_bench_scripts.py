@@ -79,15 +79,30 @@ def test_top_keys_sweep_reads_its_settings_and_needs_a_gpu():
                                             ("cluster_order_sweep.py", "nineteenth"),
                                             ("centroid_sweep.py", "twentieth"),
                                             ("centroid_grid_ab.py", "twentieth"),
-                                            ("lloyd_phases.py", "twenty-ninth")])
+                                            ("lloyd_phases.py", "twenty-ninth"),
+                                            ("memory_kernels.py", "thirtieth")])
 def test_gpu_benchmarks_need_a_gpu(script, session):
     """benchmarks/centroid_backward.py, cluster_order_sweep.py, centroid_sweep.py,
-    centroid_grid_ab.py and lloyd_phases.py: without a GPU each says so and exits."""
+    centroid_grid_ab.py, lloyd_phases.py and memory_kernels.py: without a GPU each says so and exits."""
     if torch.cuda.is_available():
         pytest.skip(f"has a GPU: the script runs there (benchmarks/NOTES.md, {session} session)")
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--lengths", "1024"],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
+
+
+def test_memory_kernels_reads_its_hash_settings():
+    """benchmarks/memory_kernels.py: ``--hash-launch`` takes ROWS,TILES,WARPS settings and refuses
+    anything else, naming the option, before it looks for a GPU."""
+    import memory_kernels
+    assert memory_kernels.parse_launches("128,1,4; 256,2,8;") == [(128, 1, 4), (256, 2, 8)]
+    for bad, message in (("128,1", "ROWS,TILES,WARPS"), ("100,1,4", "power of two"), ("128,0,4", "TILES >= 1"),
+                         ("128,1,3", "WARPS")):
+        with pytest.raises(SystemExit, match="--hash-launch.*" + message):
+            memory_kernels.parse_launches(bad)
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "memory_kernels.py"), "--hash-launch", "64,x,4"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "--hash-launch" in result.stderr
 
 
 def test_lloyd_phases_stamps_the_kernel_as_it_is():

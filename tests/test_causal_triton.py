@@ -246,6 +246,18 @@ def test_triton_hash_matches_the_reference(bits, dim, n, dtype):
                        hash_triton.hash_codes_triton(x, planes, offsets))
 
 
+@interpreted
+@pytest.mark.parametrize("launch", [(64, 3, 4), (128, 2, 8), (32, 1, 2)])
+def test_triton_hash_launch_settings_give_the_same_codes(launch):
+    """Rows per tile, tiles per program and warps change only which program hashes a vector (tiles
+    past the last vector are masked): the codes equal those of the module's settings."""
+    from fairseq_clustered.ops import hash_triton
+
+    x, planes, offsets = hash_inputs(63, 64, 300, torch.float16, "cpu")
+    assert torch.equal(hash_triton.hash_codes_triton(x, planes, offsets, launch),
+                       hash_triton.hash_codes_triton(x, planes, offsets))
+
+
 def test_triton_hash_reasons():
     from fairseq_clustered.ops import _triton, hash_triton
 

@@ -1116,12 +1116,13 @@ def test_cluster_queries_is_hash_then_lloyd_gpu(dtype):
 
 @needs_gpu
 @pytest.mark.parametrize("rows,length,clusters", [
-    (3, 1, 1), (2, 97, 5), (4, 1025, 100), (2, 4099, 256), (1, 2048, 2), (2, 0, 3),
+    (3, 1, 1), (2, 97, 5), (4, 1025, 100), (2, 4099, 256), (1, 2048, 2), (2, 0, 3), (1, 8191, 100), (16, 20000, 100),
 ])
 def test_cluster_order_gpu(rows, length, clusters):
     """The extension's counting sort by cluster against :func:`_segments` (torch's stable sort and a
     search): with padded queries (-1), empty clusters, one chunk or several with a partial last one,
-    the largest C it takes; bit-identical reruns. Ids out of range (below -1 or >= C: no cluster)
+    rows split over 1 to 8 blocks of a cluster (slices of unequal chunks), the largest C it takes;
+    bit-identical reruns. Ids out of range (below -1 or >= C: no cluster)
     land in the same two runs, before seg_start[0] and from seg_start[C], in query order."""
     from fairseq_clustered.ops import cuda_backend
     ext = cuda_backend.extension()
@@ -1151,6 +1152,65 @@ def test_cluster_order_gpu(rows, length, clusters):
             assert (flat[r, order[r, :first]] < 0).all() and (flat[r, order[r, last:]] >= clusters).all()
     with pytest.raises(RuntimeError, match="num_clusters must be in 1..256"):
         ext.cluster_order(ids, 257)
+
+
+def _layouts(x: torch.Tensor):
+    """``x (B, H, N, E)`` as given, as a view of an ``(N, B, H, E)`` tensor (fairseq's layout), and
+    one element past a 16-byte boundary (the kernels' scalar paths)."""
+    batch, heads, length, width = x.shape
+    fairseq = x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+    shifted = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view(x.shape)
+    shifted.copy_(x)
+    return {"contiguous": x, "fairseq": fairseq, "misaligned": shifted}
+
+
+@needs_gpu
+@pytest.mark.parametrize("width,dtype", [(64, torch.bfloat16), (48, torch.float16), (8, torch.bfloat16),
+                                         (128, torch.float32), (64, torch.float32), (33, torch.bfloat16)])
+def test_segment_sum_gpu(width, dtype):
+    """The extension's per-cluster sums and means against float64 sums of the same members: clusters of
+    very different sizes (one holding a third of the row, empty ones, padded queries in none), rows
+    in three layouts (16-byte loads where every row start is aligned, the scalar kernel otherwise),
+    and bit-identical reruns."""
+    from fairseq_clustered.ops import cuda_backend
+    ext = cuda_backend.extension()
+    clusters, length = 7, 1499
+    g = torch.Generator().manual_seed(width)
+    ids = torch.randint(-1, clusters - 2, (2, 3, length), generator=g)  # clusters 5 and 6 empty
+    ids[:, :, 100:600] = 2
+    x = torch.randn(2, 3, length, width, generator=g).to("cuda", dtype)
+    order, seg_start = ext.cluster_order(ids.cuda(), clusters)
+    one_hot = torch.nn.functional.one_hot((ids + 1).clamp(min=0), clusters + 1)[..., 1:].double()  # (B, H, N, C)
+    sums = torch.einsum("bhnc,bhne->bhce", one_hot, x.double().cpu()).reshape(6, clusters, width)
+    counts = one_hot.sum(2).reshape(6, clusters, 1)
+    means = sums / counts.clamp(min=1)
+    for name, view in _layouts(x).items():
+        for mean, expected in ((False, sums), (True, means)):
+            got = ext.segment_sum(view, order, seg_start, mean)
+            assert got.dtype == torch.float32 and got.shape == (6, clusters, width)
+            # the inputs are exact in float64: what differs is the fp32 accumulation (~500 terms)
+            torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-5, atol=1e-5 if mean else 1e-3,
+                                       msg=f"{name}, mean={mean}")
+            assert torch.equal(ext.segment_sum(view, order, seg_start, mean), got), name
+
+
+@needs_gpu
+@pytest.mark.parametrize("width,dtype", [(64, torch.bfloat16), (128, torch.float16), (64, torch.float32),
+                                         (40, torch.bfloat16), (33, torch.float32)])
+def test_broadcast_against_indexing_gpu(width, dtype):
+    """broadcast_into against torch's indexing of the cluster rows (zeros for padded queries), into
+    outputs in three layouts and rows whose length is not a multiple of a block's queries."""
+    from fairseq_clustered.ops import cuda_backend
+    ext = cuda_backend.extension()
+    clusters, length = 9, 1037
+    g = torch.Generator().manual_seed(width)
+    src = torch.randn(6, clusters, width, generator=g).cuda()
+    a = torch.randint(-1, clusters, (2, 3, length), generator=g).cuda()
+    rows = src[torch.arange(6, device="cuda")[:, None], a.reshape(6, length).clamp(min=0)]  # (6, N, E)
+    expected = torch.where(a.reshape(6, length, 1) < 0, 0.0, rows).reshape(2, 3, length, width).to(dtype)
+    for name, out in _layouts(torch.full((2, 3, length, width), 7.0, device="cuda", dtype=dtype)).items():
+        ext.broadcast_into(src, a, out)
+        assert torch.equal(out, expected), name
 
 
 @needs_gpu

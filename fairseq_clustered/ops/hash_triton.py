@@ -18,7 +18,7 @@ Used by :class:`fairseq_clustered.ops.cuda_kernels.CudaOps` where
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,8 +28,12 @@ from ._triton import MISSING, dot_precision, interpreted, power_of_two_in, tl, t
 __all__ = ["triton_hash_unavailable", "hash_codes_triton"]
 
 MAX_BITS = 64  # the bit block of the kernel; bits 1..63 are used
-ROWS_PER_PROGRAM = 128
-SPLIT_PARTS = 3
+# Tiles of 64 vectors, 4 per program (the planes split once for 256 vectors): 29.4 / 57.1 us at
+# 32 rows of 8k / 16k against 34.7 / 66.8 for one tile of 128 (benchmarks/memory_kernels.py,
+# benchmarks/NOTES.md, thirtieth session).
+ROWS_PER_PROGRAM = 64
+TILES_PER_PROGRAM = 4
+NUM_WARPS = 4
 MAX_FP32_DIM = 128  # wider fp32 tiles spill kilobytes of registers (ptxas, Triton 3.6)
 
 
@@ -54,38 +58,44 @@ if triton is not None:
 
     @triton.jit
     def _hash_kernel(X, PLANES, OFFSETS, CODES, total, length, heads, stride_b, stride_h, stride_n, bits,
-                     DIM: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, PARTS: tl.constexpr,
+                     DIM: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr, BITS: tl.constexpr,
                      PRECISION: tl.constexpr):
-        """Program p: the codes of vectors p ROWS .. (p + 1) ROWS of the flattened (B, H, N).
+        """Program p: the codes of vectors p ROWS TILES .. (p + 1) ROWS TILES of the flattened
+        (B, H, N), ROWS at a time; the planes are loaded and split once per program.
 
-        PLANES: (bits, DIM) fp32 contiguous, split here into PARTS parts of x's dtype (fp16 /
+        PLANES: (bits, DIM) fp32 contiguous, split here into three parts of x's dtype (fp16 /
         bf16 x), or one product in ``PRECISION`` (fp32 x); OFFSETS: (bits,) fp32. Bits >=
         ``bits`` get a zero plane and an infinite threshold."""
-        items = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        ok = items < total
-        n = items % length
-        bh = items // length
-        row_start = (bh // heads) * stride_b + (bh % heads) * stride_h + n * stride_n
         feats = tl.arange(0, DIM)
-        x = tl.load(X + row_start[:, None] + feats[None, :], mask=ok[:, None], other=0.0)
         planes_t = tl.arange(0, BITS)
         used = planes_t < bits
         rest = tl.load(PLANES + planes_t[None, :] * DIM + feats[:, None], mask=used[None, :], other=0.0)  # (DIM, BITS)
-        if X.dtype.element_ty == tl.float32:
-            projections = tl.dot(x, rest, input_precision=PRECISION)
-        else:
-            projections = tl.zeros((ROWS, BITS), dtype=tl.float32)
-            for _ in tl.static_range(PARTS):  # exact products of x with each rounded remainder
-                part = rest.to(x.dtype)
-                projections += tl.dot(x, part)
-                rest = rest - part.to(tl.float32)
         offsets = tl.load(OFFSETS + planes_t, mask=used, other=float("inf"))
         weights = tl.full((BITS,), 1, tl.int64) << planes_t.to(tl.int64)
-        codes = tl.sum(tl.where(projections > offsets[None, :], weights[None, :], 0), axis=1)
-        tl.store(CODES + items, codes, mask=ok)
+        if X.dtype.element_ty != tl.float32:  # the rounded remainders, each exact in x's dtype
+            hi = rest.to(X.dtype.element_ty)
+            rest = rest - hi.to(tl.float32)
+            mid = rest.to(X.dtype.element_ty)
+            lo = (rest - mid.to(tl.float32)).to(X.dtype.element_ty)
+        for tile in tl.static_range(TILES):
+            items = (tl.program_id(0).to(tl.int64) * TILES + tile) * ROWS + tl.arange(0, ROWS)
+            ok = items < total
+            n = items % length
+            bh = items // length
+            row_start = (bh // heads) * stride_b + (bh % heads) * stride_h + n * stride_n
+            x = tl.load(X + row_start[:, None] + feats[None, :], mask=ok[:, None], other=0.0)
+            if X.dtype.element_ty == tl.float32:
+                projections = tl.dot(x, rest, input_precision=PRECISION)
+            else:  # exact products of x with each part, summed in fp32
+                projections = tl.dot(x, hi)
+                projections = tl.dot(x, mid, projections)
+                projections = tl.dot(x, lo, projections)
+            codes = tl.sum(tl.where(projections > offsets[None, :], weights[None, :], 0), axis=1)
+            tl.store(CODES + items, codes, mask=ok)
 
 
-def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
+def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor,
+                      launch: Optional[Tuple[int, int, int]] = None) -> Tensor:
     """``hash_codes`` (bit ``b`` of the code of ``x_i`` is ``planes[b] . x_i > offsets[b]``)
     on tensor cores.
 
@@ -93,6 +103,8 @@ def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
         x: ``(B, H, N, D)`` fp16 / bf16 / fp32, feature dim contiguous, ``D`` a power of two in
             16..256 (fp32: 16..128).
         planes: ``(bits, D)``, ``1 <= bits <= 63``. offsets: ``(bits,)``.
+        launch: ``(rows per tile, tiles per program, warps)`` (benchmarks' sweeps); None for
+            the module's settings.
 
     Returns:
         ``(B, H, N)`` int64 codes.
@@ -103,9 +115,9 @@ def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor) -> Tensor:
     if total == 0:
         return codes
     planes, offsets = planes.to(torch.float32).contiguous(), offsets.to(torch.float32).contiguous()
-    _hash_kernel[(triton.cdiv(total, ROWS_PER_PROGRAM),)](
+    rows, tiles, warps = launch or (ROWS_PER_PROGRAM, TILES_PER_PROGRAM, NUM_WARPS)
+    _hash_kernel[(triton.cdiv(total, rows * tiles),)](
         x, planes, offsets, codes, total, length, heads, x.stride(0), x.stride(1), x.stride(2), planes.shape[0],
-        DIM=dim, ROWS=ROWS_PER_PROGRAM, BITS=MAX_BITS, PARTS=SPLIT_PARTS,
-        PRECISION=dot_precision(x.dtype, "bf16x6"), num_warps=4,
+        DIM=dim, ROWS=rows, TILES=tiles, BITS=MAX_BITS, PRECISION=dot_precision(x.dtype, "bf16x6"), num_warps=warps,
     )
     return codes
