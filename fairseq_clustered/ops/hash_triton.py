@@ -34,6 +34,7 @@ MAX_BITS = 64  # the bit block of the kernel; bits 1..63 are used
 ROWS_PER_PROGRAM = 64
 TILES_PER_PROGRAM = 4
 NUM_WARPS = 4
+MAX_GRID_Y = 65535  # the programs along a row
 MAX_FP32_DIM = 128  # wider fp32 tiles spill kilobytes of registers (ptxas, Triton 3.6)
 
 
@@ -51,47 +52,58 @@ def triton_hash_unavailable(x: Tensor) -> Optional[str]:
         return f"dim {dim} is not a power of two in 16..{widest}" + (" (fp32)" if x.dtype == torch.float32 else "")
     if x.stride(-1) != 1:
         return "the feature dim is not contiguous"
+    if triton.cdiv(x.shape[2], ROWS_PER_PROGRAM * TILES_PER_PROGRAM) > MAX_GRID_Y:
+        return f"{x.shape[2]} vectors per row (the kernel takes up to {MAX_GRID_Y * ROWS_PER_PROGRAM * TILES_PER_PROGRAM})"
     return None
 
 
 if triton is not None:
 
     @triton.jit
-    def _hash_kernel(X, PLANES, OFFSETS, CODES, total, length, heads, stride_b, stride_h, stride_n, bits,
+    def _hash_kernel(X, PLANES, OFFSETS, CODES, length, heads, stride_b, stride_h, stride_n, bits,
                      DIM: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr, BITS: tl.constexpr,
                      PRECISION: tl.constexpr):
-        """Program p: the codes of vectors p ROWS TILES .. (p + 1) ROWS TILES of the flattened
-        (B, H, N), ROWS at a time; the planes are loaded and split once per program.
+        """Program (r, p): the codes of vectors p ROWS TILES .. (p + 1) ROWS TILES of row r of the
+        flattened (B H, N), ROWS at a time; the planes are loaded and split once per program.
 
         PLANES: (bits, DIM) fp32 contiguous, split here into three parts of x's dtype (fp16 /
         bf16 x), or one product in ``PRECISION`` (fp32 x); OFFSETS: (bits,) fp32. Bits >=
-        ``bits`` get a zero plane and an infinite threshold."""
+        ``bits`` get a zero plane and an infinite threshold.
+
+        The row on the grid and the codes summed as two 32-bit halves: per-vector 64-bit
+        divisions and 64-bit sums were most of the kernel's instructions (ncu, thirtieth session)."""
+        bh = tl.program_id(0).to(tl.int64)
+        row_x = X + (bh // heads) * stride_b + (bh % heads) * stride_h
+        row_codes = CODES + bh * length
         feats = tl.arange(0, DIM)
         planes_t = tl.arange(0, BITS)
         used = planes_t < bits
         rest = tl.load(PLANES + planes_t[None, :] * DIM + feats[:, None], mask=used[None, :], other=0.0)  # (DIM, BITS)
         offsets = tl.load(OFFSETS + planes_t, mask=used, other=float("inf"))
-        weights = tl.full((BITS,), 1, tl.int64) << planes_t.to(tl.int64)
+        # bit b of the code: bit b % 32 of the low (b < 32) or the high half; a sum of distinct
+        # powers of two is their bitwise or, so the int32 sums wrap into the right bits
+        low_half = planes_t < 32
+        weights = tl.full((BITS,), 1, tl.int32) << (planes_t % 32)
         if X.dtype.element_ty != tl.float32:  # the rounded remainders, each exact in x's dtype
             hi = rest.to(X.dtype.element_ty)
             rest = rest - hi.to(tl.float32)
             mid = rest.to(X.dtype.element_ty)
             lo = (rest - mid.to(tl.float32)).to(X.dtype.element_ty)
         for tile in tl.static_range(TILES):
-            items = (tl.program_id(0).to(tl.int64) * TILES + tile) * ROWS + tl.arange(0, ROWS)
-            ok = items < total
-            n = items % length
-            bh = items // length
-            row_start = (bh // heads) * stride_b + (bh % heads) * stride_h + n * stride_n
-            x = tl.load(X + row_start[:, None] + feats[None, :], mask=ok[:, None], other=0.0)
+            n = (tl.program_id(1) * TILES + tile) * ROWS + tl.arange(0, ROWS)
+            ok = n < length
+            x = tl.load(row_x + n[:, None].to(tl.int64) * stride_n + feats[None, :], mask=ok[:, None], other=0.0)
             if X.dtype.element_ty == tl.float32:
                 projections = tl.dot(x, rest, input_precision=PRECISION)
             else:  # exact products of x with each part, summed in fp32
                 projections = tl.dot(x, hi)
                 projections = tl.dot(x, mid, projections)
                 projections = tl.dot(x, lo, projections)
-            codes = tl.sum(tl.where(projections > offsets[None, :], weights[None, :], 0), axis=1)
-            tl.store(CODES + items, codes, mask=ok)
+            bit = tl.where(projections > offsets[None, :], weights[None, :], 0)
+            low = tl.sum(tl.where(low_half[None, :], bit, 0), axis=1)
+            high = tl.sum(tl.where(low_half[None, :], 0, bit), axis=1)
+            codes = (high.to(tl.int64) << 32) | (low.to(tl.int64) & 0xFFFFFFFF)
+            tl.store(row_codes + n, codes, mask=ok)
 
 
 def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor,
@@ -116,8 +128,8 @@ def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor,
         return codes
     planes, offsets = planes.to(torch.float32).contiguous(), offsets.to(torch.float32).contiguous()
     rows, tiles, warps = launch or (ROWS_PER_PROGRAM, TILES_PER_PROGRAM, NUM_WARPS)
-    _hash_kernel[(triton.cdiv(total, rows * tiles),)](
-        x, planes, offsets, codes, total, length, heads, x.stride(0), x.stride(1), x.stride(2), planes.shape[0],
+    _hash_kernel[(batch * heads, triton.cdiv(length, rows * tiles))](
+        x, planes, offsets, codes, length, heads, x.stride(0), x.stride(1), x.stride(2), planes.shape[0],
         DIM=dim, ROWS=rows, TILES=tiles, BITS=MAX_BITS, PRECISION=dot_precision(x.dtype, "bf16x6"), num_warps=warps,
     )
     return codes
