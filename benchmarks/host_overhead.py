@@ -136,22 +136,22 @@ def variant_calls(variant: str, q, k, v, planes, grad, args):
             return ops.improved_clustered_attention(q, k, v, topk=args.topk, **clustering)
 
         def compositions():
-            out, packed, layout = cuda_ops.improved_fwd_packed(
+            out, packed = cuda_ops.improved_fwd_packed(
                 q_, k_, v_, planes, offsets, None, args.iterations, args.bits, None, None, args.clusters, args.topk,
                 scale, 0.0)
-            cuda_ops.improved_bwd_packed(grad, q_, k_, v_, packed, layout, None, None, args.clusters, scale, 0.0)
+            cuda_ops.improved_bwd_packed(grad, q_, k_, v_, packed, None, None, args.clusters, args.topk, scale, 0.0)
         return (public, compositions, "improved_clustered_attention_fwd_packed",
                 "improved_clustered_attention_bwd_packed")
 
     def public():
         return ops.clustered_attention(q, k, v, **clustering)
 
-    query_layout = (q.shape, custom_ops.dense_strides_like(q, q.shape[-1]))
+    shape, strides, dtype = custom_ops.query_gradient_layout(q)
 
     def compositions():
-        out, packed, _ = cuda_ops.clustered_fwd_packed(q_, k_, v_, planes, offsets, None, args.iterations, args.bits,
-                                                       None, None, args.clusters, scale, 0.0)
-        dq = torch.empty_strided(*query_layout, dtype=q.dtype, device=q.device)
+        out, packed = cuda_ops.clustered_fwd_packed(q_, k_, v_, planes, offsets, None, args.iterations, args.bits,
+                                                    None, None, args.clusters, scale, 0.0)
+        dq = torch.empty_strided(shape, strides, dtype=dtype, device=q.device)
         cuda_ops.clustered_bwd_packed(grad, dq, k_, v_, packed, None, None, args.clusters, scale, 0.0)
     return public, compositions, "clustered_attention_fwd_packed", "clustered_attention_bwd_packed"
 

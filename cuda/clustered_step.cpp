@@ -9,7 +9,7 @@
 // Python Function saves; its backward node replays the backward's graph. A forward the table does
 // not serve returns None, and Python runs the step as before; a backward it does not serve (the
 // graph was evicted, the settings changed) calls the Python backward (CudaOps.clustered_bwd_packed
-// or improved_bwd_from_step), which runs the backward's composition through the cache.
+// or improved_bwd_packed), which runs the backward's composition through the cache.
 //
 // The tensors of each call are handed to the table in the order the Python compositions take
 // them (fairseq_clustered/ops/cuda_kernels.py: the packed forwards' and backwards' calls of the

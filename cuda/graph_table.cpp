@@ -125,11 +125,10 @@ void GraphTable::add(const std::string& key, Graph graph) {
   }
   TORCH_CHECK(copies == graph.copied.size(), "GraphTable.add: ", copies, " outputs to copy, ", graph.copied.size(),
               " tensors given");
-  auto now = environment();
   std::lock_guard<std::mutex> lock(mutex_);
-  if (now != environment_) {  // graphs registered under other settings may not serve these
+  if (!same_environment()) {  // graphs registered under other settings may not serve these
     graphs_.clear();
-    environment_ = std::move(now);
+    environment_ = environment();
   }
   graph.last_used = ++tick_;
   graphs_[key] = std::move(graph);

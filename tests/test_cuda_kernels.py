@@ -303,7 +303,7 @@ def test_improved_backward_from_the_kept_forward_parts_cpu(monkeypatch):
     layout = cuda_ops.improved_kept_layout(q, k, v, None, None, 4, topk)
     packed = torch.empty(layout.nbytes, dtype=torch.uint8)
     cuda_ops._pack(packed, layout, (lse, top, centroids, *kept, a))
-    got = cuda_ops.improved_bwd_packed(g, q, k, v, packed, layout, None, None, 4, scale, 0.0)
+    got = cuda_ops.improved_bwd_packed(g, q, k, v, packed, None, None, 4, topk, scale, 0.0)
     for name, x, y in zip("qkv", got, expected):
         assert torch.equal(x, y), name
 

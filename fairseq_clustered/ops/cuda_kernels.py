@@ -289,7 +289,7 @@ class CudaOps:
         self._by_kind: Dict[tuple, object] = {}  # see _per_kind
         if self.graphs.native is not None:  # (weakly: the table may outlive these ops, in a backward node)
             self.graphs.native.set_backward_fallback("clustered", weakref.WeakMethod(self.clustered_bwd_packed))
-            self.graphs.native.set_backward_fallback("improved", weakref.WeakMethod(self.improved_bwd_from_step))
+            self.graphs.native.set_backward_fallback("improved", weakref.WeakMethod(self.improved_bwd_packed))
 
     # ------------------------------------------------------------------ clustering
 
@@ -425,8 +425,8 @@ class CudaOps:
                             key_padding_mask, keep, num_clusters, topk, scale, dropout_p):
         """:meth:`improved_fwd_with_clustering` on the flash path or its Triton form
         (:meth:`packs_improved`), with what its backward needs in one buffer, as
-        :meth:`clustered_fwd_packed`: ``(out, packed, layout)`` (:meth:`improved_kept_layout`), which
-        :meth:`improved_bwd_packed` takes."""
+        :meth:`clustered_fwd_packed`: ``(out, packed)``, ``packed`` laid out as
+        :meth:`improved_kept_layout` says; :meth:`improved_bwd_packed` takes it."""
         out = self._improved_query_sized_to_fill(query, value, key_padding_mask, keep, num_clusters)
 
         def native():  # improved_step's key of this call (its forward fills out and the buffer)
@@ -490,11 +490,15 @@ class CudaOps:
         """The dtype of the log-sum-exps of :meth:`_attn_fwd` for inputs of ``dtype`` (flash's: fp32)."""
         return torch.float32
 
-    def improved_bwd_packed(self, grad_out, query, key, value, packed, layout, key_padding_mask, keep, num_clusters,
+    def improved_bwd_packed(self, grad_out, query, key, value, packed, key_padding_mask, keep, num_clusters, topk,
                             scale, dropout_p):
-        """:meth:`improved_bwd` from :meth:`improved_fwd_packed`'s ``packed`` and ``layout``, unpacked inside
-        the composition: the sort of the queries is not done again, nor the centroids' attention forward.
-        ``grad_out`` contiguous."""
+        """:meth:`improved_bwd` from :meth:`improved_fwd_packed`'s ``packed`` (laid out for these inputs and
+        ``topk``: :meth:`improved_kept_layout`), unpacked inside the composition: the sort of the queries is
+        not done again, nor the centroids' attention forward. ``grad_out`` contiguous. The backward node
+        of ``improved_step`` (``cuda/clustered_step.cpp``) calls this where its table does not hold the
+        backward's graph."""
+        layout = self._improved_layout(query, key, value, key_padding_mask, keep, num_clusters, topk)
+
         def native():  # the key under which improved_step's backward node looks this call up
             return self.ext.improved_backward_key(grad_out, query, key, value, packed, key_padding_mask, keep,
                                                   num_clusters, scale, dropout_p), []
@@ -503,14 +507,6 @@ class CudaOps:
             grad_out, query, key, value, packed, layout, key_padding_mask, keep, num_clusters, scale, dropout_p,
             *self._improved_gradients_to_fill(query, key, value, key_padding_mask, keep, num_clusters)),
             filled=(11, 12, 13), native=native)
-
-    def improved_bwd_from_step(self, grad_out, query, key, value, packed, key_padding_mask, keep, num_clusters, topk,
-                               scale, dropout_p):
-        """:meth:`improved_bwd_packed`, for the backward node of ``improved_step``
-        (``cuda/clustered_step.cpp``) where its table does not hold the backward's graph."""
-        layout = self._improved_layout(query, key, value, key_padding_mask, keep, num_clusters, topk)
-        return self.improved_bwd_packed(grad_out, query, key, value, packed, layout, key_padding_mask, keep,
-                                        num_clusters, scale, dropout_p)
 
     def _improved_bwd_unpacking(self, grad_out, query, key, value, packed, layout, key_padding_mask, keep,
                                 num_clusters, scale, dropout_p, dq=None, dk=None, dv=None):
@@ -523,9 +519,8 @@ class CudaOps:
                              key_padding_mask, keep, num_clusters, scale, dropout_p):
         """:meth:`cluster_queries`, then :meth:`clustered_fwd` on the assignments, as one composition
         where the kernels take the inputs (:meth:`packs_clustered`), with what its backward needs in
-        one buffer: ``(out, packed, layout)``, where ``packed`` (uint8) holds the log-sum-exps,
-        centroids, each cluster's output, the sort by cluster and the assignments as
-        :func:`kept_layout` ``layout`` says
+        one buffer: ``(out, packed)``, where ``packed`` (uint8) holds the log-sum-exps, centroids,
+        each cluster's output, the sort by cluster and the assignments as :func:`kept_layout` says
         (:meth:`clustered_bwd_packed` takes them). Both ``out`` and ``packed`` are allocated here and
         written by the composition's graph (graph_cache's "filled"): a replay makes no copies out of
         the graph and the backward's graph reads one tensor instead of six, which saves CPU time
@@ -533,8 +528,8 @@ class CudaOps:
         a signature entry; benchmarks/NOTES.md, twenty-first session)."""
 
         def native():  # clustered_step's key of this call, and the layout of its backward's dq
-            dq = torch.empty_strided(query.shape, custom_ops.dense_strides_like(query, query.shape[-1]),
-                                     dtype=query.dtype, device="meta")
+            shape, strides, dtype = custom_ops.query_gradient_layout(query)
+            dq = torch.empty_strided(shape, strides, dtype=dtype, device="meta")
             return self.ext.clustered_forward_key(query, key, value, planes, offsets, query_padding_mask,
                                                   key_padding_mask, keep, iterations, bits, num_clusters, scale,
                                                   dropout_p), [dq]
@@ -576,11 +571,10 @@ class CudaOps:
     def _run_packing(self, name, composition, layout, out, query, *arguments, native=None):
         """``composition(out, packed, layout, query, *arguments)`` through the graph cache as ``name``,
         with ``out`` and a new uint8 ``packed`` buffer of ``layout.nbytes`` as the outputs its graph
-        writes (graph_cache's "filled") -> ``(out, packed, layout)``. ``native``: as the cache's."""
+        writes (graph_cache's "filled") -> ``(out, packed)``. ``native``: as the cache's."""
         packed = torch.empty(layout.nbytes, dtype=torch.uint8, device=query.device)
-        out, packed = self.graphs.run(name, composition, (out, packed, layout, query, *arguments), filled=(0, 1),
-                                      native=native)
-        return out, packed, layout
+        return self.graphs.run(name, composition, (out, packed, layout, query, *arguments), filled=(0, 1),
+                               native=native)
 
     def _clustered_fwd_packing(self, out, packed, layout, query, key, value, planes, offsets, query_padding_mask,
                                iterations, bits, key_padding_mask, keep, num_clusters, scale, dropout_p):

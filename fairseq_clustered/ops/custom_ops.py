@@ -77,6 +77,14 @@ def attention_output_like(query: Tensor, value_dim: int, dtype: Optional[torch.d
                                dtype=dtype or query.dtype, device=query.device)
 
 
+def query_gradient_layout(query: Tensor) -> Tuple[torch.Size, Tuple[int, ...], torch.dtype]:
+    """``(shape, strides, dtype)`` of the query gradient that the packed backwards fill: dense, in the
+    queries' order of dims (:func:`dense_strides_like`), so that a model's ``(B, H, N, D)`` views of
+    ``(N, B, H D)`` projections get theirs without a copy. The eager step and the C++ step's key
+    (``CudaOps.clustered_fwd_packed``) both take it from here."""
+    return query.shape, dense_strides_like(query, query.shape[-1]), query.dtype
+
+
 def laid_out_as(result: Tensor, like: Tensor) -> Tensor:
     """``result`` in the layout that ``torch.empty_like(like)`` has (``like`` of ``result``'s shape);
     a copy only where they differ."""

@@ -77,10 +77,10 @@ class ClusteredAttention(torch.autograd.Function):
         ctx.ops, ctx.hyper = ops, (num_clusters, scale, dropout_p)
         ctx.query_layout = None  # (set where the backward takes the packed buffer)
         if assignments is None and ops.packs_clustered(query, value, num_clusters):
-            out, packed, _ = ops.clustered_fwd_packed(query, key, value, *clustering, key_padding_mask, keep,
-                                                      num_clusters, scale, dropout_p)
+            out, packed = ops.clustered_fwd_packed(query, key, value, *clustering, key_padding_mask, keep,
+                                                   num_clusters, scale, dropout_p)
             # dq in the queries' layout (a model's (N, B, H D) views), made in the backward's graph
-            ctx.query_layout = (query.shape, custom_ops.dense_strides_like(query, query.shape[-1]), query.dtype)
+            ctx.query_layout = custom_ops.query_gradient_layout(query)
             ctx.save_for_backward(key, value, packed, key_padding_mask, keep)
             return out
         if assignments is None:  # inputs the kernels refuse: these warn and take the reference
@@ -122,10 +122,11 @@ class ImprovedClusteredAttention(torch.autograd.Function):
                 keep: Optional[Tensor], num_clusters: int, topk: int, scale: float, dropout_p: float,
                 clustering: Optional[tuple]):
         ctx.ops, ctx.hyper = ops, (num_clusters, scale, dropout_p)
-        ctx.packing = None
+        ctx.topk = None  # (set where the backward takes the packed buffer)
         if assignments is None and ops.packs_improved(query, value, key_padding_mask, keep, num_clusters):
-            out, packed, ctx.packing = ops.improved_fwd_packed(query, key, value, *clustering, key_padding_mask, keep,
-                                                               num_clusters, topk, scale, dropout_p)
+            out, packed = ops.improved_fwd_packed(query, key, value, *clustering, key_padding_mask, keep, num_clusters,
+                                                  topk, scale, dropout_p)
+            ctx.topk = topk
             ctx.save_for_backward(query, key, value, packed, key_padding_mask, keep)
             return out
         if assignments is None:  # the fp32 products (fp32; masks past the Triton kernels), the reference: nothing kept
@@ -140,10 +141,11 @@ class ImprovedClusteredAttention(torch.autograd.Function):
     @staticmethod
     @_differentiable_once
     def backward(ctx, grad_out):
-        if ctx.packing is not None:
+        if ctx.topk is not None:
             query, key, value, packed, key_padding_mask, keep = ctx.saved_tensors
-            dq, dk, dv = ctx.ops.improved_bwd_packed(grad_out.contiguous(), query, key, value, packed, ctx.packing,
-                                                     key_padding_mask, keep, *ctx.hyper)
+            num_clusters, scale, dropout_p = ctx.hyper
+            dq, dk, dv = ctx.ops.improved_bwd_packed(grad_out.contiguous(), query, key, value, packed,
+                                                     key_padding_mask, keep, num_clusters, ctx.topk, scale, dropout_p)
         else:
             dq, dk, dv = ctx.ops.improved_bwd(grad_out.contiguous(), *ctx.saved_tensors, *ctx.hyper)
         return None, dq, dk, dv, None, None, None, None, None, None, None, None
