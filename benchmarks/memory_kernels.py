@@ -49,8 +49,8 @@ def parse_launches(text: str) -> List[Tuple[int, int, int]]:
 
 def median_us(fn: Callable[[], object], repeats: int) -> float:
     """Median over ``repeats`` replays of a CUDA graph of 10 calls, microseconds per call: the GPU's
-    time alone (launched one by one, the Triton kernel's ~30 us of host time per launch would be
-    timed instead)."""
+    time alone (launched one by one, the Triton kernel's ~45 us of host time per launch was timed
+    instead: run 1 of the thirtieth session in benchmarks/NOTES.md)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

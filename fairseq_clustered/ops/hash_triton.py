@@ -28,9 +28,10 @@ from ._triton import MISSING, dot_precision, interpreted, power_of_two_in, tl, t
 __all__ = ["triton_hash_unavailable", "hash_codes_triton"]
 
 MAX_BITS = 64  # the bit block of the kernel; bits 1..63 are used
-# Tiles of 64 vectors, 4 per program (the planes split once for 256 vectors): 29.4 / 57.1 us at
-# 32 rows of 8k / 16k against 34.7 / 66.8 for one tile of 128 (benchmarks/memory_kernels.py,
-# benchmarks/NOTES.md, thirtieth session).
+# Tiles of 64 vectors, 4 per program (the planes split once for 256 vectors). Chosen before the
+# kernel took the row from the grid: 29.4 / 57.1 us at 32 rows of 8k / 16k against 34.7 / 66.8 for
+# one tile of 128. Since, 19.4 / 36.5 us, with 128 x 2 within 7% (benchmarks/memory_kernels.py;
+# benchmarks/NOTES.md, thirtieth session, runs 2 and 4).
 ROWS_PER_PROGRAM = 64
 TILES_PER_PROGRAM = 4
 NUM_WARPS = 4
