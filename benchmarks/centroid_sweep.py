@@ -26,6 +26,11 @@ check the scaling). ``--precision`` is ignored for fp16 / bf16 (their products a
         --value-scale 1e4 --grad-scale 1e-6
     python benchmarks/centroid_sweep.py --dtype bfloat16 --keys 64,128 --warps 4,8 --masked
 
+In fp16 / bf16 without ``--masked`` a row "flash" times the route the clustered forward takes
+instead for heads wider than ``CudaOps.TRITON_FORWARD_MAX_DIM``: flash's kernels on the centroids
+rounded to the key dtype, the merge of its key blocks and the cast of the values to fp32 (its
+error: of the values).
+
 rows = B * H = 32, C = 100 centroids, D = 64 (``--dim``), no padding or dropout (``--masked``: the
 last tenth of each row's keys padded and a dropout keep mask of rate 0.1): the clustered op's
 configuration of ``bench_attention.py``. Errors are relative to the largest magnitude of each
@@ -43,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fairseq_clustered.ops import centroid_triton  # noqa: E402
+from fairseq_clustered.ops.cuda_kernels import CudaOps  # noqa: E402
 from lloyd_sweep import graph_microseconds  # noqa: E402
 
 NAMES = ("Vbar", "dqbar", "dk", "dv")
@@ -126,6 +132,15 @@ def main():
             own = errors(exact(qbar, key, value, grad, scale, dtype, **masks), oracle)
             print(f"{length:>6} {'torch':>9} {'':>4} {'':>5} {'':>6} {'':>5} {'':>7} {'':>7}  "
                   + "  ".join(f"{e:>8.2e}" for e in own))
+            if half and not args.masked:
+                def flash():  # the clustered forward's flash route, as cuda_kernels composes it
+                    centroids = qbar.reshape(batch, heads, args.clusters, dim).to(dtype)
+                    out, lse, _ = CudaOps._attn_fwd(centroids, key, value, scale)
+                    return out.reshape(batch * heads, args.clusters, dim).float(), lse
+
+                flash_error = errors(flash()[:1], oracle[:1])[0]
+                print(f"{length:>6} {'flash':>9} {'':>4} {'':>5} {'':>6} {'':>5} {graph_microseconds(flash):7.1f} "
+                      f"{'':>7}  {flash_error:>8.2e}", flush=True)
             for precision, keys, warps, stages, programs in itertools.product(precisions, *numbers):
                 centroid_triton.TARGET_PROGRAMS = programs
                 setting = f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {stages:>6} {programs:>5}"

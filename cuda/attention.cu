@@ -119,6 +119,22 @@ __global__ void __launch_bounds__(ORDER_THREADS) cluster_order_kernel(const int6
   cluster_wait();
 }
 
+// The end of both segment-sum kernels, after a barrier: thread e adds up the warps' partial sums of
+// feature e in warp order (so reruns are bit-identical), divides by the `members` where `mean`
+// (an empty cluster keeps its zeros) and stores it in the cluster's output row `out_row`.
+template <int WARPS>
+__device__ __forceinline__ void store_segment_total(const float (&partial)[WARPS][SEG_THREADS], int width,
+                                                    int64_t members, bool mean, float* out_row) {
+  const int e = threadIdx.x;
+  if (e < width) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) total += partial[w][e];
+    if (mean && members > 0) total /= static_cast<float>(members);
+    out_row[e] = total;
+  }
+}
+
 // out[bh, c, :] = sum (or mean) over the members of cluster c of x[bh, order[p], :].
 // Each warp takes every 4th member (lanes cover the width, up to 4 values each, with
 // four members' loads in flight); the four warps' sums are combined in a fixed order,
@@ -163,14 +179,7 @@ __global__ void segment_sum_kernel(Rows<const scalar_t> x, int width, const int6
 #pragma unroll
   for (int r = 0; r < 4; ++r) partial[warp][lane + 32 * r] = acc[r];
   __syncthreads();
-  const int e = threadIdx.x;
-  if (e < width) {
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) total += partial[w][e];
-    if (mean && stop > start) total /= static_cast<float>(stop - start);
-    out[(bh * clusters + c) * width + e] = total;
-  }
+  store_segment_total<WARPS>(partial, width, stop - start, mean, out + (bh * clusters + c) * width);
 }
 
 // The same with 16-byte loads: `lanes_per_row` lanes (a power of two) cover a member's row,
@@ -228,14 +237,7 @@ __global__ void __launch_bounds__(SEG_THREADS) segment_sum_wide_kernel(
     for (int v = 0; v < VEC; ++v) partial[warp][e0 + v] = acc[v];
   }
   __syncthreads();
-  const int e = threadIdx.x;
-  if (e < width) {
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) total += partial[w][e];
-    if (mean && stop > start) total /= static_cast<float>(stop - start);
-    out[(bh * clusters + c) * width + e] = total;
-  }
+  store_segment_total<WARPS>(partial, width, stop - start, mean, out + (bh * clusters + c) * width);
 }
 
 // out[b, h, n, :] = src[bh, assignment, :] (zeros for padded queries), out addressed through
@@ -736,19 +738,9 @@ std::tuple<at::Tensor, at::Tensor> cluster_order_cuda(const at::Tensor& assignme
     blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({8, chunks, 2 * num_sms() / rows})));
   }
   TORCH_CHECK(rows * blocks <= 2147483647, "cluster_order: batch * heads must be < 2**31 / ", blocks, ", got ", rows);
-  cudaLaunchAttribute cluster_shape[1];
-  cluster_shape[0].id = cudaLaunchAttributeClusterDimension;
-  cluster_shape[0].val.clusterDim.x = static_cast<unsigned>(blocks);
-  cluster_shape[0].val.clusterDim.y = 1;
-  cluster_shape[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(rows * blocks));
-  config.blockDim = dim3(ORDER_THREADS);
-  config.dynamicSmemBytes = smem;
-  config.stream = c10::cuda::getCurrentCUDAStream();
-  config.attrs = cluster_shape;
-  config.numAttrs = blocks > 1 ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, cluster_order_kernel, assignments.data_ptr<int64_t>(), static_cast<int>(N),
+  const ClusterLaunch launch(blocks, dim3(static_cast<unsigned>(rows * blocks)), dim3(ORDER_THREADS), smem,
+                            c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, cluster_order_kernel, assignments.data_ptr<int64_t>(), static_cast<int>(N),
                                     static_cast<int>(num_clusters), order.data_ptr<int64_t>(),
                                     seg_start.data_ptr<int64_t>()));
   return {order, seg_start};

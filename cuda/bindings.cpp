@@ -145,6 +145,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "for variant 'clustered' or 'improved': a callable returning the Python backward for a miss, or None");
   m.def("clustered_forward_key", bytes_of(&fcl::clustered_forward_key),
         "the GraphTable key of a clustered forward's composition (clustered_step's key)");
+  m.def("clustered_inference_key", bytes_of(&fcl::clustered_inference_key),
+        "the GraphTable key of a clustered forward's inference composition (clustered_step's key without grad)");
   m.def("clustered_backward_key", bytes_of(&fcl::clustered_backward_key),
         "the GraphTable key of a clustered backward's composition (clustered_step's backward's key)");
   m.def("improved_forward_key", bytes_of(&fcl::improved_forward_key),
@@ -162,5 +164,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("query_padding_mask"), pybind11::arg("key_padding_mask"), pybind11::arg("keep"),
         pybind11::arg("iterations"), pybind11::arg("bits"), pybind11::arg("num_clusters"), pybind11::arg("scale"),
         pybind11::arg("dropout_p"),
-        "a clustered step's output replayed from the table, with a C++ backward node; None where not served");
+        "a clustered step's output replayed from the table, with a C++ backward node (without one, from the "
+        "inference graph, where autograd does not record the call); None where not served");
 }

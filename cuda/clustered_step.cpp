@@ -33,6 +33,7 @@ enum Composition : int64_t {
   kClusteredBackward = 2,
   kImprovedForward = 3,
   kImprovedBackward = 4,
+  kClusteredInference = 5,
 };
 
 // What a step's backward needs besides its saved tensors (clustered: key, value and the packed
@@ -148,6 +149,26 @@ pybind11::object step(const std::shared_ptr<GraphTable>& table, const std::strin
   return pybind11::cast(ClusteredStep::apply(query, key, value, std::move(*served), std::move(state))[0]);
 }
 
+// Whether autograd records this call: grad mode on and an input that requires a gradient.
+bool records_gradient(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
+  return torch::autograd::GradMode::is_enabled() &&
+         (query.requires_grad() || key.requires_grad() || value.requires_grad());
+}
+
+// The output of the inference composition's graph under `call` (the forward's, which keeps nothing
+// for a backward: CudaOps.clustered_fwd_inference), without an autograd node; None where the table
+// does not serve it. `tensors`: the composition's tensors after its output.
+pybind11::object inference(const std::shared_ptr<GraphTable>& table, std::vector<at::Tensor> tensors,
+                           const std::string& call, const at::Device& device) {
+  tensors.insert(tensors.begin(), at::Tensor());  // out, filled by the graph
+  auto served = table->serve(call, std::move(tensors), device);
+  if (!served) return pybind11::none();
+  TORCH_CHECK(served->outputs.size() == 1 && served->extras.empty(), "fairseq_clustered: a clustered inference "
+              "graph has ", served->outputs.size(), " outputs and ", served->extras.size(),
+              " layouts (a bug: please report it)");
+  return pybind11::cast(served->outputs[0]);
+}
+
 // The forward composition's tensors after its output and buffer, in its order.
 std::vector<at::Tensor> forward_tensors(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                         const at::Tensor& planes, const at::Tensor& offsets,
@@ -208,6 +229,18 @@ std::string clustered_forward_key(const at::Tensor& query, const at::Tensor& key
       .real(scale).real(dropout_p).finish(query.device());
 }
 
+std::string clustered_inference_key(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                    const at::Tensor& planes, const at::Tensor& offsets,
+                                    const c10::optional<at::Tensor>& query_padding_mask,
+                                    const c10::optional<at::Tensor>& key_padding_mask,
+                                    const c10::optional<at::Tensor>& keep, int64_t iterations, int64_t bits,
+                                    int64_t num_clusters, double scale, double dropout_p) {
+  CallKey call(kClusteredInference);
+  return forward_inputs(call, query, key, value, planes, offsets, query_padding_mask, key_padding_mask, keep,
+                        iterations, bits, num_clusters)
+      .real(scale).real(dropout_p).finish(query.device());
+}
+
 std::string improved_forward_key(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                  const at::Tensor& planes, const at::Tensor& offsets,
                                  const c10::optional<at::Tensor>& query_padding_mask,
@@ -249,11 +282,15 @@ pybind11::object clustered_step(const std::shared_ptr<GraphTable>& table, const 
                                 const c10::optional<at::Tensor>& keep, int64_t iterations, int64_t bits,
                                 int64_t num_clusters, double scale, double dropout_p) {
   if (!query.is_cuda()) return pybind11::none();
+  std::vector<at::Tensor> tensors =
+      forward_tensors(query, key, value, planes, offsets, query_padding_mask, key_padding_mask, keep);
+  if (!records_gradient(query, key, value)) return inference(table, std::move(tensors), clustered_inference_key(
+      query, key, value, planes, offsets, query_padding_mask, key_padding_mask, keep, iterations, bits, num_clusters,
+      scale, dropout_p), query.device());
   const std::string call = clustered_forward_key(query, key, value, planes, offsets, query_padding_mask,
                                                  key_padding_mask, keep, iterations, bits, num_clusters, scale,
                                                  dropout_p);
-  return step(table, call,
-              forward_tensors(query, key, value, planes, offsets, query_padding_mask, key_padding_mask, keep),
+  return step(table, call, std::move(tensors),
               step_state(false, key_padding_mask, keep, num_clusters, 0, scale, dropout_p), query, key, value);
 }
 

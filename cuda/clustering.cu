@@ -695,19 +695,9 @@ void with_lloyd_cluster_launch(int cluster_blocks, int64_t rows, cudaStream_t st
     auto kernel = lloyd_cluster_kernel<TILES>;
     const ClusterLayout layout = cluster_layout<TILES>(info.length, info.clusters, cluster_blocks);
     ensure_smem(kernel, layout.bytes);
-    cudaLaunchAttribute cluster_shape[1];
-    cluster_shape[0].id = cudaLaunchAttributeClusterDimension;
-    cluster_shape[0].val.clusterDim.x = static_cast<unsigned>(cluster_blocks);
-    cluster_shape[0].val.clusterDim.y = 1;
-    cluster_shape[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(static_cast<unsigned>(cluster_blocks), static_cast<unsigned>(rows));
-    config.blockDim = dim3(CLUSTER_THREADS);
-    config.dynamicSmemBytes = layout.bytes;
-    config.stream = stream;
-    config.attrs = cluster_shape;
-    config.numAttrs = 1;
-    use(kernel, config, layout);
+    const ClusterLaunch launch(cluster_blocks, dim3(static_cast<unsigned>(cluster_blocks), static_cast<unsigned>(rows)),
+                              dim3(CLUSTER_THREADS), layout.bytes, stream);
+    use(kernel, launch.config, layout);
   });
 }
 

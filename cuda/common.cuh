@@ -206,6 +206,30 @@ void ensure_smem(Kernel kernel, size_t bytes) {
   ensure_smem_impl(reinterpret_cast<const void*>(kernel), bytes);
 }
 
+// A launch (cudaLaunchKernelEx) of thread block clusters of `cluster_blocks` blocks along x: the
+// configuration and its cluster-shape attribute, which `config.attrs` points into, so a holder is
+// neither copied nor moved. One block per cluster sets no attribute: an ordinary launch, which
+// is what devices before sm_90 take (on sm_90 it has clusters of one block all the same).
+struct ClusterLaunch {
+  cudaLaunchAttribute shape[1];
+  cudaLaunchConfig_t config;
+
+  ClusterLaunch(int cluster_blocks, dim3 grid, dim3 block, size_t smem, cudaStream_t stream) : shape{}, config{} {
+    shape[0].id = cudaLaunchAttributeClusterDimension;
+    shape[0].val.clusterDim.x = static_cast<unsigned>(cluster_blocks);
+    shape[0].val.clusterDim.y = 1;
+    shape[0].val.clusterDim.z = 1;
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = shape;
+    config.numAttrs = cluster_blocks > 1 ? 1 : 0;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
 }  // namespace fcl
 
 #define FCL_CHECK_CUDA(t, name) TORCH_CHECK((t).is_cuda(), name " must be a CUDA tensor, got ", (t).device())

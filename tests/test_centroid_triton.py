@@ -177,6 +177,27 @@ def test_bit_reproducible():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU: the programs race for the merge only there")
+def test_ranges_merged_in_the_launch_gpu():
+    """The forward's programs merge their key ranges themselves: the last of a row's programs to take
+    a ticket reads the others' outputs (written from other SMs) and merges them in range order. At
+    the benchmark's shape (32 rows, 8 ranges each, all programs resident at once, so which comes
+    last varies) 30 launches give the same bits, close to float64; a stale read would not."""
+    gen = torch.Generator().manual_seed(5)
+    rows, num_clusters, dim, keys = 32, 100, 64, 4096
+    qbar = torch.randn(rows, num_clusters, dim, generator=gen).cuda()
+    key, value = (torch.randn(4, 8, keys, dim, generator=gen).cuda().to(torch.bfloat16) for _ in range(2))
+    parts, _ = centroid_triton._programs_per_row(rows, keys, centroid_triton._launch("fwd", key.dtype, dim, False)
+                                                 ["BLOCK_N"])
+    assert parts > 1
+    runs = [centroid_triton.centroid_attention_fwd(qbar, key, value, None, None, 0.125, 0.0) for _ in range(30)]
+    for values, lse in runs[1:]:
+        assert torch.equal(values, runs[0][0]) and torch.equal(lse, runs[0][1])
+    expected, expected_lse, _ = brute_force(qbar, key, value, None, None, 0.0, 0.125, torch.zeros_like(qbar))
+    assert_close("values", runs[0][0], expected, torch.bfloat16)
+    assert_close("lse", runs[0][1], expected_lse, torch.bfloat16)
+
+
 @runs_here
 def test_gradients_written_into_given_tensors():
     """``grad_key`` / ``grad_value`` (a CUDA graph's filled arguments) receive dk / dv, the very

@@ -239,9 +239,20 @@ def clustered_attention(
         # below 8k positions); else through Python
         out = None if clustering is None else ops.clustered_step(query, key, value, key_padding_mask, keep,
                                                                  num_clusters, scale, float(dropout_p), clustering)
-        return out if out is not None else eager.ClusteredAttention.apply(ops, *args, clustering)
+        if out is not None:
+            return out
+        if clustering is not None and not _records_gradient(query, key, value) and ops.packs_clustered(
+                query, value, num_clusters):  # evaluation: a forward that keeps nothing for a backward
+            return ops.clustered_fwd_inference(query, key, value, *clustering, key_padding_mask, keep, num_clusters,
+                                               scale, float(dropout_p))
+        return eager.ClusteredAttention.apply(ops, *args, clustering)
     out, _, _ = custom_ops.clustered_attention_fwd(*args)
     return out
+
+
+def _records_gradient(*inputs: Tensor) -> bool:
+    """Whether autograd records a call on ``inputs``: grad mode on and one that requires a gradient."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
 
 
 def improved_clustered_attention(

@@ -186,18 +186,25 @@ if triton is not None:
             return tl.dot(a[0], b[0], input_precision=PRECISION)
 
     @triton.jit
-    def _centroid_fwd_kernel(QBAR, K, V, KEY_PADDING, KEEP, OUT, LSE2,
+    def _centroid_fwd_kernel(QBAR, K, V, KEY_PADDING, KEEP, OUT, LSE2, TICKETS, VALUES, LSE,
                              num_clusters, keys, heads, keys_per_program, qk_scale, drop_scale,
                              stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                              DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
                              PADDED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                              SPLIT: tl.constexpr, PARTS: tl.constexpr):
-        """QBAR: (rows, C, DIM) in the key dtype; OUT: (rows, programs, C, DIM) fp32 partial outputs
-        (normalised by their own sums); LSE2: (rows, programs, C) fp32 partial log-sum-exps in
-        base 2 (-inf where the range has no valid key)."""
+        """QBAR: (rows, C, DIM) fp32 (rounded to the key dtype here unless the products split it);
+        VALUES: (rows, C, DIM) fp32 and LSE: (rows, C) fp32 (natural base, +inf where a row has no
+        valid key), the results. Where a row's keys take several programs, each stores its range's
+        output (normalised by its own sum) in OUT (rows, programs, C, DIM) fp32 and its log-sum-exp
+        in base 2 in LSE2 (rows, programs, C) fp32 (-inf where the range has no valid key), then
+        takes a ticket from TICKETS (rows,) int32, zeros at the launch: the row's last program
+        merges the ranges (:func:`_merge_ranges`). One launch where the ranges' merge took six
+        torch launches after it."""
         row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM)
         q = tl.load(QBAR + (row * num_clusters + clusters)[:, None] * DIM + dims[None, :],
                     mask=cluster_ok[:, None], other=0.0)
+        if SPLIT is None:
+            q = q.to(K.dtype.element_ty)
         q = _operand(q, SPLIT, PARTS)
         running_max = tl.full((BLOCK_C,), float("-inf"), tl.float32)
         running_sum = tl.zeros((BLOCK_C,), tl.float32)
@@ -222,10 +229,60 @@ if triton is not None:
         nonempty = running_sum > 0
         out = acc / tl.where(nonempty, running_sum, 1.0)[:, None] * drop_scale
         lse2 = tl.where(nonempty, running_max + tl.log2(tl.where(nonempty, running_sum, 1.0)), float("-inf"))
-        slot = row * parts + part
-        tl.store(OUT + (slot * num_clusters + clusters)[:, None] * DIM + dims[None, :], out,
+        if parts == 1:
+            _store_result(VALUES, LSE, row, num_clusters, clusters, cluster_ok, dims, out, lse2, DIM)
+        else:
+            slot = row * parts + part
+            tl.store(OUT + (slot * num_clusters + clusters)[:, None] * DIM + dims[None, :], out,
+                     mask=cluster_ok[:, None])
+            tl.store(LSE2 + slot * num_clusters + clusters, lse2, mask=cluster_ok)
+            # The ticket as a grid-wide semaphore (release: this program's stores, which the barrier
+            # orders before the one thread's atomic; acquire: the other programs' stores, read past
+            # L1 below). Integer tickets and a fixed order of the ranges in the merge: the result does
+            # not depend on which program comes last.
+            tl.debug_barrier()
+            ticket = tl.atomic_add(TICKETS + row, 1, sem="acq_rel", scope="gpu")
+            if ticket == parts - 1:
+                _merge_ranges(OUT, LSE2, VALUES, LSE, row, parts, num_clusters, clusters, cluster_ok, dims, BLOCK_C,
+                              DIM)
+
+    @triton.jit
+    def _store_result(VALUES, LSE, row, num_clusters, clusters, cluster_ok, dims, values, lse2, DIM: tl.constexpr):
+        """Stores a row's ``values (BLOCK_C, DIM)`` and its base-2 log-sum-exps ``lse2`` in the natural
+        base, +inf where there was no valid key (so that ``exp(logit - lse)`` is 0)."""
+        tl.store(VALUES + (row * num_clusters + clusters)[:, None] * DIM + dims[None, :], values,
                  mask=cluster_ok[:, None])
-        tl.store(LSE2 + slot * num_clusters + clusters, lse2, mask=cluster_ok)
+        lse = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 0.6931471805599453)  # ln 2: to the natural base
+        tl.store(LSE + row * num_clusters + clusters, lse, mask=cluster_ok)
+
+    @triton.jit
+    def _merge_ranges(OUT, LSE2, VALUES, LSE, row, parts, num_clusters, clusters, cluster_ok, dims,
+                      BLOCK_C: tl.constexpr, DIM: tl.constexpr):
+        """A row's attention over all its keys from the ``parts`` ranges' outputs and base-2
+        log-sum-exps in OUT / LSE2 (see the kernel), weighted by ``2^(lse2 - largest)``, in range order.
+        The loads bypass L1 (``.cg``): other SMs wrote them."""
+        first = row * parts
+        largest = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+        for p in range(0, parts):
+            lse2 = tl.load(LSE2 + (first + p) * num_clusters + clusters, mask=cluster_ok, other=float("-inf"),
+                           cache_modifier=".cg")
+            largest = tl.maximum(largest, lse2)
+        shift = safe_max(largest)
+        total = tl.zeros((BLOCK_C,), tl.float32)
+        acc = tl.zeros((BLOCK_C, DIM), tl.float32)
+        for p in range(0, parts):
+            slot = first + p
+            lse2 = tl.load(LSE2 + slot * num_clusters + clusters, mask=cluster_ok, other=float("-inf"),
+                           cache_modifier=".cg")
+            weight = tl.exp2(lse2 - shift)  # 0 for a range without a valid key
+            out = tl.load(OUT + (slot * num_clusters + clusters)[:, None] * DIM + dims[None, :],
+                          mask=cluster_ok[:, None], other=0.0, cache_modifier=".cg")
+            total += weight
+            acc += weight[:, None] * out
+        nonempty = total > 0
+        values = acc / tl.where(nonempty, total, 1.0)[:, None]
+        lse2 = tl.where(nonempty, shift + tl.log2(tl.where(nonempty, total, 1.0)), float("-inf"))
+        _store_result(VALUES, LSE, row, num_clusters, clusters, cluster_ok, dims, values, lse2, DIM)
 
     @triton.jit
     def _centroid_bwd_kernel(QBAR, K, V, KEY_PADDING, KEEP, GRAD, VBAR, LSE, LSE_WEIGHT, GRAD_QBAR, GRAD_K, GRAD_V,
@@ -366,23 +423,22 @@ def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding
     key, value, padding, kept, strides = _key_args(key, value, key_padding_mask, keep)
     launch = _launch("fwd", key.dtype, dim, masked=padding is not None or kept is not None)
     parts, per_program = _programs_per_row(rows, keys, launch["BLOCK_N"])
-    out = qbar.new_empty(rows, parts, num_clusters, dim)
-    lse = qbar.new_empty(rows, parts, num_clusters)
+    values = qbar.new_empty(rows, num_clusters, dim, dtype=torch.float32)
+    lse = qbar.new_empty(rows, num_clusters, dtype=torch.float32)
+    if parts > 1:  # the ranges' outputs, and the tickets that elect each row's merging program
+        out = qbar.new_empty(rows, parts, num_clusters, dim, dtype=torch.float32)
+        lse2 = qbar.new_empty(rows, parts, num_clusters, dtype=torch.float32)
+        tickets = torch.zeros(rows, dtype=torch.int32, device=qbar.device)
+    else:
+        out, lse2, tickets = values, lse, lse
     _centroid_fwd_kernel[(rows, parts)](
-        qbar.to(key.dtype).contiguous(), key, value, key if padding is None else padding,
-        key if kept is None else kept, out, lse,
+        qbar.float().contiguous(), key, value, key if padding is None else padding,
+        key if kept is None else kept, out, lse2, tickets, values, lse,
         num_clusters, keys, heads, per_program, scale * LOG2E, 1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
         *strides, DIM=dim, BLOCK_C=_tile(num_clusters), PADDED=padding is not None, DROPOUT=kept is not None,
         **launch,
     )
-    lse = lse / LOG2E
-    if parts == 1:
-        total, values = lse[:, 0], out[:, 0]
-    else:
-        total = torch.logsumexp(lse, dim=1)
-        weights = torch.exp(lse - torch.where(torch.isneginf(total), 0.0, total).unsqueeze(1))
-        values = (weights.unsqueeze(-1) * out).sum(1)
-    return values, torch.where(torch.isneginf(total), float("inf"), total)
+    return values, lse
 
 
 def centroid_attention_bwd(grad_values: Tensor, values: Tensor, qbar: Tensor, key: Tensor, value: Tensor,

@@ -76,9 +76,10 @@ def graph_cache():
 
 # What each CUDA implementation covers; everything else runs the reference on the GPU
 # with one warning naming the reason (see fairseq_clustered/ops/cuda_kernels.py).
-_CLUSTERED_COVERAGE = ("fp32/fp16/bf16, head dims <= 128; fp16/bf16: flash without padding or dropout, with them "
-                       "Triton on tensor cores; fp32: Triton on tensor cores, each product as six bf16 products "
-                       "(Triton: head dim a power of two 16..128, C <= 128); else fp32 cuBLAS")
+_CLUSTERED_COVERAGE = ("fp32/fp16/bf16, head dims <= 128; fp16/bf16: Triton on tensor cores (forward: head dims "
+                       "<= 64, wider ones by flash without padding or dropout); fp32: Triton on tensor cores, each "
+                       "product as six bf16 products (Triton: head dim a power of two 16..128, C <= 128); else "
+                       "fp32 cuBLAS")
 KERNEL_NOTES = {
     "hash_codes": "fp32/fp16/bf16, dim <= 800; on tensor cores (Triton) with a power-of-two dim 16..256 "
                   "(fp32: 16..128)",

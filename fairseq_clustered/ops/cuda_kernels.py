@@ -540,6 +540,32 @@ class CudaOps:
                                  offsets, query_padding_mask, iterations, bits, key_padding_mask, keep, num_clusters,
                                  scale, dropout_p, native=native)
 
+    def clustered_fwd_inference(self, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
+                                key_padding_mask, keep, num_clusters, scale, dropout_p) -> Tensor:
+        """The output of :meth:`clustered_fwd_packed` for calls that autograd does not record
+        (evaluation, generation, ``torch.no_grad``), from a composition that keeps nothing for a
+        backward: no packed buffer, no copy of each cluster's output in the query dtype. Its graph
+        writes the output where the caller gets it (graph_cache's "filled"), and the extension's
+        ``clustered_step`` replays it from C++ for such calls (``clustered_inference_key``).
+        Arguments as :meth:`clustered_fwd_packed`'s; where :meth:`packs_clustered` takes them."""
+
+        def native():  # clustered_step's key of this call
+            return self.ext.clustered_inference_key(query, key, value, planes, offsets, query_padding_mask,
+                                                    key_padding_mask, keep, iterations, bits, num_clusters, scale,
+                                                    dropout_p), []
+
+        out = custom_ops.attention_output_like(query, value.shape[-1])
+        return self.graphs.run("clustered_attention_fwd_inference", self._clustered_fwd_inference, (
+            out, query, key, value, planes, offsets, query_padding_mask, iterations, bits, key_padding_mask, keep,
+            num_clusters, scale, dropout_p), filled=(0,), native=native)
+
+    def _clustered_fwd_inference(self, out, query, key, value, planes, offsets, query_padding_mask, iterations,
+                                 bits, key_padding_mask, keep, num_clusters, scale, dropout_p):
+        assignments, _ = self._cluster_queries(query, planes, offsets, query_padding_mask, num_clusters, iterations,
+                                               bits)
+        return self._clustered_fwd_keeping(query, key, value, assignments, key_padding_mask, keep, num_clusters,
+                                           scale, dropout_p, out, keeping=False)[0]
+
     def clustered_step(self, query, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p, clustering):
         """The output of a clustered step whose graphs the cache registered in its C++ table, replayed by
         the extension's ``clustered_step`` (``cuda/clustered_step.cpp``) with a C++ backward node; None
@@ -690,6 +716,22 @@ class CudaOps:
         return (self.use_flash and query.is_cuda
                 and centroid_triton.triton_centroid_unavailable(query, value, num_clusters) is None)
 
+    # Head dims up to this take the clustered forward's centroid attention on the Triton kernel where flash
+    # could take it (see _centroid_fwd_on_triton).
+    TRITON_FORWARD_MAX_DIM = 64
+
+    def _centroid_fwd_on_triton(self, query, value, num_clusters) -> bool:
+        """Whether the clustered forward's centroid attention, where flash could take it, runs on the
+        Triton kernel instead (:func:`centroid_triton.centroid_attention_fwd`): one launch that reads
+        the fp32 centroids, merges its key ranges itself and writes the fp32 values the broadcast
+        reads, where the flash route takes the centroids' cast, flash's split-key kernel and its
+        combine, the merge of our key blocks, the log-sum-exps' copy and the values' cast. At 32 rows,
+        C = 100, D = 64 (bf16, graph replays) it took 14.9 / 20.0 / 26.5 / 41.6 / 68.6 / 120.5 / 228.7 us
+        at 1k / 2k / 4k / 8k / 16k / 32k / 64k keys against the flash route's 18.3 / 27.9 / 36.2 / 49.8
+        / 79.3 / 130.4 / 241.0 (benchmarks/centroid_sweep.py; benchmarks/NOTES.md, thirty-first
+        session). Wider heads keep flash (not measured against it)."""
+        return query.shape[-1] <= self.TRITON_FORWARD_MAX_DIM and self._centroid_triton_ok(query, value, num_clusters)
+
     def _improved_triton_ok(self, query, value, num_clusters) -> bool:
         """Whether the improved variant, where flash cannot take it (key padding, dropout), runs on
         the flash path's algebra with Triton kernels (the centroid attention with its masks, the top
@@ -790,19 +832,20 @@ class CudaOps:
                                            scale, dropout_p, out)[:3]
 
     def _clustered_fwd_keeping(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, scale,
-                               dropout_p, out=None):
+                               dropout_p, out=None, keeping=True):
         """:meth:`_clustered_fwd`'s ``out, lse, centroids``, then what :meth:`clustered_bwd_packed` takes
         instead of the queries and the output: each cluster's output ``(B H, C, Dv)`` (what its
-        members received) and the sort of the queries by cluster (``order``, ``seg_start``). ``out``:
-        the tensor to write the output into (``custom_ops.attention_output_like(query)``), or None
-        for a new one."""
+        members received; None without ``keeping``, for a forward no backward follows) and the sort
+        of the queries by cluster (``order``, ``seg_start``). ``out``: the tensor to write the output
+        into (``custom_ops.attention_output_like(query)``), or None for a new one."""
         batch, heads, length, dim = query.shape
         rows, value_dim = batch * heads, value.shape[-1]
         assignments = assignments.contiguous()
         order, seg_start = self._sort_by_cluster(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
         cluster_outputs = None  # what the members receive, in the query dtype (below, where not flash's)
-        if self._flash_ok(query, value, key_padding_mask, keep):
+        if self._flash_ok(query, value, key_padding_mask, keep) and not self._centroid_fwd_on_triton(
+                query, value, num_clusters):
             out_c, lse, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
             cluster_outputs = out_c.reshape(rows, num_clusters, value_dim)
             centroid_values = cluster_outputs.float()  # the broadcast reads fp32 rows
@@ -815,7 +858,7 @@ class CudaOps:
         if out is None:
             out = custom_ops.attention_output_like(query, value_dim)
         out = self._broadcast(centroid_values, assignments, out)
-        if cluster_outputs is None:
+        if cluster_outputs is None and keeping:
             cluster_outputs = centroid_values.to(query.dtype)
         return (out, lse.reshape(batch, heads, num_clusters).float().contiguous(),
                 qbar.reshape(batch, heads, num_clusters, dim), cluster_outputs, order, seg_start)
