@@ -208,8 +208,9 @@ void ensure_smem(Kernel kernel, size_t bytes) {
 
 // A launch (cudaLaunchKernelEx) of thread block clusters of `cluster_blocks` blocks along x: the
 // configuration and its cluster-shape attribute, which `config.attrs` points into, so a holder is
-// neither copied nor moved. One block per cluster sets no attribute: an ordinary launch, which
-// is what devices before sm_90 take (on sm_90 it has clusters of one block all the same).
+// neither copied nor moved. Devices before sm_90 have no clusters: there (one block per cluster)
+// the attribute is left out and the launch is an ordinary one. On sm_90 it is set even for one
+// block, which cudaOccupancyMaxActiveClusters needs to count clusters.
 struct ClusterLaunch {
   cudaLaunchAttribute shape[1];
   cudaLaunchConfig_t config;
@@ -224,7 +225,7 @@ struct ClusterLaunch {
     config.dynamicSmemBytes = smem;
     config.stream = stream;
     config.attrs = shape;
-    config.numAttrs = cluster_blocks > 1 ? 1 : 0;
+    config.numAttrs = compute_major() >= 9 ? 1 : 0;
   }
   ClusterLaunch(const ClusterLaunch&) = delete;
   ClusterLaunch& operator=(const ClusterLaunch&) = delete;
