@@ -410,6 +410,40 @@ def test_eager_path_matches_the_custom_ops_cpu(monkeypatch, variant):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
 
 
+def test_calls_autograd_does_not_record_keep_nothing_cpu(monkeypatch):
+    """A clustered call that autograd does not record (under ``torch.no_grad``, or with no input that
+    requires a gradient) takes the composition that keeps nothing for a backward
+    (``CudaOps.clustered_fwd_inference``), over the CPU stand-in of the extension here, and gives
+    the custom op's (the reference's) output without an autograd node; a recorded call takes the
+    forward that packs what its backward needs."""
+    from fairseq_clustered import ops
+    q, k, v, qmask, kmask, _ = make_inputs(2, 2, 33, 29, 16, torch.float32, "cpu", 5)
+    planes = torch.randn(12, 16, generator=torch.Generator().manual_seed(2))
+
+    def run(*qkv):
+        return ops.clustered_attention(*qkv, kmask, qmask, num_clusters=5, iterations=3, bits=12, planes=planes,
+                                       dropout_p=0.2, generator=torch.Generator().manual_seed(3))
+
+    expected = run(q, k, v)
+    stand_in = CudaOps(EmulatedExtension(), use_flash=False)
+    taken = []
+    for name in ("clustered_fwd_inference", "clustered_fwd_packed"):
+        real = getattr(stand_in, name)
+        monkeypatch.setattr(stand_in, name, lambda *args, _real=real, _name=name: taken.append(_name) or _real(*args))
+    monkeypatch.setattr(ops.eager, "implementations", lambda query: stand_in)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    with torch.no_grad():
+        out = run(*leaves)
+    assert taken == ["clustered_fwd_inference"] and out.grad_fn is None
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    out = run(q, k, v)  # grad mode on, no input requires a gradient
+    assert taken[1:] == ["clustered_fwd_inference"] and out.grad_fn is None
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    out = run(*leaves)
+    assert taken[2:] == ["clustered_fwd_packed"] and out.grad_fn is not None
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
 def _fairseq_layout(x):
     """``(B, H, N, D)`` as fairseq's attention sees it: a view of an ``(N, B, H * D)`` tensor."""
     batch, heads, length, dim = x.shape
