@@ -34,10 +34,12 @@ which holds with dropout too). A row whose keys are all padded gets ``Vbar = 0``
 
 Work split. The forward's program holds all ``C <= 128`` centroids of one (batch, head)
 and streams a range of the keys (the keys are split so that there are enough programs
-to fill the GPU); the partial outputs are merged by their log-sum-exps. The backward's
+to fill the GPU); the row's last program to finish (an atomic ticket per row elects it) merges
+the partial outputs by their log-sum-exps in range order, in the same launch. The backward's
 program holds the centroids, their gradients and statistics and streams a range of keys,
 writing those keys' ``dk``, ``dv`` (each key has one writer) and its partial ``dqbar``,
-summed over the ranges afterwards: no atomics, so both directions are bit-reproducible.
+summed over the ranges afterwards: no atomic sums of values (the forward's one atomic counts
+programs), so both directions are bit-reproducible.
 """
 
 from __future__ import annotations
