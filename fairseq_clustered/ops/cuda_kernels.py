@@ -717,20 +717,15 @@ class CudaOps:
                 and centroid_triton.triton_centroid_unavailable(query, value, num_clusters) is None)
 
     # Head dims up to this take the clustered forward's centroid attention on the Triton kernel where flash
-    # could take it (see _centroid_fwd_on_triton).
+    # could take it too (:func:`centroid_triton.centroid_attention_fwd`): one launch that reads the fp32
+    # centroids, merges its key ranges itself and writes the fp32 values the broadcast reads, where the
+    # flash route takes the centroids' cast, flash's split-key kernel and its combine, the merge of our
+    # key blocks, the log-sum-exps' copy and the values' cast. At 32 rows, C = 100, D = 64 (bf16, graph
+    # replays) it took 14.9 / 20.0 / 26.5 / 41.6 / 68.6 / 120.5 / 228.7 us at 1k / 2k / 4k / 8k / 16k /
+    # 32k / 64k keys against the flash route's 18.3 / 27.9 / 36.2 / 49.8 / 79.3 / 130.4 / 241.0
+    # (benchmarks/centroid_sweep.py; benchmarks/NOTES.md, thirty-first session). Wider heads keep flash
+    # (not measured against it).
     TRITON_FORWARD_MAX_DIM = 64
-
-    def _centroid_fwd_on_triton(self, query, value, num_clusters) -> bool:
-        """Whether the clustered forward's centroid attention, where flash could take it, runs on the
-        Triton kernel instead (:func:`centroid_triton.centroid_attention_fwd`): one launch that reads
-        the fp32 centroids, merges its key ranges itself and writes the fp32 values the broadcast
-        reads, where the flash route takes the centroids' cast, flash's split-key kernel and its
-        combine, the merge of our key blocks, the log-sum-exps' copy and the values' cast. At 32 rows,
-        C = 100, D = 64 (bf16, graph replays) it took 14.9 / 20.0 / 26.5 / 41.6 / 68.6 / 120.5 / 228.7 us
-        at 1k / 2k / 4k / 8k / 16k / 32k / 64k keys against the flash route's 18.3 / 27.9 / 36.2 / 49.8
-        / 79.3 / 130.4 / 241.0 (benchmarks/centroid_sweep.py; benchmarks/NOTES.md, thirty-first
-        session). Wider heads keep flash (not measured against it)."""
-        return query.shape[-1] <= self.TRITON_FORWARD_MAX_DIM and self._centroid_triton_ok(query, value, num_clusters)
 
     def _improved_triton_ok(self, query, value, num_clusters) -> bool:
         """Whether the improved variant, where flash cannot take it (key padding, dropout), runs on
@@ -844,12 +839,13 @@ class CudaOps:
         order, seg_start = self._sort_by_cluster(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
         cluster_outputs = None  # what the members receive, in the query dtype (below, where not flash's)
-        if self._flash_ok(query, value, key_padding_mask, keep) and not self._centroid_fwd_on_triton(
-                query, value, num_clusters):
+        on_triton = self._centroid_triton_ok(query, value, num_clusters)
+        if self._flash_ok(query, value, key_padding_mask, keep) and not (
+                on_triton and dim <= self.TRITON_FORWARD_MAX_DIM):
             out_c, lse, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
             cluster_outputs = out_c.reshape(rows, num_clusters, value_dim)
             centroid_values = cluster_outputs.float()  # the broadcast reads fp32 rows
-        elif self._centroid_triton_ok(query, value, num_clusters):
+        elif on_triton:
             centroid_values, lse = centroid_triton.centroid_attention_fwd(
                 qbar, key, value, key_padding_mask, keep, scale, dropout_p)
         else:
