@@ -133,9 +133,8 @@ def main():
             print(f"{length:>6} {'torch':>9} {'':>4} {'':>5} {'':>6} {'':>5} {'':>7} {'':>7}  "
                   + "  ".join(f"{e:>8.2e}" for e in own))
             if half and not args.masked:
-                def flash():  # the clustered forward's flash route, as cuda_kernels composes it
-                    centroids = qbar.reshape(batch, heads, args.clusters, dim).to(dtype)
-                    out, lse, _ = CudaOps._attn_fwd(centroids, key, value, scale)
+                def flash():  # the clustered forward's flash route, with its cast of the values to fp32
+                    out, lse, _ = CudaOps._flash_fwd(qbar, key, value, scale, batch, heads)
                     return out.reshape(batch * heads, args.clusters, dim).float(), lse
 
                 flash_error = errors(flash()[:1], oracle[:1])[0]

@@ -859,11 +859,11 @@ class CudaOps:
         return (out, lse.reshape(batch, heads, num_clusters).float().contiguous(),
                 qbar.reshape(batch, heads, num_clusters, dim), cluster_outputs, order, seg_start)
 
-    def _flash_fwd(self, qbar, key, value, scale, batch, heads):
+    @classmethod
+    def _flash_fwd(cls, qbar, key, value, scale, batch, heads):
         """Centroid attention through flash: ``(out (B, H, C, Dv), lse (B, H, C), ctx for _flash_bwd)``."""
         qb = qbar.reshape(batch, heads, qbar.shape[1], qbar.shape[2]).to(key.dtype)
-        out, lse, ctx = self._attn_fwd(qb, key, value, scale)
-        return out, lse, ctx
+        return cls._attn_fwd(qb, key, value, scale)
 
     @staticmethod
     def _key_splits(batch_heads: int, keys: int) -> int:
