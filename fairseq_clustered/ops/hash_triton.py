@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import MISSING, dot_precision, interpreted, power_of_two_in, tl, triton
+from ._triton import MISSING, dot_precision, interpreted, power_of_two_in, three_parts, tl, triton
 
 __all__ = ["triton_hash_unavailable", "hash_codes_triton"]
 
@@ -86,10 +86,7 @@ if triton is not None:
         low_half = planes_t < 32
         weights = tl.full((BITS,), 1, tl.int32) << (planes_t % 32)
         if X.dtype.element_ty != tl.float32:  # the rounded remainders, each exact in x's dtype
-            hi = rest.to(X.dtype.element_ty)
-            rest = rest - hi.to(tl.float32)
-            mid = rest.to(X.dtype.element_ty)
-            lo = (rest - mid.to(tl.float32)).to(X.dtype.element_ty)
+            hi, mid, lo = three_parts(rest, X.dtype.element_ty)
         for tile in tl.static_range(TILES):
             n = (tl.program_id(1) * TILES + tile) * ROWS + tl.arange(0, ROWS)
             ok = n < length
