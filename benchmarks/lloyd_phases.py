@@ -27,17 +27,17 @@ PHASES = ["set-up", "clearing and fragments", "search and membership", "counting
           "update (thread 0)", "cluster barrier 2", "final assignment"]
 PER_ITERATION = range(1, 7)  # the phases inside the iteration loop
 # The second cluster barrier: phase 5 (the update) closes just before it, phase 6 after it.
-BEFORE_BARRIER_2 = "    cluster.sync();  // every copy of the centroids updated, every block's counters read\n"
+BEFORE_BARRIER_2 = "    cluster_barrier();  // every copy of the centroids updated, every block's counters read\n"
 # (a line of lloyd_cluster_kernel, what goes after it): STAMP(k) closes phase k.
 STAMPS: List[Tuple[str, str]] = [
-    ("  const int rank = static_cast<int>(cluster.block_rank()), size = static_cast<int>(cluster.num_blocks());\n",
+    ("  const int rank = static_cast<int>(block_rank_in_cluster()), size = static_cast<int>(blocks_in_cluster());\n",
      "STAMPS_BEGIN;\n"),
     ("  const int mask_words = membership_rows<TILES>() * layout.mask_stride;\n", "STAMP(0);\n"),
     ("      __syncthreads();  // the round's bits cleared and the codes' bit rows written; centroids' fragments\n",
      "STAMP(1);\n"),
     ("      __syncthreads();  // the round's membership bits set\n", "STAMP(2);\n"),
     ("      __syncthreads();  // the round counted before its bits are cleared\n", "STAMP(3);\n"),
-    ("    cluster.sync();  // every block's counters complete\n", "STAMP(4);\n"),
+    ("    cluster_barrier();  // every block's counters complete\n", "STAMP(4);\n"),
     (BEFORE_BARRIER_2, "STAMP(6);\n"),
     ("  if (rank == 0) {\n    for (int j = threadIdx.x; j < C; j += blockDim.x) centroids[bh * C + j] = sm.cent[j];\n  }\n",
      "STAMP(7);\nSTAMPS_END;\n"),

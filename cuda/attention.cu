@@ -55,8 +55,7 @@ __global__ void __launch_bounds__(ORDER_THREADS) cluster_order_kernel(const int6
   for (int i = threadIdx.x; i < buckets * (3 + ORDER_WARPS); i += ORDER_THREADS) smem_order[i] = 0;
   __syncthreads();
   for (int n = begin + threadIdx.x; n < end; n += ORDER_THREADS) atomicAdd(sizes + order_bucket(row_ids[n], clusters), 1);
-  cluster_arrive();  // (a block barrier too)
-  cluster_wait();
+  cluster_barrier();  // (a block barrier too)
   for (int b = threadIdx.x; b < buckets; b += ORDER_THREADS) {
     int before = 0, total = 0;
     for (unsigned r = 0; r < blocks; ++r) {

@@ -30,8 +30,6 @@
 // shared-memory atomic per bit in which a member differs from its centroid.
 #include "common.cuh"
 
-#include <cooperative_groups.h>
-
 #include <algorithm>
 #include <type_traits>
 
@@ -570,9 +568,7 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
                          ClusterLayout layout, int64_t* __restrict__ centroids,
                          int64_t* __restrict__ assignments) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank()), size = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(block_rank_in_cluster()), size = static_cast<int>(blocks_in_cluster());
   extern __shared__ int64_t smem_cluster[];
   char* smem_bytes = reinterpret_cast<char*>(smem_cluster);
   uint32_t* masks = reinterpret_cast<uint32_t*>(smem_bytes + layout.masks_at);
@@ -621,7 +617,7 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
       count_by_products<TILES>(masks, layout.mask_stride, round_bits, layout.bit_stride, words, C, sm.counts);
       __syncthreads();  // the round counted before its bits are cleared
     }
-    cluster.sync();  // every block's counters complete
+    cluster_barrier();  // every block's counters complete
     // 64 threads per centroid (bit `bit`; two warps, each packing 32 bits by ballot). The counters
     // are read through 32-bit cluster addresses in a loop over the cluster's blocks, and lane r
     // writes the new half code into block r. (Through generic pointers in a loop unrolled to
@@ -643,7 +639,7 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
       const unsigned word = __ballot_sync(FULL_MASK, set);
       if (lane < size) store_to_block(address_in_block(half, lane), word);
     }
-    cluster.sync();  // every copy of the centroids updated, every block's counters read
+    cluster_barrier();  // every copy of the centroids updated, every block's counters read
   }
   if (!single) {
     store_centroid_fragments<TILES>(sm.cent, C, bits, sm.frags);

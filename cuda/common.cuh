@@ -168,6 +168,15 @@ __device__ __forceinline__ void cluster_wait() {
 #endif
 }
 
+// Both halves: a barrier of the cluster's threads after which every block sees the others' shared
+// memory writes before it. The same instructions as cooperative groups' cluster.sync(), the
+// release's GPU-wide fence (MEMBAR.ALL.GPU) included: ptxas emits it for the PTX form too (SASS of
+// lloyd_cluster_kernel, thirty-second session).
+__device__ __forceinline__ void cluster_barrier() {
+  cluster_arrive();
+  cluster_wait();
+}
+
 // An attribute of the current device, queried once per device.
 template <cudaDeviceAttr ATTRIBUTE>
 inline int device_attribute() {
