@@ -144,13 +144,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("fallback"),
            "for variant 'clustered' or 'improved': a callable returning the Python backward for a miss, or None");
   m.def("clustered_forward_key", bytes_of(&fcl::clustered_forward_key),
-        "the GraphTable key of a clustered forward's composition (clustered_step's key)");
-  m.def("clustered_inference_key", bytes_of(&fcl::clustered_inference_key),
-        "the GraphTable key of a clustered forward's inference composition (clustered_step's key without grad)");
+        "the GraphTable key of a clustered forward's composition (clustered_step's key; with keeps_nothing, of the "
+        "composition that keeps nothing, the key of a call autograd does not record)");
   m.def("clustered_backward_key", bytes_of(&fcl::clustered_backward_key),
         "the GraphTable key of a clustered backward's composition (clustered_step's backward's key)");
   m.def("improved_forward_key", bytes_of(&fcl::improved_forward_key),
-        "the GraphTable key of an improved forward's composition (improved_step's key)");
+        "the GraphTable key of an improved forward's composition (improved_step's key; with keeps_nothing, as "
+        "clustered_forward_key's)");
   m.def("improved_backward_key", bytes_of(&fcl::improved_backward_key),
         "the GraphTable key of an improved backward's composition (improved_step's backward's key)");
   m.def("improved_step", &fcl::improved_step, pybind11::arg("table"), pybind11::arg("query"), pybind11::arg("key"),
@@ -158,7 +158,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("query_padding_mask"), pybind11::arg("key_padding_mask"), pybind11::arg("keep"),
         pybind11::arg("iterations"), pybind11::arg("bits"), pybind11::arg("num_clusters"), pybind11::arg("topk"),
         pybind11::arg("scale"), pybind11::arg("dropout_p"),
-        "an improved step's output replayed from the table, with a C++ backward node; None where not served");
+        "an improved step's output replayed from the table, with a C++ backward node (without one, from the "
+        "inference graph, where autograd does not record the call); None where not served");
   m.def("clustered_step", &fcl::clustered_step, pybind11::arg("table"), pybind11::arg("query"),
         pybind11::arg("key"), pybind11::arg("value"), pybind11::arg("planes"), pybind11::arg("offsets"),
         pybind11::arg("query_padding_mask"), pybind11::arg("key_padding_mask"), pybind11::arg("keep"),

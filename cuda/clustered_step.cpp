@@ -34,6 +34,7 @@ enum Composition : int64_t {
   kImprovedForward = 3,
   kImprovedBackward = 4,
   kClusteredInference = 5,
+  kImprovedInference = 6,
 };
 
 // What a step's backward needs besides its saved tensors (clustered: key, value and the packed
@@ -155,15 +156,15 @@ bool records_gradient(const at::Tensor& query, const at::Tensor& key, const at::
          (query.requires_grad() || key.requires_grad() || value.requires_grad());
 }
 
-// The output of the inference composition's graph under `call` (the forward's, which keeps nothing
-// for a backward: CudaOps.clustered_fwd_inference), without an autograd node; None where the table
-// does not serve it. `tensors`: the composition's tensors after its output.
+// The output of an inference composition's graph under `call` (a forward that keeps nothing for a
+// backward: CudaOps.clustered_fwd_inference / improved_fwd_inference), without an autograd node;
+// None where the table does not serve it. `tensors`: the composition's tensors after its output.
 pybind11::object inference(const std::shared_ptr<GraphTable>& table, std::vector<at::Tensor> tensors,
                            const std::string& call, const at::Device& device) {
   tensors.insert(tensors.begin(), at::Tensor());  // out, filled by the graph
   auto served = table->serve(call, std::move(tensors), device);
   if (!served) return pybind11::none();
-  TORCH_CHECK(served->outputs.size() == 1 && served->extras.empty(), "fairseq_clustered: a clustered inference "
+  TORCH_CHECK(served->outputs.size() == 1 && served->extras.empty(), "fairseq_clustered: an inference "
               "graph has ", served->outputs.size(), " outputs and ", served->extras.size(),
               " layouts (a bug: please report it)");
   return pybind11::cast(served->outputs[0]);
@@ -222,20 +223,8 @@ std::string clustered_forward_key(const at::Tensor& query, const at::Tensor& key
                                   const c10::optional<at::Tensor>& query_padding_mask,
                                   const c10::optional<at::Tensor>& key_padding_mask,
                                   const c10::optional<at::Tensor>& keep, int64_t iterations, int64_t bits,
-                                  int64_t num_clusters, double scale, double dropout_p) {
-  CallKey call(kClusteredForward);
-  return forward_inputs(call, query, key, value, planes, offsets, query_padding_mask, key_padding_mask, keep,
-                        iterations, bits, num_clusters)
-      .real(scale).real(dropout_p).finish(query.device());
-}
-
-std::string clustered_inference_key(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                                    const at::Tensor& planes, const at::Tensor& offsets,
-                                    const c10::optional<at::Tensor>& query_padding_mask,
-                                    const c10::optional<at::Tensor>& key_padding_mask,
-                                    const c10::optional<at::Tensor>& keep, int64_t iterations, int64_t bits,
-                                    int64_t num_clusters, double scale, double dropout_p) {
-  CallKey call(kClusteredInference);
+                                  int64_t num_clusters, double scale, double dropout_p, bool keeps_nothing) {
+  CallKey call(keeps_nothing ? kClusteredInference : kClusteredForward);
   return forward_inputs(call, query, key, value, planes, offsets, query_padding_mask, key_padding_mask, keep,
                         iterations, bits, num_clusters)
       .real(scale).real(dropout_p).finish(query.device());
@@ -246,8 +235,9 @@ std::string improved_forward_key(const at::Tensor& query, const at::Tensor& key,
                                  const c10::optional<at::Tensor>& query_padding_mask,
                                  const c10::optional<at::Tensor>& key_padding_mask,
                                  const c10::optional<at::Tensor>& keep, int64_t iterations, int64_t bits,
-                                 int64_t num_clusters, int64_t topk, double scale, double dropout_p) {
-  CallKey call(kImprovedForward);
+                                 int64_t num_clusters, int64_t topk, double scale, double dropout_p,
+                                 bool keeps_nothing) {
+  CallKey call(keeps_nothing ? kImprovedInference : kImprovedForward);
   return forward_inputs(call, query, key, value, planes, offsets, query_padding_mask, key_padding_mask, keep,
                         iterations, bits, num_clusters)
       .integer(topk).real(scale).real(dropout_p).finish(query.device());
@@ -284,12 +274,11 @@ pybind11::object clustered_step(const std::shared_ptr<GraphTable>& table, const 
   if (!query.is_cuda()) return pybind11::none();
   std::vector<at::Tensor> tensors =
       forward_tensors(query, key, value, planes, offsets, query_padding_mask, key_padding_mask, keep);
-  if (!records_gradient(query, key, value)) return inference(table, std::move(tensors), clustered_inference_key(
-      query, key, value, planes, offsets, query_padding_mask, key_padding_mask, keep, iterations, bits, num_clusters,
-      scale, dropout_p), query.device());
+  const bool keeps_nothing = !records_gradient(query, key, value);
   const std::string call = clustered_forward_key(query, key, value, planes, offsets, query_padding_mask,
                                                  key_padding_mask, keep, iterations, bits, num_clusters, scale,
-                                                 dropout_p);
+                                                 dropout_p, keeps_nothing);
+  if (keeps_nothing) return inference(table, std::move(tensors), call, query.device());
   return step(table, call, std::move(tensors),
               step_state(false, key_padding_mask, keep, num_clusters, 0, scale, dropout_p), query, key, value);
 }
@@ -301,11 +290,14 @@ pybind11::object improved_step(const std::shared_ptr<GraphTable>& table, const a
                                const c10::optional<at::Tensor>& keep, int64_t iterations, int64_t bits,
                                int64_t num_clusters, int64_t topk, double scale, double dropout_p) {
   if (!query.is_cuda()) return pybind11::none();
+  std::vector<at::Tensor> tensors =
+      forward_tensors(query, key, value, planes, offsets, query_padding_mask, key_padding_mask, keep);
+  const bool keeps_nothing = !records_gradient(query, key, value);
   const std::string call = improved_forward_key(query, key, value, planes, offsets, query_padding_mask,
                                                 key_padding_mask, keep, iterations, bits, num_clusters, topk, scale,
-                                                dropout_p);
-  return step(table, call,
-              forward_tensors(query, key, value, planes, offsets, query_padding_mask, key_padding_mask, keep),
+                                                dropout_p, keeps_nothing);
+  if (keeps_nothing) return inference(table, std::move(tensors), call, query.device());
+  return step(table, call, std::move(tensors),
               step_state(true, key_padding_mask, keep, num_clusters, topk, scale, dropout_p), query, key, value);
 }
 

@@ -401,9 +401,9 @@ def test_clustered_steps_run_from_cpp_gpu(monkeypatch, variant, pad, dropout):
     q, k, v, kmask, qmask = _inputs(0, torch.bfloat16, pad=pad)
     replays = table.replays
     fn = clustered_attention if variant == "clustered" else improved_clustered_attention
-    with torch.no_grad():  # the clustered variant's take their own composition: captured at the second call
+    with torch.no_grad():  # their own composition (keeping nothing): captured at the second call
         outs = [fn(q, k, v, kmask, qmask, num_clusters=20, generator=torch.Generator().manual_seed(0),
-                   dropout_p=dropout) for _ in range(3 if variant == "clustered" else 1)]
+                   dropout_p=dropout) for _ in range(3)]
     assert table.replays == replays + 1 and all(torch.equal(out, graphed[0][0]) for out in outs)
     monkeypatch.setenv("FAIRSEQ_CLUSTERED_CUDA_GRAPHS", "0")
     for seed, got in enumerate(graphed):
@@ -412,16 +412,24 @@ def test_clustered_steps_run_from_cpp_gpu(monkeypatch, variant, pad, dropout):
 
 
 @needs_gpu
+@pytest.mark.parametrize("variant", ["clustered", "improved"])
 @pytest.mark.parametrize("pad,dropout", [(False, 0.0), (True, 0.2)], ids=["flash", "padding-dropout"])
-def test_calls_autograd_does_not_record_keep_nothing_gpu(monkeypatch, pad, dropout):
-    """A clustered call that autograd does not record (under ``torch.no_grad``, or with no input that
-    requires a gradient) takes the composition that keeps nothing for a backward: the step's output
-    bit for bit, without an autograd node; its graph is captured at the second such call and
-    replayed from C++ (``clustered_step``) from the third, and a call that is recorded still gets
+def test_calls_autograd_does_not_record_keep_nothing_gpu(monkeypatch, variant, pad, dropout):
+    """A call of either variant that autograd does not record (under ``torch.no_grad``, or with no
+    input that requires a gradient) takes the composition that keeps nothing for a backward
+    (``clustered_fwd_inference`` / ``improved_fwd_inference``): the step's output bit for bit, without
+    an autograd node; its graph is captured at the second such call and replayed from C++
+    (``clustered_step`` / ``improved_step``) from the third, and a call that is recorded still gets
     the step's node."""
     cache = _warm_table(monkeypatch, steps=0)
     table = cache.native
-    expected = _step("clustered", 0, torch.bfloat16, pad, dropout)[0]
+    expected = _step(variant, 0, torch.bfloat16, pad, dropout)[0]
+    fn = clustered_attention if variant == "clustered" else improved_clustered_attention
+    ops = cuda_backend.cuda_ops()
+    taken = []
+    name = f"{variant}_fwd_inference"
+    real = getattr(ops, name)
+    monkeypatch.setattr(ops, name, lambda *args: taken.append(name) or real(*args))
     from_cpp = []
     for call in range(4):
         q, k, v, kmask, qmask = _inputs(0, torch.bfloat16, pad=pad)
@@ -429,14 +437,14 @@ def test_calls_autograd_does_not_record_keep_nothing_gpu(monkeypatch, pad, dropo
             q, k, v = q.detach(), k.detach(), v.detach()
         replays = table.replays
         with torch.set_grad_enabled(call % 2 == 1):
-            out = clustered_attention(q, k, v, kmask, qmask, num_clusters=20,
-                                      generator=torch.Generator().manual_seed(0), dropout_p=dropout)
+            out = fn(q, k, v, kmask, qmask, num_clusters=20, generator=torch.Generator().manual_seed(0),
+                     dropout_p=dropout)
         assert out.grad_fn is None and torch.equal(out, expected), call
         from_cpp.append(table.replays - replays)
     assert from_cpp == [0, 0, 1, 1], from_cpp
+    assert taken == [name, name], taken  # the C++ step served the last two
     q, k, v, kmask, qmask = _inputs(0, torch.bfloat16, pad=pad)
-    out = clustered_attention(q, k, v, kmask, qmask, num_clusters=20, generator=torch.Generator().manual_seed(0),
-                              dropout_p=dropout)
+    out = fn(q, k, v, kmask, qmask, num_clusters=20, generator=torch.Generator().manual_seed(0), dropout_p=dropout)
     assert out.grad_fn is not None and torch.equal(out.detach(), expected)
 
 

@@ -295,7 +295,13 @@ def improved_clustered_attention(
         out = None if clustering is None else ops.improved_step(query, key, value, key_padding_mask, keep,
                                                                 num_clusters, topk, scale, float(dropout_p),
                                                                 clustering)
-        return out if out is not None else eager.ImprovedClusteredAttention.apply(ops, *args, clustering)
+        if out is not None:
+            return out
+        if clustering is not None and not _records_gradient(query, key, value) and ops.packs_improved(
+                query, value, key_padding_mask, keep, num_clusters):  # evaluation, as clustered_attention
+            return ops.improved_fwd_inference(query, key, value, *clustering, key_padding_mask, keep, num_clusters,
+                                              topk, scale, float(dropout_p))
+        return eager.ImprovedClusteredAttention.apply(ops, *args, clustering)
     out, *_ = custom_ops.improved_clustered_attention_fwd(*args)
     return out
 from .causal import causal_clustered_attention, causal_key_clusters  # noqa: E402  (leak-free causal variant)

@@ -270,6 +270,9 @@ class ImprovedRoute(NamedTuple):
     flash_path: bool  # the flash path's algebra: flash itself, or its Triton form; else fp32 (C, S) products
     exact_on_triton: bool  # ... with the Triton exact products, which write into a given output / dq
     all_triton: bool  # every step in Triton (the form for key padding and dropout), which writes given dk, dv
+    # ... and the centroids' attention forward on the Triton kernel (with key padding or dropout, and for head
+    # dims up to CudaOps.TRITON_FORWARD_MAX_DIM without), whose fp32 values and log-sum-exps the forward keeps
+    centroids_on_triton: bool
 
 
 class CudaOps:
@@ -432,13 +435,36 @@ class CudaOps:
         def native():  # improved_step's key of this call (its forward fills out and the buffer)
             return self.ext.improved_forward_key(query, key, value, planes, offsets, query_padding_mask,
                                                  key_padding_mask, keep, iterations, bits, num_clusters, topk, scale,
-                                                 dropout_p), []
+                                                 dropout_p, False), []
 
         return self._run_packing("improved_clustered_attention_fwd_packed", self._improved_fwd_packing,
                                  self._improved_layout(query, key, value, key_padding_mask, keep, num_clusters, topk),
                                  out, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
                                  key_padding_mask, keep, num_clusters, topk, scale, dropout_p,
                                  native=native if out is not None else None)
+
+    def improved_fwd_inference(self, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
+                               key_padding_mask, keep, num_clusters, topk, scale, dropout_p) -> Tensor:
+        """The output of :meth:`improved_fwd_packed` for calls that autograd does not record, as
+        :meth:`clustered_fwd_inference`: no packed buffer and no pack of what a backward would need.
+        Its graph writes the output where the caller gets it where the Triton exact products make it
+        (and the extension's ``improved_step`` then replays it from C++ for such calls). Arguments as
+        :meth:`improved_fwd_packed`'s; where :meth:`packs_improved` takes them."""
+        out = self._improved_query_sized_to_fill(query, value, key_padding_mask, keep, num_clusters)
+
+        def native():  # improved_step's key of this call (the composition that keeps nothing)
+            return self.ext.improved_forward_key(query, key, value, planes, offsets, query_padding_mask,
+                                                 key_padding_mask, keep, iterations, bits, num_clusters, topk, scale,
+                                                 dropout_p, True), []
+
+        return self.graphs.run("improved_clustered_attention_fwd_inference", self._improved_fwd_inference, (
+            out, query, key, value, planes, offsets, query_padding_mask, iterations, bits, key_padding_mask, keep,
+            num_clusters, topk, scale, dropout_p), filled=(0,), native=native if out is not None else None)
+
+    def _improved_fwd_inference(self, out, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
+                                *attention):
+        return self._improved_fwd_with_clustering(out, query, key, value, planes, offsets, query_padding_mask,
+                                                  iterations, bits, *attention)[0]
 
     def _improved_layout(self, query, key, value, key_padding_mask, keep, num_clusters, topk) -> "KeptLayout":
         """:meth:`improved_kept_layout`, remembered per kind."""
@@ -467,11 +493,11 @@ class CudaOps:
     def improved_kept_layout(self, query, key, value, key_padding_mask, keep, num_clusters, topk) -> KeptLayout:
         """The :class:`KeptLayout` of what :meth:`_improved_fwd_keeping` keeps on the flash path (its
         order; the assignments last): the centroids' attention output and log-sum-exp are flash's
-        ``(B, H, C, Dv)`` in the key dtype and ``(B, H, C)``, or with key padding or dropout the Triton
-        kernels' ``(B H, C, Dv)`` and ``(B H, C)`` fp32."""
+        ``(B, H, C, Dv)`` in the key dtype and ``(B, H, C)``, or where the Triton kernel makes them
+        (:class:`ImprovedRoute`'s ``centroids_on_triton``) its ``(B H, C, Dv)`` and ``(B H, C)`` fp32."""
         batch, heads, length, dim = query.shape
         rows, value_dim, top_k = batch * heads, value.shape[-1], min(topk, key.shape[2])
-        if key_padding_mask is not None or keep is not None:
+        if self._improved_route(query, value, key_padding_mask, keep, num_clusters).centroids_on_triton:
             centroid_values = (torch.float32, (rows, num_clusters, value_dim))
             centroid_lse = (torch.float32, (rows, num_clusters))
         else:
@@ -532,7 +558,7 @@ class CudaOps:
             dq = torch.empty_strided(shape, strides, dtype=dtype, device="meta")
             return self.ext.clustered_forward_key(query, key, value, planes, offsets, query_padding_mask,
                                                   key_padding_mask, keep, iterations, bits, num_clusters, scale,
-                                                  dropout_p), [dq]
+                                                  dropout_p, False), [dq]
 
         return self._run_packing("clustered_attention_fwd_packed", self._clustered_fwd_packing,
                                  self._kept_layout(query, value, num_clusters),
@@ -546,13 +572,14 @@ class CudaOps:
         (evaluation, generation, ``torch.no_grad``), from a composition that keeps nothing for a
         backward: no packed buffer, no copy of each cluster's output in the query dtype. Its graph
         writes the output where the caller gets it (graph_cache's "filled"), and the extension's
-        ``clustered_step`` replays it from C++ for such calls (``clustered_inference_key``).
+        ``clustered_step`` replays it from C++ for such calls (``clustered_forward_key``'s
+        ``keeps_nothing``).
         Arguments as :meth:`clustered_fwd_packed`'s; where :meth:`packs_clustered` takes them."""
 
-        def native():  # clustered_step's key of this call
-            return self.ext.clustered_inference_key(query, key, value, planes, offsets, query_padding_mask,
-                                                    key_padding_mask, keep, iterations, bits, num_clusters, scale,
-                                                    dropout_p), []
+        def native():  # clustered_step's key of this call (the composition that keeps nothing)
+            return self.ext.clustered_forward_key(query, key, value, planes, offsets, query_padding_mask,
+                                                  key_padding_mask, keep, iterations, bits, num_clusters, scale,
+                                                  dropout_p, True), []
 
         out = custom_ops.attention_output_like(query, value.shape[-1])
         return self.graphs.run("clustered_attention_fwd_inference", self._clustered_fwd_inference, (
@@ -744,7 +771,9 @@ class CudaOps:
             all_triton = self._improved_triton_ok(query, value, num_clusters)
             flash_path = self._flash_ok(query, value, key_padding_mask, keep) or all_triton
             exact_on_triton = flash_path and improved_triton.triton_exact_unavailable(query, value) is None
-            return ImprovedRoute(flash_path, exact_on_triton, all_triton)
+            masked = key_padding_mask is not None or keep is not None
+            centroids_on_triton = all_triton and (masked or query.shape[-1] <= self.TRITON_FORWARD_MAX_DIM)
+            return ImprovedRoute(flash_path, exact_on_triton, all_triton, centroids_on_triton)
         return self._per_kind(("improved_route", query.dtype, query.is_cuda, query.shape[-1], value.shape[-1],
                                key_padding_mask is None, keep is None, num_clusters), work_out)
 
@@ -1302,20 +1331,21 @@ class CudaOps:
     def _improved_fwd_flash(self, query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k,
                             scale, key_padding_mask=None, keep=None, dropout_p=0.0, out=None):
         """``out, lse (B, H, C), top (B, H, C, k)`` and the centroids' attention output (flash's
-        ``(B, H, C, Dv)``; with key padding or dropout the Triton kernels' ``(B H, C, Dv)`` fp32)
-        and log-sum-exp. ``out``: as :meth:`_improved_fwd_keeping`'s."""
+        ``(B, H, C, Dv)``; where :class:`ImprovedRoute`'s ``centroids_on_triton``, the Triton kernel's
+        ``(B H, C, Dv)`` fp32) and log-sum-exp. ``out``: as :meth:`_improved_fwd_keeping`'s."""
         batch, heads, length, dim = query.shape
         rows, keys = batch * heads, key.shape[2]
         k_rows = key.reshape(rows, keys, dim)
         v_rows = value.reshape(rows, keys, dim)
         masks = (key_padding_mask, keep, dropout_p)
-        masked = key_padding_mask is not None or keep is not None  # routed here only with the Triton kernels
+        # (key padding and dropout are routed here only with the Triton kernels)
         on_triton = improved_triton.triton_exact_unavailable(query, value) is None
         if on_triton and improved_triton.selection_unavailable(top_k, dim) is None:  # no (C, S) logits
             lse, top = improved_triton.centroid_top_keys(qbar, k_rows, scale, top_k, key_padding_mask)
         else:
             lse, top = self._top_keys_in_chunks(qbar, key, key_padding_mask, scale, top_k)
-        if masked:
+        if self._improved_route(query, value, key_padding_mask, keep, num_clusters).centroids_on_triton:
+            # as the clustered forward's (TRITON_FORWARD_MAX_DIM): one launch, fp32 values for the summary
             out_c, flash_lse = centroid_triton.centroid_attention_fwd(qbar, key, value, key_padding_mask, keep,
                                                                       scale, dropout_p)
             centroid_values = out_c
