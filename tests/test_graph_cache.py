@@ -750,6 +750,24 @@ def test_graphs_the_check_refuses_copy_gpu(monkeypatch, case):
 
 
 @needs_gpu
+def test_no_memory_for_static_inputs_stays_eager_gpu(monkeypatch):
+    """A capture that finds no memory for its static inputs (the call itself fitted) leaves its signature
+    eager, with one warning, and every call gets the eager result."""
+    cache = graph_cache.GraphCache(copies=cuda_backend.extension())
+
+    def out_of_memory(arg):
+        raise torch.cuda.OutOfMemoryError("planted")
+
+    monkeypatch.setattr(graph_cache, "_static_copy", out_of_memory)
+    with pytest.warns(UserWarning, match="out of memory for its static inputs") as caught:
+        for seed in range(4):
+            x = torch.randn(1000, generator=torch.Generator().manual_seed(seed)).cuda()
+            assert torch.equal(cache.run("no memory", lambda a: a * 2 + 1, (x,)), x * 2 + 1), seed
+    assert len([w for w in caught if "no memory" in str(w.message)]) == 1
+    assert cache.captures == 0 and cache.replays == 0 and len(cache) == 0
+
+
+@needs_gpu
 def test_a_check_out_of_memory_keeps_copying_gpu(monkeypatch):
     """Where the in-place check runs out of memory, the graph copies its inputs from then on and every
     result is still the eager one."""

@@ -58,8 +58,9 @@ What it costs and where it steps aside (:func:`settings`):
   the composition runs eagerly, so that the outer capture records it;
 * CPU tensors always run eagerly.
 
-A capture that fails (a composition that cannot be captured) is reported once with a
-warning and that signature runs eagerly from then on; results do not change.
+A capture that fails (a composition that cannot be captured, or no memory left for its static
+inputs) is reported once with a warning and that signature runs eagerly from then on; results
+do not change.
 
 Replays from C++. Where the extension provides ``GraphTable`` (``cuda/graph_table.cpp``), a
 composition's call may name a *native key* (``run``'s ``native``: the key that a C++ entry point
@@ -363,7 +364,11 @@ class GraphCache:
         the first replay), or None if the capture failed; and the ``GraphInputs`` of its graph where
         they may read the caller's tensors in place once checked (:meth:`_check_in_place`), else None.
         ``tensors``: the tensors among ``args``; ``filled``: as :meth:`run`'s."""
-        static_args = [_static_copy(a) for a in args]
+        try:
+            static_args = [_static_copy(a) for a in args]
+        except torch.cuda.OutOfMemoryError:  # the call itself fitted: it stays eager
+            self._warn_eager(name, "out of memory for its static inputs")
+            return None, None
         static_tensors = [a for a in static_args if isinstance(a, Tensor)]
         device = tensors[0].device
         in_place = self._graph_inputs is not None and config.inputs_in_place and _keeps_graphs()
@@ -383,11 +388,7 @@ class GraphCache:
                 finally:
                     graph.capture_end()
         except Exception as error:  # a composition that cannot be captured: keep it eager
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            if name not in self._warned:
-                self._warned.add(name)
-                warnings.warn(f"fairseq_clustered: {name} cannot be captured in a CUDA graph ({reason}); "
-                              "it runs eagerly (same results)", stacklevel=4)
+            self._warn_eager(name, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
             current.wait_stream(stream)
             return None, None
         current.wait_stream(stream)
@@ -412,6 +413,13 @@ class GraphCache:
                 self.copied_inputs[name] = reason
                 pointers = None
         return entry, pointers
+
+    def _warn_eager(self, name: str, reason: str) -> None:
+        """Warns, once per composition, that a capture of ``name`` failed for ``reason``."""
+        if name not in self._warned:
+            self._warned.add(name)
+            warnings.warn(f"fairseq_clustered: {name} cannot be captured in a CUDA graph ({reason}); "
+                          "it runs eagerly (same results)", stacklevel=5)
 
     def _check_in_place(self, name, entry: _Entry, pointers, fn, args, tensors: List[Tensor]):
         """This call's result, from the eager composition; and the check that lets ``entry`` read its
