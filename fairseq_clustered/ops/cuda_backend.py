@@ -92,8 +92,9 @@ KERNEL_NOTES = {
     "improved_clustered_attention_fwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128; fp16/bf16: top keys "
                                         "and exact top-key products on tensor cores (Triton; past the selection "
                                         "kernel's top-k the top keys from fp32 logits in row chunks), the "
-                                        "centroid attention by flash without padding or dropout, with them by "
-                                        "Triton (C <= 128); else fp32 cuBLAS and per-query kernels",
+                                        "centroid attention by Triton (C <= 128; without padding or dropout "
+                                        "head dims <= 64, wider ones by flash); else fp32 cuBLAS and "
+                                        "per-query kernels",
     "improved_clustered_attention_bwd": "fp32/fp16/bf16, head dim = value dim in 32/64/128; fp16/bf16: top keys "
                                         "and exact top-key products on tensor cores (Triton, any top-k), the "
                                         "centroid attention's backward in one Triton pass (C <= 128; else flash "
