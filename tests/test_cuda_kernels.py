@@ -444,6 +444,37 @@ def test_calls_autograd_does_not_record_keep_nothing_cpu(monkeypatch):
     torch.testing.assert_close(out.detach(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_improved_calls_autograd_does_not_record_keep_nothing_cpu(monkeypatch):
+    """The improved variant's call that autograd does not record takes ``CudaOps.improved_fwd_inference``
+    (the composition that keeps nothing) where :meth:`CudaOps.packs_improved` takes the inputs, and gives
+    the custom op's (the reference's) output without an autograd node. Over the CPU stand-in, whose
+    inputs no flash path takes, ``packs_improved`` is made to say yes (its composition then runs the
+    dense path, which returns the output first as the flash path's does)."""
+    from fairseq_clustered import ops
+    q, k, v, qmask, kmask, _ = make_inputs(2, 2, 33, 29, 16, torch.float32, "cpu", 6)
+    planes = torch.randn(12, 16, generator=torch.Generator().manual_seed(4))
+
+    def run(*qkv):
+        return ops.improved_clustered_attention(*qkv, kmask, qmask, num_clusters=5, iterations=3, bits=12,
+                                                topk=4, planes=planes)
+
+    expected = run(q, k, v)
+    stand_in = CudaOps(EmulatedExtension(), use_flash=False)
+    assert not stand_in.packs_improved(q, v, kmask, None, 5)  # (the real answer here)
+    taken = []
+    real = stand_in.improved_fwd_inference
+    monkeypatch.setattr(stand_in, "improved_fwd_inference", lambda *args: taken.append(1) or real(*args))
+    monkeypatch.setattr(stand_in, "packs_improved", lambda *args: True)
+    monkeypatch.setattr(ops.eager, "implementations", lambda query: stand_in)
+    with torch.no_grad():
+        out = run(*(t.clone().requires_grad_(True) for t in (q, k, v)))
+    assert taken == [1] and out.grad_fn is None
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    out = run(q, k, v)  # grad mode on, no input requires a gradient
+    assert taken == [1, 1] and out.grad_fn is None
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 def _fairseq_layout(x):
     """``(B, H, N, D)`` as fairseq's attention sees it: a view of an ``(N, B, H * D)`` tensor."""
     batch, heads, length, dim = x.shape
