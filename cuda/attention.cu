@@ -273,8 +273,8 @@ __global__ void __launch_bounds__(BROADCAST_THREADS) broadcast_rows_kernel(
   const int per_pass = BROADCAST_THREADS / pieces;  // queries written per pass of the block
   const int slot = threadIdx.x / pieces, e0 = (threadIdx.x - slot * pieces) * VEC;
   if (slot >= per_pass) return;
-  const int bh = blockIdx.y;
-  const int b = bh / out.heads, h = bh - b * out.heads;
+  const int bh = blockIdx.y, heads = static_cast<int>(out.heads);
+  const int b = bh / heads, h = bh - b * heads;
   scalar_t* base = out.ptr + b * out.sb + h * out.sh + e0;
   const int64_t* row_assignments = assignments + static_cast<int64_t>(bh) * length;
   const float* row_src = src + static_cast<int64_t>(bh) * clusters * width + e0;
@@ -319,6 +319,7 @@ struct TopKeys {
     return drop == nullptr ? 1.f : drop[(bh * clusters + j) * topk + t];
   }
 };
+FCL_NO_PADDING(TopKeys);
 
 // The cluster's top keys are handled in blocks of 32: lane t holds the index of key
 // t0 + t (loaded once, coalesced) and shuffles hand it to the other lanes, so the 32

@@ -154,6 +154,7 @@ struct MergePart {
   int64_t s_group, s_chunk, s_row;
   const float* lse;  // (G, T - p, W) contiguous
 };
+FCL_NO_PADDING(MergePart<float>);
 
 template <typename scalar_t>
 __global__ void merge_parts_kernel(MergePart<scalar_t> p0, MergePart<scalar_t> p1, MergePart<scalar_t> p2,

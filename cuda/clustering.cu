@@ -98,7 +98,8 @@ __global__ void hash_kernel(Rows<const scalar_t> x, int64_t rows, int length, in
 struct RowInfo {
   const int* cum;     // (B, N) inclusive count of valid queries, or nullptr (no padding)
   const bool* mask;   // (B, N) True = padded, or nullptr
-  int heads, length, clusters;
+  int64_t heads;      // (64 bits: three ints would leave 4 bytes of padding)
+  int length, clusters;
   __device__ __forceinline__ int num_valid(int b) const {
     return cum == nullptr ? length : cum[static_cast<int64_t>(b) * length + length - 1];
   }
@@ -122,6 +123,7 @@ struct RowInfo {
   // Rows with at most C valid queries put every query in its own cluster.
   __device__ __forceinline__ bool singleton(int b) const { return num_valid(b) <= clusters; }
 };
+FCL_NO_PADDING(RowInfo);
 
 // Bit `bit` of a centroid after the majority update, from its old value, its member count and
 // how many members have it set (`ones`): set where more than half of the members have it set,
@@ -440,9 +442,10 @@ struct ClusterLayout {
   int round;         // queries per counting round: a multiple of 256 (one product's depth)
   int mask_stride;   // words per cluster's membership row: round / 32 + 4 (conflict-free loads)
   int bit_stride;    // words per row of the transposed codes: the slice's or a round's, + 4
-  bool whole_slice;  // the slice's codes and their transpose kept for all iterations
+  int whole_slice;   // 1: the slice's codes and their transpose kept for all iterations (an int: no padding)
   int masks_at, bits_at, codes_at, bytes;  // byte offsets into the dynamic shared memory, its size
 };
+FCL_NO_PADDING(ClusterLayout);
 
 template <int TILES>
 ClusterLayout cluster_layout(int length, int C, int cluster_blocks) {
@@ -882,7 +885,7 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
   TORCH_CHECK(B * H <= 65535, "lloyd_kmeans: batch * heads must be <= 65535, got ", B * H);
 
   at::Tensor mask, cum;
-  RowInfo info{nullptr, nullptr, static_cast<int>(H), static_cast<int>(N), C};
+  RowInfo info{nullptr, nullptr, H, static_cast<int>(N), C};
   if (mask_in.has_value()) {
     TORCH_CHECK(mask_in->dim() == 2 && mask_in->size(0) == B && mask_in->size(1) == N,
                 "lloyd_kmeans: query_padding_mask must be (B=", B, ", N=", N, "), got ", mask_in->sizes());

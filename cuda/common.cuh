@@ -12,11 +12,22 @@
 #include <cstdint>
 #include <mutex>
 #include <set>
+#include <type_traits>
 #include <utility>
 
 namespace fcl {
 
 constexpr unsigned FULL_MASK = 0xffffffffu;
+
+// For a struct that kernels take by value. Its bytes travel into the launch, and into a captured
+// graph's kernel node, whole: padding included, and padding holds whatever the host's stack held,
+// often the upper half of some other device address. GraphInputs (graph_inputs.cpp) reads every
+// 8-byte word of a captured kernel's parameters as a possible address of an input, so an int beside
+// such padding can pass for one, and rewriting it turns the int into garbage (a 32k backward with
+// `Rows::heads` an int faulted so). Kernel parameters therefore have no padding bytes.
+#define FCL_NO_PADDING(T)                                       \
+  static_assert(std::has_unique_object_representations_v<T>, \
+                #T " is a kernel parameter: it must have no padding bytes (see FCL_NO_PADDING)")
 
 // fp32 <-> storage type. All arithmetic happens in fp32.
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -75,17 +86,18 @@ template <typename T>
 struct Rows {
   T* ptr;
   int64_t sb, sh, sl;
-  int heads;
+  int64_t heads;  // (64 bits: an int would leave 4 bytes of padding)
   __device__ __forceinline__ T* row(int64_t bh, int64_t l) const {
     const int64_t b = bh / heads, h = bh - b * heads;
     return ptr + b * sb + h * sh + l * sl;
   }
 };
 
+FCL_NO_PADDING(Rows<float>);
+
 template <typename T>
 Rows<T> make_rows(const at::Tensor& t) {
-  return Rows<T>{reinterpret_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2),
-                 static_cast<int>(t.size(1))};
+  return Rows<T>{reinterpret_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.size(1)};
 }
 
 // Load / store VPL consecutive elements of one row into fp32 registers.

@@ -27,8 +27,9 @@ struct CopyTable {
   int64_t bytes[kMaxCopies];
   int64_t first_block[kMaxCopies + 1];  // blocks [first_block[i], first_block[i + 1]) copy span i
   bool vectorized[kMaxCopies];          // both ends and the length are multiples of 16 bytes
-  int count;
+  int64_t count;                        // (64 bits: an int would leave 4 bytes of padding)
 };
+FCL_NO_PADDING(CopyTable);
 
 __global__ void copy_spans_kernel(const CopyTable table) {
   const int64_t block = blockIdx.x;
@@ -51,7 +52,7 @@ bool is_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0
 
 class SpanCopier {
  public:
-  explicit SpanCopier(cudaStream_t stream) : stream_(stream) { table_.count = 0; }
+  explicit SpanCopier(cudaStream_t stream) : stream_(stream), table_{} {}
 
   void add(const at::Tensor& dst, const at::Tensor& src) {
     const int64_t bytes = src.numel() * src.element_size();

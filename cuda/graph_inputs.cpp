@@ -13,6 +13,16 @@
 // descriptor that encodes its address) cannot be found this way, and memcpy / memset nodes on
 // an input are not rewritten at all: the Python side checks each graph once against the eager
 // result of the same call with the static buffers poisoned, and keeps copying where they differ.
+//
+// The search can also be fooled the other way: a word that is not an address but falls inside a
+// static buffer. The likely one is a small integer beside 4 bytes of struct padding, which hold
+// whatever the host's stack held when the launch was built, often the upper half of another device
+// address: the word is then that address's 4 GiB region plus the integer. Rewriting it would turn
+// the integer into garbage and the kernel would fault, before any check could compare results. Our
+// own kernels' parameters have no padding (FCL_NO_PADDING in common.cuh); for the others (torch's,
+// whose structs we do not control), a word that lands less than kAmbiguousOffset past a 4 GiB
+// boundary is taken as possibly such an integer, and the graph keeps copying its inputs. A genuine
+// address there is rare (a static buffer would have to cover that 1 MiB of a 4 GiB region).
 #include "graph_inputs.h"
 
 #include <torch/extension.h>
@@ -75,6 +85,9 @@ const Driver& driver() {
   static const Driver instance;
   return instance;
 }
+
+// Words whose low 32 bits are below this may be an integer beside stale padding (see the top).
+constexpr uint64_t kAmbiguousOffset = uint64_t{1} << 20;
 
 // Offset and size of a kernel's parameter `index`; false past the last one.
 bool param_info(const CUDA_KERNEL_NODE_PARAMS& params, size_t index, size_t* offset, size_t* size) {
@@ -184,7 +197,14 @@ GraphInputs::GraphInputs(int64_t graph, std::vector<int64_t> starts, std::vector
         uint64_t value;
         std::memcpy(&value, bytes + word, sizeof(value));
         const int input = input_of(value);
-        if (input >= 0) entry.patches.push_back({param, word, input, static_cast<int64_t>(value) - starts_[input]});
+        if (input < 0) continue;
+        if ((value & 0xffffffffu) < kAmbiguousOffset) {
+          unsupported_ = "a kernel parameter word (parameter " + std::to_string(param) + ", byte " +
+                         std::to_string(word) + ") points less than 1 MiB past a 4 GiB boundary into input " +
+                         std::to_string(input) + ": it may be an integer beside stale padding, not an address";
+          return;
+        }
+        entry.patches.push_back({param, word, input, static_cast<int64_t>(value) - starts_[input]});
       }
     }
     if (entry.patches.empty()) continue;

@@ -52,8 +52,9 @@ def graph_cache_line(cuda_backend) -> str:
     inputs = ("read in place where a check at capture allows (FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy copies them)"
               if config.inputs_in_place else "copied into the graphs (FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy)")
     native = cuda_backend.graph_cache().native is not None
+    larger = ", larger ones where read in place" if config.inputs_in_place else ""
     return (f"on: the kernels' compositions replay from a CUDA graph once a call signature repeats (inputs up to "
-            f"{config.max_input_bytes >> 20} MiB, cache up to {config.budget_bytes >> 20} MiB; "
+            f"{config.max_input_bytes >> 20} MiB{larger}, cache up to {config.budget_bytes >> 20} MiB; "
             f"FAIRSEQ_CLUSTERED_CUDA_GRAPHS=0 turns it off); the calls' tensors {inputs}"
             + ("; the clustered and improved steps from C++ where their graphs read their inputs in place"
                if native and config.inputs_in_place else ""))

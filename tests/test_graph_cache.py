@@ -42,6 +42,30 @@ def test_defaults(monkeypatch):
     assert config.inputs_in_place
 
 
+def _reaches_a_window_brute_force(start, nbytes):
+    """Whether some address in [start, start + nbytes] is less than 1 MiB past a multiple of 4 GiB."""
+    region = 1 << 32
+    return any(max(start, k * region) <= min(start + nbytes, k * region + (1 << 20) - 1)
+               for k in range(start // region, (start + nbytes) // region + 1))
+
+
+_BOUNDARY = 0x7F14 << 32  # a 4 GiB boundary where device addresses live (one such held a failing static input)
+
+
+@pytest.mark.parametrize("delta", [-(1 << 21), -4096, -512, 0, 512, (1 << 20) - 512, 1 << 20, (1 << 20) + 512, 1 << 31])
+@pytest.mark.parametrize("nbytes", [16, 4096 + 16, (1 << 20) + 16, 1 << 27, (1 << 32) - (1 << 20), (1 << 32) + 16])
+def test_static_buffers_placement_clear_of_ambiguous_addresses(delta, nbytes):
+    """Static inputs stay out of the first MiB past each 4 GiB boundary, where GraphInputs cannot tell an
+    address from a small integer beside stale padding. Oracle: the windows each range meets, enumerated;
+    the offset chosen is the first multiple of 512 within the room that clears them all, or None where
+    none does."""
+    base, room = _BOUNDARY + delta, (1 << 20) + 512
+    assert graph_cache._reaches_ambiguous(base, nbytes) == _reaches_a_window_brute_force(base, nbytes)
+    offset = graph_cache._clear_offset(base, nbytes, room)
+    clear = [o for o in range(0, room + 1, 512) if not _reaches_a_window_brute_force(base + o, nbytes)]
+    assert offset == (clear[0] if clear else None)
+
+
 @pytest.mark.parametrize("make", [
     lambda: torch.randn(3, 4, 5),
     lambda: torch.randn(3, 4, 5).permute(2, 0, 1),  # dense, permuted
@@ -553,13 +577,24 @@ def test_outputs_survive_later_replays_gpu():
 def test_limits_gpu(monkeypatch):
     cache = cuda_backend.graph_cache()
     eager = [_step("clustered", seed, torch.bfloat16, False, 0.0) for seed in range(3)]
-    # Inputs above the size limit run eagerly: nothing is captured.
+    # Inputs above the size limit run eagerly where the graphs would copy them: nothing is captured.
     cache.clear()
     monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB", "0")
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "copy")
     captures = cache.captures
     for seed in range(3):
         _assert_same(_step("clustered", seed, torch.bfloat16, False, 0.0), eager[seed], exact_grads=False)
     assert cache.captures == captures and len(cache) == 0
+    # Where they read them in place, the graphs are kept without static inputs (the step's tensors
+    # are all aligned like them) and replay to the eager results, the C++ step's included.
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "in-place")
+    replays = cache.replays
+    for seed in range(3):
+        _assert_same(_step("clustered", seed, torch.bfloat16, False, 0.0), eager[seed], exact_grads=False)
+    assert cache.captures > captures and len(cache) >= 2 and cache.inputs_read_in_place() == len(cache)
+    assert all(entry.static_tensors is None for entry in cache._entries.values())
+    assert cache.replays >= replays + 2, (cache.replays, cache.copied_inputs)
+    cache.clear()
     # A graph larger than the whole budget is used once and not kept.
     monkeypatch.delenv("FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB")
     monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_CACHE_MB", "0")
@@ -719,6 +754,71 @@ def test_inputs_read_in_place_gpu(monkeypatch):
     for a in calls[:3]:
         copying.run("copied", composition, (a, a, 0.5))
     assert copying.captures == 1 and copying.inputs_read_in_place() == 0
+
+
+@needs_gpu
+def test_a_word_that_may_be_an_integer_is_not_rewritten_gpu():
+    """``GraphInputs`` takes every 8-byte word of a kernel's parameters that falls inside a static input for
+    that input's address. One that lands less than 1 MiB past a 4 GiB boundary may instead be a small
+    integer beside stale struct padding (rewriting it faulted a 32k backward), so the graph is refused and
+    keeps copying. Oracle: the extension's copy kernel, whose parameters hold the byte count of its one
+    copy (4096) as a plain word and its source's address: ranges planted around each, as if they were
+    static inputs."""
+    ext = cuda_backend.extension()
+    buffer = torch.zeros(3 << 20, dtype=torch.uint8, device="cuda")
+    # a source whose address lies well past a 4 GiB boundary, so that it is taken for an address
+    skip = (1 << 20) if buffer.data_ptr() % (1 << 32) < (1 << 21) else 0
+    source = buffer[skip:skip + 4096]
+    destination = torch.empty(4096, dtype=torch.uint8, device="cuda")
+    ext.copy_tensors([destination], [source])  # outside the capture: nothing lazily set up in it
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph(keep_graph=True)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        ext.copy_tensors([destination], [source])
+        graph.capture_end()
+    graph.instantiate()
+    address = ext.GraphInputs(graph.raw_cuda_graph(), [source.data_ptr()], [source.data_ptr() + 4096])
+    assert address.unsupported == "" and address.kernel_nodes == 1
+    integer = ext.GraphInputs(graph.raw_cuda_graph(), [4000], [5000])
+    assert "stale padding" in integer.unsupported and "input 0" in integer.unsupported
+
+
+@needs_gpu
+def test_large_calls_read_in_place_without_static_inputs_gpu(monkeypatch):
+    """Calls over the input limit (FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB) get a graph only where it reads
+    their tensors in place: once its check passes it keeps no static inputs (its memory is its pool
+    alone) and replays to the eager results; a call it cannot read in place (not aligned like the
+    static inputs were, or the settings switched to copies) runs eagerly instead of copying; one whose
+    inputs cannot be read in place (an expanded view) is not kept at all."""
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "in-place")
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB", "0")
+    cache = graph_cache.GraphCache(copies=cuda_backend.extension())
+
+    def composition(a, b, scale):
+        return (a * scale + b.sum()).to(torch.bfloat16), torch.cumsum(b, 0)
+
+    def check(a, b, i, name="large"):
+        for x, y in zip(cache.run(name, composition, (a, b, 0.5)), composition(a, b, 0.5)):
+            assert torch.equal(x, y), i
+
+    for seed in range(4):
+        check(_aligned_and_offset(1000, seed)[0], torch.randn(1000, device="cuda"), seed)
+    (entry,) = cache._entries.values()
+    # (three replays: the check's, then the third and fourth calls')
+    assert cache.captures == 1 and cache.replays == 3 and entry.inputs is not None, cache.copied_inputs
+    assert entry.static_tensors is None and entry.static_bytes() == 0 and cache.memory_bytes() == entry.nbytes
+    check(_aligned_and_offset(1000, 4)[1], torch.randn(1000, device="cuda"), "not aligned")
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "copy")
+    check(_aligned_and_offset(1000, 5)[0], torch.randn(1000, device="cuda"), "copy settings")
+    assert cache.replays == 3, "a large call was copied into a graph"
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_GRAPH_INPUTS", "in-place")
+    check(_aligned_and_offset(1000, 6)[0], torch.randn(1000, device="cuda"), "in place again")
+    assert cache.replays == 4
+    for seed in range(3):  # b's elements overlap: its static copy is dense, the graph would copy
+        check(torch.randn(1000, device="cuda"), torch.randn(1, device="cuda").expand(1000), seed, "expanded")
+    assert cache.captures == 2 and len(cache) == 1 and cache.replays == 4, "a large graph that copies was kept"
 
 
 @needs_gpu

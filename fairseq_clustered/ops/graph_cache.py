@@ -49,8 +49,12 @@ What it costs and where it steps aside (:func:`settings`):
   exceeds the budget, runs eagerly from then on. So a run with many shapes (fairseq's
   length-bucketed batches) pays a bounded number of captures and never thrashes;
 * calls whose tensor arguments exceed ``FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB`` (default
-  256) run eagerly: at those sizes the GPU time dominates, and copies and memory grow
-  with the inputs while the launches they save do not;
+  256) run eagerly unless their graph reads them in place: copies into static inputs grow
+  with the inputs while the launches they save do not. A larger call is captured where the
+  settings let graphs read in place (the capture and its check hold two copies of its
+  inputs for that one call); once its check passes, its graph keeps no static inputs (a
+  later call that it cannot read in place runs eagerly), and one whose check fails is
+  dropped for eager calls. A capture that runs out of memory leaves its signature eager;
 * ``FAIRSEQ_CLUSTERED_CUDA_GRAPHS=0`` switches the cache off;
 * ``FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy`` copies every call's tensors into the static inputs
   (the default, ``in-place``, reads them where the check above allows);
@@ -158,7 +162,8 @@ def _parse_settings() -> Settings:
 class _Entry:
     """One captured composition: its graph, static inputs and (graph-owned) outputs; ``inputs``, once
     the capture's check has passed, the ``GraphInputs`` that point the graph at the caller's tensors
-    (None: the calls' tensors are copied into ``static_tensors``)."""
+    (None: the calls' tensors are copied into ``static_tensors``). ``static_tensors`` is None once
+    released (:meth:`release_static_inputs`)."""
 
     def __init__(self, graph, static_tensors: List[Tensor], outputs: Tuple[Tensor, ...], single: bool, nbytes: int,
                  filled: Sequence[int] = ()):
@@ -178,6 +183,19 @@ class _Entry:
         self.filled_outputs = {i: j for i, out in enumerate(outputs) for j in filled
                                if _same_view(out, static_tensors[j])}
         self.copied_outputs = [i for i in range(len(outputs)) if i not in self.filled_outputs]
+
+    def static_bytes(self) -> int:
+        """Bytes of the static inputs (0 once released)."""
+        return sum(t.numel() * t.element_size() for t in self.static_tensors or ())
+
+    def release_static_inputs(self) -> None:
+        """Frees the static inputs of a graph that reads its callers' tensors in place (it replays only so
+        from then on): the graph's kernels are pointed at each call's tensors before each replay, and the
+        check at capture showed that no kernel reads the static inputs otherwise. The filled outputs
+        among them go too (in place they are the caller's tensors)."""
+        self.nbytes -= self.static_bytes()
+        self.outputs = tuple(None if i in self.filled_outputs else out for i, out in enumerate(self.outputs))
+        self.static_tensors = None
 
 
 class GraphCache:
@@ -249,14 +267,18 @@ class GraphCache:
             nbytes -= sum(args[i].numel() * args[i].element_size() for i in filled if isinstance(args[i], Tensor))
         # CUDA is initialised (the call has CUDA tensors): ask torch._C directly, not through
         # torch.cuda's wrapper, which checks that first on every call.
-        if key is None or nbytes > config.max_input_bytes or torch._C._cuda_isCurrentStreamCapturing():
+        if key is None or torch._C._cuda_isCurrentStreamCapturing():
+            return fn(*args)
+        large = nbytes > config.max_input_bytes  # a graph only where it reads them in place (module docstring)
+        if large and not self._may_read_in_place(config):
             return fn(*args)
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
             if native is not None and entry.inputs is not None and config.inputs_in_place:
                 self._publish(entry, tensors, native)
-            return self._replay(entry, tensors, config.inputs_in_place)
+            result = self._replay(entry, tensors, config.inputs_in_place)
+            return fn(*args) if result is None else result
         if key in self._eager:
             return fn(*args)
         calls = self._calls.pop(key, 0) + 1
@@ -265,16 +287,24 @@ class GraphCache:
             return fn(*args)
         filled = tuple(i for i in filled if isinstance(args[i], Tensor))
         entry, pointers = self._capture(name, fn, args, tensors, config, filled)
-        if entry is None:
+        if entry is None or (large and pointers is None):
             self._remember(self._eager, key, None)
             return fn(*args)
-        if entry.nbytes > config.budget_bytes:  # used for this call only
+        # (a large call's graph is kept without its static inputs, below)
+        if entry.nbytes - (entry.static_bytes() if large else 0) > config.budget_bytes:  # used for this call only
             self._remember(self._eager, key, None)
             return self._replay(entry, tensors, False)
+        if large:  # checked before it joins the cache, which then counts it without its static inputs
+            result = self._check_in_place(name, entry, pointers, fn, args, tensors)
+            if entry.inputs is None:  # it would copy the inputs: eager from now on
+                self._remember(self._eager, key, None)
+                return result
+            entry.release_static_inputs()
         self._entries[key] = entry
         self._evict(config, key)
         if pointers is not None:
-            result = self._check_in_place(name, entry, pointers, fn, args, tensors)
+            if not large:
+                result = self._check_in_place(name, entry, pointers, fn, args, tensors)
             if native is not None and entry.inputs is not None:
                 self._publish(entry, tensors, native)
             return result
@@ -302,6 +332,11 @@ class GraphCache:
 
     # ---------------------------------------------------------------- private
 
+    def _may_read_in_place(self, config: Settings) -> bool:
+        """Whether graphs captured under ``config`` may read their callers' tensors in place (the extension's
+        ``GraphInputs``, in-place settings, a torch that keeps the captured graph)."""
+        return self._graph_inputs is not None and config.inputs_in_place and _keeps_graphs()
+
     def _publish(self, entry: _Entry, tensors: List[Tensor], native) -> None:
         """Registers ``entry`` (which reads its inputs in place) in the C++ table under the native key
         of this call (``run``'s ``native``). Again at every call that reaches here, which the table did
@@ -322,10 +357,13 @@ class GraphCache:
 
     def _replay(self, entry: _Entry, tensors: List[Tensor], in_place: bool):
         """The graph's outputs for ``tensors``: read in place where ``in_place`` (the setting), the
-        graph passed its check and the tensors are aligned like its static inputs; else copied in."""
+        graph passed its check and the tensors are aligned like its static inputs; else copied in, or
+        None where the graph has released its static inputs (the caller then runs the call eagerly)."""
         # (an empty tensor's address is ignored: no kernel reads it)
         in_place = in_place and entry.inputs is not None and entry.inputs.point_at(
             entry.executable, [t.data_ptr() for t in tensors])
+        if not in_place and entry.static_tensors is None:
+            return None
         if not in_place:
             if entry.inputs is not None:  # back to the static inputs (a no-op where it points there)
                 entry.inputs.point_at(entry.executable, entry.static_bases)
@@ -371,7 +409,7 @@ class GraphCache:
             return None, None
         static_tensors = [a for a in static_args if isinstance(a, Tensor)]
         device = tensors[0].device
-        in_place = self._graph_inputs is not None and config.inputs_in_place and _keeps_graphs()
+        in_place = self._may_read_in_place(config)
         if in_place and any(s.stride() != t.stride() for s, t in zip(static_tensors, tensors)):
             in_place = False  # an input whose elements overlap (an expanded view) has a dense static copy
             self.copied_inputs[name] = "an input's elements overlap in memory"
@@ -543,10 +581,56 @@ def _static_copy(arg):
         static = torch.empty_like(arg, memory_format=torch.preserve_format)
     else:
         span = _span_bytes(arg)
-        buffer = torch.empty(span + 16, dtype=torch.uint8, device=arg.device)
+        buffer = _placed_buffer(span + 16, arg.device)
         static = buffer[:span].view(arg.dtype).as_strided(arg.shape, arg.stride())
     static.copy_(arg)
     return static
+
+
+# GraphInputs (cuda/graph_inputs.cpp) refuses a graph where a word of a kernel's parameters lands in a
+# static input less than 1 MiB past a 4 GiB boundary: there it may be a small integer beside stale struct
+# padding rather than an address. The caching allocator's fresh segments often start exactly on such a
+# boundary, so static inputs are placed clear of those windows where they can be (1 MiB more memory for
+# the buffer that needs it).
+_REGION_BITS = 32
+_AMBIGUOUS_BYTES = 1 << 20  # graph_inputs.cpp's kAmbiguousOffset
+_PLACEMENT_TRIES = 3
+
+
+def _reaches_ambiguous(start: int, nbytes: int) -> bool:
+    """Whether the addresses from ``start`` to ``start + nbytes`` (included: kernels take one-past-the-end
+    pointers) reach into the first ``_AMBIGUOUS_BYTES`` past a 4 GiB boundary. The only window that can
+    is the one after the last boundary at or before the end."""
+    last_boundary = (start + nbytes) >> _REGION_BITS << _REGION_BITS
+    return last_boundary + _AMBIGUOUS_BYTES > start
+
+
+def _clear_offset(base: int, nbytes: int, room: int) -> Optional[int]:
+    """An offset in ``[0, room]``, a multiple of 512 (the static buffers' alignment), from which ``nbytes``
+    starting at ``base + offset`` stay clear of the windows of :func:`_reaches_ambiguous`; None if none."""
+    if not _reaches_ambiguous(base, nbytes):
+        return 0
+    past_window = ((base + nbytes) >> _REGION_BITS << _REGION_BITS) + _AMBIGUOUS_BYTES
+    offset = -(-(past_window - base) // 512) * 512
+    return offset if offset <= room and not _reaches_ambiguous(base + offset, nbytes) else None
+
+
+def _placed_buffer(nbytes: int, device: torch.device) -> Tensor:
+    """``nbytes`` of uint8 on ``device``, clear of the windows of :func:`_reaches_ambiguous` where the
+    allocator lets them be: else as allocated (a graph whose kernels take such an address then copies its
+    inputs; always so for a buffer of over 4 GiB)."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    if device.type != "cuda" or nbytes == 0 or not _reaches_ambiguous(buffer.data_ptr(), nbytes):
+        return buffer
+    room = _AMBIGUOUS_BYTES + 512
+    held = []  # the tries that failed, kept until the end so that each next one gets other memory
+    for _ in range(_PLACEMENT_TRIES):
+        larger = torch.empty(nbytes + room, dtype=torch.uint8, device=device)
+        offset = _clear_offset(larger.data_ptr(), nbytes, room)
+        if offset is not None:
+            return larger[offset:offset + nbytes]
+        held.append(larger)
+    return buffer
 
 
 def _same_result(got: Tensor, want: Tensor, what: str) -> Optional[str]:
