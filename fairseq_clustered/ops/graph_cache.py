@@ -28,7 +28,10 @@ nodes the search cannot read (memcpy nodes on an input, kernels whose parameters
 buffer) keeps copying (:attr:`GraphCache.copied_inputs` says why), and so does a call whose
 tensors are not aligned like the static buffers (256 bytes: the kernels chose their vector
 widths for those). ``FAIRSEQ_CLUSTERED_GRAPH_INPUTS=copy`` turns it off, for the graphs already
-captured too.
+captured too. The search could also take a word that is no address for one of a static input (an int
+beside stale struct padding), and rewriting it would fault before the check compares anything:
+``cuda/graph_inputs.cpp`` says how that is kept out, and :func:`_placed_buffer` places the static
+inputs where no genuine address is mistaken for such a word.
 
 Outputs are never the graph's own buffers: the 12 layers of a model that share a shape share one
 graph, and each layer's saved outputs must survive the next layer's replay. So they are copied
