@@ -28,7 +28,7 @@ __device__ __forceinline__ int order_bucket(int64_t id, int clusters) {
 // permutation of a stable sort of the ids but inside the first and the last bucket, kept in
 // query order here.
 //
-// A thread block cluster per row (blocks_in_cluster() of them; one block before sm_90): block r
+// A thread block cluster per row (cluster_place().blocks of them; one block before sm_90): block r
 // takes the r-th of consecutive slices of the row. Each block counts its slice's buckets, and
 // after a cluster barrier reads every block's counts (distributed shared memory): a bucket of
 // block r starts after the whole row's smaller buckets and the same bucket's queries in blocks
@@ -46,10 +46,10 @@ __global__ void __launch_bounds__(ORDER_THREADS) cluster_order_kernel(const int6
   int* totals = next + buckets;                  // (buckets): the whole row's
   int* counts = totals + buckets;                // (ORDER_WARPS, buckets): this chunk's, per warp
   int* offsets = counts + ORDER_WARPS * buckets;  // (ORDER_WARPS, buckets): where each warp's run starts
-  const unsigned rank = block_rank_in_cluster(), blocks = blocks_in_cluster();
+  const auto [rank, blocks] = cluster_place();
   const int64_t row = blockIdx.x / blocks;
-  const int per_block = (length + static_cast<int>(blocks) - 1) / static_cast<int>(blocks);
-  const int begin = min(length, static_cast<int>(rank) * per_block), end = min(length, begin + per_block);
+  const int per_block = (length + blocks - 1) / blocks;
+  const int begin = min(length, rank * per_block), end = min(length, begin + per_block);
   const int64_t* row_ids = ids + row * length;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int i = threadIdx.x; i < buckets * (3 + ORDER_WARPS); i += ORDER_THREADS) smem_order[i] = 0;
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(ORDER_THREADS) cluster_order_kernel(const int6
   cluster_barrier();  // (a block barrier too)
   for (int b = threadIdx.x; b < buckets; b += ORDER_THREADS) {
     int before = 0, total = 0;
-    for (unsigned r = 0; r < blocks; ++r) {
+    for (int r = 0; r < blocks; ++r) {
       const int size = r == rank ? sizes[b] : load_from_block(address_in_block(sizes + b, r));
       before += r < rank ? size : 0;
       total += size;

@@ -571,7 +571,7 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
                          ClusterLayout layout, int64_t* __restrict__ centroids,
                          int64_t* __restrict__ assignments) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int rank = static_cast<int>(block_rank_in_cluster()), size = static_cast<int>(blocks_in_cluster());
+  const auto [rank, size] = cluster_place();
   extern __shared__ int64_t smem_cluster[];
   char* smem_bytes = reinterpret_cast<char*>(smem_cluster);
   uint32_t* masks = reinterpret_cast<uint32_t*>(smem_bytes + layout.masks_at);

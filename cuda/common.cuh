@@ -147,20 +147,16 @@ __device__ __forceinline__ void store_to_block(uint32_t address, uint32_t value)
 
 // This block's rank in its thread block cluster, and the cluster's blocks: 0 and 1 before sm_90,
 // whose launches have no clusters (on sm_90 a launch without them has clusters of one block).
-__device__ __forceinline__ unsigned block_rank_in_cluster() {
-  unsigned rank = 0;
+struct ClusterPlace {
+  int rank, blocks;
+};
+__device__ __forceinline__ ClusterPlace cluster_place() {
+  unsigned rank = 0, blocks = 1;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
-#endif
-  return rank;
-}
-
-__device__ __forceinline__ unsigned blocks_in_cluster() {
-  unsigned blocks = 1;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(blocks));
 #endif
-  return blocks;
+  return {static_cast<int>(rank), static_cast<int>(blocks)};
 }
 
 // A barrier of every thread of the cluster, split: after cluster_arrive(), this block's shared
