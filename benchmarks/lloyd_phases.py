@@ -30,8 +30,7 @@ PER_ITERATION = range(1, 7)  # the phases inside the iteration loop
 BEFORE_BARRIER_2 = "    cluster_barrier();  // every copy of the centroids updated, every block's counters read\n"
 # (a line of lloyd_cluster_kernel, what goes after it): STAMP(k) closes phase k.
 STAMPS: List[Tuple[str, str]] = [
-    ("  const int rank = static_cast<int>(block_rank_in_cluster()), size = static_cast<int>(blocks_in_cluster());\n",
-     "STAMPS_BEGIN;\n"),
+    ("  const auto [rank, size] = cluster_place();\n", "STAMPS_BEGIN;\n"),
     ("  const int mask_words = membership_rows<TILES>() * layout.mask_stride;\n", "STAMP(0);\n"),
     ("      __syncthreads();  // the round's bits cleared and the codes' bit rows written; centroids' fragments\n",
      "STAMP(1);\n"),
