@@ -66,6 +66,53 @@ def test_static_buffers_placement_clear_of_ambiguous_addresses(delta, nbytes):
     assert offset == (clear[0] if clear else None)
 
 
+class _FakeAllocations:
+    """``torch.empty`` for :func:`graph_cache._placed_buffer`: hands out uint8 "buffers" at the planned
+    addresses, in order, and records their sizes."""
+
+    class Buffer:
+        def __init__(self, address, nbytes):
+            self.address, self.nbytes = address, nbytes
+
+        def data_ptr(self):
+            return self.address
+
+        def __getitem__(self, span):
+            return ("view", self.address + span.start, span.stop - span.start)
+
+    def __init__(self, addresses):
+        self.addresses, self.sizes = list(addresses), []
+
+    def __call__(self, nbytes, dtype=None, device=None):
+        self.sizes.append(nbytes)
+        return self.Buffer(self.addresses.pop(0), nbytes)
+
+
+@pytest.mark.parametrize("case", ["clear", "moved past the window", "no room anywhere"])
+def test_static_buffers_are_placed_clear_of_ambiguous_addresses(monkeypatch, case):
+    """A static buffer that would reach into the first MiB past a 4 GiB boundary is allocated again,
+    1 MiB + 512 bytes larger, and used from just past that window; where no try allows it (each try
+    gets other memory), the first allocation is used as it is (GraphInputs then refuses the graph)."""
+    nbytes, room = 4096, (1 << 20) + 512
+    on_boundary, clear = _BOUNDARY, _BOUNDARY + (5 << 20)
+    # (each try of the last case starts 2 KiB before a boundary: past that window is 1 MiB + 2 KiB on)
+    addresses = {"clear": [clear],
+                 "moved past the window": [on_boundary, on_boundary + 512],
+                 "no room anywhere": [on_boundary] + [_BOUNDARY - 2048] * graph_cache._PLACEMENT_TRIES}
+    allocations = _FakeAllocations(addresses[case])
+    monkeypatch.setattr(graph_cache.torch, "empty", allocations)
+    placed = graph_cache._placed_buffer(nbytes, torch.device("cuda"))
+    if case == "clear":
+        assert isinstance(placed, _FakeAllocations.Buffer) and placed.address == clear
+        assert allocations.sizes == [nbytes]
+    elif case == "moved past the window":
+        assert placed == ("view", _BOUNDARY + (1 << 20), nbytes)
+        assert allocations.sizes == [nbytes, nbytes + room]
+    else:
+        assert isinstance(placed, _FakeAllocations.Buffer) and placed.address == on_boundary
+        assert allocations.sizes == [nbytes] + [nbytes + room] * graph_cache._PLACEMENT_TRIES
+
+
 @pytest.mark.parametrize("make", [
     lambda: torch.randn(3, 4, 5),
     lambda: torch.randn(3, 4, 5).permute(2, 0, 1),  # dense, permuted
