@@ -21,8 +21,10 @@
 // the integer into garbage and the kernel would fault, before any check could compare results. Our
 // own kernels' parameters have no padding (FCL_NO_PADDING in common.cuh); for the others (torch's,
 // whose structs we do not control), a word that lands less than kAmbiguousOffset past a 4 GiB
-// boundary is taken as possibly such an integer, and the graph keeps copying its inputs. A genuine
-// address there is rare (a static buffer would have to cover that 1 MiB of a 4 GiB region).
+// boundary is taken as possibly such an integer, and the graph keeps copying its inputs. The
+// caching allocator's fresh segments often start right on such a boundary, so the Python side places
+// the static buffers clear of those windows (graph_cache._placed_buffer): a genuine address of one
+// never lands there.
 #include "graph_inputs.h"
 
 #include <torch/extension.h>
