@@ -248,6 +248,55 @@ def test_filled_outputs_are_the_callers_tensors():
     assert not any(source is out for source in copied), "the filled tensor was copied into the graph"
 
 
+def test_a_graph_without_static_inputs_replays_only_in_place():
+    """A large call's graph frees its static inputs once its check passes (``release_static_inputs``):
+    the cache then counts only its pool, the filled output among the static buffers goes too, and a
+    replay happens only where the graph can be pointed at the call's tensors; otherwise ``_replay``
+    gives None (the cache runs the call eagerly) and copies nothing. CPU stand-ins: a replay writes the
+    tensors the graph points at."""
+    cache = graph_cache.GraphCache()
+
+    def no_copies(destinations, sources):
+        raise AssertionError("a graph without static inputs copied into them")
+
+    cache._copy_into = no_copies
+    cache._fresh_copies = lambda tensors: [t.clone() for t in tensors]
+    x, out = torch.arange(4.0), torch.full((4,), float("nan"))
+    static_x, static_out = graph_cache._static_copy(x), graph_cache._static_copy(out)
+    total = torch.zeros(())
+    entry = graph_cache._Entry(None, [static_x, static_out], (static_out, total), False, 1000 + 32, filled=[1])
+    by_address = {t.data_ptr(): t for t in (x, out, static_x, static_out)}
+
+    class Pointers:
+        aligned, bases = True, None
+
+        def point_at(self, executable, bases):
+            if self.aligned:
+                self.bases = bases
+            return self.aligned
+
+    class Replay:
+        replays = 0
+
+        def replay(self):
+            source, destination = (by_address[base] for base in pointers.bases)
+            destination.copy_(source * 2)
+            total.copy_(source.sum())
+            self.replays += 1
+
+    pointers = Pointers()
+    entry.inputs, entry.graph = pointers, Replay()
+    entry.release_static_inputs()
+    assert entry.static_tensors is None and entry.static_bytes() == 0 and entry.nbytes == 1000
+    assert entry.outputs[0] is None and entry.outputs[1] is total
+    got = cache._replay(entry, [x, out], in_place=True)
+    assert got[0] is out and torch.equal(out, x * 2) and torch.equal(got[1], x.sum()) and got[1] is not total
+    pointers.aligned = False  # a call whose tensors are not aligned like the static inputs were
+    assert cache._replay(entry, [x, out], in_place=True) is None
+    assert cache._replay(entry, [x, out], in_place=False) is None  # settings that copy
+    assert entry.graph.replays == 1
+
+
 @pytest.mark.parametrize("filled", [(), (1,)])
 def test_the_input_limit_leaves_out_filled_tensors(monkeypatch, filled):
     """The input limit (FAIRSEQ_CLUSTERED_GRAPH_MAX_INPUT_MB) counts what a composition reads, not the
