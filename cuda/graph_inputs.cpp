@@ -23,8 +23,8 @@
 // whose structs we do not control), a word that lands less than kAmbiguousOffset past a 4 GiB
 // boundary is taken as possibly such an integer, and the graph keeps copying its inputs. The
 // caching allocator's fresh segments often start right on such a boundary, so the Python side places
-// the static buffers clear of those windows (graph_cache._placed_buffer): a genuine address of one
-// never lands there.
+// the static buffers clear of those windows where the allocator lets it (graph_cache._placed_buffer),
+// so a genuine address of one rarely lands there.
 #include "graph_inputs.h"
 
 #include <torch/extension.h>
