@@ -13,12 +13,14 @@ to fp32's accuracy at tensor-core speed. The kernels split the operands themselv
 (``_operand``), so the loop-invariant centroids and their gradients are split once per
 program; Triton's own ``bf16x6`` split both operands at every product and took 1.4-1.8x
 longer (twentieth session). (Triton's ``tf32x3`` needs more shared memory in the backward
-than an SM has.) A cheaper split is measured but not the default: two fp16 parts per operand
-(``LAUNCH`` precision ``"fp16x3"``), each tile scaled by a power of two into fp16's range, and
-three products instead of six. It keeps 22 of fp32's 24 bits: at 32 rows and 16k keys its
-backward took 725 us against 1000 and its forward 264 against 344, but its key gradients erred
-up to 2.2x as much as torch's fp32 products (1.8e-6 against 8.3e-7 of the largest), past the 2x
-the tests allow an fp32 kernel (benchmarks/NOTES.md, twenty-first session).
+than an SM has.) Since the thirty-fourth session the default at D <= 64 is a cheaper split: two
+fp16 parts per operand (``LAUNCH`` precision ``"fp16x3"``), each tile scaled by a power of two
+into fp16's range, and three products instead of six. It keeps 22 of fp32's 24 bits. At 32 rows
+and 16k keys, 64 keys per step, its forward took 232 us and its backward 742 against the
+six-product split's 298 and 999, and its largest errors stayed within 1.5x those of
+torch's fp32 products, skewed inputs included (key gradients 1.15e-6 against 8.3e-7 of the
+largest; benchmarks/NOTES.md, thirty-fourth session). With 32 keys per step its key gradients
+erred 2.2x as much as torch's (twenty-first session), past the 2x the tests allow an fp32 kernel.
 
 With ``A_j = softmax_l(scale qbar_j . k_l)`` over the unpadded keys and the keep mask
 ``z_jl = keep_jl / (1 - p)`` of the clustered op (one dropout mask per centroid row, shared
@@ -57,7 +59,8 @@ __all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "centroid_at
 MAX_CLUSTERS = 128  # all centroids of a (batch, head) in one tile
 LOG2E = 1.4426950408889634
 # Launch settings: "keys" per step, warps per program (and pipeline stages where given) and, for
-# fp32 operands, how the products are made ("split", or a tl.dot input precision, see _launch).
+# fp32 operands, how the products are made ("split", "fp16x3", or a tl.dot input precision, see
+# _launch).
 # "fwd" / "bwd" serve fp16 / bf16 and "fwd_fp32" / "bwd_fp32" fp32, each with "_d128" entries
 # for 128-wide heads where those differ. Half precision: 4 warps (earlier
 # sessions); at D = 128 the backward is 1-5% faster with 8 (the backward spills registers
@@ -73,7 +76,13 @@ LOG2E = 1.4426950408889634
 # D = 128: one or two pipeline stages, for shared memory; the backward spills about 150 bytes per
 # thread at 16 keys, yet at 16k keys the forward took 690 us with 32 keys and the backward 2304
 # with 16, where the fp32 cuBLAS products they replace made the whole step 8.19 ms against 4.48
-# now (run 5, `--dim 128`).
+# now (run 5, `--dim 128`). Since the thirty-fourth session fp32 up to D = 64 takes "fp16x3" (three
+# products of two scaled fp16 parts, module docstring) with 64 keys per step in both directions:
+# at 32 rows and 16k keys 232 / 742 us forward / backward against "split"'s 298 / 999 (64 / 32
+# keys; "split" at 64 keys needs more shared memory than an SM has in the backward), and 128 / 383
+# against 157 / 510 at 8k (centroid_sweep.py, run 1 of that session). fp16x3 with 32 keys was no
+# faster in the backward (721 us at 16k) and erred past the tests' bound (module docstring). The
+# 128-wide entries keep "split": fp16x3 was not measured there.
 #
 # The half-precision backward without padding or dropout ("bwd_unmasked", which the clustered
 # variant's unmasked backward takes since the twenty-fourth session) is fastest at 128 keys per step
@@ -86,8 +95,8 @@ LAUNCH = {
     "bwd": {"num_warps": 4, "keys": 64},
     "bwd_unmasked": {"num_warps": 8, "keys": 128},
     "bwd_d128": {"num_warps": 8, "keys": 64},
-    "fwd_fp32": {"num_warps": 8, "keys": 64, "precision": "split"},
-    "bwd_fp32": {"num_warps": 8, "keys": 32, "precision": "split"},
+    "fwd_fp32": {"num_warps": 8, "keys": 64, "precision": "fp16x3"},
+    "bwd_fp32": {"num_warps": 8, "keys": 64, "precision": "fp16x3"},
     "fwd_fp32_d128": {"num_warps": 8, "keys": 32, "precision": "split", "num_stages": 1},
     "bwd_fp32_d128": {"num_warps": 8, "keys": 16, "precision": "split", "num_stages": 1},
 }
