@@ -5,7 +5,8 @@ flash attention cannot take it (key padding, dropout, fp32 inputs), and its back
 for every input the kernels take (twenty-fourth session: the kernel writes dk, dv where the
 caller wants them, flash allocates them and a cached graph copied them out). For every
 combination of keys per step, warps, pipeline stages, the most programs of a launch
-(``centroid_triton.TARGET_PROGRAMS``) and, in fp32, precision, this prints the forward's and the
+(``centroid_triton.TARGET_PROGRAMS``), the fewest keys of a program (``MIN_KEYS_PER_PROGRAM``,
+``--min-keys``) and, in fp32, precision, this prints the forward's and the
 backward's microseconds (graph replays, so without launch overhead; "-" where the setting does
 not compile, e.g. more shared memory than an SM has) and their largest errors against a float64
 computation, beside those of the same computation in torch in the inputs' dtype (fp32 with TF32
@@ -93,6 +94,9 @@ def main():
     parser.add_argument("--value-scale", type=float, default=1.0,
                         help="multiplies the values (skewed inputs: the kernels' fp16 splits scale their operands)")
     parser.add_argument("--grad-scale", type=float, default=1.0, help="multiplies the gradient of Vbar")
+    parser.add_argument("--min-keys", default=str(centroid_triton.MIN_KEYS_PER_PROGRAM),
+                        help="values of centroid_triton.MIN_KEYS_PER_PROGRAM (the fewest keys a program takes: "
+                             "with TARGET_PROGRAMS, how many programs a row's keys are split over)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("centroid_sweep.py needs a CUDA GPU (it times kernels there)")
@@ -104,14 +108,16 @@ def main():
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; rows={batch * heads} C={args.clusters} "
           f"D={dim} {args.dtype}{', padding and dropout 0.1' if args.masked else ''}, values x {args.value_scale:g}, "
           f"gradient x {args.grad_scale:g}; errors relative to float64's largest magnitude")
-    print(f"{'N':>6} {'precision':>9} {'keys':>4} {'warps':>5} {'stages':>6} {'progs':>5} {'fwd us':>7} {'bwd us':>7}  "
+    print(f"{'N':>6} {'precision':>9} {'keys':>4} {'warps':>5} {'stages':>6} {'progs':>5} {'min':>5} {'fwd us':>7} "
+          f"{'bwd us':>7}  "
           + "  ".join(f"{name:>8}" for name in NAMES))
     # the LAUNCH entries these calls read (the head dim's, the unmasked one or the dtype's)
     entries = [centroid_triton.launch_entry(kernel, dtype, dim, args.masked) for kernel in ("fwd", "bwd")]
     precisions = ["native"] if half else args.precision.split(",")
-    numbers = [[int(v) for v in values.split(",")] for values in (args.keys, args.warps, args.stages, args.programs)]
+    numbers = [[int(v) for v in values.split(",")] for values in (args.keys, args.warps, args.stages, args.programs,
+                                                                    args.min_keys)]
     originals = {name: dict(centroid_triton.LAUNCH[name]) for name in entries}
-    target_programs = centroid_triton.TARGET_PROGRAMS
+    target_programs, min_keys = centroid_triton.TARGET_PROGRAMS, centroid_triton.MIN_KEYS_PER_PROGRAM
     try:
         for length in (int(n) for n in args.lengths.split(",")):
             generator = torch.Generator("cuda").manual_seed(length)
@@ -130,7 +136,7 @@ def main():
             masks = dict(padding=padding, keep=keep, dropout_p=dropout_p)
             oracle = exact(qbar, key, value, grad, scale, torch.float64, **masks)
             own = errors(exact(qbar, key, value, grad, scale, dtype, **masks), oracle)
-            print(f"{length:>6} {'torch':>9} {'':>4} {'':>5} {'':>6} {'':>5} {'':>7} {'':>7}  "
+            print(f"{length:>6} {'torch':>9} {'':>4} {'':>5} {'':>6} {'':>5} {'':>5} {'':>7} {'':>7}  "
                   + "  ".join(f"{e:>8.2e}" for e in own))
             if half and not args.masked:
                 def flash():  # the clustered forward's flash route, with its cast of the values to fp32
@@ -138,11 +144,11 @@ def main():
                     return out.reshape(batch * heads, args.clusters, dim).float(), lse
 
                 flash_error = errors(flash()[:1], oracle[:1])[0]
-                print(f"{length:>6} {'flash':>9} {'':>4} {'':>5} {'':>6} {'':>5} {graph_microseconds(flash):7.1f} "
+                print(f"{length:>6} {'flash':>9} {'':>4} {'':>5} {'':>6} {'':>5} {'':>5} {graph_microseconds(flash):7.1f} "
                       f"{'':>7}  {flash_error:>8.2e}", flush=True)
-            for precision, keys, warps, stages, programs in itertools.product(precisions, *numbers):
-                centroid_triton.TARGET_PROGRAMS = programs
-                setting = f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {stages:>6} {programs:>5}"
+            for precision, keys, warps, stages, programs, fewest in itertools.product(precisions, *numbers):
+                centroid_triton.TARGET_PROGRAMS, centroid_triton.MIN_KEYS_PER_PROGRAM = programs, fewest
+                setting = f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {stages:>6} {programs:>5} {fewest:>5}"
                 for name in entries:
                     centroid_triton.LAUNCH[name] = {"num_warps": warps, "keys": keys, "num_stages": stages,
                                                     **({} if half else {"precision": precision})}
@@ -173,7 +179,7 @@ def main():
                       + "  ".join(f"{e:>8.2e}" for e in errors((values, *grads), oracle)), flush=True)
     finally:
         centroid_triton.LAUNCH.update(originals)
-        centroid_triton.TARGET_PROGRAMS = target_programs
+        centroid_triton.TARGET_PROGRAMS, centroid_triton.MIN_KEYS_PER_PROGRAM = target_programs, min_keys
 
 
 if __name__ == "__main__":

@@ -16,7 +16,11 @@ same inputs:
 * back to back: ten steps between two events, per step (``bench_attention.py``'s "steady"
   column takes five).
 
+``--forward`` times the forward alone, without grad (evaluation: the clustered op's forward that
+keeps nothing for a backward, replayed from C++), as ``bench_attention.py``'s "fwd" column::
+
     python benchmarks/host_lead.py --lengths 1024,4096,8192,16384 --methods clustered,sdpa
+    python benchmarks/host_lead.py --lengths 2048 --methods clustered,sdpa --forward
 """
 
 from __future__ import annotations
@@ -45,12 +49,13 @@ def main():
     p.add_argument("--clusters", type=int, default=100)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--methods", default="clustered", help="clustered and / or sdpa (its default backend)")
+    p.add_argument("--forward", action="store_true", help="the forward alone, without grad")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("host_lead.py needs a CUDA GPU")
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; B={args.batch} H={args.heads} D={args.dim} "
-          f"bf16 C={args.clusters}; forward+backward, median ms per step")
+          f"bf16 C={args.clusters}; {'forward without grad' if args.forward else 'forward+backward'}, median ms per step")
     for length in map(int, args.lengths.split(",")):
         shape = (args.batch, args.heads, length, args.dim)
         q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
@@ -66,11 +71,13 @@ def measure(method, q, k, v, grad, planes, args) -> str:
     def step():
         for t in (q, k, v):
             t.grad = None
-        if method == "sdpa":
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        else:
-            out = clustered_attention(q, k, v, planes=planes, num_clusters=args.clusters)
-        out.backward(grad)
+        with torch.set_grad_enabled(not args.forward):
+            if method == "sdpa":
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            else:
+                out = clustered_attention(q, k, v, planes=planes, num_clusters=args.clusters)
+        if not args.forward:
+            out.backward(grad)
 
     for _ in range(4):  # the graphs are captured at the second step
         step()
