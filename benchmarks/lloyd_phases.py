@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ["set-up", "clearing and fragments", "search and membership", "counting", "cluster barrier 1",
+PHASES = ["set-up", "round set-up", "search and membership", "counting", "cluster barrier 1 (clearing)",
           "update (thread 0)", "cluster barrier 2", "final assignment"]
 PER_ITERATION = range(1, 7)  # the phases inside the iteration loop
 # The second cluster barrier: phase 5 (the update) closes just before it, phase 6 after it.
@@ -31,12 +31,12 @@ BEFORE_BARRIER_2 = "    cluster_barrier();  // every copy of the centroids updat
 # (a line of lloyd_cluster_kernel, what goes after it): STAMP(k) closes phase k.
 STAMPS: List[Tuple[str, str]] = [
     ("  const auto [rank, size] = cluster_place();\n", "STAMPS_BEGIN;\n"),
-    ("  const int mask_words = membership_rows<TILES>() * layout.mask_stride;\n", "STAMP(0);\n"),
-    ("      __syncthreads();  // the round's bits cleared and the codes' bit rows written; centroids' fragments\n",
-     "STAMP(1);\n"),
+    ("  __syncthreads();  // the fragments and bit rows written, before the search or the final assignment\n",
+     "STAMP(0);\n"),
+    ("      // The round's nearest centroids, as membership bits.\n", "STAMP(1);\n"),
     ("      __syncthreads();  // the round's membership bits set\n", "STAMP(2);\n"),
     ("      __syncthreads();  // the round counted before its bits are cleared\n", "STAMP(3);\n"),
-    ("    cluster_barrier();  // every block's counters complete\n", "STAMP(4);\n"),
+    ("    cluster_wait();  // every block's counters complete\n", "STAMP(4);\n"),
     (BEFORE_BARRIER_2, "STAMP(6);\n"),
     ("  if (rank == 0) {\n    for (int j = threadIdx.x; j < C; j += blockDim.x) centroids[bh * C + j] = sm.cent[j];\n  }\n",
      "STAMP(7);\nSTAMPS_END;\n"),

@@ -182,6 +182,8 @@ constexpr int MMA_THREADS = 512;
 constexpr int MMA_MAX_CLUSTERS = 128;  // centroid tiles of 8, their fragments in shared memory
 constexpr int NO_CENTROID = -(1 << 30);  // below every key of nearest16: its maxima start there
 constexpr int MAX_CLUSTER_BLOCKS = 8;  // blocks per row of lloyd_cluster_kernel: the portable cluster size
+// (its update gives three lanes of a warp to each block: MAX_CLUSTER_BLOCKS lanes per kind)
+static_assert(3 * MAX_CLUSTER_BLOCKS <= 32 && (MAX_CLUSTER_BLOCKS & (MAX_CLUSTER_BLOCKS - 1)) == 0);
 constexpr int CLUSTER_THREADS = 1024;  // lloyd_cluster_kernel's block: one per SM
 constexpr int CLUSTER_CACHED_CODES = 8192;  // a block's slice of codes (and their transpose) kept up to this many
 constexpr int COUNT_ROUND = 2048;  // lloyd_cluster_kernel's queries per counting round (their membership bits)
@@ -249,6 +251,12 @@ __device__ __forceinline__ void store_centroid_fragments(const int64_t* cent, in
     const int j = tile * 8 + (lane >> 2), t = lane & 3;
     words[w] = j < C ? code_quarter(static_cast<uint64_t>(cent[j]), t) & used_quarter(t, bits) : 0u;
   }
+}
+
+// Where store_centroid_fragments puts centroid j's code_quarter(t): its inverse.
+__device__ __forceinline__ uint32_t* centroid_fragment_word(uint4* frags, int j, int t) {
+  const int tile = j >> 3, lane = ((j & 7) << 2) | t;
+  return reinterpret_cast<uint32_t*>(frags) + (tile >> 2) * 128 + lane * 4 + (tile & 3);
 }
 
 // Nearest centroid (ties: lowest id) of the warp's queries lane / 4 (code `lo`) and lane / 4 + 8
@@ -511,7 +519,8 @@ __device__ __forceinline__ void mark_members16(const RowInfo& info, int b, int n
   }
 }
 
-// Adds to `counts` (C x COUNTER_STRIDE), for a round of `words` words of 32 queries (a multiple
+// Adds to `counts` (C x COUNTER_STRIDE; stores where `first_round`, so that the counters need no
+// clearing), for a round of `words` words of 32 queries (a multiple
 // of 8), how many members of each cluster have each bit set, and in slot COUNT_SLOT how many
 // members it has: the 1-bit products of the membership rows (`masks`) and the codes' bit rows
 // (`bits`, row COUNT_SLOT all ones). Warp w takes clusters 16 (w / 4) .. + 15 and bits 16 (w % 4)
@@ -519,7 +528,8 @@ __device__ __forceinline__ void mark_members16(const RowInfo& info, int b, int n
 // `masks` and `bits`; blocks of at least 4 x membership_rows / 16 warps.
 template <int TILES>
 __device__ __forceinline__ void count_by_products(const uint32_t* masks, int mask_stride, const uint32_t* bits,
-                                                  int bit_stride, int words, int C, int* counts) {
+                                                  int bit_stride, int words, int C, bool first_round,
+                                                  int* counts) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int first_cluster = 16 * (warp >> 2), first_bit = 16 * (warp & 3);
   if (first_cluster >= membership_rows<TILES>()) return;  // uniform per warp
@@ -541,13 +551,16 @@ __device__ __forceinline__ void count_by_products(const uint32_t* masks, int mas
   for (int h = 0; h < 2; ++h) {
     const int* d = h ? d_hi : d_lo;
     const int bit = first_bit + 8 * h + 2 * t;
+    // Every (cluster < C, bit) counter has one writer here, so a first round's stores leave none stale.
+    int* lo = counts + j * COUNTER_STRIDE + bit;
+    int* hi = lo + 8 * COUNTER_STRIDE;
     if (j < C) {
-      counts[j * COUNTER_STRIDE + bit] += d[0];
-      counts[j * COUNTER_STRIDE + bit + 1] += d[1];
+      lo[0] = (first_round ? 0 : lo[0]) + d[0];
+      lo[1] = (first_round ? 0 : lo[1]) + d[1];
     }
     if (j + 8 < C) {
-      counts[(j + 8) * COUNTER_STRIDE + bit] += d[2];
-      counts[(j + 8) * COUNTER_STRIDE + bit + 1] += d[3];
+      hi[0] = (first_round ? 0 : hi[0]) + d[2];
+      hi[1] = (first_round ? 0 : hi[1]) + d[3];
     }
   }
 }
@@ -560,8 +573,8 @@ __device__ __forceinline__ void count_by_products(const uint32_t* masks, int mas
 // at a time: the nearest centroids set the round's membership bits, then count_by_products
 // counts each cluster's members and their set bits. After a cluster barrier, block r updates
 // centroids r, r + size, ... from the counters of every block of the cluster (integer sums: the
-// result does not depend on timing) and writes each new code into every block's copy of the
-// centroids; a second barrier ends the iteration. Two barriers per iteration where the other
+// result does not depend on timing) and writes each new code, and its words of the tensor-core
+// fragments the search reads, into every block's copies; a second barrier ends the iteration. Two barriers per iteration where the other
 // kernels take two launches and the counters' global atomics. One block of CLUSTER_THREADS per SM
 // (64 registers each), so that a launch of one block per SM spreads over all of them. Same result
 // as lloyd_init_kernel, the assign / update kernels and the final kernel.
@@ -592,22 +605,32 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
   const int nv = info.num_valid(b);
   for (int j = threadIdx.x; j < C; j += blockDim.x) sm.cent[j] = initial_centroid(info, b, j, nv, row_codes);
   const int lane = threadIdx.x & 31;
-  __syncthreads();
-  if (!single && layout.whole_slice) {  // the slice's bit rows, once: bit_stride - 4 words each
-    transpose_codes(slice, start, stop, layout.bit_stride - 4, code_bits, layout.bit_stride);
-  }
   const int mask_words = membership_rows<TILES>() * layout.mask_stride;
-  for (int it = 0; !single && it < iterations; ++it) {
+  // Cleared here, then after each round's counting (the last one's while the block waits at the
+  // cluster barrier). The counters need no clearing: a round's first counting stores them, and a
+  // block with no queries never counts, so its zeros stay.
+  for (int i = threadIdx.x; i < mask_words; i += blockDim.x) masks[i] = 0;
+  if (start >= stop) {
     for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += blockDim.x) sm.counts[i] = 0;
+  }
+  __syncthreads();
+  if (!single) {
+    // The centroids' fragments, once: the update below writes each new code's fragment words too.
     store_centroid_fragments<TILES>(sm.cent, C, bits, sm.frags);
+    if (layout.whole_slice) {  // the slice's bit rows, once: bit_stride - 4 words each
+      transpose_codes(slice, start, stop, layout.bit_stride - 4, code_bits, layout.bit_stride);
+    }
+  }
+  __syncthreads();  // the fragments and bit rows written, before the search or the final assignment
+  for (int it = 0; !single && it < iterations; ++it) {
     for (int first = start; first < stop; first += layout.round) {  // uniform over the block
       const int last = min(first + layout.round, stop);
       const int words = (last - first + 255) / 256 * 8;
-      for (int i = threadIdx.x; i < mask_words; i += blockDim.x) masks[i] = 0;
       if (!layout.whole_slice) {
         transpose_codes(slice + (first - start), first, last, words, code_bits, layout.bit_stride);
+        __syncthreads();  // the codes' bit rows written
       }
-      __syncthreads();  // the round's bits cleared and the codes' bit rows written; centroids' fragments
+      // The round's nearest centroids, as membership bits.
       for_query_tiles<CLUSTER_THREADS>(slice + (first - start), first, last,
                                        [&](int n_lo, int n_hi, uint64_t lo, uint64_t hi) {
         int nearest_lo, nearest_hi;
@@ -617,13 +640,25 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
       });
       __syncthreads();  // the round's membership bits set
       const uint32_t* round_bits = code_bits + (layout.whole_slice ? (first - start) / 32 : 0);
-      count_by_products<TILES>(masks, layout.mask_stride, round_bits, layout.bit_stride, words, C, sm.counts);
+      count_by_products<TILES>(masks, layout.mask_stride, round_bits, layout.bit_stride, words, C, first == start,
+                               sm.counts);
       __syncthreads();  // the round counted before its bits are cleared
+      if (last < stop) {  // the next round's bits cleared (a barrier follows the transposition or the search)
+        for (int i = threadIdx.x; i < mask_words; i += blockDim.x) masks[i] = 0;
+        if (layout.whole_slice) __syncthreads();
+      }
     }
-    cluster_barrier();  // every block's counters complete
+    cluster_arrive();
+    // The next iteration's membership bits cleared while the other blocks finish counting (read
+    // by this block only, after the second barrier).
+    for (int i = threadIdx.x; i < mask_words; i += blockDim.x) masks[i] = 0;
+    cluster_wait();  // every block's counters complete
     // 64 threads per centroid (bit `bit`; two warps, each packing 32 bits by ballot). The counters
     // are read through 32-bit cluster addresses in a loop over the cluster's blocks, and lane r
-    // writes the new half code into block r. (Through generic pointers in a loop unrolled to
+    // writes the new half code into block r, lanes 8 + r and 16 + r its two fragment words
+    // (code_quarter t = h and h + 2 of half h) there, so that no block rebuilds its fragments from
+    // the codes (a pass over them and a block barrier per iteration until the thirty-fourth
+    // session). (Through generic pointers in a loop unrolled to
     // MAX_CLUSTER_BLOCKS, the address arithmetic made the update issue-bound: 2.3 of 7.1 us per
     // iteration at 32 rows of 2k in 3 blocks, 1.7 now; twenty-ninth session, ncu's source view.
     // Issuing every pass's loads before the first sum, with the cluster's size a template
@@ -640,13 +675,16 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
       uint32_t* half = reinterpret_cast<uint32_t*>(sm.cent + j) + bit / 32;
       const bool set = majority_of((*half >> (bit & 31)) & 1, bit, bits, members, ones);
       const unsigned word = __ballot_sync(FULL_MASK, set);
-      if (lane < size) store_to_block(address_in_block(half, lane), word);
+      const int target = lane & (MAX_CLUSTER_BLOCKS - 1), kind = lane / MAX_CLUSTER_BLOCKS;
+      if (target < size && kind < 3) {  // kind 0: the code's half; 1, 2: its fragment words
+        const int t = bit / 32 + 2 * (kind - 1);
+        uint32_t* at = kind == 0 ? half : centroid_fragment_word(sm.frags, j, t);
+        const uint32_t value = kind == 0 ? word : code_quarter(static_cast<uint64_t>(word) << (32 * (t & 1)), t) &
+                                                      used_quarter(t, bits);
+        store_to_block(address_in_block(at, target), value);
+      }
     }
     cluster_barrier();  // every copy of the centroids updated, every block's counters read
-  }
-  if (!single) {
-    store_centroid_fragments<TILES>(sm.cent, C, bits, sm.frags);
-    __syncthreads();
   }
   for_query_tiles<CLUSTER_THREADS>(slice, start, stop, [&](int n_lo, int n_hi, uint64_t lo, uint64_t hi) {
     assign16<TILES>(info, b, bh, single, n_lo, n_hi, stop, lo, hi, sm.frags, assignments, lane);

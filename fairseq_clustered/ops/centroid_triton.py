@@ -13,7 +13,7 @@ to fp32's accuracy at tensor-core speed. The kernels split the operands themselv
 (``_operand``), so the loop-invariant centroids and their gradients are split once per
 program; Triton's own ``bf16x6`` split both operands at every product and took 1.4-1.8x
 longer (twentieth session). (Triton's ``tf32x3`` needs more shared memory in the backward
-than an SM has.) Since the thirty-fourth session the default at D <= 64 is a cheaper split: two
+than an SM has.) Since the thirty-fourth session the default is a cheaper split: two
 fp16 parts per operand (``LAUNCH`` precision ``"fp16x3"``), each tile scaled by a power of two
 into fp16's range, and three products instead of six. It keeps 22 of fp32's 24 bits. At 32 rows
 and 16k keys, 64 keys per step, its forward took 232 us and its backward 742 against the
@@ -21,6 +21,8 @@ six-product split's 298 and 999, and its largest errors stayed within 1.5x those
 torch's fp32 products, skewed inputs included (key gradients 1.15e-6 against 8.3e-7 of the
 largest; benchmarks/NOTES.md, thirty-fourth session). With 32 keys per step its key gradients
 erred 2.2x as much as torch's (twenty-first session), past the 2x the tests allow an fp32 kernel.
+At D = 128 (32 keys per step) the backward at 16k keys took 1159 us against 2311 and the forward
+535 against 651, the key gradients' error 1.6x torch's.
 
 With ``A_j = softmax_l(scale qbar_j . k_l)`` over the unpadded keys and the keep mask
 ``z_jl = keep_jl / (1 - p)`` of the clustered op (one dropout mask per centroid row, shared
@@ -81,8 +83,11 @@ LOG2E = 1.4426950408889634
 # at 32 rows and 16k keys 232 / 742 us forward / backward against "split"'s 298 / 999 (64 / 32
 # keys; "split" at 64 keys needs more shared memory than an SM has in the backward), and 128 / 383
 # against 157 / 510 at 8k (centroid_sweep.py, run 1 of that session). fp16x3 with 32 keys was no
-# faster in the backward (721 us at 16k) and erred past the tests' bound (module docstring). The
-# 128-wide entries keep "split": fp16x3 was not measured there.
+# faster in the backward (721 us at 16k) and erred past the tests' bound (module docstring). At
+# D = 128 fp16x3 needs half the shared memory of "split", so the backward takes 32 keys per step
+# instead of 16: at 16k keys 535 / 1159 us forward / backward against "split"'s 651 / 2311 (32 / 16
+# keys), 158 / 318 against 187 / 602 at 4k; key gradients' error 1.58x torch fp32's, 1.34x on skewed
+# inputs (centroid_sweep.py --dim 128, runs 3-4 of that session).
 #
 # The half-precision backward without padding or dropout ("bwd_unmasked", which the clustered
 # variant's unmasked backward takes since the twenty-fourth session) is fastest at 128 keys per step
@@ -97,8 +102,8 @@ LAUNCH = {
     "bwd_d128": {"num_warps": 8, "keys": 64},
     "fwd_fp32": {"num_warps": 8, "keys": 64, "precision": "fp16x3"},
     "bwd_fp32": {"num_warps": 8, "keys": 64, "precision": "fp16x3"},
-    "fwd_fp32_d128": {"num_warps": 8, "keys": 32, "precision": "split", "num_stages": 1},
-    "bwd_fp32_d128": {"num_warps": 8, "keys": 16, "precision": "split", "num_stages": 1},
+    "fwd_fp32_d128": {"num_warps": 8, "keys": 32, "precision": "fp16x3", "num_stages": 1},
+    "bwd_fp32_d128": {"num_warps": 8, "keys": 32, "precision": "fp16x3", "num_stages": 1},
 }
 # The fp32 splits the kernels make themselves: "precision" -> parts per operand (see _operand).
 SPLITS = {"split": 3, "fp16x3": 2}
