@@ -574,10 +574,11 @@ __device__ __forceinline__ void count_by_products(const uint32_t* masks, int mas
 // counts each cluster's members and their set bits. After a cluster barrier, block r updates
 // centroids r, r + size, ... from the counters of every block of the cluster (integer sums: the
 // result does not depend on timing) and writes each new code, and its words of the tensor-core
-// fragments the search reads, into every block's copies; a second barrier ends the iteration. Two barriers per iteration where the other
-// kernels take two launches and the counters' global atomics. One block of CLUSTER_THREADS per SM
-// (64 registers each), so that a launch of one block per SM spreads over all of them. Same result
-// as lloyd_init_kernel, the assign / update kernels and the final kernel.
+// fragments the search reads, into every block's copies; a second barrier ends the iteration. Two
+// barriers per iteration where the other kernels take two launches and the counters' global
+// atomics. One block of CLUSTER_THREADS per SM (64 registers each), so that a launch of one block
+// per SM spreads over all of them. Same result as lloyd_init_kernel, the assign / update kernels
+// and the final kernel.
 template <int TILES>
 __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
     lloyd_cluster_kernel(RowInfo info, const int64_t* __restrict__ codes, int iterations, int bits,
