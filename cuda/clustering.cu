@@ -661,7 +661,7 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
     // the codes (a pass over them and a block barrier per iteration until the thirty-fourth
     // session). (Through generic pointers in a loop unrolled to
     // MAX_CLUSTER_BLOCKS, the address arithmetic made the update issue-bound: 2.3 of 7.1 us per
-    // iteration at 32 rows of 2k in 3 blocks, 1.7 now; twenty-ninth session, ncu's source view.
+    // iteration at 32 rows of 2k in 3 blocks, 1.7 after; twenty-ninth session, ncu's source view.
     // Issuing every pass's loads before the first sum, with the cluster's size a template
     // argument, took as long.)
     const int bit = threadIdx.x % MAX_BITS;
