@@ -40,6 +40,9 @@ constexpr int HASH_THREADS = 128;
 constexpr int MAX_BITS = 64;  // counters per cluster: 63 bits + the member count in slot 63
 constexpr int COUNT_SLOT = 63;
 constexpr int COUNTER_STRIDE = 65;  // padding: cluster c's counters start in bank c
+// lloyd_cluster_kernel's: whole 16-byte rows, which its update reads four counters at a time
+// (there each counter has one writer, no atomics, so the banks matter less)
+constexpr int CLUSTER_COUNTER_STRIDE = 68;
 
 // ------------------------------------------------------------------------- hashing
 // One thread per vector; the planes sit transposed in shared memory (planes_t[d][b]),
@@ -182,8 +185,8 @@ constexpr int MMA_THREADS = 512;
 constexpr int MMA_MAX_CLUSTERS = 128;  // centroid tiles of 8, their fragments in shared memory
 constexpr int NO_CENTROID = -(1 << 30);  // below every key of nearest16: its maxima start there
 constexpr int MAX_CLUSTER_BLOCKS = 8;  // blocks per row of lloyd_cluster_kernel: the portable cluster size
-// (its update gives three lanes of a warp to each block: MAX_CLUSTER_BLOCKS lanes per kind)
-static_assert(3 * MAX_CLUSTER_BLOCKS <= 32 && (MAX_CLUSTER_BLOCKS & (MAX_CLUSTER_BLOCKS - 1)) == 0);
+constexpr int UPDATE_LANES = 16;  // lloyd_cluster_kernel's update: lanes per centroid, 4 bits each
+static_assert(UPDATE_LANES * 4 == MAX_BITS && CLUSTER_COUNTER_STRIDE % 4 == 0 && CLUSTER_COUNTER_STRIDE >= MAX_BITS);
 constexpr int CLUSTER_THREADS = 1024;  // lloyd_cluster_kernel's block: one per SM
 constexpr int CLUSTER_CACHED_CODES = 8192;  // a block's slice of codes (and their transpose) kept up to this many
 constexpr int COUNT_ROUND = 2048;  // lloyd_cluster_kernel's queries per counting round (their membership bits)
@@ -370,7 +373,7 @@ __device__ __forceinline__ void for_query_tiles(const int64_t* slice, int start,
 }
 
 // Shared memory of the tensor-core kernels: the centroids' fragments, the centroids (padded), then
-// the counters (C x COUNTER_STRIDE ints) where the kernel counts.
+// the counters (C x `stride` ints, 16-byte aligned) where the kernel counts.
 template <int TILES>
 struct MmaSmem {
   uint4* frags;
@@ -380,9 +383,9 @@ struct MmaSmem {
       : frags(reinterpret_cast<uint4*>(base)),
         cent(reinterpret_cast<int64_t*>(reinterpret_cast<char*>(base) + mma_fragment_bytes(TILES))),
         counts(reinterpret_cast<int*>(cent + padded_clusters(C))) {}
-  __host__ __device__ static size_t bytes(int C, bool counting) {
+  __host__ __device__ static size_t bytes(int C, bool counting, int stride = COUNTER_STRIDE) {
     return mma_fragment_bytes(TILES) + static_cast<size_t>(padded_clusters(C)) * sizeof(int64_t) +
-           (counting ? static_cast<size_t>(C) * COUNTER_STRIDE * sizeof(int) : 0);
+           (counting ? static_cast<size_t>(C) * stride * sizeof(int) : 0);
   }
 };
 
@@ -465,7 +468,7 @@ ClusterLayout cluster_layout(int length, int C, int cluster_blocks) {
   layout.round = std::min(COUNT_ROUND, slice_words * 32);
   layout.mask_stride = layout.round / 32 + 4;
   layout.bit_stride = (layout.whole_slice ? slice_words : layout.round / 32) + 4;
-  size_t at = align16(MmaSmem<TILES>::bytes(C, true));
+  size_t at = align16(MmaSmem<TILES>::bytes(C, true, CLUSTER_COUNTER_STRIDE));
   layout.masks_at = static_cast<int>(at);
   at = align16(at + sizeof(uint32_t) * membership_rows<TILES>() * layout.mask_stride);
   layout.bits_at = static_cast<int>(at);
@@ -519,7 +522,7 @@ __device__ __forceinline__ void mark_members16(const RowInfo& info, int b, int n
   }
 }
 
-// Adds to `counts` (C x COUNTER_STRIDE; stores where `first_round`, so that the counters need no
+// Adds to `counts` (C x CLUSTER_COUNTER_STRIDE; stores where `first_round`, so that the counters need no
 // clearing), for a round of `words` words of 32 queries (a multiple
 // of 8), how many members of each cluster have each bit set, and in slot COUNT_SLOT how many
 // members it has: the 1-bit products of the membership rows (`masks`) and the codes' bit rows
@@ -552,8 +555,8 @@ __device__ __forceinline__ void count_by_products(const uint32_t* masks, int mas
     const int* d = h ? d_hi : d_lo;
     const int bit = first_bit + 8 * h + 2 * t;
     // Every (cluster < C, bit) counter has one writer here, so a first round's stores leave none stale.
-    int* lo = counts + j * COUNTER_STRIDE + bit;
-    int* hi = lo + 8 * COUNTER_STRIDE;
+    int* lo = counts + j * CLUSTER_COUNTER_STRIDE + bit;
+    int* hi = lo + 8 * CLUSTER_COUNTER_STRIDE;
     if (j < C) {
       lo[0] = (first_round ? 0 : lo[0]) + d[0];
       lo[1] = (first_round ? 0 : lo[1]) + d[1];
@@ -612,7 +615,7 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
   // block with no queries never counts, so its zeros stay.
   for (int i = threadIdx.x; i < mask_words; i += blockDim.x) masks[i] = 0;
   if (start >= stop) {
-    for (int i = threadIdx.x; i < C * COUNTER_STRIDE; i += blockDim.x) sm.counts[i] = 0;
+    for (int i = threadIdx.x; i < C * CLUSTER_COUNTER_STRIDE; i += blockDim.x) sm.counts[i] = 0;
   }
   __syncthreads();
   if (!single) {
@@ -654,35 +657,47 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
     // by this block only, after the second barrier).
     for (int i = threadIdx.x; i < mask_words; i += blockDim.x) masks[i] = 0;
     cluster_wait();  // every block's counters complete
-    // 64 threads per centroid (bit `bit`; two warps, each packing 32 bits by ballot). The counters
-    // are read through 32-bit cluster addresses in a loop over the cluster's blocks, and lane r
-    // writes the new half code into block r, lanes 8 + r and 16 + r its two fragment words
-    // (code_quarter t = h and h + 2 of half h) there, so that no block rebuilds its fragments from
-    // the codes (a pass over them and a block barrier per iteration until the thirty-fourth
-    // session). (Through generic pointers in a loop unrolled to
-    // MAX_CLUSTER_BLOCKS, the address arithmetic made the update issue-bound: 2.3 of 7.1 us per
-    // iteration at 32 rows of 2k in 3 blocks, 1.7 after; twenty-ninth session, ncu's source view.
-    // Issuing every pass's loads before the first sum, with the cluster's size a template
-    // argument, took as long.)
-    const int bit = threadIdx.x % MAX_BITS;
-    for (int j = rank + size * (threadIdx.x / MAX_BITS); j < C; j += size * (CLUSTER_THREADS / MAX_BITS)) {
-      const int* counts = sm.counts + j * COUNTER_STRIDE;
-      int members = 0, ones = 0;
+    // Half a warp per centroid: lane q of the half sums bits 4q .. 4q + 3 of every block's counters
+    // (16-byte loads through 32-bit cluster addresses; the member count, slot COUNT_SLOT = 63, is
+    // lane 15's fourth), decides their majorities, and the half ORs its lanes' bits into the new
+    // code. Its lanes then write the code and its four fragment words (code_quarter t = 0..3, what
+    // the search reads) into every block, so that no block rebuilds its fragments from the codes.
+    // One pass over C = 100 centroids from 2 blocks per row on, where 64 threads per centroid, each
+    // loading a counter at a time, took 3 passes at 3 blocks (2.1 us per iteration at 32 rows of
+    // 2k, the largest phase; benchmarks/NOTES.md, thirty-fourth session). (Through generic
+    // pointers in a loop unrolled to MAX_CLUSTER_BLOCKS, the address arithmetic made the update
+    // issue-bound: twenty-ninth session, ncu's source view.)
+    const int q = lane & (UPDATE_LANES - 1);
+    const unsigned half_warp = ((1u << UPDATE_LANES) - 1u) << (lane & UPDATE_LANES);
+    for (int j = rank + size * (threadIdx.x / UPDATE_LANES); j < C;
+         j += size * (CLUSTER_THREADS / UPDATE_LANES)) {  // uniform over each half warp
+      const int* counts = sm.counts + j * CLUSTER_COUNTER_STRIDE + 4 * q;
+      int4 ones = make_int4(0, 0, 0, 0);
       for (int r = 0; r < size; ++r) {
-        members += load_from_block(address_in_block(counts + COUNT_SLOT, r));
-        ones += load_from_block(address_in_block(counts + bit, r));
+        const int4 part = load4_from_block(address_in_block(counts, r));
+        ones.x += part.x, ones.y += part.y, ones.z += part.z, ones.w += part.w;
       }
-      // Only this warp's half of the old code: the other warp writes the other half.
-      uint32_t* half = reinterpret_cast<uint32_t*>(sm.cent + j) + bit / 32;
-      const bool set = majority_of((*half >> (bit & 31)) & 1, bit, bits, members, ones);
-      const unsigned word = __ballot_sync(FULL_MASK, set);
-      const int target = lane & (MAX_CLUSTER_BLOCKS - 1), kind = lane / MAX_CLUSTER_BLOCKS;
-      if (target < size && kind < 3) {  // kind 0: the code's half; 1, 2: its fragment words
-        const int t = bit / 32 + 2 * (kind - 1);
-        uint32_t* at = kind == 0 ? half : centroid_fragment_word(sm.frags, j, t);
-        const uint32_t value = kind == 0 ? word : code_quarter(static_cast<uint64_t>(word) << (32 * (t & 1)), t) &
-                                                      used_quarter(t, bits);
-        store_to_block(address_in_block(at, target), value);
+      const int members = __shfl_sync(half_warp, ones.w, (lane & UPDATE_LANES) | (UPDATE_LANES - 1));
+      const uint64_t old = static_cast<uint64_t>(sm.cent[j]);
+      const int counted[4] = {ones.x, ones.y, ones.z, ones.w};
+      uint64_t mine = 0;  // this lane's 4 bits of the new code
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int bit = 4 * q + k;
+        mine |= static_cast<uint64_t>(majority_of((old >> bit) & 1, bit, bits, members, counted[k])) << bit;
+      }
+      // Every lane has read the old code before the half's reduction, so before any store below.
+      const uint64_t code = static_cast<uint64_t>(__reduce_or_sync(half_warp, static_cast<uint32_t>(mine >> 32))) << 32 |
+                            __reduce_or_sync(half_warp, static_cast<uint32_t>(mine));
+      for (int s = q; s < 5 * size; s += UPDATE_LANES) {  // (block, word): the code, then fragment words
+        const int target = s / 5, word = s % 5;
+        if (word == 0) {
+          store64_to_block(address_in_block(sm.cent + j, target), code);
+        } else {
+          const int t = word - 1;
+          store_to_block(address_in_block(centroid_fragment_word(sm.frags, j, t), target),
+                         code_quarter(code, t) & used_quarter(t, bits));
+        }
       }
     }
     cluster_barrier();  // every copy of the centroids updated, every block's counters read

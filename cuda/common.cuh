@@ -145,6 +145,29 @@ __device__ __forceinline__ void store_to_block(uint32_t address, uint32_t value)
 #endif
 }
 
+// Four ints at a 16-byte aligned address, in one load.
+__device__ __forceinline__ int4 load4_from_block(uint32_t address) {
+  int4 value = make_int4(0, 0, 0, 0);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("ld.shared::cluster.v4.s32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(value.x), "=r"(value.y), "=r"(value.z), "=r"(value.w)
+               : "r"(address)
+               : "memory");
+#else
+  __trap();
+#endif
+  return value;
+}
+
+// Eight bytes at an 8-byte aligned address, in one store.
+__device__ __forceinline__ void store64_to_block(uint32_t address, uint64_t value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("st.shared::cluster.u64 [%0], %1;\n" ::"r"(address), "l"(value) : "memory");
+#else
+  __trap();
+#endif
+}
+
 // This block's rank in its thread block cluster, and the cluster's blocks: 0 and 1 before sm_90,
 // whose launches have no clusters (on sm_90 a launch without them has clusters of one block).
 struct ClusterPlace {
