@@ -17,6 +17,9 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes, co
                                                      int64_t num_clusters, int64_t iterations, int64_t bits,
                                                      int64_t queries_per_block, bool tensor_cores,
                                                      int64_t cluster_blocks);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lloyd_kmeans_sorted_cuda(
+    const at::Tensor& codes, const c10::optional<at::Tensor>& mask, int64_t num_clusters, int64_t iterations,
+    int64_t bits, int64_t cluster_blocks);
 int64_t lloyd_cluster_capacity(int64_t length, int64_t num_clusters, int64_t cluster_blocks);
 at::Tensor codebook_assign_cuda(const at::Tensor& codes, const at::Tensor& codebook);
 at::Tensor chunk_cluster_sums_cuda(const at::Tensor& x, const at::Tensor& clusters, int64_t window,
@@ -65,6 +68,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("codes"), pybind11::arg("mask"), pybind11::arg("num_clusters"), pybind11::arg("iterations"),
         pybind11::arg("bits"), pybind11::arg("queries_per_block") = 0, pybind11::arg("tensor_cores") = true,
         pybind11::arg("cluster_blocks") = 0);
+  m.def("lloyd_kmeans_sorted", &fcl::lloyd_kmeans_sorted_cuda,
+        "lloyd_kmeans by the one-launch kernel (cluster_blocks 1..8), and the stable sort of its assignments by "
+        "cluster from the same launch -> (assignments, centroids, order, seg_start) (order, seg_start as cluster_order's)",
+        pybind11::arg("codes"), pybind11::arg("mask"), pybind11::arg("num_clusters"), pybind11::arg("iterations"),
+        pybind11::arg("bits"), pybind11::arg("cluster_blocks"));
   m.def("lloyd_cluster_capacity", &fcl::lloyd_cluster_capacity,
         "clusters of Lloyd's one-launch kernel resident at once on the current GPU (0: it does not run there)",
         pybind11::arg("length"), pybind11::arg("num_clusters"), pybind11::arg("cluster_blocks"));

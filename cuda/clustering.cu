@@ -28,6 +28,7 @@
 // Since the twenty-seventh session it counts each cluster's members and their set bits as 1-bit
 // tensor-core products (membership bits AND the codes' transposed bits) instead of one
 // shared-memory atomic per bit in which a member differs from its centroid.
+#include "cluster_order.cuh"
 #include "common.cuh"
 
 #include <algorithm>
@@ -185,6 +186,7 @@ constexpr int MMA_THREADS = 512;
 constexpr int MMA_MAX_CLUSTERS = 128;  // centroid tiles of 8, their fragments in shared memory
 constexpr int NO_CENTROID = -(1 << 30);  // below every key of nearest16: its maxima start there
 constexpr int MAX_CLUSTER_BLOCKS = 8;  // blocks per row of lloyd_cluster_kernel: the portable cluster size
+static_assert(MMA_MAX_CLUSTERS <= MAX_ORDER_CLUSTERS, "the one-launch kernel sorts its assignments itself");
 constexpr int UPDATE_LANES = 16;  // lloyd_cluster_kernel's update: lanes per centroid, 4 bits each
 static_assert(UPDATE_LANES * 4 == MAX_BITS && CLUSTER_COUNTER_STRIDE % 4 == 0 && CLUSTER_COUNTER_STRIDE >= MAX_BITS);
 constexpr int CLUSTER_THREADS = 1024;  // lloyd_cluster_kernel's block: one per SM
@@ -455,6 +457,7 @@ struct ClusterLayout {
   int bit_stride;    // words per row of the transposed codes: the slice's or a round's, + 4
   int whole_slice;   // 1: the slice's codes and their transpose kept for all iterations (an int: no padding)
   int masks_at, bits_at, codes_at, bytes;  // byte offsets into the dynamic shared memory, its size
+  int order_at;      // where the sort of the final assignments works (over the counters and what follows)
 };
 FCL_NO_PADDING(ClusterLayout);
 
@@ -475,7 +478,8 @@ ClusterLayout cluster_layout(int length, int C, int cluster_blocks) {
   at = align16(at + sizeof(uint32_t) * MAX_BITS * layout.bit_stride);
   layout.codes_at = static_cast<int>(at);
   if (layout.whole_slice) at += sizeof(int64_t) * layout.chunk;
-  layout.bytes = static_cast<int>(at);
+  layout.order_at = static_cast<int>(MmaSmem<TILES>::bytes(C, false));  // the counters' start: 16-byte aligned
+  layout.bytes = static_cast<int>(std::max(at, layout.order_at + order_smem_bytes(C)));
   return layout;
 }
 
@@ -581,12 +585,16 @@ __device__ __forceinline__ void count_by_products(const uint32_t* masks, int mas
 // barriers per iteration where the other kernels take two launches and the counters' global
 // atomics. One block of CLUSTER_THREADS per SM (64 registers each), so that a launch of one block
 // per SM spreads over all of them. Same result as lloyd_init_kernel, the assign / update kernels
-// and the final kernel.
+// and the final kernel. Where `order` is not null, the blocks then sort the row's final
+// assignments by cluster (order_row_slices: `order` (rows, N) and `seg_start` (rows, C + 1) as
+// cluster_order's), which saves the forward the sort's own launch.
 template <int TILES>
 __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
     lloyd_cluster_kernel(RowInfo info, const int64_t* __restrict__ codes, int iterations, int bits,
                          ClusterLayout layout, int64_t* __restrict__ centroids,
-                         int64_t* __restrict__ assignments) {
+                         int64_t* __restrict__ assignments, int64_t* __restrict__ order,
+                         int64_t* __restrict__ seg_start) {
+  static_assert(CLUSTER_THREADS == ORDER_THREADS, "the sort of the final assignments takes the kernel's blocks");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const auto [rank, size] = cluster_place();
   extern __shared__ int64_t smem_cluster[];
@@ -707,6 +715,13 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
   });
   if (rank == 0) {
     for (int j = threadIdx.x; j < C; j += blockDim.x) centroids[bh * C + j] = sm.cent[j];
+  }
+  if (order != nullptr) {  // uniform over the cluster
+    // The slice's assignments were written by this block (visible to it after the barrier); the
+    // counters and what follows them are free: no block reads them after the last iteration.
+    __syncthreads();
+    order_row_slices(assignments + bh * info.length, start, stop, C, rank, size, order + bh * info.length,
+                     seg_start + bh * (C + 1), reinterpret_cast<int*>(smem_bytes + layout.order_at));
   }
 #else
   __trap();  // the host launches it on sm_90 and newer only
@@ -906,11 +921,11 @@ at::Tensor hash_codes_cuda(const at::Tensor& x_in, const at::Tensor& planes_in, 
 // cluster_blocks: 0 for the kernels above (two launches per iteration), else all of Lloyd in one
 // launch of lloyd_cluster_kernel with that many blocks per row (1..8; sm_90 and newer, C <= 128;
 // queries_per_block and tensor_cores do not apply). The same result either way.
-std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
-                                                     const c10::optional<at::Tensor>& mask_in,
-                                                     int64_t num_clusters, int64_t iterations, int64_t bits,
-                                                     int64_t queries_per_block, bool tensor_cores,
-                                                     int64_t cluster_blocks) {
+// sorted: also (order, seg_start) of the final assignments, as cluster_order's, from the one-launch
+// kernel (cluster_blocks > 0); else those two are undefined tensors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lloyd_kmeans_into(
+    const at::Tensor& codes_in, const c10::optional<at::Tensor>& mask_in, int64_t num_clusters, int64_t iterations,
+    int64_t bits, int64_t queries_per_block, bool tensor_cores, int64_t cluster_blocks, bool sorted) {
   FCL_CHECK_CUDA(codes_in, "lloyd_kmeans: codes");
   TORCH_CHECK(codes_in.dim() == 3 && codes_in.scalar_type() == at::kLong,
               "lloyd_kmeans: codes must be (B, H, N) int64, got ", codes_in.sizes(), " ", codes_in.scalar_type());
@@ -930,12 +945,24 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
     TORCH_CHECK(num_clusters <= MMA_MAX_CLUSTERS, "lloyd_kmeans: cluster_blocks > 0 takes num_clusters <= ",
                 MMA_MAX_CLUSTERS, ", got ", num_clusters, ": pass cluster_blocks=0");
   }
+  TORCH_CHECK(!sorted || cluster_blocks > 0, "lloyd_kmeans_sorted: needs the one-launch kernel (cluster_blocks > 0)");
+  TORCH_CHECK(codes_in.size(2) < (int64_t(1) << 31), "lloyd_kmeans: at most 2**31 - 1 queries per row, got ",
+              codes_in.size(2));
   const at::Tensor codes = codes_in.contiguous();
   const int64_t B = codes.size(0), H = codes.size(1), N = codes.size(2);
   const int C = static_cast<int>(num_clusters);
   at::Tensor assignments = at::empty_like(codes);
   at::Tensor centroids = at::empty({B, H, C}, codes.options());
-  if (B * H == 0 || N == 0) { centroids.zero_(); return {assignments, centroids}; }
+  at::Tensor order, seg_start;
+  if (sorted) {
+    order = at::empty({B * H, N}, codes.options());
+    seg_start = at::empty({B * H, C + 1}, codes.options());  // written whole by the kernel's block of rank 0
+  }
+  if (B * H == 0 || N == 0) {
+    centroids.zero_();
+    if (sorted) seg_start.zero_();
+    return {assignments, centroids, order, seg_start};
+  }
   TORCH_CHECK(B * H <= 65535, "lloyd_kmeans: batch * heads must be <= 65535, got ", B * H);
 
   at::Tensor mask, cum;
@@ -955,9 +982,11 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
       C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, info, codes.data_ptr<int64_t>(),
                                         static_cast<int>(std::min<int64_t>(iterations, 1 << 30)),
                                         static_cast<int>(bits), layout, centroids.data_ptr<int64_t>(),
-                                        assignments.data_ptr<int64_t>()));
+                                        assignments.data_ptr<int64_t>(),
+                                        sorted ? order.data_ptr<int64_t>() : nullptr,
+                                        sorted ? seg_start.data_ptr<int64_t>() : nullptr));
     });
-    return {assignments, centroids};
+    return {assignments, centroids, order, seg_start};
   }
   const dim3 small_grid(static_cast<unsigned>((C + 127) / 128), static_cast<unsigned>(B * H));
   lloyd_init_kernel<<<small_grid, 128, 0, stream>>>(info, codes.data_ptr<int64_t>(), centroids.data_ptr<int64_t>());
@@ -1008,7 +1037,25 @@ std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes_in,
                                                               static_cast<int>(chunk), assignments.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  return {assignments, centroids, order, seg_start};
+}
+
+std::tuple<at::Tensor, at::Tensor> lloyd_kmeans_cuda(const at::Tensor& codes, const c10::optional<at::Tensor>& mask,
+                                                     int64_t num_clusters, int64_t iterations, int64_t bits,
+                                                     int64_t queries_per_block, bool tensor_cores,
+                                                     int64_t cluster_blocks) {
+  auto [assignments, centroids, order, seg_start] = lloyd_kmeans_into(
+      codes, mask, num_clusters, iterations, bits, queries_per_block, tensor_cores, cluster_blocks, false);
   return {assignments, centroids};
+}
+
+// (assignments, centroids, order, seg_start): lloyd_kmeans_cuda's by the one-launch kernel
+// (cluster_blocks in 1..8), then the stable sort of the assignments by cluster that cluster_order
+// gives, from the same launch.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lloyd_kmeans_sorted_cuda(
+    const at::Tensor& codes, const c10::optional<at::Tensor>& mask, int64_t num_clusters, int64_t iterations,
+    int64_t bits, int64_t cluster_blocks) {
+  return lloyd_kmeans_into(codes, mask, num_clusters, iterations, bits, 0, true, cluster_blocks, true);
 }
 
 // How many clusters of `cluster_blocks` blocks of Lloyd's one-launch kernel the current GPU keeps

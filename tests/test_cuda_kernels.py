@@ -50,6 +50,11 @@ class EmulatedExtension:
         return reference.lloyd_kmeans_ref(codes, mask, num_clusters, iterations, bits)
 
     @staticmethod
+    def lloyd_kmeans_sorted(codes, mask, num_clusters, iterations, bits, cluster_blocks):
+        assignments, centroids = reference.lloyd_kmeans_ref(codes, mask, num_clusters, iterations, bits)
+        return (assignments, centroids, *_segments(assignments, num_clusters)[:2])
+
+    @staticmethod
     def codebook_assign(codes, codebook):
         return reference.hamming_distance_ref(codes, codebook, 63).argmin(-1)
 
@@ -442,6 +447,56 @@ def test_calls_autograd_does_not_record_keep_nothing_cpu(monkeypatch):
     out = run(*leaves)
     assert taken[2:] == ["clustered_fwd_packed"] and out.grad_fn is not None
     torch.testing.assert_close(out.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_forwards_take_the_sort_from_a_one_launch_lloyd_cpu(monkeypatch):
+    """Where Lloyd runs in one launch (``cluster_blocks > 0``), the forwards that cluster (the clustered
+    one that packs for its backward, the one that keeps nothing, the improved one) take the queries'
+    sort by cluster from that launch (the extension's ``lloyd_kmeans_sorted``) and launch no sort of
+    their own, with the outputs and gradients of the separate sort (over the CPU stand-in; its
+    ``packs_improved`` made to say yes, as below)."""
+    from fairseq_clustered import ops
+    q, k, v, qmask, kmask, _ = make_inputs(2, 2, 33, 29, 16, torch.float32, "cpu", 7)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(6))
+    planes = torch.randn(12, 16, generator=torch.Generator().manual_seed(5))
+    settings = {"cluster_blocks": 0}
+    calls = []
+
+    class Counting(EmulatedExtension):
+        def lloyd_kmeans_sorted(self, *args):
+            calls.append("lloyd_kmeans_sorted")
+            return EmulatedExtension.lloyd_kmeans_sorted(*args)
+
+        def cluster_order(self, *args):
+            calls.append("cluster_order")
+            return EmulatedExtension.cluster_order(*args)
+
+    stand_in = CudaOps(Counting(), use_flash=False)
+    monkeypatch.setattr(stand_in, "_lloyd_settings", lambda codes, clusters: (0, False, settings["cluster_blocks"]))
+    monkeypatch.setattr(stand_in, "packs_improved", lambda *args: True)
+    monkeypatch.setattr(ops.eager, "implementations", lambda query: stand_in)
+
+    def run():
+        results = []
+        with torch.no_grad():
+            results.append(ops.clustered_attention(q, k, v, kmask, qmask, num_clusters=5, iterations=3, bits=12,
+                                                   planes=planes))
+            results.append(ops.improved_clustered_attention(q, k, v, kmask, qmask, num_clusters=5, iterations=3,
+                                                            bits=12, topk=4, planes=planes))
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = ops.clustered_attention(*leaves, kmask, qmask, num_clusters=5, iterations=3, bits=12, planes=planes,
+                                      dropout_p=0.2, generator=torch.Generator().manual_seed(3))
+        out.backward(grad)
+        return results + [out.detach()] + [t.grad for t in leaves]
+
+    separate = run()
+    assert "cluster_order" in calls and "lloyd_kmeans_sorted" not in calls
+    calls.clear()
+    settings["cluster_blocks"] = 3
+    fused = run()
+    assert calls == ["lloyd_kmeans_sorted"] * 3  # (the backward reads the sort the forward packed)
+    for name, a, b in zip(("clustered no-grad", "improved no-grad", "out", "dq", "dk", "dv"), fused, separate):
+        assert torch.equal(a, b), name
 
 
 def test_improved_calls_autograd_does_not_record_keep_nothing_cpu(monkeypatch):
@@ -1081,6 +1136,37 @@ def test_lloyd_one_launch_gpu(cluster_blocks, clusters, bits):
             assert all(torch.equal(a, b) for a, b in zip(got, expected)), (length, mask is None, iterations)
             again = ext.lloyd_kmeans(codes, mask, clusters, iterations, bits, cluster_blocks=cluster_blocks)
             assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@needs_gpu
+@pytest.mark.parametrize("cluster_blocks", [1, 3, 8])
+@pytest.mark.parametrize("clusters", [9, 100, 128])
+def test_lloyd_one_launch_sorts_its_assignments_gpu(cluster_blocks, clusters):
+    """``lloyd_kmeans_sorted``: the one-launch kernel's assignments and centroids are the reference's
+    bit for bit, and its ``order`` and ``seg_start`` are ``cluster_order``'s of those assignments (a
+    stable sort: the same permutation, whatever the slicing), over rows shorter than the blocks'
+    slices, slices of more than one chunk of 1024 queries, fewer valid queries than clusters (every
+    query its own cluster), ragged padding (the padded queries first, in query order) and no
+    iterations. Without the one-launch kernel it is refused, naming the argument."""
+    from fairseq_clustered.ops import cuda_backend
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread block clusters need sm_90 or newer")
+    ext = cuda_backend.cuda_ops().ext
+    g = torch.Generator().manual_seed(clusters * 10 + cluster_blocks)
+    for length in ((97, 1300) if SANITIZE else (97, 2500, 9000)):
+        x = torch.randn(2, 3, length, 32, generator=g)
+        codes = reference.hash_codes_ref(x, torch.randn(63, 32, generator=g), torch.zeros(63)).cuda()
+        ragged = (torch.arange(length)[None, :] >= torch.tensor([[length - 77], [min(clusters, 60)]])).cuda()
+        for mask, iterations in ((None, 10), (ragged, 10), (ragged, 0)):
+            assignments, centroids, order, seg_start = ext.lloyd_kmeans_sorted(codes, mask, clusters, iterations, 63,
+                                                                               cluster_blocks)
+            expected = reference.lloyd_kmeans_ref(codes, mask, clusters, iterations, 63)
+            assert torch.equal(assignments, expected[0]) and torch.equal(centroids, expected[1]), (length, iterations)
+            expected_order, expected_start = ext.cluster_order(assignments, clusters)
+            assert torch.equal(seg_start, expected_start), (length, mask is None, iterations)
+            assert torch.equal(order, expected_order), (length, mask is None, iterations)
+    with pytest.raises(RuntimeError, match="cluster_blocks > 0"):
+        ext.lloyd_kmeans_sorted(codes, None, clusters, 10, 63, 0)
 
 
 @needs_gpu

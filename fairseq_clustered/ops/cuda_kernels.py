@@ -333,13 +333,16 @@ class CudaOps:
                                (codes, query_padding_mask, num_clusters, iterations, bits))
 
     def _lloyd_kmeans(self, codes, query_padding_mask, num_clusters, iterations, bits):
-        rows, length = codes.shape[0] * codes.shape[1], codes.shape[2]
-        per_block, tensor_cores, cluster_blocks = 0, False, 0
-        if codes.is_cuda:
-            per_block, tensor_cores, cluster_blocks = _device_lloyd_settings(self.ext, codes.get_device(), rows,
-                                                                             length, num_clusters)
+        per_block, tensor_cores, cluster_blocks = self._lloyd_settings(codes, num_clusters)
         return tuple(self.ext.lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits, per_block,
                                            tensor_cores, cluster_blocks))
+
+    def _lloyd_settings(self, codes: Tensor, num_clusters: int) -> Tuple[int, bool, int]:
+        """The extension's ``lloyd_kmeans`` settings for ``codes (B, H, N)``: :func:`lloyd_launch_settings`."""
+        if not codes.is_cuda:
+            return 0, False, 0
+        rows, length = codes.shape[0] * codes.shape[1], codes.shape[2]
+        return _device_lloyd_settings(self.ext, codes.get_device(), rows, length, num_clusters)
 
     def cluster_queries(self, x, planes, offsets, query_padding_mask, num_clusters, iterations, bits):
         """Hashing and Lloyd's k-means as one composition (one graph replay where they repeat)."""
@@ -358,6 +361,20 @@ class CudaOps:
     def _cluster_queries(self, x, planes, offsets, query_padding_mask, num_clusters, iterations, bits):
         return self._lloyd_kmeans(self._hash_codes(x, planes, offsets), query_padding_mask, num_clusters,
                                   iterations, bits)
+
+    def _cluster_queries_sorted(self, x, planes, offsets, query_padding_mask, num_clusters, iterations, bits):
+        """:meth:`_cluster_queries`' assignments with their sort by cluster (:meth:`_sort_by_cluster`'s
+        ``order, seg_start``): ``(assignments, (order, seg_start))``. Where Lloyd runs in one launch
+        (thread block clusters, sm_90) that launch sorts them too, which saves a forward the sort's
+        own launch (the same permutation: both are stable counting sorts of the same ids)."""
+        codes = self._hash_codes(x, planes, offsets)
+        cluster_blocks = self._lloyd_settings(codes, num_clusters)[2]
+        if cluster_blocks > 0 and getattr(self.ext, "lloyd_kmeans_sorted", None) is not None:
+            assignments, _, order, seg_start = self.ext.lloyd_kmeans_sorted(codes, query_padding_mask, num_clusters,
+                                                                            iterations, bits, cluster_blocks)
+            return assignments, (order, seg_start)
+        assignments, _ = self._lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits)
+        return assignments, self._sort_by_cluster(assignments.contiguous(), num_clusters)
 
     def chunk_cluster_sums(self, x, clusters, window, num_clusters):
         if x.dtype not in KERNEL_DTYPES:
@@ -419,9 +436,10 @@ class CudaOps:
 
     def _improved_fwd_with_clustering(self, out, query, key, value, planes, offsets, query_padding_mask, iterations,
                                       bits, *attention):
-        assignments, _ = self._cluster_queries(query, planes, offsets, query_padding_mask, attention[2], iterations,
-                                               bits)
-        out, lse, top, centroids, *kept = self._improved_fwd_keeping(query, key, value, assignments, *attention, out)
+        assignments, sort = self._cluster_queries_sorted(query, planes, offsets, query_padding_mask, attention[2],
+                                                         iterations, bits)
+        out, lse, top, centroids, *kept = self._improved_fwd_keeping(query, key, value, assignments, *attention, out,
+                                                                     sort=sort)
         return (out, lse, top, centroids, assignments, *kept)
 
     def improved_fwd_packed(self, query, key, value, planes, offsets, query_padding_mask, iterations, bits,
@@ -588,10 +606,10 @@ class CudaOps:
 
     def _clustered_fwd_inference(self, out, query, key, value, planes, offsets, query_padding_mask, iterations,
                                  bits, key_padding_mask, keep, num_clusters, scale, dropout_p):
-        assignments, _ = self._cluster_queries(query, planes, offsets, query_padding_mask, num_clusters, iterations,
-                                               bits)
+        assignments, sort = self._cluster_queries_sorted(query, planes, offsets, query_padding_mask, num_clusters,
+                                                         iterations, bits)
         return self._clustered_fwd_keeping(query, key, value, assignments, key_padding_mask, keep, num_clusters,
-                                           scale, dropout_p, out, keeping=False)[0]
+                                           scale, dropout_p, out, keeping=False, sort=sort)[0]
 
     def clustered_step(self, query, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p, clustering):
         """The output of a clustered step whose graphs the cache registered in its C++ table, replayed by
@@ -631,10 +649,10 @@ class CudaOps:
 
     def _clustered_fwd_packing(self, out, packed, layout, query, key, value, planes, offsets, query_padding_mask,
                                iterations, bits, key_padding_mask, keep, num_clusters, scale, dropout_p):
-        assignments, _ = self._cluster_queries(query, planes, offsets, query_padding_mask, num_clusters, iterations,
-                                               bits)
+        assignments, sort = self._cluster_queries_sorted(query, planes, offsets, query_padding_mask, num_clusters,
+                                                         iterations, bits)
         out, lse, centroids, cluster_outputs, order, seg_start = self._clustered_fwd_keeping(
-            query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p, out)
+            query, key, value, assignments, key_padding_mask, keep, num_clusters, scale, dropout_p, out, sort=sort)
         self._pack(packed, layout, (lse, centroids, cluster_outputs, order, seg_start, assignments))
         return out, packed
 
@@ -856,16 +874,17 @@ class CudaOps:
                                            scale, dropout_p, out)[:3]
 
     def _clustered_fwd_keeping(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, scale,
-                               dropout_p, out=None, keeping=True):
+                               dropout_p, out=None, keeping=True, sort=None):
         """:meth:`_clustered_fwd`'s ``out, lse, centroids``, then what :meth:`clustered_bwd_packed` takes
         instead of the queries and the output: each cluster's output ``(B H, C, Dv)`` (what its
         members received; None without ``keeping``, for a forward no backward follows) and the sort
         of the queries by cluster (``order``, ``seg_start``). ``out``: the tensor to write the output
-        into (``custom_ops.attention_output_like(query)``), or None for a new one."""
+        into (``custom_ops.attention_output_like(query)``), or None for a new one. ``sort``: that sort
+        where the clustering made it (:meth:`_cluster_queries_sorted`), else None."""
         batch, heads, length, dim = query.shape
         rows, value_dim = batch * heads, value.shape[-1]
         assignments = assignments.contiguous()
-        order, seg_start = self._sort_by_cluster(assignments, num_clusters)
+        order, seg_start = sort if sort is not None else self._sort_by_cluster(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
         cluster_outputs = None  # what the members receive, in the query dtype (below, where not flash's)
         on_triton = self._centroid_triton_ok(query, value, num_clusters)
@@ -1119,19 +1138,19 @@ class CudaOps:
                                           scale, dropout_p, out)[:4]
 
     def _improved_fwd_keeping(self, query, key, value, assignments, key_padding_mask, keep, num_clusters, topk,
-                              scale, dropout_p, out=None):
+                              scale, dropout_p, out=None, sort=None):
         """:meth:`_improved_fwd`'s ``out, lse, top_index, centroids``, then, on the flash path (and
         its Triton form for key padding and dropout), what :meth:`improved_bwd_packed` takes
         besides: the centroids' attention output (flash's ``(B, H, C, Dv)``, the Triton kernels'
         ``(B H, C, Dv)`` fp32) and log-sum-exp (so that the backward need not run that forward
         again) and the sort of the queries by cluster (``order``, ``seg_start``). ``out``: a
         contiguous tensor like the queries for the Triton exact products to write the output into
-        (the other paths make their own), or None."""
+        (the other paths make their own), or None. ``sort``: as :meth:`_clustered_fwd_keeping`'s."""
         batch, heads, length, dim = query.shape
         keys = key.shape[2]
         top_k = min(topk, keys)
         assignments = assignments.contiguous()
-        order, seg_start = self._sort_by_cluster(assignments, num_clusters)
+        order, seg_start = sort if sort is not None else self._sort_by_cluster(assignments, num_clusters)
         qbar = self._centroids(query, order, seg_start)
         centroids = qbar.reshape(batch, heads, num_clusters, dim)  # for the backward
         if self._improved_route(query, value, key_padding_mask, keep, num_clusters).flash_path:
