@@ -369,7 +369,7 @@ class CudaOps:
         own launch (the same permutation: both are stable counting sorts of the same ids)."""
         codes = self._hash_codes(x, planes, offsets)
         cluster_blocks = self._lloyd_settings(codes, num_clusters)[2]
-        if cluster_blocks > 0 and getattr(self.ext, "lloyd_kmeans_sorted", None) is not None:
+        if cluster_blocks > 0:
             assignments, _, order, seg_start = self.ext.lloyd_kmeans_sorted(codes, query_padding_mask, num_clusters,
                                                                             iterations, bits, cluster_blocks)
             return assignments, (order, seg_start)
