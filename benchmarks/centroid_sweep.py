@@ -6,7 +6,8 @@ for every input the kernels take (twenty-fourth session: the kernel writes dk, d
 caller wants them, flash allocates them and a cached graph copied them out). For every
 combination of keys per step, warps, pipeline stages, the most programs of a launch
 (``centroid_triton.TARGET_PROGRAMS``), the fewest keys of a program (``MIN_KEYS_PER_PROGRAM``,
-``--min-keys``) and, in fp32, precision, this prints the forward's and the
+``--min-keys``), the most centroids of a forward program (``--centroids``: a row's
+centroids in tiles of that many) and, in fp32, precision, this prints the forward's and the
 backward's microseconds (graph replays, so without launch overhead; "-" where the setting does
 not compile, e.g. more shared memory than an SM has) and their largest errors against a float64
 computation, beside those of the same computation in torch in the inputs' dtype (fp32 with TF32
@@ -26,6 +27,8 @@ check the scaling). ``--precision`` is ignored for fp16 / bf16 (their products a
     python benchmarks/centroid_sweep.py --lengths 16384 --precision split,fp16x3 --keys 32 --warps 8 \\
         --value-scale 1e4 --grad-scale 1e-6
     python benchmarks/centroid_sweep.py --dtype bfloat16 --keys 64,128 --warps 4,8 --masked
+    python benchmarks/centroid_sweep.py --dtype bfloat16 --lengths 1024,2048,4096 --keys 64 --warps 4 \\
+        --centroids 32,64,128
 
 In fp16 / bf16 without ``--masked`` a row "flash" times the route the clustered forward takes
 instead for heads wider than ``CudaOps.TRITON_FORWARD_MAX_DIM``: flash's kernels on the centroids
@@ -97,6 +100,9 @@ def main():
     parser.add_argument("--min-keys", default=str(centroid_triton.MIN_KEYS_PER_PROGRAM),
                         help="values of centroid_triton.MIN_KEYS_PER_PROGRAM (the fewest keys a program takes: "
                              "with TARGET_PROGRAMS, how many programs a row's keys are split over)")
+    parser.add_argument("--centroids", default=str(centroid_triton.MAX_CLUSTERS),
+                        help="values of the forward's LAUNCH setting 'centroids' (the most centroids one program "
+                             "holds: a power of two in 16..128)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("centroid_sweep.py needs a CUDA GPU (it times kernels there)")
@@ -108,14 +114,15 @@ def main():
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; rows={batch * heads} C={args.clusters} "
           f"D={dim} {args.dtype}{', padding and dropout 0.1' if args.masked else ''}, values x {args.value_scale:g}, "
           f"gradient x {args.grad_scale:g}; errors relative to float64's largest magnitude")
-    print(f"{'N':>6} {'precision':>9} {'keys':>4} {'warps':>5} {'stages':>6} {'progs':>5} {'min':>5} {'fwd us':>7} "
+    print(f"{'N':>6} {'precision':>9} {'keys':>4} {'warps':>5} {'stages':>6} {'progs':>5} {'min':>5} {'cent':>4} "
+          f"{'fwd us':>7} "
           f"{'bwd us':>7}  "
           + "  ".join(f"{name:>8}" for name in NAMES))
     # the LAUNCH entries these calls read (the head dim's, the unmasked one or the dtype's)
     entries = [centroid_triton.launch_entry(kernel, dtype, dim, args.masked) for kernel in ("fwd", "bwd")]
     precisions = ["native"] if half else args.precision.split(",")
     numbers = [[int(v) for v in values.split(",")] for values in (args.keys, args.warps, args.stages, args.programs,
-                                                                    args.min_keys)]
+                                                                    args.min_keys, args.centroids)]
     originals = {name: dict(centroid_triton.LAUNCH[name]) for name in entries}
     target_programs, min_keys = centroid_triton.TARGET_PROGRAMS, centroid_triton.MIN_KEYS_PER_PROGRAM
     try:
@@ -136,7 +143,7 @@ def main():
             masks = dict(padding=padding, keep=keep, dropout_p=dropout_p)
             oracle = exact(qbar, key, value, grad, scale, torch.float64, **masks)
             own = errors(exact(qbar, key, value, grad, scale, dtype, **masks), oracle)
-            print(f"{length:>6} {'torch':>9} {'':>4} {'':>5} {'':>6} {'':>5} {'':>5} {'':>7} {'':>7}  "
+            print(f"{length:>6} {'torch':>9} {'':>4} {'':>5} {'':>6} {'':>5} {'':>5} {'':>4} {'':>7} {'':>7}  "
                   + "  ".join(f"{e:>8.2e}" for e in own))
             if half and not args.masked:
                 def flash():  # the clustered forward's flash route, with its cast of the values to fp32
@@ -144,14 +151,17 @@ def main():
                     return out.reshape(batch * heads, args.clusters, dim).float(), lse
 
                 flash_error = errors(flash()[:1], oracle[:1])[0]
-                print(f"{length:>6} {'flash':>9} {'':>4} {'':>5} {'':>6} {'':>5} {'':>5} {graph_microseconds(flash):7.1f} "
+                print(f"{length:>6} {'flash':>9} {'':>4} {'':>5} {'':>6} {'':>5} {'':>5} {'':>4} "
+                      f"{graph_microseconds(flash):7.1f} "
                       f"{'':>7}  {flash_error:>8.2e}", flush=True)
-            for precision, keys, warps, stages, programs, fewest in itertools.product(precisions, *numbers):
+            for precision, keys, warps, stages, programs, fewest, centroids in itertools.product(precisions, *numbers):
                 centroid_triton.TARGET_PROGRAMS, centroid_triton.MIN_KEYS_PER_PROGRAM = programs, fewest
-                setting = f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {stages:>6} {programs:>5} {fewest:>5}"
+                setting = (f"{length:>6} {precision:>9} {keys:>4} {warps:>5} {stages:>6} {programs:>5} {fewest:>5} "
+                           f"{centroids:>4}")
                 for name in entries:
                     centroid_triton.LAUNCH[name] = {"num_warps": warps, "keys": keys, "num_stages": stages,
                                                     **({} if half else {"precision": precision})}
+                centroid_triton.LAUNCH[entries[0]]["centroids"] = centroids  # the forward's entry
 
                 def forward():
                     return centroid_triton.centroid_attention_fwd(qbar, key, value, padding, keep, scale, dropout_p)

@@ -167,6 +167,44 @@ def test_fp32_from_scaled_fp16_parts(monkeypatch, value_scale, grad_scale):
 
 
 @runs_here
+@pytest.mark.parametrize("centroids", [16, 32, 64])
+@pytest.mark.parametrize("keys,num_clusters,pad,dropout_p", [
+    (1100, 100, True, 0.1),   # the default C in 2 to 7 tiles, several key ranges, padding and dropout
+    (300, 37, "all", 0.0),    # a last tile mostly empty; batch 0 without a valid key
+])
+def test_forward_in_centroid_tiles(monkeypatch, centroids, keys, num_clusters, pad, dropout_p):
+    """With ``LAUNCH``'s ``"centroids"`` below C, a row's centroids take several programs (each
+    merging its own key ranges, with its own ticket): the values and log-sum-exps of the float64
+    brute force, as with one tile."""
+    dtype = DTYPES[0]
+    entry = centroid_triton.launch_entry("fwd", dtype, 32, masked=True)
+    monkeypatch.setitem(centroid_triton.LAUNCH, entry, dict(centroid_triton.LAUNCH[entry], centroids=centroids))
+    assert centroid_triton._centroid_tile(entry, num_clusters) == centroids
+    qbar, key, value, padding, keep, grad = problem(keys, 32, num_clusters, dtype, pad, dropout_p, seed=centroids)
+    values, lse = centroid_triton.centroid_attention_fwd(qbar, key, value, padding, keep, 32 ** -0.5, dropout_p)
+    ref_values, ref_lse, _ = brute_force(qbar, key, value, padding, keep, dropout_p, 32 ** -0.5, grad)
+    assert_close("values", values, ref_values, dtype)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert_close("lse", lse[finite], ref_lse[finite], dtype)
+
+
+def test_centroid_tile_settings(monkeypatch):
+    """``"centroids"``: a power of two in 16..128, for the forward only; a tile larger than C's own
+    takes C's (one program per key range)."""
+    monkeypatch.setitem(centroid_triton.LAUNCH, "fwd", dict(centroid_triton.LAUNCH["fwd"], centroids=64))
+    assert centroid_triton._centroid_tile("fwd", 20) == 32 and centroid_triton._centroid_tile("fwd", 100) == 64
+    assert "centroids" not in centroid_triton._launch("fwd", torch.bfloat16, 64, masked=True)
+    for wrong in (8, 48, 256):
+        monkeypatch.setitem(centroid_triton.LAUNCH, "fwd", dict(centroid_triton.LAUNCH["fwd"], centroids=wrong))
+        with pytest.raises(ValueError, match=r"LAUNCH\['fwd'\]\['centroids'\] must be a power of two in 16..128"):
+            centroid_triton._centroid_tile("fwd", 100)
+    monkeypatch.setitem(centroid_triton.LAUNCH, "bwd", dict(centroid_triton.LAUNCH["bwd"], centroids=64))
+    with pytest.raises(ValueError, match="'centroids' is a forward setting"):
+        centroid_triton._launch("bwd", torch.bfloat16, 64, masked=True)
+
+
+@runs_here
 def test_bit_reproducible():
     qbar, key, value, padding, keep, grad = problem(300, 32, 20, DTYPES[0], True, 0.2, seed=1)
     runs = []

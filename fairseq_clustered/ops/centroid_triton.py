@@ -36,10 +36,11 @@ for the gradient ``g_j`` of ``Vbar_j`` (``g . Vbar`` is flash attention's ``rows
 which holds with dropout too). A row whose keys are all padded gets ``Vbar = 0`` and
 ``lse = +inf`` (so that ``exp(logit - lse) = 0``), as in the reference.
 
-Work split. The forward's program holds all ``C <= 128`` centroids of one (batch, head)
-and streams a range of the keys (the keys are split so that there are enough programs
-to fill the GPU); the row's last program to finish (an atomic ticket per row elects it) merges
-the partial outputs by their log-sum-exps in range order, in the same launch. The backward's
+Work split. The forward's program holds a tile of one (batch, head)'s centroids (all
+``C <= 128`` of them unless ``LAUNCH``'s ``"centroids"`` sets a smaller tile) and streams a range
+of the keys (the keys are split so that there are enough programs to fill the GPU); the last
+program of a (row, tile) to finish (an atomic ticket per row and tile elects it) merges the
+partial outputs by their log-sum-exps in range order, in the same launch. The backward's
 program holds the centroids, their gradients and statistics and streams a range of keys,
 writing those keys' ``dk``, ``dv`` (each key has one writer) and its partial ``dqbar``,
 summed over the ranges afterwards: no atomic sums of values (the forward's one atomic counts
@@ -95,6 +96,13 @@ LOG2E = 1.4426950408889634
 # warps (bf16; fp16 164.9 against 186.3 at 16k), where with both masks 128 x 8 took 296.6 against
 # 245.2, and at D = 128 the 64-key entry stays (271.5 us against 296.9 with 128 keys and two
 # stages, the most that fit in shared memory; benchmarks/centroid_sweep.py, twenty-fourth session).
+#
+# A forward entry may set "centroids": the most centroids one program holds (a power of two in
+# 16..128; unset, a row's C <= 128 centroids take one tile). Smaller tiles split a row's centroids
+# over more programs with fewer registers each: the bf16 forward at D = 64 holds 255 registers per
+# thread with its 128-centroid tile, so 2 programs of 4 warps per SM, issuing every 2.6 cycles per
+# scheduler (ncu at 32 rows of 2k keys, thirty-fifth session). No entry sets it until
+# `centroid_sweep.py --centroids` shows a gain.
 LAUNCH = {
     "fwd": {"num_warps": 4, "keys": 64},
     "bwd": {"num_warps": 4, "keys": 64},
@@ -152,9 +160,12 @@ if triton is not None:
     @triton.jit
     def _program_row(num_clusters, heads, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
         """-> the program's (batch, head) row, key range index and count, b, h, the centroid
-        indices (BLOCK_C,), which of them exist, and the feature indices (DIM,)."""
-        row = tl.program_id(0)
-        clusters = tl.arange(0, BLOCK_C)
+        indices (BLOCK_C,), which of them exist, and the feature indices (DIM,). Axis 0 counts
+        (row, centroid tile) pairs, a row's ``cdiv(num_clusters, BLOCK_C)`` tiles in a row (one
+        tile where BLOCK_C covers them all, as in the backward)."""
+        tiles = tl.cdiv(num_clusters, BLOCK_C)
+        row = tl.program_id(0) // tiles
+        clusters = (tl.program_id(0) % tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
         return (row, tl.program_id(1), tl.num_programs(1), row // heads, row % heads, clusters,
                 clusters < num_clusters, tl.arange(0, DIM))
 
@@ -213,8 +224,8 @@ if triton is not None:
         valid key), the results. Where a row's keys take several programs, each stores its range's
         output (normalised by its own sum) in OUT (rows, programs, C, DIM) fp32 and its log-sum-exp
         in base 2 in LSE2 (rows, programs, C) fp32 (-inf where the range has no valid key), then
-        takes a ticket from TICKETS (rows,) int32, zeros at the launch: the row's last program
-        merges the ranges (:func:`_merge_ranges`). One launch where the ranges' merge took six
+        takes a ticket from TICKETS (rows * centroid tiles,) int32, zeros at the launch: the last
+        program of the row's tile merges the ranges (:func:`_merge_ranges`). One launch where the ranges' merge took six
         torch launches after it."""
         row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM)
         q = tl.load(QBAR + (row * num_clusters + clusters)[:, None] * DIM + dims[None, :],
@@ -257,7 +268,7 @@ if triton is not None:
             # L1 below). Integer tickets and a fixed order of the ranges in the merge: the result does
             # not depend on which program comes last.
             tl.debug_barrier()
-            ticket = tl.atomic_add(TICKETS + row, 1, sem="acq_rel", scope="gpu")
+            ticket = tl.atomic_add(TICKETS + tl.program_id(0), 1, sem="acq_rel", scope="gpu")  # (row, tile)
             if ticket == parts - 1:
                 _merge_ranges(OUT, LSE2, VALUES, LSE, row, parts, num_clusters, clusters, cluster_ok, dims, BLOCK_C,
                               DIM)
@@ -368,8 +379,12 @@ def launch_entry(kernel: str, dtype: torch.dtype, dim: int, masked: bool) -> str
 def _launch(kernel: str, dtype: torch.dtype, dim: int, masked: bool) -> dict:
     """Keyword arguments of ``kernel``'s launch (:func:`launch_entry`'s), ``BLOCK_N``, ``PRECISION``
     and ``SPLIT`` among them."""
-    options = dict(LAUNCH[launch_entry(kernel, dtype, dim, masked)])
+    entry = launch_entry(kernel, dtype, dim, masked)
+    options = dict(LAUNCH[entry])
     options["BLOCK_N"] = options.pop("keys")
+    if options.pop("centroids", None) is not None and kernel == "bwd":  # read by _centroid_tile
+        raise ValueError(f"centroid_triton.LAUNCH[{entry!r}]: 'centroids' is a forward setting (the backward's "
+                         f"program holds all of a row's centroids)")
     precision = options.pop("precision", None)
     split = dtype == torch.float32 and precision in SPLITS
     # "split": three bf16 parts (fp32's exponent range). Triton's interpreter multiplies bf16 tiles
@@ -382,9 +397,9 @@ def _launch(kernel: str, dtype: torch.dtype, dim: int, masked: bool) -> dict:
 
 
 def _programs_per_row(rows: int, keys: int, block_n: int) -> Tuple[int, int]:
-    """(programs per (batch, head), keys per program): at most ``TARGET_PROGRAMS`` in all (at least
-    one per row), each over a whole number of key steps of ``block_n`` and at least
-    ``MIN_KEYS_PER_PROGRAM`` keys."""
+    """(programs per row, keys per program) for ``rows`` (batch, head) rows, or (row, centroid tile)
+    pairs in the forward: at most ``TARGET_PROGRAMS`` in all (at least one per row), each over a
+    whole number of key steps of ``block_n`` and at least ``MIN_KEYS_PER_PROGRAM`` keys."""
     wanted = max(1, min(TARGET_PROGRAMS // rows, triton.cdiv(keys, MIN_KEYS_PER_PROGRAM)))
     per_program = triton.cdiv(triton.cdiv(keys, wanted), block_n) * block_n
     return triton.cdiv(keys, per_program), per_program
@@ -421,6 +436,17 @@ def _tile(num_clusters: int) -> int:
     return max(MIN_TILE, triton.next_power_of_2(num_clusters))
 
 
+def _centroid_tile(entry: str, num_clusters: int) -> int:
+    """The forward's ``BLOCK_C``: the smallest tile that holds ``num_clusters`` (:func:`_tile`), at
+    most ``LAUNCH[entry]``'s ``"centroids"`` where that is set (a row's centroids then take
+    ``cdiv(num_clusters, BLOCK_C)`` programs per key range)."""
+    most = LAUNCH[entry].get("centroids", MAX_CLUSTERS)
+    if not MIN_TILE <= most <= MAX_CLUSTERS or most & (most - 1):
+        raise ValueError(f"centroid_triton.LAUNCH[{entry!r}]['centroids'] must be a power of two in "
+                         f"{MIN_TILE}..{MAX_CLUSTERS}, got {most}")
+    return min(_tile(num_clusters), most)
+
+
 def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
                            keep: Optional[Tensor], scale: float, dropout_p: float) -> Tuple[Tensor, Tensor]:
     """``Vbar`` and ``lse`` of the centroids.
@@ -437,22 +463,24 @@ def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding
     batch, heads, keys, dim = key.shape
     rows, num_clusters = qbar.shape[:2]
     key, value, padding, kept, strides = _key_args(key, value, key_padding_mask, keep)
-    launch = _launch("fwd", key.dtype, dim, masked=padding is not None or kept is not None)
-    parts, per_program = _programs_per_row(rows, keys, launch["BLOCK_N"])
+    masked = padding is not None or kept is not None
+    launch = _launch("fwd", key.dtype, dim, masked)
+    block_c = _centroid_tile(launch_entry("fwd", key.dtype, dim, masked), num_clusters)
+    tiles = triton.cdiv(num_clusters, block_c)
+    parts, per_program = _programs_per_row(rows * tiles, keys, launch["BLOCK_N"])
     values = qbar.new_empty(rows, num_clusters, dim, dtype=torch.float32)
     lse = qbar.new_empty(rows, num_clusters, dtype=torch.float32)
     if parts > 1:  # the ranges' outputs, and the tickets that elect each row's merging program
         out = qbar.new_empty(rows, parts, num_clusters, dim, dtype=torch.float32)
         lse2 = qbar.new_empty(rows, parts, num_clusters, dtype=torch.float32)
-        tickets = torch.zeros(rows, dtype=torch.int32, device=qbar.device)
+        tickets = torch.zeros(rows * tiles, dtype=torch.int32, device=qbar.device)
     else:
         out, lse2, tickets = values, lse, lse
-    _centroid_fwd_kernel[(rows, parts)](
+    _centroid_fwd_kernel[(rows * tiles, parts)](
         qbar.float().contiguous(), key, value, key if padding is None else padding,
         key if kept is None else kept, out, lse2, tickets, values, lse,
         num_clusters, keys, heads, per_program, scale * LOG2E, 1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
-        *strides, DIM=dim, BLOCK_C=_tile(num_clusters), PADDED=padding is not None, DROPOUT=kept is not None,
-        **launch,
+        *strides, DIM=dim, BLOCK_C=block_c, PADDED=padding is not None, DROPOUT=kept is not None, **launch,
     )
     return values, lse
 
