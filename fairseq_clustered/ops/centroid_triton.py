@@ -101,8 +101,11 @@ LOG2E = 1.4426950408889634
 # 16..128; unset, a row's C <= 128 centroids take one tile). Smaller tiles split a row's centroids
 # over more programs with fewer registers each: the bf16 forward at D = 64 holds 255 registers per
 # thread with its 128-centroid tile, so 2 programs of 4 warps per SM, issuing every 2.6 cycles per
-# scheduler (ncu at 32 rows of 2k keys, thirty-fifth session). No entry sets it until
-# `centroid_sweep.py --centroids` shows a gain.
+# scheduler (ncu at 32 rows of 2k keys, thirty-fifth session); with tiles of 64 / 32 / 16 it holds
+# 126 / 106 / 72 and 4 / 4 / 6 programs fit on an SM (kernel_resources.py, Triton 3.6, sm_90a; no
+# spills). Unset, every centroid kernel compiles to the same SASS as before the setting existed
+# (kernel_resources.py's hashes at D = 32 / 64 / 128, bf16 and fp32, with dropout). No entry sets
+# it until `centroid_sweep.py --centroids` shows a gain on the GPU.
 LAUNCH = {
     "fwd": {"num_warps": 4, "keys": 64},
     "bwd": {"num_warps": 4, "keys": 64},
@@ -158,14 +161,18 @@ if triton is not None:
         return k, v, valid, keep
 
     @triton.jit
-    def _program_row(num_clusters, heads, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
+    def _program_row(num_clusters, heads, BLOCK_C: tl.constexpr, DIM: tl.constexpr, TILES: tl.constexpr):
         """-> the program's (batch, head) row, key range index and count, b, h, the centroid
         indices (BLOCK_C,), which of them exist, and the feature indices (DIM,). Axis 0 counts
-        (row, centroid tile) pairs, a row's ``cdiv(num_clusters, BLOCK_C)`` tiles in a row (one
-        tile where BLOCK_C covers them all, as in the backward)."""
-        tiles = tl.cdiv(num_clusters, BLOCK_C)
-        row = tl.program_id(0) // tiles
-        clusters = (tl.program_id(0) % tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+        (row, centroid tile) pairs, a row's ``TILES`` tiles in a row (a constexpr, so that one
+        tile, the backward's and the forward's default, compiles to what it did before the
+        tiles: no division, and no spill in the bf16 forward at D = 64)."""
+        if TILES == 1:
+            row = tl.program_id(0)
+            clusters = tl.arange(0, BLOCK_C)
+        else:
+            row = tl.program_id(0) // TILES
+            clusters = (tl.program_id(0) % TILES) * BLOCK_C + tl.arange(0, BLOCK_C)
         return (row, tl.program_id(1), tl.num_programs(1), row // heads, row % heads, clusters,
                 clusters < num_clusters, tl.arange(0, DIM))
 
@@ -218,16 +225,17 @@ if triton is not None:
                              stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                              DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
                              PADDED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                             SPLIT: tl.constexpr, PARTS: tl.constexpr):
+                             SPLIT: tl.constexpr, PARTS: tl.constexpr, TILES: tl.constexpr):
         """QBAR: (rows, C, DIM) fp32 (rounded to the key dtype here unless the products split it);
         VALUES: (rows, C, DIM) fp32 and LSE: (rows, C) fp32 (natural base, +inf where a row has no
         valid key), the results. Where a row's keys take several programs, each stores its range's
         output (normalised by its own sum) in OUT (rows, programs, C, DIM) fp32 and its log-sum-exp
         in base 2 in LSE2 (rows, programs, C) fp32 (-inf where the range has no valid key), then
-        takes a ticket from TICKETS (rows * centroid tiles,) int32, zeros at the launch: the last
-        program of the row's tile merges the ranges (:func:`_merge_ranges`). One launch where the ranges' merge took six
-        torch launches after it."""
-        row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM)
+        takes a ticket from TICKETS (rows * TILES,) int32, zeros at the launch: the last program of
+        the row's centroid tile merges the ranges (:func:`_merge_ranges`). One launch where the
+        ranges' merge took six torch launches after it. TILES: each row's centroid tiles of BLOCK_C
+        (:func:`_program_row`)."""
+        row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM, TILES)
         q = tl.load(QBAR + (row * num_clusters + clusters)[:, None] * DIM + dims[None, :],
                     mask=cluster_ok[:, None], other=0.0)
         if SPLIT is None:
@@ -326,7 +334,7 @@ if triton is not None:
         program works out for itself, in column chunks of CHUNK that keep the tiles small: C x DIM
         products, against four torch launches before). GRAD_QBAR: (rows, programs, C, DIM) fp32
         partial sums; GRAD_K, GRAD_V: (B, H, S, DIM) with the strides given (feature dim contiguous)."""
-        row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM)
+        row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM, 1)
         centroid_rows = (row * num_clusters + clusters)[:, None] * DIM + dims[None, :]
         q = tl.load(QBAR + centroid_rows, mask=cluster_ok[:, None], other=0.0)
         g = tl.load(GRAD + centroid_rows, mask=cluster_ok[:, None], other=0.0)
@@ -480,7 +488,8 @@ def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding
         qbar.float().contiguous(), key, value, key if padding is None else padding,
         key if kept is None else kept, out, lse2, tickets, values, lse,
         num_clusters, keys, heads, per_program, scale * LOG2E, 1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
-        *strides, DIM=dim, BLOCK_C=block_c, PADDED=padding is not None, DROPOUT=kept is not None, **launch,
+        *strides, DIM=dim, BLOCK_C=block_c, PADDED=padding is not None, DROPOUT=kept is not None, TILES=tiles,
+        **launch,
     )
     return values, lse
 
