@@ -618,10 +618,13 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
   for (int j = threadIdx.x; j < C; j += blockDim.x) sm.cent[j] = initial_centroid(info, b, j, nv, row_codes);
   const int lane = threadIdx.x & 31;
   const int mask_words = membership_rows<TILES>() * layout.mask_stride;
+  const auto clear_membership = [&] {
+    for (int i = threadIdx.x; i < mask_words; i += blockDim.x) masks[i] = 0;
+  };
   // Cleared here, then after each round's counting (the last one's while the block waits at the
   // cluster barrier). The counters need no clearing: a round's first counting stores them, and a
   // block with no queries never counts, so its zeros stay.
-  for (int i = threadIdx.x; i < mask_words; i += blockDim.x) masks[i] = 0;
+  clear_membership();
   if (start >= stop) {
     for (int i = threadIdx.x; i < C * CLUSTER_COUNTER_STRIDE; i += blockDim.x) sm.counts[i] = 0;
   }
@@ -656,14 +659,14 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
                                sm.counts);
       __syncthreads();  // the round counted before its bits are cleared
       if (last < stop) {  // the next round's bits cleared (a barrier follows the transposition or the search)
-        for (int i = threadIdx.x; i < mask_words; i += blockDim.x) masks[i] = 0;
+        clear_membership();
         if (layout.whole_slice) __syncthreads();
       }
     }
     cluster_arrive();
     // The next iteration's membership bits cleared while the other blocks finish counting (read
     // by this block only, after the second barrier).
-    for (int i = threadIdx.x; i < mask_words; i += blockDim.x) masks[i] = 0;
+    clear_membership();
     cluster_wait();  // every block's counters complete
     // Half a warp per centroid: lane q of the half sums bits 4q .. 4q + 3 of every block's counters
     // (16-byte loads through 32-bit cluster addresses; the member count, slot COUNT_SLOT = 63, is

@@ -167,7 +167,7 @@ def test_fp32_from_scaled_fp16_parts(monkeypatch, value_scale, grad_scale):
 
 
 @runs_here
-@pytest.mark.parametrize("centroids", [16, 32, 64])
+@pytest.mark.parametrize("centroids", [16, 32, 64, 128])
 @pytest.mark.parametrize("keys,num_clusters,pad,dropout_p", [
     (1100, 100, True, 0.1),   # the default C in 2 to 7 tiles, several key ranges, padding and dropout
     (300, 37, "all", 0.0),    # a last tile mostly empty; batch 0 without a valid key
@@ -175,11 +175,11 @@ def test_fp32_from_scaled_fp16_parts(monkeypatch, value_scale, grad_scale):
 def test_forward_in_centroid_tiles(monkeypatch, centroids, keys, num_clusters, pad, dropout_p):
     """With ``LAUNCH``'s ``"centroids"`` below C, a row's centroids take several programs (each
     merging its own key ranges, with its own ticket): the values and log-sum-exps of the float64
-    brute force, as with one tile."""
+    brute force, as with one tile (128: the tile that holds all of C)."""
     dtype = DTYPES[0]
     entry = centroid_triton.launch_entry("fwd", dtype, 32, masked=True)
     monkeypatch.setitem(centroid_triton.LAUNCH, entry, dict(centroid_triton.LAUNCH[entry], centroids=centroids))
-    assert centroid_triton._centroid_tile(entry, num_clusters) == centroids
+    assert centroid_triton._centroid_tile(entry, num_clusters) == min(centroids, 1 << (num_clusters - 1).bit_length())
     qbar, key, value, padding, keep, grad = problem(keys, 32, num_clusters, dtype, pad, dropout_p, seed=centroids)
     values, lse = centroid_triton.centroid_attention_fwd(qbar, key, value, padding, keep, 32 ** -0.5, dropout_p)
     ref_values, ref_lse, _ = brute_force(qbar, key, value, padding, keep, dropout_p, 32 ** -0.5, grad)

@@ -104,10 +104,17 @@ LOG2E = 1.4426950408889634
 # scheduler (ncu at 32 rows of 2k keys, thirty-fifth session); with tiles of 64 / 32 / 16 it holds
 # 126 / 106 / 72 and 4 / 4 / 6 programs fit on an SM (kernel_resources.py, Triton 3.6, sm_90a; no
 # spills). Unset, every centroid kernel compiles to the same SASS as before the setting existed
-# (kernel_resources.py's hashes at D = 32 / 64 / 128, bf16 and fp32, with dropout). No entry sets
-# it until `centroid_sweep.py --centroids` shows a gain on the GPU.
+# (kernel_resources.py's hashes at D = 32 / 64 / 128, bf16 and fp32, with dropout). On the H200 at
+# 32 rows, C = 100, D = 64, bf16, tiles of 64 were the fastest forward at every length: 13.5 / 16.5 /
+# 24.1 / 68.5 us at 1k / 2k / 4k / 16k keys against 14.7 / 19.3 / 27.2 / 68.3 with one tile of 128,
+# and 25.2 / 43.1 / 137.5 against 32.4 / 54.7 / 150.4 at 2k / 4k / 16k with padding and dropout;
+# tiles of 32 / 16 were slower (24.6 / 29.1 us at 2k), and so were 8 warps with any tile
+# (centroid_sweep.py --centroids, thirty-sixth session). At D = 128 (padding and dropout; flash
+# serves the unmasked forward) one tile with 8 warps was fastest: 45.7 / 189.5 us at 2k / 16k
+# against 46.8 / 251.0 with tiles of 64 and 4 warps and 63.4 / 280.8 with one tile and 4 warps.
 LAUNCH = {
-    "fwd": {"num_warps": 4, "keys": 64},
+    "fwd": {"num_warps": 4, "keys": 64, "centroids": 64},
+    "fwd_d128": {"num_warps": 8, "keys": 64},
     "bwd": {"num_warps": 4, "keys": 64},
     "bwd_unmasked": {"num_warps": 8, "keys": 128},
     "bwd_d128": {"num_warps": 8, "keys": 64},
