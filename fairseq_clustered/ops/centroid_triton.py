@@ -110,9 +110,10 @@ LOG2E = 1.4426950408889634
 # and 25.2 / 43.1 / 137.5 against 32.4 / 54.7 / 150.4 at 2k / 4k / 16k with padding and dropout;
 # tiles of 32 / 16 were slower (24.6 / 29.1 us at 2k), and so were 8 warps with any tile
 # (centroid_sweep.py --centroids, thirty-sixth session). Past 16k one tile gains back a little
-# (121.9 / 229.3 us at 32k / 64k against 124.7 / 239.8 with tiles of 64; under 1% of the step). At D = 128 (padding and dropout; flash
-# serves the unmasked forward) one tile with 8 warps was fastest: 45.7 / 189.5 us at 2k / 16k
-# against 46.8 / 251.0 with tiles of 64 and 4 warps and 63.4 / 280.8 with one tile and 4 warps.
+# (121.9 / 229.3 us at 32k / 64k against 124.7 / 239.8 with tiles of 64; under 1% of the step).
+# At D = 128 (padding and dropout; flash serves the unmasked forward) one tile with 8 warps was
+# fastest: 45.7 / 189.5 us at 2k / 16k against 46.8 / 251.0 with tiles of 64 and 4 warps and
+# 63.4 / 280.8 with one tile and 4 warps. fp32 keeps one tile (43.9 us at 2k against 74.4 with 64).
 LAUNCH = {
     "fwd": {"num_warps": 4, "keys": 64, "centroids": 64},
     "fwd_d128": {"num_warps": 8, "keys": 64},
