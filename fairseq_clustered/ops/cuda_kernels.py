@@ -376,6 +376,12 @@ class CudaOps:
         assignments, _ = self._lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits)
         return assignments, self._sort_by_cluster(assignments.contiguous(), num_clusters)
 
+    def _sorted_centroids(self, query, assignments, num_clusters, sort):
+        """``(order, seg_start, qbar)``: ``sort`` (:meth:`_cluster_queries_sorted`'s) or, where it is
+        None, the sort made here, and the clusters' mean queries ``(B H, C, D)`` fp32 (:meth:`_centroids`)."""
+        order, seg_start = sort if sort is not None else self._sort_by_cluster(assignments, num_clusters)
+        return order, seg_start, self._centroids(query, order, seg_start)
+
     def chunk_cluster_sums(self, x, clusters, window, num_clusters):
         if x.dtype not in KERNEL_DTYPES:
             warn_fallback("chunk_cluster_sums", f"dtype {x.dtype} has no kernel")
@@ -884,8 +890,7 @@ class CudaOps:
         batch, heads, length, dim = query.shape
         rows, value_dim = batch * heads, value.shape[-1]
         assignments = assignments.contiguous()
-        order, seg_start = sort if sort is not None else self._sort_by_cluster(assignments, num_clusters)
-        qbar = self._centroids(query, order, seg_start)
+        order, seg_start, qbar = self._sorted_centroids(query, assignments, num_clusters, sort)
         cluster_outputs = None  # what the members receive, in the query dtype (below, where not flash's)
         on_triton = self._centroid_triton_ok(query, value, num_clusters)
         if self._flash_ok(query, value, key_padding_mask, keep) and not (
@@ -1150,8 +1155,7 @@ class CudaOps:
         keys = key.shape[2]
         top_k = min(topk, keys)
         assignments = assignments.contiguous()
-        order, seg_start = sort if sort is not None else self._sort_by_cluster(assignments, num_clusters)
-        qbar = self._centroids(query, order, seg_start)
+        order, seg_start, qbar = self._sorted_centroids(query, assignments, num_clusters, sort)
         centroids = qbar.reshape(batch, heads, num_clusters, dim)  # for the backward
         if self._improved_route(query, value, key_padding_mask, keep, num_clusters).flash_path:
             out, lse, top, centroid_values, centroid_lse = self._improved_fwd_flash(
