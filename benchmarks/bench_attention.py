@@ -163,9 +163,22 @@ def profile(name, fn, top=25):
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     events.sort(key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in events) / 3 / 1e3
-    print(f"  profile {name}: GPU {total:.3f} ms per step, {sum(e.count for e in events) // 3} kernels")
+    print(f"  profile {name}: GPU {total:.3f} ms per step, {sum(e.count for e in events) // 3} kernels, "
+          f"{step_span(prof, 3):.3f} ms from the first kernel's start to the last one's end")
     for e in events[:top]:
         print(f"    {e.self_device_time_total / 3 / 1e3:8.3f} ms {e.count // 3:4d}x  {e.key[:90]}")
+
+
+def step_span(prof, steps):
+    """The median over ``steps`` equal steps of the GPU's span per step in ms: from the start of a
+    step's first kernel to the end of its last, so the gaps between its kernels count too (the sum of
+    the kernels' times leaves them out)."""
+    kernels = sorted((e.time_range for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda r: r.start)
+    per_step = len(kernels) // steps
+    spans = sorted(max(r.end for r in kernels[i * per_step:(i + 1) * per_step]) - kernels[i * per_step].start
+                   for i in range(steps))
+    return spans[steps // 2] / 1e3
 
 
 def host_profile(name, fn, steps=10):
