@@ -133,11 +133,9 @@ FCL_NO_PADDING(RowInfo);
 // how many members have it set (`ones`): set where more than half of the members have it set,
 // cleared where fewer than half do; ties, empty clusters and bits >= `bits` keep the old bit.
 __device__ __forceinline__ bool majority_of(bool old_bit, int bit, int bits, int members, int ones) {
-  if (bit < bits) {
-    if (2 * ones > members) return true;
-    if (2 * ones < members) return false;
-  }
-  return old_bit;
+  const int twice = 2 * ones;
+  const bool decided = (bit < bits) & (twice != members);  // a select, not branches: the update runs it 4x per lane
+  return decided ? twice > members : old_bit;
 }
 
 // The same from how many members differ from the old code `old` in that bit.
@@ -684,7 +682,10 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
          j += size * (CLUSTER_THREADS / UPDATE_LANES)) {  // uniform over each half warp
       const int* counts = sm.counts + j * CLUSTER_COUNTER_STRIDE + 4 * q;
       int4 ones = make_int4(0, 0, 0, 0);
-      for (int r = 0; r < size; ++r) {
+      for (int i = 0; i < size; ++i) {
+        // From this block on, so that the cluster's blocks start on different blocks' counters
+        // (integer sums: the order does not change them).
+        const int r = rank + i < size ? rank + i : rank + i - size;
         const int4 part = load4_from_block(address_in_block(counts, r));
         ones.x += part.x, ones.y += part.y, ones.z += part.z, ones.w += part.w;
       }
