@@ -8,9 +8,12 @@ shape and prints the phases' microseconds per iteration, averaged over the block
 launch's time (CUDA events, launches back to back). Thread 0 times the phases that end in a
 barrier as the whole block sees them, and its own share of the update (its warp's centroids).
 The stamps are inserted at the kernel's own comments (``STAMPS``), so the copy is the kernel as
-it is; the script stops with the missing line if one of them changed::
+it is; the script stops with the missing line if one of them changed. ``--split-update`` stamps
+the update twice more: after its counter loads (an empty asm that takes their sums, so that the
+stamp waits for the loads) and after the new code's reductions::
 
     python benchmarks/lloyd_phases.py --rows 4x8 --lengths 1024,2048,4096 --cluster-blocks 1,3
+    python benchmarks/lloyd_phases.py --rows 4x8 --lengths 2048 --cluster-blocks 3 --split-update
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from typing import List, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ["set-up", "round set-up", "search and membership", "counting", "cluster barrier 1 (clearing)",
           "update (thread 0)", "cluster barrier 2", "final assignment"]
-PER_ITERATION = range(1, 7)  # the phases inside the iteration loop
+# With --split-update phase 5 holds the update's stores only, and phases 8 and 9 its loads and code
+# (the macros' 10 slots).
+SPLIT_PHASES = ["update loads (thread 0)", "update code (thread 0)"]
+PER_ITERATION = (1, 2, 3, 4, 5, 6, 8, 9)  # the phases inside the iteration loop
 # The second cluster barrier: phase 5 (the update) closes just before it, phase 6 after it.
 BEFORE_BARRIER_2 = "    cluster_barrier();  // every copy of the centroids updated, every block's counters read\n"
 # (a line of lloyd_cluster_kernel, what goes after it): STAMP(k) closes phase k.
@@ -41,18 +47,24 @@ STAMPS: List[Tuple[str, str]] = [
     ("  if (rank == 0) {\n    for (int j = threadIdx.x; j < C; j += blockDim.x) centroids[bh * C + j] = sm.cent[j];\n  }\n",
      "STAMP(7);\nSTAMPS_END;\n"),
 ]
+UPDATE_STAMPS: List[Tuple[str, str]] = [
+    ("        ones.x += part.x, ones.y += part.y, ones.z += part.z, ones.w += part.w;\n      }\n",
+     'asm volatile("" :: "r"(ones.x), "r"(ones.w));\nSTAMP(8);\n'),
+    ("                            __reduce_or_sync(half_warp, static_cast<uint32_t>(mine));\n",
+     'asm volatile("" :: "l"(code));\nSTAMP(9);\n'),
+]
 MACROS = r'''
-__device__ long long fcl_phase_cycles[65536 * 8];
-#define STAMPS_BEGIN long long stamp_last = clock64(); long long stamp_cycles[8] = {0, 0, 0, 0, 0, 0, 0, 0}
+__device__ long long fcl_phase_cycles[65536 * 10];
+#define STAMPS_BEGIN long long stamp_last = clock64(); long long stamp_cycles[10] = {}
 #define STAMP(k) do { const long long now = clock64(); stamp_cycles[k] += now - stamp_last; stamp_last = now; } while (0)
 #define STAMPS_END do { if (threadIdx.x == 0) { long long* out = fcl_phase_cycles + \
-  (blockIdx.y * gridDim.x + blockIdx.x) * 8; for (int i = 0; i < 8; ++i) out[i] = stamp_cycles[i]; } } while (0)
+  (blockIdx.y * gridDim.x + blockIdx.x) * 10; for (int i = 0; i < 10; ++i) out[i] = stamp_cycles[i]; } } while (0)
 '''
 BINDINGS = r'''
 #include <torch/extension.h>
 at::Tensor phase_cycles(int64_t blocks) {
-  at::Tensor out = at::empty({blocks, 8}, at::TensorOptions().dtype(at::kLong));
-  C10_CUDA_CHECK(cudaMemcpyFromSymbol(out.data_ptr<int64_t>(), fcl_phase_cycles, blocks * 8 * sizeof(long long)));
+  at::Tensor out = at::empty({blocks, 10}, at::TensorOptions().dtype(at::kLong));
+  C10_CUDA_CHECK(cudaMemcpyFromSymbol(out.data_ptr<int64_t>(), fcl_phase_cycles, blocks * 10 * sizeof(long long)));
   return out;
 }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -63,10 +75,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 '''
 
 
-def stamped_source(source: str) -> str:
-    """``cuda/clustering.cu`` with the phase stamps, their macros and bindings; raises ValueError
-    naming the kernel line that is missing (or not unique) where the kernel changed."""
-    for line, stamp in STAMPS:
+def stamped_source(source: str, split_update: bool = False) -> str:
+    """``cuda/clustering.cu`` with the phase stamps (and the update's two more with
+    ``split_update``), their macros and bindings; raises ValueError naming the kernel line that is
+    missing (or not unique) where the kernel changed."""
+    for line, stamp in STAMPS + (UPDATE_STAMPS if split_update else []):
         if source.count(line) != 1:
             raise ValueError(f"lloyd_phases: lloyd_cluster_kernel no longer has exactly one line {line.strip()!r}; "
                              "update STAMPS to the kernel")
@@ -84,6 +97,8 @@ def main():
     parser.add_argument("--lengths", default="1024,2048,4096")
     parser.add_argument("--cluster-blocks", default="1,3", help="comma-separated blocks per row (1..8)")
     parser.add_argument("--clusters", type=int, default=100)
+    parser.add_argument("--split-update", action="store_true",
+                        help="also stamp the update after its counter loads and after the new code")
     parser.add_argument("--clock-ghz", type=float, default=1.98,
                         help="the SM clock that converts cycles to microseconds (an H200's under load)")
     args = parser.parse_args()
@@ -93,7 +108,7 @@ def main():
         sys.exit("lloyd_phases.py needs a CUDA GPU with thread block clusters (sm_90 or newer)")
     build = Path(tempfile.mkdtemp(prefix="lloyd_phases_"))
     stamped = build / "clustering_stamped.cu"
-    stamped.write_text(stamped_source((ROOT / "cuda" / "clustering.cu").read_text()))
+    stamped.write_text(stamped_source((ROOT / "cuda" / "clustering.cu").read_text(), args.split_update))
     major, minor = torch.cuda.get_device_capability()
     started = time.time()
     print(f"building the stamped kernel in {build} ...", flush=True)
@@ -102,7 +117,10 @@ def main():
     print(f"built in {time.time() - started:.0f} s; {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"C = {args.clusters}, 10 iterations, 63 bits; us per launch, then per phase (per iteration inside the "
           f"loop) at {args.clock_ghz} GHz")
-    print("rows      N  blocks  launch | " + " | ".join(PHASES))
+    names = PHASES + SPLIT_PHASES if args.split_update else PHASES
+    if args.split_update:
+        names = names[:5] + ["update stores (thread 0)"] + names[6:]
+    print("rows      N  blocks  launch | " + " | ".join(names))
     for shape in args.rows.split(","):
         batch, heads = (int(x) for x in shape.split("x"))
         for length in (int(n) for n in args.lengths.split(",")):
@@ -119,7 +137,7 @@ def main():
                 stop.record()
                 stop.synchronize()
                 cycles = ext.phase_cycles(batch * heads * blocks).double().mean(0)
-                us = [cycles[k].item() / (10 if k in PER_ITERATION else 1) / (args.clock_ghz * 1e3) for k in range(8)]
+                us = [cycles[k].item() / (10 if k in PER_ITERATION else 1) / (args.clock_ghz * 1e3) for k in range(len(names))]
                 print(f"{batch * heads:4d} {length:6d} {blocks:7d} {start.elapsed_time(stop) / 20 * 1e3:7.1f} | "
                       + " | ".join(f"{u:.2f}" for u in us))
 

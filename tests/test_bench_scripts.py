@@ -124,6 +124,20 @@ def test_lloyd_phases_stamps_the_kernel_as_it_is():
         lloyd_phases.stamped_source(missing)
 
 
+def test_lloyd_phases_splits_the_update():
+    """lloyd_phases.py --split-update: the update's two more stamps (8 after the counter loads, 9
+    after the new code) land once each inside the update, after barrier 1's stamp 4 and before
+    stamp 5, in that order; without the option the kernel gets neither."""
+    import lloyd_phases
+    source = (BENCHMARKS.parent / "cuda" / "clustering.cu").read_text()
+    plain = lloyd_phases.stamped_source(source)
+    assert "STAMP(8);" not in plain and "STAMP(9);" not in plain
+    split = lloyd_phases.stamped_source(source, split_update=True)
+    kernel = split[split.index("lloyd_cluster_kernel(RowInfo info"):split.index("PYBIND11_MODULE")]
+    assert all(kernel.count(f"STAMP({k});") == 1 for k in range(10))
+    assert kernel.index("STAMP(4);") < kernel.index("STAMP(8);") < kernel.index("STAMP(9);") < kernel.index("STAMP(5);")
+
+
 def test_bench_attention_refuses_graph_with_dropout():
     """benchmarks/bench_attention.py: ``--graph`` with ``--dropout`` is refused before any work, naming
     both options (a whole-step capture cannot draw the clustered ops' dropout masks; torch raised
