@@ -117,9 +117,10 @@ def main():
     print(f"built in {time.time() - started:.0f} s; {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"C = {args.clusters}, 10 iterations, 63 bits; us per launch, then per phase (per iteration inside the "
           f"loop) at {args.clock_ghz} GHz")
-    names = PHASES + SPLIT_PHASES if args.split_update else PHASES
+    names = list(PHASES)
     if args.split_update:
-        names = names[:5] + ["update stores (thread 0)"] + names[6:]
+        names[5] = "update stores (thread 0)"
+        names += SPLIT_PHASES
     print("rows      N  blocks  launch | " + " | ".join(names))
     for shape in args.rows.split(","):
         batch, heads = (int(x) for x in shape.split("x"))
