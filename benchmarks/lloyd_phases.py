@@ -99,6 +99,12 @@ def main():
     parser.add_argument("--clusters", type=int, default=100)
     parser.add_argument("--split-update", action="store_true",
                         help="also stamp the update after its counter loads and after the new code")
+    parser.add_argument("--build-dir", default=None,
+                        help="where the stamped copy is built and kept (default: a new temporary directory); "
+                             "a later run with the same directory and kernel reuses the build")
+    parser.add_argument("--build-only", action="store_true",
+                        help="build the stamped copy and stop (several trees' copies can build at once, then "
+                             "time one at a time)")
     parser.add_argument("--clock-ghz", type=float, default=1.98,
                         help="the SM clock that converts cycles to microseconds (an H200's under load)")
     args = parser.parse_args()
@@ -106,14 +112,20 @@ def main():
     from torch.utils.cpp_extension import load
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         sys.exit("lloyd_phases.py needs a CUDA GPU with thread block clusters (sm_90 or newer)")
-    build = Path(tempfile.mkdtemp(prefix="lloyd_phases_"))
+    build = Path(args.build_dir) if args.build_dir else Path(tempfile.mkdtemp(prefix="lloyd_phases_"))
+    build.mkdir(parents=True, exist_ok=True)
     stamped = build / "clustering_stamped.cu"
-    stamped.write_text(stamped_source((ROOT / "cuda" / "clustering.cu").read_text(), args.split_update))
+    source = stamped_source((ROOT / "cuda" / "clustering.cu").read_text(), args.split_update)
+    if not stamped.exists() or stamped.read_text() != source:  # unchanged, ninja finds the build current
+        stamped.write_text(source)
     major, minor = torch.cuda.get_device_capability()
     started = time.time()
     print(f"building the stamped kernel in {build} ...", flush=True)
     ext = load("lloyd_phases", [str(stamped)], extra_include_paths=[str(ROOT / "cuda")], build_directory=str(build),
                extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor}a,code=sm_{major}{minor}a"])
+    if args.build_only:
+        print(f"built in {time.time() - started:.0f} s")
+        return
     print(f"built in {time.time() - started:.0f} s; {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"C = {args.clusters}, 10 iterations, 63 bits; us per launch, then per phase (per iteration inside the "
           f"loop) at {args.clock_ghz} GHz")
