@@ -28,9 +28,9 @@ from typing import List, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ["set-up", "round set-up", "search and membership", "counting", "cluster barrier 1 (clearing)",
           "update (thread 0)", "cluster barrier 2", "final assignment"]
-# With --split-update phase 5 holds the update's stores only, and phases 8 and 9 its loads and code
-# (the macros' 10 slots).
+# With --split-update phase 5 holds the update's stores only, and phases 8 and 9 its loads and code.
 SPLIT_PHASES = ["update loads (thread 0)", "update code (thread 0)"]
+SLOTS = len(PHASES) + len(SPLIT_PHASES)  # the stamps' cycle counters per block
 PER_ITERATION = (1, 2, 3, 4, 5, 6, 8, 9)  # the phases inside the iteration loop
 # The second cluster barrier: phase 5 (the update) closes just before it, phase 6 after it.
 BEFORE_BARRIER_2 = "    cluster_barrier();  // every copy of the centroids updated, every block's counters read\n"
@@ -53,18 +53,18 @@ UPDATE_STAMPS: List[Tuple[str, str]] = [
     ("                            __reduce_or_sync(half_warp, static_cast<uint32_t>(mine));\n",
      'asm volatile("" :: "l"(code));\nSTAMP(9);\n'),
 ]
-MACROS = r'''
-__device__ long long fcl_phase_cycles[65536 * 10];
-#define STAMPS_BEGIN long long stamp_last = clock64(); long long stamp_cycles[10] = {}
+MACROS = f"\n#define FCL_PHASE_SLOTS {SLOTS}" + r'''
+__device__ long long fcl_phase_cycles[65536 * FCL_PHASE_SLOTS];
+#define STAMPS_BEGIN long long stamp_last = clock64(); long long stamp_cycles[FCL_PHASE_SLOTS] = {}
 #define STAMP(k) do { const long long now = clock64(); stamp_cycles[k] += now - stamp_last; stamp_last = now; } while (0)
 #define STAMPS_END do { if (threadIdx.x == 0) { long long* out = fcl_phase_cycles + \
-  (blockIdx.y * gridDim.x + blockIdx.x) * 10; for (int i = 0; i < 10; ++i) out[i] = stamp_cycles[i]; } } while (0)
+  (blockIdx.y * gridDim.x + blockIdx.x) * FCL_PHASE_SLOTS; for (int i = 0; i < FCL_PHASE_SLOTS; ++i) out[i] = stamp_cycles[i]; } } while (0)
 '''
 BINDINGS = r'''
 #include <torch/extension.h>
 at::Tensor phase_cycles(int64_t blocks) {
-  at::Tensor out = at::empty({blocks, 10}, at::TensorOptions().dtype(at::kLong));
-  C10_CUDA_CHECK(cudaMemcpyFromSymbol(out.data_ptr<int64_t>(), fcl_phase_cycles, blocks * 10 * sizeof(long long)));
+  at::Tensor out = at::empty({blocks, FCL_PHASE_SLOTS}, at::TensorOptions().dtype(at::kLong));
+  C10_CUDA_CHECK(cudaMemcpyFromSymbol(out.data_ptr<int64_t>(), fcl_phase_cycles, blocks * FCL_PHASE_SLOTS * sizeof(long long)));
   return out;
 }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
