@@ -48,9 +48,10 @@ STAMPS: List[Tuple[str, str]] = [
      "STAMP(7);\nSTAMPS_END;\n"),
 ]
 UPDATE_STAMPS: List[Tuple[str, str]] = [
-    ("        ones.x += part.x, ones.y += part.y, ones.z += part.z, ones.w += part.w;\n      }\n",
+    ("        for (int u = 0; u < UPDATE_LOADS; ++u) ones.x += part[u].x, ones.y += part[u].y, ones.z += part[u].z, "
+     "ones.w += part[u].w;\n      }\n",
      'asm volatile("" :: "r"(ones.x), "r"(ones.w));\nSTAMP(8);\n'),
-    ("                            __reduce_or_sync(half_warp, static_cast<uint32_t>(mine));\n",
+    ("                            __reduce_or_sync(half_warp, q < 8 ? placed : 0u);\n",
      'asm volatile("" :: "l"(code));\nSTAMP(9);\n'),
 ]
 MACROS = f"\n#define FCL_PHASE_SLOTS {SLOTS}" + r'''

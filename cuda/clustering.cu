@@ -182,10 +182,10 @@ __host__ __device__ __forceinline__ int padded_clusters(int C) { return ((C + 1)
 // warp's chain of products and maxima), so it wants many resident warps.
 constexpr int MMA_THREADS = 512;
 constexpr int MMA_MAX_CLUSTERS = 128;  // centroid tiles of 8, their fragments in shared memory
-constexpr int NO_CENTROID = -(1 << 30);  // below every key of nearest16: its maxima start there
 constexpr int MAX_CLUSTER_BLOCKS = 8;  // blocks per row of lloyd_cluster_kernel: the portable cluster size
 static_assert(MMA_MAX_CLUSTERS <= MAX_ORDER_CLUSTERS, "the one-launch kernel sorts its assignments itself");
 constexpr int UPDATE_LANES = 16;  // lloyd_cluster_kernel's update: lanes per centroid, 4 bits each
+constexpr int UPDATE_LOADS = 4;  // ... and the blocks' counters it loads before summing them
 static_assert(UPDATE_LANES * 4 == MAX_BITS && CLUSTER_COUNTER_STRIDE % 4 == 0 && CLUSTER_COUNTER_STRIDE >= MAX_BITS);
 constexpr int CLUSTER_THREADS = 1024;  // lloyd_cluster_kernel's block: one per SM
 constexpr int CLUSTER_CACHED_CODES = 8192;  // a block's slice of codes (and their transpose) kept up to this many
@@ -265,13 +265,19 @@ __device__ __forceinline__ uint32_t* centroid_fragment_word(uint4* frags, int j,
 // Nearest centroid (ties: lowest id) of the warp's queries lane / 4 (code `lo`) and lane / 4 + 8
 // (code `hi`); every lane of a quad gets both. One 1-bit product per tile of 8 centroids counts
 // the bits on which each query and centroid agree. Keys are agreement * 128 + 127 - id, so the
-// largest key has the most agreeing bits and, among those, the lowest id.
+// largest key has the most agreeing bits and, among those, the lowest id. A query agrees with a
+// centroid on at most 63 bits (the unused ones are cleared in the centroids' fragments), so a key
+// is below 2^13: the lo and hi queries' keys share a register as its two 16-bit halves, and one
+// 3-input maximum of 16-bit pairs takes a tile's four keys. The search is bound by integer
+// instructions (benchmarks/NOTES.md, thirty-seventh session), and with separate keys those maxima
+// and the keys' shifts were most of them.
 template <int TILES>
 __device__ __forceinline__ void nearest16(uint64_t lo, uint64_t hi, const uint4* frags, int lane,
                                           int& nearest_lo, int& nearest_hi) {
   const int t = lane & 3;
   const uint32_t a[2] = {code_quarter(lo, t), code_quarter(hi, t)};  // rows lane / 4 and lane / 4 + 8
-  int best_lo = NO_CENTROID, best_hi = NO_CENTROID;
+  constexpr uint32_t BOTH = 0x10001u;  // a value in both halves
+  uint32_t best = 0x80008000u;  // both halves -2^15, below every key
 #pragma unroll
   for (int group = 0; group < fragment_groups(TILES); ++group) {
     const uint4 f = frags[group * 32 + lane];
@@ -282,20 +288,17 @@ __device__ __forceinline__ void nearest16(uint64_t lo, uint64_t hi, const uint4*
       int d[4] = {0, 0, 0, 0};  // (lo, id 2t), (lo, 2t + 1), (hi, 2t), (hi, 2t + 1) of the tile
       mma_and_popc_k128(d, a, b[i]);
       // 127 - id without this lane's 2t, subtracted once below (the same for all its keys).
-      const int tie = 127 - tile * 8;
-      best_lo = max(best_lo, max(d[0] * 128 + tie, d[1] * 128 + tie - 1));
-      best_hi = max(best_hi, max(d[2] * 128 + tie, d[3] * 128 + tie - 1));
+      const uint32_t tie = 127 - tile * 8;
+      const uint32_t even = ((static_cast<uint32_t>(d[2]) << 16) + d[0]) * 128 + tie * BOTH;  // (hi, lo) keys of id 2t
+      const uint32_t odd = ((static_cast<uint32_t>(d[3]) << 16) + d[1]) * 128 + (tie - 1) * BOTH;  // of 2t + 1
+      best = __vimax3_s16x2(best, even, odd);
     }
   }
-  best_lo -= 2 * t;
-  best_hi -= 2 * t;
+  best -= 2 * t * BOTH;  // no borrow: each half is at least 127 - 8 * 15 - 1 >= 2t
 #pragma unroll
-  for (int off = 1; off <= 2; off <<= 1) {
-    best_lo = max(best_lo, __shfl_xor_sync(FULL_MASK, best_lo, off));
-    best_hi = max(best_hi, __shfl_xor_sync(FULL_MASK, best_hi, off));
-  }
-  nearest_lo = 127 - (best_lo & 127);
-  nearest_hi = 127 - (best_hi & 127);
+  for (int off = 1; off <= 2; off <<= 1) best = __vmaxs2(best, __shfl_xor_sync(FULL_MASK, best, off));
+  nearest_lo = 127 - (best & 127);
+  nearest_hi = 127 - ((best >> 16) & 127);
 }
 
 // The final assignments of a warp's 16 queries lane / 4 (`n_lo`, code `lo`) and lane / 4 + 8
@@ -682,25 +685,35 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
          j += size * (CLUSTER_THREADS / UPDATE_LANES)) {  // uniform over each half warp
       const int* counts = sm.counts + j * CLUSTER_COUNTER_STRIDE + 4 * q;
       int4 ones = make_int4(0, 0, 0, 0);
-      for (int i = 0; i < size; ++i) {
-        // From this block on, so that the cluster's blocks start on different blocks' counters
-        // (integer sums: the order does not change them).
-        const int r = rank + i < size ? rank + i : rank + i - size;
-        const int4 part = load4_from_block(address_in_block(counts, r));
-        ones.x += part.x, ones.y += part.y, ones.z += part.z, ones.w += part.w;
+      // UPDATE_LOADS blocks' loads issued before their sums: a loop of one load and its sum waited
+      // for each load in turn (SASS: at 3 blocks, one load, its sum, then the other two).
+#pragma unroll 1
+      for (int first = 0; first < size; first += UPDATE_LOADS) {
+        int4 part[UPDATE_LOADS];
+#pragma unroll
+        for (int u = 0; u < UPDATE_LOADS; ++u) {
+          // From this block on, so that the cluster's blocks start on different blocks' counters
+          // (integer sums: the order does not change them).
+          const int i = first + u, r = rank + i < size ? rank + i : rank + i - size;
+          part[u] = i < size ? load4_from_block(address_in_block(counts, r)) : make_int4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < UPDATE_LOADS; ++u) ones.x += part[u].x, ones.y += part[u].y, ones.z += part[u].z, ones.w += part[u].w;
       }
       const int members = __shfl_sync(half_warp, ones.w, (lane & UPDATE_LANES) | (UPDATE_LANES - 1));
-      const uint64_t old = static_cast<uint64_t>(sm.cent[j]);
+      // This lane's bits 4q .. 4q + 3 of the old code, then of the new one, in a nibble of 32-bit
+      // words: 64-bit shifts and ORs per bit made the new code's chain half again as long (SASS).
+      const uint32_t old_nibble = static_cast<uint32_t>(static_cast<uint64_t>(sm.cent[j]) >> (4 * q)) & 15u;
       const int counted[4] = {ones.x, ones.y, ones.z, ones.w};
-      uint64_t mine = 0;  // this lane's 4 bits of the new code
+      uint32_t nibble = 0;
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const int bit = 4 * q + k;
-        mine |= static_cast<uint64_t>(majority_of((old >> bit) & 1, bit, bits, members, counted[k])) << bit;
+        nibble |= static_cast<uint32_t>(majority_of((old_nibble >> k) & 1, 4 * q + k, bits, members, counted[k])) << k;
       }
+      const uint32_t placed = nibble << (4 * (q & 7));  // lanes 0..7: the code's low word, 8..15 its high word
       // Every lane has read the old code before the half's reduction, so before any store below.
-      const uint64_t code = static_cast<uint64_t>(__reduce_or_sync(half_warp, static_cast<uint32_t>(mine >> 32))) << 32 |
-                            __reduce_or_sync(half_warp, static_cast<uint32_t>(mine));
+      const uint64_t code = static_cast<uint64_t>(__reduce_or_sync(half_warp, q < 8 ? 0u : placed)) << 32 |
+                            __reduce_or_sync(half_warp, q < 8 ? placed : 0u);
       for (int s = q; s < 5 * size; s += UPDATE_LANES) {  // (block, word): the code, then fragment words
         const int target = s / 5, word = s % 5;
         if (word == 0) {
