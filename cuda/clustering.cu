@@ -185,7 +185,6 @@ constexpr int MMA_MAX_CLUSTERS = 128;  // centroid tiles of 8, their fragments i
 constexpr int MAX_CLUSTER_BLOCKS = 8;  // blocks per row of lloyd_cluster_kernel: the portable cluster size
 static_assert(MMA_MAX_CLUSTERS <= MAX_ORDER_CLUSTERS, "the one-launch kernel sorts its assignments itself");
 constexpr int UPDATE_LANES = 16;  // lloyd_cluster_kernel's update: lanes per centroid, 4 bits each
-constexpr int UPDATE_LOADS = 4;  // ... and the blocks' counters it loads before summing them
 static_assert(UPDATE_LANES * 4 == MAX_BITS && CLUSTER_COUNTER_STRIDE % 4 == 0 && CLUSTER_COUNTER_STRIDE >= MAX_BITS);
 constexpr int CLUSTER_THREADS = 1024;  // lloyd_cluster_kernel's block: one per SM
 constexpr int CLUSTER_CACHED_CODES = 8192;  // a block's slice of codes (and their transpose) kept up to this many
@@ -685,24 +684,17 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
          j += size * (CLUSTER_THREADS / UPDATE_LANES)) {  // uniform over each half warp
       const int* counts = sm.counts + j * CLUSTER_COUNTER_STRIDE + 4 * q;
       int4 ones = make_int4(0, 0, 0, 0);
-      // UPDATE_LOADS blocks' loads issued before their sums: a loop of one load and its sum waited
-      // for each load in turn (SASS: at 3 blocks, one load, its sum, then the other two).
-#pragma unroll 1
-      for (int first = 0; first < size; first += UPDATE_LOADS) {
-        int4 part[UPDATE_LOADS];
-#pragma unroll
-        for (int u = 0; u < UPDATE_LOADS; ++u) {
-          // From this block on, so that the cluster's blocks start on different blocks' counters
-          // (integer sums: the order does not change them).
-          const int i = first + u, r = rank + i < size ? rank + i : rank + i - size;
-          part[u] = i < size ? load4_from_block(address_in_block(counts, r)) : make_int4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < UPDATE_LOADS; ++u) ones.x += part[u].x, ones.y += part[u].y, ones.z += part[u].z, ones.w += part[u].w;
+      for (int i = 0; i < size; ++i) {
+        // From this block on, so that the cluster's blocks start on different blocks' counters
+        // (integer sums: the order does not change them).
+        const int r = rank + i < size ? rank + i : rank + i - size;
+        const int4 part = load4_from_block(address_in_block(counts, r));
+        ones.x += part.x, ones.y += part.y, ones.z += part.z, ones.w += part.w;
       }
       const int members = __shfl_sync(half_warp, ones.w, (lane & UPDATE_LANES) | (UPDATE_LANES - 1));
-      // This lane's bits 4q .. 4q + 3 of the old code, then of the new one, in a nibble of 32-bit
-      // words: 64-bit shifts and ORs per bit made the new code's chain half again as long (SASS).
+      // This lane's bits 4q .. 4q + 3 of the old code, then of the new one, as a nibble of a 32-bit
+      // word: with a 64-bit shift and OR per bit the new code took 0.47 us per iteration at 32 rows of
+      // 2k, 0.39 like this (benchmarks/lloyd_phases.py --split-update, thirty-eighth session).
       const uint32_t old_nibble = static_cast<uint32_t>(static_cast<uint64_t>(sm.cent[j]) >> (4 * q)) & 15u;
       const int counted[4] = {ones.x, ones.y, ones.z, ones.w};
       uint32_t nibble = 0;
