@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_compare_branches.sh prepare BRANCH...   # here: the branches' trees into .branches/
 #   bash benchmarks/gpu_compare_branches.sh measure             # on the GPU machine (OUT: where logs go)
 #
-# `prepare` leaves out examples/, docs/ and benchmarks/results/, so that the trees stay small:
+# `prepare` leaves out examples/, docs/ and the plots in benchmarks/results/ (7 of its 8.5 MB; the
+# text and CSV stay: a test reads a sweep there), so that the trees stay small:
 # .branches/ is ignored by git, so carry it to the GPU machine (the device tool's `carry`, beside
 # the extension if that travels too). `measure` builds the working tree too unless its extension is
 # already there (carried), and skips a tree whose build failed. PHASES_ARGS / PROFILE_LENGTH change
@@ -26,7 +27,8 @@ if [ "${1:-}" = prepare ]; then
     dir="$TREES/${branch//\//_}"
     mkdir -p "$dir"
     git archive "$branch" | tar -x -C "$dir"
-    rm -rf "$dir/examples" "$dir/docs" "$dir/benchmarks/results"
+    rm -rf "$dir/examples" "$dir/docs"
+    rm -f "$dir"/benchmarks/results/*.png
     echo "$branch -> $dir ($(git rev-parse --short "$branch"))"
   done
   du -sh "$TREES"
