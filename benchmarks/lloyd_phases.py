@@ -31,7 +31,7 @@ PHASES = ["set-up", "round set-up", "search and membership", "counting", "cluste
 # With --split-update phase 5 holds the update's stores only, and phases 8 and 9 its loads and code.
 SPLIT_PHASES = ["update loads (thread 0)", "update code (thread 0)"]
 SLOTS = len(PHASES) + len(SPLIT_PHASES)  # the stamps' cycle counters per block
-PER_ITERATION = (1, 2, 3, 4, 5, 6, 8, 9)  # the phases inside the iteration loop
+PER_ITERATION = (*range(1, 7), *range(len(PHASES), SLOTS))  # the phases inside the iteration loop
 # The second cluster barrier: phase 5 (the update) closes just before it, phase 6 after it.
 BEFORE_BARRIER_2 = "    cluster_barrier();  // every copy of the centroids updated, every block's counters read\n"
 # (a line of lloyd_cluster_kernel, what goes after it): STAMP(k) closes phase k.
