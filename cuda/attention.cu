@@ -96,9 +96,12 @@ __global__ void segment_sum_kernel(Rows<const scalar_t> x, int width, const int6
 // VEC values each, so a warp reads 32 / lanes_per_row members per load and SEG_UNROLL times as
 // many are in flight (64 rows per block for bf16 rows of 64). The kernel above keeps 4 rows per
 // warp in flight, which left a large cluster's block waiting on one row after another (1.4 TB/s
-// at 32 rows of 8k; benchmarks/NOTES.md, thirtieth session). The sum's order is fixed: each
-// lane adds its members in sequence, the lanes of a warp combine by shuffles in a fixed
-// pattern, the warps in index order.
+// at 32 rows of 8k; benchmarks/NOTES.md, thirtieth session). Every pass, the last one too, issues
+// its SEG_UNROLL loads (predicated) before adding: a cluster of fewer than 4 x step members (at
+// C = 100, 2k queries per row: 20 on average) is one round trip for its order entries and one for
+// its rows, where a remainder loop of one member per lane and trip made it up to four. The sum's
+// order is fixed: each lane adds its members in sequence, the lanes of a warp combine by shuffles
+// in a fixed pattern, the warps in index order.
 constexpr int SEG_UNROLL = 4;
 
 template <typename scalar_t>
@@ -128,16 +131,20 @@ __global__ void __launch_bounds__(SEG_THREADS) segment_sum_wide_kernel(
 #pragma unroll
     for (int v = 0; v < VEC; ++v) acc[v] += to_float(vals[v]);
   };
-  int64_t p = start + warp * rows_per_warp + slot;
-  for (; p + (SEG_UNROLL - 1) * step < stop; p += SEG_UNROLL * step) {
+  for (int64_t p = start + warp * rows_per_warp + slot; p < stop; p += SEG_UNROLL * step) {
+    int member[SEG_UNROLL];  // query indices, < length
+#pragma unroll
+    for (int u = 0; u < SEG_UNROLL; ++u) member[u] = p + u * step < stop ? static_cast<int>(ord[p + u * step]) : -1;
     uint4 raw[SEG_UNROLL];
 #pragma unroll
     for (int u = 0; u < SEG_UNROLL; ++u)
-      raw[u] = active ? *reinterpret_cast<const uint4*>(base + ord[p + u * step] * x.sl) : make_uint4(0, 0, 0, 0);
+      raw[u] = active && member[u] >= 0 ? *reinterpret_cast<const uint4*>(base + static_cast<int64_t>(member[u]) * x.sl)
+                                        : make_uint4(0, 0, 0, 0);
 #pragma unroll
-    for (int u = 0; u < SEG_UNROLL; ++u) add(raw[u]);
+    for (int u = 0; u < SEG_UNROLL; ++u) {
+      if (member[u] >= 0) add(raw[u]);  // the members in the order the remainder loop took them
+    }
   }
-  for (; p < stop; p += step) add(active ? *reinterpret_cast<const uint4*>(base + ord[p] * x.sl) : make_uint4(0, 0, 0, 0));
   for (int off = lanes_per_row; off < 32; off <<= 1) {
 #pragma unroll
     for (int v = 0; v < VEC; ++v) acc[v] += __shfl_xor_sync(FULL_MASK, acc[v], off);
