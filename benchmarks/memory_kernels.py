@@ -115,6 +115,8 @@ def main():
             ("hash", lambda: ops._hash_codes(q, planes, offsets), tensor_bytes + 8 * vectors),
             ("sort by cluster", lambda: ext.cluster_order(assignments, args.clusters), 16 * vectors),
             ("segment sum", lambda: ext.segment_sum(q, order, seg_start, True), tensor_bytes + 8 * vectors),
+            ("  a warp per cluster", lambda: ext.segment_sum(q, order, seg_start, True, 1), tensor_bytes + 8 * vectors),
+            ("  a block per cluster", lambda: ext.segment_sum(q, order, seg_start, True, 0), tensor_bytes + 8 * vectors),
             ("broadcast", lambda: ext.broadcast_into(rows_src, assignments, out), tensor_bytes + 8 * vectors),
         ]
         reference = hash_triton.hash_codes_triton(q, planes, offsets)

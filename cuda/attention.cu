@@ -92,18 +92,54 @@ __global__ void segment_sum_kernel(Rows<const scalar_t> x, int width, const int6
   store_segment_total<WARPS>(partial, width, stop - start, mean, out + (bh * clusters + c) * width);
 }
 
-// The same with 16-byte loads: `lanes_per_row` lanes (a power of two) cover a member's row,
-// VEC values each, so a warp reads 32 / lanes_per_row members per load and SEG_UNROLL times as
-// many are in flight (64 rows per block for bf16 rows of 64). The kernel above keeps 4 rows per
-// warp in flight, which left a large cluster's block waiting on one row after another (1.4 TB/s
-// at 32 rows of 8k; benchmarks/NOTES.md, thirtieth session). Every pass, the last one too, issues
-// its SEG_UNROLL loads (predicated) before adding: a cluster of fewer than 4 x step members (at
-// C = 100, 2k queries per row: 20 on average) is one round trip for its order entries and one for
-// its rows, where a remainder loop of one member per lane and trip made it up to four. The sum's
-// order is fixed: each lane adds its members in sequence, the lanes of a warp combine by shuffles
-// in a fixed pattern, the warps in index order.
+// The 16-byte-load kernels below: `lanes_per_row` lanes (a power of two) cover a member's row, VEC
+// values each, so a warp reads 32 / lanes_per_row members per load, SEG_UNROLL loads in flight.
 constexpr int SEG_UNROLL = 4;
 
+// Lane's part of one warp's sum over members first, first + step, ... (< stop) of a cluster, in
+// that order, added into `acc` (the lane's VEC values of the row; zero-filled for an inactive
+// lane, past the width). Every pass, the last one too, issues its SEG_UNROLL order entries, then
+// its SEG_UNROLL rows, before adding: a small cluster's members take one round trip for each,
+// where a remainder loop of one member per trip took up to SEG_UNROLL of them.
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ void add_segment_members(float (&acc)[VEC], const scalar_t* base, int64_t row_stride,
+                                                    const int64_t* ord, int64_t first, int64_t stop, int step,
+                                                    bool active) {
+  for (int64_t p = first; p < stop; p += SEG_UNROLL * step) {
+    int member[SEG_UNROLL];  // query indices (< length), -1 past the cluster
+#pragma unroll
+    for (int u = 0; u < SEG_UNROLL; ++u) member[u] = p + u * step < stop ? static_cast<int>(ord[p + u * step]) : -1;
+    uint4 raw[SEG_UNROLL];
+#pragma unroll
+    for (int u = 0; u < SEG_UNROLL; ++u)
+      raw[u] = active && member[u] >= 0 ? *reinterpret_cast<const uint4*>(base + static_cast<int64_t>(member[u]) * row_stride)
+                                        : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < SEG_UNROLL; ++u) {
+      if (member[u] < 0) continue;
+      const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw[u]);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] += to_float(vals[v]);
+    }
+  }
+}
+
+// Lane's values of the warp's sum: the rows' slots combined by shuffles in a fixed pattern (valid
+// in the lanes of slot 0).
+template <int VEC>
+__device__ __forceinline__ void combine_slots(float (&acc)[VEC], int lanes_per_row) {
+  for (int off = lanes_per_row; off < 32; off <<= 1) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] += __shfl_xor_sync(FULL_MASK, acc[v], off);
+  }
+}
+
+// A block per cluster, with 16-byte loads: 4 warps x 32 / lanes_per_row members per load, so
+// SEG_UNROLL x that in flight (64 rows per block for bf16 rows of 64). The kernel above keeps 4
+// rows per warp in flight, which left a large cluster's block waiting on one row after another
+// (1.4 TB/s at 32 rows of 8k; benchmarks/NOTES.md, thirtieth session). The sum's order is fixed:
+// each lane adds its members in sequence, the lanes of a warp combine by shuffles in a fixed
+// pattern, the warps in index order.
 template <typename scalar_t>
 __global__ void __launch_bounds__(SEG_THREADS) segment_sum_wide_kernel(
     Rows<const scalar_t> x, int width, int lanes_per_row, const int64_t* __restrict__ order,
@@ -120,41 +156,60 @@ __global__ void __launch_bounds__(SEG_THREADS) segment_sum_wide_kernel(
   const int64_t start = seg_start[bh * (clusters + 1) + c];
   const int64_t stop = seg_start[bh * (clusters + 1) + c + 1];
   const int64_t b = bh / x.heads, h = bh - b * x.heads;
-  const scalar_t* base = x.ptr + b * x.sb + h * x.sh + (active ? e0 : 0);
-  const int64_t* ord = order + bh * length;
-  const int step = WARPS * rows_per_warp;  // members per pass of the block
   float acc[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
-  auto add = [&](const uint4& raw) {
-    const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) acc[v] += to_float(vals[v]);
-  };
-  for (int64_t p = start + warp * rows_per_warp + slot; p < stop; p += SEG_UNROLL * step) {
-    int member[SEG_UNROLL];  // query indices, < length
-#pragma unroll
-    for (int u = 0; u < SEG_UNROLL; ++u) member[u] = p + u * step < stop ? static_cast<int>(ord[p + u * step]) : -1;
-    uint4 raw[SEG_UNROLL];
-#pragma unroll
-    for (int u = 0; u < SEG_UNROLL; ++u)
-      raw[u] = active && member[u] >= 0 ? *reinterpret_cast<const uint4*>(base + static_cast<int64_t>(member[u]) * x.sl)
-                                        : make_uint4(0, 0, 0, 0);
-#pragma unroll
-    for (int u = 0; u < SEG_UNROLL; ++u) {
-      if (member[u] >= 0) add(raw[u]);  // the members in the order the remainder loop took them
-    }
-  }
-  for (int off = lanes_per_row; off < 32; off <<= 1) {
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) acc[v] += __shfl_xor_sync(FULL_MASK, acc[v], off);
-  }
+  add_segment_members<scalar_t, VEC>(acc, x.ptr + b * x.sb + h * x.sh + (active ? e0 : 0), x.sl, order + bh * length,
+                                     start + warp * rows_per_warp + slot, stop, WARPS * rows_per_warp, active);
+  combine_slots<VEC>(acc, lanes_per_row);
   if (slot == 0 && active) {
 #pragma unroll
     for (int v = 0; v < VEC; ++v) partial[warp][e0 + v] = acc[v];
   }
   __syncthreads();
   store_segment_total<WARPS>(partial, width, stop - start, mean, out + (bh * clusters + c) * width);
+}
+
+// A warp per cluster, 4 clusters per block, with the loads of the kernel above. For small clusters
+// (tens of members) the block per cluster left most of its lanes idle and, at 40-56 registers a
+// thread, kept 9-12 of its blocks per SM: 3200 clusters (32 rows, C = 100) ran in 2-3 waves, each a
+// chain of three dependent loads (the cluster's start, its order entries, its rows). Here they
+// fit in one wave; a large cluster's warp has 4x fewer rows in flight, so the block per cluster
+// keeps those (segment_sum_cuda chooses by the mean members per cluster). No block barrier: a warp's
+// sum is its slots' shuffles.
+template <typename scalar_t>
+__global__ void __launch_bounds__(SEG_THREADS) segment_sum_warp_kernel(
+    Rows<const scalar_t> x, int width, int lanes_per_row, const int64_t* __restrict__ order,
+    const int64_t* __restrict__ seg_start, int length, int clusters, bool mean, float* __restrict__ out) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  const int64_t bh = blockIdx.y;
+  const int c = blockIdx.x * (SEG_THREADS / 32) + threadIdx.x / 32;
+  if (c >= clusters) return;  // the whole warp: nothing below waits for the block
+  const int lane = threadIdx.x & 31;
+  const int slot = lane / lanes_per_row, e0 = (lane - slot * lanes_per_row) * VEC;
+  const bool active = e0 < width;
+  const int64_t start = seg_start[bh * (clusters + 1) + c];
+  const int64_t stop = seg_start[bh * (clusters + 1) + c + 1];
+  const int64_t b = bh / x.heads, h = bh - b * x.heads;
+  float acc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+  add_segment_members<scalar_t, VEC>(acc, x.ptr + b * x.sb + h * x.sh + (active ? e0 : 0), x.sl, order + bh * length,
+                                     start + slot, stop, 32 / lanes_per_row, active);
+  combine_slots<VEC>(acc, lanes_per_row);
+  if (slot == 0 && active) {
+    const int64_t members = stop - start;
+    float* out_row = out + (bh * clusters + c) * width + e0;  // 16-byte aligned: width % VEC == 0
+#pragma unroll
+    for (int v = 0; v < VEC; v += 4) {
+      float4 total = make_float4(acc[v], acc[v + 1], acc[v + 2], acc[v + 3]);
+      if (mean && members > 0) {
+        const float m = static_cast<float>(members);
+        total = make_float4(total.x / m, total.y / m, total.z / m, total.w / m);
+      }
+      *reinterpret_cast<float4*>(out_row + v) = total;
+    }
+  }
 }
 
 // out[b, h, n, :] = src[bh, assignment, :] (zeros for padded queries), out addressed through
@@ -663,8 +718,16 @@ std::tuple<at::Tensor, at::Tensor> cluster_order_cuda(const at::Tensor& assignme
   return {order, seg_start};
 }
 
-// Sum (mean if `mean`) of x's rows over each cluster's members, fp32 (B*H, C, E).
-at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, const at::Tensor& seg_start, bool mean) {
+// Clusters of at most this many members on average (N / C) take a warp each where the rows allow
+// 16-byte loads, larger ones a block each (segment_sum_warp_kernel).
+constexpr int64_t SEG_WARP_MAX_MEAN_MEMBERS = 64;
+
+// Sum (mean if `mean`) of x's rows over each cluster's members, fp32 (B*H, C, E). `per_warp`: 1 a
+// warp per cluster, 0 a block per cluster, -1 chosen by the mean members per cluster (the two sum
+// in different orders; the tests run both). Rows that do not allow 16-byte loads take the scalar
+// kernel (a block per cluster) either way.
+at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, const at::Tensor& seg_start, bool mean,
+                            int64_t per_warp) {
   FCL_CHECK_CUDA(x_in, "segment_sum: x");
   TORCH_CHECK(x_in.dim() == 4, "segment_sum: x must be (B, H, N, E), got ", x_in.sizes());
   const int64_t B = x_in.size(0), H = x_in.size(1), N = x_in.size(2), E = x_in.size(3);
@@ -680,6 +743,9 @@ at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, con
   at::Tensor out = at::empty({B * H, C, E}, x.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   TORCH_CHECK(B * H <= 65535, "segment_sum: batch * heads must be <= 65535");
+  TORCH_CHECK(per_warp >= -1 && per_warp <= 1, "segment_sum: per_warp must be -1 (by the cluster sizes), 0 or 1, got ",
+              per_warp);
+  const bool warps = per_warp == 1 || (per_warp == -1 && N <= SEG_WARP_MAX_MEAN_MEMBERS * C);
   auto stream = c10::cuda::getCurrentCUDAStream();
   FCL_DISPATCH_FLOAT(x.scalar_type(), "segment_sum", [&] {
     constexpr int VEC = 16 / sizeof(scalar_t);
@@ -689,7 +755,9 @@ at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, con
         x.stride(1) % VEC == 0 && x.stride(2) % VEC == 0) {
       int lanes_per_row = 1;
       while (lanes_per_row * VEC < E) lanes_per_row *= 2;  // <= 32: E <= SEG_THREADS, VEC >= 4
-      segment_sum_wide_kernel<scalar_t><<<grid, SEG_THREADS, 0, stream>>>(
+      const auto kernel = warps ? segment_sum_warp_kernel<scalar_t> : segment_sum_wide_kernel<scalar_t>;
+      const dim3 blocks(warps ? static_cast<unsigned>((C + SEG_THREADS / 32 - 1) / (SEG_THREADS / 32)) : grid.x, grid.y);
+      kernel<<<blocks, SEG_THREADS, 0, stream>>>(
           make_rows<const scalar_t>(x), static_cast<int>(E), lanes_per_row, order.data_ptr<int64_t>(),
           seg_start.data_ptr<int64_t>(), static_cast<int>(N), static_cast<int>(C), mean, out.data_ptr<float>());
     } else {

@@ -1316,18 +1316,21 @@ def _layouts(x: torch.Tensor):
 
 
 @needs_gpu
+@pytest.mark.parametrize("clusters", [7, 101])
 @pytest.mark.parametrize("width,dtype", [(64, torch.bfloat16), (48, torch.float16), (8, torch.bfloat16),
                                          (128, torch.float32), (64, torch.float32), (33, torch.bfloat16)])
-def test_segment_sum_gpu(width, dtype):
+def test_segment_sum_gpu(width, dtype, clusters):
     """The extension's per-cluster sums and means against float64 sums of the same members: clusters of
-    very different sizes (one holding a third of the row, empty ones, padded queries in none), rows
-    in three layouts (16-byte loads where every row start is aligned, the scalar kernel otherwise),
-    and bit-identical reruns."""
+    very different sizes (one holding a third of the row, empty ones, padded queries in none; 7
+    clusters of about 200 members, or 101 of about 10, a number the warp kernel's blocks of 4 do
+    not divide), rows in three layouts (16-byte loads where every row start is aligned, the scalar
+    kernel otherwise), a warp or a block per cluster (``per_warp``, and the choice by size, which
+    must give one of the two), and bit-identical reruns."""
     from fairseq_clustered.ops import cuda_backend
     ext = cuda_backend.extension()
-    clusters, length = 7, 1499
-    g = torch.Generator().manual_seed(width)
-    ids = torch.randint(-1, clusters - 2, (2, 3, length), generator=g)  # clusters 5 and 6 empty
+    length = 1499
+    g = torch.Generator().manual_seed(width + clusters)
+    ids = torch.randint(-1, clusters - 2, (2, 3, length), generator=g)  # the last two clusters empty
     ids[:, :, 100:600] = 2
     x = torch.randn(2, 3, length, width, generator=g).to("cuda", dtype)
     order, seg_start = ext.cluster_order(ids.cuda(), clusters)
@@ -1337,12 +1340,19 @@ def test_segment_sum_gpu(width, dtype):
     means = sums / counts.clamp(min=1)
     for name, view in _layouts(x).items():
         for mean, expected in ((False, sums), (True, means)):
-            got = ext.segment_sum(view, order, seg_start, mean)
-            assert got.dtype == torch.float32 and got.shape == (6, clusters, width)
-            # the inputs are exact in float64: what differs is the fp32 accumulation (~500 terms)
-            torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-5, atol=1e-5 if mean else 1e-3,
-                                       msg=f"{name}, mean={mean}")
-            assert torch.equal(ext.segment_sum(view, order, seg_start, mean), got), name
+            by_kernel = []
+            for per_warp in (0, 1):
+                got = ext.segment_sum(view, order, seg_start, mean, per_warp)
+                assert got.dtype == torch.float32 and got.shape == (6, clusters, width)
+                # the inputs are exact in float64: what differs is the fp32 accumulation (~500 terms)
+                torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-5, atol=1e-5 if mean else 1e-3,
+                                           msg=f"{name}, mean={mean}, per_warp={per_warp}")
+                assert torch.equal(ext.segment_sum(view, order, seg_start, mean, per_warp), got), name
+                by_kernel.append(got)
+            chosen = ext.segment_sum(view, order, seg_start, mean)
+            assert any(torch.equal(chosen, got) for got in by_kernel), name
+    with pytest.raises(RuntimeError, match="per_warp must be -1"):
+        ext.segment_sum(x, order, seg_start, False, 2)
 
 
 @needs_gpu
