@@ -718,13 +718,17 @@ std::tuple<at::Tensor, at::Tensor> cluster_order_cuda(const at::Tensor& assignme
   return {order, seg_start};
 }
 
-// Clusters of at most this many members on average (N / C) take a warp each where the rows allow
-// 16-byte loads, larger ones a block each (segment_sum_warp_kernel).
-constexpr int64_t SEG_WARP_MAX_MEAN_MEMBERS = 64;
+// A warp per cluster (segment_sum_warp_kernel) where the blocks per cluster would not all be resident
+// at once and a warp takes at most this many passes over a cluster of the mean size (N / C and the
+// passes rounded up, SEG_UNROLL x 32 / lanes_per_row members a pass). On an H200 at 32 rows and C =
+// 100 (benchmarks/memory_kernels.py, NOTES thirty-ninth session) the warps won at up to 6 passes
+// (bf16 D = 64 up to 8k, D = 128 and fp32 up to 4k, fp32 D = 128 at 2k) and lost from 7 on (bf16 D
+// = 64 at 10k, D = 128 at 8k); at C = 32 (1024 blocks, one wave) the blocks won at every length.
+constexpr int64_t SEG_WARP_MAX_PASSES = 6;
 
 // Sum (mean if `mean`) of x's rows over each cluster's members, fp32 (B*H, C, E). `per_warp`: 1 a
-// warp per cluster, 0 a block per cluster, -1 chosen by the mean members per cluster (the two sum
-// in different orders; the tests run both). Rows that do not allow 16-byte loads take the scalar
+// warp per cluster, 0 a block per cluster, -1 chosen by the shape (SEG_WARP_MAX_PASSES; the two
+// sum in different orders, the tests run both). Rows that do not allow 16-byte loads take the scalar
 // kernel (a block per cluster) either way.
 at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, const at::Tensor& seg_start, bool mean,
                             int64_t per_warp) {
@@ -743,9 +747,8 @@ at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, con
   at::Tensor out = at::empty({B * H, C, E}, x.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   TORCH_CHECK(B * H <= 65535, "segment_sum: batch * heads must be <= 65535");
-  TORCH_CHECK(per_warp >= -1 && per_warp <= 1, "segment_sum: per_warp must be -1 (by the cluster sizes), 0 or 1, got ",
+  TORCH_CHECK(per_warp >= -1 && per_warp <= 1, "segment_sum: per_warp must be -1 (by the shape), 0 or 1, got ",
               per_warp);
-  const bool warps = per_warp == 1 || (per_warp == -1 && N <= SEG_WARP_MAX_MEAN_MEMBERS * C);
   auto stream = c10::cuda::getCurrentCUDAStream();
   FCL_DISPATCH_FLOAT(x.scalar_type(), "segment_sum", [&] {
     constexpr int VEC = 16 / sizeof(scalar_t);
@@ -755,6 +758,15 @@ at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, con
         x.stride(1) % VEC == 0 && x.stride(2) % VEC == 0) {
       int lanes_per_row = 1;
       while (lanes_per_row * VEC < E) lanes_per_row *= 2;  // <= 32: E <= SEG_THREADS, VEC >= 4
+      bool warps = per_warp == 1;
+      if (per_warp == -1) {
+        int resident = 0;  // blocks per cluster resident on one SM
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, segment_sum_wide_kernel<scalar_t>,
+                                                                     SEG_THREADS, 0));
+        const int64_t per_pass = SEG_UNROLL * (32 / lanes_per_row);  // members of a warp's pass
+        const int64_t passes = ((N + C - 1) / C + per_pass - 1) / per_pass;
+        warps = B * H * C > static_cast<int64_t>(resident) * num_sms() && passes <= SEG_WARP_MAX_PASSES;
+      }
       const auto kernel = warps ? segment_sum_warp_kernel<scalar_t> : segment_sum_wide_kernel<scalar_t>;
       const dim3 blocks(warps ? static_cast<unsigned>((C + SEG_THREADS / 32 - 1) / (SEG_THREADS / 32)) : grid.x, grid.y);
       kernel<<<blocks, SEG_THREADS, 0, stream>>>(

@@ -1356,6 +1356,24 @@ def test_segment_sum_gpu(width, dtype, clusters):
 
 
 @needs_gpu
+def test_segment_sum_choice_gpu():
+    """The shape's choice of segment-sum kernel: at the benchmark's 32 rows and C = 100, a warp per
+    cluster for 2k queries (20 members, 2 passes of a warp: more clusters than the blocks one wave
+    holds on any GPU of fewer than 350 SMs) and a block per cluster for 10k (103 members, 7 passes)."""
+    from fairseq_clustered.ops import cuda_backend
+    ext = cuda_backend.extension()
+    for length, per_warp in ((2048, 1), (10240, 0)):
+        g = torch.Generator().manual_seed(length)
+        ids = torch.randint(0, 100, (4, 8, length), generator=g).cuda()
+        x = torch.randn(4, 8, length, 64, generator=g).to("cuda", torch.bfloat16)
+        order, seg_start = ext.cluster_order(ids, 100)
+        other = ext.segment_sum(x, order, seg_start, True, 1 - per_warp)
+        chosen = ext.segment_sum(x, order, seg_start, True)
+        assert torch.equal(chosen, ext.segment_sum(x, order, seg_start, True, per_warp)), length
+        assert not torch.equal(chosen, other), f"{length}: the two kernels' sums should differ in their last bits"
+
+
+@needs_gpu
 @pytest.mark.parametrize("width,dtype", [(64, torch.bfloat16), (128, torch.float16), (64, torch.float32),
                                          (40, torch.bfloat16), (33, torch.float32)])
 def test_broadcast_against_indexing_gpu(width, dtype):
