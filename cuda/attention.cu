@@ -175,8 +175,8 @@ __global__ void __launch_bounds__(SEG_THREADS) segment_sum_wide_kernel(
 // thread, kept 9-12 of its blocks per SM: 3200 clusters (32 rows, C = 100) ran in 2-3 waves, each a
 // chain of three dependent loads (the cluster's start, its order entries, its rows). Here they
 // fit in one wave; a large cluster's warp has 4x fewer rows in flight, so the block per cluster
-// keeps those (segment_sum_cuda chooses by the mean members per cluster). No block barrier: a warp's
-// sum is its slots' shuffles.
+// keeps those (segment_sum_cuda chooses by the shape: SEG_WARP_MAX_PASSES). No block barrier: a
+// warp's sum is its slots' shuffles.
 template <typename scalar_t>
 __global__ void __launch_bounds__(SEG_THREADS) segment_sum_warp_kernel(
     Rows<const scalar_t> x, int width, int lanes_per_row, const int64_t* __restrict__ order,
@@ -760,7 +760,7 @@ at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, con
       while (lanes_per_row * VEC < E) lanes_per_row *= 2;  // <= 32: E <= SEG_THREADS, VEC >= 4
       bool warps = per_warp == 1;
       if (per_warp == -1) {
-        int resident = 0;  // blocks per cluster resident on one SM
+        int resident = 0;  // the block-per-cluster kernel's blocks resident on one SM
         C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, segment_sum_wide_kernel<scalar_t>,
                                                                      SEG_THREADS, 0));
         const int64_t per_pass = SEG_UNROLL * (32 / lanes_per_row);  // members of a warp's pass

@@ -91,7 +91,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cluster_order", &fcl::cluster_order_cuda,
         "the queries' stable sort by cluster -> (order (B*H, N), seg_start (B*H, C+1)) int64");
   m.def("segment_sum", &fcl::segment_sum_cuda,
-        "per-cluster sum / mean of rows, fp32 (B*H, C, E); per_warp: 1 a warp per cluster, 0 a block, -1 by size",
+        "per-cluster sum / mean of rows, fp32 (B*H, C, E); per_warp: 1 a warp per cluster, 0 a block, -1 by the shape",
         pybind11::arg("x"), pybind11::arg("order"), pybind11::arg("seg_start"), pybind11::arg("mean"),
         pybind11::arg("per_warp") = -1);
   m.def("broadcast", &fcl::broadcast_cuda, "per-cluster rows to their members (B, H, N, E)");
