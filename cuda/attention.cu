@@ -134,6 +134,50 @@ __device__ __forceinline__ void combine_slots(float (&acc)[VEC], int lanes_per_r
   }
 }
 
+// Both 16-byte kernels' side job (segment_sum_cuda's `zero`): their first block clears `count` ints,
+// the launch a caller would otherwise spend on a fill (the centroid attention's tickets).
+__device__ __forceinline__ void zero_in_first_block(int* zero, int count) {
+  if (blockIdx.x == 0 && blockIdx.y == 0) {
+    for (int i = threadIdx.x; i < count; i += blockDim.x) zero[i] = 0;
+  }
+}
+
+// A lane's place in a warp's sum of a cluster (sum_cluster_rows): its slot (which of the members of
+// each load it adds), its first value of the row, whether that lies inside the row, and the
+// cluster's members.
+struct SegmentLane {
+  int slot, e0;
+  bool active;
+  int64_t members;
+};
+
+// Lane's part of warp `warp` (of `warps` taking cluster c of row bh together) of the cluster's sum,
+// into `acc` (zeroed here): the slots' members added in sequence, then the slots combined, so that
+// the lanes of slot 0 hold the warp's sum of their values.
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ SegmentLane sum_cluster_rows(float (&acc)[VEC], const Rows<const scalar_t>& x, int width,
+                                                        int lanes_per_row, const int64_t* __restrict__ order,
+                                                        const int64_t* __restrict__ seg_start, int length,
+                                                        int clusters, int64_t bh, int c, int warp, int warps) {
+  const int lane = threadIdx.x & 31;
+  SegmentLane me;
+  me.slot = lane / lanes_per_row;
+  me.e0 = (lane - me.slot * lanes_per_row) * VEC;
+  me.active = me.e0 < width;
+  const int rows_per_warp = 32 / lanes_per_row;
+  const int64_t start = seg_start[bh * (clusters + 1) + c];
+  const int64_t stop = seg_start[bh * (clusters + 1) + c + 1];
+  me.members = stop - start;
+  const int64_t b = bh / x.heads, h = bh - b * x.heads;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+  add_segment_members<scalar_t, VEC>(acc, x.ptr + b * x.sb + h * x.sh + (me.active ? me.e0 : 0), x.sl,
+                                     order + bh * length, start + warp * rows_per_warp + me.slot, stop,
+                                     warps * rows_per_warp, me.active);
+  combine_slots<VEC>(acc, lanes_per_row);
+  return me;
+}
+
 // A block per cluster, with 16-byte loads: 4 warps x 32 / lanes_per_row members per load, so
 // SEG_UNROLL x that in flight (64 rows per block for bf16 rows of 64). The kernel above keeps 4
 // rows per warp in flight, which left a large cluster's block waiting on one row after another
@@ -143,31 +187,24 @@ __device__ __forceinline__ void combine_slots(float (&acc)[VEC], int lanes_per_r
 template <typename scalar_t>
 __global__ void __launch_bounds__(SEG_THREADS) segment_sum_wide_kernel(
     Rows<const scalar_t> x, int width, int lanes_per_row, const int64_t* __restrict__ order,
-    const int64_t* __restrict__ seg_start, int length, int clusters, bool mean, float* __restrict__ out) {
+    const int64_t* __restrict__ seg_start, int length, int clusters, bool mean, float* __restrict__ out,
+    int* __restrict__ zero, int zero_count) {
+  wait_for_prior_kernels();
+  zero_in_first_block(zero, zero_count);
   constexpr int VEC = 16 / sizeof(scalar_t);
   constexpr int WARPS = SEG_THREADS / 32;
   __shared__ float partial[WARPS][SEG_THREADS];
   const int64_t bh = blockIdx.y;
-  const int c = blockIdx.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
-  const int slot = lane / lanes_per_row, e0 = (lane - slot * lanes_per_row) * VEC;
-  const bool active = e0 < width;
-  const int rows_per_warp = 32 / lanes_per_row;
-  const int64_t start = seg_start[bh * (clusters + 1) + c];
-  const int64_t stop = seg_start[bh * (clusters + 1) + c + 1];
-  const int64_t b = bh / x.heads, h = bh - b * x.heads;
+  const int c = blockIdx.x, warp = threadIdx.x / 32;
   float acc[VEC];
+  const SegmentLane me = sum_cluster_rows<scalar_t, VEC>(acc, x, width, lanes_per_row, order, seg_start, length,
+                                                         clusters, bh, c, warp, WARPS);
+  if (me.slot == 0 && me.active) {
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
-  add_segment_members<scalar_t, VEC>(acc, x.ptr + b * x.sb + h * x.sh + (active ? e0 : 0), x.sl, order + bh * length,
-                                     start + warp * rows_per_warp + slot, stop, WARPS * rows_per_warp, active);
-  combine_slots<VEC>(acc, lanes_per_row);
-  if (slot == 0 && active) {
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) partial[warp][e0 + v] = acc[v];
+    for (int v = 0; v < VEC; ++v) partial[warp][me.e0 + v] = acc[v];
   }
   __syncthreads();
-  store_segment_total<WARPS>(partial, width, stop - start, mean, out + (bh * clusters + c) * width);
+  store_segment_total<WARPS>(partial, width, me.members, mean, out + (bh * clusters + c) * width);
 }
 
 // A warp per cluster, 4 clusters per block, with the loads of the kernel above. For small clusters
@@ -180,31 +217,24 @@ __global__ void __launch_bounds__(SEG_THREADS) segment_sum_wide_kernel(
 template <typename scalar_t>
 __global__ void __launch_bounds__(SEG_THREADS) segment_sum_warp_kernel(
     Rows<const scalar_t> x, int width, int lanes_per_row, const int64_t* __restrict__ order,
-    const int64_t* __restrict__ seg_start, int length, int clusters, bool mean, float* __restrict__ out) {
+    const int64_t* __restrict__ seg_start, int length, int clusters, bool mean, float* __restrict__ out,
+    int* __restrict__ zero, int zero_count) {
+  wait_for_prior_kernels();
+  zero_in_first_block(zero, zero_count);
   constexpr int VEC = 16 / sizeof(scalar_t);
   const int64_t bh = blockIdx.y;
   const int c = blockIdx.x * (SEG_THREADS / 32) + threadIdx.x / 32;
   if (c >= clusters) return;  // the whole warp: nothing below waits for the block
-  const int lane = threadIdx.x & 31;
-  const int slot = lane / lanes_per_row, e0 = (lane - slot * lanes_per_row) * VEC;
-  const bool active = e0 < width;
-  const int64_t start = seg_start[bh * (clusters + 1) + c];
-  const int64_t stop = seg_start[bh * (clusters + 1) + c + 1];
-  const int64_t b = bh / x.heads, h = bh - b * x.heads;
   float acc[VEC];
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
-  add_segment_members<scalar_t, VEC>(acc, x.ptr + b * x.sb + h * x.sh + (active ? e0 : 0), x.sl, order + bh * length,
-                                     start + slot, stop, 32 / lanes_per_row, active);
-  combine_slots<VEC>(acc, lanes_per_row);
-  if (slot == 0 && active) {
-    const int64_t members = stop - start;
-    float* out_row = out + (bh * clusters + c) * width + e0;  // 16-byte aligned: width % VEC == 0
+  const SegmentLane me = sum_cluster_rows<scalar_t, VEC>(acc, x, width, lanes_per_row, order, seg_start, length,
+                                                         clusters, bh, c, 0, 1);
+  if (me.slot == 0 && me.active) {
+    float* out_row = out + (bh * clusters + c) * width + me.e0;  // 16-byte aligned: width % VEC == 0
 #pragma unroll
     for (int v = 0; v < VEC; v += 4) {
       float4 total = make_float4(acc[v], acc[v + 1], acc[v + 2], acc[v + 3]);
-      if (mean && members > 0) {
-        const float m = static_cast<float>(members);
+      if (mean && me.members > 0) {
+        const float m = static_cast<float>(me.members);
         total = make_float4(total.x / m, total.y / m, total.z / m, total.w / m);
       }
       *reinterpret_cast<float4*>(out_row + v) = total;
@@ -241,6 +271,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(BROADCAST_THREADS) broadcast_rows_kernel(
     const float* __restrict__ src, const int64_t* __restrict__ assignments, int length, int clusters, int width,
     Rows<scalar_t> out) {
+  wait_for_prior_kernels();
   constexpr int VEC = 16 / sizeof(scalar_t);
   const int pieces = width / VEC;                 // per query
   const int per_pass = BROADCAST_THREADS / pieces;  // queries written per pass of the block
@@ -731,7 +762,7 @@ constexpr int64_t SEG_WARP_MAX_PASSES = 6;
 // sum in different orders, the tests run both). Rows that do not allow 16-byte loads take the scalar
 // kernel (a block per cluster) either way.
 at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, const at::Tensor& seg_start, bool mean,
-                            int64_t per_warp) {
+                            int64_t per_warp, const c10::optional<at::Tensor>& zero) {
   FCL_CHECK_CUDA(x_in, "segment_sum: x");
   TORCH_CHECK(x_in.dim() == 4, "segment_sum: x must be (B, H, N, E), got ", x_in.sizes());
   const int64_t B = x_in.size(0), H = x_in.size(1), N = x_in.size(2), E = x_in.size(3);
@@ -741,14 +772,25 @@ at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, con
   TORCH_CHECK(seg_start.is_contiguous() && seg_start.scalar_type() == at::kLong && seg_start.dim() == 2 &&
                   seg_start.size(0) == B * H,
               "segment_sum: seg_start must be a contiguous int64 (B*H, C+1), got ", seg_start.sizes());
+  if (zero.has_value()) {
+    TORCH_CHECK(zero->device() == x_in.device() && zero->scalar_type() == at::kInt && zero->is_contiguous() &&
+                    zero->numel() <= std::numeric_limits<int>::max(),
+                "segment_sum: zero must be a contiguous int32 tensor on ", x_in.device(), ", got ",
+                zero->scalar_type(), " on ", zero->device());
+  }
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = last_contig(x_in);
   const int64_t C = seg_start.size(1) - 1;
   at::Tensor out = at::empty({B * H, C, E}, x.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
-  TORCH_CHECK(B * H <= 65535, "segment_sum: batch * heads must be <= 65535");
   TORCH_CHECK(per_warp >= -1 && per_warp <= 1, "segment_sum: per_warp must be -1 (by the shape), 0 or 1, got ",
               per_warp);
+  int* zero_at = zero.has_value() ? zero->data_ptr<int>() : nullptr;
+  const int zero_count = zero.has_value() ? static_cast<int>(zero->numel()) : 0;
+  if (out.numel() == 0) {
+    if (zero_count > 0) zero->zero_();
+    return out;
+  }
+  TORCH_CHECK(B * H <= 65535, "segment_sum: batch * heads must be <= 65535");
   auto stream = c10::cuda::getCurrentCUDAStream();
   FCL_DISPATCH_FLOAT(x.scalar_type(), "segment_sum", [&] {
     constexpr int VEC = 16 / sizeof(scalar_t);
@@ -760,19 +802,18 @@ at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, con
       while (lanes_per_row * VEC < E) lanes_per_row *= 2;  // <= 32: E <= SEG_THREADS, VEC >= 4
       bool warps = per_warp == 1;
       if (per_warp == -1) {
-        int resident = 0;  // the block-per-cluster kernel's blocks resident on one SM
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, segment_sum_wide_kernel<scalar_t>,
-                                                                     SEG_THREADS, 0));
+        const int resident = resident_blocks(segment_sum_wide_kernel<scalar_t>, SEG_THREADS, 0);
         const int64_t per_pass = SEG_UNROLL * (32 / lanes_per_row);  // members of a warp's pass
         const int64_t passes = ((N + C - 1) / C + per_pass - 1) / per_pass;
         warps = B * H * C > static_cast<int64_t>(resident) * num_sms() && passes <= SEG_WARP_MAX_PASSES;
       }
       const auto kernel = warps ? segment_sum_warp_kernel<scalar_t> : segment_sum_wide_kernel<scalar_t>;
       const dim3 blocks(warps ? static_cast<unsigned>((C + SEG_THREADS / 32 - 1) / (SEG_THREADS / 32)) : grid.x, grid.y);
-      kernel<<<blocks, SEG_THREADS, 0, stream>>>(
-          make_rows<const scalar_t>(x), static_cast<int>(E), lanes_per_row, order.data_ptr<int64_t>(),
-          seg_start.data_ptr<int64_t>(), static_cast<int>(N), static_cast<int>(C), mean, out.data_ptr<float>());
-    } else {
+      launch_after_prior(kernel, blocks, dim3(SEG_THREADS), 0, stream, make_rows<const scalar_t>(x),
+                         static_cast<int>(E), lanes_per_row, order.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(),
+                         static_cast<int>(N), static_cast<int>(C), mean, out.data_ptr<float>(), zero_at, zero_count);
+    } else {  // rows not 16-byte aligned (rare): the zeros take a launch of their own
+      if (zero_count > 0) zero->zero_();
       segment_sum_kernel<scalar_t><<<grid, SEG_THREADS, 0, stream>>>(
           make_rows<const scalar_t>(x), static_cast<int>(E), order.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(),
           static_cast<int>(N), static_cast<int>(C), mean, out.data_ptr<float>());
@@ -813,9 +854,10 @@ void broadcast_into_cuda(const at::Tensor& src, const at::Tensor& assignments, c
       const int64_t per_block = (BROADCAST_THREADS / (E / VEC)) * BROADCAST_UNROLL;
       TORCH_CHECK(queries / N <= 65535, "broadcast: batch * heads must be <= 65535");
       const dim3 grid(static_cast<unsigned>((N + per_block - 1) / per_block), static_cast<unsigned>(queries / N));
-      broadcast_rows_kernel<scalar_t><<<grid, BROADCAST_THREADS, 0, stream>>>(
-          src.data_ptr<float>(), a.data_ptr<int64_t>(), static_cast<int>(N), static_cast<int>(C),
-          static_cast<int>(E), make_rows<scalar_t>(out));
+      launch_after_prior(broadcast_rows_kernel<scalar_t>, grid, dim3(BROADCAST_THREADS), 0, stream,
+                         static_cast<const float*>(src.data_ptr<float>()),
+                         static_cast<const int64_t*>(a.data_ptr<int64_t>()), static_cast<int>(N),
+                         static_cast<int>(C), static_cast<int>(E), make_rows<scalar_t>(out));
     } else {
       const int blocks = static_cast<int>(std::min<int64_t>((queries * E + 255) / 256, 64LL * num_sms()));
       broadcast_kernel<scalar_t><<<std::max(blocks, 1), 256, 0, stream>>>(

@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> merge_parts_cuda(const std::vector<at::Tensor
                                                     int64_t dim);
 std::tuple<at::Tensor, at::Tensor> cluster_order_cuda(const at::Tensor& assignments, int64_t num_clusters);
 at::Tensor segment_sum_cuda(const at::Tensor& x, const at::Tensor& order, const at::Tensor& seg_start, bool mean,
-                            int64_t per_warp);
+                            int64_t per_warp, const c10::optional<at::Tensor>& zero);
 at::Tensor broadcast_cuda(const at::Tensor& src, const at::Tensor& assignments, at::ScalarType dtype);
 void broadcast_into_cuda(const at::Tensor& src, const at::Tensor& assignments, const at::Tensor& out);
 at::Tensor improved_exact_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -91,9 +91,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cluster_order", &fcl::cluster_order_cuda,
         "the queries' stable sort by cluster -> (order (B*H, N), seg_start (B*H, C+1)) int64");
   m.def("segment_sum", &fcl::segment_sum_cuda,
-        "per-cluster sum / mean of rows, fp32 (B*H, C, E); per_warp: 1 a warp per cluster, 0 a block, -1 by the shape",
+        "per-cluster sum / mean of rows, fp32 (B*H, C, E); per_warp: 1 a warp per cluster, 0 a block, -1 by the "
+        "shape; zero: an int32 tensor the same launch fills with zeros (saves a caller's fill), or None",
         pybind11::arg("x"), pybind11::arg("order"), pybind11::arg("seg_start"), pybind11::arg("mean"),
-        pybind11::arg("per_warp") = -1);
+        pybind11::arg("per_warp") = -1, pybind11::arg("zero") = pybind11::none());
   m.def("broadcast", &fcl::broadcast_cuda, "per-cluster rows to their members (B, H, N, E)");
   m.def("broadcast_into", &fcl::broadcast_into_cuda,
         "per-cluster rows to their members, written into out (B, H, N, E) of any strides (last dim contiguous)");

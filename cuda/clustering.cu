@@ -596,6 +596,7 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
                          int64_t* __restrict__ seg_start) {
   static_assert(CLUSTER_THREADS == ORDER_THREADS, "the sort of the final assignments takes the kernel's blocks");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  wait_for_prior_kernels();  // launched as the hashing's dependent (with_lloyd_cluster_launch's after_prior)
   const auto [rank, size] = cluster_place();
   extern __shared__ int64_t smem_cluster[];
   char* smem_bytes = reinterpret_cast<char*>(smem_cluster);
@@ -719,6 +720,9 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
     }
     cluster_barrier();  // every copy of the centroids updated, every block's counters read
   }
+  // What is left (the final assignment and the sort) takes a few microseconds: time enough for the
+  // next kernel's launch, whose blocks then wait for this one's end.
+  let_next_kernel_start();
   for_query_tiles<CLUSTER_THREADS>(slice, start, stop, [&](int n_lo, int n_hi, uint64_t lo, uint64_t hi) {
     assign16<TILES>(info, b, bh, single, n_lo, n_hi, stop, lo, hi, sm.frags, assignments, lane);
   });
@@ -764,16 +768,18 @@ void launch_lloyd_mma(const dim3& grid, cudaStream_t stream, const RowInfo& info
 
 // Calls `use(kernel, config, layout)` with lloyd_cluster_kernel for C = info.clusters
 // (<= MMA_MAX_CLUSTERS), its launch configuration and its shared memory's layout: clusters of
-// `cluster_blocks` blocks, one cluster per row of `rows`.
+// `cluster_blocks` blocks, one cluster per row of `rows`; a programmatic dependent of the kernel
+// before it where `after_prior` (the launch itself; not the occupancy query).
 template <typename Use>
-void with_lloyd_cluster_launch(int cluster_blocks, int64_t rows, cudaStream_t stream, const RowInfo& info, Use use) {
+void with_lloyd_cluster_launch(int cluster_blocks, int64_t rows, cudaStream_t stream, const RowInfo& info, Use use,
+                               bool after_prior = false) {
   with_centroid_tiles(info.clusters, [&](auto tiles) {
     constexpr int TILES = decltype(tiles)::value;
     auto kernel = lloyd_cluster_kernel<TILES>;
     const ClusterLayout layout = cluster_layout<TILES>(info.length, info.clusters, cluster_blocks);
     ensure_smem(kernel, layout.bytes);
     const ClusterLaunch launch(cluster_blocks, dim3(static_cast<unsigned>(cluster_blocks), static_cast<unsigned>(rows)),
-                              dim3(CLUSTER_THREADS), layout.bytes, stream);
+                              dim3(CLUSTER_THREADS), layout.bytes, stream, after_prior);
     use(kernel, launch.config, layout);
   });
 }
@@ -994,7 +1000,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lloyd_kmeans_into(
                                         assignments.data_ptr<int64_t>(),
                                         sorted ? order.data_ptr<int64_t>() : nullptr,
                                         sorted ? seg_start.data_ptr<int64_t>() : nullptr));
-    });
+    }, /*after_prior=*/true);
     return {assignments, centroids, order, seg_start};
   }
   const dim3 small_grid(static_cast<unsigned>((C + 127) / 128), static_cast<unsigned>(B * H));

@@ -10,8 +10,12 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <map>
 #include <mutex>
 #include <set>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -208,6 +212,29 @@ __device__ __forceinline__ void cluster_barrier() {
   cluster_wait();
 }
 
+// Programmatic dependent launch (sm_90). A kernel launched with launch_after_prior (or a
+// ClusterLaunch `after_prior`) may start while the kernel before it on the stream still runs: its
+// blocks become resident once every block of that kernel has called let_next_kernel_start() (or
+// exited), then wait in wait_for_prior_kernels() until that kernel has finished and its writes are
+// visible. What it saves is each boundary's launch and ramp: the next kernel's blocks are in place
+// when the last one ends. Every such kernel calls wait_for_prior_kernels() first, in every thread
+// and before any early return: its own end then implies the end of the kernel before it, so a
+// kernel after it (launched either way) sees everything earlier on the stream. A kernel lets the
+// next one start only where what it has left is a short tail: waiting blocks are not free (with
+// every kernel letting the next start at its top, the blocks of the next one waited through the
+// whole of the current one, and the forward at 2k took 3-4 us longer; benchmarks/NOTES.md,
+// fortieth session). Before sm_90 both are no-ops and the launches ordinary ones.
+__device__ __forceinline__ void wait_for_prior_kernels() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void let_next_kernel_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // An attribute of the current device, queried once per device.
 template <cudaDeviceAttr ATTRIBUTE>
 inline int device_attribute() {
@@ -222,6 +249,65 @@ inline int device_attribute() {
 }
 inline int num_sms() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 inline int compute_major() { return device_attribute<cudaDevAttrComputeCapabilityMajor>(); }
+
+// Whether launch_after_prior and ClusterLaunch's `after_prior` launch as programmatic dependents on
+// the current device: sm_90 and newer, unless FAIRSEQ_CLUSTERED_PDL=0 (read once; a switch for
+// measuring the launches' gain and for ruling them out when a result looks wrong; the Triton
+// kernels' dependent_launch in ops/_triton.py reads it too).
+inline bool dependent_launches() {
+  static const int allowed = [] {
+    const char* setting = std::getenv("FAIRSEQ_CLUSTERED_PDL");
+    const std::string value = setting == nullptr ? "1" : setting;
+    return value == "0" ? 0 : value == "1" ? 1 : -1;
+  }();
+  TORCH_CHECK(allowed >= 0, "FAIRSEQ_CLUSTERED_PDL must be 0 (off) or 1 (on, the default), got '",
+              std::getenv("FAIRSEQ_CLUSTERED_PDL"), "'");
+  return allowed == 1 && compute_major() >= 9;
+}
+
+// The launch attribute that makes a kernel a programmatic dependent of the one before it.
+inline cudaLaunchAttribute after_prior_attribute() {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  return attribute;
+}
+
+// `kernel<<<grid, block, smem, stream>>>(args...)` as a programmatic dependent of the kernel before
+// it on `stream` (see wait_for_prior_kernels, which `kernel` must call first), where
+// dependent_launches(); else an ordinary launch.
+template <typename... Params, typename... Args>
+void launch_after_prior(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                        Args&&... args) {
+  cudaLaunchAttribute attribute = after_prior_attribute();
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = dependent_launches() ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+// Blocks of `kernel` (`threads` each, `smem` bytes of dynamic shared memory) resident on one SM of
+// the current device, queried once per kernel and device: host code that picks a kernel by it runs
+// on every eager call.
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int threads, size_t smem) {
+  static std::mutex lock;
+  static std::map<std::pair<const void*, int>, int> known;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
+  std::lock_guard<std::mutex> guard(lock);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+  known.emplace(key, blocks);
+  return blocks;
+}
 
 // Raise a kernel's dynamic shared-memory limit when a launch needs more than 48 KB.
 // Each (kernel, device) is raised once, to the device's opt-in maximum, on its first
@@ -247,30 +333,31 @@ void ensure_smem(Kernel kernel, size_t bytes) {
 }
 
 // A launch (cudaLaunchKernelEx) of thread block clusters of `cluster_blocks` blocks along x: the
-// configuration and its cluster-shape attribute, which `config.attrs` points into, so a holder is
-// neither copied nor moved. Devices before sm_90 have no clusters: there (one block per cluster)
-// the attribute is left out and the launch is an ordinary one. On sm_90 it is set even for one
-// block, which cudaOccupancyMaxActiveClusters needs to count clusters.
+// configuration and its attributes, which `config.attrs` points into, so a holder is neither copied
+// nor moved. Devices before sm_90 have no clusters: there (one block per cluster) the cluster shape
+// is left out and the launch is an ordinary one. On sm_90 it is set even for one block, which
+// cudaOccupancyMaxActiveClusters needs to count clusters. `after_prior`: a programmatic dependent
+// of the kernel before it (launch_after_prior's terms) where dependent_launches().
 struct ClusterLaunch {
-  cudaLaunchAttribute shape[1];
+  cudaLaunchAttribute attributes[2];
   cudaLaunchConfig_t config;
-
-  ClusterLaunch(int cluster_blocks, dim3 grid, dim3 block, size_t smem, cudaStream_t stream) : shape{}, config{} {
-    shape[0].id = cudaLaunchAttributeClusterDimension;
-    shape[0].val.clusterDim.x = static_cast<unsigned>(cluster_blocks);
-    shape[0].val.clusterDim.y = 1;
-    shape[0].val.clusterDim.z = 1;
+  ClusterLaunch(int cluster_blocks, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool after_prior = false)
+      : attributes{}, config{} {
+    attributes[0].id = cudaLaunchAttributeClusterDimension;
+    attributes[0].val.clusterDim.x = static_cast<unsigned>(cluster_blocks);
+    attributes[0].val.clusterDim.y = 1;
+    attributes[0].val.clusterDim.z = 1;
+    attributes[1] = after_prior_attribute();
     config.gridDim = grid;
     config.blockDim = block;
     config.dynamicSmemBytes = smem;
     config.stream = stream;
-    config.attrs = shape;
-    config.numAttrs = compute_major() >= 9 ? 1 : 0;
+    config.attrs = attributes;
+    config.numAttrs = compute_major() >= 9 ? (after_prior && dependent_launches() ? 2 : 1) : 0;
   }
   ClusterLaunch(const ClusterLaunch&) = delete;
   ClusterLaunch& operator=(const ClusterLaunch&) = delete;
 };
-
 }  // namespace fcl
 
 #define FCL_CHECK_CUDA(t, name) TORCH_CHECK((t).is_cuda(), name " must be a CUDA tensor, got ", (t).device())

@@ -33,7 +33,31 @@ def report() -> str:
     for name, where in cuda_backend.status().items():
         lines.append(f"  {name:34s} {where}")
     lines.append(f"cuda graphs       {graph_cache_line(cuda_backend)}")
+    lines.append(f"dependent launch  {dependent_launch_line(cuda_backend)}")
     return "\n".join(lines)
+
+
+def dependent_launch_line(cuda_backend) -> str:
+    """One line on programmatic dependent launches between the kernels (``cuda/common.cuh``,
+    ``ops/_triton.py``): on, off, or why not used."""
+    import torch
+
+    from .ops import _triton
+
+    if cuda_backend.graph_cache() is None or not torch.cuda.is_available():
+        return "not used (no CUDA kernels)"
+    try:
+        allowed = _triton.dependent_launches_allowed()
+    except ValueError as error:
+        return f"invalid setting: {error}"
+    if not allowed:
+        return "off (FAIRSEQ_CLUSTERED_PDL=0)"
+    if torch.cuda.get_device_capability()[0] < 9:
+        return "not used (needs sm_90 or newer)"
+    triton_too = "" if _triton.MISSING is None and _triton.gdc_wait is not None else (
+        " (the CUDA kernels' only: this Triton has no grid dependency control)")
+    return ("on: each kernel of the clustered forward starts while the one before it ends, and waits for its "
+            f"results{triton_too}; FAIRSEQ_CLUSTERED_PDL=0 turns it off")
 
 
 def graph_cache_line(cuda_backend) -> str:

@@ -215,6 +215,25 @@ def test_bit_reproducible():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@runs_here
+def test_tickets_given_by_the_caller():
+    """``tickets``: int32 zeros the caller cleared (the clustered forward's segment sum clears them in
+    its own launch) serve as the forward's own, ``forward_tickets`` of them: the same bits; tickets of
+    another count or dtype are refused, naming them."""
+    qbar, key, value, padding, keep, _ = problem(300, 32, 20, DTYPES[0], True, 0.2, seed=3)
+    rows, num_clusters = qbar.shape[:2]
+    expected = centroid_triton.centroid_attention_fwd(qbar, key, value, padding, keep, 0.2, 0.2)
+    count = centroid_triton.forward_tickets(rows, num_clusters, key, True)
+    assert count > 0  # several key ranges per row: the tickets elect the merging program
+    tickets = torch.zeros(count, dtype=torch.int32, device=key.device)
+    got = centroid_triton.centroid_attention_fwd(qbar, key, value, padding, keep, 0.2, 0.2, tickets=tickets)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    for wrong in (torch.zeros(count + 1, dtype=torch.int32), torch.zeros(count, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="tickets must be"):
+            centroid_triton.centroid_attention_fwd(qbar, key, value, padding, keep, 0.2, 0.2,
+                                                   tickets=wrong.to(key.device))
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU: the programs race for the merge only there")
 def test_ranges_merged_in_the_launch_gpu():
     """The forward's programs merge their key ranges themselves: the last of a row's programs to take

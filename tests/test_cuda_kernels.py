@@ -63,7 +63,9 @@ class EmulatedExtension:
         return _segments(assignments, num_clusters)[:2]
 
     @staticmethod
-    def segment_sum(x, order, seg_start, mean):
+    def segment_sum(x, order, seg_start, mean, per_warp=-1, zero=None):
+        if zero is not None:
+            zero.zero_()
         batch, heads, length, width = x.shape
         rows = x.reshape(batch * heads, length, width).float()
         clusters = seg_start.shape[1] - 1
@@ -1353,6 +1355,82 @@ def test_segment_sum_gpu(width, dtype, clusters):
             assert any(torch.equal(chosen, got) for got in by_kernel), name
     with pytest.raises(RuntimeError, match="per_warp must be -1"):
         ext.segment_sum(x, order, seg_start, False, 2)
+
+
+@needs_gpu
+def test_segment_sum_fills_zero_gpu():
+    """``zero``: the segment sum's launch also fills that int32 tensor with zeros (the centroid
+    attention's tickets, a fill launch less), on either 16-byte kernel and on the scalar kernel's path
+    (rows not 16-byte aligned: there a fill of its own), more ints than a block has threads, the sums
+    unchanged; a tensor it cannot fill is refused, naming the argument."""
+    from fairseq_clustered.ops import cuda_backend
+    ext = cuda_backend.extension()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 9, (2, 3, 500), generator=g)
+    x = torch.randn(2, 3, 500, 64, generator=g).to("cuda", torch.bfloat16)
+    order, seg_start = ext.cluster_order(ids.cuda(), 9)
+    for name, view in _layouts(x).items():
+        for per_warp in (0, 1):
+            zero = torch.full((301,), 7, dtype=torch.int32, device="cuda")
+            got = ext.segment_sum(view, order, seg_start, True, per_warp, zero=zero)
+            assert torch.equal(got, ext.segment_sum(view, order, seg_start, True, per_warp)), name
+            assert not zero.any(), f"{name}, per_warp={per_warp}: {zero.count_nonzero()} ints left"
+    with pytest.raises(RuntimeError, match="zero must be a contiguous int32"):
+        ext.segment_sum(x, order, seg_start, True, zero=torch.zeros(4, dtype=torch.int64, device="cuda"))
+
+
+_DEPENDENT_LAUNCH_SCRIPT = """
+import sys
+import torch
+from fairseq_clustered.ops import clustered_attention, improved_clustered_attention
+g = torch.Generator().manual_seed(0)
+q, k, v, grad = (torch.randn(2, 4, 2048, 64, generator=g).to("cuda", torch.bfloat16) for _ in range(4))
+q, k, v = (t.requires_grad_() for t in (q, k, v))
+planes = torch.randn(63, 64, generator=g).cuda()
+results = []
+for improved in (False, True):
+    def step():
+        if improved:
+            return improved_clustered_attention(q, k, v, num_clusters=100, planes=planes, topk=32)
+        return clustered_attention(q, k, v, num_clusters=100, planes=planes)
+    for _ in range(3):  # eager, then the graph cache's replays
+        out = step()
+        out.backward(grad)
+        results += [out.detach(), q.grad, k.grad, v.grad]
+        q.grad = k.grad = v.grad = None
+        with torch.no_grad():
+            results.append(step())
+torch.save([r.cpu() for r in results], sys.argv[1])
+"""
+
+
+@needs_gpu
+def test_dependent_launches_change_no_bit_gpu(tmp_path):
+    """Programmatic dependent launches (on by default from sm_90; FAIRSEQ_CLUSTERED_PDL=0 turns them
+    off) let each kernel of a step start while the one before it ends, and each waits for that
+    kernel's results: the outputs and gradients of clustered and improved attention, eager and
+    replayed from the graph cache, with and without grad, are the same bits either way (two
+    processes), but for the improved variant's key and value gradients, which float atomics sum in
+    no fixed order. A setting other than 0 or 1 is refused, naming the variable."""
+    import subprocess
+    import sys
+    runs = {}
+    for setting in ("0", "1", "2"):
+        path = tmp_path / f"pdl{setting}.pt"
+        result = subprocess.run([sys.executable, "-c", _DEPENDENT_LAUNCH_SCRIPT, str(path)], capture_output=True,
+                                text=True, timeout=300, env={**os.environ, "FAIRSEQ_CLUSTERED_PDL": setting})
+        if setting == "2":
+            assert result.returncode != 0 and "FAIRSEQ_CLUSTERED_PDL must be 0 (off) or 1" in result.stderr, (
+                result.stderr[-1000:])
+            continue
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[setting] = torch.load(path)
+    assert len(runs["0"]) == len(runs["1"]) == 30
+    for index, (off, on) in enumerate(zip(runs["0"], runs["1"])):
+        if index >= 15 and index % 5 in (2, 3):  # the improved variant's dk, dv: float atomics in any order
+            torch.testing.assert_close(on, off, rtol=1e-2, atol=1e-3, msg=f"result {index}")
+        else:
+            assert torch.equal(off, on), f"result {index} differs with dependent launches"
 
 
 @needs_gpu

@@ -65,3 +65,37 @@ def test_importing_the_ops_registers_the_cuda_kernels():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0 and "kernels registered" in result.stdout, result.stderr[-2000:]
+
+
+def test_info_reports_dependent_launches():
+    """The "dependent launch" line: on or not used without sm_90 (or without the kernels), off with
+    FAIRSEQ_CLUSTERED_PDL=0, and a bad setting named."""
+    lines = {}
+    for setting in ("1", "0", "maybe"):
+        env = {**os.environ, "FAIRSEQ_CLUSTERED_PDL": setting}
+        result = subprocess.run([sys.executable, "-m", "fairseq_clustered.info"], capture_output=True, text=True,
+                                check=True, env=env)
+        lines[setting] = next(line for line in result.stdout.splitlines() if line.startswith("dependent launch "))
+    if not cuda_backend.load() or not torch.cuda.is_available():
+        assert all("not used (no CUDA kernels)" in line for line in lines.values()), lines
+        return
+    assert "on: " in lines["1"] or "not used (needs sm_90" in lines["1"], lines
+    assert "off (FAIRSEQ_CLUSTERED_PDL=0)" in lines["0"], lines
+    assert "FAIRSEQ_CLUSTERED_PDL must be 0 (off) or 1" in lines["maybe"], lines
+
+
+def test_dependent_launch_setting(monkeypatch):
+    """``FAIRSEQ_CLUSTERED_PDL``: unset or 1 allows dependent launches, 0 turns them off, anything else
+    is refused with the allowed values; never on CPU tensors (nor in Triton's interpreter)."""
+    from fairseq_clustered.ops import _triton
+
+    monkeypatch.delenv("FAIRSEQ_CLUSTERED_PDL", raising=False)
+    assert _triton.dependent_launches_allowed()
+    for setting, allowed in (("1", True), ("0", False)):
+        monkeypatch.setenv("FAIRSEQ_CLUSTERED_PDL", setting)
+        assert _triton.dependent_launches_allowed() == allowed
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_PDL", "yes")
+    with pytest.raises(ValueError, match=r"FAIRSEQ_CLUSTERED_PDL must be 0 \(off\) or 1 \(on, the default\), got 'yes'"):
+        _triton.dependent_launches_allowed()
+    monkeypatch.setenv("FAIRSEQ_CLUSTERED_PDL", "1")
+    assert not _triton.dependent_launch(torch.device("cpu"))

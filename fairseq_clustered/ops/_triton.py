@@ -4,6 +4,7 @@
 report when they step aside.
 """
 
+import functools
 from typing import Optional
 
 try:
@@ -59,11 +60,34 @@ if triton is not None:
         hi = scaled.to(tl.float16)
         lo = (scaled - hi.to(tl.float32)).to(tl.float16)
         return hi, lo, inverse
+
+    try:  # programmatic dependent launch (Triton 3.3 and newer)
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # pragma: no cover - depends on the install
+        gdc_wait = gdc_launch_dependents = None
+
+    @triton.jit
+    def wait_for_prior_kernel(DEPENDENT: tl.constexpr):
+        """First in a kernel launched with ``launch_pdl=DEPENDENT`` (:func:`dependent_launch`): wait
+        until the kernel before it on the stream has finished and its writes are visible; nothing
+        where ``DEPENDENT`` is False. The CUDA kernels' ``wait_for_prior_kernels``
+        (``cuda/common.cuh``), which says why and what it saves."""
+        if DEPENDENT:
+            gdc_wait()
+
+    @triton.jit
+    def let_next_kernel_start(DEPENDENT: tl.constexpr):
+        """Where a kernel's remaining work is a short tail: the kernel after it may be scheduled (its
+        blocks then wait for this one's end); nothing where ``DEPENDENT`` is False."""
+        if DEPENDENT:
+            gdc_launch_dependents()
+
 else:  # pragma: no cover - depends on the install
-    safe_max = three_parts = power_of_two_scale = two_scaled_parts = None
+    safe_max = wait_for_prior_kernel = let_next_kernel_start = three_parts = power_of_two_scale = two_scaled_parts = None
+    gdc_wait = gdc_launch_dependents = None
 
 __all__ = ["triton", "tl", "MISSING", "power_of_two_in", "tiles_unavailable", "dot_precision",
-           "interpreted", "mask_bytes", "safe_max", "three_parts", "power_of_two_scale", "two_scaled_parts"]
+           "interpreted", "dependent_launch", "dependent_launch_options", "dependent_launches_allowed", "wait_for_prior_kernel", "let_next_kernel_start", "mask_bytes", "safe_max", "three_parts", "power_of_two_scale", "two_scaled_parts"]
 
 MIN_TILE = 16  # tl.dot's smallest tile
 
@@ -118,6 +142,42 @@ def interpreted() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dependent_launch(device) -> bool:
+    """Whether the Triton kernels that call :func:`wait_for_prior_kernel` launch on ``device`` as
+    programmatic dependents of the kernel before them (``launch_pdl``): compiled (not the
+    interpreter) on sm_90 or newer with a Triton that has it, unless ``FAIRSEQ_CLUSTERED_PDL=0``
+    (the switch of the CUDA kernels' launches too, ``cuda/common.cuh``)."""
+    if device.type != "cuda" or interpreted() or gdc_wait is None:
+        return False
+    return dependent_launches_allowed() and _compute_major(device.index) >= 9
+
+
+def dependent_launches_allowed() -> bool:
+    """``FAIRSEQ_CLUSTERED_PDL``: unset or ``1`` allows programmatic dependent launches, ``0`` turns
+    them off (a switch for measuring their gain, and for ruling them out when a result looks wrong)."""
+    import os
+
+    setting = os.environ.get("FAIRSEQ_CLUSTERED_PDL", "1")
+    if setting not in ("0", "1"):
+        raise ValueError(f"FAIRSEQ_CLUSTERED_PDL must be 0 (off) or 1 (on, the default), got {setting!r}")
+    return setting == "1"
+
+
+def dependent_launch_options(device) -> dict:
+    """A launch's keyword arguments for a kernel with a ``DEPENDENT`` constexpr that it passes to
+    :func:`wait_for_prior_kernel`: that flag and Triton's ``launch_pdl``, both :func:`dependent_launch`."""
+    dependent = dependent_launch(device)
+    return {"DEPENDENT": dependent, "launch_pdl": dependent}
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_major(index: Optional[int]) -> int:
+    """The compute capability's major number of CUDA device ``index`` (a tensor's device has one)."""
+    import torch
+
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _cuda_dot_precisions() -> tuple:

@@ -54,10 +54,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import (MIN_TILE, dot_precision, interpreted, mask_bytes, safe_max, three_parts, tiles_unavailable,
-                      tl, triton, two_scaled_parts)
+from ._triton import (MIN_TILE, dependent_launch_options, dot_precision, interpreted, let_next_kernel_start, mask_bytes,
+                      safe_max, three_parts, tiles_unavailable, tl, triton, two_scaled_parts, wait_for_prior_kernel)
 
-__all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "centroid_attention_bwd", "gradient_like"]
+__all__ = ["triton_centroid_unavailable", "centroid_attention_fwd", "forward_tickets", "centroid_attention_bwd",
+           "gradient_like"]
 
 MAX_CLUSTERS = 128  # all centroids of a (batch, head) in one tile
 LOG2E = 1.4426950408889634
@@ -234,7 +235,8 @@ if triton is not None:
                              stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                              DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
                              PADDED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                             SPLIT: tl.constexpr, PARTS: tl.constexpr, TILES: tl.constexpr):
+                             SPLIT: tl.constexpr, PARTS: tl.constexpr, TILES: tl.constexpr,
+                             DEPENDENT: tl.constexpr):
         """QBAR: (rows, C, DIM) fp32 (rounded to the key dtype here unless the products split it);
         VALUES: (rows, C, DIM) fp32 and LSE: (rows, C) fp32 (natural base, +inf where a row has no
         valid key), the results. Where a row's keys take several programs, each stores its range's
@@ -243,7 +245,9 @@ if triton is not None:
         takes a ticket from TICKETS (rows * TILES,) int32, zeros at the launch: the last program of
         the row's centroid tile merges the ranges (:func:`_merge_ranges`). One launch where the
         ranges' merge took six torch launches after it. TILES: each row's centroid tiles of BLOCK_C
-        (:func:`_program_row`)."""
+        (:func:`_program_row`). DEPENDENT: launched as a programmatic dependent (:func:`wait_for_prior_kernel`);
+        the kernel after it may start once the key ranges are done (the merges are a short tail)."""
+        wait_for_prior_kernel(DEPENDENT)
         row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM, TILES)
         q = tl.load(QBAR + (row * num_clusters + clusters)[:, None] * DIM + dims[None, :],
                     mask=cluster_ok[:, None], other=0.0)
@@ -270,6 +274,7 @@ if triton is not None:
             acc = acc * rescale[:, None] + _product(_operand((probs * keep).to(v.dtype), SPLIT, PARTS),
                                                     _operand(v, SPLIT, PARTS), SPLIT, PARTS, PRECISION)
             running_max = new_max
+        let_next_kernel_start(DEPENDENT)
         nonempty = running_sum > 0
         out = acc / tl.where(nonempty, running_sum, 1.0)[:, None] * drop_scale
         lse2 = tl.where(nonempty, running_max + tl.log2(tl.where(nonempty, running_sum, 1.0)), float("-inf"))
@@ -464,8 +469,28 @@ def _centroid_tile(entry: str, num_clusters: int) -> int:
     return min(_tile(num_clusters), most)
 
 
+def _forward_grid(rows: int, num_clusters: int, key: Tensor, masked: bool) -> Tuple[dict, int, int, int, int]:
+    """The forward's launch for ``rows`` rows of ``num_clusters`` centroids over ``key (B, H, S, D)``,
+    with key padding or dropout (``masked``) or neither: ``(launch options, BLOCK_C, tiles per row,
+    key ranges per (row, tile), keys per range)``."""
+    launch = _launch("fwd", key.dtype, key.shape[-1], masked)
+    block_c = _centroid_tile(launch_entry("fwd", key.dtype, key.shape[-1], masked), num_clusters)
+    tiles = triton.cdiv(num_clusters, block_c)
+    parts, per_program = _programs_per_row(rows * tiles, key.shape[2], launch["BLOCK_N"])
+    return launch, block_c, tiles, parts, per_program
+
+
+def forward_tickets(rows: int, num_clusters: int, key: Tensor, masked: bool) -> int:
+    """How many int32 tickets :func:`centroid_attention_fwd` takes for these arguments (``masked``:
+    a key padding mask or a keep mask is given): one per (row, centroid tile) where a row's keys
+    take several programs, else 0."""
+    _, _, tiles, parts, _ = _forward_grid(rows, num_clusters, key, masked)
+    return rows * tiles if parts > 1 else 0
+
+
 def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
-                           keep: Optional[Tensor], scale: float, dropout_p: float) -> Tuple[Tensor, Tensor]:
+                           keep: Optional[Tensor], scale: float, dropout_p: float,
+                           tickets: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``Vbar`` and ``lse`` of the centroids.
 
     Args:
@@ -473,6 +498,9 @@ def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding
             (any strides with a contiguous last dim).
         key_padding_mask: ``(B, S)`` bool (True = padded) or None.
         keep: ``(B, H, C, S)`` bool dropout keep mask or None; dropout_p: its rate.
+        tickets: ``(forward_tickets(...),)`` int32 zeros on the keys' device that the kernel may use
+            (and leaves changed), e.g. cleared by the segment sum that made ``qbar`` (the extension's
+            ``segment_sum(..., zero=tickets)``: a launch less); None to make them here.
 
     Returns:
         ``Vbar (B H, C, D)`` fp32 and ``lse (B H, C)`` fp32 (+inf for rows without a valid key).
@@ -480,17 +508,20 @@ def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding
     batch, heads, keys, dim = key.shape
     rows, num_clusters = qbar.shape[:2]
     key, value, padding, kept, strides = _key_args(key, value, key_padding_mask, keep)
-    masked = padding is not None or kept is not None
-    launch = _launch("fwd", key.dtype, dim, masked)
-    block_c = _centroid_tile(launch_entry("fwd", key.dtype, dim, masked), num_clusters)
-    tiles = triton.cdiv(num_clusters, block_c)
-    parts, per_program = _programs_per_row(rows * tiles, keys, launch["BLOCK_N"])
+    launch, block_c, tiles, parts, per_program = _forward_grid(rows, num_clusters, key,
+                                                               padding is not None or kept is not None)
     values = qbar.new_empty(rows, num_clusters, dim, dtype=torch.float32)
     lse = qbar.new_empty(rows, num_clusters, dtype=torch.float32)
+    wanted = rows * tiles if parts > 1 else 0
+    if tickets is not None and (tickets.dtype != torch.int32 or tickets.device != key.device
+                                or tickets.shape != (wanted,)):
+        raise ValueError(f"centroid_attention_fwd: tickets must be ({wanted},) int32 zeros on {key.device} "
+                         f"(forward_tickets), got {tuple(tickets.shape)} {tickets.dtype} on {tickets.device}")
     if parts > 1:  # the ranges' outputs, and the tickets that elect each row's merging program
         out = qbar.new_empty(rows, parts, num_clusters, dim, dtype=torch.float32)
         lse2 = qbar.new_empty(rows, parts, num_clusters, dtype=torch.float32)
-        tickets = torch.zeros(rows * tiles, dtype=torch.int32, device=qbar.device)
+        if tickets is None:
+            tickets = torch.zeros(wanted, dtype=torch.int32, device=qbar.device)
     else:
         out, lse2, tickets = values, lse, lse
     _centroid_fwd_kernel[(rows * tiles, parts)](
@@ -498,7 +529,7 @@ def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding
         key if kept is None else kept, out, lse2, tickets, values, lse,
         num_clusters, keys, heads, per_program, scale * LOG2E, 1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
         *strides, DIM=dim, BLOCK_C=block_c, PADDED=padding is not None, DROPOUT=kept is not None, TILES=tiles,
-        **launch,
+        **launch, **dependent_launch_options(key.device),
     )
     return values, lse
 

@@ -376,11 +376,12 @@ class CudaOps:
         assignments, _ = self._lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits)
         return assignments, self._sort_by_cluster(assignments.contiguous(), num_clusters)
 
-    def _sorted_centroids(self, query, assignments, num_clusters, sort):
+    def _sorted_centroids(self, query, assignments, num_clusters, sort, zero=None):
         """``(order, seg_start, qbar)``: ``sort`` (:meth:`_cluster_queries_sorted`'s) or, where it is
-        None, the sort made here, and the clusters' mean queries ``(B H, C, D)`` fp32 (:meth:`_centroids`)."""
+        None, the sort made here, and the clusters' mean queries ``(B H, C, D)`` fp32 (:meth:`_centroids`).
+        ``zero``: an int32 tensor the centroids' launch fills with zeros, or None."""
         order, seg_start = sort if sort is not None else self._sort_by_cluster(assignments, num_clusters)
-        return order, seg_start, self._centroids(query, order, seg_start)
+        return order, seg_start, self._centroids(query, order, seg_start, zero)
 
     def chunk_cluster_sums(self, x, clusters, window, num_clusters):
         if x.dtype not in KERNEL_DTYPES:
@@ -811,9 +812,10 @@ class CudaOps:
             return self.ext.cluster_order(assignments, num_clusters)
         return _segments(assignments, num_clusters)[:2]
 
-    def _centroids(self, query, order, seg_start) -> Tensor:
-        """Mean member query of every cluster, fp32 ``(rows, C, D)`` (zeros when empty)."""
-        return self.ext.segment_sum(query, order, seg_start, True)
+    def _centroids(self, query, order, seg_start, zero=None) -> Tensor:
+        """Mean member query of every cluster, fp32 ``(rows, C, D)`` (zeros when empty); ``zero``: an
+        int32 tensor the same launch fills with zeros (the extension's ``segment_sum``), or None."""
+        return self.ext.segment_sum(query, order, seg_start, True, zero=zero)
 
     @staticmethod
     def _dense_inputs(key, value, key_padding_mask, keep, num_clusters, dropout_p):
@@ -890,17 +892,22 @@ class CudaOps:
         batch, heads, length, dim = query.shape
         rows, value_dim = batch * heads, value.shape[-1]
         assignments = assignments.contiguous()
-        order, seg_start, qbar = self._sorted_centroids(query, assignments, num_clusters, sort)
-        cluster_outputs = None  # what the members receive, in the query dtype (below, where not flash's)
         on_triton = self._centroid_triton_ok(query, value, num_clusters)
-        if self._flash_ok(query, value, key_padding_mask, keep) and not (
-                on_triton and dim <= self.TRITON_FORWARD_MAX_DIM):
+        on_flash = self._flash_ok(query, value, key_padding_mask, keep) and not (
+            on_triton and dim <= self.TRITON_FORWARD_MAX_DIM)
+        tickets = None  # the Triton centroid attention's, zeroed by the centroids' segment sum
+        if on_triton and not on_flash:
+            tickets = torch.empty(centroid_triton.forward_tickets(rows, num_clusters, key, not (
+                key_padding_mask is None and keep is None)), dtype=torch.int32, device=query.device)
+        order, seg_start, qbar = self._sorted_centroids(query, assignments, num_clusters, sort, zero=tickets)
+        cluster_outputs = None  # what the members receive, in the query dtype (below, where not flash's)
+        if on_flash:
             out_c, lse, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
             cluster_outputs = out_c.reshape(rows, num_clusters, value_dim)
             centroid_values = cluster_outputs.float()  # the broadcast reads fp32 rows
         elif on_triton:
             centroid_values, lse = centroid_triton.centroid_attention_fwd(
-                qbar, key, value, key_padding_mask, keep, scale, dropout_p)
+                qbar, key, value, key_padding_mask, keep, scale, dropout_p, tickets=tickets)
         else:
             centroid_values, lse = self._dense_clustered_fwd(
                 qbar, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p)

@@ -23,7 +23,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import MISSING, dot_precision, interpreted, power_of_two_in, three_parts, tl, triton
+from ._triton import (MISSING, dependent_launch_options, dot_precision, interpreted,
+                      power_of_two_in, three_parts, tl, triton, wait_for_prior_kernel)
 
 __all__ = ["triton_hash_unavailable", "hash_codes_triton"]
 
@@ -63,7 +64,7 @@ if triton is not None:
     @triton.jit
     def _hash_kernel(X, PLANES, OFFSETS, CODES, length, heads, stride_b, stride_h, stride_n, bits,
                      DIM: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr, BITS: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, DEPENDENT: tl.constexpr):
         """Program (r, p): the codes of vectors p ROWS TILES .. (p + 1) ROWS TILES of row r of the
         flattened (B H, N), ROWS at a time; the planes are loaded and split once per program.
 
@@ -73,6 +74,7 @@ if triton is not None:
 
         The row on the grid and the codes summed as two 32-bit halves: per-vector 64-bit
         divisions and 64-bit sums were most of the kernel's instructions (ncu, thirtieth session)."""
+        wait_for_prior_kernel(DEPENDENT)
         bh = tl.program_id(0).to(tl.int64)
         row_x = X + (bh // heads) * stride_b + (bh % heads) * stride_h
         row_codes = CODES + bh * length
@@ -129,5 +131,6 @@ def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor,
     _hash_kernel[(batch * heads, triton.cdiv(length, rows * tiles))](
         x, planes, offsets, codes, length, heads, x.stride(0), x.stride(1), x.stride(2), planes.shape[0],
         DIM=dim, ROWS=rows, TILES=tiles, BITS=MAX_BITS, PRECISION=dot_precision(x.dtype, "bf16x6"), num_warps=warps,
+        **dependent_launch_options(x.device),
     )
     return codes
