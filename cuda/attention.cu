@@ -855,9 +855,8 @@ void broadcast_into_cuda(const at::Tensor& src, const at::Tensor& assignments, c
       TORCH_CHECK(queries / N <= 65535, "broadcast: batch * heads must be <= 65535");
       const dim3 grid(static_cast<unsigned>((N + per_block - 1) / per_block), static_cast<unsigned>(queries / N));
       launch_after_prior(broadcast_rows_kernel<scalar_t>, grid, dim3(BROADCAST_THREADS), 0, stream,
-                         static_cast<const float*>(src.data_ptr<float>()),
-                         static_cast<const int64_t*>(a.data_ptr<int64_t>()), static_cast<int>(N),
-                         static_cast<int>(C), static_cast<int>(E), make_rows<scalar_t>(out));
+                         src.data_ptr<float>(), a.data_ptr<int64_t>(), static_cast<int>(N), static_cast<int>(C),
+                         static_cast<int>(E), make_rows<scalar_t>(out));
     } else {
       const int blocks = static_cast<int>(std::min<int64_t>((queries * E + 255) / 256, 64LL * num_sms()));
       broadcast_kernel<scalar_t><<<std::max(blocks, 1), 256, 0, stream>>>(
