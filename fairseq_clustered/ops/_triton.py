@@ -83,11 +83,14 @@ if triton is not None:
             gdc_launch_dependents()
 
 else:  # pragma: no cover - depends on the install
-    safe_max = wait_for_prior_kernel = let_next_kernel_start = three_parts = power_of_two_scale = two_scaled_parts = None
+    safe_max = three_parts = power_of_two_scale = two_scaled_parts = None
+    wait_for_prior_kernel = let_next_kernel_start = None
     gdc_wait = gdc_launch_dependents = None
 
 __all__ = ["triton", "tl", "MISSING", "power_of_two_in", "tiles_unavailable", "dot_precision",
-           "interpreted", "dependent_launch", "dependent_launch_options", "dependent_launches_allowed", "wait_for_prior_kernel", "let_next_kernel_start", "mask_bytes", "safe_max", "three_parts", "power_of_two_scale", "two_scaled_parts"]
+           "interpreted", "dependent_launch", "dependent_launch_options", "dependent_launches_allowed",
+           "wait_for_prior_kernel", "let_next_kernel_start", "mask_bytes", "safe_max", "three_parts",
+           "power_of_two_scale", "two_scaled_parts"]
 
 MIN_TILE = 16  # tl.dot's smallest tile
 
@@ -148,10 +151,17 @@ def dependent_launch(device) -> bool:
     """Whether the Triton kernels that call :func:`wait_for_prior_kernel` launch on ``device`` as
     programmatic dependents of the kernel before them (``launch_pdl``): compiled (not the
     interpreter) on sm_90 or newer with a Triton that has it, unless ``FAIRSEQ_CLUSTERED_PDL=0``
-    (the switch of the CUDA kernels' launches too, ``cuda/common.cuh``)."""
-    if device.type != "cuda" or interpreted() or gdc_wait is None:
+    (the switch of the CUDA kernels' launches too, ``cuda/common.cuh``, and like them read once per
+    device: this runs before every launch of those kernels)."""
+    return device.type == "cuda" and _dependent_on(device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _dependent_on(index: Optional[int]) -> bool:
+    """:func:`dependent_launch` for CUDA device ``index`` (an invalid setting raises, and is not kept)."""
+    if interpreted() or gdc_wait is None:
         return False
-    return dependent_launches_allowed() and _compute_major(device.index) >= 9
+    return dependent_launches_allowed() and _compute_major(index) >= 9
 
 
 def dependent_launches_allowed() -> bool:

@@ -485,6 +485,12 @@ def forward_tickets(rows: int, num_clusters: int, key: Tensor, masked: bool) -> 
     a key padding mask or a keep mask is given): one per (row, centroid tile) where a row's keys
     take several programs, else 0."""
     _, _, tiles, parts, _ = _forward_grid(rows, num_clusters, key, masked)
+    return _ticket_count(rows, tiles, parts)
+
+
+def _ticket_count(rows: int, tiles: int, parts: int) -> int:
+    """Tickets of a forward launch of ``rows x tiles`` centroid tiles, ``parts`` key ranges each: one
+    per tile where there is a merge to elect a program for."""
     return rows * tiles if parts > 1 else 0
 
 
@@ -512,7 +518,7 @@ def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding
                                                                padding is not None or kept is not None)
     values = qbar.new_empty(rows, num_clusters, dim, dtype=torch.float32)
     lse = qbar.new_empty(rows, num_clusters, dtype=torch.float32)
-    wanted = rows * tiles if parts > 1 else 0
+    wanted = _ticket_count(rows, tiles, parts)
     if tickets is not None and (tickets.dtype != torch.int32 or tickets.device != key.device
                                 or tickets.shape != (wanted,)):
         raise ValueError(f"centroid_attention_fwd: tickets must be ({wanted},) int32 zeros on {key.device} "
