@@ -48,7 +48,7 @@ STAMPS: List[Tuple[str, str]] = [
      "STAMP(7);\nSTAMPS_END;\n"),
 ]
 UPDATE_STAMPS: List[Tuple[str, str]] = [
-    ("        ones.x += part.x, ones.y += part.y, ones.z += part.z, ones.w += part.w;\n      }\n",
+    ("          ones.z += part[k].y & 0xFFFFu, ones.w += part[k].y >> 16;\n        }\n      }\n",
      'asm volatile("" :: "r"(ones.x), "r"(ones.w));\nSTAMP(8);\n'),
     ("                            __reduce_or_sync(half_warp, q < 8 ? placed : 0u);\n",
      'asm volatile("" :: "l"(code));\nSTAMP(9);\n'),

@@ -41,9 +41,15 @@ constexpr int HASH_THREADS = 128;
 constexpr int MAX_BITS = 64;  // counters per cluster: 63 bits + the member count in slot 63
 constexpr int COUNT_SLOT = 63;
 constexpr int COUNTER_STRIDE = 65;  // padding: cluster c's counters start in bank c
-// lloyd_cluster_kernel's: whole 16-byte rows, which its update reads four counters at a time
-// (there each counter has one writer, no atomics, so the banks matter less)
-constexpr int CLUSTER_COUNTER_STRIDE = 68;
+// lloyd_cluster_kernel's counters are 16 bits, two to a 32-bit word (bits 2k and 2k + 1; the member
+// count, slot 63, in word 31's high half): the update reads them from the cluster's other blocks,
+// and those reads are bound by the bytes that cross between SMs (three times the bytes took three
+// times as long, thirty-first session), so half the bytes where 32-bit counters took 0.85 us per
+// iteration at 32 rows of 2k. A block counts at most its slice's queries, so slices are limited to
+// MAX_CLUSTER_SLICE. Rows of 36 words: whole 16-byte rows, and 36 = 4 (mod 32), so that
+// count_by_products' stores (8 rows x 4 consecutive words per warp) fall in 32 different banks.
+constexpr int CLUSTER_COUNTER_WORDS = 36;
+constexpr int MAX_CLUSTER_SLICE = 65535;
 
 // ------------------------------------------------------------------------- hashing
 // One thread per vector; the planes sit transposed in shared memory (planes_t[d][b]),
@@ -185,7 +191,9 @@ constexpr int MMA_MAX_CLUSTERS = 128;  // centroid tiles of 8, their fragments i
 constexpr int MAX_CLUSTER_BLOCKS = 8;  // blocks per row of lloyd_cluster_kernel: the portable cluster size
 static_assert(MMA_MAX_CLUSTERS <= MAX_ORDER_CLUSTERS, "the one-launch kernel sorts its assignments itself");
 constexpr int UPDATE_LANES = 16;  // lloyd_cluster_kernel's update: lanes per centroid, 4 bits each
-static_assert(UPDATE_LANES * 4 == MAX_BITS && CLUSTER_COUNTER_STRIDE % 4 == 0 && CLUSTER_COUNTER_STRIDE >= MAX_BITS);
+constexpr int LOADS_IN_FLIGHT = 4;  // lloyd_cluster_kernel's update: counter loads from other blocks issued together
+static_assert(UPDATE_LANES * 4 == MAX_BITS && CLUSTER_COUNTER_WORDS % 4 == 0 && CLUSTER_COUNTER_WORDS % 32 == 4 &&
+              2 * CLUSTER_COUNTER_WORDS >= MAX_BITS);
 constexpr int CLUSTER_THREADS = 1024;  // lloyd_cluster_kernel's block: one per SM
 constexpr int CLUSTER_CACHED_CODES = 8192;  // a block's slice of codes (and their transpose) kept up to this many
 constexpr int COUNT_ROUND = 2048;  // lloyd_cluster_kernel's queries per counting round (their membership bits)
@@ -461,17 +469,28 @@ struct ClusterLayout {
 };
 FCL_NO_PADDING(ClusterLayout);
 
+// Queries per block of lloyd_cluster_kernel in rows of `length` at `cluster_blocks` blocks per row:
+// whole tiles of 16.
+__host__ __forceinline__ int64_t cluster_chunk(int64_t length, int64_t cluster_blocks) {
+  return ((length + cluster_blocks - 1) / cluster_blocks + 15) / 16 * 16;
+}
+
+// Whether lloyd_cluster_kernel's 16-bit counters hold every count of a block in such rows.
+__host__ __forceinline__ bool cluster_slices_fit(int64_t length, int64_t cluster_blocks) {
+  return std::min(cluster_chunk(length, cluster_blocks), length) <= MAX_CLUSTER_SLICE;
+}
+
 template <int TILES>
 ClusterLayout cluster_layout(int length, int C, int cluster_blocks) {
   auto align16 = [](size_t bytes) { return (bytes + 15) / 16 * 16; };
   ClusterLayout layout;
-  layout.chunk = ((length + cluster_blocks - 1) / cluster_blocks + 15) / 16 * 16;
+  layout.chunk = static_cast<int>(cluster_chunk(length, cluster_blocks));
   layout.whole_slice = layout.chunk <= CLUSTER_CACHED_CODES;
   const int slice_words = (layout.chunk + 255) / 256 * 8;  // whole products of 256 queries
   layout.round = std::min(COUNT_ROUND, slice_words * 32);
   layout.mask_stride = layout.round / 32 + 4;
   layout.bit_stride = (layout.whole_slice ? slice_words : layout.round / 32) + 4;
-  size_t at = align16(MmaSmem<TILES>::bytes(C, true, CLUSTER_COUNTER_STRIDE));
+  size_t at = align16(MmaSmem<TILES>::bytes(C, true, CLUSTER_COUNTER_WORDS));
   layout.masks_at = static_cast<int>(at);
   at = align16(at + sizeof(uint32_t) * membership_rows<TILES>() * layout.mask_stride);
   layout.bits_at = static_cast<int>(at);
@@ -526,17 +545,18 @@ __device__ __forceinline__ void mark_members16(const RowInfo& info, int b, int n
   }
 }
 
-// Adds to `counts` (C x CLUSTER_COUNTER_STRIDE; stores where `first_round`, so that the counters need no
-// clearing), for a round of `words` words of 32 queries (a multiple
+// Adds to `counts` (C x CLUSTER_COUNTER_WORDS words of two 16-bit counters; stores where `first_round`,
+// so that the counters need no clearing), for a round of `words` words of 32 queries (a multiple
 // of 8), how many members of each cluster have each bit set, and in slot COUNT_SLOT how many
 // members it has: the 1-bit products of the membership rows (`masks`) and the codes' bit rows
 // (`bits`, row COUNT_SLOT all ones). Warp w takes clusters 16 (w / 4) .. + 15 and bits 16 (w % 4)
 // .. + 15, so each counter has one writer and needs no atomic. After a barrier that completes
-// `masks` and `bits`; blocks of at least 4 x membership_rows / 16 warps.
+// `masks` and `bits`; blocks of at least 4 x membership_rows / 16 warps. A round's counts are at
+// most its 2048 queries and a slice's at most MAX_CLUSTER_SLICE, so no half carries into the other.
 template <int TILES>
 __device__ __forceinline__ void count_by_products(const uint32_t* masks, int mask_stride, const uint32_t* bits,
                                                   int bit_stride, int words, int C, bool first_round,
-                                                  int* counts) {
+                                                  uint32_t* counts) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int first_cluster = 16 * (warp >> 2), first_bit = 16 * (warp & 3);
   if (first_cluster >= membership_rows<TILES>()) return;  // uniform per warp
@@ -552,23 +572,18 @@ __device__ __forceinline__ void count_by_products(const uint32_t* masks, int mas
     mma_and_popc_k256(d_lo, a, bits_lo[w], bits_lo[w + 4]);
     mma_and_popc_k256(d_hi, a, bits_hi[w], bits_hi[w + 4]);
   }
-  // d[0], d[1]: cluster first_cluster + g, bits 2t and 2t + 1 of the tile's 8; d[2], d[3]: + 8.
+  // d[0], d[1]: cluster first_cluster + g, bits 2t and 2t + 1 of the tile's 8 (one counter word);
+  // d[2], d[3]: cluster + 8.
   const int j = first_cluster + g;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int* d = h ? d_hi : d_lo;
     const int bit = first_bit + 8 * h + 2 * t;
     // Every (cluster < C, bit) counter has one writer here, so a first round's stores leave none stale.
-    int* lo = counts + j * CLUSTER_COUNTER_STRIDE + bit;
-    int* hi = lo + 8 * CLUSTER_COUNTER_STRIDE;
-    if (j < C) {
-      lo[0] = (first_round ? 0 : lo[0]) + d[0];
-      lo[1] = (first_round ? 0 : lo[1]) + d[1];
-    }
-    if (j + 8 < C) {
-      hi[0] = (first_round ? 0 : hi[0]) + d[2];
-      hi[1] = (first_round ? 0 : hi[1]) + d[3];
-    }
+    uint32_t* lo = counts + j * CLUSTER_COUNTER_WORDS + bit / 2;
+    uint32_t* hi = lo + 8 * CLUSTER_COUNTER_WORDS;
+    if (j < C) lo[0] = (first_round ? 0u : lo[0]) + (static_cast<uint32_t>(d[1]) << 16 | static_cast<uint32_t>(d[0]));
+    if (j + 8 < C) hi[0] = (first_round ? 0u : hi[0]) + (static_cast<uint32_t>(d[3]) << 16 | static_cast<uint32_t>(d[2]));
   }
 }
 
@@ -607,6 +622,7 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
   const bool single = info.singleton(b);
   const int C = info.clusters;
   const MmaSmem<TILES> sm(smem_cluster, C);
+  uint32_t* counts = reinterpret_cast<uint32_t*>(sm.counts);  // C x CLUSTER_COUNTER_WORDS: 16-bit counters
   const int64_t* row_codes = codes + bh * info.length;
   const int start = min(rank * layout.chunk, info.length), stop = min(start + layout.chunk, info.length);
   const int64_t* slice = row_codes + start;
@@ -627,7 +643,7 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
   // block with no queries never counts, so its zeros stay.
   clear_membership();
   if (start >= stop) {
-    for (int i = threadIdx.x; i < C * CLUSTER_COUNTER_STRIDE; i += blockDim.x) sm.counts[i] = 0;
+    for (int i = threadIdx.x; i < C * CLUSTER_COUNTER_WORDS; i += blockDim.x) counts[i] = 0;
   }
   __syncthreads();
   if (!single) {
@@ -657,7 +673,7 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
       __syncthreads();  // the round's membership bits set
       const uint32_t* round_bits = code_bits + (layout.whole_slice ? (first - start) / 32 : 0);
       count_by_products<TILES>(masks, layout.mask_stride, round_bits, layout.bit_stride, words, C, first == start,
-                               sm.counts);
+                               counts);
       __syncthreads();  // the round counted before its bits are cleared
       if (last < stop) {  // the next round's bits cleared (a barrier follows the transposition or the search)
         clear_membership();
@@ -670,27 +686,38 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1)
     clear_membership();
     cluster_wait();  // every block's counters complete
     // Half a warp per centroid: lane q of the half sums bits 4q .. 4q + 3 of every block's counters
-    // (16-byte loads through 32-bit cluster addresses; the member count, slot COUNT_SLOT = 63, is
-    // lane 15's fourth), decides their majorities, and the half ORs its lanes' bits into the new
-    // code. Its lanes then write the code and its four fragment words (code_quarter t = 0..3, what
-    // the search reads) into every block, so that no block rebuilds its fragments from the codes.
-    // One pass over C = 100 centroids from 2 blocks per row on, where 64 threads per centroid, each
-    // loading a counter at a time, took 3 passes at 3 blocks (2.1 us per iteration at 32 rows of
-    // 2k, the largest phase; benchmarks/NOTES.md, thirty-fourth session). (Through generic
-    // pointers in a loop unrolled to MAX_CLUSTER_BLOCKS, the address arithmetic made the update
-    // issue-bound: twenty-ninth session, ncu's source view.)
+    // (8-byte loads of two counter words through 32-bit cluster addresses; the member count, slot
+    // COUNT_SLOT = 63, is lane 15's fourth), decides their majorities, and the half ORs its lanes'
+    // bits into the new code. Its lanes then write the code and its four fragment words
+    // (code_quarter t = 0..3, what the search reads) into every block, so that no block rebuilds its
+    // fragments from the codes. One pass over C = 100 centroids from 2 blocks per row on, where 64
+    // threads per centroid, each loading a counter at a time, took 3 passes at 3 blocks (2.1 us per
+    // iteration at 32 rows of 2k, the largest phase; benchmarks/NOTES.md, thirty-fourth session).
+    // (Through generic pointers in a loop unrolled to MAX_CLUSTER_BLOCKS, the address arithmetic
+    // made the update issue-bound: twenty-ninth session, ncu's source view.)
     const int q = lane & (UPDATE_LANES - 1);
     const unsigned half_warp = ((1u << UPDATE_LANES) - 1u) << (lane & UPDATE_LANES);
     for (int j = rank + size * (threadIdx.x / UPDATE_LANES); j < C;
          j += size * (CLUSTER_THREADS / UPDATE_LANES)) {  // uniform over each half warp
-      const int* counts = sm.counts + j * CLUSTER_COUNTER_STRIDE + 4 * q;
+      const uint32_t* counters = counts + j * CLUSTER_COUNTER_WORDS + 2 * q;  // counters 4q .. 4q + 3
       int4 ones = make_int4(0, 0, 0, 0);
-      for (int i = 0; i < size; ++i) {
-        // From this block on, so that the cluster's blocks start on different blocks' counters
-        // (integer sums: the order does not change them).
-        const int r = rank + i < size ? rank + i : rank + i - size;
-        const int4 part = load4_from_block(address_in_block(counts, r));
-        ones.x += part.x, ones.y += part.y, ones.z += part.z, ones.w += part.w;
+      // Four blocks' loads in flight at a time, those past the cluster's predicated off: one round
+      // trip for up to four blocks (the compiler's own unrolling by four took two at three blocks:
+      // one for a pair and one for the remainder).
+      for (int i = 0; i < size; i += LOADS_IN_FLIGHT) {
+        uint2 part[LOADS_IN_FLIGHT];
+#pragma unroll
+        for (int k = 0; k < LOADS_IN_FLIGHT; ++k) {
+          // From this block on, so that the cluster's blocks start on different blocks' counters
+          // (integer sums: the order does not change them).
+          const int r = rank + i + k < size ? rank + i + k : rank + i + k - size;
+          part[k] = i + k < size ? load2_from_block(address_in_block(counters, r)) : make_uint2(0, 0);
+        }
+#pragma unroll
+        for (int k = 0; k < LOADS_IN_FLIGHT; ++k) {
+          ones.x += part[k].x & 0xFFFFu, ones.y += part[k].x >> 16;
+          ones.z += part[k].y & 0xFFFFu, ones.w += part[k].y >> 16;
+        }
       }
       const int members = __shfl_sync(half_warp, ones.w, (lane & UPDATE_LANES) | (UPDATE_LANES - 1));
       // This lane's bits 4q .. 4q + 3 of the old code, then of the new one, as a nibble of a 32-bit
@@ -979,6 +1006,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lloyd_kmeans_into(
     return {assignments, centroids, order, seg_start};
   }
   TORCH_CHECK(B * H <= 65535, "lloyd_kmeans: batch * heads must be <= 65535, got ", B * H);
+  TORCH_CHECK(cluster_blocks == 0 || cluster_slices_fit(N, cluster_blocks), "lloyd_kmeans: cluster_blocks = ",
+              cluster_blocks, " gives blocks of ", std::min(cluster_chunk(N, cluster_blocks), N), " of the ", N,
+              " queries per row; the one-launch kernel's 16-bit counters take at most ", MAX_CLUSTER_SLICE,
+              " per block: pass cluster_blocks >= ", (N + MAX_CLUSTER_SLICE - 1) / MAX_CLUSTER_SLICE,
+              " or cluster_blocks=0");
 
   at::Tensor mask, cum;
   RowInfo info{nullptr, nullptr, H, static_cast<int>(N), C};
@@ -1076,12 +1108,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lloyd_kmeans_sorted_c
 // How many clusters of `cluster_blocks` blocks of Lloyd's one-launch kernel the current GPU keeps
 // resident at once, for rows of `length` queries and `num_clusters` (cudaOccupancyMaxActiveClusters:
 // a cluster's blocks share one GPC, so GPCs whose SM count is not a multiple of the cluster size
-// leave SMs idle). Rows past it wait for a second wave. 0 where the kernel does not run.
+// leave SMs idle). Rows past it wait for a second wave. 0 where the kernel does not run (before sm_90,
+// more than MMA_MAX_CLUSTERS clusters, blocks of more than MAX_CLUSTER_SLICE queries).
 int64_t lloyd_cluster_capacity(int64_t length, int64_t num_clusters, int64_t cluster_blocks) {
   TORCH_CHECK(cluster_blocks >= 1 && cluster_blocks <= MAX_CLUSTER_BLOCKS, "lloyd_cluster_capacity: cluster_blocks must be 1..",
               MAX_CLUSTER_BLOCKS, ", got ", cluster_blocks);
   TORCH_CHECK(length >= 1 && length <= (1 << 30), "lloyd_cluster_capacity: length must be in 1..2^30, got ", length);
-  if (compute_major() < 9 || num_clusters < 1 || num_clusters > MMA_MAX_CLUSTERS) return 0;
+  if (compute_major() < 9 || num_clusters < 1 || num_clusters > MMA_MAX_CLUSTERS ||
+      !cluster_slices_fit(length, cluster_blocks)) {
+    return 0;
+  }
   RowInfo info{nullptr, nullptr, 1, static_cast<int>(length), static_cast<int>(num_clusters)};
   int capacity = 0;
   // One row: the count is of clusters, whatever the grid.

@@ -149,14 +149,11 @@ __device__ __forceinline__ void store_to_block(uint32_t address, uint32_t value)
 #endif
 }
 
-// Four ints at a 16-byte aligned address, in one load.
-__device__ __forceinline__ int4 load4_from_block(uint32_t address) {
-  int4 value = make_int4(0, 0, 0, 0);
+// Two words at an 8-byte aligned address, in one load.
+__device__ __forceinline__ uint2 load2_from_block(uint32_t address) {
+  uint2 value = make_uint2(0, 0);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("ld.shared::cluster.v4.s32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(value.x), "=r"(value.y), "=r"(value.z), "=r"(value.w)
-               : "r"(address)
-               : "memory");
+  asm volatile("ld.shared::cluster.v2.u32 {%0, %1}, [%2];\n" : "=r"(value.x), "=r"(value.y) : "r"(address) : "memory");
 #else
   __trap();
 #endif

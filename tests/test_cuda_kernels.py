@@ -1195,6 +1195,33 @@ def test_lloyd_one_launch_long_slices_gpu(cluster_blocks):
 
 
 @needs_gpu
+def test_lloyd_one_launch_full_slices_gpu():
+    """The one-launch kernel counts in 16 bits: a block of 65535 queries (the most it takes) whose
+    members nearly all share one code, so that a cluster's member count and its set bits' counters
+    reach 65531, gives the reference's result bit for bit; a row whose blocks would take more
+    queries is refused, naming cluster_blocks and the fewest blocks that fit, and its capacity is 0."""
+    from fairseq_clustered.ops import cuda_backend
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread block clusters need sm_90 or newer")
+    ext = cuda_backend.cuda_ops().ext
+    g = torch.Generator().manual_seed(5)
+    length = 65535
+    codes = torch.full((1, 1, length), 0x5555_5555_5555_5555 >> 1, dtype=torch.int64)
+    codes[0, 0, :7] = torch.randint(0, 2**62, (7,), generator=g)
+    expected = reference.lloyd_kmeans_ref(codes, None, 3, 10, 63)
+    assert int(torch.bincount(expected[0].flatten()).max()) >= 65531
+    got = ext.lloyd_kmeans(codes.cuda(), None, 3, 10, 63, cluster_blocks=1)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, expected))
+    longer = torch.zeros(1, 1, length + 1, dtype=torch.int64, device="cuda")
+    with pytest.raises(RuntimeError, match=r"cluster_blocks = 1 gives blocks of 65536 .* pass cluster_blocks >= 2"):
+        ext.lloyd_kmeans(longer, None, 3, 10, 63, cluster_blocks=1)
+    assert ext.lloyd_cluster_capacity(length + 1, 3, 1) == 0
+    assert ext.lloyd_cluster_capacity(length + 1, 3, 2) > 0
+    assert all(torch.equal(a, b) for a, b in zip(ext.lloyd_kmeans(longer, None, 3, 10, 63, cluster_blocks=2),
+                                                 ext.lloyd_kmeans(longer, None, 3, 10, 63, cluster_blocks=0)))
+
+
+@needs_gpu
 def test_lloyd_one_launch_many_rows_gpu():
     """More clusters of blocks than the GPU holds at once (they run in waves): the reference's
     result, and the ops' own choice of kernel gives it too."""
