@@ -1162,12 +1162,17 @@ class CudaOps:
         keys = key.shape[2]
         top_k = min(topk, keys)
         assignments = assignments.contiguous()
-        order, seg_start, qbar = self._sorted_centroids(query, assignments, num_clusters, sort)
+        route = self._improved_route(query, value, key_padding_mask, keep, num_clusters)
+        tickets = None  # the Triton centroid attention's, zeroed by the centroids' segment sum (as the clustered's)
+        if route.flash_path and route.centroids_on_triton:
+            tickets = torch.empty(centroid_triton.forward_tickets(batch * heads, num_clusters, key, not (
+                key_padding_mask is None and keep is None)), dtype=torch.int32, device=query.device)
+        order, seg_start, qbar = self._sorted_centroids(query, assignments, num_clusters, sort, zero=tickets)
         centroids = qbar.reshape(batch, heads, num_clusters, dim)  # for the backward
-        if self._improved_route(query, value, key_padding_mask, keep, num_clusters).flash_path:
+        if route.flash_path:
             out, lse, top, centroid_values, centroid_lse = self._improved_fwd_flash(
                 query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k, scale, key_padding_mask,
-                keep, dropout_p, out)
+                keep, dropout_p, out, tickets)
             return out, lse, top, centroids, centroid_values, centroid_lse, order, seg_start
         k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
             key, value, key_padding_mask, keep, num_clusters, dropout_p)
@@ -1359,10 +1364,12 @@ class CudaOps:
         return lse, top
 
     def _improved_fwd_flash(self, query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k,
-                            scale, key_padding_mask=None, keep=None, dropout_p=0.0, out=None):
+                            scale, key_padding_mask=None, keep=None, dropout_p=0.0, out=None, tickets=None):
         """``out, lse (B, H, C), top (B, H, C, k)`` and the centroids' attention output (flash's
         ``(B, H, C, Dv)``; where :class:`ImprovedRoute`'s ``centroids_on_triton``, the Triton kernel's
-        ``(B H, C, Dv)`` fp32) and log-sum-exp. ``out``: as :meth:`_improved_fwd_keeping`'s."""
+        ``(B H, C, Dv)`` fp32) and log-sum-exp. ``out``: as :meth:`_improved_fwd_keeping`'s. ``tickets``:
+        the Triton centroid attention's zeroed tickets (``centroid_triton.centroid_attention_fwd``), or
+        None for it to make its own."""
         batch, heads, length, dim = query.shape
         rows, keys = batch * heads, key.shape[2]
         k_rows = key.reshape(rows, keys, dim)
@@ -1377,7 +1384,7 @@ class CudaOps:
         if self._improved_route(query, value, key_padding_mask, keep, num_clusters).centroids_on_triton:
             # as the clustered forward's (TRITON_FORWARD_MAX_DIM): one launch, fp32 values for the summary
             out_c, flash_lse = centroid_triton.centroid_attention_fwd(qbar, key, value, key_padding_mask, keep,
-                                                                      scale, dropout_p)
+                                                                      scale, dropout_p, tickets=tickets)
             centroid_values = out_c
         else:
             out_c, flash_lse, _ = self._flash_fwd(qbar, key, value, scale, batch, heads)
