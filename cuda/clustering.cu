@@ -43,10 +43,11 @@ constexpr int COUNT_SLOT = 63;
 constexpr int COUNTER_STRIDE = 65;  // padding: cluster c's counters start in bank c
 // lloyd_cluster_kernel's counters are 16 bits, two to a 32-bit word (bits 2k and 2k + 1; the member
 // count, slot 63, in word 31's high half): the update reads them from the cluster's other blocks,
-// and those reads are bound by the bytes that cross between SMs (three times the bytes took three
-// times as long, thirty-first session), so half the bytes where 32-bit counters took 0.85 us per
-// iteration at 32 rows of 2k. A block counts at most its slice's queries, so slices are limited to
-// MAX_CLUSTER_SLICE. Rows of 36 words: whole 16-byte rows, and 36 = 4 (mod 32), so that
+// which takes longer the more bytes cross between SMs (three times the bytes took three times as
+// long, thirty-first session). With half the bytes, and the loads issued together (the update
+// below), the loads took 0.63 us per iteration at 32 rows of 2k in 3 blocks against 0.85 with
+// 32-bit counters (forty-first session). A block counts at most its slice's queries, so slices are
+// limited to MAX_CLUSTER_SLICE. Rows of 36 words: whole 16-byte rows, and 36 = 4 (mod 32), so that
 // count_by_products' stores (8 rows x 4 consecutive words per warp) fall in 32 different banks.
 constexpr int CLUSTER_COUNTER_WORDS = 36;
 constexpr int MAX_CLUSTER_SLICE = 65535;
