@@ -376,6 +376,15 @@ class CudaOps:
         assignments, _ = self._lloyd_kmeans(codes, query_padding_mask, num_clusters, iterations, bits)
         return assignments, self._sort_by_cluster(assignments.contiguous(), num_clusters)
 
+    @staticmethod
+    def _centroid_tickets(rows, num_clusters, key, key_padding_mask, keep) -> Tensor:
+        """Uninitialised int32 tickets for the Triton centroid attention's forward on these inputs
+        (``centroid_triton.forward_tickets`` of them), for the centroids' segment sum to zero in its
+        launch (:meth:`_sorted_centroids`' ``zero``) instead of a fill of their own."""
+        masked = key_padding_mask is not None or keep is not None
+        return torch.empty(centroid_triton.forward_tickets(rows, num_clusters, key, masked), dtype=torch.int32,
+                           device=key.device)
+
     def _sorted_centroids(self, query, assignments, num_clusters, sort, zero=None):
         """``(order, seg_start, qbar)``: ``sort`` (:meth:`_cluster_queries_sorted`'s) or, where it is
         None, the sort made here, and the clusters' mean queries ``(B H, C, D)`` fp32 (:meth:`_centroids`).
@@ -897,8 +906,7 @@ class CudaOps:
             on_triton and dim <= self.TRITON_FORWARD_MAX_DIM)
         tickets = None  # the Triton centroid attention's, zeroed by the centroids' segment sum
         if on_triton and not on_flash:
-            tickets = torch.empty(centroid_triton.forward_tickets(rows, num_clusters, key, not (
-                key_padding_mask is None and keep is None)), dtype=torch.int32, device=query.device)
+            tickets = self._centroid_tickets(rows, num_clusters, key, key_padding_mask, keep)
         order, seg_start, qbar = self._sorted_centroids(query, assignments, num_clusters, sort, zero=tickets)
         cluster_outputs = None  # what the members receive, in the query dtype (below, where not flash's)
         if on_flash:
@@ -1165,8 +1173,7 @@ class CudaOps:
         route = self._improved_route(query, value, key_padding_mask, keep, num_clusters)
         tickets = None  # the Triton centroid attention's, zeroed by the centroids' segment sum (as the clustered's)
         if route.flash_path and route.centroids_on_triton:
-            tickets = torch.empty(centroid_triton.forward_tickets(batch * heads, num_clusters, key, not (
-                key_padding_mask is None and keep is None)), dtype=torch.int32, device=query.device)
+            tickets = self._centroid_tickets(batch * heads, num_clusters, key, key_padding_mask, keep)
         order, seg_start, qbar = self._sorted_centroids(query, assignments, num_clusters, sort, zero=tickets)
         centroids = qbar.reshape(batch, heads, num_clusters, dim)  # for the backward
         if route.flash_path:
