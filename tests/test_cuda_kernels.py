@@ -1199,7 +1199,7 @@ def test_lloyd_one_launch_full_slices_gpu():
     """The one-launch kernel counts in 16 bits: a block of 65535 queries (the most it takes) whose
     members nearly all share one code, so that a cluster's member count and its set bits' counters
     reach 65531, gives the reference's result bit for bit; a row whose blocks would take more
-    queries is refused, naming cluster_blocks and the fewest blocks that fit, and its capacity is 0."""
+    queries is refused, naming cluster_blocks and a block count that fits here, and its capacity is 0."""
     from fairseq_clustered.ops import cuda_backend
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread block clusters need sm_90 or newer")
