@@ -54,6 +54,7 @@ from fairseq_clustered.ops import (  # noqa: E402
     causal_clustered_attention,
     causal_key_clusters,
     clustered_attention,
+    draw_hash_planes,
     improved_clustered_attention,
     reference,
 )
@@ -383,7 +384,7 @@ def main():
           f"I={args.iterations} bits={args.bits} " + (f"causal, W={args.window}" if args.causal else f"k={args.topk}")
           + (f" dropout={args.dropout}" if args.dropout else ""))
     gen = torch.Generator(device="cpu").manual_seed(0)
-    planes = torch.randn(args.bits, args.dim, generator=gen).to(args.device)
+    planes = draw_hash_planes(args.bits, args.dim, gen, device=args.device)  # as the modules draw them
     methods = make_methods(args, planes)
     results = []
     for n in lengths:

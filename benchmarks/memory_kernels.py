@@ -16,7 +16,9 @@ as a fraction of the copy's::
 
 ``--hash-launch``: settings of the Triton hashing kernel to time (rows per tile, tiles per
 program, warps; ``hash_triton.hash_codes_triton``'s ``launch``), each checked to give the
-default settings' codes.
+default settings' codes. The hashing's planes are bf16 values, as ``draw_hash_planes`` draws them
+(one tensor-core product per plane); the row "float32 planes" hashes with full float32 planes
+(three products), as planes a caller passes may be.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def main():
     for length in (int(n) for n in args.lengths.split(",")):
         shape = (args.batch, args.heads, length, args.dim)
         q = torch.randn(shape, generator=gen).to("cuda", dtype)
-        planes = torch.randn(63, args.dim, generator=gen).cuda()
+        full_planes = torch.randn(63, args.dim, generator=gen).cuda()  # float32 planes: three products
+        planes = full_planes.to(torch.bfloat16).float()  # draw_hash_planes' (bf16 values): one product
         offsets = torch.zeros(63, device="cuda")
         assignments = ops.cluster_queries(q, planes, offsets, None, args.clusters, 10, 63)[0]
         order, seg_start = ext.cluster_order(assignments, args.clusters)
@@ -113,6 +116,7 @@ def main():
               f"copy of the queries' {tensor_bytes / 2**20:.1f} MiB: {copy_us:.1f} us ({copy_gbs:.0f} GB/s)")
         kernels = [
             ("hash", lambda: ops._hash_codes(q, planes, offsets), tensor_bytes + 8 * vectors),
+            ("  float32 planes", lambda: ops._hash_codes(q, full_planes, offsets), tensor_bytes + 8 * vectors),
             ("sort by cluster", lambda: ext.cluster_order(assignments, args.clusters), 16 * vectors),
             ("segment sum", lambda: ext.segment_sum(q, order, seg_start, True), tensor_bytes + 8 * vectors),
             ("  a warp per cluster", lambda: ext.segment_sum(q, order, seg_start, True, 1), tensor_bytes + 8 * vectors),

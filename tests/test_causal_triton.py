@@ -22,6 +22,7 @@ from fairseq_clustered.ops._triton import power_of_two_in
 from test_causal import leaks, random_inputs
 from test_causal_fused import output_and_grads
 from test_cuda_kernels import _fairseq_layout, assert_codes_match_up_to_rounding
+from triton_support import DEVICE, DTYPES, runs_here
 
 interpreted = pytest.mark.skipif(
     causal_triton.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
@@ -244,6 +245,27 @@ def test_triton_hash_matches_the_reference(bits, dim, n, dtype):
     x_t = x.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(hash_triton.hash_codes_triton(x_t, planes, offsets),
                        hash_triton.hash_codes_triton(x, planes, offsets))
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_hash_of_bf16_planes_skips_only_zero_products(dtype):
+    """``draw_hash_planes``' planes are bf16 values: a half-precision program hashes them with one
+    product, skipping the products of the planes' zero remainders. Oracles: the reference (within
+    rounding of the threshold), and the same planes with one plane off bf16's grid, which makes
+    every program take all three products: the other planes' bits are the same bit for bit."""
+    from fairseq_clustered.ops import draw_hash_planes, hash_triton, reference
+
+    x, _, offsets = hash_inputs(63, 64, 300, dtype, DEVICE)
+    planes = draw_hash_planes(63, 64, torch.Generator().manual_seed(5), device=DEVICE)
+    assert torch.equal(planes, planes.to(torch.bfloat16).float())
+    codes = hash_triton.hash_codes_triton(x, planes, offsets)
+    assert_codes_match_up_to_rounding(codes, reference.hash_codes_ref(x, planes, offsets), x, planes, offsets)
+    off_grid = planes.clone()
+    off_grid[62] += off_grid[62].abs() * 2.0 ** -12  # below bf16's precision: a remainder of its own
+    assert not torch.equal(off_grid[62], off_grid[62].to(torch.bfloat16).float())
+    others = (1 << 62) - 1
+    assert torch.equal(hash_triton.hash_codes_triton(x, off_grid, offsets) & others, codes & others)
 
 
 @interpreted

@@ -8,7 +8,10 @@ plane is split into three parts of that dtype (``hi + mid + lo``, each the round
 remainder of the previous ones), so ``x . hi + x . mid + x . lo`` has exact products and
 fp32 accumulation. Only the order of the fp32 additions differs from the kernel (and from
 the reference), so a bit can differ only where a projection lies within rounding
-(~1e-6 relative) of its threshold; the tests check exactly that. fp32 vectors take one
+(~1e-6 relative) of its threshold; the tests check exactly that. Planes that are values of
+x's dtype already, as ``draw_hash_planes`` draws them (bf16 values), have zero ``mid`` and ``lo``:
+a program whose planes' remainders are all zero skips those two products, which would only add
+zeros (the same codes, a third of the tensor-core work). fp32 vectors take one
 product with both operands split into three bf16 parts (Triton's ``bf16x6``: six of the
 nine part products, the three dropped ones below fp32's rounding), so the same holds.
 
@@ -89,6 +92,10 @@ if triton is not None:
         weights = tl.full((BITS,), 1, tl.int32) << (planes_t % 32)
         if X.dtype.element_ty != tl.float32:  # the rounded remainders, each exact in x's dtype
             hi, mid, lo = three_parts(rest, X.dtype.element_ty)
+            # Planes exact in x's dtype (draw_hash_planes' are bf16 values) have zero remainders:
+            # their two products would add zeros, so the program skips them (the same codes).
+            remainder = rest - hi.to(tl.float32)
+            exact = tl.max(tl.max(tl.abs(remainder), axis=1), axis=0) == 0.0
         for tile in tl.static_range(TILES):
             n = (tl.program_id(1) * TILES + tile) * ROWS + tl.arange(0, ROWS)
             ok = n < length
@@ -97,8 +104,9 @@ if triton is not None:
                 projections = tl.dot(x, rest, input_precision=PRECISION)
             else:  # exact products of x with each part, summed in fp32
                 projections = tl.dot(x, hi)
-                projections = tl.dot(x, mid, projections)
-                projections = tl.dot(x, lo, projections)
+                if not exact:
+                    projections = tl.dot(x, mid, projections)
+                    projections = tl.dot(x, lo, projections)
             bit = tl.where(projections > offsets[None, :], weights[None, :], 0)
             low = tl.sum(tl.where(low_half[None, :], bit, 0), axis=1)
             high = tl.sum(tl.where(low_half[None, :], 0, bit), axis=1)
