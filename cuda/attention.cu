@@ -93,29 +93,35 @@ __global__ void segment_sum_kernel(Rows<const scalar_t> x, int width, const int6
 }
 
 // The 16-byte-load kernels below: `lanes_per_row` lanes (a power of two) cover a member's row, VEC
-// values each, so a warp reads 32 / lanes_per_row members per load, SEG_UNROLL loads in flight.
+// values each, so a warp reads 32 / lanes_per_row members per load, UNROLL loads in flight: SEG_UNROLL
+// in the block per cluster (its four warps share a cluster), SEG_WARP_UNROLL in the warp per cluster.
+// Each pass is two dependent round trips (order entries, then rows), and the launch ends with its
+// largest cluster: at 32 rows of 2k, C = 100, clusters average 20 members and reach about 43, which
+// took 3 passes of 16 members (bf16, D = 64) at 4 loads in flight and take 2 of 32 at 8. The
+// unroll does not change the sum: each lane adds its members in the same sequence either way.
 constexpr int SEG_UNROLL = 4;
+constexpr int SEG_WARP_UNROLL = 8;
 
 // Lane's part of one warp's sum over members first, first + step, ... (< stop) of a cluster, in
 // that order, added into `acc` (the lane's VEC values of the row; zero-filled for an inactive
-// lane, past the width). Every pass, the last one too, issues its SEG_UNROLL order entries, then
-// its SEG_UNROLL rows, before adding: a small cluster's members take one round trip for each,
-// where a remainder loop of one member per trip took up to SEG_UNROLL of them.
-template <typename scalar_t, int VEC>
+// lane, past the width). Every pass, the last one too, issues its UNROLL order entries, then
+// its UNROLL rows, before adding: a small cluster's members take one round trip for each,
+// where a remainder loop of one member per trip took up to UNROLL of them.
+template <typename scalar_t, int VEC, int UNROLL>
 __device__ __forceinline__ void add_segment_members(float (&acc)[VEC], const scalar_t* base, int64_t row_stride,
                                                     const int64_t* ord, int64_t first, int64_t stop, int step,
                                                     bool active) {
-  for (int64_t p = first; p < stop; p += SEG_UNROLL * step) {
-    int member[SEG_UNROLL];  // query indices (< length), -1 past the cluster
+  for (int64_t p = first; p < stop; p += UNROLL * step) {
+    int member[UNROLL];  // query indices (< length), -1 past the cluster
 #pragma unroll
-    for (int u = 0; u < SEG_UNROLL; ++u) member[u] = p + u * step < stop ? static_cast<int>(ord[p + u * step]) : -1;
-    uint4 raw[SEG_UNROLL];
+    for (int u = 0; u < UNROLL; ++u) member[u] = p + u * step < stop ? static_cast<int>(ord[p + u * step]) : -1;
+    uint4 raw[UNROLL];
 #pragma unroll
-    for (int u = 0; u < SEG_UNROLL; ++u)
+    for (int u = 0; u < UNROLL; ++u)
       raw[u] = active && member[u] >= 0 ? *reinterpret_cast<const uint4*>(base + static_cast<int64_t>(member[u]) * row_stride)
                                         : make_uint4(0, 0, 0, 0);
 #pragma unroll
-    for (int u = 0; u < SEG_UNROLL; ++u) {
+    for (int u = 0; u < UNROLL; ++u) {
       if (member[u] < 0) continue;
       const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw[u]);
 #pragma unroll
@@ -154,7 +160,7 @@ struct SegmentLane {
 // Lane's part of warp `warp` (of `warps` taking cluster c of row bh together) of the cluster's sum,
 // into `acc` (zeroed here): the slots' members added in sequence, then the slots combined, so that
 // the lanes of slot 0 hold the warp's sum of their values.
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, int UNROLL>
 __device__ __forceinline__ SegmentLane sum_cluster_rows(float (&acc)[VEC], const Rows<const scalar_t>& x, int width,
                                                         int lanes_per_row, const int64_t* __restrict__ order,
                                                         const int64_t* __restrict__ seg_start, int length,
@@ -171,7 +177,7 @@ __device__ __forceinline__ SegmentLane sum_cluster_rows(float (&acc)[VEC], const
   const int64_t b = bh / x.heads, h = bh - b * x.heads;
 #pragma unroll
   for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
-  add_segment_members<scalar_t, VEC>(acc, x.ptr + b * x.sb + h * x.sh + (me.active ? me.e0 : 0), x.sl,
+  add_segment_members<scalar_t, VEC, UNROLL>(acc, x.ptr + b * x.sb + h * x.sh + (me.active ? me.e0 : 0), x.sl,
                                      order + bh * length, start + warp * rows_per_warp + me.slot, stop,
                                      warps * rows_per_warp, me.active);
   combine_slots<VEC>(acc, lanes_per_row);
@@ -197,8 +203,8 @@ __global__ void __launch_bounds__(SEG_THREADS) segment_sum_wide_kernel(
   const int64_t bh = blockIdx.y;
   const int c = blockIdx.x, warp = threadIdx.x / 32;
   float acc[VEC];
-  const SegmentLane me = sum_cluster_rows<scalar_t, VEC>(acc, x, width, lanes_per_row, order, seg_start, length,
-                                                         clusters, bh, c, warp, WARPS);
+  const SegmentLane me = sum_cluster_rows<scalar_t, VEC, SEG_UNROLL>(acc, x, width, lanes_per_row, order, seg_start,
+                                                                     length, clusters, bh, c, warp, WARPS);
   if (me.slot == 0 && me.active) {
 #pragma unroll
     for (int v = 0; v < VEC; ++v) partial[warp][me.e0 + v] = acc[v];
@@ -211,7 +217,7 @@ __global__ void __launch_bounds__(SEG_THREADS) segment_sum_wide_kernel(
 // (tens of members) the block per cluster left most of its lanes idle and, at 40-56 registers a
 // thread, kept 9-12 of its blocks per SM: 3200 clusters (32 rows, C = 100) ran in 2-3 waves, each a
 // chain of three dependent loads (the cluster's start, its order entries, its rows). Here they
-// fit in one wave; a large cluster's warp has 4x fewer rows in flight, so the block per cluster
+// fit in one wave; a large cluster's warp has 2x fewer rows in flight, so the block per cluster
 // keeps those (segment_sum_cuda chooses by the shape: SEG_WARP_MAX_PASSES). No block barrier: a
 // warp's sum is its slots' shuffles.
 template <typename scalar_t>
@@ -226,8 +232,8 @@ __global__ void __launch_bounds__(SEG_THREADS) segment_sum_warp_kernel(
   const int c = blockIdx.x * (SEG_THREADS / 32) + threadIdx.x / 32;
   if (c >= clusters) return;  // the whole warp: nothing below waits for the block
   float acc[VEC];
-  const SegmentLane me = sum_cluster_rows<scalar_t, VEC>(acc, x, width, lanes_per_row, order, seg_start, length,
-                                                         clusters, bh, c, 0, 1);
+  const SegmentLane me = sum_cluster_rows<scalar_t, VEC, SEG_WARP_UNROLL>(acc, x, width, lanes_per_row, order,
+                                                                          seg_start, length, clusters, bh, c, 0, 1);
   if (me.slot == 0 && me.active) {
     float* out_row = out + (bh * clusters + c) * width + me.e0;  // 16-byte aligned: width % VEC == 0
 #pragma unroll
@@ -264,31 +270,44 @@ __global__ void broadcast_kernel(const float* __restrict__ src, const int64_t* _
 // one piece of BROADCAST_UNROLL queries, its loads issued before its stores. Per query and
 // piece the fallback above spent three 64-bit divisions, which made it issue-bound at
 // 1.5 TB/s (benchmarks/NOTES.md, thirtieth session).
+//
+// `assignments_ready`: the caller vouches that the assignments were written before the kernel
+// launched just before this one began (the forward's: Lloyd's, two launches back), so they are
+// read before wait_for_prior_kernels(), while that kernel still runs, through L2 (ld.cg: no
+// line of an earlier launch in this SM's L1). Then what follows the prior kernel's end is one
+// round trip (the cluster rows) instead of two. Safe by the rule above wait_for_prior_kernels():
+// the prior kernel let this one start only after its own wait, so every kernel before it had ended.
 constexpr int BROADCAST_THREADS = 256;
 constexpr int BROADCAST_UNROLL = 4;
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(BROADCAST_THREADS) broadcast_rows_kernel(
     const float* __restrict__ src, const int64_t* __restrict__ assignments, int length, int clusters, int width,
-    Rows<scalar_t> out) {
-  wait_for_prior_kernels();
+    Rows<scalar_t> out, bool assignments_ready) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   const int pieces = width / VEC;                 // per query
   const int per_pass = BROADCAST_THREADS / pieces;  // queries written per pass of the block
   const int slot = threadIdx.x / pieces, e0 = (threadIdx.x - slot * pieces) * VEC;
-  if (slot >= per_pass) return;
-  const int bh = blockIdx.y, heads = static_cast<int>(out.heads);
-  const int b = bh / heads, h = bh - b * heads;
-  scalar_t* base = out.ptr + b * out.sb + h * out.sh + e0;
+  const int bh = blockIdx.y;
   const int64_t* row_assignments = assignments + static_cast<int64_t>(bh) * length;
-  const float* row_src = src + static_cast<int64_t>(bh) * clusters * width + e0;
   const int first = blockIdx.x * per_pass * BROADCAST_UNROLL + slot;
   int64_t a[BROADCAST_UNROLL];
+  const auto load_assignments = [&] {
 #pragma unroll
-  for (int u = 0; u < BROADCAST_UNROLL; ++u) {
-    const int n = first + u * per_pass;
-    a[u] = n < length ? row_assignments[n] : -2;  // -2: past the row, nothing written
-  }
+    for (int u = 0; u < BROADCAST_UNROLL; ++u) {
+      const int n = first + u * per_pass;
+      a[u] = n < length ? static_cast<int64_t>(__ldcg(reinterpret_cast<const long long*>(row_assignments + n)))
+                        : -2;  // -2: past the row, nothing written
+    }
+  };
+  if (assignments_ready && slot < per_pass) load_assignments();
+  wait_for_prior_kernels();
+  if (slot >= per_pass) return;
+  if (!assignments_ready) load_assignments();
+  const int heads = static_cast<int>(out.heads);
+  const int b = bh / heads, h = bh - b * heads;
+  scalar_t* base = out.ptr + b * out.sb + h * out.sh + e0;
+  const float* row_src = src + static_cast<int64_t>(bh) * clusters * width + e0;
   float4 vals[BROADCAST_UNROLL][VEC / 4];
 #pragma unroll
   for (int u = 0; u < BROADCAST_UNROLL; ++u) {
@@ -755,6 +774,8 @@ std::tuple<at::Tensor, at::Tensor> cluster_order_cuda(const at::Tensor& assignme
 // 100 (benchmarks/memory_kernels.py, NOTES thirty-ninth session) the warps won at up to 6 passes
 // (bf16 D = 64 up to 8k, D = 128 and fp32 up to 4k, fp32 D = 128 at 2k) and lost from 7 on (bf16 D
 // = 64 at 10k, D = 128 at 8k); at C = 32 (1024 blocks, one wave) the blocks won at every length.
+// Those passes were the warp kernel's own, of SEG_UNROLL loads; since its SEG_WARP_UNROLL they are
+// the rule's unit of cluster size (the same choices as measured).
 constexpr int64_t SEG_WARP_MAX_PASSES = 6;
 
 // Sum (mean if `mean`) of x's rows over each cluster's members, fp32 (B*H, C, E). `per_warp`: 1 a
@@ -803,7 +824,7 @@ at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, con
       bool warps = per_warp == 1;
       if (per_warp == -1) {
         const int resident = resident_blocks(segment_sum_wide_kernel<scalar_t>, SEG_THREADS, 0);
-        const int64_t per_pass = SEG_UNROLL * (32 / lanes_per_row);  // members of a warp's pass
+        const int64_t per_pass = SEG_UNROLL * (32 / lanes_per_row);  // members of the measured rule's pass
         const int64_t passes = ((N + C - 1) / C + per_pass - 1) / per_pass;
         warps = B * H * C > static_cast<int64_t>(resident) * num_sms() && passes <= SEG_WARP_MAX_PASSES;
       }
@@ -825,7 +846,8 @@ at::Tensor segment_sum_cuda(const at::Tensor& x_in, const at::Tensor& order, con
 
 // out (B, H, N, E), any strides with a contiguous last dim: row assignments[b, h, n] of
 // src (B*H, C, E) fp32, in out's dtype; zeros for -1.
-void broadcast_into_cuda(const at::Tensor& src, const at::Tensor& assignments, const at::Tensor& out) {
+void broadcast_into_cuda(const at::Tensor& src, const at::Tensor& assignments, const at::Tensor& out,
+                         bool assignments_ready) {
   FCL_CHECK_CUDA(src, "broadcast: src");
   TORCH_CHECK(src.dim() == 3 && src.scalar_type() == at::kFloat && src.is_contiguous(),
               "broadcast: src must be a contiguous fp32 (B*H, C, E), got ", src.sizes(), " ", src.scalar_type());
@@ -856,7 +878,9 @@ void broadcast_into_cuda(const at::Tensor& src, const at::Tensor& assignments, c
       const dim3 grid(static_cast<unsigned>((N + per_block - 1) / per_block), static_cast<unsigned>(queries / N));
       launch_after_prior(broadcast_rows_kernel<scalar_t>, grid, dim3(BROADCAST_THREADS), 0, stream,
                          src.data_ptr<float>(), a.data_ptr<int64_t>(), static_cast<int>(N), static_cast<int>(C),
-                         static_cast<int>(E), make_rows<scalar_t>(out));
+                         static_cast<int>(E), make_rows<scalar_t>(out),
+                         // a copy made here is the kernel just before: not ready early
+                         assignments_ready && a.is_same(assignments));
     } else {
       const int blocks = static_cast<int>(std::min<int64_t>((queries * E + 255) / 256, 64LL * num_sms()));
       broadcast_kernel<scalar_t><<<std::max(blocks, 1), 256, 0, stream>>>(
@@ -873,7 +897,7 @@ at::Tensor broadcast_cuda(const at::Tensor& src, const at::Tensor& assignments, 
   TORCH_CHECK(src.dim() == 3, "broadcast: src must be (B*H, C, E), got ", src.sizes());
   at::Tensor out = at::empty({assignments.size(0), assignments.size(1), assignments.size(2), src.size(2)},
                              src.options().dtype(dtype));
-  broadcast_into_cuda(src, assignments, out);
+  broadcast_into_cuda(src, assignments, out, false);
   return out;
 }
 

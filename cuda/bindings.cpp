@@ -36,7 +36,8 @@ std::tuple<at::Tensor, at::Tensor> cluster_order_cuda(const at::Tensor& assignme
 at::Tensor segment_sum_cuda(const at::Tensor& x, const at::Tensor& order, const at::Tensor& seg_start, bool mean,
                             int64_t per_warp, const c10::optional<at::Tensor>& zero);
 at::Tensor broadcast_cuda(const at::Tensor& src, const at::Tensor& assignments, at::ScalarType dtype);
-void broadcast_into_cuda(const at::Tensor& src, const at::Tensor& assignments, const at::Tensor& out);
+void broadcast_into_cuda(const at::Tensor& src, const at::Tensor& assignments, const at::Tensor& out,
+                         bool assignments_ready);
 at::Tensor improved_exact_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const c10::optional<at::Tensor>& grad_out, const at::Tensor& assignments,
                                    const at::Tensor& order, const at::Tensor& top_index,
@@ -97,7 +98,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("per_warp") = -1, pybind11::arg("zero") = pybind11::none());
   m.def("broadcast", &fcl::broadcast_cuda, "per-cluster rows to their members (B, H, N, E)");
   m.def("broadcast_into", &fcl::broadcast_into_cuda,
-        "per-cluster rows to their members, written into out (B, H, N, E) of any strides (last dim contiguous)");
+        "per-cluster rows to their members, written into out (B, H, N, E) of any strides (last dim contiguous); "
+        "assignments_ready: the assignments were written before the kernel launched just before this one began "
+        "(then read while it runs)",
+        pybind11::arg("src"), pybind11::arg("assignments"), pybind11::arg("out"),
+        pybind11::arg("assignments_ready") = false);
   m.def("improved_exact_fwd", &fcl::improved_exact_fwd_cuda, "exact top-key part of improved clustered attention");
   m.def("improved_exact_bwd", &fcl::improved_exact_bwd_cuda, "backward of the exact top-key part");
   m.def("copy_tensors", &fcl::copy_tensors_cuda,

@@ -481,6 +481,16 @@ __host__ __forceinline__ bool cluster_slices_fit(int64_t length, int64_t cluster
   return std::min(cluster_chunk(length, cluster_blocks), length) <= MAX_CLUSTER_SLICE;
 }
 
+// The fewest blocks per row (1..MAX_CLUSTER_BLOCKS) whose slices fit the 16-bit counters, 0 where
+// none do. Not ceil(length / MAX_CLUSTER_SLICE): slices are rounded up to tiles of 16, so 131070
+// queries in 2 blocks give slices of 65536. More blocks never give larger slices.
+__host__ inline int64_t fewest_fitting_cluster_blocks(int64_t length) {
+  for (int64_t blocks = 1; blocks <= MAX_CLUSTER_BLOCKS; ++blocks) {
+    if (cluster_slices_fit(length, blocks)) return blocks;
+  }
+  return 0;
+}
+
 template <int TILES>
 ClusterLayout cluster_layout(int length, int C, int cluster_blocks) {
   auto align16 = [](size_t bytes) { return (bytes + 15) / 16 * 16; };
@@ -1007,11 +1017,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lloyd_kmeans_into(
     return {assignments, centroids, order, seg_start};
   }
   TORCH_CHECK(B * H <= 65535, "lloyd_kmeans: batch * heads must be <= 65535, got ", B * H);
-  TORCH_CHECK(cluster_blocks == 0 || cluster_slices_fit(N, cluster_blocks), "lloyd_kmeans: cluster_blocks = ",
-              cluster_blocks, " gives blocks of ", std::min(cluster_chunk(N, cluster_blocks), N), " of the ", N,
-              " queries per row; the one-launch kernel's 16-bit counters take at most ", MAX_CLUSTER_SLICE,
-              " per block: pass cluster_blocks >= ", (N + MAX_CLUSTER_SLICE - 1) / MAX_CLUSTER_SLICE,
-              " or cluster_blocks=0");
+  if (cluster_blocks > 0 && !cluster_slices_fit(N, cluster_blocks)) {
+    const int64_t fewest = fewest_fitting_cluster_blocks(N);
+    TORCH_CHECK(false, "lloyd_kmeans: cluster_blocks = ", cluster_blocks, " gives blocks of ",
+                std::min(cluster_chunk(N, cluster_blocks), N), " of the ", N,
+                " queries per row; the one-launch kernel's 16-bit counters take at most ", MAX_CLUSTER_SLICE,
+                " per block: ",
+                fewest > 0 ? "pass cluster_blocks = " + std::to_string(fewest) + ".." +
+                                 std::to_string(MAX_CLUSTER_BLOCKS) + " or cluster_blocks=0"
+                           : "no cluster_blocks up to " + std::to_string(MAX_CLUSTER_BLOCKS) +
+                                 " fits; pass cluster_blocks=0");
+  }
 
   at::Tensor mask, cum;
   RowInfo info{nullptr, nullptr, H, static_cast<int>(N), C};

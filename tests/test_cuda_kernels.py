@@ -87,7 +87,7 @@ class EmulatedExtension:
         return out.reshape(batch, heads, length, -1).to(dtype)
 
     @staticmethod
-    def broadcast_into(src, assignments, out):
+    def broadcast_into(src, assignments, out, assignments_ready=False):
         out.copy_(EmulatedExtension.broadcast(src, assignments, out.dtype))
 
     @staticmethod
@@ -1213,8 +1213,16 @@ def test_lloyd_one_launch_full_slices_gpu():
     got = ext.lloyd_kmeans(codes.cuda(), None, 3, 10, 63, cluster_blocks=1)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(got, expected))
     longer = torch.zeros(1, 1, length + 1, dtype=torch.int64, device="cuda")
-    with pytest.raises(RuntimeError, match=r"cluster_blocks = 1 gives blocks of 65536 .* pass cluster_blocks >= 2"):
+    with pytest.raises(RuntimeError, match=r"cluster_blocks = 1 gives blocks of 65536 .* pass cluster_blocks = 2\.\.8 "):
         ext.lloyd_kmeans(longer, None, 3, 10, 63, cluster_blocks=1)
+    # The fewest blocks that fit, not ceil(N / 65535): 131070 queries in 2 blocks are slices of 65536
+    # (tiles of 16); past 8 blocks' worth none fits. Both refused before any launch.
+    with pytest.raises(RuntimeError, match=r"cluster_blocks = 2 gives blocks of 65536 .* pass cluster_blocks = 3\.\.8 "):
+        ext.lloyd_kmeans(torch.zeros(1, 1, 131070, dtype=torch.int64, device="cuda"), None, 3, 10, 63,
+                         cluster_blocks=2)
+    with pytest.raises(RuntimeError, match=r"no cluster_blocks up to 8 fits; pass cluster_blocks=0"):
+        ext.lloyd_kmeans(torch.zeros(1, 1, 8 * 65535 + 1, dtype=torch.int64, device="cuda"), None, 3, 10, 63,
+                         cluster_blocks=8)
     assert ext.lloyd_cluster_capacity(length + 1, 3, 1) == 0
     assert ext.lloyd_cluster_capacity(length + 1, 3, 2) > 0
     assert all(torch.equal(a, b) for a, b in zip(ext.lloyd_kmeans(longer, None, 3, 10, 63, cluster_blocks=2),
@@ -1483,18 +1491,22 @@ def test_segment_sum_choice_gpu():
                                          (40, torch.bfloat16), (33, torch.float32)])
 def test_broadcast_against_indexing_gpu(width, dtype):
     """broadcast_into against torch's indexing of the cluster rows (zeros for padded queries), into
-    outputs in three layouts and rows whose length is not a multiple of a block's queries."""
+    outputs in three layouts and rows whose length is not a multiple of a block's queries; with the
+    assignments read before the prior kernel's end (``assignments_ready``: they were made kernels
+    earlier), also from a transposed copy (made by the call itself: read after the wait)."""
     from fairseq_clustered.ops import cuda_backend
     ext = cuda_backend.extension()
     clusters, length = 9, 1037
     g = torch.Generator().manual_seed(width)
     src = torch.randn(6, clusters, width, generator=g).cuda()
     a = torch.randint(-1, clusters, (2, 3, length), generator=g).cuda()
+    a_strided = a.transpose(0, 1).contiguous().transpose(0, 1)
     rows = src[torch.arange(6, device="cuda")[:, None], a.reshape(6, length).clamp(min=0)]  # (6, N, E)
     expected = torch.where(a.reshape(6, length, 1) < 0, 0.0, rows).reshape(2, 3, length, width).to(dtype)
-    for name, out in _layouts(torch.full((2, 3, length, width), 7.0, device="cuda", dtype=dtype)).items():
-        ext.broadcast_into(src, a, out)
-        assert torch.equal(out, expected), name
+    for ready, assignments in [(False, a), (True, a), (True, a_strided)]:
+        for name, out in _layouts(torch.full((2, 3, length, width), 7.0, device="cuda", dtype=dtype)).items():
+            ext.broadcast_into(src, assignments, out, ready)
+            assert torch.equal(out, expected), (name, ready, assignments.is_contiguous())
 
 
 @needs_gpu

@@ -921,7 +921,8 @@ class CudaOps:
                 qbar, key, value, key_padding_mask, keep, num_clusters, scale, dropout_p)
         if out is None:
             out = custom_ops.attention_output_like(query, value_dim)
-        out = self._broadcast(centroid_values, assignments, out)
+        # the assignments were made before the segment sums' launch: ready while the attention runs
+        out = self._broadcast(centroid_values, assignments, out, assignments_ready=True)
         if cluster_outputs is None and keeping:
             cluster_outputs = centroid_values.to(query.dtype)
         return (out, lse.reshape(batch, heads, num_clusters).float().contiguous(),
@@ -1081,13 +1082,15 @@ class CudaOps:
         # the Triton kernels write dk, dv in these layouts already (no copy); flash and the dense path may not
         return dq, custom_ops.laid_out_as(dk, key), custom_ops.laid_out_as(dv, value)
 
-    def _broadcast(self, rows: Tensor, assignments: Tensor, out: Tensor) -> Tensor:
+    def _broadcast(self, rows: Tensor, assignments: Tensor, out: Tensor, assignments_ready: bool = False) -> Tensor:
         """``out (B, H, N, E)`` filled with the row ``rows[b * H + h, assignments[b, h, n]]`` of
         ``rows (B H, C, E)`` (zeros for -1), in ``out``'s own layout: the caller's, so that a model's
-        ``(B, H, N, E)`` views of ``(N, B, H E)`` tensors get results that fold back without a copy."""
+        ``(B, H, N, E)`` views of ``(N, B, H E)`` tensors get results that fold back without a copy.
+        ``assignments_ready``: the assignments were written before the last kernel ahead of this call
+        began, not by it (the extension's ``broadcast_into`` then reads them while that kernel runs)."""
         if out.stride(-1) != 1:  # the kernel writes rows with a contiguous feature dim
             return out.copy_(self.ext.broadcast(rows.contiguous(), assignments, out.dtype))
-        self.ext.broadcast_into(rows.contiguous(), assignments, out)
+        self.ext.broadcast_into(rows.contiguous(), assignments, out, assignments_ready)
         return out
 
     @staticmethod
