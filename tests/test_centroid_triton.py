@@ -216,6 +216,27 @@ def test_bit_reproducible():
 
 
 @runs_here
+@pytest.mark.parametrize("keys,num_clusters", [(512, 20), (1024, 100)])
+def test_unmasked_even_steps_change_no_bit(monkeypatch, keys, num_clusters):
+    """Without padding or dropout, on key ranges of whole steps, the forward compiles with constant
+    key validity (``UNMASKED_EVEN_STEPS``): the same bits as the masked code, and the float64 brute
+    force's values."""
+    dtype = DTYPES[0]
+    qbar, key, value, _, _, grad = problem(keys, 32, num_clusters, dtype, False, 0.0, seed=keys)
+    launch = centroid_triton._launch("fwd", dtype, 32, masked=False)
+    rows, tiles = qbar.shape[0], -(-num_clusters // centroid_triton._centroid_tile("fwd", num_clusters))
+    parts, per_program = centroid_triton._programs_per_row(rows * tiles, keys, launch["BLOCK_N"])
+    assert parts > 1 and keys % per_program == 0  # several ranges, each whole steps: the constant path
+    even = centroid_triton.centroid_attention_fwd(qbar, key, value, None, None, 0.2, 0.0)
+    monkeypatch.setattr(centroid_triton, "UNMASKED_EVEN_STEPS", False)
+    masked = centroid_triton.centroid_attention_fwd(qbar, key, value, None, None, 0.2, 0.0)
+    assert torch.equal(even[0], masked[0]) and torch.equal(even[1], masked[1])
+    expected, expected_lse, _ = brute_force(qbar, key, value, None, None, 0.0, 0.2, grad)
+    assert_close("values", even[0], expected, dtype)
+    assert_close("lse", even[1], expected_lse, dtype)
+
+
+@runs_here
 def test_tickets_given_by_the_caller():
     """``tickets``: int32 zeros the caller cleared (the clustered forward's segment sum clears them in
     its own launch) serve as the forward's own, ``forward_tickets`` of them: the same bits; tickets of

@@ -134,6 +134,10 @@ SPLITS = {"split": 3, "fp16x3": 2}
 # session), and no range of keys shorter than this.
 TARGET_PROGRAMS = 264
 MIN_KEYS_PER_PROGRAM = 256
+# The forward without padding or dropout, where every program's range is whole key steps (keys a
+# multiple of the keys per program, which are whole steps): compiled with constant validity (no
+# masks, no selection of the logits, no keep products; the same results). A switch for A/B runs.
+UNMASKED_EVEN_STEPS = True
 
 
 def triton_centroid_unavailable(query: Tensor, value: Tensor, num_clusters: int) -> Optional[str]:
@@ -149,11 +153,17 @@ if triton is not None:
     @triton.jit
     def _key_tile(K, V, KEY_PADDING, KEEP, b, h, row, first, stop, clusters, cluster_ok, num_clusters, keys,
                   stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                  DIM: tl.constexpr, BLOCK_N: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr):
+                  DIM: tl.constexpr, BLOCK_N: tl.constexpr, PADDED: tl.constexpr, DROPOUT: tl.constexpr,
+                  EVEN: tl.constexpr = False):
         """-> (key rows, value rows, key valid (BLOCK_N,), keep (C, BLOCK_N) as 0/1 fp32) of keys
-        ``first .. first + BLOCK_N`` before ``stop``."""
+        ``first .. first + BLOCK_N`` before ``stop``. ``EVEN``: every step's keys lie before ``stop``
+        (the caller's ranges are whole steps), so validity is a constant the compiler folds away
+        with the masks, the logits' selection and the keep's products that use it."""
         offs = first + tl.arange(0, BLOCK_N)
-        in_range = offs < stop
+        if EVEN:
+            in_range = tl.full((BLOCK_N,), 1, tl.int1)
+        else:
+            in_range = offs < stop
         dims = tl.arange(0, DIM)
         k = tl.load(K + b * stride_kb + h * stride_kh + offs[:, None] * stride_ks + dims[None, :],
                     mask=in_range[:, None], other=0.0)
@@ -236,7 +246,7 @@ if triton is not None:
                              DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
                              PADDED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                              SPLIT: tl.constexpr, PARTS: tl.constexpr, TILES: tl.constexpr,
-                             DEPENDENT: tl.constexpr):
+                             DEPENDENT: tl.constexpr, EVEN: tl.constexpr = False):
         """QBAR: (rows, C, DIM) fp32 (rounded to the key dtype here unless the products split it);
         VALUES: (rows, C, DIM) fp32 and LSE: (rows, C) fp32 (natural base, +inf where a row has no
         valid key), the results. Where a row's keys take several programs, each stores its range's
@@ -246,7 +256,8 @@ if triton is not None:
         the row's centroid tile merges the ranges (:func:`_merge_ranges`). One launch where the
         ranges' merge took six torch launches after it. TILES: each row's centroid tiles of BLOCK_C
         (:func:`_program_row`). DEPENDENT: launched as a programmatic dependent (:func:`wait_for_prior_kernel`);
-        the kernel after it may start once the key ranges are done (the merges are a short tail)."""
+        the kernel after it may start once the key ranges are done (the merges are a short tail).
+        EVEN: every range is whole key steps and there is no padding or dropout (:func:`_key_tile`)."""
         wait_for_prior_kernel(DEPENDENT)
         row, part, parts, b, h, clusters, cluster_ok, dims = _program_row(num_clusters, heads, BLOCK_C, DIM, TILES)
         q = tl.load(QBAR + (row * num_clusters + clusters)[:, None] * DIM + dims[None, :],
@@ -262,7 +273,7 @@ if triton is not None:
         for first in range(start, stop, BLOCK_N):
             k, v, valid, keep = _key_tile(K, V, KEY_PADDING, KEEP, b, h, row, first, stop, clusters, cluster_ok,
                                           num_clusters, keys, stride_kb, stride_kh, stride_ks, stride_vb,
-                                          stride_vh, stride_vs, DIM, BLOCK_N, PADDED, DROPOUT)
+                                          stride_vh, stride_vs, DIM, BLOCK_N, PADDED, DROPOUT, EVEN)
             logits = _product(q, _operand(tl.trans(k), SPLIT, PARTS), SPLIT, PARTS,
                               PRECISION) * qk_scale  # log2 domain
             logits = tl.where(valid[None, :], logits, float("-inf"))
@@ -530,12 +541,13 @@ def centroid_attention_fwd(qbar: Tensor, key: Tensor, value: Tensor, key_padding
             tickets = torch.zeros(wanted, dtype=torch.int32, device=qbar.device)
     else:
         out, lse2, tickets = values, lse, lse
+    even = padding is None and kept is None and keys % per_program == 0 and UNMASKED_EVEN_STEPS
     _centroid_fwd_kernel[(rows * tiles, parts)](
         qbar.float().contiguous(), key, value, key if padding is None else padding,
         key if kept is None else kept, out, lse2, tickets, values, lse,
         num_clusters, keys, heads, per_program, scale * LOG2E, 1.0 / (1.0 - dropout_p) if kept is not None else 1.0,
         *strides, DIM=dim, BLOCK_C=block_c, PADDED=padding is not None, DROPOUT=kept is not None, TILES=tiles,
-        **launch, **dependent_launch_options(key.device),
+        EVEN=even, **launch, **dependent_launch_options(key.device),
     )
     return values, lse
 
