@@ -32,13 +32,16 @@ from ._triton import (MISSING, dependent_launch_options, dot_precision, interpre
 __all__ = ["triton_hash_unavailable", "hash_codes_triton"]
 
 MAX_BITS = 64  # the bit block of the kernel; bits 1..63 are used
-# Tiles of 64 vectors, 4 per program (the planes split once for 256 vectors). Chosen before the
-# kernel took the row from the grid: 29.4 / 57.1 us at 32 rows of 8k / 16k against 34.7 / 66.8 for
-# one tile of 128. Since, 19.4 / 36.5 us, with 128 x 2 within 7% (benchmarks/memory_kernels.py;
-# benchmarks/NOTES.md, thirtieth session, runs 2 and 4).
-ROWS_PER_PROGRAM = 64
-TILES_PER_PROGRAM = 4
-NUM_WARPS = 4
+# Tiles of 128 vectors, 2 per program (the planes split once for 256 vectors), 4 warps. Tiles of 64,
+# 4 per program, were chosen before the kernel took the row from the grid (29.4 / 57.1 us at 32 rows
+# of 8k / 16k against 34.7 / 66.8 for one tile of 128; thirtieth session). Since planes of bf16
+# values take one product instead of three (forty-second session), 128 x 2 x 4 is the faster at
+# every length: 4.1 / 4.9 / 7.8 / 14.2 / 27.4 / 51.4 us at 32 rows of 1k / 2k / 4k / 8k / 16k / 32k
+# against 4.7 / 5.4 / 8.4 / 15.5 / 30.4 / 54.8 (H200, benchmarks/memory_kernels.py --hash-launch;
+# benchmarks/NOTES.md, forty-second session). fp32 vectors keep 64 x 4 x 4: their tiles of 128 at
+# D = 128 spill 1.4 KB of registers per thread (ptxas, Triton 3.6, sm_90a).
+VECTORS_PER_PROGRAM = 256  # rows x tiles of every launch setting below
+LAUNCH = {"half": (128, 2, 4), "fp32": (64, 4, 4)}  # (rows per tile, tiles per program, warps)
 MAX_GRID_Y = 65535  # the programs along a row
 MAX_FP32_DIM = 128  # wider fp32 tiles spill kilobytes of registers (ptxas, Triton 3.6)
 
@@ -57,8 +60,8 @@ def triton_hash_unavailable(x: Tensor) -> Optional[str]:
         return f"dim {dim} is not a power of two in 16..{widest}" + (" (fp32)" if x.dtype == torch.float32 else "")
     if x.stride(-1) != 1:
         return "the feature dim is not contiguous"
-    if triton.cdiv(x.shape[2], ROWS_PER_PROGRAM * TILES_PER_PROGRAM) > MAX_GRID_Y:
-        return f"{x.shape[2]} vectors per row (the kernel takes up to {MAX_GRID_Y * ROWS_PER_PROGRAM * TILES_PER_PROGRAM})"
+    if triton.cdiv(x.shape[2], VECTORS_PER_PROGRAM) > MAX_GRID_Y:
+        return f"{x.shape[2]} vectors per row (the kernel takes up to {MAX_GRID_Y * VECTORS_PER_PROGRAM})"
     return None
 
 
@@ -124,7 +127,7 @@ def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor,
             16..256 (fp32: 16..128).
         planes: ``(bits, D)``, ``1 <= bits <= 63``. offsets: ``(bits,)``.
         launch: ``(rows per tile, tiles per program, warps)`` (benchmarks' sweeps); None for
-            the module's settings.
+            the module's settings (``LAUNCH`` by x's dtype).
 
     Returns:
         ``(B, H, N)`` int64 codes.
@@ -135,7 +138,7 @@ def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor,
     if total == 0:
         return codes
     planes, offsets = planes.to(torch.float32).contiguous(), offsets.to(torch.float32).contiguous()
-    rows, tiles, warps = launch or (ROWS_PER_PROGRAM, TILES_PER_PROGRAM, NUM_WARPS)
+    rows, tiles, warps = launch or LAUNCH["fp32" if x.dtype == torch.float32 else "half"]
     _hash_kernel[(batch * heads, triton.cdiv(length, rows * tiles))](
         x, planes, offsets, codes, length, heads, x.stride(0), x.stride(1), x.stride(2), planes.shape[0],
         DIM=dim, ROWS=rows, TILES=tiles, BITS=MAX_BITS, PRECISION=dot_precision(x.dtype, "bf16x6"), num_warps=warps,
