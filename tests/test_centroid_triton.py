@@ -219,9 +219,9 @@ def test_bit_reproducible():
 @pytest.mark.parametrize("keys,num_clusters", [(512, 20), (1024, 100)])
 def test_unmasked_even_steps_match_the_masked_code(monkeypatch, keys, num_clusters):
     """Without padding or dropout, on key ranges of whole steps, the forward compiles with constant
-    key validity (``UNMASKED_EVEN_STEPS``): the masked code's values within rounding (compiled, the
-    bits differ: without the selection between them the compiler fuses the logits' arithmetic
-    differently), and the float64 brute force's."""
+    key validity (``UNMASKED_EVEN_STEPS``): the masked code's values within rounding (compiled on a
+    GPU the bits differ: the arithmetic around the dropped selection compiles differently), and the
+    float64 brute force's."""
     dtype = DTYPES[0]
     qbar, key, value, _, _, grad = problem(keys, 32, num_clusters, dtype, False, 0.0, seed=keys)
     launch = centroid_triton._launch("fwd", dtype, 32, masked=False)

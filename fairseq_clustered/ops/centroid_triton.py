@@ -137,7 +137,8 @@ MIN_KEYS_PER_PROGRAM = 256
 # The forward without padding or dropout, where every program's range is whole key steps (keys a
 # multiple of the keys per program, which are whole steps): compiled with constant validity (no
 # masks, no selection of the logits, no keep products). The results agree within rounding, not bit
-# for bit: without the selection the compiler fuses the logits' arithmetic differently. At 32 rows,
+# for bit on the GPU (compiled without the selection, the arithmetic around it comes out differently;
+# which instructions, not examined). At 32 rows,
 # C = 100, D = 64, bf16 on an H200: 11.4 / 14.3 / 20.7 us at 1k / 2k / 4k keys against 12.1 / 15.6 /
 # 22.9 masked (benchmarks/NOTES.md, forty-second session). A switch for A/B runs.
 UNMASKED_EVEN_STEPS = True
@@ -162,7 +163,7 @@ if triton is not None:
         ``first .. first + BLOCK_N`` before ``stop``. ``EVEN``: every step's keys lie before ``stop``
         (the caller's ranges are whole steps), so validity is a constant the compiler folds away
         with the masks, the logits' selection and the keep's products that use it (the same values
-        up to rounding: the arithmetic left may be fused differently)."""
+        up to rounding: the arithmetic left may compile differently)."""
         offs = first + tl.arange(0, BLOCK_N)
         if EVEN:
             in_range = tl.full((BLOCK_N,), 1, tl.int1)
