@@ -85,7 +85,7 @@ def main():
     launches = parse_launches(args.hash_launch)
     if not torch.cuda.is_available():
         raise SystemExit("memory_kernels.py needs a CUDA GPU (it times the extension's kernels)")
-    from fairseq_clustered.ops import cuda_backend, hash_triton
+    from fairseq_clustered.ops import cuda_backend, draw_hash_planes, hash_triton
 
     ops = cuda_backend.cuda_ops()
     if ops is None:
@@ -99,8 +99,8 @@ def main():
     for length in (int(n) for n in args.lengths.split(",")):
         shape = (args.batch, args.heads, length, args.dim)
         q = torch.randn(shape, generator=gen).to("cuda", dtype)
+        planes = draw_hash_planes(63, args.dim, gen, device="cuda")  # the modules' (bf16 values): one product
         full_planes = torch.randn(63, args.dim, generator=gen).cuda()  # float32 planes: three products
-        planes = full_planes.to(torch.bfloat16).float()  # draw_hash_planes' (bf16 values): one product
         offsets = torch.zeros(63, device="cuda")
         assignments = ops.cluster_queries(q, planes, offsets, None, args.clusters, 10, 63)[0]
         order, seg_start = ext.cluster_order(assignments, args.clusters)

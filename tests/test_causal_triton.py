@@ -301,7 +301,8 @@ def test_triton_hash_reasons():
     assert "dim 40" in why(1, 1, 2, 40, dtype=torch.bfloat16)
     assert "contiguous" in hash_triton.triton_hash_unavailable(
         torch.zeros(1, 1, 16, 2, dtype=torch.bfloat16, device=device).transpose(-1, -2))
-    longest = hash_triton.MAX_GRID_Y * hash_triton.VECTORS_PER_PROGRAM
+    rows, tiles, _ = hash_triton.default_launch(torch.bfloat16)
+    longest = hash_triton.MAX_GRID_Y * rows * tiles
     one_vector = torch.zeros(1, 1, 1, 16, dtype=torch.bfloat16, device=device)
     assert hash_triton.triton_hash_unavailable(one_vector.expand(1, 1, longest, 16)) is None
     assert f"{longest + 1} vectors per row" in hash_triton.triton_hash_unavailable(one_vector.expand(1, 1, longest + 1, 16))

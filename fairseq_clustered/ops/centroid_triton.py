@@ -138,9 +138,9 @@ MIN_KEYS_PER_PROGRAM = 256
 # multiple of the keys per program, which are whole steps): compiled with constant validity (no
 # masks, no selection of the logits, no keep products). The results agree within rounding, not bit
 # for bit on the GPU (compiled without the selection, the arithmetic around it comes out differently;
-# which instructions, not examined). At 32 rows,
-# C = 100, D = 64, bf16 on an H200: 11.4 / 14.3 / 20.7 us at 1k / 2k / 4k keys against 12.1 / 15.6 /
-# 22.9 masked (benchmarks/NOTES.md, forty-second session). A switch for A/B runs.
+# which instructions, not examined). At 32 rows, C = 100, D = 64, bf16 on an H200: 11.4 / 14.3 /
+# 20.7 us at 1k / 2k / 4k keys against 12.1 / 15.6 / 22.9 masked (benchmarks/NOTES.md, forty-second
+# session). A switch for A/B runs.
 UNMASKED_EVEN_STEPS = True
 
 

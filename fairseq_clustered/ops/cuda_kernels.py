@@ -1181,8 +1181,8 @@ class CudaOps:
         centroids = qbar.reshape(batch, heads, num_clusters, dim)  # for the backward
         if route.flash_path:
             out, lse, top, centroid_values, centroid_lse = self._improved_fwd_flash(
-                query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k, scale, key_padding_mask,
-                keep, dropout_p, out, tickets)
+                route, query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k, scale,
+                key_padding_mask, keep, dropout_p, out, tickets)
             return out, lse, top, centroids, centroid_values, centroid_lse, order, seg_start
         k_rows, v_rows, mask_rows, drop_rows, scale_drop = self._dense_inputs(
             key, value, key_padding_mask, keep, num_clusters, dropout_p)
@@ -1373,11 +1373,12 @@ class CudaOps:
             top[r0:r1] = torch.topk(logits, top_k, dim=-1).indices
         return lse, top
 
-    def _improved_fwd_flash(self, query, key, value, assignments, order, seg_start, qbar, num_clusters, top_k,
-                            scale, key_padding_mask=None, keep=None, dropout_p=0.0, out=None, tickets=None):
+    def _improved_fwd_flash(self, route, query, key, value, assignments, order, seg_start, qbar, num_clusters,
+                            top_k, scale, key_padding_mask=None, keep=None, dropout_p=0.0, out=None, tickets=None):
         """``out, lse (B, H, C), top (B, H, C, k)`` and the centroids' attention output (flash's
-        ``(B, H, C, Dv)``; where :class:`ImprovedRoute`'s ``centroids_on_triton``, the Triton kernel's
-        ``(B H, C, Dv)`` fp32) and log-sum-exp. ``out``: as :meth:`_improved_fwd_keeping`'s. ``tickets``:
+        ``(B, H, C, Dv)``; where ``route.centroids_on_triton``, the Triton kernel's ``(B H, C, Dv)``
+        fp32) and log-sum-exp. ``route``: the caller's :meth:`_improved_route` of these inputs (its
+        ``flash_path``). ``out``: as :meth:`_improved_fwd_keeping`'s. ``tickets``:
         the Triton centroid attention's zeroed tickets (``centroid_triton.centroid_attention_fwd``), or
         None for it to make its own."""
         batch, heads, length, dim = query.shape
@@ -1386,12 +1387,12 @@ class CudaOps:
         v_rows = value.reshape(rows, keys, dim)
         masks = (key_padding_mask, keep, dropout_p)
         # (key padding and dropout are routed here only with the Triton kernels)
-        on_triton = improved_triton.triton_exact_unavailable(query, value) is None
+        on_triton = route.exact_on_triton
         if on_triton and improved_triton.selection_unavailable(top_k, dim) is None:  # no (C, S) logits
             lse, top = improved_triton.centroid_top_keys(qbar, k_rows, scale, top_k, key_padding_mask)
         else:
             lse, top = self._top_keys_in_chunks(qbar, key, key_padding_mask, scale, top_k)
-        if self._improved_route(query, value, key_padding_mask, keep, num_clusters).centroids_on_triton:
+        if route.centroids_on_triton:
             # as the clustered forward's (TRITON_FORWARD_MAX_DIM): one launch, fp32 values for the summary
             out_c, flash_lse = centroid_triton.centroid_attention_fwd(qbar, key, value, key_padding_mask, keep,
                                                                       scale, dropout_p, tickets=tickets)

@@ -40,7 +40,6 @@ MAX_BITS = 64  # the bit block of the kernel; bits 1..63 are used
 # against 4.7 / 5.4 / 8.4 / 15.5 / 30.4 / 54.8 (H200, benchmarks/memory_kernels.py --hash-launch;
 # benchmarks/NOTES.md, forty-second session). fp32 vectors keep 64 x 4 x 4: their tiles of 128 at
 # D = 128 spill 1.4 KB of registers per thread (ptxas, Triton 3.6, sm_90a).
-VECTORS_PER_PROGRAM = 256  # rows x tiles of every launch setting below
 LAUNCH = {"half": (128, 2, 4), "fp32": (64, 4, 4)}  # (rows per tile, tiles per program, warps)
 MAX_GRID_Y = 65535  # the programs along a row
 MAX_FP32_DIM = 128  # wider fp32 tiles spill kilobytes of registers (ptxas, Triton 3.6)
@@ -60,9 +59,15 @@ def triton_hash_unavailable(x: Tensor) -> Optional[str]:
         return f"dim {dim} is not a power of two in 16..{widest}" + (" (fp32)" if x.dtype == torch.float32 else "")
     if x.stride(-1) != 1:
         return "the feature dim is not contiguous"
-    if triton.cdiv(x.shape[2], VECTORS_PER_PROGRAM) > MAX_GRID_Y:
-        return f"{x.shape[2]} vectors per row (the kernel takes up to {MAX_GRID_Y * VECTORS_PER_PROGRAM})"
+    rows, tiles, _ = default_launch(x.dtype)
+    if triton.cdiv(x.shape[2], rows * tiles) > MAX_GRID_Y:
+        return f"{x.shape[2]} vectors per row (the kernel takes up to {MAX_GRID_Y * rows * tiles})"
     return None
+
+
+def default_launch(dtype: torch.dtype) -> Tuple[int, int, int]:
+    """``LAUNCH``'s setting for vectors of ``dtype``: (rows per tile, tiles per program, warps)."""
+    return LAUNCH["fp32" if dtype == torch.float32 else "half"]
 
 
 if triton is not None:
@@ -138,7 +143,7 @@ def hash_codes_triton(x: Tensor, planes: Tensor, offsets: Tensor,
     if total == 0:
         return codes
     planes, offsets = planes.to(torch.float32).contiguous(), offsets.to(torch.float32).contiguous()
-    rows, tiles, warps = launch or LAUNCH["fp32" if x.dtype == torch.float32 else "half"]
+    rows, tiles, warps = launch or default_launch(x.dtype)
     _hash_kernel[(batch * heads, triton.cdiv(length, rows * tiles))](
         x, planes, offsets, codes, length, heads, x.stride(0), x.stride(1), x.stride(2), planes.shape[0],
         DIM=dim, ROWS=rows, TILES=tiles, BITS=MAX_BITS, PRECISION=dot_precision(x.dtype, "bf16x6"), num_warps=warps,
