@@ -32,6 +32,7 @@
 #include "common.cuh"
 
 #include <algorithm>
+#include <string>
 #include <type_traits>
 
 namespace fcl {
@@ -489,6 +490,14 @@ __host__ inline int64_t fewest_fitting_cluster_blocks(int64_t length) {
     if (cluster_slices_fit(length, blocks)) return blocks;
   }
   return 0;
+}
+
+// What lloyd_kmeans' refusal of too few blocks per row for `length` queries suggests instead.
+__host__ inline std::string fitting_cluster_blocks_hint(int64_t length) {
+  const int64_t fewest = fewest_fitting_cluster_blocks(length);
+  if (fewest == 0) return "no cluster_blocks up to " + std::to_string(MAX_CLUSTER_BLOCKS) + " fits; pass cluster_blocks=0";
+  return "pass cluster_blocks = " + std::to_string(fewest) + ".." + std::to_string(MAX_CLUSTER_BLOCKS) +
+         " or cluster_blocks=0";
 }
 
 template <int TILES>
@@ -1017,17 +1026,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lloyd_kmeans_into(
     return {assignments, centroids, order, seg_start};
   }
   TORCH_CHECK(B * H <= 65535, "lloyd_kmeans: batch * heads must be <= 65535, got ", B * H);
-  if (cluster_blocks > 0 && !cluster_slices_fit(N, cluster_blocks)) {
-    const int64_t fewest = fewest_fitting_cluster_blocks(N);
-    TORCH_CHECK(false, "lloyd_kmeans: cluster_blocks = ", cluster_blocks, " gives blocks of ",
-                std::min(cluster_chunk(N, cluster_blocks), N), " of the ", N,
-                " queries per row; the one-launch kernel's 16-bit counters take at most ", MAX_CLUSTER_SLICE,
-                " per block: ",
-                fewest > 0 ? "pass cluster_blocks = " + std::to_string(fewest) + ".." +
-                                 std::to_string(MAX_CLUSTER_BLOCKS) + " or cluster_blocks=0"
-                           : "no cluster_blocks up to " + std::to_string(MAX_CLUSTER_BLOCKS) +
-                                 " fits; pass cluster_blocks=0");
-  }
+  TORCH_CHECK(cluster_blocks == 0 || cluster_slices_fit(N, cluster_blocks), "lloyd_kmeans: cluster_blocks = ",
+              cluster_blocks, " gives blocks of ", std::min(cluster_chunk(N, cluster_blocks), N), " of the ", N,
+              " queries per row; the one-launch kernel's 16-bit counters take at most ", MAX_CLUSTER_SLICE,
+              " per block: ", fitting_cluster_blocks_hint(N));
 
   at::Tensor mask, cum;
   RowInfo info{nullptr, nullptr, H, static_cast<int>(N), C};

@@ -251,9 +251,10 @@ def test_triton_hash_matches_the_reference(bits, dim, n, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_hash_of_bf16_planes_skips_only_zero_products(dtype):
     """``draw_hash_planes``' planes are bf16 values: a half-precision program hashes them with one
-    product, skipping the products of the planes' zero remainders. Oracles: the reference (within
-    rounding of the threshold), and the same planes with one plane off bf16's grid, which makes
-    every program take all three products: the other planes' bits are the same bit for bit."""
+    product, skipping the products of the planes' zero ``mid`` and ``lo`` parts. Oracles: the
+    reference (within rounding of the threshold), and the same planes with one plane off bf16's
+    grid, which makes every program take all three products: the other planes' bits are the same
+    bit for bit."""
     from fairseq_clustered.ops import draw_hash_planes, hash_triton, reference
 
     x, _, offsets = hash_inputs(63, 64, 300, dtype, DEVICE)

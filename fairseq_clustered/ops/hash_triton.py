@@ -10,8 +10,8 @@ fp32 accumulation. Only the order of the fp32 additions differs from the kernel 
 the reference), so a bit can differ only where a projection lies within rounding
 (~1e-6 relative) of its threshold; the tests check exactly that. Planes that are values of
 x's dtype already, as ``draw_hash_planes`` draws them (bf16 values), have zero ``mid`` and ``lo``:
-a program whose planes' remainders are all zero skips those two products, which would only add
-zeros (the same codes, a third of the tensor-core work). fp32 vectors take one
+a program whose planes' ``mid`` and ``lo`` parts are all zero skips those two products, which would
+only add zeros (the same codes, a third of the tensor-core work). fp32 vectors take one
 product with both operands split into three bf16 parts (Triton's ``bf16x6``: six of the
 nine part products, the three dropped ones below fp32's rounding), so the same holds.
 
@@ -100,10 +100,10 @@ if triton is not None:
         weights = tl.full((BITS,), 1, tl.int32) << (planes_t % 32)
         if X.dtype.element_ty != tl.float32:  # the rounded remainders, each exact in x's dtype
             hi, mid, lo = three_parts(rest, X.dtype.element_ty)
-            # Planes exact in x's dtype (draw_hash_planes' are bf16 values) have zero remainders:
-            # their two products would add zeros, so the program skips them (the same codes).
-            remainder = rest - hi.to(tl.float32)
-            exact = tl.max(tl.max(tl.abs(remainder), axis=1), axis=0) == 0.0
+            # Where mid and lo are all zero (planes exact in x's dtype, as draw_hash_planes' bf16
+            # values are), their two products would add zeros: the program skips them (the same codes).
+            parts_left = tl.abs(mid.to(tl.float32)) + tl.abs(lo.to(tl.float32))
+            exact = tl.max(tl.max(parts_left, axis=1), axis=0) == 0.0
         for tile in tl.static_range(TILES):
             n = (tl.program_id(1) * TILES + tile) * ROWS + tl.arange(0, ROWS)
             ok = n < length
