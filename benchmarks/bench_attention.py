@@ -27,7 +27,11 @@ is the peak memory of one forward+backward, counting its inputs (q, k, v, grad_o
 outputs and gradients; ``peak/io`` divides it by the bytes of q, k, v, the output
 and their gradients. Writes a CSV (after every measured row, so that a run that dies
 keeps what it measured) and, at the end, a log-log PNG (time and memory against N).
-``--device cpu`` runs a small CPU version.
+``--device cpu`` runs a small CPU version. On the GPU, before the first measurement, the first
+length's ``sdpa`` forward+backward runs back to back for ``--warmup-seconds`` (default 2), so that
+the first method measured is not the only one timed on a GPU and host fresh from the process's
+start (the forty-second session's table had the clustered 1k step at 0.28 ms synchronised, its
+process's first clustered measurement, against 0.15 in two reruns).
 
     python benchmarks/bench_attention.py                 # GPU, bf16, N = 1k..64k
     python benchmarks/bench_attention.py --device cpu    # CPU, small N
@@ -98,10 +102,14 @@ def parse_args():
     p.add_argument("--profile", default="", help="comma-separated N: print the top CUDA kernels per method")
     p.add_argument("--profile-forward", default="",
                    help="comma-separated N: the same for the forward alone (without autograd)")
+    p.add_argument("--warmup-seconds", type=float, default=2.0,
+                   help="GPU: seconds of the first length's sdpa forward+backward before the first measurement")
     p.add_argument("--host-profile", default="",
                    help="comma-separated N: print where the host (CPU) time of a forward+backward goes per method "
                         "(Python functions by own time, torch ops by count)")
     args = p.parse_args()
+    if args.warmup_seconds < 0:
+        p.error(f"--warmup-seconds must be >= 0, got {args.warmup_seconds}")
     if not 0.0 <= args.dropout < 1.0:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.dropout and args.causal:
@@ -354,6 +362,19 @@ def measure(args, name, fn, q, k, v, repeats):
     return row
 
 
+def warm_up(args, shape, dtype):
+    """``sdpa`` forward+backward on random inputs of ``shape`` back to back for ``args.warmup_seconds``."""
+    q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < args.warmup_seconds:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=args.causal).sum().backward()
+        steps += 1
+        if steps % 10 == 0:
+            torch.cuda.synchronize()  # (the host waits for the GPU, not only for its queue)
+    torch.cuda.synchronize()
+    print(f"warm-up: {steps} sdpa forward+backward steps at N={shape[2]} in {time.perf_counter() - start:.1f} s")
+
+
 def cuda_graph_cache(args):
     """The ops' CUDA-graph cache (``fairseq_clustered/ops/graph_cache.py``), or None on the CPU."""
     if args.device != "cuda":
@@ -386,6 +407,8 @@ def main():
     gen = torch.Generator(device="cpu").manual_seed(0)
     planes = draw_hash_planes(args.bits, args.dim, gen, device=args.device)  # as the modules draw them
     methods = make_methods(args, planes)
+    if gpu and args.warmup_seconds > 0:
+        warm_up(args, (batch, heads, lengths[0], args.dim), dtype)
     results = []
     for n in lengths:
         shape = (batch, heads, n, args.dim)
